@@ -1,0 +1,94 @@
+//! Migrations for the `seaorm-outbox` table.
+//!
+//! Use them in one of two ways:
+//!
+//! * **Inside your own migrator.** Append [`migrations()`] to your `MigratorTrait::migrations`
+//!   list. The migrations carry fixed, prefixed names (`seaorm_outbox_m…`), so they never clash
+//!   with your own files and are recorded in your `seaql_migrations` table like any other.
+//! * **Standalone.** Run [`Migrator`], which keeps its bookkeeping in its own table
+//!   ([`MIGRATION_TABLE`]), so it never collides with a host app's `seaql_migrations`.
+//!   `sea-orm-cli migrate -d migration up` runs it through this crate's binary.
+//!
+//! ```no_run
+//! use sea_orm_migration::prelude::*;
+//!
+//! pub struct HostMigrator;
+//!
+//! impl MigratorTrait for HostMigrator {
+//!     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+//!         let mut all: Vec<Box<dyn MigrationTrait>> = vec![/* your own migrations */];
+//!         all.extend(seaorm_outbox_migration::migrations());
+//!         all
+//!     }
+//! }
+//! ```
+
+use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_outbox_events;
+mod m20261127_000002_relay_lease_and_notify;
+
+pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
+pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
+
+/// The bookkeeping table of the standalone [`Migrator`].
+pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
+
+/// The PostgreSQL `NOTIFY` channel the insert trigger signals on; the payload is the schema name.
+pub const NOTIFY_CHANNEL: &str = "seaorm_outbox";
+
+/// Every outbox migration, oldest first. Append these to a host app's migrator.
+pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+    vec![
+        Box::new(CreateOutboxEvents),
+        Box::new(RelayLeaseAndNotify),
+    ]
+}
+
+/// A standalone migrator with its own bookkeeping table ([`MIGRATION_TABLE`]).
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        migrations()
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new(MIGRATION_TABLE).into_iden()
+    }
+}
+
+/// Column and index identifiers shared by the migrations.
+#[derive(DeriveIden, Clone, Copy)]
+pub(crate) enum OutboxEvents {
+    Table,
+    Id,
+    EventType,
+    AggregateType,
+    AggregateId,
+    Payload,
+    Headers,
+    OccurredAt,
+    CreatedAt,
+    Status,
+    Attempts,
+    LastError,
+    NextAttemptAt,
+    PublishedAt,
+    FailedAt,
+    LockedBy,
+    LockedUntil,
+}
+
+/// A UTC timestamp column with microsecond precision on every backend.
+///
+/// MySQL's `TIMESTAMP` keeps whole seconds and ends in 2038, so MySQL gets `DATETIME(6)` holding
+/// UTC; PostgreSQL gets `timestamptz` and SQLite the text form SeaORM reads back.
+pub(crate) fn timestamp(manager: &SchemaManager, col: OutboxEvents) -> ColumnDef {
+    let mut def = ColumnDef::new(col);
+    match manager.get_database_backend() {
+        sea_orm::DatabaseBackend::MySql => def.custom(Alias::new("DATETIME(6)")),
+        _ => def.timestamp_with_time_zone(),
+    };
+    def
+}

@@ -1,0 +1,107 @@
+//! The crate's one error type.
+
+use seaorm_outbox_entity::OutboxStatus;
+use uuid::Uuid;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the repository and the relay can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database rejected or could not run a statement.
+    #[error("database error: {0}")]
+    Database(#[from] sea_orm::DbErr),
+
+    /// No outbox event has this id.
+    #[error("outbox event {id} not found")]
+    NotFound {
+        /// The id that was looked up.
+        id: Uuid,
+    },
+
+    /// The event was rejected before anything was written.
+    #[error("invalid outbox event: {0}")]
+    InvalidEvent(#[from] InvalidEvent),
+
+    /// The operation does not apply to an event in this state, e.g. publishing a dead letter.
+    #[error("outbox event {id} is {status:?}; cannot {operation}")]
+    InvalidState {
+        /// The event.
+        id: Uuid,
+        /// Its current status.
+        status: OutboxStatus,
+        /// What was attempted.
+        operation: &'static str,
+    },
+
+    /// A page size above the documented maximum was asked for.
+    #[error("limit {requested} exceeds the maximum of {max}")]
+    LimitTooLarge {
+        /// The limit passed in.
+        requested: u64,
+        /// The largest limit accepted.
+        max: u64,
+    },
+
+    /// A stored row could not be read back as an event (written outside this library?).
+    #[error("outbox event {id} is corrupt: {reason}")]
+    CorruptRow {
+        /// The row's id.
+        id: Uuid,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The relay or repository was configured with values that cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Why an event was rejected. Nothing is written when any of these is returned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidEvent {
+    /// A required text field was empty or only whitespace.
+    #[error("{field} must not be empty")]
+    Empty {
+        /// `event_type`, `aggregate_type` or `aggregate_id`.
+        field: &'static str,
+    },
+
+    /// A text field is longer than its column.
+    #[error("{field} is {len} bytes; the maximum is {max}")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The column's limit in bytes.
+        max: usize,
+    },
+
+    /// The payload could not be serialised to JSON.
+    #[error("payload failed to serialise: {0}")]
+    Payload(#[source] serde_json::Error),
+
+    /// The serialised payload is larger than the configured limit.
+    #[error("payload is {size} bytes; the limit is {limit}")]
+    PayloadTooLarge {
+        /// Serialised size in bytes.
+        size: usize,
+        /// The configured limit ([`OutboxConfig::max_payload_bytes`](crate::OutboxConfig)).
+        limit: usize,
+    },
+
+    /// A text field, header or payload string contains U+0000, which PostgreSQL cannot store.
+    #[error("text must not contain the NUL character (U+0000)")]
+    NulCharacter,
+
+    /// Headers must be a JSON object whose values are all strings.
+    #[error("headers must be a map of strings: {reason}")]
+    Headers {
+        /// What was found instead.
+        reason: String,
+    },
+}

@@ -1,0 +1,25 @@
+//! A transactional outbox for SeaORM 2.
+//!
+//! Write your domain rows and an outbox event in **one database transaction**; a [`Relay`]
+//! later delivers the event to a broker, at least once, and marks it published. If the
+//! transaction rolls back, the event never existed.
+//!
+//! # Layout
+//!
+//! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
+//! * [`repository`]: the [`OutboxRepository`] contract and its SeaORM implementation, [`Outbox`],
+//!   which works on any `ConnectionTrait`, pool or transaction alike.
+//! * [`error`]: the one [`Error`] type.
+//!
+//! The table lives in the `seaorm-outbox-entity` crate and is created by the
+//! `seaorm-outbox-migration` crate.
+
+pub mod error;
+pub mod event;
+pub mod repository;
+mod sql;
+
+pub use error::{Error, InvalidEvent, Result};
+pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
+pub use repository::{Outbox, OutboxConfig, OutboxRepository};
+pub use seaorm_outbox_entity::OutboxStatus;

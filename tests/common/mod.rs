@@ -1,0 +1,237 @@
+//! Test support: an isolated, migrated outbox database on each real backend.
+//!
+//! * SQLite: in memory, or a file in a fresh temporary directory.
+//! * PostgreSQL: a fresh schema in `OUTBOX_TEST_POSTGRES_URL`
+//!   (default `postgres://postgres@127.0.0.1:5432/test`).
+//! * MariaDB/MySQL: a fresh database on `OUTBOX_TEST_MYSQL_URL`
+//!   (default `mysql://root@127.0.0.1:3306/test`).
+//!
+//! A server that cannot be reached fails the test with a message naming it; nothing is skipped.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm_migration::MigratorTrait;
+use seaorm_outbox_migration::Migrator;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    SqliteMemory,
+    SqliteFile,
+    Postgres,
+    MySql,
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("OUTBOX_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn mysql_url() -> String {
+    std::env::var("OUTBOX_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+/// An isolated, migrated database. Call [`TestDb::cleanup`] at the end of a passing test.
+pub struct TestDb {
+    pub backend: Backend,
+    pub db: DatabaseConnection,
+    /// The schema (PostgreSQL) or database (MySQL) created for this test.
+    pub name: String,
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn unique_name() -> String {
+    format!("outbox_t_{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn connect(what: &str, opts: ConnectOptions) -> DatabaseConnection {
+    let url = opts.get_url().to_owned();
+    Database::connect(opts).await.unwrap_or_else(|e| {
+        panic!("{what} at {url} is not reachable; start it or set its OUTBOX_TEST_* URL: {e}")
+    })
+}
+
+/// Replaces the database path of a `mysql://…/db` URL.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        let mut t = Self::empty(backend).await;
+        Migrator::up(&t.db, None).await.expect("migrations apply");
+        t.name = t.name.clone();
+        t
+    }
+
+    /// An isolated database without the outbox migrations applied.
+    pub async fn empty(backend: Backend) -> Self {
+        let name = unique_name();
+        match backend {
+            Backend::SqliteMemory => {
+                let url = "sqlite::memory:".to_owned();
+                // One connection: every in-memory connection is a database of its own.
+                let mut opts = ConnectOptions::new(&url);
+                opts.max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None::<Duration>)
+                    .max_lifetime(None::<Duration>)
+                    .sqlx_logging(false);
+                let db = connect("SQLite", opts).await;
+                Self { backend, db, name, url, _dir: None }
+            }
+            Backend::SqliteFile => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("outbox.db").display());
+                let db = connect("SQLite", sqlite_file_opts(&url)).await;
+                Self { backend, db, name, url, _dir: Some(dir) }
+            }
+            Backend::Postgres => {
+                let url = postgres_url();
+                let admin = connect("PostgreSQL", quiet(ConnectOptions::new(&url))).await;
+                admin
+                    .execute_unprepared(&format!("CREATE SCHEMA \"{name}\""))
+                    .await
+                    .expect("create test schema");
+                admin.close().await.ok();
+                let mut opts = quiet(ConnectOptions::new(&url));
+                opts.set_schema_search_path(name.clone());
+                let db = connect("PostgreSQL", opts).await;
+                Self { backend, db, name, url, _dir: None }
+            }
+            Backend::MySql => {
+                let admin_url = mysql_url();
+                let admin = connect("MariaDB/MySQL", quiet(ConnectOptions::new(&admin_url))).await;
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE `{name}`"))
+                    .await
+                    .expect("create test database");
+                admin.close().await.ok();
+                let url = with_database(&admin_url, &name);
+                let db = connect("MariaDB/MySQL", quiet(ConnectOptions::new(&url))).await;
+                Self { backend, db, name, url, _dir: None }
+            }
+        }
+    }
+
+    /// Another pool on the same isolated database (SQLite memory: the same pool).
+    pub async fn connect_again(&self) -> DatabaseConnection {
+        match self.backend {
+            Backend::SqliteMemory => self.db.clone(),
+            Backend::SqliteFile => connect("SQLite", sqlite_file_opts(&self.url)).await,
+            Backend::Postgres => {
+                let mut opts = quiet(ConnectOptions::new(&self.url));
+                opts.set_schema_search_path(self.name.clone());
+                connect("PostgreSQL", opts).await
+            }
+            Backend::MySql => connect("MariaDB/MySQL", quiet(ConnectOptions::new(&self.url))).await,
+        }
+    }
+
+    /// Environment for a child process that should open the same database.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("OUTBOX_CHILD_BACKEND", format!("{:?}", self.backend)),
+            ("OUTBOX_CHILD_URL", self.url.clone()),
+            ("OUTBOX_CHILD_NAME", self.name.clone()),
+        ]
+    }
+
+    /// Opens the database described by [`child_env`](Self::child_env) in a child process.
+    pub async fn from_child_env() -> Option<DatabaseConnection> {
+        let backend = std::env::var("OUTBOX_CHILD_BACKEND").ok()?;
+        let url = std::env::var("OUTBOX_CHILD_URL").ok()?;
+        let name = std::env::var("OUTBOX_CHILD_NAME").ok()?;
+        Some(match backend.as_str() {
+            "SqliteFile" => connect("SQLite", sqlite_file_opts(&url)).await,
+            "Postgres" => {
+                let mut opts = quiet(ConnectOptions::new(&url));
+                opts.set_schema_search_path(name);
+                connect("PostgreSQL", opts).await
+            }
+            "MySql" => connect("MariaDB/MySQL", quiet(ConnectOptions::new(&url))).await,
+            other => panic!("backend {other} cannot be shared with a child process"),
+        })
+    }
+
+    pub fn db_backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Drops the schema or database. Skipped when a test fails, which leaves it for inspection.
+    pub async fn cleanup(self) {
+        let Self { backend, db, name, .. } = self;
+        db.close().await.ok();
+        match backend {
+            Backend::Postgres => {
+                let admin = connect("PostgreSQL", quiet(ConnectOptions::new(postgres_url()))).await;
+                admin
+                    .execute_unprepared(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                    .await
+                    .expect("drop test schema");
+                admin.close().await.ok();
+            }
+            Backend::MySql => {
+                let admin = connect("MariaDB/MySQL", quiet(ConnectOptions::new(mysql_url()))).await;
+                admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS `{name}`"))
+                    .await
+                    .expect("drop test database");
+                admin.close().await.ok();
+            }
+            Backend::SqliteMemory | Backend::SqliteFile => {}
+        }
+    }
+}
+
+fn quiet(mut opts: ConnectOptions) -> ConnectOptions {
+    opts.max_connections(8)
+        .connect_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    opts
+}
+
+fn sqlite_file_opts(url: &str) -> ConnectOptions {
+    let mut opts = quiet(ConnectOptions::new(url));
+    opts.map_sqlx_sqlite_opts(|o| {
+        o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(30))
+    });
+    opts
+}
+
+/// Runs one async test body on every backend: `on_all_backends!(body_fn, …)` makes a module per
+/// body with one `#[tokio::test]` per backend. Each body is `async fn(&TestDb)`.
+#[macro_export]
+macro_rules! on_all_backends {
+    ($($body:ident),* $(,)?) => {$(
+        mod $body {
+            use super::common::{Backend, TestDb};
+            async fn run(backend: Backend) {
+                let t = TestDb::new(backend).await;
+                super::$body(&t).await;
+                t.cleanup().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_memory() { run(Backend::SqliteMemory).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_file() { run(Backend::SqliteFile).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() { run(Backend::Postgres).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() { run(Backend::MySql).await }
+        }
+    )*};
+}
