@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::io;
 
 use chrono::{DateTime, SubsecRound, Utc};
+use seaorm_outbox_entity::{OutboxEventModel, OutboxStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use seaorm_outbox_entity::{OutboxEventModel, OutboxStatus};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -103,9 +103,13 @@ impl NewEvent {
 
     /// An event whose type, aggregate, headers and payload come from a [`DomainEvent`].
     pub fn from_domain<E: DomainEvent + ?Sized>(event: &E) -> Self {
-        Self::new(event.event_type(), event.aggregate_type(), event.aggregate_id())
-            .payload(event)
-            .headers(event.headers())
+        Self::new(
+            event.event_type(),
+            event.aggregate_type(),
+            event.aggregate_id(),
+        )
+        .payload(event)
+        .headers(event.headers())
     }
 
     /// Sets the payload by serialising `value` to JSON.
@@ -200,7 +204,9 @@ impl NewEvent {
         let payload = self.payload?;
         let headers = self.headers?;
         if has_nul(&payload)
-            || headers.iter().any(|(k, v)| k.contains('\0') || v.contains('\0'))
+            || headers
+                .iter()
+                .any(|(k, v)| k.contains('\0') || v.contains('\0'))
             || [&self.event_type, &self.aggregate_type, &self.aggregate_id]
                 .iter()
                 .any(|s| s.contains('\0'))
@@ -381,7 +387,10 @@ mod tests {
     #[test]
     fn json_len_matches_serialised_length() {
         let v = serde_json::json!({"a": [1, 2, "ü"], "b": null});
-        assert_eq!(json_len(&v), serde_json::to_string(&v).map(|s| s.len()).unwrap_or(0));
+        assert_eq!(
+            json_len(&v),
+            serde_json::to_string(&v).map(|s| s.len()).unwrap_or(0)
+        );
     }
 
     #[test]
@@ -389,6 +398,9 @@ mod tests {
         let e = NewEvent::new("t", "a", "1")
             .headers_json(serde_json::json!({"k": 1}))
             .header("later", "ignored");
-        assert!(matches!(e.validate(1024), Err(InvalidEvent::Headers { .. })));
+        assert!(matches!(
+            e.validate(1024),
+            Err(InvalidEvent::Headers { .. })
+        ));
     }
 }

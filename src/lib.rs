@@ -9,6 +9,10 @@
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
 //! * [`repository`]: the [`OutboxRepository`] contract and its SeaORM implementation, [`Outbox`],
 //!   which works on any `ConnectionTrait`, pool or transaction alike.
+//! * [`publisher`]: the [`Publisher`](publisher::Publisher) trait the relay delivers through,
+//!   with an in-memory and a logging publisher.
+//! * [`relay`]: the [`Relay`](relay::Relay) loop: claim under a lease, publish, write back,
+//!   retry with backoff, dead-letter, keep per-aggregate order, purge old rows.
 //! * [`error`]: the one [`Error`] type.
 //!
 //! The table lives in the `seaorm-outbox-entity` crate and is created by the
@@ -16,10 +20,14 @@
 
 pub mod error;
 pub mod event;
+pub mod publisher;
+pub mod relay;
 pub mod repository;
 mod sql;
 
 pub use error::{Error, InvalidEvent, Result};
 pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
+pub use publisher::{PublishOutcome, Publisher};
+pub use relay::{Relay, RelayConfig, RelayStats};
 pub use repository::{Outbox, OutboxConfig, OutboxRepository};
 pub use seaorm_outbox_entity::OutboxStatus;

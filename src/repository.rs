@@ -187,8 +187,7 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
             .filter(Col::Status.eq(OutboxStatus::Failed))
             .exec(self.db)
             .await?;
-        self.expect_one(res.rows_affected, id, "discard", &[])
-            .await
+        self.expect_one(res.rows_affected, id, "discard", &[]).await
     }
 
     /// Deletes published events whose `published_at` is older than `older_than`, at most
@@ -407,8 +406,13 @@ impl<C: ConnectionTrait> OutboxRepository for Outbox<'_, C> {
             .filter(Col::Status.eq(OutboxStatus::Pending))
             .exec(self.db)
             .await?;
-        self.expect_one(res.rows_affected, id, "mark failed", &[OutboxStatus::Failed])
-            .await
+        self.expect_one(
+            res.rows_affected,
+            id,
+            "mark failed",
+            &[OutboxStatus::Failed],
+        )
+        .await
     }
 }
 

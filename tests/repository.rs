@@ -6,9 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{Duration, TimeZone, Utc};
 use common::TestDb;
-use sea_orm::{
-    ConnectionTrait, EntityTrait, PaginatorTrait, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, TransactionTrait};
 use seaorm_outbox::repository::{MAX_ERROR_BYTES, MAX_PAGE_SIZE};
 use seaorm_outbox::{
     DomainEvent, Error, InvalidEvent, NewEvent, Outbox, OutboxConfig, OutboxRepository,
@@ -47,9 +45,11 @@ async fn create_orders_table(t: &TestDb) {
 }
 
 async fn insert_order(db: &impl ConnectionTrait, id: &str) {
-    db.execute_unprepared(&format!("INSERT INTO orders (id, total) VALUES ('{id}', 100)"))
-        .await
-        .expect("insert order");
+    db.execute_unprepared(&format!(
+        "INSERT INTO orders (id, total) VALUES ('{id}', 100)"
+    ))
+    .await
+    .expect("insert order");
 }
 
 async fn count_orders(db: &impl ConnectionTrait) -> i64 {
@@ -73,20 +73,29 @@ async fn commit_and_rollback_share_the_domain_transaction(t: &TestDb) {
 
     let txn = t.db.begin().await.expect("begin");
     insert_order(&txn, "kept").await;
-    let kept = Outbox::new(&txn).add_event(event("kept")).await.expect("add");
+    let kept = Outbox::new(&txn)
+        .add_event(event("kept"))
+        .await
+        .expect("add");
     // Not visible outside the transaction before commit (SQLite memory has one connection).
     txn.commit().await.expect("commit");
 
     let txn = t.db.begin().await.expect("begin");
     insert_order(&txn, "dropped").await;
-    Outbox::new(&txn).add_event(event("dropped")).await.expect("add");
+    Outbox::new(&txn)
+        .add_event(event("dropped"))
+        .await
+        .expect("add");
     txn.rollback().await.expect("rollback");
 
     // A transaction dropped without commit rolls back too.
     {
         let txn = t.db.begin().await.expect("begin");
         insert_order(&txn, "abandoned").await;
-        Outbox::new(&txn).add_event(event("abandoned")).await.expect("add");
+        Outbox::new(&txn)
+            .add_event(event("abandoned"))
+            .await
+            .expect("add");
     }
 
     let outbox = Outbox::new(&t.db);
@@ -101,7 +110,10 @@ async fn commit_and_rollback_share_the_domain_transaction(t: &TestDb) {
 
 async fn unpublished_are_oldest_first_and_paginate(t: &TestDb) {
     let outbox = Outbox::new(&t.db);
-    let base = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).single().expect("time");
+    let base = Utc
+        .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+        .single()
+        .expect("time");
     // Written out of order; two share an occurred_at so the id must break the tie.
     let specs = [(5, "e"), (1, "a"), (3, "c"), (3, "d"), (2, "b")];
     let mut written = Vec::new();
@@ -122,19 +134,31 @@ async fn unpublished_are_oldest_first_and_paginate(t: &TestDb) {
         paged.extend(outbox.get_unpublished(2, page * 2).await.expect("page"));
     }
     assert_eq!(paged.iter().map(|e| e.id).collect::<Vec<_>>(), expected);
-    assert!(outbox.get_unpublished(2, 10).await.expect("past end").is_empty());
+    assert!(
+        outbox
+            .get_unpublished(2, 10)
+            .await
+            .expect("past end")
+            .is_empty()
+    );
     assert!(outbox.get_unpublished(0, 0).await.expect("zero").is_empty());
 }
 
 async fn limit_above_maximum_is_an_error(t: &TestDb) {
     let outbox = Outbox::new(&t.db);
-    let err = outbox.get_unpublished(MAX_PAGE_SIZE + 1, 0).await.unwrap_err();
+    let err = outbox
+        .get_unpublished(MAX_PAGE_SIZE + 1, 0)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, Error::LimitTooLarge { requested, max } if requested == MAX_PAGE_SIZE + 1 && max == MAX_PAGE_SIZE),
         "{err:?}"
     );
     assert!(outbox.get_unpublished(MAX_PAGE_SIZE, 0).await.is_ok());
-    assert!(matches!(outbox.list_failed(u64::MAX, 0).await, Err(Error::LimitTooLarge { .. })));
+    assert!(matches!(
+        outbox.list_failed(u64::MAX, 0).await,
+        Err(Error::LimitTooLarge { .. })
+    ));
 }
 
 async fn mark_published_is_idempotent_and_checks_state(t: &TestDb) {
@@ -149,11 +173,16 @@ async fn mark_published_is_idempotent_and_checks_state(t: &TestDb) {
 
     // Again: fine, and published_at does not move.
     outbox.mark_published(a).await.expect("idempotent");
-    assert_eq!(outbox.get(a).await.expect("get").published_at, first.published_at);
+    assert_eq!(
+        outbox.get(a).await.expect("get").published_at,
+        first.published_at
+    );
     assert_eq!(outbox.count_unpublished().await.expect("count"), 1);
 
     let unknown = Uuid::now_v7();
-    assert!(matches!(outbox.mark_published(unknown).await, Err(Error::NotFound { id }) if id == unknown));
+    assert!(
+        matches!(outbox.mark_published(unknown).await, Err(Error::NotFound { id }) if id == unknown)
+    );
 
     // A dead letter cannot be published behind the operator's back: requeue it first.
     outbox.mark_failed(b, "broker said no").await.expect("fail");
@@ -162,7 +191,10 @@ async fn mark_published_is_idempotent_and_checks_state(t: &TestDb) {
         matches!(err, Error::InvalidState { id, status: OutboxStatus::Failed, .. } if id == b),
         "{err:?}"
     );
-    assert_eq!(outbox.get(b).await.expect("get").status, OutboxStatus::Failed);
+    assert_eq!(
+        outbox.get(b).await.expect("get").status,
+        OutboxStatus::Failed
+    );
 }
 
 async fn mark_published_many_uses_one_statement_and_reports_unknown_ids(t: &TestDb) {
@@ -171,15 +203,27 @@ async fn mark_published_many_uses_one_statement_and_reports_unknown_ids(t: &Test
         .add_events((0..5).map(|i| event(&i.to_string())).collect())
         .await
         .expect("add");
-    assert_eq!(outbox.mark_published_many(&ids[..3]).await.expect("mark"), 3);
+    assert_eq!(
+        outbox.mark_published_many(&ids[..3]).await.expect("mark"),
+        3
+    );
     // Already-published ids are skipped, not errors.
-    assert_eq!(outbox.mark_published_many(&ids[..4]).await.expect("mark"), 1);
+    assert_eq!(
+        outbox.mark_published_many(&ids[..4]).await.expect("mark"),
+        1
+    );
     assert_eq!(outbox.count_unpublished().await.expect("count"), 1);
     assert_eq!(outbox.mark_published_many(&[]).await.expect("empty"), 0);
 
     let unknown = Uuid::now_v7();
-    let err = outbox.mark_published_many(&[ids[4], unknown]).await.unwrap_err();
-    assert!(matches!(err, Error::NotFound { id } if id == unknown), "{err:?}");
+    let err = outbox
+        .mark_published_many(&[ids[4], unknown])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound { id } if id == unknown),
+        "{err:?}"
+    );
 }
 
 async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
@@ -188,8 +232,14 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
     let b = outbox.add_event(event("b")).await.expect("add");
     let c = outbox.add_event(event("c")).await.expect("add");
 
-    outbox.mark_failed(a, "payload rejected").await.expect("fail a");
-    outbox.mark_failed(b, "retries exhausted").await.expect("fail b");
+    outbox
+        .mark_failed(a, "payload rejected")
+        .await
+        .expect("fail a");
+    outbox
+        .mark_failed(b, "retries exhausted")
+        .await
+        .expect("fail b");
     // Idempotent: the first error stays.
     outbox.mark_failed(a, "again").await.expect("fail a again");
 
@@ -208,7 +258,10 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
     outbox.mark_published(c).await.expect("publish c");
     assert!(matches!(
         outbox.mark_failed(c, "late").await,
-        Err(Error::InvalidState { status: OutboxStatus::Published, .. })
+        Err(Error::InvalidState {
+            status: OutboxStatus::Published,
+            ..
+        })
     ));
     assert!(matches!(
         outbox.mark_failed(Uuid::now_v7(), "x").await,
@@ -223,9 +276,18 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
     assert!(ra.failed_at.is_none());
     assert_eq!(outbox.count_unpublished().await.expect("count"), 1);
     // Only dead letters can be requeued or discarded.
-    assert!(matches!(outbox.requeue(a).await, Err(Error::InvalidState { .. })));
-    assert!(matches!(outbox.discard(a).await, Err(Error::InvalidState { .. })));
-    assert!(matches!(outbox.requeue(Uuid::now_v7()).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        outbox.requeue(a).await,
+        Err(Error::InvalidState { .. })
+    ));
+    assert!(matches!(
+        outbox.discard(a).await,
+        Err(Error::InvalidState { .. })
+    ));
+    assert!(matches!(
+        outbox.requeue(Uuid::now_v7()).await,
+        Err(Error::NotFound { .. })
+    ));
 
     // Discard b for good.
     outbox.discard(b).await.expect("discard");
@@ -237,8 +299,20 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
     let e = outbox.add_event(event("e")).await.expect("add");
     outbox.mark_failed(d, "x").await.expect("fail");
     outbox.mark_failed(e, "x").await.expect("fail");
-    assert_eq!(outbox.requeue_aggregate("order", "d").await.expect("by aggregate"), 1);
-    assert_eq!(outbox.requeue_aggregate("order", "D").await.expect("case matters"), 0);
+    assert_eq!(
+        outbox
+            .requeue_aggregate("order", "d")
+            .await
+            .expect("by aggregate"),
+        1
+    );
+    assert_eq!(
+        outbox
+            .requeue_aggregate("order", "D")
+            .await
+            .expect("case matters"),
+        0
+    );
     assert_eq!(outbox.requeue_all().await.expect("all"), 1);
     assert_eq!(outbox.count_unpublished().await.expect("count"), 3);
 }
@@ -247,9 +321,21 @@ async fn huge_error_message_is_truncated(t: &TestDb) {
     let outbox = Outbox::new(&t.db);
     let id = outbox.add_event(event("a")).await.expect("add");
     let huge = "x".repeat(10 * 1024 * 1024);
-    outbox.mark_failed(id, &huge).await.expect("fail with 10 MB message");
-    let stored = outbox.get(id).await.expect("get").last_error.expect("error kept");
-    assert!(stored.len() <= MAX_ERROR_BYTES + 64, "{} bytes stored", stored.len());
+    outbox
+        .mark_failed(id, &huge)
+        .await
+        .expect("fail with 10 MB message");
+    let stored = outbox
+        .get(id)
+        .await
+        .expect("get")
+        .last_error
+        .expect("error kept");
+    assert!(
+        stored.len() <= MAX_ERROR_BYTES + 64,
+        "{} bytes stored",
+        stored.len()
+    );
     assert!(stored.starts_with("xxxx"));
     assert!(stored.ends_with(&format!("{} bytes in all]", huge.len())));
 }
@@ -271,7 +357,10 @@ async fn unicode_and_large_payloads_round_trip(t: &TestDb) {
     assert_eq!(got.event_type, "café.commandé");
     assert_eq!(got.aggregate_type, "客户");
     assert_eq!(got.aggregate_id, "ключ-1");
-    assert_eq!(got.headers.get("note").map(String::as_str), Some("ünïcödé ✓"));
+    assert_eq!(
+        got.headers.get("note").map(String::as_str),
+        Some("ünïcödé ✓")
+    );
 
     // Just under the default 1 MiB limit.
     let big = "ab".repeat(500_000);
@@ -279,7 +368,10 @@ async fn unicode_and_large_payloads_round_trip(t: &TestDb) {
         .add_event(event("big").payload(&json!({ "blob": big })))
         .await
         .expect("add large");
-    assert_eq!(outbox.get(id).await.expect("get").payload["blob"].as_str(), Some(big.as_str()));
+    assert_eq!(
+        outbox.get(id).await.expect("get").payload["blob"].as_str(),
+        Some(big.as_str())
+    );
 }
 
 async fn every_invalid_event_is_rejected_before_writing(t: &TestDb) {
@@ -287,17 +379,43 @@ async fn every_invalid_event_is_rejected_before_writing(t: &TestDb) {
     let non_string_keys: HashMap<(i32, i32), i32> = [((1, 2), 3)].into_iter().collect();
     let cases: Vec<(&str, NewEvent, fn(&InvalidEvent) -> bool)> = vec![
         ("empty type", NewEvent::new("", "order", "1"), |e| {
-            matches!(e, InvalidEvent::Empty { field: "event_type" })
+            matches!(
+                e,
+                InvalidEvent::Empty {
+                    field: "event_type"
+                }
+            )
         }),
         ("blank aggregate type", NewEvent::new("t", "  ", "1"), |e| {
-            matches!(e, InvalidEvent::Empty { field: "aggregate_type" })
+            matches!(
+                e,
+                InvalidEvent::Empty {
+                    field: "aggregate_type"
+                }
+            )
         }),
         ("empty aggregate id", NewEvent::new("t", "order", ""), |e| {
-            matches!(e, InvalidEvent::Empty { field: "aggregate_id" })
+            matches!(
+                e,
+                InvalidEvent::Empty {
+                    field: "aggregate_id"
+                }
+            )
         }),
-        ("too long type", NewEvent::new("t".repeat(256), "order", "1"), |e| {
-            matches!(e, InvalidEvent::TooLong { field: "event_type", len: 256, max: 255 })
-        }),
+        (
+            "too long type",
+            NewEvent::new("t".repeat(256), "order", "1"),
+            |e| {
+                matches!(
+                    e,
+                    InvalidEvent::TooLong {
+                        field: "event_type",
+                        len: 256,
+                        max: 255
+                    }
+                )
+            },
+        ),
         (
             "payload fails to serialise",
             event("1").payload(&non_string_keys),
@@ -313,9 +431,11 @@ async fn every_invalid_event_is_rejected_before_writing(t: &TestDb) {
             event("1").payload(&json!({ "deep": ["ok", "a\u{0}b"] })),
             |e| matches!(e, InvalidEvent::NulCharacter),
         ),
-        ("NUL in aggregate id", NewEvent::new("t", "order", "a\u{0}"), |e| {
-            matches!(e, InvalidEvent::NulCharacter)
-        }),
+        (
+            "NUL in aggregate id",
+            NewEvent::new("t", "order", "a\u{0}"),
+            |e| matches!(e, InvalidEvent::NulCharacter),
+        ),
         (
             "headers not an object",
             event("1").headers_json(json!(["a", "b"])),
@@ -337,15 +457,25 @@ async fn every_invalid_event_is_rejected_before_writing(t: &TestDb) {
 
     // One bad event in a batch rejects the whole batch.
     let err = outbox
-        .add_events(vec![event("ok"), NewEvent::new("", "order", "2"), event("ok2")])
+        .add_events(vec![
+            event("ok"),
+            NewEvent::new("", "order", "2"),
+            event("ok2"),
+        ])
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidEvent(InvalidEvent::Empty { .. })));
+    assert!(matches!(
+        err,
+        Error::InvalidEvent(InvalidEvent::Empty { .. })
+    ));
     assert_eq!(total_rows(&t.db).await, 0);
 
     // Exactly at the limit is accepted.
     let at_limit = "y".repeat(998); // 998 + 2 quotes = 1000 bytes of JSON
-    outbox.add_event(event("1").payload(&at_limit)).await.expect("at limit");
+    outbox
+        .add_event(event("1").payload(&at_limit))
+        .await
+        .expect("at limit");
     assert_eq!(total_rows(&t.db).await, 1);
 }
 
@@ -366,13 +496,18 @@ impl DomainEvent for OrderPlaced {
         self.order_id.to_string()
     }
     fn headers(&self) -> seaorm_outbox::Headers {
-        [("schema".to_owned(), "v1".to_owned())].into_iter().collect()
+        [("schema".to_owned(), "v1".to_owned())]
+            .into_iter()
+            .collect()
     }
 }
 
 async fn typed_domain_events_round_trip(t: &TestDb) {
     let txn = t.db.begin().await.expect("begin");
-    let placed = OrderPlaced { order_id: 7, lines: vec!["tea".into()] };
+    let placed = OrderPlaced {
+        order_id: 7,
+        lines: vec!["tea".into()],
+    };
     let id = Outbox::new(&txn).add(&placed).await.expect("add typed");
     txn.commit().await.expect("commit");
 
@@ -405,7 +540,10 @@ async fn eight_concurrent_writers_are_all_counted(t: &TestDb) {
     for task in tasks {
         assert_eq!(task.await.expect("writer").len(), 10);
     }
-    assert_eq!(Outbox::new(&t.db).count_unpublished().await.expect("count"), 8 * 35);
+    assert_eq!(
+        Outbox::new(&t.db).count_unpublished().await.expect("count"),
+        8 * 35
+    );
     assert_eq!(count_orders(&t.db).await, 8 * 25);
 }
 
@@ -415,7 +553,10 @@ async fn purge_removes_only_old_published_events(t: &TestDb) {
         .add_events((0..25).map(|i| event(&i.to_string())).collect())
         .await
         .expect("add");
-    outbox.mark_published_many(&ids[..20]).await.expect("publish");
+    outbox
+        .mark_published_many(&ids[..20])
+        .await
+        .expect("publish");
     outbox.mark_failed(ids[20], "dead").await.expect("fail");
 
     // Nothing is older than an hour ago.
@@ -428,5 +569,8 @@ async fn purge_removes_only_old_published_events(t: &TestDb) {
     assert_eq!(total_rows(&t.db).await, 5, "pending and failed rows stay");
     assert_eq!(outbox.count_unpublished().await.expect("count"), 4);
     assert_eq!(outbox.count_failed().await.expect("failed"), 1);
-    assert!(matches!(outbox.purge_published(cutoff, 0).await, Err(Error::LimitTooLarge { .. })));
+    assert!(matches!(
+        outbox.purge_published(cutoff, 0).await,
+        Err(Error::LimitTooLarge { .. })
+    ));
 }

@@ -39,10 +39,7 @@ pub const NOTIFY_CHANNEL: &str = "seaorm_outbox";
 
 /// Every outbox migration, oldest first. Append these to a host app's migrator.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![
-        Box::new(CreateOutboxEvents),
-        Box::new(RelayLeaseAndNotify),
-    ]
+    vec![Box::new(CreateOutboxEvents), Box::new(RelayLeaseAndNotify)]
 }
 
 /// A standalone migrator with its own bookkeeping table ([`MIGRATION_TABLE`]).

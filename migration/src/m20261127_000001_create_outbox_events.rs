@@ -19,17 +19,39 @@ impl MigrationName for Migration {
 /// indexes, so there the status column leads the index instead.
 const INDEXES: &[(&str, &[T], Option<&str>)] = &[
     // The relay's claim: pending rows due now, oldest due first.
-    ("outbox_events_due_idx", &[T::NextAttemptAt, T::Id], Some("pending")),
+    (
+        "outbox_events_due_idx",
+        &[T::NextAttemptAt, T::Id],
+        Some("pending"),
+    ),
     // get_unpublished: pending rows by occurred_at, id.
-    ("outbox_events_pending_idx", &[T::OccurredAt, T::Id], Some("pending")),
+    (
+        "outbox_events_pending_idx",
+        &[T::OccurredAt, T::Id],
+        Some("pending"),
+    ),
     // Retention: published rows by age.
-    ("outbox_events_published_idx", &[T::PublishedAt], Some("published")),
+    (
+        "outbox_events_published_idx",
+        &[T::PublishedAt],
+        Some("published"),
+    ),
     // Dead letters by age.
-    ("outbox_events_failed_idx", &[T::FailedAt, T::Id], Some("failed")),
+    (
+        "outbox_events_failed_idx",
+        &[T::FailedAt, T::Id],
+        Some("failed"),
+    ),
     // Per-aggregate order checks and replay by aggregate, over every status.
     (
         "outbox_events_aggregate_idx",
-        &[T::AggregateType, T::AggregateId, T::Status, T::OccurredAt, T::Id],
+        &[
+            T::AggregateType,
+            T::AggregateId,
+            T::Status,
+            T::OccurredAt,
+            T::Id,
+        ],
         None,
     ),
 ];

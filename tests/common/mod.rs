@@ -90,13 +90,28 @@ impl TestDb {
                     .max_lifetime(None::<Duration>)
                     .sqlx_logging(false);
                 let db = connect("SQLite", opts).await;
-                Self { backend, db, name, url, _dir: None }
+                Self {
+                    backend,
+                    db,
+                    name,
+                    url,
+                    _dir: None,
+                }
             }
             Backend::SqliteFile => {
                 let dir = tempfile::tempdir().expect("temp dir");
-                let url = format!("sqlite://{}?mode=rwc", dir.path().join("outbox.db").display());
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("outbox.db").display()
+                );
                 let db = connect("SQLite", sqlite_file_opts(&url)).await;
-                Self { backend, db, name, url, _dir: Some(dir) }
+                Self {
+                    backend,
+                    db,
+                    name,
+                    url,
+                    _dir: Some(dir),
+                }
             }
             Backend::Postgres => {
                 let url = postgres_url();
@@ -109,7 +124,13 @@ impl TestDb {
                 let mut opts = quiet(ConnectOptions::new(&url));
                 opts.set_schema_search_path(name.clone());
                 let db = connect("PostgreSQL", opts).await;
-                Self { backend, db, name, url, _dir: None }
+                Self {
+                    backend,
+                    db,
+                    name,
+                    url,
+                    _dir: None,
+                }
             }
             Backend::MySql => {
                 let admin_url = mysql_url();
@@ -121,7 +142,13 @@ impl TestDb {
                 admin.close().await.ok();
                 let url = with_database(&admin_url, &name);
                 let db = connect("MariaDB/MySQL", quiet(ConnectOptions::new(&url))).await;
-                Self { backend, db, name, url, _dir: None }
+                Self {
+                    backend,
+                    db,
+                    name,
+                    url,
+                    _dir: None,
+                }
             }
         }
     }
@@ -172,7 +199,9 @@ impl TestDb {
 
     /// Drops the schema or database. Skipped when a test fails, which leaves it for inspection.
     pub async fn cleanup(self) {
-        let Self { backend, db, name, .. } = self;
+        let Self {
+            backend, db, name, ..
+        } = self;
         db.close().await.ok();
         match backend {
             Backend::Postgres => {
@@ -212,11 +241,22 @@ fn sqlite_file_opts(url: &str) -> ConnectOptions {
     opts
 }
 
-/// Runs one async test body on every backend: `on_all_backends!(body_fn, …)` makes a module per
-/// body with one `#[tokio::test]` per backend. Each body is `async fn(&TestDb)`.
+/// Runs one async test body per backend: `on_all_backends!(body_fn, …)` makes a module per body
+/// with one `#[tokio::test]` per backend. Each body is `async fn(&TestDb)`.
 #[macro_export]
 macro_rules! on_all_backends {
-    ($($body:ident),* $(,)?) => {$(
+    ($($body:ident),* $(,)?) => {
+        $crate::on_backends!([sqlite_memory: SqliteMemory, sqlite_file: SqliteFile, postgres: Postgres, mysql: MySql] => $($body),*);
+    };
+}
+
+/// Like [`on_all_backends!`] for a chosen list: `on_backends!([postgres: Postgres] => body)`.
+#[macro_export]
+macro_rules! on_backends {
+    ($backends:tt => $($body:ident),* $(,)?) => {$(
+        $crate::on_backends!(@one $backends $body);
+    )*};
+    (@one [$($test:ident: $backend:ident),* $(,)?] $body:ident) => {
         mod $body {
             use super::common::{Backend, TestDb};
             async fn run(backend: Backend) {
@@ -224,14 +264,10 @@ macro_rules! on_all_backends {
                 super::$body(&t).await;
                 t.cleanup().await;
             }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite_memory() { run(Backend::SqliteMemory).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite_file() { run(Backend::SqliteFile).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() { run(Backend::Postgres).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mysql() { run(Backend::MySql).await }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() { run(Backend::$backend).await }
+            )*
         }
-    )*};
+    };
 }

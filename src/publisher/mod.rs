@@ -1,0 +1,74 @@
+//! The [`Publisher`] trait the relay delivers through, and the built-in publishers.
+//!
+//! * [`InMemoryPublisher`]: records every delivery (and can stream them to a channel), for tests
+//!   and for apps that consume in-process.
+//! * [`LogPublisher`]: prints each event as a line, for the quick start and for debugging.
+
+mod log;
+mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::event::OutboxEvent;
+
+pub use self::log::LogPublisher;
+pub use self::memory::InMemoryPublisher;
+
+/// A boxed error from a publisher.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What happened to one event of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// The broker acknowledged it. It will be marked published.
+    Delivered,
+    /// A transient failure (timeout, connection refused, broker unavailable): retried with
+    /// backoff until `max_attempts`, then dead-lettered.
+    Retry(String),
+    /// A permanent failure (oversized, invalid subject, unroutable): dead-lettered at once.
+    Reject(String),
+}
+
+/// Delivers claimed events to a broker.
+///
+/// `publish` gets a whole batch and must return one outcome per event, in the same order.
+/// Implementations should pipeline: send every event, then await the acknowledgements, rather
+/// than one blocking round trip per event. Returning `Err` marks the whole batch retryable.
+///
+/// When the relay runs in per-aggregate order it never puts two events of the same aggregate in
+/// one call; otherwise events of one aggregate in a call are in order, and a publisher that
+/// preserves order per key (Kafka partitions, one NATS connection) keeps it.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes `events` and reports an outcome for each, in order.
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError>;
+
+    /// A short name for logs and metric labels, such as `kafka`.
+    fn name(&self) -> &str {
+        "custom"
+    }
+}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Arc<P> {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        (**self).publish(events).await
+    }
+
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Box<P> {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        (**self).publish(events).await
+    }
+
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}

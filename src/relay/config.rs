@@ -1,0 +1,288 @@
+//! Relay settings: [`RelayConfig`] with `Default` and chained setters.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::error::{Error, Result};
+
+/// Largest accepted [`RelayConfig::batch_size`]; keeps every write-back statement under each
+/// backend's bind-parameter limit.
+pub const MAX_BATCH_SIZE: u32 = 5000;
+
+/// How events are ordered on their way to the publisher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ordering {
+    /// Events of one aggregate (`aggregate_type`, `aggregate_id`) reach the publisher in
+    /// `occurred_at`, id order, across any number of relays and through retries: a later event
+    /// waits while an earlier one is pending, in backoff or in flight.
+    #[default]
+    PerAggregate,
+    /// No ordering: the fastest; events are claimed oldest-due first.
+    Unordered,
+}
+
+/// What happens to an aggregate's later events once one of its events is dead-lettered
+/// (only with [`Ordering::PerAggregate`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetterPolicy {
+    /// Carry on with the next event; the dead letter leaves the sequence.
+    #[default]
+    Continue,
+    /// Hold the aggregate's later events until the dead letter is requeued or discarded.
+    Hold,
+}
+
+/// Randomisation of retry delays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Jitter {
+    /// "Full jitter": a uniformly random delay between zero and the exponential delay, so
+    /// relays that failed together do not retry together.
+    #[default]
+    Full,
+    /// The exponential delay exactly.
+    None,
+}
+
+/// Exponential backoff between delivery attempts: `min(cap, base × 2^(attempt-1))`, jittered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backoff {
+    /// Delay before the first retry (before jitter). Default 1 s.
+    pub base: Duration,
+    /// Longest delay. Default 5 min.
+    pub cap: Duration,
+    /// Jitter. Default [`Jitter::Full`].
+    pub jitter: Jitter,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+            jitter: Jitter::Full,
+        }
+    }
+}
+
+impl Backoff {
+    /// A backoff from `base` up to `cap`, with full jitter.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            jitter: Jitter::Full,
+        }
+    }
+
+    /// Sets the jitter.
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The delay after the `attempt`-th failure (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(31);
+        let raw = self.base.saturating_mul(1u32 << exp).min(self.cap);
+        match self.jitter {
+            Jitter::None => raw,
+            Jitter::Full => {
+                let max = u64::try_from(raw.as_micros()).unwrap_or(u64::MAX);
+                Duration::from_micros(rand::rng().random_range(0..=max))
+            }
+        }
+    }
+}
+
+/// Relay settings. Start from `RelayConfig::default()` and chain setters.
+///
+/// ```
+/// use std::time::Duration;
+/// use seaorm_outbox::relay::{Backoff, RelayConfig};
+///
+/// let config = RelayConfig::default()
+///     .batch_size(500)
+///     .max_attempts(8)
+///     .backoff(Backoff::new(Duration::from_millis(200), Duration::from_secs(60)))
+///     .retention(Some(Duration::from_secs(7 * 24 * 3600)));
+/// assert_eq!(config.batch_size, 500);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Events claimed per batch, 1 to [`MAX_BATCH_SIZE`]. Default 100.
+    pub batch_size: u32,
+    /// How long to sleep when there is nothing to do (push wake-ups cut it short). Default 1 s.
+    pub idle_poll_interval: Duration,
+    /// How long a claim is exclusive. A relay that dies mid-batch loses its events to another
+    /// relay after this. Must exceed `publish_timeout`. Default 30 s.
+    pub lease_duration: Duration,
+    /// Longest wait for a publisher call before the whole call counts as a retryable failure.
+    /// Default 10 s.
+    pub publish_timeout: Duration,
+    /// Failed attempts after which an event is dead-lettered. Default 10.
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+    /// Per-aggregate order (default) or none.
+    pub ordering: Ordering,
+    /// What follows a dead letter under per-aggregate order. Default continue.
+    pub dead_letter_policy: DeadLetterPolicy,
+    /// Delete published events older than this, in the background. Default `None` (keep all).
+    pub retention: Option<Duration>,
+    /// How often the retention purge runs. Default 5 min.
+    pub purge_interval: Duration,
+    /// Rows deleted per purge statement. Default 1000.
+    pub purge_batch_size: u64,
+    /// LISTEN for the insert trigger's NOTIFY on PostgreSQL (needs the `postgres` feature).
+    /// Turn it off behind PgBouncer in transaction pooling mode. Default on.
+    pub listen_notify: bool,
+    /// On shutdown, how long an in-flight publish may still finish and be written back before
+    /// its events are released unmarked. Default 5 s.
+    pub shutdown_grace: Duration,
+    /// Name recorded in `locked_by`; default `relay-<pid>-<random>`.
+    pub name: Option<String>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            idle_poll_interval: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(10),
+            max_attempts: 10,
+            backoff: Backoff::default(),
+            ordering: Ordering::default(),
+            dead_letter_policy: DeadLetterPolicy::default(),
+            retention: None,
+            purge_interval: Duration::from_secs(300),
+            purge_batch_size: 1000,
+            listen_notify: true,
+            shutdown_grace: Duration::from_secs(5),
+            name: None,
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {$(
+        $(#[$doc])*
+        pub fn $field(mut self, value: $ty) -> Self {
+            self.$field = value;
+            self
+        }
+    )*};
+}
+
+impl RelayConfig {
+    setters! {
+        /// Sets [`batch_size`](Self::batch_size).
+        batch_size: u32,
+        /// Sets [`idle_poll_interval`](Self::idle_poll_interval).
+        idle_poll_interval: Duration,
+        /// Sets [`lease_duration`](Self::lease_duration).
+        lease_duration: Duration,
+        /// Sets [`publish_timeout`](Self::publish_timeout).
+        publish_timeout: Duration,
+        /// Sets [`max_attempts`](Self::max_attempts).
+        max_attempts: u32,
+        /// Sets [`backoff`](Self::backoff).
+        backoff: Backoff,
+        /// Sets [`ordering`](Self::ordering).
+        ordering: Ordering,
+        /// Sets [`dead_letter_policy`](Self::dead_letter_policy).
+        dead_letter_policy: DeadLetterPolicy,
+        /// Sets [`retention`](Self::retention).
+        retention: Option<Duration>,
+        /// Sets [`purge_interval`](Self::purge_interval).
+        purge_interval: Duration,
+        /// Sets [`purge_batch_size`](Self::purge_batch_size).
+        purge_batch_size: u64,
+        /// Sets [`listen_notify`](Self::listen_notify).
+        listen_notify: bool,
+        /// Sets [`shutdown_grace`](Self::shutdown_grace).
+        shutdown_grace: Duration,
+    }
+
+    /// Sets [`name`](Self::name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let fail = |msg: String| Err(Error::Config(msg));
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return fail(format!(
+                "batch_size must be 1..={MAX_BATCH_SIZE}, got {}",
+                self.batch_size
+            ));
+        }
+        if self.max_attempts == 0 {
+            return fail("max_attempts must be at least 1".into());
+        }
+        if self.idle_poll_interval.is_zero() {
+            return fail("idle_poll_interval must be positive".into());
+        }
+        if self.lease_duration <= self.publish_timeout {
+            return fail(format!(
+                "lease_duration ({:?}) must exceed publish_timeout ({:?}), or a slow publish \
+                 would let a second relay claim the same events",
+                self.lease_duration, self.publish_timeout
+            ));
+        }
+        if self.backoff.base > self.backoff.cap {
+            return fail("backoff base must not exceed its cap".into());
+        }
+        if self.purge_batch_size == 0 || self.purge_batch_size > crate::repository::MAX_PAGE_SIZE {
+            return fail("purge_batch_size must be 1..=10000".into());
+        }
+        if self.retention.is_some() && self.purge_interval.is_zero() {
+            return fail("purge_interval must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_to_the_cap() {
+        let b =
+            Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).jitter(Jitter::None);
+        assert_eq!(b.delay(1), Duration::from_millis(100));
+        assert_eq!(b.delay(2), Duration::from_millis(200));
+        assert_eq!(b.delay(4), Duration::from_millis(800));
+        assert_eq!(b.delay(5), Duration::from_secs(1));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(1));
+        let j = b.jitter(Jitter::Full);
+        for attempt in 1..20 {
+            assert!(j.delay(attempt) <= b.delay(attempt));
+        }
+    }
+
+    #[test]
+    fn validation_rejects_unsafe_settings() {
+        assert!(RelayConfig::default().validate().is_ok());
+        assert!(RelayConfig::default().batch_size(0).validate().is_err());
+        assert!(
+            RelayConfig::default()
+                .batch_size(MAX_BATCH_SIZE + 1)
+                .validate()
+                .is_err()
+        );
+        assert!(RelayConfig::default().max_attempts(0).validate().is_err());
+        let slow = RelayConfig::default()
+            .lease_duration(Duration::from_secs(5))
+            .publish_timeout(Duration::from_secs(5));
+        assert!(matches!(slow.validate(), Err(Error::Config(_))));
+    }
+}

@@ -1,0 +1,554 @@
+//! The relay: claims due events under a lease, hands them to a [`Publisher`], and writes the
+//! outcomes back — published, retried with backoff, dead-lettered, or released.
+//!
+//! # Guarantees
+//!
+//! * **At least once.** An event is marked published only after the publisher reported it
+//!   delivered. A relay that dies between the broker's ack and the write-back leaves the event
+//!   leased; after the lease it is claimed and sent again. Duplicates are bounded by what was in
+//!   flight; consumers deduplicate on the event id, which publishers send as the message id.
+//! * **No double publish without a crash.** Claims use `FOR UPDATE SKIP LOCKED` (PostgreSQL,
+//!   MySQL 8, MariaDB 10.6+) or SQLite's single writer, and every write-back is conditional on
+//!   still holding the lease, so a relay whose lease expired cannot overwrite the new owner.
+//! * **Per-aggregate order** ([`Ordering::PerAggregate`], the default): see [`Ordering`].
+
+mod config;
+mod store;
+mod wake;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use config::{Backoff, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, Ordering, RelayConfig};
+pub use wake::NOTIFY_CHANNEL;
+
+use crate::error::Result;
+use crate::event::{OutboxEvent, now};
+use crate::publisher::{PublishOutcome, Publisher};
+use crate::repository::{Outbox, truncate_error};
+use store::{Claim, Fate};
+
+/// What a relay did, summed over its run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayStats {
+    /// Events marked published.
+    pub published: u64,
+    /// Failed attempts scheduled for a retry.
+    pub retried: u64,
+    /// Events moved to the dead letter.
+    pub dead_lettered: u64,
+    /// Events handed back unattempted (blocked behind a failure, or at shutdown).
+    pub released: u64,
+    /// Batches claimed (empty polls are not counted).
+    pub batches: u64,
+    /// Events whose lease had expired and been taken over before the write-back.
+    pub lost_leases: u64,
+    /// Published events deleted by retention.
+    pub purged: u64,
+}
+
+impl std::ops::AddAssign for RelayStats {
+    fn add_assign(&mut self, o: Self) {
+        self.published += o.published;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.released += o.released;
+        self.batches += o.batches;
+        self.lost_leases += o.lost_leases;
+        self.purged += o.purged;
+    }
+}
+
+/// Builds a [`Relay`].
+#[derive(Debug)]
+pub struct RelayBuilder<P> {
+    db: DatabaseConnection,
+    publisher: P,
+    config: RelayConfig,
+}
+
+impl<P: Publisher> RelayBuilder<P> {
+    /// Sets the configuration.
+    pub fn config(mut self, config: RelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Validates the configuration and builds the relay.
+    pub fn build(self) -> Result<Relay<P>> {
+        self.config.validate()?;
+        let name = self.config.name.clone().unwrap_or_else(|| {
+            format!("relay-{}-{:04x}", std::process::id(), rand::random::<u16>())
+        });
+        Ok(Relay {
+            db: self.db,
+            publisher: self.publisher,
+            // Leave room for `:` and a 32-character batch id within `locked_by`'s 64.
+            name: name.chars().take(31).collect(),
+            config: self.config,
+            last_poll: Arc::new(AtomicI64::new(0)),
+        })
+    }
+}
+
+/// Moves events from the outbox table to a [`Publisher`].
+///
+/// Run as many relays as you like, in one process or many: they share the table safely.
+///
+/// ```no_run
+/// use sea_orm::Database;
+/// use seaorm_outbox::publisher::LogPublisher;
+/// use seaorm_outbox::relay::{Relay, RelayConfig};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let db = Database::connect("sqlite://outbox.db?mode=rwc").await?;
+/// let relay = Relay::builder(db, LogPublisher::stdout())
+///     .config(RelayConfig::default().batch_size(200))
+///     .build()?;
+/// let stop = CancellationToken::new();
+/// let task = tokio::spawn({
+///     let stop = stop.clone();
+///     async move { relay.run(stop).await }
+/// });
+/// // ... on shutdown:
+/// stop.cancel();
+/// let stats = task.await?;
+/// println!("published {}", stats.published);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Relay<P> {
+    db: DatabaseConnection,
+    publisher: P,
+    config: RelayConfig,
+    name: String,
+    last_poll: Arc<AtomicI64>,
+}
+
+/// The result of one claim-publish-write-back cycle.
+struct Cycle {
+    stats: RelayStats,
+    claimed: usize,
+    /// The earliest retry this batch scheduled, to wake for it.
+    next_retry: Option<DateTime<Utc>>,
+}
+
+impl<P: Publisher> Relay<P> {
+    /// Starts building a relay over `db` that publishes through `publisher`.
+    pub fn builder(db: DatabaseConnection, publisher: P) -> RelayBuilder<P> {
+        RelayBuilder {
+            db,
+            publisher,
+            config: RelayConfig::default(),
+        }
+    }
+
+    /// This relay's name, the prefix of its `locked_by` tokens.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The publisher.
+    pub fn publisher(&self) -> &P {
+        &self.publisher
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// When the relay last polled the table, successfully or not; `None` before the first poll.
+    pub fn last_poll(&self) -> Option<DateTime<Utc>> {
+        match self.last_poll.load(AtomicOrdering::Relaxed) {
+            0 => None,
+            ms => DateTime::from_timestamp_millis(ms),
+        }
+    }
+
+    /// Runs until `cancel` is cancelled, then finishes (within
+    /// [`shutdown_grace`](RelayConfig::shutdown_grace)) or releases its in-flight batch and
+    /// returns what it did.
+    ///
+    /// Database errors never end the loop: it logs them, backs off and carries on, so the relay
+    /// survives a database outage.
+    pub async fn run(&self, cancel: CancellationToken) -> RelayStats {
+        let wake = Arc::new(Notify::new());
+        let listener_stop = cancel.child_token();
+        let listener = if self.config.listen_notify {
+            wake::spawn_listener(&self.db, wake.clone(), listener_stop.clone())
+        } else {
+            None
+        };
+        let mut stats = RelayStats::default();
+        let mut db_backoff = Duration::ZERO;
+        let mut next_purge = tokio::time::Instant::now();
+
+        while !cancel.is_cancelled() {
+            if self.config.retention.is_some() && tokio::time::Instant::now() >= next_purge {
+                stats.purged += self.purge().await;
+                next_purge = tokio::time::Instant::now() + self.config.purge_interval;
+            }
+            let pause = match self.cycle(&cancel).await {
+                Ok(cycle) => {
+                    db_backoff = Duration::ZERO;
+                    stats += cycle.stats;
+                    if cycle.claimed >= self.config.batch_size as usize {
+                        // A full batch: there is probably more, poll again at once.
+                        Duration::ZERO
+                    } else {
+                        let until_retry = cycle
+                            .next_retry
+                            .and_then(|at| (at - now()).to_std().ok())
+                            .unwrap_or(self.config.idle_poll_interval);
+                        self.config.idle_poll_interval.min(until_retry)
+                    }
+                }
+                Err(e) => {
+                    db_backoff =
+                        (db_backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+                    tracing::warn!(relay = %self.name, error = %e, retry_in = ?db_backoff,
+                        "outbox relay cycle failed; backing off");
+                    db_backoff
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        listener_stop.cancel();
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
+        stats
+    }
+
+    /// Claims and processes batches until nothing is due, then returns. Events in backoff are
+    /// left for later. Useful in tests, scripts and cron-style jobs.
+    pub async fn drain(&self) -> Result<RelayStats> {
+        let never = CancellationToken::new();
+        let mut stats = RelayStats::default();
+        loop {
+            let cycle = self.cycle(&never).await?;
+            stats += cycle.stats;
+            if cycle.claimed == 0 {
+                return Ok(stats);
+            }
+        }
+    }
+
+    async fn purge(&self) -> u64 {
+        let Some(retention) = self.config.retention else {
+            return 0;
+        };
+        let cutoff = now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        match Outbox::new(&self.db)
+            .purge_published(cutoff, self.config.purge_batch_size)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(relay = %self.name, error = %e, "outbox retention purge failed");
+                0
+            }
+        }
+    }
+
+    /// One claim → publish → write-back round.
+    async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
+        let token = format!("{}:{}", self.name, Uuid::now_v7().simple());
+        let claimed_at = now();
+        let lease_end = claimed_at
+            + chrono::Duration::from_std(self.config.lease_duration)
+                .unwrap_or(chrono::Duration::MAX);
+        self.last_poll
+            .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
+        let rows = store::claim(
+            &self.db,
+            &Claim {
+                token: &token,
+                now: claimed_at,
+                lease_end,
+                limit: self.config.batch_size,
+                ordering: self.config.ordering,
+                policy: self.config.dead_letter_policy,
+            },
+        )
+        .await?;
+        let claimed = rows.len();
+        if claimed == 0 {
+            return Ok(Cycle {
+                stats: RelayStats::default(),
+                claimed,
+                next_retry: None,
+            });
+        }
+
+        let mut fates = Vec::with_capacity(claimed);
+        let mut events = Vec::with_capacity(claimed);
+        for row in rows {
+            let id = row.id;
+            match OutboxEvent::try_from(row) {
+                Ok(e) => events.push(e),
+                // A row this library cannot read would fail forever: dead-letter it now.
+                Err(e) => fates.push((
+                    id,
+                    Fate::Dead {
+                        error: e.to_string(),
+                    },
+                )),
+            }
+        }
+        match self.config.ordering {
+            Ordering::Unordered => self.deliver_all(events, cancel, &mut fates).await,
+            Ordering::PerAggregate => self.deliver_in_order(events, cancel, &mut fates).await,
+        }
+
+        let next_retry = fates
+            .iter()
+            .filter_map(|(_, f)| match f {
+                Fate::Retry { at, .. } => Some(*at),
+                _ => None,
+            })
+            .min();
+        let mut stats = RelayStats {
+            batches: 1,
+            ..RelayStats::default()
+        };
+        if let Some(w) = self.write_back(&token, &fates, lease_end).await {
+            stats.published = w.published;
+            stats.retried = w.retried;
+            stats.dead_lettered = w.dead;
+            stats.released = w.released;
+            stats.lost_leases = w.expected - (w.published + w.retried + w.dead + w.released);
+            if stats.lost_leases > 0 {
+                tracing::warn!(relay = %self.name, lost = stats.lost_leases,
+                    "outbox lease expired before write-back; another relay owns those events");
+            }
+        }
+        Ok(Cycle {
+            stats,
+            claimed,
+            next_retry,
+        })
+    }
+
+    /// Unordered: the whole batch in one publisher call.
+    async fn deliver_all(
+        &self,
+        mut events: Vec<OutboxEvent>,
+        cancel: &CancellationToken,
+        fates: &mut Vec<(Uuid, Fate)>,
+    ) {
+        events.sort_by(|a, b| (a.occurred_at, a.id).cmp(&(b.occurred_at, b.id)));
+        let outcomes = self.publish(&events, cancel).await;
+        let done = now();
+        match outcomes {
+            Some(outcomes) => {
+                for (e, o) in events.iter().zip(outcomes) {
+                    fates.push((e.id, self.fate(e, o, done)));
+                }
+            }
+            None => fates.extend(events.iter().map(|e| (e.id, Fate::Release { at: done }))),
+        }
+    }
+
+    /// Per-aggregate order: "waves". Wave k holds the k-th event of every aggregate in the batch,
+    /// so one call never carries two events of one aggregate, and an aggregate's next event is
+    /// only sent once the previous one was acknowledged. An aggregate whose event must be retried
+    /// (or, under [`DeadLetterPolicy::Hold`], was dead-lettered) stops; its remaining events are
+    /// released to wait for it. Other aggregates carry on.
+    async fn deliver_in_order(
+        &self,
+        mut events: Vec<OutboxEvent>,
+        cancel: &CancellationToken,
+        fates: &mut Vec<(Uuid, Fate)>,
+    ) {
+        // Rank each event within its aggregate, then sort by rank so every wave is contiguous.
+        events.sort_by(|a, b| {
+            (&a.aggregate_type, &a.aggregate_id, a.occurred_at, a.id).cmp(&(
+                &b.aggregate_type,
+                &b.aggregate_id,
+                b.occurred_at,
+                b.id,
+            ))
+        });
+        let mut chain_of = Vec::with_capacity(events.len());
+        let mut ranked = Vec::with_capacity(events.len());
+        let (mut chain, mut rank) = (0usize, 0usize);
+        for (i, e) in events.iter().enumerate() {
+            if i > 0 {
+                let p = &events[i - 1];
+                if p.aggregate_type == e.aggregate_type && p.aggregate_id == e.aggregate_id {
+                    rank += 1;
+                } else {
+                    chain += 1;
+                    rank = 0;
+                }
+            }
+            ranked.push((rank, i));
+            chain_of.push(chain);
+        }
+        ranked.sort_unstable();
+        let order: Vec<usize> = ranked.iter().map(|(_, i)| *i).collect();
+        let chain_of: Vec<usize> = order.iter().map(|&i| chain_of[i]).collect();
+        let ranks: Vec<usize> = ranked.iter().map(|(r, _)| *r).collect();
+        let mut slots: Vec<Option<OutboxEvent>> = events.into_iter().map(Some).collect();
+        let events: Vec<OutboxEvent> = order.iter().filter_map(|&i| slots[i].take()).collect();
+
+        // Per chain: None while going; Some(at) once stopped, with when its rest may go again.
+        let mut stopped: Vec<Option<DateTime<Utc>>> = vec![None; chain + 1];
+        let mut start = 0;
+        while start < events.len() {
+            let end = start
+                + ranks[start..]
+                    .iter()
+                    .take_while(|r| **r == ranks[start])
+                    .count();
+            let live: Vec<usize> = (start..end)
+                .filter(|&i| stopped[chain_of[i]].is_none())
+                .collect();
+            for i in (start..end).filter(|&i| stopped[chain_of[i]].is_some()) {
+                let at = stopped[chain_of[i]].unwrap_or_else(now);
+                fates.push((events[i].id, Fate::Release { at }));
+            }
+            if !live.is_empty() {
+                let outcomes = if cancel.is_cancelled() {
+                    None
+                } else if live.len() == end - start {
+                    self.publish(&events[start..end], cancel).await
+                } else {
+                    let subset: Vec<OutboxEvent> =
+                        live.iter().map(|&i| events[i].clone()).collect();
+                    self.publish(&subset, cancel).await
+                };
+                let done = now();
+                match outcomes {
+                    Some(outcomes) => {
+                        for (&i, o) in live.iter().zip(outcomes) {
+                            let fate = self.fate(&events[i], o, done);
+                            let stop = match &fate {
+                                Fate::Retry { at, .. } => Some(*at),
+                                Fate::Dead { .. }
+                                    if self.config.dead_letter_policy == DeadLetterPolicy::Hold =>
+                                {
+                                    Some(done)
+                                }
+                                _ => None,
+                            };
+                            if stop.is_some() {
+                                stopped[chain_of[i]] = stop;
+                            }
+                            fates.push((events[i].id, fate));
+                        }
+                    }
+                    None => {
+                        for &i in &live {
+                            stopped[chain_of[i]] = Some(done);
+                            fates.push((events[i].id, Fate::Release { at: done }));
+                        }
+                    }
+                }
+            }
+            start = end;
+        }
+    }
+
+    /// One publisher call, bounded by `publish_timeout`. `None` when the relay is stopping and
+    /// the call did not finish within `shutdown_grace`: the events' fate is unknown.
+    async fn publish(
+        &self,
+        events: &[OutboxEvent],
+        cancel: &CancellationToken,
+    ) -> Option<Vec<PublishOutcome>> {
+        let call =
+            tokio::time::timeout(self.config.publish_timeout, self.publisher.publish(events));
+        tokio::pin!(call);
+        let result = tokio::select! {
+            r = &mut call => r,
+            () = cancel.cancelled() => {
+                tokio::time::timeout(self.config.shutdown_grace, call).await.ok()?
+            }
+        };
+        let retry_all = |msg: String| vec![PublishOutcome::Retry(msg); events.len()];
+        Some(match result {
+            Ok(Ok(outcomes)) if outcomes.len() == events.len() => outcomes,
+            Ok(Ok(outcomes)) => retry_all(format!(
+                "publisher `{}` returned {} outcomes for {} events",
+                self.publisher.name(),
+                outcomes.len(),
+                events.len()
+            )),
+            Ok(Err(e)) => retry_all(e.to_string()),
+            Err(_) => retry_all(format!(
+                "publish timed out after {:?}",
+                self.config.publish_timeout
+            )),
+        })
+    }
+
+    fn fate(&self, event: &OutboxEvent, outcome: PublishOutcome, at: DateTime<Utc>) -> Fate {
+        match outcome {
+            PublishOutcome::Delivered => Fate::Published,
+            PublishOutcome::Reject(error) => Fate::Dead {
+                error: truncate_error(&error),
+            },
+            PublishOutcome::Retry(error) => {
+                let attempt = event.attempts.saturating_add(1);
+                if attempt >= self.config.max_attempts {
+                    Fate::Dead {
+                        error: truncate_error(&format!(
+                            "{error} (gave up after {attempt} attempts)"
+                        )),
+                    }
+                } else {
+                    let delay = self.config.backoff.delay(attempt);
+                    Fate::Retry {
+                        error: truncate_error(&error),
+                        at: at + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the batch's fates back, retrying database errors while the lease lasts. Giving up
+    /// is safe: the events stay leased and are retried after the lease ends.
+    async fn write_back(
+        &self,
+        token: &str,
+        fates: &[(Uuid, Fate)],
+        lease_end: DateTime<Utc>,
+    ) -> Option<store::WriteBack> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match store::write_back(&self.db, token, now(), fates).await {
+                Ok(w) => return Some(w),
+                Err(e) => {
+                    let retry_at = now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                    if retry_at >= lease_end {
+                        tracing::error!(relay = %self.name, error = %e,
+                            "outbox write-back failed until the lease ended; the batch will be redelivered");
+                        return None;
+                    }
+                    tracing::warn!(relay = %self.name, error = %e, "outbox write-back failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,989 @@
+//! The relay against real databases: many relays, crashes, retries, poison events, ordering,
+//! push wake-up, shutdown and retention.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use common::TestDb;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
+use seaorm_outbox::publisher::{BoxError, InMemoryPublisher, LogPublisher};
+use seaorm_outbox::relay::{Backoff, DeadLetterPolicy, Jitter, Ordering, Relay, RelayConfig};
+use seaorm_outbox::{
+    Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome,
+    Publisher, RelayStats,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+on_backends!(
+    [postgres: Postgres, mysql: MySql, sqlite_file: SqliteFile] =>
+    four_relays_deliver_20k_events_once_in_aggregate_order,
+    four_unordered_relays_deliver_each_event_once,
+    aborted_relay_task_loses_nothing,
+    killed_relay_process_loses_nothing,
+    stale_relay_cannot_overwrite_the_new_lease_owner,
+);
+
+on_all_backends!(
+    flaky_publisher_delivers_everything_with_recorded_attempts,
+    retries_honour_next_attempt_at,
+    poison_event_is_dead_lettered_without_blocking_others,
+    hold_policy_waits_for_replay,
+    rejected_event_is_dead_lettered_at_once,
+    cancel_mid_publish_releases_the_batch,
+    cancel_with_grace_finishes_the_batch,
+    retention_purges_only_old_published_events,
+    invalid_relay_config_is_rejected,
+);
+
+on_backends!([postgres: Postgres] => notify_wakes_an_idle_relay_on_commit_only);
+
+const BASE_SECS: i64 = 1_790_000_000;
+
+fn base() -> DateTime<Utc> {
+    Utc.timestamp_opt(BASE_SECS, 0).single().expect("time")
+}
+
+/// `n` events over `aggregates` aggregates, scattered pseudo-randomly so a batch holds several
+/// events of one aggregate; `seq` in the payload is the event's position within its aggregate.
+fn scattered_events(n: usize, aggregates: u64) -> Vec<NewEvent> {
+    let mut seqs: HashMap<u64, u64> = HashMap::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let agg = x % aggregates;
+            let seq = seqs.entry(agg).or_default();
+            *seq += 1;
+            NewEvent::new("test.event", "agg", agg.to_string())
+                .occurred_at(base() + chrono::Duration::microseconds(i as i64))
+                .payload(&serde_json::json!({ "seq": *seq, "i": i }))
+        })
+        .collect()
+}
+
+async fn seed(db: &DatabaseConnection, events: Vec<NewEvent>) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let chunk: Vec<_> = events.by_ref().take(2000).collect();
+        ids.extend(Outbox::new(db).add_events(chunk).await.expect("seed"));
+    }
+    ids
+}
+
+fn fast(config: RelayConfig) -> RelayConfig {
+    config
+        .idle_poll_interval(Duration::from_millis(50))
+        .backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
+}
+
+async fn pending(db: &DatabaseConnection) -> u64 {
+    Outbox::new(db).count_unpublished().await.expect("count")
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `limit`.
+async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `relays` relays (each on its own pool) until the outbox is empty, then stops them.
+async fn run_relays_until_empty<P: Publisher + Clone + 'static>(
+    t: &TestDb,
+    relays: usize,
+    publisher: P,
+    config: RelayConfig,
+    limit: Duration,
+) -> Vec<RelayStats> {
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for r in 0..relays {
+        let relay = Relay::builder(t.connect_again().await, publisher.clone())
+            .config(config.clone().name(format!("r{r}")))
+            .build()
+            .expect("relay");
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move { relay.run(stop).await }));
+    }
+    wait_until(limit, "the outbox to drain", || async {
+        pending(&t.db).await == 0
+    })
+    .await;
+    stop.cancel();
+    let mut stats = Vec::new();
+    for task in tasks {
+        stats.push(task.await.expect("relay task"));
+    }
+    stats
+}
+
+/// Asserts every id was delivered exactly once.
+fn assert_exactly_once(delivered: &[OutboxEvent], ids: &[Uuid]) {
+    let mut seen = HashSet::new();
+    for e in delivered {
+        assert!(seen.insert(e.id), "event {} delivered twice", e.id);
+    }
+    assert_eq!(seen.len(), ids.len(), "every event delivered");
+    assert!(ids.iter().all(|id| seen.contains(id)));
+}
+
+/// Asserts each aggregate's first deliveries arrive in `seq` order.
+fn assert_aggregate_order(delivered: &[OutboxEvent]) {
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    let mut first = HashSet::new();
+    for e in delivered {
+        if !first.insert(e.id) {
+            continue;
+        }
+        let seq = e.payload["seq"].as_u64().expect("seq");
+        let prev = last.insert(&e.aggregate_id, seq).unwrap_or(0);
+        assert_eq!(
+            seq,
+            prev + 1,
+            "aggregate {} got seq {seq} after {prev}",
+            e.aggregate_id
+        );
+    }
+}
+
+async fn four_relays_deliver_20k_events_once_in_aggregate_order(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(20_000, 200)).await;
+    let sink = InMemoryPublisher::new();
+    let stats = run_relays_until_empty(
+        t,
+        4,
+        sink.clone(),
+        fast(RelayConfig::default().batch_size(200)),
+        Duration::from_secs(240),
+    )
+    .await;
+    let delivered = sink.deliveries();
+    assert_exactly_once(&delivered, &ids);
+    assert_aggregate_order(&delivered);
+    assert_eq!(stats.iter().map(|s| s.published).sum::<u64>(), 20_000);
+    assert!(
+        stats.iter().filter(|s| s.published > 0).count() >= 2,
+        "the work was shared: {stats:?}"
+    );
+}
+
+async fn four_unordered_relays_deliver_each_event_once(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(5_000, 50)).await;
+    let sink = InMemoryPublisher::new();
+    run_relays_until_empty(
+        t,
+        4,
+        sink.clone(),
+        fast(
+            RelayConfig::default()
+                .batch_size(100)
+                .ordering(Ordering::Unordered),
+        ),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_exactly_once(&sink.deliveries(), &ids);
+}
+
+/// Records deliveries to a shared log, then pauses, so a relay can be stopped mid-batch
+/// between the broker's ack and the write-back.
+#[derive(Clone)]
+struct SlowRecorder {
+    log: Arc<Mutex<Vec<Uuid>>>,
+    pause: Duration,
+}
+
+#[async_trait]
+impl Publisher for SlowRecorder {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        self.log
+            .lock()
+            .expect("log")
+            .extend(events.iter().map(|e| e.id));
+        tokio::time::sleep(self.pause).await;
+        Ok(vec![PublishOutcome::Delivered; events.len()])
+    }
+}
+
+/// Checks a crash run: everything delivered, duplicates no more than one in-flight batch.
+fn assert_crash_bounds(all: &[Uuid], ids: &[Uuid], batch: usize) {
+    let unique: HashSet<_> = all.iter().collect();
+    assert!(
+        ids.iter().all(|id| unique.contains(id)),
+        "an event was lost"
+    );
+    let dups = all.len() - unique.len();
+    assert!(
+        dups <= batch,
+        "{dups} duplicates exceed one batch of {batch}"
+    );
+}
+
+async fn aborted_relay_task_loses_nothing(t: &TestDb) {
+    const BATCH: u32 = 50;
+    let ids = seed(&t.db, scattered_events(1_000, 20)).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let config = fast(
+        RelayConfig::default()
+            .batch_size(BATCH)
+            .lease_duration(Duration::from_secs(2))
+            .publish_timeout(Duration::from_secs(1)),
+    );
+    let first = Relay::builder(
+        t.connect_again().await,
+        SlowRecorder {
+            log: log.clone(),
+            pause: Duration::from_millis(30),
+        },
+    )
+    .config(config.clone())
+    .build()
+    .expect("relay");
+    let task = tokio::spawn(async move { first.run(CancellationToken::new()).await });
+    wait_until(
+        Duration::from_secs(60),
+        "the first relay to be mid-drain",
+        || async { log.lock().expect("log").len() >= 200 },
+    )
+    .await;
+    task.abort();
+    let _ = task.await;
+    assert!(
+        pending(&t.db).await > 0,
+        "the first relay was stopped mid-drain"
+    );
+
+    run_relays_until_empty(
+        t,
+        1,
+        SlowRecorder {
+            log: log.clone(),
+            pause: Duration::ZERO,
+        },
+        config,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_crash_bounds(&log.lock().expect("log"), &ids, BATCH as usize);
+}
+
+/// Appends each delivered id to the file in `OUTBOX_CHILD_LOG`, flushed before acking.
+struct FileRecorder(std::fs::File);
+
+#[async_trait]
+impl Publisher for FileRecorder {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        use std::io::Write;
+        let mut lines = String::new();
+        for e in events {
+            lines.push_str(&format!("{}\n", e.id));
+        }
+        (&self.0).write_all(lines.as_bytes())?;
+        self.0.sync_data()?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(vec![PublishOutcome::Delivered; events.len()])
+    }
+}
+
+/// Not a test on its own: the relay process that `killed_relay_process_loses_nothing` spawns
+/// and SIGKILLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of killed_relay_process_loses_nothing"]
+async fn relay_child_process() {
+    let Some(db) = TestDb::from_child_env().await else {
+        return;
+    };
+    let path = std::env::var("OUTBOX_CHILD_LOG").expect("OUTBOX_CHILD_LOG");
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .expect("log");
+    let relay = Relay::builder(db, FileRecorder(file))
+        .config(fast(
+            RelayConfig::default()
+                .batch_size(50)
+                .lease_duration(Duration::from_secs(2))
+                .publish_timeout(Duration::from_secs(1)),
+        ))
+        .build()
+        .expect("relay");
+    relay.run(CancellationToken::new()).await;
+}
+
+async fn killed_relay_process_loses_nothing(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(2_000, 20)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let log_path = dir.path().join("deliveries.log");
+    let read_log = || -> Vec<Uuid> {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "relay_child_process", "--ignored", "--nocapture"])
+        .envs(t.child_env())
+        .env("OUTBOX_CHILD_LOG", &log_path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn relay process");
+    wait_until(
+        Duration::from_secs(60),
+        "the child relay to be mid-drain",
+        || async { read_log().len() >= 300 },
+    )
+    .await;
+    child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
+    child.wait().expect("reap");
+    let remaining = pending(&t.db).await;
+    assert!(remaining > 0, "the child was killed mid-drain");
+
+    let sink = InMemoryPublisher::new();
+    run_relays_until_empty(
+        t,
+        1,
+        sink.clone(),
+        fast(RelayConfig::default().batch_size(50)),
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut all = read_log();
+    all.extend(sink.deliveries().iter().map(|e| e.id));
+    assert_crash_bounds(&all, &ids, 50);
+}
+
+/// Blocks every publish until released, then reports delivered.
+#[derive(Clone)]
+struct Gate {
+    entered: Arc<tokio::sync::Notify>,
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Publisher for Gate {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        self.entered.notify_one();
+        // Each permit lets exactly one call through.
+        self.open.acquire().await?.forget();
+        Ok(vec![PublishOutcome::Delivered; events.len()])
+    }
+}
+
+/// A publisher that rejects everything, so its outcome is visible in the table.
+#[derive(Clone)]
+struct RejectAll;
+
+#[async_trait]
+impl Publisher for RejectAll {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        Ok(vec![
+            PublishOutcome::Reject(
+                "rejected by the new owner".into()
+            );
+            events.len()
+        ])
+    }
+}
+
+async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(10, 10)).await;
+    let gate = Gate {
+        entered: Arc::default(),
+        open: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let stale = Relay::builder(t.connect_again().await, gate.clone())
+        .config(RelayConfig::default().batch_size(10))
+        .build()
+        .expect("relay");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { stale.run(stop).await }
+    });
+    gate.entered.notified().await;
+
+    // Time passes: the stale relay's lease runs out while it is still publishing.
+    let backend = t.db.get_database_backend();
+    let past = Utc::now() - chrono::Duration::seconds(5);
+    t.db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        if backend == sea_orm::DbBackend::Postgres {
+            "UPDATE outbox_events SET next_attempt_at = $1, locked_until = $1"
+        } else {
+            "UPDATE outbox_events SET next_attempt_at = ?, locked_until = ?"
+        },
+        if backend == sea_orm::DbBackend::Postgres {
+            vec![past.into()]
+        } else {
+            vec![past.into(), past.into()]
+        },
+    ))
+    .await
+    .expect("expire lease");
+
+    // A second relay takes the events over and dead-letters them.
+    let owner = Relay::builder(t.connect_again().await, RejectAll)
+        .config(RelayConfig::default().batch_size(10))
+        .build()
+        .expect("relay");
+    let taken = owner.drain().await.expect("drain");
+    assert_eq!(taken.dead_lettered, 10);
+
+    // The stale relay finishes and reports delivered: it must not overwrite the new outcome.
+    gate.open.add_permits(100);
+    wait_until(Duration::from_secs(10), "the stale write-back", || async {
+        gate.open.available_permits() < 100
+    })
+    .await;
+    stop.cancel();
+    let stats = task.await.expect("stale relay");
+    assert_eq!(stats.published, 0, "{stats:?}");
+    assert_eq!(stats.lost_leases, 10, "{stats:?}");
+    let outbox = Outbox::new(&t.db);
+    for id in ids {
+        let e = outbox.get(id).await.expect("get");
+        assert_eq!(e.status, OutboxStatus::Failed);
+        assert_eq!(e.last_error.as_deref(), Some("rejected by the new owner"));
+    }
+}
+
+/// Fails each attempt with probability `p` (retryable), and records every attempt's time.
+#[derive(Clone)]
+struct Flaky {
+    p: f64,
+    sink: InMemoryPublisher,
+    attempts: Arc<Mutex<HashMap<Uuid, Vec<DateTime<Utc>>>>>,
+    failures: Arc<AtomicU64>,
+}
+
+impl Flaky {
+    fn new(p: f64) -> Self {
+        Self {
+            p,
+            sink: InMemoryPublisher::new(),
+            attempts: Arc::default(),
+            failures: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for Flaky {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        let now = Utc::now();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            self.attempts
+                .lock()
+                .expect("attempts")
+                .entry(e.id)
+                .or_default()
+                .push(now);
+            if rand_unit() < self.p {
+                self.failures.fetch_add(1, AtomicOrdering::Relaxed);
+                out.push(PublishOutcome::Retry("broker timeout".into()));
+            } else {
+                self.sink.publish(std::slice::from_ref(e)).await?;
+                out.push(PublishOutcome::Delivered);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn rand_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Uuid::now_v7().as_u128());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn all_rows(db: &DatabaseConnection) -> Vec<OutboxEvent> {
+    use sea_orm::EntityTrait;
+    seaorm_outbox_entity::OutboxEvents::find()
+        .all(db)
+        .await
+        .expect("rows")
+        .into_iter()
+        .map(|m| OutboxEvent::try_from(m).expect("row"))
+        .collect()
+}
+
+async fn flaky_publisher_delivers_everything_with_recorded_attempts(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(500, 25)).await;
+    let flaky = Flaky::new(0.3);
+    run_relays_until_empty(
+        t,
+        2,
+        flaky.clone(),
+        fast(RelayConfig::default().batch_size(50).max_attempts(60)),
+        Duration::from_secs(120),
+    )
+    .await;
+    let delivered = flaky.sink.deliveries();
+    assert_exactly_once(&delivered, &ids);
+    assert_aggregate_order(&delivered);
+    let rows = all_rows(&t.db).await;
+    assert!(rows.iter().all(|e| e.status == OutboxStatus::Published));
+    let recorded: u64 = rows.iter().map(|e| u64::from(e.attempts)).sum();
+    assert_eq!(
+        recorded,
+        flaky.failures.load(AtomicOrdering::Relaxed),
+        "each failure counted once"
+    );
+    assert!(recorded > 50, "about 30% of attempts failed: {recorded}");
+    assert!(
+        rows.iter()
+            .any(|e| e.attempts > 0 && e.last_error.as_deref() == Some("broker timeout"))
+    );
+}
+
+async fn retries_honour_next_attempt_at(t: &TestDb) {
+    seed(&t.db, scattered_events(40, 40)).await;
+    let flaky = Flaky::new(0.5);
+    let backoff =
+        Backoff::new(Duration::from_millis(40), Duration::from_millis(160)).jitter(Jitter::None);
+    run_relays_until_empty(
+        t,
+        2,
+        flaky.clone(),
+        fast(RelayConfig::default().max_attempts(60)).backoff(backoff),
+        Duration::from_secs(60),
+    )
+    .await;
+    let attempts = flaky.attempts.lock().expect("attempts");
+    let mut retried = 0;
+    for times in attempts.values() {
+        for (k, pair) in times.windows(2).enumerate() {
+            retried += 1;
+            let gap = (pair[1] - pair[0]).to_std().expect("ordered");
+            let min = backoff.delay(k as u32 + 1);
+            assert!(
+                gap + Duration::from_millis(1) >= min,
+                "{times:?} attempt {} came {gap:?} after the last, before its {min:?} backoff",
+                k + 2
+            );
+        }
+    }
+    assert!(retried > 5, "some events were retried: {retried}");
+}
+
+/// Always fails the events in `ids` (while `on`), delivers the rest.
+#[derive(Clone)]
+struct Poison {
+    ids: Arc<Mutex<HashSet<Uuid>>>,
+    on: Arc<AtomicBool>,
+    reject: bool,
+    sink: InMemoryPublisher,
+}
+
+#[async_trait]
+impl Publisher for Poison {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        let mut out = Vec::new();
+        for e in events {
+            let poisoned = self.ids.lock().expect("ids").contains(&e.id);
+            if poisoned && self.on.load(AtomicOrdering::SeqCst) {
+                out.push(if self.reject {
+                    PublishOutcome::Reject("schema violation".into())
+                } else {
+                    PublishOutcome::Retry("poison".into())
+                });
+            } else {
+                self.sink.publish(std::slice::from_ref(e)).await?;
+                out.push(PublishOutcome::Delivered);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Events `a-1, a-2` of aggregate `a` and `b-1..b-3` of `b`, in time order; `a-1` is the poison.
+async fn seed_poison(db: &DatabaseConnection, p: &Poison) -> (Vec<Uuid>, Vec<Uuid>) {
+    let mk = |agg: &str, seq: u64, i: i64| {
+        NewEvent::new("t", "agg", agg)
+            .occurred_at(base() + chrono::Duration::seconds(i))
+            .payload(&serde_json::json!({ "seq": seq }))
+    };
+    let a = seed(db, vec![mk("a", 1, 0), mk("a", 2, 2)]).await;
+    let b = seed(db, vec![mk("b", 1, 1), mk("b", 2, 3), mk("b", 3, 4)]).await;
+    p.ids.lock().expect("ids").insert(a[0]);
+    (a, b)
+}
+
+fn poison(reject: bool) -> Poison {
+    Poison {
+        ids: Arc::default(),
+        on: Arc::new(AtomicBool::new(true)),
+        reject,
+        sink: InMemoryPublisher::new(),
+    }
+}
+
+/// Drains repeatedly (events in backoff become due again) until `done` or the deadline.
+async fn drain_until<P: Publisher>(relay: &Relay<P>, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        relay.drain().await.expect("drain");
+        if done().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "drain never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+}
+
+async fn poison_event_is_dead_lettered_without_blocking_others(t: &TestDb) {
+    let p = poison(false);
+    let (a, b) = seed_poison(&t.db, &p).await;
+    let relay = Relay::builder(t.db.clone(), p.clone())
+        .config(fast(RelayConfig::default().max_attempts(3)))
+        .build()
+        .expect("relay");
+    let outbox = Outbox::new(&t.db);
+    drain_until(&relay, async || {
+        outbox.count_unpublished().await.expect("count") == 0
+    })
+    .await;
+
+    let dead = outbox.get(a[0]).await.expect("get");
+    assert_eq!(dead.status, OutboxStatus::Failed);
+    assert_eq!(dead.attempts, 3);
+    assert!(
+        dead.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("gave up after 3 attempts"))
+    );
+    // b was never held up, and a-2 followed only after a-1 was dead (policy: continue).
+    let delivered: Vec<Uuid> = p.sink.deliveries().iter().map(|e| e.id).collect();
+    assert!(b.iter().all(|id| delivered.contains(id)));
+    assert_eq!(delivered.iter().filter(|id| **id == a[1]).count(), 1);
+    assert_eq!(
+        outbox.get(a[1]).await.expect("get").status,
+        OutboxStatus::Published
+    );
+    let pos = |id: Uuid| delivered.iter().position(|d| *d == id).expect("delivered");
+    assert!(
+        pos(b[0]) < pos(a[1]),
+        "b was not blocked behind the poison aggregate"
+    );
+}
+
+async fn hold_policy_waits_for_replay(t: &TestDb) {
+    let p = poison(false);
+    let (a, b) = seed_poison(&t.db, &p).await;
+    let relay = Relay::builder(t.db.clone(), p.clone())
+        .config(fast(
+            RelayConfig::default()
+                .max_attempts(2)
+                .dead_letter_policy(DeadLetterPolicy::Hold),
+        ))
+        .build()
+        .expect("relay");
+    let outbox = Outbox::new(&t.db);
+    drain_until(&relay, async || {
+        outbox.count_failed().await.expect("failed") == 1
+            && outbox.count_unpublished().await.expect("count") == 1
+    })
+    .await;
+    // Settle: more drains must not release a-2 while a-1 is dead.
+    for _ in 0..3 {
+        relay.drain().await.expect("drain");
+    }
+    assert_eq!(
+        outbox.get(a[0]).await.expect("get").status,
+        OutboxStatus::Failed
+    );
+    assert_eq!(
+        outbox.get(a[1]).await.expect("get").status,
+        OutboxStatus::Pending,
+        "held"
+    );
+    for id in &b {
+        assert_eq!(
+            outbox.get(*id).await.expect("get").status,
+            OutboxStatus::Published
+        );
+    }
+
+    // Fix the cause, replay the dead letter: a-1 then a-2 go out, in order.
+    p.on.store(false, AtomicOrdering::SeqCst);
+    outbox.requeue(a[0]).await.expect("requeue");
+    drain_until(&relay, async || {
+        outbox.count_unpublished().await.expect("count") == 0
+    })
+    .await;
+    let delivered: Vec<Uuid> = p.sink.deliveries().iter().map(|e| e.id).collect();
+    let tail: Vec<Uuid> = delivered.iter().rev().take(2).rev().copied().collect();
+    assert_eq!(tail, a);
+}
+
+async fn rejected_event_is_dead_lettered_at_once(t: &TestDb) {
+    let p = poison(true);
+    let (a, b) = seed_poison(&t.db, &p).await;
+    let relay = Relay::builder(t.db.clone(), p.clone())
+        .config(fast(RelayConfig::default()))
+        .build()
+        .expect("relay");
+    let stats = relay.drain().await.expect("drain");
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(stats.retried, 0, "{stats:?}");
+    assert_eq!(stats.published, 4, "{stats:?}");
+    let outbox = Outbox::new(&t.db);
+    let e = outbox.get(a[0]).await.expect("get");
+    assert_eq!(e.status, OutboxStatus::Failed);
+    assert_eq!(e.attempts, 1);
+    assert_eq!(e.last_error.as_deref(), Some("schema violation"));
+    // Under the default continue policy the aggregate's next event follows.
+    assert_eq!(
+        outbox.get(a[1]).await.expect("get").status,
+        OutboxStatus::Published
+    );
+    assert_eq!(p.sink.len(), b.len() + 1);
+}
+
+async fn locked_rows(db: &DatabaseConnection) -> usize {
+    all_rows(db)
+        .await
+        .iter()
+        .filter(|e| e.locked_by.is_some())
+        .count()
+}
+
+async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
+    seed(&t.db, scattered_events(30, 5)).await;
+    let gate = Gate {
+        entered: Arc::default(),
+        open: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let relay = Relay::builder(t.db.clone(), gate.clone())
+        .config(fast(
+            RelayConfig::default().shutdown_grace(Duration::from_millis(100)),
+        ))
+        .build()
+        .expect("relay");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    gate.entered.notified().await;
+    assert!(locked_rows(&t.db).await > 0, "the batch is claimed");
+    let cancelled = Instant::now();
+    stop.cancel();
+    let stats = task.await.expect("relay");
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(2),
+        "returned promptly: {:?}",
+        cancelled.elapsed()
+    );
+    assert_eq!(stats.published, 0);
+    assert_eq!(stats.released, 30, "{stats:?}");
+    assert_eq!(locked_rows(&t.db).await, 0, "nothing left claimed");
+    assert_eq!(pending(&t.db).await, 30);
+    // Released events are due again at once.
+    let sink = InMemoryPublisher::new();
+    let again = Relay::builder(t.db.clone(), sink.clone())
+        .build()
+        .expect("relay");
+    assert_eq!(again.drain().await.expect("drain").published, 30);
+}
+
+async fn cancel_with_grace_finishes_the_batch(t: &TestDb) {
+    // Distinct aggregates: the batch is one publisher call.
+    seed(
+        &t.db,
+        (0..30)
+            .map(|i| NewEvent::new("t", "agg", i.to_string()))
+            .collect(),
+    )
+    .await;
+    let gate = Gate {
+        entered: Arc::default(),
+        open: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let relay = Relay::builder(t.db.clone(), gate.clone())
+        .config(fast(
+            RelayConfig::default().shutdown_grace(Duration::from_secs(10)),
+        ))
+        .build()
+        .expect("relay");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    gate.entered.notified().await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.open.add_permits(1); // the broker acks during the grace period
+    let stats = task.await.expect("relay");
+    assert_eq!(stats.published, 30, "{stats:?}");
+    assert_eq!(pending(&t.db).await, 0);
+    assert_eq!(locked_rows(&t.db).await, 0);
+}
+
+async fn retention_purges_only_old_published_events(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(20, 4)).await;
+    let outbox = Outbox::new(&t.db);
+    outbox.mark_failed(ids[0], "dead").await.expect("fail");
+    let relay = Relay::builder(t.db.clone(), InMemoryPublisher::new())
+        .config(fast(
+            RelayConfig::default()
+                .retention(Some(Duration::from_millis(300)))
+                .purge_interval(Duration::from_millis(50))
+                .purge_batch_size(3),
+        ))
+        .build()
+        .expect("relay");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    wait_until(Duration::from_secs(5), "the drain", || async {
+        pending(&t.db).await == 0
+    })
+    .await;
+    // Published just now: younger than the retention, still there.
+    assert_eq!(all_rows(&t.db).await.len(), 20);
+    let late = seed(&t.db, vec![NewEvent::new("t", "agg", "late")]).await;
+    wait_until(Duration::from_secs(10), "the purge", || async {
+        all_rows(&t.db).await.len() <= 2
+    })
+    .await;
+    stop.cancel();
+    let stats = task.await.expect("relay");
+    assert!(stats.purged >= 19, "{stats:?}");
+    let left: Vec<Uuid> = all_rows(&t.db).await.iter().map(|e| e.id).collect();
+    assert!(left.contains(&ids[0]), "dead letters are never purged");
+    assert!(
+        left.len() == 1 || left.contains(&late[0]),
+        "only old published rows go"
+    );
+}
+
+async fn invalid_relay_config_is_rejected(t: &TestDb) {
+    let bad = [
+        RelayConfig::default().batch_size(0),
+        RelayConfig::default().max_attempts(0),
+        RelayConfig::default()
+            .lease_duration(Duration::from_secs(1))
+            .publish_timeout(Duration::from_secs(2)),
+    ];
+    for config in bad {
+        let res = Relay::builder(t.db.clone(), LogPublisher::stdout())
+            .config(config)
+            .build();
+        assert!(matches!(res, Err(Error::Config(_))));
+    }
+}
+
+async fn notify_wakes_an_idle_relay_on_commit_only(t: &TestDb) {
+    let (sink, mut rx) = InMemoryPublisher::channel();
+    let relay = Relay::builder(t.connect_again().await, sink.clone())
+        .config(RelayConfig::default().idle_poll_interval(Duration::from_secs(30)))
+        .build()
+        .expect("relay");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    // Let the first (empty) poll and the LISTEN happen.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let write = |name: &'static str, commit: bool| {
+        let db = t.db.clone();
+        async move {
+            let txn = db.begin().await.expect("begin");
+            Outbox::new(&txn)
+                .add_event(NewEvent::new("t", "agg", name))
+                .await
+                .expect("add");
+            let at = Instant::now();
+            if commit {
+                txn.commit().await.expect("commit")
+            } else {
+                txn.rollback().await.expect("rollback")
+            }
+            at
+        }
+    };
+    let recv = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<OutboxEvent>| {
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .ok()
+            .flatten()
+    };
+
+    let rolled_back = write("rolled-back", false).await;
+    let committed = write("committed", true).await;
+    let got = recv(&mut rx)
+        .await
+        .expect("the committed event arrives without waiting 30 s");
+    let latency = committed.elapsed();
+    assert_eq!(got.aggregate_id, "committed");
+    assert!(
+        latency < Duration::from_secs(1),
+        "commit→publish took {latency:?}"
+    );
+    let _ = rolled_back;
+
+    // Drop the LISTEN connection: the relay reconnects and is still woken.
+    let killed =
+        t.db.query_all_raw(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+        ))
+        .await
+        .expect("terminate listeners");
+    assert!(!killed.is_empty(), "a LISTEN connection existed");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let again = write("after-reconnect", true).await;
+    let got = recv(&mut rx).await.expect("woken after the reconnect");
+    assert_eq!(got.aggregate_id, "after-reconnect");
+    assert!(
+        again.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        again.elapsed()
+    );
+
+    stop.cancel();
+    task.await.expect("relay");
+    assert!(
+        sink.deliveries()
+            .iter()
+            .all(|e| e.aggregate_id != "rolled-back"),
+        "a rollback is never seen"
+    );
+    assert_eq!(sink.len(), 2);
+}
