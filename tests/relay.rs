@@ -42,7 +42,12 @@ on_all_backends!(
     invalid_relay_config_is_rejected,
 );
 
-on_backends!([postgres: Postgres] => notify_wakes_an_idle_relay_on_commit_only);
+on_backends!(
+    [postgres: Postgres] =>
+    notify_wakes_an_idle_relay_on_commit_only,
+    a_batch_sends_one_notify_and_a_rollback_none,
+    without_listen_an_idle_relay_waits_for_its_poll,
+);
 
 const BASE_SECS: i64 = 1_790_000_000;
 
@@ -986,4 +991,94 @@ async fn notify_wakes_an_idle_relay_on_commit_only(t: &TestDb) {
         "a rollback is never seen"
     );
     assert_eq!(sink.len(), 2);
+}
+
+async fn a_batch_sends_one_notify_and_a_rollback_none(t: &TestDb) {
+    use sea_orm::sqlx::postgres::PgListener;
+    let mut listener = PgListener::connect(&common::postgres_url())
+        .await
+        .expect("listen");
+    listener
+        .listen(seaorm_outbox::relay::NOTIFY_CHANNEL)
+        .await
+        .expect("listen");
+    // Notifications for this test's schema arriving within 400 ms of quiet.
+    let ours = async |listener: &mut PgListener| {
+        let mut n = 0;
+        while let Ok(msg) = tokio::time::timeout(Duration::from_millis(400), listener.recv()).await
+        {
+            if msg.expect("notification").payload() == t.name {
+                n += 1;
+            }
+        }
+        n
+    };
+
+    let txn = t.db.begin().await.expect("begin");
+    Outbox::new(&txn)
+        .add_events(
+            (0..10)
+                .map(|i| NewEvent::new("t", "agg", i.to_string()))
+                .collect(),
+        )
+        .await
+        .expect("batch");
+    txn.rollback().await.expect("rollback");
+    assert_eq!(ours(&mut listener).await, 0, "a rollback notifies nobody");
+
+    let txn = t.db.begin().await.expect("begin");
+    Outbox::new(&txn)
+        .add_events(
+            (0..10)
+                .map(|i| NewEvent::new("t", "agg", i.to_string()))
+                .collect(),
+        )
+        .await
+        .expect("batch");
+    Outbox::new(&txn)
+        .add_event(NewEvent::new("t", "agg", "x"))
+        .await
+        .expect("one more");
+    assert_eq!(ours(&mut listener).await, 0, "nothing before commit");
+    txn.commit().await.expect("commit");
+    assert_eq!(
+        ours(&mut listener).await,
+        1,
+        "one notification per committed transaction"
+    );
+}
+
+async fn without_listen_an_idle_relay_waits_for_its_poll(t: &TestDb) {
+    let (sink, mut rx) = InMemoryPublisher::channel();
+    let relay = Relay::builder(t.connect_again().await, sink)
+        .config(
+            RelayConfig::default()
+                .idle_poll_interval(Duration::from_secs(3))
+                .listen_notify(false),
+        )
+        .build()
+        .expect("relay");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let committed = Instant::now();
+    Outbox::new(&t.db)
+        .add_event(NewEvent::new("t", "agg", "x"))
+        .await
+        .expect("add");
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("polled")
+        .expect("event");
+    assert_eq!(got.aggregate_id, "x");
+    assert!(
+        committed.elapsed() > Duration::from_secs(2),
+        "woken by the poll, not a NOTIFY: {:?}",
+        committed.elapsed()
+    );
+    stop.cancel();
+    task.await.expect("relay");
 }

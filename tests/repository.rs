@@ -149,7 +149,7 @@ async fn limit_above_maximum_is_an_error(t: &TestDb) {
     let err = outbox
         .get_unpublished(MAX_PAGE_SIZE + 1, 0)
         .await
-        .unwrap_err();
+        .expect_err("must fail");
     assert!(
         matches!(err, Error::LimitTooLarge { requested, max } if requested == MAX_PAGE_SIZE + 1 && max == MAX_PAGE_SIZE),
         "{err:?}"
@@ -186,7 +186,7 @@ async fn mark_published_is_idempotent_and_checks_state(t: &TestDb) {
 
     // A dead letter cannot be published behind the operator's back: requeue it first.
     outbox.mark_failed(b, "broker said no").await.expect("fail");
-    let err = outbox.mark_published(b).await.unwrap_err();
+    let err = outbox.mark_published(b).await.expect_err("must fail");
     assert!(
         matches!(err, Error::InvalidState { id, status: OutboxStatus::Failed, .. } if id == b),
         "{err:?}"
@@ -219,7 +219,7 @@ async fn mark_published_many_uses_one_statement_and_reports_unknown_ids(t: &Test
     let err = outbox
         .mark_published_many(&[ids[4], unknown])
         .await
-        .unwrap_err();
+        .expect_err("must fail");
     assert!(
         matches!(err, Error::NotFound { id } if id == unknown),
         "{err:?}"
@@ -377,7 +377,8 @@ async fn unicode_and_large_payloads_round_trip(t: &TestDb) {
 async fn every_invalid_event_is_rejected_before_writing(t: &TestDb) {
     let outbox = Outbox::with_config(&t.db, OutboxConfig::default().max_payload_bytes(1000));
     let non_string_keys: HashMap<(i32, i32), i32> = [((1, 2), 3)].into_iter().collect();
-    let cases: Vec<(&str, NewEvent, fn(&InvalidEvent) -> bool)> = vec![
+    type Case = (&'static str, NewEvent, fn(&InvalidEvent) -> bool);
+    let cases: Vec<Case> = vec![
         ("empty type", NewEvent::new("", "order", "1"), |e| {
             matches!(
                 e,
@@ -463,7 +464,7 @@ async fn every_invalid_event_is_rejected_before_writing(t: &TestDb) {
             event("ok2"),
         ])
         .await
-        .unwrap_err();
+        .expect_err("must fail");
     assert!(matches!(
         err,
         Error::InvalidEvent(InvalidEvent::Empty { .. })

@@ -353,7 +353,7 @@ impl<P: Publisher> Relay<P> {
         cancel: &CancellationToken,
         fates: &mut Vec<(Uuid, Fate)>,
     ) {
-        events.sort_by(|a, b| (a.occurred_at, a.id).cmp(&(b.occurred_at, b.id)));
+        events.sort_by_key(|e| (e.occurred_at, e.id));
         let outcomes = self.publish(&events, cancel).await;
         let done = now();
         match outcomes {

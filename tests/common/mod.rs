@@ -242,25 +242,32 @@ fn sqlite_file_opts(url: &str) -> ConnectOptions {
 }
 
 /// Runs one async test body per backend: `on_all_backends!(body_fn, …)` makes a module per body
-/// with one `#[tokio::test]` per backend. Each body is `async fn(&TestDb)`.
+/// with one `#[tokio::test]` per backend. Each body is `async fn(&TestDb)` on a migrated
+/// database; `on_all_backends!(unmigrated: body_fn, …)` gives it an empty one.
 #[macro_export]
 macro_rules! on_all_backends {
+    (unmigrated: $($body:ident),* $(,)?) => {
+        $crate::on_backends!(@each empty [sqlite_memory: SqliteMemory, sqlite_file: SqliteFile, postgres: Postgres, mysql: MySql] => $($body),*);
+    };
     ($($body:ident),* $(,)?) => {
-        $crate::on_backends!([sqlite_memory: SqliteMemory, sqlite_file: SqliteFile, postgres: Postgres, mysql: MySql] => $($body),*);
+        $crate::on_backends!(@each new [sqlite_memory: SqliteMemory, sqlite_file: SqliteFile, postgres: Postgres, mysql: MySql] => $($body),*);
     };
 }
 
 /// Like [`on_all_backends!`] for a chosen list: `on_backends!([postgres: Postgres] => body)`.
 #[macro_export]
 macro_rules! on_backends {
-    ($backends:tt => $($body:ident),* $(,)?) => {$(
-        $crate::on_backends!(@one $backends $body);
+    ($backends:tt => $($body:ident),* $(,)?) => {
+        $crate::on_backends!(@each new $backends => $($body),*);
+    };
+    (@each $ctor:ident $backends:tt => $($body:ident),* $(,)?) => {$(
+        $crate::on_backends!(@one $ctor $backends $body);
     )*};
-    (@one [$($test:ident: $backend:ident),* $(,)?] $body:ident) => {
+    (@one $ctor:ident [$($test:ident: $backend:ident),* $(,)?] $body:ident) => {
         mod $body {
             use super::common::{Backend, TestDb};
             async fn run(backend: Backend) {
-                let t = TestDb::new(backend).await;
+                let t = TestDb::$ctor(backend).await;
                 super::$body(&t).await;
                 t.cleanup().await;
             }

@@ -1,0 +1,218 @@
+//! The three ways to run the outbox migrations, on every backend:
+//! 1. the migration binary that `sea-orm-cli migrate -d migration` runs (default features);
+//! 2. a host app's own `Migrator` with our migrations appended;
+//! 3. the standalone `Migrator`, whose bookkeeping table never collides with the host's.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+
+use common::{Backend, TestDb};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use sea_orm_migration::prelude::*;
+use seaorm_outbox_migration::{MIGRATION_TABLE, Migrator};
+
+on_all_backends!(
+    unmigrated:
+    cli_binary_migrates_up_and_down,
+    host_migrator_runs_our_migrations_under_fixed_names,
+    standalone_migrator_coexists_with_the_host_bookkeeping,
+);
+
+/// Names of the tables in the test's database or schema.
+async fn tables(t: &TestDb) -> Vec<String> {
+    let sql = match t.db.get_database_backend() {
+        DbBackend::Postgres => format!(
+            "SELECT table_name AS name FROM information_schema.tables WHERE table_schema = '{}'",
+            t.name
+        ),
+        DbBackend::MySql => format!(
+            "SELECT table_name AS name FROM information_schema.tables WHERE table_schema = '{}'",
+            t.name
+        ),
+        _ => "SELECT name FROM sqlite_master WHERE type = 'table'".to_owned(),
+    };
+    let rows =
+        t.db.query_all_raw(Statement::from_string(t.db.get_database_backend(), sql))
+            .await
+            .expect("list tables");
+    let mut names: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String>("", "name").expect("name"))
+        .collect();
+    names.sort();
+    names
+}
+
+async fn versions(t: &TestDb, table: &str) -> Vec<String> {
+    let rows =
+        t.db.query_all_raw(Statement::from_string(
+            t.db.get_database_backend(),
+            format!("SELECT version FROM {table} ORDER BY version"),
+        ))
+        .await
+        .expect("read bookkeeping");
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "version").expect("version"))
+        .collect()
+}
+
+fn our_names() -> Vec<String> {
+    seaorm_outbox_migration::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect()
+}
+
+async fn cli_binary_migrates_up_and_down(t: &TestDb) {
+    if t.backend == Backend::SqliteMemory {
+        return; // a separate process cannot see another process's in-memory database
+    }
+    let env = t.child_env();
+    let url = &env
+        .iter()
+        .find(|(k, _)| *k == "OUTBOX_CHILD_URL")
+        .expect("url")
+        .1;
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_seaorm-outbox-migration"))
+            .args(args)
+            .args(["-u", url, "-s", &t.name])
+            .output()
+            .expect("run the migration binary");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["up"]);
+    let after_up = tables(t).await;
+    assert!(
+        after_up.contains(&"outbox_events".to_owned()),
+        "{after_up:?}"
+    );
+    assert!(
+        after_up.contains(&MIGRATION_TABLE.to_owned()),
+        "{after_up:?}"
+    );
+    assert!(
+        !after_up.contains(&"seaql_migrations".to_owned()),
+        "{after_up:?}"
+    );
+    assert_eq!(versions(t, MIGRATION_TABLE).await, our_names());
+    let status = cli(&["status"]);
+    assert!(status.contains("Applied"), "{status}");
+
+    cli(&["down", "-n", "2"]);
+    let after_down = tables(t).await;
+    assert!(
+        !after_down.contains(&"outbox_events".to_owned()),
+        "{after_down:?}"
+    );
+    assert!(versions(t, MIGRATION_TABLE).await.is_empty());
+    // And up again: the down migrations leave a clean slate.
+    cli(&["up"]);
+    assert!(tables(t).await.contains(&"outbox_events".to_owned()));
+}
+
+/// A host migration that lives in the host app.
+struct CreateOrders;
+
+impl MigrationName for CreateOrders {
+    fn name(&self) -> &str {
+        "m20260101_000001_create_orders"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateOrders {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("orders")
+                    .col(ColumnDef::new("id").integer().not_null().primary_key())
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table("orders").to_owned())
+            .await
+    }
+}
+
+struct HostMigrator;
+
+impl MigratorTrait for HostMigrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut all: Vec<Box<dyn MigrationTrait>> = vec![Box::new(CreateOrders)];
+        all.extend(seaorm_outbox_migration::migrations());
+        all
+    }
+}
+
+async fn host_migrator_runs_our_migrations_under_fixed_names(t: &TestDb) {
+    HostMigrator::up(&t.db, None).await.expect("host up");
+    let mut expected = vec!["m20260101_000001_create_orders".to_owned()];
+    expected.extend(our_names());
+    expected.sort();
+    assert_eq!(versions(t, "seaql_migrations").await, expected);
+    assert!(our_names().iter().all(|n| n.starts_with("seaorm_outbox_m")));
+    let names = tables(t).await;
+    assert!(names.contains(&"outbox_events".to_owned()) && names.contains(&"orders".to_owned()));
+    assert!(
+        !names.contains(&MIGRATION_TABLE.to_owned()),
+        "no second bookkeeping table"
+    );
+
+    HostMigrator::down(&t.db, None).await.expect("host down");
+    let names = tables(t).await;
+    assert!(!names.contains(&"outbox_events".to_owned()) && !names.contains(&"orders".to_owned()));
+}
+
+/// A host that only knows its own migrations, as most apps do.
+struct HostOnly;
+
+impl MigratorTrait for HostOnly {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateOrders)]
+    }
+}
+
+async fn standalone_migrator_coexists_with_the_host_bookkeeping(t: &TestDb) {
+    HostOnly::up(&t.db, None).await.expect("host up");
+    Migrator::up(&t.db, None).await.expect("outbox up");
+    // Each migrator sees only its own history: neither reports the other's as missing.
+    HostOnly::up(&t.db, None).await.expect("host up again");
+    assert!(
+        HostOnly::get_pending_migrations(&t.db)
+            .await
+            .expect("host status")
+            .is_empty()
+    );
+    assert!(
+        Migrator::get_pending_migrations(&t.db)
+            .await
+            .expect("status")
+            .is_empty()
+    );
+    assert_eq!(
+        versions(t, "seaql_migrations").await,
+        vec!["m20260101_000001_create_orders"]
+    );
+    assert_eq!(versions(t, MIGRATION_TABLE).await, our_names());
+
+    Migrator::down(&t.db, None).await.expect("outbox down");
+    let names = tables(t).await;
+    assert!(!names.contains(&"outbox_events".to_owned()));
+    assert!(
+        names.contains(&"orders".to_owned()),
+        "the host's tables are untouched"
+    );
+}
