@@ -2,6 +2,7 @@
 //! push wake-up, shutdown and retention.
 
 mod common;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
@@ -9,15 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use common::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher, LogPublisher};
 use seaorm_outbox::relay::{Backoff, DeadLetterPolicy, Jitter, Ordering, Relay, RelayConfig};
 use seaorm_outbox::{
-    Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome,
-    Publisher, RelayStats,
+    Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome, Publisher,
 };
+use support::{base, fast, pending, run_relays_until_empty, scattered_events, seed, wait_until};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -48,101 +49,6 @@ on_backends!(
     a_batch_sends_one_notify_and_a_rollback_none,
     without_listen_an_idle_relay_waits_for_its_poll,
 );
-
-const BASE_SECS: i64 = 1_790_000_000;
-
-fn base() -> DateTime<Utc> {
-    Utc.timestamp_opt(BASE_SECS, 0).single().expect("time")
-}
-
-/// `n` events over `aggregates` aggregates, scattered pseudo-randomly so a batch holds several
-/// events of one aggregate; `seq` in the payload is the event's position within its aggregate.
-fn scattered_events(n: usize, aggregates: u64) -> Vec<NewEvent> {
-    let mut seqs: HashMap<u64, u64> = HashMap::new();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let agg = x % aggregates;
-            let seq = seqs.entry(agg).or_default();
-            *seq += 1;
-            NewEvent::new("test.event", "agg", agg.to_string())
-                .occurred_at(base() + chrono::Duration::microseconds(i as i64))
-                .payload(&serde_json::json!({ "seq": *seq, "i": i }))
-        })
-        .collect()
-}
-
-async fn seed(db: &DatabaseConnection, events: Vec<NewEvent>) -> Vec<Uuid> {
-    let mut ids = Vec::new();
-    let mut events = events.into_iter().peekable();
-    while events.peek().is_some() {
-        let chunk: Vec<_> = events.by_ref().take(2000).collect();
-        ids.extend(Outbox::new(db).add_events(chunk).await.expect("seed"));
-    }
-    ids
-}
-
-fn fast(config: RelayConfig) -> RelayConfig {
-    config
-        .idle_poll_interval(Duration::from_millis(50))
-        .backoff(Backoff::new(
-            Duration::from_millis(10),
-            Duration::from_millis(50),
-        ))
-}
-
-async fn pending(db: &DatabaseConnection) -> u64 {
-    Outbox::new(db).count_unpublished().await.expect("count")
-}
-
-/// Waits until `cond` holds, polling; panics with `what` after `limit`.
-async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !cond().await {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Runs `relays` relays (each on its own pool) until the outbox is empty, then stops them.
-async fn run_relays_until_empty<P: Publisher + Clone + 'static>(
-    t: &TestDb,
-    relays: usize,
-    publisher: P,
-    config: RelayConfig,
-    limit: Duration,
-) -> Vec<RelayStats> {
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    for r in 0..relays {
-        let relay = Relay::builder(t.connect_again().await, publisher.clone())
-            .config(config.clone().name(format!("r{r}")))
-            .build()
-            .expect("relay");
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move { relay.run(stop).await }));
-    }
-    wait_until(limit, "the outbox to drain", || async {
-        pending(&t.db).await == 0
-    })
-    .await;
-    stop.cancel();
-    let mut stats = Vec::new();
-    for task in tasks {
-        stats.push(task.await.expect("relay task"));
-    }
-    stats
-}
 
 /// Asserts every id was delivered exactly once.
 fn assert_exactly_once(delivered: &[OutboxEvent], ids: &[Uuid]) {

@@ -3,9 +3,21 @@
 //! * [`InMemoryPublisher`]: records every delivery (and can stream them to a channel), for tests
 //!   and for apps that consume in-process.
 //! * [`LogPublisher`]: prints each event as a line, for the quick start and for debugging.
+//! * Brokers, each behind its feature: `KafkaPublisher` (`kafka`), `NatsPublisher` (`nats`,
+//!   JetStream), `RabbitMqPublisher` (`rabbitmq`) and `RedisPublisher` (`redis`, Streams). They
+//!   share one wire format, [`message`], with an optional CloudEvents 1.0 envelope.
 
+#[cfg(feature = "kafka")]
+mod kafka;
 mod log;
 mod memory;
+pub mod message;
+#[cfg(feature = "nats")]
+mod nats;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -13,8 +25,17 @@ use async_trait::async_trait;
 
 use crate::event::OutboxEvent;
 
+#[cfg(feature = "kafka")]
+pub use self::kafka::KafkaPublisher;
 pub use self::log::LogPublisher;
 pub use self::memory::InMemoryPublisher;
+pub use self::message::{Envelope, Message, Router};
+#[cfg(feature = "nats")]
+pub use self::nats::NatsPublisher;
+#[cfg(feature = "rabbitmq")]
+pub use self::rabbitmq::RabbitMqPublisher;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisPublisher;
 
 /// A boxed error from a publisher.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,159 @@
+//! Kafka publisher (`kafka` feature), on `rdkafka`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::message::{Envelope, Router};
+use super::{BoxError, PublishOutcome, Publisher};
+use crate::event::OutboxEvent;
+
+/// Publishes with an idempotent producer (`enable.idempotence=true`, `acks=all`), keyed by the
+/// aggregate id so each aggregate stays on one partition, in order. Every event of a batch is
+/// enqueued before any delivery report is awaited.
+///
+/// The topic comes from the [`Router`] (default: the aggregate type). librdkafka reconnects and
+/// retries by itself within `message.timeout.ms` (default here 8 s: keep it below the relay's
+/// `publish_timeout`); after that the event is retried by the relay.
+///
+/// Errors: a message too large, an invalid message or topic, or missing authorisation is
+/// permanent; timeouts, unavailable brokers and transport errors are retryable.
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    router: Router,
+    envelope: Envelope,
+}
+
+impl std::fmt::Debug for KafkaPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaPublisher")
+            .field("router", &self.router)
+            .field("envelope", &self.envelope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaPublisher {
+    /// A publisher for `bootstrap_servers` with the defaults above.
+    pub fn new(bootstrap_servers: &str) -> Result<Self, KafkaError> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", bootstrap_servers);
+        Self::from_config(config)
+    }
+
+    /// A publisher from your own config. Idempotence and `acks=all` are set unless you set them;
+    /// `message.timeout.ms` defaults to 8000.
+    pub fn from_config(mut config: ClientConfig) -> Result<Self, KafkaError> {
+        for (k, v) in [
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("message.timeout.ms", "8000"),
+        ] {
+            if config.get(k).is_none() {
+                config.set(k, v);
+            }
+        }
+        Ok(Self {
+            producer: config.create()?,
+            router: Router::default(),
+            envelope: Envelope::default(),
+        })
+    }
+
+    /// Sets how events map to topics.
+    pub fn router(mut self, router: Router) -> Self {
+        self.router = router;
+        self
+    }
+
+    /// Sets the envelope.
+    pub fn envelope(mut self, envelope: Envelope) -> Self {
+        self.envelope = envelope;
+        self
+    }
+
+    /// The underlying producer, e.g. to flush on shutdown.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+}
+
+fn classify(err: &KafkaError) -> PublishOutcome {
+    let permanent = matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+        )
+    );
+    if permanent {
+        PublishOutcome::Reject(err.to_string())
+    } else {
+        PublishOutcome::Retry(err.to_string())
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        let mut outcomes = vec![PublishOutcome::Delivered; events.len()];
+        let mut deliveries = Vec::with_capacity(events.len());
+        for (i, event) in events.iter().enumerate() {
+            let topic = self.router.route(event);
+            let msg = self.envelope.encode(event, "ce_");
+            let headers = msg.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                })
+            });
+            let mut record = FutureRecord::to(&topic)
+                .key(msg.key.as_bytes())
+                .payload(&msg.body)
+                .headers(headers);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push((i, delivery));
+                        break;
+                    }
+                    // The local queue is full: let librdkafka drain it, then enqueue again.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        outcomes[i] = classify(&e);
+                        break;
+                    }
+                }
+            }
+        }
+        let results = futures_util::future::join_all(
+            deliveries
+                .into_iter()
+                .map(|(i, d)| async move { (i, d.await) }),
+        )
+        .await;
+        for (i, result) in results {
+            outcomes[i] = match result {
+                Ok(Ok(_)) => PublishOutcome::Delivered,
+                Ok(Err((e, _))) => classify(&e),
+                Err(_) => PublishOutcome::Retry("the producer dropped the delivery report".into()),
+            };
+        }
+        Ok(outcomes)
+    }
+
+    fn name(&self) -> &str {
+        "kafka"
+    }
+}

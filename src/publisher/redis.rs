@@ -1,0 +1,148 @@
+//! Redis Streams publisher (`redis` feature), on the `redis` crate.
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Value};
+use std::time::Duration;
+
+use super::message::{Envelope, Router};
+use super::{BoxError, PublishOutcome, Publisher};
+use crate::event::OutboxEvent;
+
+/// The stream field that holds the body. Headers become fields of their own.
+pub const BODY_FIELD: &str = "payload";
+
+/// `XADD`s each event to a stream whose key comes from the [`Router`] (default: the aggregate
+/// type), with the body in the [`BODY_FIELD`] field and every header as a field, since streams
+/// have no headers. A whole batch goes out as one pipeline: one round trip.
+///
+/// The [`ConnectionManager`] reconnects by itself after a dropped connection.
+///
+/// Errors: an I/O failure, timeout or a transient server state (`LOADING`, `BUSY`, `OOM`,
+/// `READONLY`, `TRYAGAIN`, `MASTERDOWN`) is retryable; any other server error for a command
+/// (e.g. `WRONGTYPE`: the key holds something that is not a stream) is permanent.
+#[derive(Clone)]
+pub struct RedisPublisher {
+    conn: ConnectionManager,
+    router: Router,
+    envelope: Envelope,
+    max_len: Option<usize>,
+}
+
+impl std::fmt::Debug for RedisPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPublisher")
+            .field("router", &self.router)
+            .field("envelope", &self.envelope)
+            .field("max_len", &self.max_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPublisher {
+    /// A publisher on an existing connection manager.
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
+            router: Router::default(),
+            envelope: Envelope::default(),
+            max_len: None,
+        }
+    }
+
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`), with 5 s connection and response
+    /// timeouts so an unreachable server fails fast and the relay retries.
+    pub async fn connect(url: &str) -> Result<Self, BoxError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1);
+        Ok(Self::new(
+            ConnectionManager::new_with_config(client, config).await?,
+        ))
+    }
+
+    /// Sets how events map to stream keys.
+    pub fn router(mut self, router: Router) -> Self {
+        self.router = router;
+        self
+    }
+
+    /// Sets the envelope.
+    pub fn envelope(mut self, envelope: Envelope) -> Self {
+        self.envelope = envelope;
+        self
+    }
+
+    /// Caps each stream at about `max_len` entries (`XADD … MAXLEN ~ n`). Default: no cap.
+    pub fn max_len(mut self, max_len: Option<usize>) -> Self {
+        self.max_len = max_len;
+        self
+    }
+}
+
+const TRANSIENT: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "OOM",
+    "READONLY",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+];
+
+fn classify(err: &redis::RedisError) -> PublishOutcome {
+    let text = err.to_string();
+    let code = err.code().unwrap_or_default();
+    if err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || TRANSIENT.contains(&code)
+    {
+        PublishOutcome::Retry(text)
+    } else {
+        PublishOutcome::Reject(text)
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPublisher {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for event in events {
+            let msg = self.envelope.encode(event, "ce-");
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(self.router.route(event));
+            if let Some(n) = self.max_len {
+                cmd.arg("MAXLEN").arg("~").arg(n);
+            }
+            cmd.arg("*").arg(BODY_FIELD).arg(msg.body);
+            for (k, v) in &msg.headers {
+                cmd.arg(k).arg(v);
+            }
+            pipe.add_command(cmd);
+        }
+        let mut conn = self.conn.clone();
+        let results: Vec<RedisResult<Value>> = pipe.query_async(&mut conn).await?;
+        let mut outcomes: Vec<PublishOutcome> = results
+            .iter()
+            .map(|r| match r {
+                Ok(_) => PublishOutcome::Delivered,
+                Err(e) => classify(e),
+            })
+            .collect();
+        // A short reply means the connection broke mid-pipeline: the rest is unknown, retry it.
+        outcomes.resize(
+            events.len(),
+            PublishOutcome::Retry("pipeline reply was cut short".into()),
+        );
+        Ok(outcomes)
+    }
+
+    fn name(&self) -> &str {
+        "redis"
+    }
+}

@@ -1,0 +1,78 @@
+//! A TCP proxy the tests can cut and restore, to simulate a broker outage or a dropped network.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    live: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    /// Forwards a fresh local port to `target` (`host:port`).
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let up = Arc::new(AtomicBool::new(true));
+        let live = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let target = target.to_owned();
+        let (up2, live2, stop2) = (up.clone(), live.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let inbound = tokio::select! {
+                    () = stop2.cancelled() => return,
+                    r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound); // refused: the "network" is down
+                    continue;
+                }
+                let kill = live2.lock().expect("proxy lock").clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let mut inbound = inbound;
+                    tokio::select! {
+                        () = kill.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            live,
+            stop,
+        }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut live = self.live.lock().expect("proxy lock");
+        live.cancel();
+        *live = CancellationToken::new();
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut();
+    }
+}

@@ -1,0 +1,110 @@
+//! Helpers shared by the relay and broker tests: seeding events and running relays.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use sea_orm::DatabaseConnection;
+use seaorm_outbox::relay::{Backoff, Relay, RelayConfig};
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, Publisher, RelayStats};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::common::TestDb;
+
+pub const BASE_SECS: i64 = 1_790_000_000;
+
+pub fn base() -> DateTime<Utc> {
+    Utc.timestamp_opt(BASE_SECS, 0).single().expect("time")
+}
+
+/// `n` events over `aggregates` aggregates, scattered pseudo-randomly so a batch holds several
+/// events of one aggregate; `seq` in the payload is the event's position within its aggregate.
+pub fn scattered_events(n: usize, aggregates: u64) -> Vec<NewEvent> {
+    let mut seqs: HashMap<u64, u64> = HashMap::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let agg = x % aggregates;
+            let seq = seqs.entry(agg).or_default();
+            *seq += 1;
+            NewEvent::new("test.event", "agg", agg.to_string())
+                .occurred_at(base() + chrono::Duration::microseconds(i as i64))
+                .payload(&serde_json::json!({ "seq": *seq, "i": i, "text": "grüße ✓" }))
+                .header("correlation-id", format!("c-{i}"))
+        })
+        .collect()
+}
+
+pub async fn seed(db: &DatabaseConnection, events: Vec<NewEvent>) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let chunk: Vec<_> = events.by_ref().take(2000).collect();
+        ids.extend(Outbox::new(db).add_events(chunk).await.expect("seed"));
+    }
+    ids
+}
+
+pub fn fast(config: RelayConfig) -> RelayConfig {
+    config
+        .idle_poll_interval(Duration::from_millis(50))
+        .backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
+}
+
+pub async fn pending(db: &DatabaseConnection) -> u64 {
+    Outbox::new(db).count_unpublished().await.expect("count")
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `relays` relays (each on its own pool) until the outbox is empty, then stops them.
+pub async fn run_relays_until_empty<P: Publisher + Clone + 'static>(
+    t: &TestDb,
+    relays: usize,
+    publisher: P,
+    config: RelayConfig,
+    limit: Duration,
+) -> Vec<RelayStats> {
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for r in 0..relays {
+        let relay = Relay::builder(t.connect_again().await, publisher.clone())
+            .config(config.clone().name(format!("r{r}")))
+            .build()
+            .expect("relay");
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move { relay.run(stop).await }));
+    }
+    wait_until(limit, "the outbox to drain", || async {
+        pending(&t.db).await == 0
+    })
+    .await;
+    stop.cancel();
+    let mut stats = Vec::new();
+    for task in tasks {
+        stats.push(task.await.expect("relay task"));
+    }
+    stats
+}
