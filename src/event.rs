@@ -202,7 +202,10 @@ impl NewEvent {
             }
         }
         let payload = self.payload?;
-        let headers = self.headers?;
+        #[cfg_attr(not(feature = "otel"), allow(unused_mut))]
+        let mut headers = self.headers?;
+        #[cfg(feature = "otel")]
+        crate::telemetry::capture_trace_context(&mut headers);
         if has_nul(&payload)
             || headers
                 .iter()

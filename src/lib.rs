@@ -13,6 +13,8 @@
 //!   with an in-memory and a logging publisher.
 //! * [`relay`]: the [`Relay`](relay::Relay) loop: claim under a lease, publish, write back,
 //!   retry with backoff, dead-letter, keep per-aggregate order, purge old rows.
+//! * [`stats`]: backlog snapshots and health checks; [`telemetry`]: metric names and trace
+//!   context capture.
 //! * [`error`]: the one [`Error`] type.
 //!
 //! The table lives in the `seaorm-outbox-entity` crate and is created by the
@@ -24,10 +26,13 @@ pub mod publisher;
 pub mod relay;
 pub mod repository;
 mod sql;
+pub mod stats;
+pub mod telemetry;
 
 pub use error::{Error, InvalidEvent, Result};
 pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
 pub use publisher::{PublishOutcome, Publisher};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use repository::{Outbox, OutboxConfig, OutboxRepository};
+pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats};
 pub use seaorm_outbox_entity::OutboxStatus;

@@ -127,6 +127,18 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
         self.add_event(NewEvent::from_domain(event)).await
     }
 
+    /// A snapshot of the backlog: pending split into due / backoff / leased, dead letters, the
+    /// oldest pending event, and what was published in the last hour.
+    pub async fn stats(&self) -> Result<crate::stats::OutboxStats> {
+        crate::stats::OutboxStats::read(self.db).await
+    }
+
+    /// Health against `thresholds`; never fails: an unreadable database is
+    /// [`HealthStatus::Unhealthy`](crate::HealthStatus::Unhealthy).
+    pub async fn health(&self, thresholds: &crate::stats::HealthThresholds) -> crate::stats::Health {
+        crate::stats::Health::from_stats(self.stats().await, thresholds)
+    }
+
     /// One event by id, in any status.
     pub async fn get(&self, id: Uuid) -> Result<OutboxEvent> {
         OutboxEvents::find_by_id(id)

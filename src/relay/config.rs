@@ -147,6 +147,9 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// Name recorded in `locked_by`; default `relay-<pid>-<random>`.
     pub name: Option<String>,
+    /// How often the relay refreshes the backlog gauges (`outbox_backlog`, …) with one
+    /// statistics query. `None` turns that query off. Default 15 s.
+    pub metrics_interval: Option<Duration>,
 }
 
 impl Default for RelayConfig {
@@ -166,6 +169,7 @@ impl Default for RelayConfig {
             listen_notify: true,
             shutdown_grace: Duration::from_secs(5),
             name: None,
+            metrics_interval: Some(Duration::from_secs(15)),
         }
     }
 }
@@ -208,6 +212,8 @@ impl RelayConfig {
         listen_notify: bool,
         /// Sets [`shutdown_grace`](Self::shutdown_grace).
         shutdown_grace: Duration,
+        /// Sets [`metrics_interval`](Self::metrics_interval).
+        metrics_interval: Option<Duration>,
     }
 
     /// Sets [`name`](Self::name).
@@ -242,6 +248,9 @@ impl RelayConfig {
         }
         if self.purge_batch_size == 0 || self.purge_batch_size > crate::repository::MAX_PAGE_SIZE {
             return fail("purge_batch_size must be 1..=10000".into());
+        }
+        if self.metrics_interval.is_some_and(|d| d.is_zero()) {
+            return fail("metrics_interval must be positive".into());
         }
         if self.retention.is_some() && self.purge_interval.is_zero() {
             return fail("purge_interval must be positive".into());

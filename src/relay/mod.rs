@@ -13,7 +13,7 @@
 //! * **Per-aggregate order** ([`Ordering::PerAggregate`], the default): see [`Ordering`].
 
 mod config;
-mod store;
+pub(crate) mod store;
 mod wake;
 
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 pub use config::{Backoff, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, Ordering, RelayConfig};
@@ -33,6 +34,7 @@ use crate::error::Result;
 use crate::event::{OutboxEvent, now};
 use crate::publisher::{PublishOutcome, Publisher};
 use crate::repository::{Outbox, truncate_error};
+use crate::telemetry;
 use store::{Claim, Fate};
 
 /// What a relay did, summed over its run.
@@ -175,6 +177,14 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
+    /// Health: the outbox's backlog, lag and dead letters against `thresholds`, plus whether
+    /// this relay's loop is still polling.
+    pub async fn health(&self, thresholds: &crate::stats::HealthThresholds) -> crate::stats::Health {
+        let mut h = Outbox::new(&self.db).health(thresholds).await;
+        h.check_poll(self.last_poll(), thresholds);
+        h
+    }
+
     /// Runs until `cancel` is cancelled, then finishes (within
     /// [`shutdown_grace`](RelayConfig::shutdown_grace)) or releases its in-flight batch and
     /// returns what it did.
@@ -192,8 +202,18 @@ impl<P: Publisher> Relay<P> {
         let mut stats = RelayStats::default();
         let mut db_backoff = Duration::ZERO;
         let mut next_purge = tokio::time::Instant::now();
+        let mut next_gauges = tokio::time::Instant::now();
 
         while !cancel.is_cancelled() {
+            if let Some(every) = self.config.metrics_interval
+                && tokio::time::Instant::now() >= next_gauges
+            {
+                match Outbox::new(&self.db).stats().await {
+                    Ok(s) => telemetry::record_gauges(&s),
+                    Err(e) => tracing::debug!(relay = %self.name, error = %e, "outbox stats query failed"),
+                }
+                next_gauges = tokio::time::Instant::now() + every;
+            }
             if self.config.retention.is_some() && tokio::time::Instant::now() >= next_purge {
                 stats.purged += self.purge().await;
                 next_purge = tokio::time::Instant::now() + self.config.purge_interval;
@@ -269,6 +289,7 @@ impl<P: Publisher> Relay<P> {
 
     /// One claim → publish → write-back round.
     async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
+        let batch_started = std::time::Instant::now();
         let token = format!("{}:{}", self.name, Uuid::now_v7().simple());
         let claimed_at = now();
         let lease_end = claimed_at
@@ -287,6 +308,7 @@ impl<P: Publisher> Relay<P> {
                 policy: self.config.dead_letter_policy,
             },
         )
+        .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
         .await?;
         let claimed = rows.len();
         if claimed == 0 {
@@ -297,38 +319,44 @@ impl<P: Publisher> Relay<P> {
             });
         }
 
-        let mut fates = Vec::with_capacity(claimed);
+        let mut corrupt = Vec::new();
         let mut events = Vec::with_capacity(claimed);
         for row in rows {
             let id = row.id;
             match OutboxEvent::try_from(row) {
                 Ok(e) => events.push(e),
                 // A row this library cannot read would fail forever: dead-letter it now.
-                Err(e) => fates.push((
-                    id,
-                    Fate::Dead {
-                        error: e.to_string(),
-                    },
-                )),
+                Err(e) => corrupt.push((id, Fate::Dead { error: e.to_string() })),
             }
         }
-        match self.config.ordering {
-            Ordering::Unordered => self.deliver_all(events, cancel, &mut fates).await,
-            Ordering::PerAggregate => self.deliver_in_order(events, cancel, &mut fates).await,
-        }
+        let publish_span = tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
+        let fates = match self.config.ordering {
+            Ordering::Unordered => self.deliver_all(&mut events, cancel).instrument(publish_span).await,
+            Ordering::PerAggregate => self.deliver_in_order(&mut events, cancel).instrument(publish_span).await,
+        };
 
         let next_retry = fates
             .iter()
-            .filter_map(|(_, f)| match f {
+            .filter_map(|f| match f {
                 Fate::Retry { at, .. } => Some(*at),
                 _ => None,
             })
             .min();
+        let by_id: Vec<(Uuid, Fate)> = events
+            .iter()
+            .map(|e| e.id)
+            .zip(fates.iter().cloned())
+            .chain(corrupt)
+            .collect();
         let mut stats = RelayStats {
             batches: 1,
             ..RelayStats::default()
         };
-        if let Some(w) = self.write_back(&token, &fates, lease_end).await {
+        let written = self
+            .write_back(&token, &by_id, lease_end)
+            .instrument(tracing::debug_span!("outbox.write_back", relay = %self.name, events = by_id.len()))
+            .await;
+        if let Some(w) = &written {
             stats.published = w.published;
             stats.retried = w.retried;
             stats.dead_lettered = w.dead;
@@ -339,6 +367,13 @@ impl<P: Publisher> Relay<P> {
                     "outbox lease expired before write-back; another relay owns those events");
             }
         }
+        telemetry::record_batch(
+            self.publisher.name(),
+            &events,
+            &fates,
+            written.as_ref(),
+            batch_started.elapsed(),
+        );
         Ok(Cycle {
             stats,
             claimed,
@@ -346,23 +381,18 @@ impl<P: Publisher> Relay<P> {
         })
     }
 
-    /// Unordered: the whole batch in one publisher call.
-    async fn deliver_all(
-        &self,
-        mut events: Vec<OutboxEvent>,
-        cancel: &CancellationToken,
-        fates: &mut Vec<(Uuid, Fate)>,
-    ) {
+    /// Unordered: the whole batch in one publisher call. Fates align with `events`.
+    async fn deliver_all(&self, events: &mut [OutboxEvent], cancel: &CancellationToken) -> Vec<Fate> {
         events.sort_by_key(|e| (e.occurred_at, e.id));
-        let outcomes = self.publish(&events, cancel).await;
+        let outcomes = self.publish(events, cancel).await;
         let done = now();
         match outcomes {
-            Some(outcomes) => {
-                for (e, o) in events.iter().zip(outcomes) {
-                    fates.push((e.id, self.fate(e, o, done)));
-                }
-            }
-            None => fates.extend(events.iter().map(|e| (e.id, Fate::Release { at: done }))),
+            Some(outcomes) => events
+                .iter()
+                .zip(outcomes)
+                .map(|(e, o)| self.fate(e, o, done))
+                .collect(),
+            None => vec![Fate::Release { at: done }; events.len()],
         }
     }
 
@@ -371,12 +401,13 @@ impl<P: Publisher> Relay<P> {
     /// only sent once the previous one was acknowledged. An aggregate whose event must be retried
     /// (or, under [`DeadLetterPolicy::Hold`], was dead-lettered) stops; its remaining events are
     /// released to wait for it. Other aggregates carry on.
+    ///
+    /// Reorders `events` (by wave); the fates align with the new order.
     async fn deliver_in_order(
         &self,
-        mut events: Vec<OutboxEvent>,
+        events: &mut Vec<OutboxEvent>,
         cancel: &CancellationToken,
-        fates: &mut Vec<(Uuid, Fate)>,
-    ) {
+    ) -> Vec<Fate> {
         // Rank each event within its aggregate, then sort by rank so every wave is contiguous.
         events.sort_by(|a, b| {
             (&a.aggregate_type, &a.aggregate_id, a.occurred_at, a.id).cmp(&(
@@ -403,12 +434,12 @@ impl<P: Publisher> Relay<P> {
             chain_of.push(chain);
         }
         ranked.sort_unstable();
-        let order: Vec<usize> = ranked.iter().map(|(_, i)| *i).collect();
-        let chain_of: Vec<usize> = order.iter().map(|&i| chain_of[i]).collect();
+        let chain_of: Vec<usize> = ranked.iter().map(|&(_, i)| chain_of[i]).collect();
         let ranks: Vec<usize> = ranked.iter().map(|(r, _)| *r).collect();
-        let mut slots: Vec<Option<OutboxEvent>> = events.into_iter().map(Some).collect();
-        let events: Vec<OutboxEvent> = order.iter().filter_map(|&i| slots[i].take()).collect();
+        let mut slots: Vec<Option<OutboxEvent>> = std::mem::take(events).into_iter().map(Some).collect();
+        *events = ranked.iter().filter_map(|&(_, i)| slots[i].take()).collect();
 
+        let mut fates: Vec<Option<Fate>> = vec![None; events.len()];
         // Per chain: None while going; Some(at) once stopped, with when its rest may go again.
         let mut stopped: Vec<Option<DateTime<Utc>>> = vec![None; chain + 1];
         let mut start = 0;
@@ -421,9 +452,10 @@ impl<P: Publisher> Relay<P> {
             let live: Vec<usize> = (start..end)
                 .filter(|&i| stopped[chain_of[i]].is_none())
                 .collect();
-            for i in (start..end).filter(|&i| stopped[chain_of[i]].is_some()) {
-                let at = stopped[chain_of[i]].unwrap_or_else(now);
-                fates.push((events[i].id, Fate::Release { at }));
+            for i in start..end {
+                if let Some(at) = stopped[chain_of[i]] {
+                    fates[i] = Some(Fate::Release { at });
+                }
             }
             if !live.is_empty() {
                 let outcomes = if cancel.is_cancelled() {
@@ -452,19 +484,24 @@ impl<P: Publisher> Relay<P> {
                             if stop.is_some() {
                                 stopped[chain_of[i]] = stop;
                             }
-                            fates.push((events[i].id, fate));
+                            fates[i] = Some(fate);
                         }
                     }
                     None => {
                         for &i in &live {
                             stopped[chain_of[i]] = Some(done);
-                            fates.push((events[i].id, Fate::Release { at: done }));
+                            fates[i] = Some(Fate::Release { at: done });
                         }
                     }
                 }
             }
             start = end;
         }
+        let done = now();
+        fates
+            .into_iter()
+            .map(|f| f.unwrap_or(Fate::Release { at: done }))
+            .collect()
     }
 
     /// One publisher call, bounded by `publish_timeout`. `None` when the relay is stopping and
