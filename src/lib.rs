@@ -34,5 +34,5 @@ pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
 pub use publisher::{PublishOutcome, Publisher};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use repository::{Outbox, OutboxConfig, OutboxRepository};
-pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats};
 pub use seaorm_outbox_entity::OutboxStatus;
+pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats};

@@ -135,7 +135,10 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
 
     /// Health against `thresholds`; never fails: an unreadable database is
     /// [`HealthStatus::Unhealthy`](crate::HealthStatus::Unhealthy).
-    pub async fn health(&self, thresholds: &crate::stats::HealthThresholds) -> crate::stats::Health {
+    pub async fn health(
+        &self,
+        thresholds: &crate::stats::HealthThresholds,
+    ) -> crate::stats::Health {
         crate::stats::Health::from_stats(self.stats().await, thresholds)
     }
 
@@ -208,6 +211,23 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// Run it on a connection, not inside a transaction: each batch then commits on its own,
     /// so a purge of millions of rows never holds one huge transaction or long locks.
     pub async fn purge_published(&self, older_than: DateTime<Utc>, batch_size: u64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = self.purge_published_batch(older_than, batch_size).await?;
+            total += n;
+            if n < batch_size {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One statement of [`purge_published`](Self::purge_published): deletes at most
+    /// `batch_size` published events older than `older_than`, oldest first, and returns how many.
+    pub async fn purge_published_batch(
+        &self,
+        older_than: DateTime<Utc>,
+        batch_size: u64,
+    ) -> Result<u64> {
         if batch_size == 0 || batch_size > MAX_PAGE_SIZE {
             return Err(Error::LimitTooLarge {
                 requested: batch_size,
@@ -226,21 +246,24 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
                  WHERE status = 'published' AND published_at < ? ORDER BY published_at LIMIT ?)"
             }
         };
-        let mut total = 0;
-        loop {
-            let res = self
-                .db
-                .execute_raw(sql::stmt(
-                    backend,
-                    template,
-                    vec![older_than.into(), (batch_size as i64).into()],
-                ))
-                .await?;
-            total += res.rows_affected();
-            if res.rows_affected() < batch_size {
-                return Ok(total);
-            }
-        }
+        let res = self
+            .db
+            .execute_raw(sql::stmt(
+                backend,
+                template,
+                vec![older_than.into(), (batch_size as i64).into()],
+            ))
+            .await?;
+        Ok(res.rows_affected())
+    }
+
+    /// How many published events are older than `older_than` (what a purge would delete).
+    pub async fn count_published_before(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        Ok(OutboxEvents::find()
+            .filter(Col::Status.eq(OutboxStatus::Published))
+            .filter(Col::PublishedAt.lt(older_than))
+            .count(self.db)
+            .await?)
     }
 
     async fn count(&self, status: OutboxStatus) -> Result<u64> {

@@ -213,7 +213,10 @@ impl Health {
                     ));
                 }
                 if s.failed > t.max_dead_letters {
-                    h.degraded(format!("{} dead letters, over {}", s.failed, t.max_dead_letters));
+                    h.degraded(format!(
+                        "{} dead letters, over {}",
+                        s.failed, t.max_dead_letters
+                    ));
                 }
                 h.stats = Some(s);
             }

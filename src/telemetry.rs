@@ -58,8 +58,10 @@ pub(crate) fn record_batch(
     elapsed: Duration,
 ) {
     let publisher = publisher.to_owned();
-    metrics::histogram!(names::BATCH_DURATION, "publisher" => publisher.clone()).record(elapsed.as_secs_f64());
-    metrics::histogram!(names::BATCH_SIZE, "publisher" => publisher.clone()).record(events.len() as f64);
+    metrics::histogram!(names::BATCH_DURATION, "publisher" => publisher.clone())
+        .record(elapsed.as_secs_f64());
+    metrics::histogram!(names::BATCH_SIZE, "publisher" => publisher.clone())
+        .record(events.len() as f64);
     let Some(w) = written else { return };
 
     // Per event type and kind, counted from the fates; a batch has few event types.
@@ -113,7 +115,8 @@ pub(crate) fn record_batch(
 pub(crate) fn record_gauges(stats: &OutboxStats) {
     metrics::gauge!(names::BACKLOG).set(stats.pending() as f64);
     metrics::gauge!(names::DEAD_LETTERS).set(stats.failed as f64);
-    metrics::gauge!(names::OLDEST_PENDING_AGE).set(stats.oldest_pending_age().map_or(0.0, |d| d.as_secs_f64()));
+    metrics::gauge!(names::OLDEST_PENDING_AGE)
+        .set(stats.oldest_pending_age().map_or(0.0, |d| d.as_secs_f64()));
 }
 
 /// Adds the current OpenTelemetry span's W3C `traceparent` (and `tracestate`) to `headers`,
@@ -133,7 +136,12 @@ pub(crate) fn capture_trace_context(headers: &mut crate::event::Headers) {
     }
     headers.insert(
         "traceparent".to_owned(),
-        format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()),
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        ),
     );
     let state = sc.trace_state().header();
     if !state.is_empty() {

@@ -179,7 +179,10 @@ impl<P: Publisher> Relay<P> {
 
     /// Health: the outbox's backlog, lag and dead letters against `thresholds`, plus whether
     /// this relay's loop is still polling.
-    pub async fn health(&self, thresholds: &crate::stats::HealthThresholds) -> crate::stats::Health {
+    pub async fn health(
+        &self,
+        thresholds: &crate::stats::HealthThresholds,
+    ) -> crate::stats::Health {
         let mut h = Outbox::new(&self.db).health(thresholds).await;
         h.check_poll(self.last_poll(), thresholds);
         h
@@ -210,7 +213,9 @@ impl<P: Publisher> Relay<P> {
             {
                 match Outbox::new(&self.db).stats().await {
                     Ok(s) => telemetry::record_gauges(&s),
-                    Err(e) => tracing::debug!(relay = %self.name, error = %e, "outbox stats query failed"),
+                    Err(e) => {
+                        tracing::debug!(relay = %self.name, error = %e, "outbox stats query failed")
+                    }
                 }
                 next_gauges = tokio::time::Instant::now() + every;
             }
@@ -326,13 +331,27 @@ impl<P: Publisher> Relay<P> {
             match OutboxEvent::try_from(row) {
                 Ok(e) => events.push(e),
                 // A row this library cannot read would fail forever: dead-letter it now.
-                Err(e) => corrupt.push((id, Fate::Dead { error: e.to_string() })),
+                Err(e) => corrupt.push((
+                    id,
+                    Fate::Dead {
+                        error: e.to_string(),
+                    },
+                )),
             }
         }
-        let publish_span = tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
+        let publish_span =
+            tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
         let fates = match self.config.ordering {
-            Ordering::Unordered => self.deliver_all(&mut events, cancel).instrument(publish_span).await,
-            Ordering::PerAggregate => self.deliver_in_order(&mut events, cancel).instrument(publish_span).await,
+            Ordering::Unordered => {
+                self.deliver_all(&mut events, cancel)
+                    .instrument(publish_span)
+                    .await
+            }
+            Ordering::PerAggregate => {
+                self.deliver_in_order(&mut events, cancel)
+                    .instrument(publish_span)
+                    .await
+            }
         };
 
         let next_retry = fates
@@ -354,7 +373,9 @@ impl<P: Publisher> Relay<P> {
         };
         let written = self
             .write_back(&token, &by_id, lease_end)
-            .instrument(tracing::debug_span!("outbox.write_back", relay = %self.name, events = by_id.len()))
+            .instrument(
+                tracing::debug_span!("outbox.write_back", relay = %self.name, events = by_id.len()),
+            )
             .await;
         if let Some(w) = &written {
             stats.published = w.published;
@@ -382,7 +403,11 @@ impl<P: Publisher> Relay<P> {
     }
 
     /// Unordered: the whole batch in one publisher call. Fates align with `events`.
-    async fn deliver_all(&self, events: &mut [OutboxEvent], cancel: &CancellationToken) -> Vec<Fate> {
+    async fn deliver_all(
+        &self,
+        events: &mut [OutboxEvent],
+        cancel: &CancellationToken,
+    ) -> Vec<Fate> {
         events.sort_by_key(|e| (e.occurred_at, e.id));
         let outcomes = self.publish(events, cancel).await;
         let done = now();
@@ -436,8 +461,12 @@ impl<P: Publisher> Relay<P> {
         ranked.sort_unstable();
         let chain_of: Vec<usize> = ranked.iter().map(|&(_, i)| chain_of[i]).collect();
         let ranks: Vec<usize> = ranked.iter().map(|(r, _)| *r).collect();
-        let mut slots: Vec<Option<OutboxEvent>> = std::mem::take(events).into_iter().map(Some).collect();
-        *events = ranked.iter().filter_map(|&(_, i)| slots[i].take()).collect();
+        let mut slots: Vec<Option<OutboxEvent>> =
+            std::mem::take(events).into_iter().map(Some).collect();
+        *events = ranked
+            .iter()
+            .filter_map(|&(_, i)| slots[i].take())
+            .collect();
 
         let mut fates: Vec<Option<Fate>> = vec![None; events.len()];
         // Per chain: None while going; Some(at) once stopped, with when its rest may go again.

@@ -1,0 +1,298 @@
+//! `relay`: the relay as a process, with graceful shutdown on SIGINT/SIGTERM and an HTTP
+//! endpoint for Prometheus and health probes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use sea_orm::DatabaseConnection;
+use seaorm_outbox::publisher::{LogPublisher, Router};
+use seaorm_outbox::relay::{Ordering, Relay, RelayConfig};
+use seaorm_outbox::{HealthThresholds, Publisher};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, Response};
+use crate::{CliResult, DEFAULT_HTTP_ADDR, Failure, parse_count, parse_duration};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum PublisherKind {
+    Stdout,
+    Kafka,
+    Nats,
+    Rabbitmq,
+    Redis,
+}
+
+#[derive(Args)]
+pub(crate) struct RelayArgs {
+    /// Where events go.
+    #[arg(long, value_enum)]
+    publisher: PublisherKind,
+    /// Broker address: Kafka bootstrap servers, nats://, amqp:// or redis:// URL.
+    #[arg(long, env = "OUTBOX_BROKER_URL", hide_env_values = true)]
+    broker_url: Option<String>,
+    /// Destination = this prefix + the aggregate type (topic, subject, routing key, stream key).
+    #[arg(long, default_value = "")]
+    route_prefix: String,
+    /// Send every event to this one destination instead.
+    #[arg(long, conflicts_with = "route_prefix")]
+    destination: Option<String>,
+    /// RabbitMQ exchange (default: the default exchange).
+    #[arg(long, default_value = "")]
+    exchange: String,
+    /// Where /metrics and /healthz are served.
+    #[arg(long, env = "OUTBOX_HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
+    http_addr: String,
+    #[arg(long, default_value = "100")]
+    batch_size: String,
+    #[arg(long, default_value = "10")]
+    max_attempts: String,
+    #[arg(long, default_value = "1s")]
+    poll_interval: String,
+    /// Delete published events older than this (e.g. 7d). Default: keep.
+    #[arg(long)]
+    retention: Option<String>,
+    /// Do not keep per-aggregate order.
+    #[arg(long)]
+    unordered: bool,
+    /// Do not LISTEN for NOTIFY (PgBouncer in transaction pooling mode).
+    #[arg(long)]
+    no_listen: bool,
+    /// /healthz: degraded above this many pending events.
+    #[arg(long, default_value = "10000")]
+    health_max_backlog: String,
+    /// /healthz: degraded when the oldest pending event is older than this.
+    #[arg(long, default_value = "5m")]
+    health_max_age: String,
+    /// /healthz: degraded above this many dead letters.
+    #[arg(long, default_value = "0")]
+    health_max_dead_letters: String,
+    /// /healthz: unhealthy (503) when the relay loop has not polled for this long.
+    #[arg(long, default_value = "60s")]
+    health_max_poll_gap: String,
+}
+
+#[cfg_attr(
+    not(any(
+        feature = "kafka",
+        feature = "nats",
+        feature = "rabbitmq",
+        feature = "redis"
+    )),
+    allow(dead_code)
+)]
+fn needs_url(args: &RelayArgs, what: &str) -> CliResult<String> {
+    args.broker_url.clone().ok_or_else(|| {
+        Failure::input(format!(
+            "--publisher {what} needs --broker-url (or OUTBOX_BROKER_URL)"
+        ))
+    })
+}
+
+#[cfg_attr(
+    all(
+        feature = "kafka",
+        feature = "nats",
+        feature = "rabbitmq",
+        feature = "redis"
+    ),
+    allow(dead_code)
+)]
+fn not_built(feature: &str) -> Failure {
+    Failure::input(format!(
+        "this binary was built without the `{feature}` feature"
+    ))
+}
+
+async fn publisher(args: &RelayArgs) -> CliResult<Box<dyn Publisher>> {
+    #[cfg_attr(
+        not(any(
+            feature = "kafka",
+            feature = "nats",
+            feature = "rabbitmq",
+            feature = "redis"
+        )),
+        allow(unused_variables)
+    )]
+    let router = match &args.destination {
+        Some(d) => Router::fixed(d.clone()),
+        None if args.route_prefix.is_empty() => Router::aggregate_type(),
+        None => Router::prefixed(args.route_prefix.clone()),
+    };
+    Ok(match args.publisher {
+        PublisherKind::Stdout => Box::new(LogPublisher::stdout()),
+        PublisherKind::Kafka => {
+            #[cfg(feature = "kafka")]
+            {
+                let url = needs_url(args, "kafka")?;
+                Box::new(seaorm_outbox::publisher::KafkaPublisher::new(&url)?.router(router))
+            }
+            #[cfg(not(feature = "kafka"))]
+            return Err(not_built("kafka"));
+        }
+        PublisherKind::Nats => {
+            #[cfg(feature = "nats")]
+            {
+                let url = needs_url(args, "nats")?;
+                let p = seaorm_outbox::publisher::NatsPublisher::connect(&url)
+                    .await
+                    .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
+                Box::new(p.router(router))
+            }
+            #[cfg(not(feature = "nats"))]
+            return Err(not_built("nats"));
+        }
+        PublisherKind::Rabbitmq => {
+            #[cfg(feature = "rabbitmq")]
+            {
+                let url = needs_url(args, "rabbitmq")?;
+                let p = seaorm_outbox::publisher::RabbitMqPublisher::new(url.clone())
+                    .exchange(args.exchange.clone())
+                    .router(router)
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot connect to RabbitMQ: {e}"))?;
+                Box::new(p)
+            }
+            #[cfg(not(feature = "rabbitmq"))]
+            return Err(not_built("rabbitmq"));
+        }
+        PublisherKind::Redis => {
+            #[cfg(feature = "redis")]
+            {
+                let url = needs_url(args, "redis")?;
+                let p = seaorm_outbox::publisher::RedisPublisher::connect(&url)
+                    .await
+                    .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
+                Box::new(p.router(router))
+            }
+            #[cfg(not(feature = "redis"))]
+            return Err(not_built("redis"));
+        }
+    })
+}
+
+pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
+    let mut config = RelayConfig::default()
+        .batch_size(
+            u32::try_from(parse_count("--batch-size", &args.batch_size)?).unwrap_or(u32::MAX),
+        )
+        .max_attempts(
+            u32::try_from(parse_count("--max-attempts", &args.max_attempts)?).unwrap_or(u32::MAX),
+        )
+        .idle_poll_interval(parse_duration("--poll-interval", &args.poll_interval)?)
+        .listen_notify(!args.no_listen)
+        .metrics_interval(Some(Duration::from_secs(5)));
+    if let Some(r) = &args.retention {
+        config = config.retention(Some(parse_duration("--retention", r)?));
+    }
+    if args.unordered {
+        config = config.ordering(Ordering::Unordered);
+    }
+    let thresholds = HealthThresholds::default()
+        .max_backlog(parse_count(
+            "--health-max-backlog",
+            &args.health_max_backlog,
+        )?)
+        .max_oldest_pending_age(parse_duration("--health-max-age", &args.health_max_age)?)
+        .max_dead_letters(args.health_max_dead_letters.parse().map_err(|_| {
+            Failure::input(format!(
+                "invalid number `{}` for --health-max-dead-letters",
+                args.health_max_dead_letters
+            ))
+        })?)
+        .max_poll_gap(parse_duration(
+            "--health-max-poll-gap",
+            &args.health_max_poll_gap,
+        )?);
+    let listener = tokio::net::TcpListener::bind(&args.http_addr)
+        .await
+        .map_err(|e| {
+            Failure::input(format!(
+                "cannot listen on --http-addr {}: {e}",
+                args.http_addr
+            ))
+        })?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+
+    let publisher = publisher(&args).await?;
+    let relay = Arc::new(
+        Relay::builder(db, publisher)
+            .config(config)
+            .build()
+            .map_err(|e| Failure::input(e.to_string()))?,
+    );
+    let stop = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let server = tokio::spawn(http::serve(listener, http_stop.clone(), {
+        let relay = relay.clone();
+        move |path: String| {
+            let relay = relay.clone();
+            let metrics = metrics.clone();
+            let thresholds = thresholds.clone();
+            async move {
+                match path.as_str() {
+                    "/metrics" => Response {
+                        status: 200,
+                        content_type: "text/plain; version=0.0.4",
+                        body: metrics.render(),
+                    },
+                    "/healthz" => {
+                        let h = relay.health(&thresholds).await;
+                        Response {
+                            status: h.http_status(),
+                            content_type: "application/json",
+                            body: serde_json::to_string(&h).unwrap_or_default() + "\n",
+                        }
+                    }
+                    _ => Response {
+                        status: 404,
+                        content_type: "text/plain",
+                        body: "not found\n".into(),
+                    },
+                }
+            }
+        }
+    }));
+    tokio::spawn(shutdown_on_signal(stop.clone()));
+    eprintln!(
+        "relay {} publishing to {}; /metrics and /healthz on http://{}",
+        relay.name(),
+        relay.publisher().name(),
+        args.http_addr
+    );
+    let stats = relay.run(stop).await;
+    http_stop.cancel();
+    let _ = server.await;
+    eprintln!(
+        "relay stopped: published={} retried={} dead_lettered={} released={}",
+        stats.published, stats.retried, stats.dead_lettered, stats.released
+    );
+    Ok(())
+}
+
+async fn shutdown_on_signal(stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("shutting down: finishing the in-flight batch");
+    stop.cancel();
+}

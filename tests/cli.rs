@@ -1,0 +1,404 @@
+//! The `seaorm-outbox` binary as a subprocess against PostgreSQL: status numbers, dead-letter
+//! replay and discard, purge, every bad-input path, and the relay process with its `/metrics`
+//! and `/healthz` scraped over HTTP.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::TestDb;
+use sea_orm::{ConnectionTrait, Statement};
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, OutboxStatus};
+use uuid::Uuid;
+
+on_backends!(
+    [postgres: Postgres] =>
+    status_reports_the_backlog,
+    failed_list_show_replay_discard,
+    purge_deletes_old_published_events,
+    bad_input_is_one_line_and_a_non_zero_exit,
+    relay_process_serves_metrics_and_health_and_stops_on_sigterm,
+);
+
+fn cli(t: &TestDb) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_seaorm-outbox"));
+    c.env("OUTBOX_DATABASE_URL", common::postgres_url())
+        .env("OUTBOX_DATABASE_SCHEMA", &t.name)
+        .env_remove("RUST_BACKTRACE");
+    c
+}
+
+fn run(t: &TestDb, args: &[&str]) -> Output {
+    cli(t).args(args).output().expect("run seaorm-outbox")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ok(t: &TestDb, args: &[&str]) -> String {
+    let o = run(t, args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout(&o)
+}
+
+async fn seed(t: &TestDb, n: usize) -> Vec<Uuid> {
+    Outbox::new(&t.db)
+        .add_events(
+            (0..n)
+                .map(|i| NewEvent::new("order.placed", "order", i.to_string()))
+                .collect(),
+        )
+        .await
+        .expect("seed")
+}
+
+async fn status_reports_the_backlog(t: &TestDb) {
+    let ids = seed(t, 10).await;
+    let outbox = Outbox::new(&t.db);
+    outbox
+        .mark_published_many(&ids[..3])
+        .await
+        .expect("publish");
+    outbox.mark_failed(ids[3], "boom").await.expect("fail");
+    let v: serde_json::Value = serde_json::from_str(&ok(t, &["status", "--json"])).expect("json");
+    assert_eq!(v["pending"], 6);
+    assert_eq!(v["pending_due"], 6);
+    assert_eq!(v["failed"], 1);
+    assert_eq!(v["published_last_hour"], 3);
+    assert!(v["oldest_pending_age_seconds"].as_f64().is_some());
+    let table = ok(t, &["status"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("pending") && l.trim_end().ends_with(" 6")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("failed") && l.trim_end().ends_with(" 1")),
+        "{table}"
+    );
+}
+
+async fn failed_list_show_replay_discard(t: &TestDb) {
+    let ids = seed(t, 5).await;
+    let outbox = Outbox::new(&t.db);
+    for id in &ids[..4] {
+        outbox
+            .mark_failed(*id, "broker rejected it")
+            .await
+            .expect("fail");
+    }
+    let list = ok(t, &["failed", "list"]);
+    assert!(
+        list.contains(&ids[0].to_string()) && list.contains("broker rejected it"),
+        "{list}"
+    );
+    assert!(list.contains("4 dead letters shown of 4"), "{list}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(t, &["failed", "show", &ids[0].to_string(), "--json"]))
+            .expect("json");
+    assert_eq!(shown["status"], "failed");
+    assert_eq!(shown["last_error"], "broker rejected it");
+
+    assert_eq!(
+        ok(t, &["failed", "replay", &ids[0].to_string()]).trim(),
+        "requeued 1 dead letter"
+    );
+    assert_eq!(
+        outbox.get(ids[0]).await.expect("get").status,
+        OutboxStatus::Pending
+    );
+    assert_eq!(
+        ok(t, &["failed", "replay", "--aggregate", "order:1"]).trim(),
+        "requeued 1 dead letter"
+    );
+    assert_eq!(
+        ok(t, &["failed", "discard", &ids[2].to_string()]).trim(),
+        "discarded 1 dead letter"
+    );
+    assert!(outbox.get(ids[2]).await.is_err());
+    assert_eq!(
+        ok(t, &["failed", "replay", "--all"]).trim(),
+        "requeued 1 dead letter"
+    );
+    assert_eq!(outbox.count_failed().await.expect("count"), 0);
+    assert_eq!(outbox.count_unpublished().await.expect("count"), 4);
+}
+
+async fn purge_deletes_old_published_events(t: &TestDb) {
+    let ids = seed(t, 30).await;
+    let outbox = Outbox::new(&t.db);
+    outbox
+        .mark_published_many(&ids[..25])
+        .await
+        .expect("publish");
+    // 20 of them were published ten days ago.
+    let old = Utc::now() - chrono::Duration::days(10);
+    let list: Vec<String> = ids[..20].iter().map(|id| format!("'{id}'")).collect();
+    t.db.execute_raw(Statement::from_sql_and_values(
+        t.db.get_database_backend(),
+        format!(
+            "UPDATE outbox_events SET published_at = $1 WHERE id IN ({})",
+            list.join(",")
+        ),
+        vec![old.into()],
+    ))
+    .await
+    .expect("age rows");
+    let out = ok(
+        t,
+        &["purge", "--published-older-than", "7d", "--batch-size", "6"],
+    );
+    assert_eq!(out.trim(), "purged 20 published events older than 7days");
+    let left = outbox.stats().await.expect("stats");
+    assert_eq!(left.published_last_hour, 5);
+    assert_eq!(left.pending(), 5);
+}
+
+/// Asserts a failure: the exit code, one line on stderr starting with `error:` and mentioning
+/// `needle`, no panic, no backtrace.
+fn fails(t: &TestDb, env: &[(&str, &str)], args: &[&str], code: i32, needle: &str) {
+    let o = cli(t)
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{args:?}: one line expected, got {err:?}"
+    );
+    assert!(err.starts_with("error:"), "{err}");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+async fn bad_input_is_one_line_and_a_non_zero_exit(t: &TestDb) {
+    fails(
+        t,
+        &[("OUTBOX_DATABASE_URL", "not a url")],
+        &["status"],
+        2,
+        "malformed database URL",
+    );
+    fails(
+        t,
+        &[(
+            "OUTBOX_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/none",
+        )],
+        &["status"],
+        1,
+        "cannot connect",
+    );
+    fails(
+        t,
+        &[],
+        &["purge", "--published-older-than", "seven days"],
+        2,
+        "invalid duration",
+    );
+    fails(
+        t,
+        &[],
+        &["purge", "--published-older-than", "7d", "--batch-size", "0"],
+        2,
+        "invalid number",
+    );
+    fails(
+        t,
+        &[],
+        &["failed", "show", "not-a-uuid"],
+        2,
+        "invalid event id",
+    );
+    fails(
+        t,
+        &[],
+        &["failed", "show", &Uuid::now_v7().to_string()],
+        1,
+        "not found",
+    );
+    fails(t, &[], &["failed", "replay"], 2, "required");
+    fails(
+        t,
+        &[],
+        &["failed", "replay", "--aggregate", "nocolon"],
+        2,
+        "TYPE:ID",
+    );
+    fails(t, &[], &["relay", "--publisher", "nats"], 2, "--broker-url");
+    fails(
+        t,
+        &[],
+        &[
+            "relay",
+            "--publisher",
+            "stdout",
+            "--http-addr",
+            "not-an-addr",
+        ],
+        2,
+        "--http-addr",
+    );
+    fails(t, &[], &["bogus"], 2, "unrecognized subcommand");
+    // A pending event cannot be discarded: a clear state error, exit 1.
+    let id = seed(t, 1).await[0];
+    fails(
+        t,
+        &[],
+        &["failed", "discard", &id.to_string()],
+        1,
+        "cannot discard",
+    );
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the relay's HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("response");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sums every sample of `metric` in a Prometheus text page.
+fn metric_sum(page: &str, metric: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.starts_with(metric)
+                && (l[metric.len()..].starts_with('{') || l[metric.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn relay_process_serves_metrics_and_health_and_stops_on_sigterm(t: &TestDb) {
+    seed(t, 40).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = cli(t)
+        .args([
+            "relay",
+            "--publisher",
+            "stdout",
+            "--http-addr",
+            &addr,
+            "--poll-interval",
+            "100ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn relay");
+    let start = Instant::now();
+    let page = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "relay never published 40 events"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if std::net::TcpStream::connect(&addr).is_err() {
+            continue;
+        }
+        let (status, page) = http_get(&addr, "/metrics");
+        assert_eq!(status, 200);
+        if metric_sum(&page, "outbox_events_published_total") >= 40.0
+            && page.contains("outbox_backlog")
+        {
+            break page;
+        }
+    };
+    assert_eq!(
+        metric_sum(&page, "outbox_events_published_total"),
+        40.0,
+        "{page}"
+    );
+    assert!(
+        page.contains(
+            r#"outbox_events_published_total{publisher="log",event_type="order.placed"} 40"#
+        ),
+        "{page}"
+    );
+    assert!(page.contains("outbox_commit_to_ack_seconds"), "{page}");
+    assert!(page.contains("outbox_batch_size"), "{page}");
+    assert_eq!(
+        Outbox::new(&t.db).count_unpublished().await.expect("count"),
+        0
+    );
+
+    let (status, body) = http_get(&addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(health["status"], "healthy", "{body}");
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "relay did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "graceful exit");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(err.contains("relay stopped: published=40"), "{err}");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("stdout");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("published order.placed"))
+            .count(),
+        40
+    );
+}
