@@ -321,7 +321,14 @@ impl Publisher for RejectAll {
 }
 
 async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
-    let ids = seed(&t.db, scattered_events(10, 10)).await;
+    // Ten aggregates, one event each: the stale relay claims them all in one batch.
+    let ids = seed(
+        &t.db,
+        (0..10)
+            .map(|i| NewEvent::new("t", "agg", i.to_string()))
+            .collect(),
+    )
+    .await;
     let gate = Gate {
         entered: Arc::default(),
         open: Arc::new(tokio::sync::Semaphore::new(0)),

@@ -27,9 +27,11 @@ use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_create_outbox_events;
 mod m20261127_000002_relay_lease_and_notify;
+mod m20261127_000003_tune_for_queue_workload;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
+pub use m20261127_000003_tune_for_queue_workload::Migration as TuneForQueueWorkload;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";

@@ -71,53 +71,81 @@ impl Claim<'_> {
         }
     }
 
-    /// Heads: due events with no earlier blocking event of their aggregate.
-    fn heads_sql(&self, select: &str, lock: &str) -> String {
+    /// `NOT EXISTS` an earlier blocking event of `e`'s aggregate: `e` is its aggregate's head.
+    /// The row comparison is an index condition on `outbox_events_aggregate_idx`, so the probe
+    /// reads one entry, not the aggregate's whole backlog. `fence` (PostgreSQL's `OFFSET 0`)
+    /// keeps the planner from turning it into a hash anti-join over the whole backlog.
+    fn is_head(&self, fence: &str) -> String {
         format!(
-            "SELECT {select} FROM outbox_events e \
-             WHERE e.status = 'pending' AND e.next_attempt_at <= ? \
-             AND NOT EXISTS (SELECT 1 FROM outbox_events p \
+            "NOT EXISTS (SELECT 1 FROM outbox_events p \
                WHERE p.aggregate_type = e.aggregate_type AND p.aggregate_id = e.aggregate_id \
                AND p.status IN ({}) \
-               AND (p.occurred_at < e.occurred_at OR (p.occurred_at = e.occurred_at AND p.id < e.id))) \
-             ORDER BY e.next_attempt_at, e.id LIMIT ? {lock}",
+               AND (p.occurred_at, p.id) < (e.occurred_at, e.id){fence})",
             self.blocking()
+        )
+    }
+
+    /// Due heads, oldest due first, at most `limit` of them.
+    fn heads(&self, lock: &str, fence: &str) -> String {
+        format!(
+            "SELECT e.id, e.aggregate_type, e.aggregate_id FROM outbox_events e \
+             WHERE e.status = 'pending' AND e.next_attempt_at <= ? AND {} \
+             ORDER BY e.next_attempt_at, e.id LIMIT ?{lock}",
+            self.is_head(fence)
         )
     }
 }
 
-/// Claims up to `claim.limit` events. Under per-aggregate order it claims the heads of up to
-/// `limit` aggregates plus as many of their following events as fit, each aggregate's share a
-/// prefix of its pending events: nobody else can claim those followers while their head is
-/// pending, so the whole prefix is ours to send in order.
+/// Claims up to `claim.limit` due events, oldest due first.
+///
+/// Under per-aggregate order it first finds up to `limit` aggregate *heads* — due events with no
+/// earlier pending event (nor, under [`DeadLetterPolicy::Hold`], dead letter) of their aggregate
+/// — then takes each head's aggregate's next pending events, a prefix per aggregate, up to
+/// `limit` in all. Nobody else can claim those followers while their head is pending, so the
+/// prefix is ours to send in order. On PostgreSQL each head's share is capped at an equal split
+/// of the batch, so the follower lookup reads a bounded number of index entries.
 pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
     let backend = db.get_database_backend();
     let limit = i64::from(c.limit);
     if backend == DbBackend::MySql {
         return claim_mysql(db, c).await;
     }
-    let lock = if backend == DbBackend::Postgres {
-        "FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
     let mut values: Vec<Value> = vec![c.token.into(), c.lease_end.into(), c.lease_end.into()];
-    let ids = match c.ordering {
-        Ordering::Unordered => {
+    let ids = match (c.ordering, backend) {
+        (Ordering::Unordered, _) => {
             values.extend([c.now.into(), limit.into()]);
+            let lock = if backend == DbBackend::Postgres {
+                " FOR UPDATE SKIP LOCKED"
+            } else {
+                ""
+            };
             format!(
                 "SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= ? \
-                 ORDER BY next_attempt_at, id LIMIT ? {lock}"
+                 ORDER BY next_attempt_at, id LIMIT ?{lock}"
             )
         }
-        Ordering::PerAggregate => {
+        (Ordering::PerAggregate, DbBackend::Postgres) => {
+            values.extend([c.now.into(), limit.into(), limit.into(), limit.into()]);
+            format!(
+                "WITH heads AS ({}) \
+                 SELECT f.id FROM heads h CROSS JOIN LATERAL ( \
+                   SELECT f.id, f.occurred_at FROM outbox_events f \
+                   WHERE f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
+                   AND f.status = 'pending' ORDER BY f.occurred_at, f.id \
+                   LIMIT (SELECT CEIL(?::float8 / GREATEST(COUNT(*), 1))::bigint FROM heads)) f \
+                 ORDER BY f.occurred_at, f.id LIMIT ?",
+                c.heads(" FOR UPDATE SKIP LOCKED", " OFFSET 0")
+            )
+        }
+        (Ordering::PerAggregate, _) => {
+            // SQLite: one writer at a time, so no locks; no LATERAL, so a plain join.
             values.extend([c.now.into(), limit.into(), limit.into()]);
             format!(
                 "WITH heads AS ({}) \
                  SELECT f.id FROM outbox_events f JOIN heads h \
                    ON f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
                  WHERE f.status = 'pending' ORDER BY f.occurred_at, f.id LIMIT ?",
-                c.heads_sql("e.aggregate_type, e.aggregate_id", lock)
+                c.heads("", "")
             )
         }
     };
@@ -149,10 +177,12 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Outbo
             .await?
         }
         Ordering::PerAggregate => {
+            // A locking read does not lock its subquery's rows, so the head check sees every
+            // earlier pending event, locked or not.
             let heads = txn
                 .query_all_raw(stmt(
                     backend,
-                    &c.heads_sql("e.aggregate_type, e.aggregate_id", "FOR UPDATE SKIP LOCKED"),
+                    &c.heads(" FOR UPDATE SKIP LOCKED", ""),
                     vec![c.now.into(), limit.into()],
                 ))
                 .await?;

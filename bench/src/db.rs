@@ -1,0 +1,283 @@
+//! A fresh, migrated outbox database per backend, with fast seeding and raw SQL baselines.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
+};
+use sea_orm_migration::MigratorTrait;
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl Kind {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Kind::Postgres => "PostgreSQL",
+            Kind::MySql => "MariaDB",
+            Kind::Sqlite => "SQLite",
+        }
+    }
+}
+
+pub(crate) struct BenchDb {
+    pub(crate) kind: Kind,
+    pub(crate) db: DatabaseConnection,
+    url: String,
+    name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn pg_url() -> String {
+    std::env::var("OUTBOX_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn mysql_url() -> String {
+    std::env::var("OUTBOX_BENCH_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+fn opts(url: &str, max: u32) -> ConnectOptions {
+    let mut o = ConnectOptions::new(url);
+    o.max_connections(max)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    o
+}
+
+impl BenchDb {
+    pub(crate) async fn new(kind: Kind) -> Result<Self> {
+        let name = format!("outbox_bench_{}", std::process::id());
+        let (db, url, dir) = match kind {
+            Kind::Postgres => {
+                let admin = Database::connect(opts(&pg_url(), 1))
+                    .await
+                    .context("PostgreSQL")?;
+                admin
+                    .execute_unprepared(&format!(
+                        "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+                    ))
+                    .await?;
+                admin.close().await?;
+                let mut o = opts(&pg_url(), 20);
+                o.set_schema_search_path(name.clone());
+                (Database::connect(o).await?, pg_url(), None)
+            }
+            Kind::MySql => {
+                let admin = Database::connect(opts(&mysql_url(), 1))
+                    .await
+                    .context("MariaDB")?;
+                admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+                    .await?;
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await?;
+                admin.close().await?;
+                let base = mysql_url();
+                let url = format!("{}/{name}", &base[..base.rfind('/').unwrap_or(base.len())]);
+                (Database::connect(opts(&url, 20)).await?, url, None)
+            }
+            Kind::Sqlite => {
+                let dir = tempfile::tempdir()?;
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                );
+                (
+                    Database::connect(sqlite_opts(&url, 4)).await?,
+                    url,
+                    Some(dir),
+                )
+            }
+        };
+        seaorm_outbox_migration::Migrator::up(&db, None).await?;
+        db.execute_unprepared(
+            "CREATE TABLE bench_orders (id BIGINT NOT NULL PRIMARY KEY, total BIGINT NOT NULL)",
+        )
+        .await?;
+        Ok(Self {
+            kind,
+            db,
+            url,
+            name,
+            _dir: dir,
+        })
+    }
+
+    /// A second handle on the same database (for sharing across tasks).
+    pub(crate) async fn new_view(other: &BenchDb) -> Result<Self> {
+        Ok(Self {
+            kind: other.kind,
+            db: other.pool(2).await?,
+            url: other.url.clone(),
+            name: other.name.clone(),
+            _dir: None,
+        })
+    }
+
+    /// Another pool on the same database.
+    pub(crate) async fn pool(&self, max: u32) -> Result<DatabaseConnection> {
+        Ok(match self.kind {
+            Kind::Postgres => {
+                let mut o = opts(&self.url, max);
+                o.set_schema_search_path(self.name.clone());
+                Database::connect(o).await?
+            }
+            Kind::MySql => Database::connect(opts(&self.url, max)).await?,
+            Kind::Sqlite => Database::connect(sqlite_opts(&self.url, max)).await?,
+        })
+    }
+
+    /// A PostgreSQL pool whose sessions have the insert trigger's NOTIFY switched off.
+    pub(crate) async fn pool_without_notify(&self, max: u32) -> Result<DatabaseConnection> {
+        let mut o = opts(&self.url, max);
+        o.set_schema_search_path(self.name.clone());
+        o.map_sqlx_postgres_opts(|p| p.options([("seaorm_outbox.notify", "off")]));
+        Ok(Database::connect(o).await?)
+    }
+
+    pub(crate) fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    pub(crate) async fn exec(&self, sql: &str) -> Result<()> {
+        self.db.execute_unprepared(sql).await?;
+        Ok(())
+    }
+
+    /// Empties the tables and refreshes planner statistics.
+    pub(crate) async fn reset(&self) -> Result<()> {
+        match self.kind {
+            Kind::Sqlite => {
+                self.exec("DELETE FROM outbox_events").await?;
+                self.exec("DELETE FROM bench_orders").await?;
+            }
+            _ => {
+                self.exec("TRUNCATE TABLE outbox_events").await?;
+                self.exec("TRUNCATE TABLE bench_orders").await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seeds `n` pending events over `aggregates` aggregates with a ~100-byte payload.
+    pub(crate) async fn seed_pending(&self, n: u64, aggregates: u64) -> Result<()> {
+        self.seed(n, aggregates, "pending").await
+    }
+
+    /// Seeds `n` events already published an hour ago.
+    pub(crate) async fn seed_published(&self, n: u64) -> Result<()> {
+        self.seed(n, 1000, "published").await
+    }
+
+    async fn seed(&self, n: u64, aggregates: u64, status: &str) -> Result<()> {
+        if self.kind == Kind::Postgres {
+            // Server-side: a million rows in seconds.
+            let published = if status == "published" { "t" } else { "NULL" };
+            let chunk = 500_000;
+            let mut from = 1;
+            while from <= n {
+                let to = (from + chunk - 1).min(n);
+                self.exec(&format!(
+                    "INSERT INTO outbox_events (id, event_type, aggregate_type, aggregate_id, payload, headers, \
+                       occurred_at, created_at, status, attempts, next_attempt_at, published_at) \
+                     SELECT gen_random_uuid(), 'bench.event', 'agg', (g % {aggregates})::text, \
+                       jsonb_build_object('n', g, 'body', repeat('x', 64)), '{{\"correlation-id\": \"bench\"}}'::jsonb, \
+                       t, t, '{status}', 0, t, {published} \
+                     FROM (SELECT g, now() - interval '2 hours' + g * interval '1 microsecond' AS t \
+                           FROM generate_series({from}, {to}) g) s"
+                ))
+                .await?;
+                from = to + 1;
+            }
+            self.exec("ANALYZE outbox_events").await?;
+            return Ok(());
+        }
+        let outbox = Outbox::new(&self.db);
+        let mut i = 0;
+        while i < n {
+            let batch: Vec<NewEvent> = (i..(i + 1000).min(n))
+                .map(|g| {
+                    NewEvent::new("bench.event", "agg", (g % aggregates).to_string())
+                        .json_payload(serde_json::json!({ "n": g, "body": "x".repeat(64) }))
+                        .header("correlation-id", "bench")
+                })
+                .collect();
+            let ids = outbox.add_events(batch).await?;
+            if status == "published" {
+                outbox.mark_published_many(&ids).await?;
+            }
+            i += 1000;
+        }
+        if self.kind == Kind::MySql {
+            self.exec("ANALYZE TABLE outbox_events").await?;
+        } else {
+            self.exec("ANALYZE").await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn count_pending(&self) -> Result<u64> {
+        Ok(Outbox::new(&self.db).count_unpublished().await?)
+    }
+
+    pub(crate) async fn drop(self) -> Result<()> {
+        self.db.close().await?;
+        match self.kind {
+            Kind::Postgres => {
+                let admin = Database::connect(opts(&pg_url(), 1)).await?;
+                admin
+                    .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
+                    .await?;
+                admin.close().await?;
+            }
+            Kind::MySql => {
+                let admin = Database::connect(opts(&mysql_url(), 1)).await?;
+                admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {}", self.name))
+                    .await?;
+                admin.close().await?;
+            }
+            Kind::Sqlite => {}
+        }
+        Ok(())
+    }
+
+    pub(crate) fn stmt(&self, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
+        let sql = if self.kind == Kind::Postgres {
+            let mut out = String::new();
+            let mut k = 0;
+            for c in sql.chars() {
+                if c == '?' {
+                    k += 1;
+                    out.push_str(&format!("${k}"));
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        } else {
+            sql.to_owned()
+        };
+        Statement::from_sql_and_values(self.backend(), sql, values)
+    }
+}
+
+fn sqlite_opts(url: &str, max: u32) -> ConnectOptions {
+    let mut o = opts(url, max);
+    o.map_sqlx_sqlite_opts(|s| {
+        s.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+    });
+    o
+}

@@ -1,0 +1,134 @@
+//! Commit → publish latency at a steady 1,000 events/s, with LISTEN/NOTIFY and with polling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use sea_orm::TransactionTrait;
+use seaorm_outbox::relay::{Relay, RelayConfig};
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::BenchDb;
+use crate::report::{Row, Target};
+use crate::sink::Sink;
+
+const RATE: u64 = 1000;
+const PRODUCERS: u64 = 4;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// (p50, p99, max) commit → publish in ms.
+async fn run(db: &BenchDb, secs: u64, config: RelayConfig) -> Result<(f64, f64, f64)> {
+    db.reset().await?;
+    let sink = Sink::timed();
+    let relay = Relay::builder(db.pool(4).await?, sink.clone())
+        .config(config)
+        .build()?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // first poll and LISTEN
+    let commits: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
+    let total = RATE * secs;
+    let mut producers = Vec::new();
+    let conn = db.pool(PRODUCERS as u32 + 1).await?;
+    for p in 0..PRODUCERS {
+        let (conn, commits) = (conn.clone(), commits.clone());
+        producers.push(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_micros(1_000_000 * PRODUCERS / RATE));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for i in 0..total / PRODUCERS {
+                tick.tick().await;
+                let txn = conn.begin().await?;
+                let id = Outbox::new(&txn)
+                    .add_event(
+                        NewEvent::new("order.placed", "order", format!("{p}-{i}"))
+                            .json_payload(serde_json::json!({ "i": i })),
+                    )
+                    .await?;
+                txn.commit().await?;
+                commits
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .insert(id, Instant::now());
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for p in producers {
+        p.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.delivered() < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    task.await?;
+    let arrivals = sink
+        .arrivals
+        .as_ref()
+        .map(|a| a.lock().map(|a| a.clone()))
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .unwrap_or_default();
+    let commits = commits.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut lat: Vec<f64> = commits
+        .iter()
+        .filter_map(|(id, c)| {
+            arrivals
+                .get(id)
+                .map(|a| a.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    anyhow::ensure!(
+        lat.len() as u64 == total,
+        "only {} of {total} events arrived",
+        lat.len()
+    );
+    lat.sort_by(f64::total_cmp);
+    Ok((
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat[lat.len() - 1],
+    ))
+}
+
+pub(crate) async fn section(db: &BenchDb, secs: u64, rows: &mut Vec<Row>) -> Result<()> {
+    let push = RelayConfig::default()
+        .idle_poll_interval(Duration::from_secs(1))
+        .metrics_interval(None);
+    let (p50, p99, max) = run(db, secs, push).await?;
+    eprintln!("latency NOTIFY: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms");
+    let poll = RelayConfig::default()
+        .idle_poll_interval(Duration::from_millis(100))
+        .listen_notify(false)
+        .metrics_interval(None);
+    let (q50, q99, qmax) = run(db, secs, poll).await?;
+    eprintln!("latency polling 100ms: p50 {q50:.2} ms p99 {q99:.2} ms max {qmax:.2} ms");
+    rows.push(Row {
+        section: "latency",
+        name: format!(
+            "PostgreSQL commit→publish p99, {RATE} ev/s, LISTEN/NOTIFY (p50 {p50:.2}, max {max:.1})"
+        ),
+        value: p99,
+        unit: "ms",
+        baseline: Some(("polling every 100 ms, p99".into(), q99)),
+        target: Some(Target::AtMost(10.0)),
+    });
+    rows.push(Row {
+        section: "latency",
+        name: format!("PostgreSQL commit→publish p50, polling every 100 ms (max {qmax:.1})"),
+        value: q50,
+        unit: "ms",
+        baseline: None,
+        target: None,
+    });
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! `outbox-bench`: seaorm-outbox measured against raw SQL on the local PostgreSQL, MariaDB and
+//! SQLite (and the local brokers), printed as one table with each target met or not.
+//!
+//! ```text
+//! cargo run --release -p seaorm-outbox-bench -- [--quick] [--only SECTION,...]
+//! ```
+//!
+//! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`.
+//! `--quick` shrinks every size so the whole run takes well under two minutes; its figures are
+//! only a smoke test.
+
+mod backlog;
+mod brokers;
+mod db;
+mod latency;
+mod report;
+mod sink;
+mod throughput;
+mod write_path;
+
+use anyhow::Result;
+use seaorm_outbox::relay::Ordering;
+
+use db::{BenchDb, Kind};
+use report::{Row, Target};
+
+pub(crate) struct Sizes {
+    pub(crate) drain: u64,
+    pub(crate) drain_other: u64,
+    pub(crate) write_secs: f64,
+    pub(crate) latency_secs: u64,
+    pub(crate) backlog: u64,
+    pub(crate) retained: u64,
+    pub(crate) broker: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                drain: 10_000,
+                drain_other: 5_000,
+                write_secs: 0.5,
+                latency_secs: 2,
+                backlog: 20_000,
+                retained: 50_000,
+                broker: 5_000,
+            }
+        } else {
+            Self {
+                drain: 200_000,
+                drain_other: 50_000,
+                write_secs: 5.0,
+                latency_secs: 10,
+                backlog: 1_000_000,
+                retained: 5_000_000,
+                broker: 50_000,
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    let wants = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    let sizes = Sizes::new(quick);
+    let mut rows: Vec<Row> = Vec::new();
+    let started = std::time::Instant::now();
+
+    let pg = BenchDb::new(Kind::Postgres).await?;
+    if wants("throughput") {
+        throughput_section(&pg, sizes.drain, &[1, 2, 4], &mut rows).await?;
+        for kind in [Kind::MySql, Kind::Sqlite] {
+            let other = BenchDb::new(kind).await?;
+            throughput_section(&other, sizes.drain_other, &[1], &mut rows).await?;
+            other.drop().await?;
+        }
+    }
+    if wants("write") {
+        for kind in [Kind::Postgres, Kind::MySql, Kind::Sqlite] {
+            let db = if kind == Kind::Postgres {
+                None
+            } else {
+                Some(BenchDb::new(kind).await?)
+            };
+            write_path::section(db.as_ref().unwrap_or(&pg), sizes.write_secs, &mut rows).await?;
+            if let Some(db) = db {
+                db.drop().await?;
+            }
+        }
+    }
+    if wants("latency") {
+        // Flush what earlier sections wrote, so a checkpoint does not land mid-measurement.
+        pg.exec("CHECKPOINT").await?;
+        latency::section(&pg, sizes.latency_secs, &mut rows).await?;
+    }
+    if wants("backlog") {
+        pg.exec("CHECKPOINT").await?;
+        backlog::section(&pg, sizes.backlog, &mut rows).await?;
+    }
+    if wants("retained") {
+        backlog::retained_section(&pg, sizes.retained, &mut rows).await?;
+    }
+    if wants("brokers") {
+        brokers::section(&pg, sizes.broker, &mut rows).await?;
+    }
+    pg.drop().await?;
+
+    println!();
+    println!("{}", report::render(&rows));
+    let missed = rows.iter().filter(|r| r.met() == Some(false)).count();
+    let targets = rows.iter().filter(|r| r.met().is_some()).count();
+    println!(
+        "{} of {targets} targets met{} in {:.0}s",
+        targets - missed,
+        if quick {
+            " (quick mode: sizes too small to judge)"
+        } else {
+            ""
+        },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn throughput_section(
+    db: &BenchDb,
+    n: u64,
+    workers: &[usize],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    for &w in workers {
+        let raw = throughput::raw(db, w, n).await?;
+        eprintln!("{} raw claim-and-mark x{w}: {raw:.0}/s", db.kind.label());
+        for (ordering, label, target) in [
+            (Ordering::Unordered, "unordered", 0.85),
+            (Ordering::PerAggregate, "per-aggregate order", 0.7),
+        ] {
+            let relay = throughput::relay(db, w, n, ordering).await?;
+            eprintln!("{} relay {label} x{w}: {relay:.0}/s", db.kind.label());
+            rows.push(Row {
+                section: "relay throughput",
+                name: format!(
+                    "{} {n} events, {w} relay{}, {label}",
+                    db.kind.label(),
+                    if w == 1 { "" } else { "s" }
+                ),
+                value: relay,
+                unit: "ev/s",
+                baseline: Some((format!("raw loop ×{w}"), raw)),
+                target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(target)),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Relay throughput to a no-op sink against a raw-SQL claim-and-mark loop on the same table.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use sea_orm::sqlx;
+use seaorm_outbox::relay::{Ordering, Relay, RelayConfig};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{BenchDb, Kind};
+use crate::sink::Sink;
+
+pub(crate) const BATCH: u32 = 500;
+
+/// Events/s of `workers` raw claim-and-mark loops draining `n` seeded events.
+pub(crate) async fn raw(db: &BenchDb, workers: usize, n: u64) -> Result<f64> {
+    db.reset().await?;
+    db.seed_pending(n, 1000).await?;
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..workers {
+        let conn = db.pool(2).await?;
+        let kind = db.kind;
+        tasks.push(tokio::spawn(async move { raw_loop(kind, conn).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(db.count_pending().await? == 0, "raw loop left events");
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+async fn raw_loop(kind: Kind, conn: sea_orm::DatabaseConnection) -> Result<()> {
+    let batch = i64::from(BATCH);
+    match kind {
+        Kind::Postgres => {
+            let pool = conn.get_postgres_connection_pool();
+            loop {
+                let mut tx = pool.begin().await?;
+                let ids: Vec<Uuid> = sqlx::query_scalar(
+                    "SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= now() \
+                     ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                )
+                .bind(batch)
+                .fetch_all(&mut *tx)
+                .await?;
+                if ids.is_empty() {
+                    tx.commit().await?;
+                    return Ok(());
+                }
+                sqlx::query("UPDATE outbox_events SET status = 'published', published_at = now() WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+        }
+        Kind::MySql => {
+            let pool = conn.get_mysql_connection_pool();
+            loop {
+                let mut tx = pool.begin().await?;
+                let ids: Vec<Vec<u8>> = sqlx::query_scalar(
+                    "SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= UTC_TIMESTAMP(6) \
+                     ORDER BY next_attempt_at, id LIMIT ? FOR UPDATE SKIP LOCKED",
+                )
+                .bind(batch)
+                .fetch_all(&mut *tx)
+                .await?;
+                if ids.is_empty() {
+                    tx.commit().await?;
+                    return Ok(());
+                }
+                let marks = vec!["?"; ids.len()].join(",");
+                let sql = format!(
+                    "UPDATE outbox_events SET status = 'published', published_at = UTC_TIMESTAMP(6) WHERE id IN ({marks})"
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for id in &ids {
+                    q = q.bind(id);
+                }
+                q.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Kind::Sqlite => {
+            let pool = conn.get_sqlite_connection_pool();
+            loop {
+                let now = chrono::Utc::now();
+                let done = sqlx::query(
+                    "UPDATE outbox_events SET status = 'published', published_at = ?1 WHERE id IN \
+                     (SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= ?1 \
+                      ORDER BY next_attempt_at, id LIMIT ?2)",
+                )
+                .bind(now)
+                .bind(batch)
+                .execute(pool)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn relay_config(ordering: Ordering) -> RelayConfig {
+    RelayConfig::default()
+        .batch_size(BATCH)
+        .ordering(ordering)
+        .listen_notify(false)
+        .metrics_interval(None)
+        .idle_poll_interval(Duration::from_secs(1))
+}
+
+/// Events/s of `relays` relays draining `n` seeded events to a no-op sink.
+pub(crate) async fn relay(db: &BenchDb, relays: usize, n: u64, ordering: Ordering) -> Result<f64> {
+    db.reset().await?;
+    db.seed_pending(n, 1000).await?;
+    let sink = Sink::default();
+    let elapsed = drain_with(db, relays, sink, relay_config(ordering), n).await?;
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// Runs relays until `n` events were delivered and nothing is pending; returns the time taken.
+pub(crate) async fn drain_with(
+    db: &BenchDb,
+    relays: usize,
+    sink: Sink,
+    config: RelayConfig,
+    n: u64,
+) -> Result<Duration> {
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut built = Vec::new();
+    for r in 0..relays {
+        built.push(
+            Relay::builder(db.pool(2).await?, sink.clone())
+                .config(config.clone().name(format!("bench{r}")))
+                .build()?,
+        );
+    }
+    let start = Instant::now();
+    for relay in built {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move { relay.run(stop).await }));
+    }
+    while sink.delivered() < n {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    while db.count_pending().await? > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed();
+    stop.cancel();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(elapsed)
+}
