@@ -6,12 +6,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
-use seaorm_outbox_entity::{
-    OutboxEventActiveModel, OutboxEventColumn as Col, OutboxEvents, OutboxStatus,
-};
+use seaorm_outbox_entity::{OutboxEventColumn as Col, OutboxEvents, OutboxStatus};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -334,33 +332,37 @@ impl<C: ConnectionTrait> OutboxRepository for Outbox<'_, C> {
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Uuid> = valid.iter().map(|e| e.id).collect();
         let created_at = now();
-        let mut rows = valid.into_iter().map(|e| OutboxEventActiveModel {
-            id: Set(e.id),
-            event_type: Set(e.event_type),
-            aggregate_type: Set(e.aggregate_type),
-            aggregate_id: Set(e.aggregate_id),
-            payload: Set(e.payload),
-            headers: Set(e.headers),
-            occurred_at: Set(e.occurred_at),
-            created_at: Set(created_at),
-            status: Set(OutboxStatus::Pending),
-            attempts: Set(0),
-            last_error: Set(None),
-            next_attempt_at: Set(created_at),
-            published_at: Set(None),
-            failed_at: Set(None),
-            locked_by: Set(None),
-            locked_until: Set(None),
-        });
-        loop {
+        let backend = self.db.get_database_backend();
+        // A hand-written INSERT: the statement a raw-SQL outbox would send, cached per backend
+        // for the common single-event case, so the write path costs no more than one.
+        let mut rows = valid.into_iter().peekable();
+        while rows.peek().is_some() {
             let chunk: Vec<_> = rows.by_ref().take(INSERT_CHUNK).collect();
-            if chunk.is_empty() {
-                return Ok(ids);
+            let n = chunk.len();
+            let mut values = Vec::with_capacity(n * INSERT_PARAMS);
+            for e in chunk {
+                values.extend([
+                    e.id.into(),
+                    e.event_type.into(),
+                    e.aggregate_type.into(),
+                    e.aggregate_id.into(),
+                    sea_orm::Value::Json(Some(Box::new(e.payload))),
+                    sea_orm::Value::Json(Some(Box::new(e.headers))),
+                    e.occurred_at.into(),
+                    created_at.into(),
+                    created_at.into(),
+                ]);
             }
-            OutboxEvents::insert_many(chunk)
-                .exec_without_returning(self.db)
+            let sql = insert_sql(backend, n);
+            self.db
+                .execute_raw(sea_orm::Statement::from_sql_and_values(
+                    backend,
+                    sql.as_ref(),
+                    values,
+                ))
                 .await?;
         }
+        Ok(ids)
     }
 
     async fn get_unpublished(&self, limit: u64, offset: u64) -> Result<Vec<OutboxEvent>> {
@@ -448,6 +450,49 @@ impl<C: ConnectionTrait> OutboxRepository for Outbox<'_, C> {
             &[OutboxStatus::Failed],
         )
         .await
+    }
+}
+
+/// Bound values per inserted event.
+const INSERT_PARAMS: usize = 9;
+
+/// `INSERT … VALUES (…)` for `rows` events; the one-row statement is built once per backend.
+fn insert_sql(backend: DbBackend, rows: usize) -> std::borrow::Cow<'static, str> {
+    use std::sync::OnceLock;
+    static ONE: [OnceLock<String>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let build = |rows: usize| {
+        let mut sql = String::from(
+            "INSERT INTO outbox_events (id, event_type, aggregate_type, aggregate_id, payload, \
+             headers, occurred_at, created_at, next_attempt_at, status, attempts) VALUES ",
+        );
+        let mut k = 0;
+        for r in 0..rows {
+            sql.push_str(if r > 0 { ", (" } else { "(" });
+            for c in 0..INSERT_PARAMS {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                k += 1;
+                if backend == DbBackend::Postgres {
+                    sql.push('$');
+                    sql.push_str(&k.to_string());
+                } else {
+                    sql.push('?');
+                }
+            }
+            sql.push_str(", 'pending', 0)");
+        }
+        sql
+    };
+    if rows == 1 {
+        let slot = match backend {
+            DbBackend::Postgres => &ONE[0],
+            DbBackend::MySql => &ONE[1],
+            _ => &ONE[2],
+        };
+        std::borrow::Cow::Borrowed(slot.get_or_init(|| build(1)).as_str())
+    } else {
+        std::borrow::Cow::Owned(build(rows))
     }
 }
 

@@ -223,10 +223,19 @@ impl<P: Publisher> Relay<P> {
                 stats.purged += self.purge().await;
                 next_purge = tokio::time::Instant::now() + self.config.purge_interval;
             }
+            let started = tokio::time::Instant::now();
+            let mut throttle_until = None;
             let pause = match self.cycle(&cancel).await {
                 Ok(cycle) => {
                     db_backoff = Duration::ZERO;
                     stats += cycle.stats;
+                    // An empty claim that was slow scanned a backlog it could not take (every
+                    // aggregate busy with other relays): scan again no sooner than 4× its cost,
+                    // even when woken, so surplus relays cannot crowd the database.
+                    let cost = started.elapsed();
+                    if cycle.claimed == 0 && cost > Duration::from_millis(2) {
+                        throttle_until = Some(tokio::time::Instant::now() + cost * 4);
+                    }
                     if cycle.claimed >= self.config.batch_size as usize {
                         // A full batch: there is probably more, poll again at once.
                         Duration::ZERO
@@ -251,6 +260,12 @@ impl<P: Publisher> Relay<P> {
                     () = cancel.cancelled() => {}
                     () = wake.notified() => {}
                     () = tokio::time::sleep(pause) => {}
+                }
+            }
+            if let Some(until) = throttle_until {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = tokio::time::sleep_until(until) => {}
                 }
             }
         }
