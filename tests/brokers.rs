@@ -19,12 +19,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::TestDb;
-use sea_orm::{DatabaseConnection, EntityTrait};
 use seaorm_outbox::relay::{Ordering, RelayConfig};
 use seaorm_outbox::{
     NewEvent, Outbox, OutboxConfig, OutboxEvent, OutboxRepository, OutboxStatus, Publisher,
 };
-use support::{fast, pending, run_relays_until_empty, scattered_events, seed, wait_until};
+use support::{
+    all_rows, fast, pending, run_relays_until_empty, scattered_events, seed, wait_until,
+};
 use uuid::Uuid;
 
 const EVENTS: usize = 5_000;
@@ -33,16 +34,6 @@ const EVENTS: usize = 5_000;
 struct Got {
     headers: HashMap<String, String>,
     body: Vec<u8>,
-}
-
-async fn rows(db: &DatabaseConnection) -> Vec<OutboxEvent> {
-    seaorm_outbox_entity::OutboxEvents::find()
-        .all(db)
-        .await
-        .expect("rows")
-        .into_iter()
-        .map(|m| OutboxEvent::try_from(m).expect("row"))
-        .collect()
 }
 
 /// Every stored event arrived once, with its payload bytes and headers, in aggregate order.
@@ -103,7 +94,7 @@ async fn drain_all<P: Publisher + Clone + 'static>(t: &TestDb, publisher: P) -> 
         EVENTS as u64,
         "{stats:?}"
     );
-    rows(&t.db).await
+    all_rows(&t.db).await
 }
 
 /// Runs one relay while the broker is unreachable, checks events stay pending with attempts
@@ -129,7 +120,7 @@ async fn outage<P: Publisher + Clone + 'static>(
     wait_until(
         Duration::from_secs(60),
         "attempts to be recorded during the outage",
-        || async { rows(&t.db).await.iter().any(|e| e.attempts >= 2) },
+        || async { all_rows(&t.db).await.iter().any(|e| e.attempts >= 2) },
     )
     .await;
     assert_eq!(
@@ -149,7 +140,7 @@ async fn outage<P: Publisher + Clone + 'static>(
     assert_eq!(stats.published, ids.len() as u64, "{stats:?}");
     assert!(stats.retried > 0, "{stats:?}");
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
-    let stored = rows(&t.db).await;
+    let stored = all_rows(&t.db).await;
     assert!(stored.iter().all(|e| e.status == OutboxStatus::Published));
     assert!(
         stored

@@ -18,7 +18,9 @@ use seaorm_outbox::relay::{Backoff, DeadLetterPolicy, Jitter, Ordering, Relay, R
 use seaorm_outbox::{
     Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome, Publisher,
 };
-use support::{base, fast, pending, run_relays_until_empty, scattered_events, seed, wait_until};
+use support::{
+    all_rows, base, fast, pending, run_relays_until_empty, scattered_events, seed, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -337,11 +339,7 @@ async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
         .config(RelayConfig::default().batch_size(10))
         .build()
         .expect("relay");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { stale.run(stop).await }
-    });
+    let (stop, task) = support::spawn(stale);
     gate.entered.notified().await;
 
     // Time passes: the stale relay's lease runs out while it is still publishing.
@@ -438,17 +436,6 @@ fn rand_unit() -> f64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Uuid::now_v7().as_u128());
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-async fn all_rows(db: &DatabaseConnection) -> Vec<OutboxEvent> {
-    use sea_orm::EntityTrait;
-    seaorm_outbox_entity::OutboxEvents::find()
-        .all(db)
-        .await
-        .expect("rows")
-        .into_iter()
-        .map(|m| OutboxEvent::try_from(m).expect("row"))
-        .collect()
 }
 
 async fn flaky_publisher_delivers_everything_with_recorded_attempts(t: &TestDb) {
@@ -707,11 +694,7 @@ async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
         ))
         .build()
         .expect("relay");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (stop, task) = support::spawn(relay);
     gate.entered.notified().await;
     assert!(locked_rows(&t.db).await > 0, "the batch is claimed");
     let cancelled = Instant::now();
@@ -753,11 +736,7 @@ async fn cancel_with_grace_finishes_the_batch(t: &TestDb) {
         ))
         .build()
         .expect("relay");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (stop, task) = support::spawn(relay);
     gate.entered.notified().await;
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -781,11 +760,7 @@ async fn retention_purges_only_old_published_events(t: &TestDb) {
         ))
         .build()
         .expect("relay");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (stop, task) = support::spawn(relay);
     wait_until(Duration::from_secs(5), "the drain", || async {
         pending(&t.db).await == 0
     })
@@ -830,11 +805,7 @@ async fn notify_wakes_an_idle_relay_on_commit_only(t: &TestDb) {
         .config(RelayConfig::default().idle_poll_interval(Duration::from_secs(30)))
         .build()
         .expect("relay");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (stop, task) = support::spawn(relay);
     // Let the first (empty) poll and the LISTEN happen.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -971,11 +942,7 @@ async fn without_listen_an_idle_relay_waits_for_its_poll(t: &TestDb) {
         )
         .build()
         .expect("relay");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (stop, task) = support::spawn(relay);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let committed = Instant::now();
     Outbox::new(&t.db)

@@ -6,6 +6,8 @@
 //! ```
 //!
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`.
+//! `--pg-only` skips MariaDB and SQLite in `throughput`; `--vacuum-every-ms N` runs `VACUUM` on the
+//! table every N ms, standing in for autovacuum where the server has it off.
 //! `--quick` shrinks every size so the whole run takes well under two minutes; its figures are
 //! only a smoke test.
 
@@ -71,13 +73,33 @@ async fn main() -> Result<()> {
         .map(|s| s.split(',').map(str::to_owned).collect());
     let wants = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
     let sizes = Sizes::new(quick);
+    let pg_only = args.iter().any(|a| a == "--pg-only");
+    // `--vacuum-every-ms N`: a side task VACUUMs the table, standing in for autovacuum where it
+    // is off (as on the machine BENCHMARKS.md was measured on).
+    let vacuum_every = args
+        .iter()
+        .position(|a| a == "--vacuum-every-ms")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<u64>().ok());
     let mut rows: Vec<Row> = Vec::new();
     let started = std::time::Instant::now();
 
     let pg = BenchDb::new(Kind::Postgres).await?;
+    let vacuum_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(ms) = vacuum_every {
+        let conn = pg.pool(1).await?;
+        let stop = vacuum_stop.clone();
+        tokio::spawn(async move {
+            use sea_orm::ConnectionTrait;
+            while !stop.is_cancelled() {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                let _ = conn.execute_unprepared("VACUUM outbox_events").await;
+            }
+        });
+    }
     if wants("throughput") {
         throughput_section(&pg, sizes.drain, &[1, 2, 4], &mut rows).await?;
-        for kind in [Kind::MySql, Kind::Sqlite] {
+        for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
             let other = BenchDb::new(kind).await?;
             throughput_section(&other, sizes.drain_other, &[1], &mut rows).await?;
             other.drop().await?;
@@ -111,6 +133,7 @@ async fn main() -> Result<()> {
     if wants("brokers") {
         brokers::section(&pg, sizes.broker, &mut rows).await?;
     }
+    vacuum_stop.cancel();
     pg.drop().await?;
 
     println!();

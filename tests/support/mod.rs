@@ -108,3 +108,27 @@ pub async fn run_relays_until_empty<P: Publisher + Clone + 'static>(
     }
     stats
 }
+
+/// Runs `relay` in a task until the returned token is cancelled; the handle yields its stats.
+pub fn spawn<P: Publisher + 'static>(
+    relay: Relay<P>,
+) -> (CancellationToken, tokio::task::JoinHandle<RelayStats>) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    (stop, task)
+}
+
+/// Every row of the outbox, in any status.
+pub async fn all_rows(db: &DatabaseConnection) -> Vec<seaorm_outbox::OutboxEvent> {
+    use sea_orm::EntityTrait;
+    seaorm_outbox_entity::OutboxEvents::find()
+        .all(db)
+        .await
+        .expect("rows")
+        .into_iter()
+        .map(|m| seaorm_outbox::OutboxEvent::try_from(m).expect("row"))
+        .collect()
+}
