@@ -72,9 +72,8 @@ fn with_database(url: &str, db: &str) -> String {
 
 impl TestDb {
     pub async fn new(backend: Backend) -> Self {
-        let mut t = Self::empty(backend).await;
+        let t = Self::empty(backend).await;
         Migrator::up(&t.db, None).await.expect("migrations apply");
-        t.name = t.name.clone();
         t
     }
 
