@@ -7,7 +7,8 @@
 //!
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`.
 //! `--pg-only` skips MariaDB and SQLite in `throughput`; `--vacuum-every-ms N` runs `VACUUM` on the
-//! table every N ms, standing in for autovacuum where the server has it off.
+//! table every N ms, standing in for autovacuum where the server has it off. The throughput backlog
+//! spreads over 1,000 aggregates unless `OUTBOX_BENCH_AGGREGATES` says otherwise.
 //! `--quick` shrinks every size so the whole run takes well under two minutes; its figures are
 //! only a smoke test.
 

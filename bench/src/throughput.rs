@@ -13,10 +13,18 @@ use crate::sink::Sink;
 
 pub(crate) const BATCH: u32 = 500;
 
+/// Aggregates the throughput backlog is spread over: 1,000, or `OUTBOX_BENCH_AGGREGATES`.
+fn aggregates() -> u64 {
+    std::env::var("OUTBOX_BENCH_AGGREGATES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
 /// Events/s of `workers` raw claim-and-mark loops draining `n` seeded events.
 pub(crate) async fn raw(db: &BenchDb, workers: usize, n: u64) -> Result<f64> {
     db.reset().await?;
-    db.seed_pending(n, 1000).await?;
+    db.seed_pending(n, aggregates()).await?;
     let mut tasks = Vec::new();
     let start = Instant::now();
     for _ in 0..workers {
@@ -117,7 +125,7 @@ pub(crate) fn relay_config(ordering: Ordering) -> RelayConfig {
 /// Events/s of `relays` relays draining `n` seeded events to a no-op sink.
 pub(crate) async fn relay(db: &BenchDb, relays: usize, n: u64, ordering: Ordering) -> Result<f64> {
     db.reset().await?;
-    db.seed_pending(n, 1000).await?;
+    db.seed_pending(n, aggregates()).await?;
     let sink = Sink::default();
     let elapsed = drain_with(db, relays, sink, relay_config(ordering), n).await?;
     Ok(n as f64 / elapsed.as_secs_f64())
