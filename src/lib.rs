@@ -9,9 +9,9 @@
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
 //! * [`repository`]: the [`OutboxRepository`] contract and its SeaORM implementation, [`Outbox`],
 //!   which works on any `ConnectionTrait`, pool or transaction alike.
-//! * [`publisher`]: the [`Publisher`](publisher::Publisher) trait the relay delivers through,
+//! * [`publisher`]: the [`Publisher`] trait the relay delivers through,
 //!   with an in-memory and a logging publisher.
-//! * [`relay`]: the [`Relay`](relay::Relay) loop: claim under a lease, publish, write back,
+//! * [`relay`]: the [`Relay`] loop: claim under a lease, publish, write back,
 //!   retry with backoff, dead-letter, keep per-aggregate order, purge old rows.
 //! * [`stats`]: backlog snapshots and health checks; [`telemetry`]: metric names and trace
 //!   context capture.
