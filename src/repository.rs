@@ -461,28 +461,13 @@ fn insert_sql(backend: DbBackend, rows: usize) -> std::borrow::Cow<'static, str>
     use std::sync::OnceLock;
     static ONE: [OnceLock<String>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let build = |rows: usize| {
-        let mut sql = String::from(
+        let row = format!("({}, 'pending', 0)", sql::placeholders(INSERT_PARAMS));
+        let sql = format!(
             "INSERT INTO outbox_events (id, event_type, aggregate_type, aggregate_id, payload, \
-             headers, occurred_at, created_at, next_attempt_at, status, attempts) VALUES ",
+             headers, occurred_at, created_at, next_attempt_at, status, attempts) VALUES {}",
+            vec![row; rows].join(", ")
         );
-        let mut k = 0;
-        for r in 0..rows {
-            sql.push_str(if r > 0 { ", (" } else { "(" });
-            for c in 0..INSERT_PARAMS {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                k += 1;
-                if backend == DbBackend::Postgres {
-                    sql.push('$');
-                    sql.push_str(&k.to_string());
-                } else {
-                    sql.push('?');
-                }
-            }
-            sql.push_str(", 'pending', 0)");
-        }
-        sql
+        sql::for_backend(backend, &sql).into_owned()
     };
     if rows == 1 {
         let slot = match backend {

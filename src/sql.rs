@@ -8,11 +8,15 @@ use sea_orm::{DbBackend, Statement, Value};
 
 /// Builds a statement for `backend` from a `?`-placeholder template.
 pub(crate) fn stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
-    let sql = match backend {
-        DbBackend::Postgres => number_placeholders(sql),
-        _ => sql.to_owned(),
-    };
-    Statement::from_sql_and_values(backend, sql, values)
+    Statement::from_sql_and_values(backend, for_backend(backend, sql).into_owned(), values)
+}
+
+/// The template with PostgreSQL's `$n` placeholders where needed.
+pub(crate) fn for_backend(backend: DbBackend, sql: &str) -> std::borrow::Cow<'_, str> {
+    match backend {
+        DbBackend::Postgres => std::borrow::Cow::Owned(number_placeholders(sql)),
+        _ => std::borrow::Cow::Borrowed(sql),
+    }
 }
 
 /// `?, ?, ?` for `n` values.

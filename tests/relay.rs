@@ -296,6 +296,16 @@ struct Gate {
     open: Arc<tokio::sync::Semaphore>,
 }
 
+impl Gate {
+    /// A gate that lets nothing through until permits are added.
+    fn closed() -> Self {
+        Self {
+            entered: Arc::default(),
+            open: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
 #[async_trait]
 impl Publisher for Gate {
     async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
@@ -331,10 +341,7 @@ async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
             .collect(),
     )
     .await;
-    let gate = Gate {
-        entered: Arc::default(),
-        open: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let gate = Gate::closed();
     let stale = Relay::builder(t.connect_again().await, gate.clone())
         .config(RelayConfig::default().batch_size(10))
         .build()
@@ -684,10 +691,7 @@ async fn locked_rows(db: &DatabaseConnection) -> usize {
 
 async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
     seed(&t.db, scattered_events(30, 5)).await;
-    let gate = Gate {
-        entered: Arc::default(),
-        open: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let gate = Gate::closed();
     let relay = Relay::builder(t.db.clone(), gate.clone())
         .config(fast(
             RelayConfig::default().shutdown_grace(Duration::from_millis(100)),
@@ -726,10 +730,7 @@ async fn cancel_with_grace_finishes_the_batch(t: &TestDb) {
             .collect(),
     )
     .await;
-    let gate = Gate {
-        entered: Arc::default(),
-        open: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let gate = Gate::closed();
     let relay = Relay::builder(t.db.clone(), gate.clone())
         .config(fast(
             RelayConfig::default().shutdown_grace(Duration::from_secs(10)),

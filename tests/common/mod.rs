@@ -105,7 +105,7 @@ impl TestDb {
                     "sqlite://{}?mode=rwc",
                     dir.path().join("outbox.db").display()
                 );
-                let db = connect("SQLite", sqlite_file_opts(&url)).await;
+                let db = open(backend, &url, &name).await;
                 Self {
                     backend,
                     db,
@@ -122,9 +122,7 @@ impl TestDb {
                     .await
                     .expect("create test schema");
                 admin.close().await.ok();
-                let mut opts = quiet(ConnectOptions::new(&url));
-                opts.set_schema_search_path(name.clone());
-                let db = connect("PostgreSQL", opts).await;
+                let db = open(backend, &url, &name).await;
                 Self {
                     backend,
                     db,
@@ -142,7 +140,7 @@ impl TestDb {
                     .expect("create test database");
                 admin.close().await.ok();
                 let url = with_database(&admin_url, &name);
-                let db = connect("MariaDB/MySQL", quiet(ConnectOptions::new(&url))).await;
+                let db = open(backend, &url, &name).await;
                 Self {
                     backend,
                     db,
@@ -158,13 +156,7 @@ impl TestDb {
     pub async fn connect_again(&self) -> DatabaseConnection {
         match self.backend {
             Backend::SqliteMemory => self.db.clone(),
-            Backend::SqliteFile => connect("SQLite", sqlite_file_opts(&self.url)).await,
-            Backend::Postgres => {
-                let mut opts = quiet(ConnectOptions::new(&self.url));
-                opts.set_schema_search_path(self.name.clone());
-                connect("PostgreSQL", opts).await
-            }
-            Backend::MySql => connect("MariaDB/MySQL", quiet(ConnectOptions::new(&self.url))).await,
+            other => open(other, &self.url, &self.name).await,
         }
     }
 
@@ -182,16 +174,13 @@ impl TestDb {
         let backend = std::env::var("OUTBOX_CHILD_BACKEND").ok()?;
         let url = std::env::var("OUTBOX_CHILD_URL").ok()?;
         let name = std::env::var("OUTBOX_CHILD_NAME").ok()?;
-        Some(match backend.as_str() {
-            "SqliteFile" => connect("SQLite", sqlite_file_opts(&url)).await,
-            "Postgres" => {
-                let mut opts = quiet(ConnectOptions::new(&url));
-                opts.set_schema_search_path(name);
-                connect("PostgreSQL", opts).await
-            }
-            "MySql" => connect("MariaDB/MySQL", quiet(ConnectOptions::new(&url))).await,
+        let backend = match backend.as_str() {
+            "SqliteFile" => Backend::SqliteFile,
+            "Postgres" => Backend::Postgres,
+            "MySql" => Backend::MySql,
             other => panic!("backend {other} cannot be shared with a child process"),
-        })
+        };
+        Some(open(backend, &url, &name).await)
     }
 
     pub fn db_backend(&self) -> DbBackend {
@@ -223,6 +212,21 @@ impl TestDb {
             }
             Backend::SqliteMemory | Backend::SqliteFile => {}
         }
+    }
+}
+
+/// A pool on an existing isolated database: `name` is the PostgreSQL schema.
+async fn open(backend: Backend, url: &str, name: &str) -> DatabaseConnection {
+    match backend {
+        Backend::SqliteMemory | Backend::SqliteFile => {
+            connect("SQLite", sqlite_file_opts(url)).await
+        }
+        Backend::Postgres => {
+            let mut opts = quiet(ConnectOptions::new(url));
+            opts.set_schema_search_path(name.to_owned());
+            connect("PostgreSQL", opts).await
+        }
+        Backend::MySql => connect("MariaDB/MySQL", quiet(ConnectOptions::new(url))).await,
     }
 }
 
