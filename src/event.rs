@@ -283,7 +283,9 @@ pub struct OutboxEvent {
     pub published_at: Option<DateTime<Utc>>,
     /// When it was dead-lettered.
     pub failed_at: Option<DateTime<Utc>>,
-    /// The lease holder, while a relay is publishing it.
+    /// The lease holder, while a relay is publishing it. Set on the events a relay hands its
+    /// publisher; read back from the table it is only set on MySQL and SQLite, which lease
+    /// row by row (PostgreSQL keeps one `outbox_leases` row per batch instead).
     pub locked_by: Option<String>,
 }
 

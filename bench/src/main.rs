@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`.
-//! `--pg-only` skips MariaDB and SQLite in `throughput`; `--vacuum-every-ms N` runs `VACUUM` on the
+//! `--pg-only` skips MariaDB and SQLite in `throughput`; `--relays 1,2,4` picks the relay counts
+//! (PostgreSQL) and `--ordering unordered|ordered` one ordering; `--vacuum-every-ms N` runs `VACUUM` on the
 //! table every N ms, standing in for autovacuum where the server has it off. The throughput backlog
 //! spreads over 1,000 aggregates unless `OUTBOX_BENCH_AGGREGATES` says otherwise.
 //! `--quick` shrinks every size so the whole run takes well under two minutes; its figures are
@@ -82,6 +83,22 @@ async fn main() -> Result<()> {
         .position(|a| a == "--vacuum-every-ms")
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse::<u64>().ok());
+    let relays: Vec<usize> = args
+        .iter()
+        .position(|a| a == "--relays")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4]);
+    let orderings: Vec<Ordering> = match args
+        .iter()
+        .position(|a| a == "--ordering")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
+        Some("unordered") => vec![Ordering::Unordered],
+        Some("ordered") => vec![Ordering::PerAggregate],
+        _ => vec![Ordering::Unordered, Ordering::PerAggregate],
+    };
     let mut rows: Vec<Row> = Vec::new();
     let started = std::time::Instant::now();
 
@@ -99,10 +116,10 @@ async fn main() -> Result<()> {
         });
     }
     if wants("throughput") {
-        throughput_section(&pg, sizes.drain, &[1, 2, 4], &mut rows).await?;
+        throughput_section(&pg, sizes.drain, &relays, &orderings, &mut rows).await?;
         for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
             let other = BenchDb::new(kind).await?;
-            throughput_section(&other, sizes.drain_other, &[1], &mut rows).await?;
+            throughput_section(&other, sizes.drain_other, &[1], &orderings, &mut rows).await?;
             other.drop().await?;
         }
     }
@@ -158,15 +175,26 @@ async fn throughput_section(
     db: &BenchDb,
     n: u64,
     workers: &[usize],
+    orderings: &[Ordering],
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     for &w in workers {
         let raw = throughput::raw(db, w, n).await?;
         eprintln!("{} raw claim-and-mark x{w}: {raw:.0}/s", db.kind.label());
+        if db.kind == Kind::Postgres && std::env::var_os("OUTBOX_BENCH_LEASE_PROBE").is_some() {
+            let probe = throughput::lease_table_probe(db, w, n).await?;
+            eprintln!(
+                "PostgreSQL lease-table probe x{w}: {probe:.0}/s ({:.2}x)",
+                probe / raw
+            );
+        }
         for (ordering, label, target) in [
             (Ordering::Unordered, "unordered", 0.85),
             (Ordering::PerAggregate, "per-aggregate order", 0.7),
-        ] {
+        ]
+        .into_iter()
+        .filter(|(o, _, _)| orderings.contains(o))
+        {
             let relay = throughput::relay(db, w, n, ordering).await?;
             eprintln!("{} relay {label} x{w}: {relay:.0}/s", db.kind.label());
             rows.push(Row {

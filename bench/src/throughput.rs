@@ -167,3 +167,92 @@ pub(crate) async fn drain_with(
     }
     Ok(elapsed)
 }
+
+/// Events/s of `workers` loops of a *lease-table* design, PostgreSQL only: the claim reads due
+/// rows (with their payloads, as a relay must) that no live lease holds and records one lease
+/// row holding their ids; the write-back deletes the lease and marks the rows, in one
+/// transaction. No row is written at claim time. Claims are serialised by an advisory lock,
+/// because without a row write a concurrent claim's snapshot could not see the new lease.
+pub(crate) async fn lease_table_probe(db: &BenchDb, workers: usize, n: u64) -> Result<f64> {
+    db.reset().await?;
+    db.exec(
+        "CREATE TABLE IF NOT EXISTS bench_leases (token uuid PRIMARY KEY, \
+         locked_until timestamptz NOT NULL, ids uuid[] NOT NULL)",
+    )
+    .await?;
+    db.exec("TRUNCATE bench_leases").await?;
+    db.seed_pending(n, aggregates()).await?;
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..workers {
+        let conn = db.pool(2).await?;
+        tasks.push(tokio::spawn(async move { lease_table_loop(conn).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        db.count_pending().await? == 0,
+        "lease-table loop left events"
+    );
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+async fn lease_table_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {
+    use sea_orm::sqlx::Row as _;
+    let pool = conn.get_postgres_connection_pool();
+    let batch = i64::from(BATCH);
+    loop {
+        let token = Uuid::now_v7();
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(4242)")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM bench_leases WHERE locked_until < now()")
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT id, event_type, aggregate_type, aggregate_id, payload, headers, occurred_at, attempts \
+             FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= now() \
+             AND id NOT IN (SELECT unnest(ids) FROM bench_leases) \
+             ORDER BY next_attempt_at, id LIMIT $1",
+        )
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get::<Uuid, _>(0)).collect();
+        if ids.is_empty() {
+            tx.commit().await?;
+            let live: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_leases")
+                .fetch_one(pool)
+                .await?;
+            if live == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO bench_leases (token, locked_until, ids) VALUES ($1, now() + interval '30 seconds', $2)",
+        )
+        .bind(token)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut tx = pool.begin().await?;
+        let held = sqlx::query("DELETE FROM bench_leases WHERE token = $1")
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        anyhow::ensure!(held.rows_affected() == 1, "lease lost");
+        sqlx::query(
+            "UPDATE outbox_events SET status = 'published', published_at = now() WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+}

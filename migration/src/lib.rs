@@ -28,10 +28,12 @@ use sea_orm_migration::prelude::*;
 mod m20261127_000001_create_outbox_events;
 mod m20261127_000002_relay_lease_and_notify;
 mod m20261127_000003_tune_for_queue_workload;
+mod m20261127_000004_batch_leases;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
 pub use m20261127_000003_tune_for_queue_workload::Migration as TuneForQueueWorkload;
+pub use m20261127_000004_batch_leases::Migration as BatchLeases;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -41,7 +43,12 @@ pub const NOTIFY_CHANNEL: &str = "seaorm_outbox";
 
 /// Every outbox migration, oldest first. Append these to a host app's migrator.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(CreateOutboxEvents), Box::new(RelayLeaseAndNotify)]
+    vec![
+        Box::new(CreateOutboxEvents),
+        Box::new(RelayLeaseAndNotify),
+        Box::new(TuneForQueueWorkload),
+        Box::new(BatchLeases),
+    ]
 }
 
 /// A standalone migrator with its own bookkeeping table ([`MIGRATION_TABLE`]).

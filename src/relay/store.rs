@@ -1,18 +1,21 @@
 //! The relay's SQL: claiming a batch under a lease, and writing outcomes back only while the
 //! lease is still ours.
 //!
-//! A claim sets `locked_by` to a token unique to this batch and moves `next_attempt_at` to the
-//! lease end, so a claimed row is simply "not due" to every other relay, and one partial index
-//! on `(next_attempt_at, id) WHERE status = 'pending'` serves the claim. Every write-back is
-//! conditional on `locked_by = token`: if the lease expired and another relay re-claimed the
-//! row, the late writer changes nothing.
+//! * PostgreSQL: **one lease row per batch.** A claim takes a per-table advisory lock, drops
+//!   expired leases, reads due rows that no live lease holds, and inserts one `outbox_leases`
+//!   row with their ids; it writes no event row. The lock serialises claims, so each claim's
+//!   snapshot sees every earlier claim's lease (without it, two claims could read the same rows
+//!   before either lease committed). The write-back deletes the lease and updates the rows in
+//!   one transaction; if the lease is gone (it expired and another relay took the rows over),
+//!   it changes nothing. A stamped row lease cost a second full row write per event, which
+//!   capped throughput near half a raw claim-and-mark loop (BENCHMARKS.md).
+//! * SQLite: `UPDATE … SET locked_by, locked_until, next_attempt_at WHERE id IN (SELECT …)
+//!   RETURNING *`. A claimed row is simply "not due" to everyone else; SQLite has one writer at
+//!   a time, so the statement is atomic. Write-backs are conditional on `locked_by = token`.
+//! * MySQL/MariaDB (no `UPDATE … RETURNING`, no `LIMIT` in `IN` subqueries): the same row lease
+//!   in a short READ COMMITTED transaction of `SELECT … FOR UPDATE SKIP LOCKED` then `UPDATE`.
 //!
-//! * PostgreSQL: one `UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING *`.
-//! * SQLite: the same statement without the lock clause; SQLite has one writer at a time, so the
-//!   statement is atomic anyway.
-//! * MySQL/MariaDB (no `UPDATE … RETURNING`, no `LIMIT` in `IN` subqueries): a short
-//!   READ COMMITTED transaction of `SELECT … FOR UPDATE SKIP LOCKED` then `UPDATE`. It never
-//!   spans the broker call.
+//! No claim transaction ever spans the broker call.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
@@ -85,11 +88,12 @@ impl Claim<'_> {
         )
     }
 
-    /// Due heads, oldest due first, at most `limit` of them.
-    fn heads(&self, lock: &str, fence: &str) -> String {
+    /// Due heads, oldest due first, at most `limit` of them. `also` is an extra condition on
+    /// `e` (PostgreSQL: not held by a live lease).
+    fn heads(&self, lock: &str, fence: &str, also: &str) -> String {
         format!(
             "SELECT e.id, e.aggregate_type, e.aggregate_id FROM outbox_events e \
-             WHERE e.status = 'pending' AND e.next_attempt_at <= ? AND {} \
+             WHERE e.status = 'pending' AND e.next_attempt_at <= ?{also} AND {} \
              ORDER BY e.next_attempt_at, e.id LIMIT ?{lock}",
             self.is_head(fence)
         )
@@ -107,45 +111,28 @@ impl Claim<'_> {
 pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
     let backend = db.get_database_backend();
     let limit = i64::from(c.limit);
-    if backend == DbBackend::MySql {
-        return claim_mysql(db, c).await;
+    match backend {
+        DbBackend::MySql => return claim_mysql(db, c).await,
+        DbBackend::Postgres => return claim_postgres(db, c).await,
+        _ => {}
     }
     let mut values: Vec<Value> = vec![c.token.into(), c.lease_end.into(), c.lease_end.into()];
-    let ids = match (c.ordering, backend) {
-        (Ordering::Unordered, _) => {
+    let ids = match c.ordering {
+        Ordering::Unordered => {
             values.extend([c.now.into(), limit.into()]);
-            let lock = if backend == DbBackend::Postgres {
-                " FOR UPDATE SKIP LOCKED"
-            } else {
-                ""
-            };
-            format!(
-                "SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= ? \
-                 ORDER BY next_attempt_at, id LIMIT ?{lock}"
-            )
+            "SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= ? \
+             ORDER BY next_attempt_at, id LIMIT ?"
+                .to_owned()
         }
-        (Ordering::PerAggregate, DbBackend::Postgres) => {
-            values.extend([c.now.into(), limit.into(), limit.into(), limit.into()]);
-            format!(
-                "WITH heads AS ({}) \
-                 SELECT f.id FROM heads h CROSS JOIN LATERAL ( \
-                   SELECT f.id, f.occurred_at FROM outbox_events f \
-                   WHERE f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
-                   AND f.status = 'pending' ORDER BY f.occurred_at, f.id \
-                   LIMIT (SELECT CEIL(?::float8 / GREATEST(COUNT(*), 1))::bigint FROM heads)) f \
-                 ORDER BY f.occurred_at, f.id LIMIT ?",
-                c.heads(" FOR UPDATE SKIP LOCKED", " OFFSET 0")
-            )
-        }
-        (Ordering::PerAggregate, _) => {
-            // SQLite: one writer at a time, so no locks; no LATERAL, so a plain join.
+        Ordering::PerAggregate => {
+            // One writer at a time, so no locks; no LATERAL, so a plain join.
             values.extend([c.now.into(), limit.into(), limit.into()]);
             format!(
                 "WITH heads AS ({}) \
                  SELECT f.id FROM outbox_events f JOIN heads h \
                    ON f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
                  WHERE f.status = 'pending' ORDER BY f.occurred_at, f.id LIMIT ?",
-                c.heads("", "")
+                c.heads("", "", "")
             )
         }
     };
@@ -156,6 +143,66 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<
     let rows = db.query_all_raw(stmt(backend, &sql, values)).await?;
     rows.iter()
         .map(|r| OutboxEventModel::from_query_result(r, "").map_err(Into::into))
+        .collect()
+}
+
+/// Serialises claims on one outbox table: keyed by the table's oid, so outboxes in other
+/// schemas of the same database never wait on each other.
+const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('seaorm_outbox.claim'), \
+     ('outbox_leases'::regclass::oid::bigint % 2147483647)::int)";
+
+/// PostgreSQL: see the module docs. Two statements in one short transaction: the advisory
+/// lock, then drop-expired + select + insert-lease as one statement, whose snapshot is taken
+/// after the lock, so it sees every earlier claim's lease.
+async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
+    let backend = DbBackend::Postgres;
+    let limit = i64::from(c.limit);
+    // `?`s in order: now (expired), now (live), then the selection's own, then token, lease end.
+    let mut values: Vec<Value> = vec![c.now.into(), c.now.into()];
+    let live = " AND e.id NOT IN (SELECT id FROM leased)";
+    let picked = match c.ordering {
+        Ordering::Unordered => {
+            values.extend([c.now.into(), limit.into()]);
+            format!(
+                "SELECT e.* FROM outbox_events e WHERE e.status = 'pending' \
+                 AND e.next_attempt_at <= ?{live} ORDER BY e.next_attempt_at, e.id LIMIT ?"
+            )
+        }
+        Ordering::PerAggregate => {
+            values.extend([c.now.into(), limit.into(), limit.into(), limit.into()]);
+            format!(
+                "SELECT * FROM outbox_events WHERE id IN (WITH heads AS ({}) \
+                 SELECT f.id FROM heads h CROSS JOIN LATERAL ( \
+                   SELECT f.id, f.occurred_at FROM outbox_events f \
+                   WHERE f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
+                   AND f.status = 'pending' AND f.id NOT IN (SELECT id FROM leased) \
+                   ORDER BY f.occurred_at, f.id \
+                   LIMIT (SELECT CEIL(?::float8 / GREATEST(COUNT(*), 1))::bigint FROM heads)) f \
+                 ORDER BY f.occurred_at, f.id LIMIT ?)",
+                c.heads("", " OFFSET 0", live)
+            )
+        }
+    };
+    values.extend([c.token.into(), c.lease_end.into()]);
+    let sql = format!(
+        "WITH expired AS (DELETE FROM outbox_leases WHERE locked_until < ?), \
+         leased AS (SELECT unnest(ids) AS id FROM outbox_leases WHERE locked_until >= ?), \
+         picked AS ({picked}), \
+         lease AS (INSERT INTO outbox_leases (token, locked_until, ids) \
+           SELECT ?, ?, array_agg(id) FROM picked HAVING COUNT(*) > 0) \
+         SELECT * FROM picked"
+    );
+    let txn = db.begin().await?;
+    txn.execute_unprepared(CLAIM_LOCK).await?;
+    let rows = txn.query_all_raw(stmt(backend, &sql, values)).await?;
+    txn.commit().await?;
+    rows.iter()
+        .map(|r| {
+            let mut m = OutboxEventModel::from_query_result(r, "")?;
+            m.locked_by = Some(c.token.to_owned());
+            m.locked_until = Some(c.lease_end);
+            Ok(m)
+        })
         .collect()
 }
 
@@ -182,7 +229,7 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Outbo
             let heads = txn
                 .query_all_raw(stmt(
                     backend,
-                    &c.heads(" FOR UPDATE SKIP LOCKED", ""),
+                    &c.heads(" FOR UPDATE SKIP LOCKED", "", ""),
                     vec![c.now.into(), limit.into()],
                 ))
                 .await?;
@@ -237,45 +284,51 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Outbo
     Ok(models)
 }
 
-/// Writes every fate back with at most one statement per kind, all conditional on the lease,
-/// in one transaction when there is more than one kind.
+/// Writes every fate back with at most one statement per kind, all conditional on the lease:
+/// on PostgreSQL by deleting the batch's lease row first, in the same transaction; elsewhere by
+/// `locked_by = token` on each row, in one transaction when there is more than one kind.
 pub(crate) async fn write_back(
     db: &DatabaseConnection,
     token: &str,
     now: DateTime<Utc>,
     fates: &[(Uuid, Fate)],
 ) -> Result<WriteBack> {
-    let mut published = Vec::new();
-    let mut retried = Vec::new();
-    let mut dead = Vec::new();
-    let mut released = Vec::new();
-    for (id, fate) in fates {
-        match fate {
-            Fate::Published => published.push(*id),
-            Fate::Retry { error, at } => retried.push((*id, error, *at)),
-            Fate::Dead { error } => dead.push((*id, error)),
-            Fate::Release { at } => released.push((*id, *at)),
-        }
-    }
-    let kinds = [
-        !published.is_empty(),
-        !retried.is_empty(),
-        !dead.is_empty(),
-        !released.is_empty(),
-    ]
-    .iter()
-    .filter(|k| **k)
-    .count();
     let mut out = WriteBack {
         expected: fates.len() as u64,
         ..WriteBack::default()
     };
-    if kinds == 0 {
+    let backend = db.get_database_backend();
+    if backend == DbBackend::Postgres {
+        let txn = db.begin().await?;
+        let held = txn
+            .execute_raw(stmt(
+                backend,
+                "DELETE FROM outbox_leases WHERE token = ?",
+                vec![token.into()],
+            ))
+            .await?
+            .rows_affected();
+        if held == 0 {
+            // Expired and taken over: the new owner decides these events' fate.
+            txn.rollback().await?;
+            return Ok(out);
+        }
+        // Released events that may go again at once need no row write: dropping the lease
+        // hands them back.
+        let (due, later): (Vec<_>, Vec<_>) = fates
+            .iter()
+            .partition(|(_, f)| matches!(f, Fate::Release { at } if *at <= now));
+        out.released = due.len() as u64;
+        let later: Vec<(Uuid, Fate)> = later.into_iter().cloned().collect();
+        for (kind, s) in build_write_back(backend, None, now, &sort_fates(&later)) {
+            *out.slot(kind) += txn.execute_raw(s).await?.rows_affected();
+        }
+        txn.commit().await?;
         return Ok(out);
     }
-    let backend = db.get_database_backend();
-    let statements = build_write_back(backend, token, now, &published, &retried, &dead, &released);
-    if kinds == 1 {
+    let sorted = sort_fates(fates);
+    let statements = build_write_back(backend, Some(token), now, &sorted);
+    if statements.len() <= 1 {
         for (kind, s) in statements {
             *out.slot(kind) = db.execute_raw(s).await?.rows_affected();
         }
@@ -287,6 +340,28 @@ pub(crate) async fn write_back(
         txn.commit().await?;
     }
     Ok(out)
+}
+
+/// Fates grouped by kind, each group one statement.
+#[derive(Default)]
+struct Sorted<'a> {
+    published: Vec<Uuid>,
+    retried: Vec<(Uuid, &'a String, DateTime<Utc>)>,
+    dead: Vec<(Uuid, &'a String)>,
+    released: Vec<(Uuid, DateTime<Utc>)>,
+}
+
+fn sort_fates(fates: &[(Uuid, Fate)]) -> Sorted<'_> {
+    let mut s = Sorted::default();
+    for (id, fate) in fates {
+        match fate {
+            Fate::Published => s.published.push(*id),
+            Fate::Retry { error, at } => s.retried.push((*id, error, *at)),
+            Fate::Dead { error } => s.dead.push((*id, error)),
+            Fate::Release { at } => s.released.push((*id, *at)),
+        }
+    }
+    s
 }
 
 #[derive(Clone, Copy)]
@@ -308,25 +383,38 @@ impl WriteBack {
     }
 }
 
-const UNLOCK: &str = "locked_by = NULL, locked_until = NULL";
-
+/// One statement per non-empty kind. `row_lease`: `Some(token)` where rows carry the lease
+/// (each statement is conditional on it and clears it); `None` on PostgreSQL, where the caller
+/// holds the batch's lease row and the rows need only still be pending.
 fn build_write_back(
     backend: DbBackend,
-    token: &str,
+    row_lease: Option<&str>,
     now: DateTime<Utc>,
-    published: &[Uuid],
-    retried: &[(Uuid, &String, DateTime<Utc>)],
-    dead: &[(Uuid, &String)],
-    released: &[(Uuid, DateTime<Utc>)],
+    sorted: &Sorted<'_>,
 ) -> Vec<(Kind, sea_orm::Statement)> {
+    let Sorted {
+        published,
+        retried,
+        dead,
+        released,
+    } = sorted;
     let mut out = Vec::new();
-    // `… WHERE locked_by = ? AND id IN (…)` with the token and ids appended to `values`.
+    // `… WHERE <lease> AND id IN (…)`, the guard's values and the ids appended to `values`.
     let finish = |sql: String, mut values: Vec<Value>, ids: Vec<Uuid>| {
-        let sql = format!(
-            "{sql} WHERE locked_by = ? AND id IN ({})",
-            placeholders(ids.len())
-        );
-        values.push(token.into());
+        let sql = match row_lease {
+            Some(token) => {
+                values.push(token.into());
+                format!(
+                    "{sql}, locked_by = NULL, locked_until = NULL \
+                     WHERE locked_by = ? AND id IN ({})",
+                    placeholders(ids.len())
+                )
+            }
+            None => format!(
+                "{sql} WHERE status = 'pending' AND id IN ({})",
+                placeholders(ids.len())
+            ),
+        };
         values.extend(ids.into_iter().map(Value::from));
         stmt(backend, &sql, values)
     };
@@ -345,9 +433,7 @@ fn build_write_back(
         out.push((
             Kind::Published,
             finish(
-                format!(
-                    "UPDATE outbox_events SET status = 'published', published_at = ?, {UNLOCK}"
-                ),
+                "UPDATE outbox_events SET status = 'published', published_at = ?".to_owned(),
                 vec![now.into()],
                 published.to_vec(),
             ),
@@ -374,7 +460,7 @@ fn build_write_back(
             finish(
                 format!(
                     "UPDATE outbox_events SET attempts = attempts + 1, last_error = {errors}, \
-                     next_attempt_at = {ats}, {UNLOCK}"
+                     next_attempt_at = {ats}"
                 ),
                 values,
                 retried.iter().map(|(id, _, _)| *id).collect(),
@@ -394,7 +480,7 @@ fn build_write_back(
             finish(
                 format!(
                     "UPDATE outbox_events SET status = 'failed', failed_at = ?, \
-                     attempts = attempts + 1, last_error = {errors}, {UNLOCK}"
+                     attempts = attempts + 1, last_error = {errors}"
                 ),
                 values,
                 dead.iter().map(|(id, _)| *id).collect(),
@@ -413,7 +499,7 @@ fn build_write_back(
         out.push((
             Kind::Released,
             finish(
-                format!("UPDATE outbox_events SET next_attempt_at = {ats}, {UNLOCK}"),
+                format!("UPDATE outbox_events SET next_attempt_at = {ats}"),
                 values,
                 released.iter().map(|(id, _)| *id).collect(),
             ),
