@@ -140,8 +140,26 @@ pub struct Relay<P> {
 struct Cycle {
     stats: RelayStats,
     claimed: usize,
-    /// The earliest retry this batch scheduled, to wake for it.
+}
+
+/// A batch that was claimed and offered to the publisher, awaiting its write-back.
+struct Offered {
+    token: String,
+    lease_end: DateTime<Utc>,
+    started: std::time::Instant,
+    events: Vec<OutboxEvent>,
+    fates: Vec<Fate>,
+    /// Every claimed id with its fate, unreadable rows included.
+    by_id: Vec<(Uuid, Fate)>,
+}
+
+/// What the claim-and-publish stage produced.
+struct Round {
+    claimed: usize,
+    /// How long the claim statement took.
+    claim_cost: Duration,
     next_retry: Option<DateTime<Utc>>,
+    offered: Option<Offered>,
 }
 
 impl<P: Publisher> Relay<P> {
@@ -206,6 +224,7 @@ impl<P: Publisher> Relay<P> {
         let mut db_backoff = Duration::ZERO;
         let mut next_purge = tokio::time::Instant::now();
         let mut next_gauges = tokio::time::Instant::now();
+        let mut offered: Option<Offered> = None;
 
         while !cancel.is_cancelled() {
             if let Some(every) = self.config.metrics_interval
@@ -223,24 +242,37 @@ impl<P: Publisher> Relay<P> {
                 stats.purged += self.purge().await;
                 next_purge = tokio::time::Instant::now() + self.config.purge_interval;
             }
-            let started = tokio::time::Instant::now();
             let mut throttle_until = None;
-            let pause = match self.cycle(&cancel).await {
-                Ok(cycle) => {
+            // Pipelined: the previous batch's write-back runs while this batch is claimed and
+            // published, so the database works on both at once (at most one write-back in
+            // flight; a claim never sees the previous batch's rows as free, as its lease holds
+            // until the write-back commits).
+            let previous = offered.take();
+            let (written, round) = tokio::join!(
+                async {
+                    match previous {
+                        Some(o) => self.finish(o).await,
+                        None => RelayStats::default(),
+                    }
+                },
+                self.claim_and_publish(&cancel)
+            );
+            stats += written;
+            let pause = match round {
+                Ok(round) => {
                     db_backoff = Duration::ZERO;
-                    stats += cycle.stats;
                     // An empty claim that was slow scanned a backlog it could not take (every
                     // aggregate busy with other relays): scan again no sooner than 4× its cost,
                     // even when woken, so surplus relays cannot crowd the database.
-                    let cost = started.elapsed();
-                    if cycle.claimed == 0 && cost > Duration::from_millis(2) {
-                        throttle_until = Some(tokio::time::Instant::now() + cost * 4);
+                    if round.claimed == 0 && round.claim_cost > Duration::from_millis(2) {
+                        throttle_until = Some(tokio::time::Instant::now() + round.claim_cost * 4);
                     }
-                    if cycle.claimed >= self.config.batch_size as usize {
+                    offered = round.offered;
+                    if round.claimed >= self.config.batch_size as usize {
                         // A full batch: there is probably more, poll again at once.
                         Duration::ZERO
                     } else {
-                        let until_retry = cycle
+                        let until_retry = round
                             .next_retry
                             .and_then(|at| (at - now()).to_std().ok())
                             .unwrap_or(self.config.idle_poll_interval);
@@ -255,6 +287,12 @@ impl<P: Publisher> Relay<P> {
                     db_backoff
                 }
             };
+            if (!pause.is_zero() || throttle_until.is_some())
+                && let Some(o) = offered.take()
+            {
+                // Never idle on a batch that is not written back: its lease would run down.
+                stats += self.finish(o).await;
+            }
             if !pause.is_zero() {
                 tokio::select! {
                     () = cancel.cancelled() => {}
@@ -268,6 +306,9 @@ impl<P: Publisher> Relay<P> {
                     () = tokio::time::sleep_until(until) => {}
                 }
             }
+        }
+        if let Some(o) = offered.take() {
+            stats += self.finish(o).await;
         }
         listener_stop.cancel();
         if let Some(listener) = listener {
@@ -309,7 +350,21 @@ impl<P: Publisher> Relay<P> {
 
     /// One claim → publish → write-back round.
     async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
-        let batch_started = std::time::Instant::now();
+        let round = self.claim_and_publish(cancel).await?;
+        let stats = match round.offered {
+            Some(offered) => self.finish(offered).await,
+            None => RelayStats::default(),
+        };
+        Ok(Cycle {
+            stats,
+            claimed: round.claimed,
+        })
+    }
+
+    /// Claims a batch and offers it to the publisher; the write-back is left to [`Self::finish`],
+    /// so [`Self::run`] can overlap it with the next claim.
+    async fn claim_and_publish(&self, cancel: &CancellationToken) -> Result<Round> {
+        let started = std::time::Instant::now();
         let token = format!("{}:{}", self.name, Uuid::now_v7().simple());
         let claimed_at = now();
         let lease_end = claimed_at
@@ -330,12 +385,14 @@ impl<P: Publisher> Relay<P> {
         )
         .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
         .await?;
+        let claim_cost = started.elapsed();
         let claimed = rows.len();
         if claimed == 0 {
-            return Ok(Cycle {
-                stats: RelayStats::default(),
+            return Ok(Round {
                 claimed,
+                claim_cost,
                 next_retry: None,
+                offered: None,
             });
         }
 
@@ -382,14 +439,31 @@ impl<P: Publisher> Relay<P> {
             .zip(fates.iter().cloned())
             .chain(corrupt)
             .collect();
+        Ok(Round {
+            claimed,
+            claim_cost,
+            next_retry,
+            offered: Some(Offered {
+                token,
+                lease_end,
+                started,
+                events,
+                fates,
+                by_id,
+            }),
+        })
+    }
+
+    /// Writes an offered batch's fates back and accounts for them.
+    async fn finish(&self, o: Offered) -> RelayStats {
         let mut stats = RelayStats {
             batches: 1,
             ..RelayStats::default()
         };
         let written = self
-            .write_back(&token, &by_id, lease_end)
+            .write_back(&o.token, &o.by_id, o.lease_end)
             .instrument(
-                tracing::debug_span!("outbox.write_back", relay = %self.name, events = by_id.len()),
+                tracing::debug_span!("outbox.write_back", relay = %self.name, events = o.by_id.len()),
             )
             .await;
         if let Some(w) = &written {
@@ -405,16 +479,12 @@ impl<P: Publisher> Relay<P> {
         }
         telemetry::record_batch(
             self.publisher.name(),
-            &events,
-            &fates,
+            &o.events,
+            &o.fates,
             written.as_ref(),
-            batch_started.elapsed(),
+            o.started.elapsed(),
         );
-        Ok(Cycle {
-            stats,
-            claimed,
-            next_retry,
-        })
+        stats
     }
 
     /// Unordered: the whole batch in one publisher call. Fates align with `events`.
