@@ -243,10 +243,10 @@ impl<P: Publisher> Relay<P> {
                 next_purge = tokio::time::Instant::now() + self.config.purge_interval;
             }
             let mut throttle_until = None;
-            // Pipelined: the previous batch's write-back runs while this batch is claimed and
-            // published, so the database works on both at once (at most one write-back in
-            // flight; a claim never sees the previous batch's rows as free, as its lease holds
-            // until the write-back commits).
+            // Pipelined (unordered): the previous batch's write-back runs while this batch is
+            // claimed and published, so the database works on both at once (at most one
+            // write-back in flight; a claim never sees the previous batch's rows as free, as
+            // its lease holds until the write-back commits).
             let previous = offered.take();
             let (written, round) = tokio::join!(
                 async {
@@ -261,17 +261,18 @@ impl<P: Publisher> Relay<P> {
             let pause = match round {
                 Ok(round) => {
                     db_backoff = Duration::ZERO;
-                    // An empty claim that was slow scanned a backlog it could not take (every
-                    // aggregate busy with other relays): scan again no sooner than 4× its cost,
-                    // even when woken, so surplus relays cannot crowd the database.
-                    if round.claimed == 0 && round.claim_cost > Duration::from_millis(2) {
-                        throttle_until = Some(tokio::time::Instant::now() + round.claim_cost * 4);
-                    }
                     offered = round.offered;
                     if round.claimed >= self.config.batch_size as usize {
                         // A full batch: there is probably more, poll again at once.
                         Duration::ZERO
                     } else {
+                        // An empty claim that was slow scanned a backlog it could not take (every
+                        // aggregate busy with other relays): scan again no sooner than 4× its
+                        // cost, even when woken, so surplus relays cannot crowd the database.
+                        if round.claimed == 0 && round.claim_cost > Duration::from_millis(2) {
+                            throttle_until =
+                                Some(tokio::time::Instant::now() + round.claim_cost * 4);
+                        }
                         let until_retry = round
                             .next_retry
                             .and_then(|at| (at - now()).to_std().ok())
@@ -287,7 +288,11 @@ impl<P: Publisher> Relay<P> {
                     db_backoff
                 }
             };
-            if (!pause.is_zero() || throttle_until.is_some())
+            // Under per-aggregate order the next claim could not take this batch's aggregates
+            // until its write-back commits: overlapping them measured slower with several
+            // relays (BENCHMARKS.md), so ordered relays write back before claiming again.
+            let overlap = self.config.ordering == Ordering::Unordered;
+            if (!overlap || !pause.is_zero() || throttle_until.is_some())
                 && let Some(o) = offered.take()
             {
                 // Never idle on a batch that is not written back: its lease would run down.

@@ -155,6 +155,36 @@ const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('seaorm_outbox.c
 /// lock, then drop-expired + select + insert-lease as one statement, whose snapshot is taken
 /// after the lock, so it sees every earlier claim's lease.
 async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
+    match c.ordering {
+        Ordering::Unordered => lease_postgres(db, c, None).await,
+        Ordering::PerAggregate => {
+            // Finding a head can mean walking every due row when most aggregates are busy
+            // (each non-head costs an index probe: about a second over 200,000 rows, see
+            // BENCHMARKS.md). So: is there a head at all? (outside the lock, which it would
+            // otherwise hold that long); then claim heads among the oldest due rows only; only
+            // if the free heads all lie beyond that window, walk the whole backlog.
+            if !any_head(db, c).await? {
+                return Ok(Vec::new());
+            }
+            let window = i64::from(c.limit).saturating_mul(HEAD_WINDOW);
+            let rows = lease_postgres(db, c, Some(window)).await?;
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+            lease_postgres(db, c, None).await
+        }
+    }
+}
+
+/// How many due rows per batch slot the first ordered claim looks through for heads.
+const HEAD_WINDOW: i64 = 8;
+
+/// One claim under the lock; `window` bounds the due rows searched for heads.
+async fn lease_postgres(
+    db: &DatabaseConnection,
+    c: &Claim<'_>,
+    window: Option<i64>,
+) -> Result<Vec<OutboxEventModel>> {
     let backend = DbBackend::Postgres;
     let limit = i64::from(c.limit);
     // `?`s in order: now (expired), now (live), then the selection's own, then token, lease end.
@@ -169,17 +199,34 @@ async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Ou
             )
         }
         Ordering::PerAggregate => {
-            values.extend([c.now.into(), limit.into(), limit.into(), limit.into()]);
+            let heads = match window {
+                Some(w) => {
+                    values.extend([c.now.into(), w.into(), limit.into()]);
+                    format!(
+                        "SELECT e.id, e.aggregate_type, e.aggregate_id FROM ( \
+                           SELECT e.id, e.aggregate_type, e.aggregate_id, e.occurred_at, \
+                             e.next_attempt_at FROM outbox_events e \
+                           WHERE e.status = 'pending' AND e.next_attempt_at <= ?{live} \
+                           ORDER BY e.next_attempt_at, e.id LIMIT ?) e \
+                         WHERE {} ORDER BY e.next_attempt_at, e.id LIMIT ?",
+                        c.is_head(" OFFSET 0")
+                    )
+                }
+                None => {
+                    values.extend([c.now.into(), limit.into()]);
+                    c.heads("", " OFFSET 0", live)
+                }
+            };
+            values.extend([limit.into(), limit.into()]);
             format!(
-                "SELECT * FROM outbox_events WHERE id IN (WITH heads AS ({}) \
+                "SELECT * FROM outbox_events WHERE id IN (WITH heads AS ({heads}) \
                  SELECT f.id FROM heads h CROSS JOIN LATERAL ( \
                    SELECT f.id, f.occurred_at FROM outbox_events f \
                    WHERE f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
                    AND f.status = 'pending' AND f.id NOT IN (SELECT id FROM leased) \
                    ORDER BY f.occurred_at, f.id \
                    LIMIT (SELECT CEIL(?::float8 / GREATEST(COUNT(*), 1))::bigint FROM heads)) f \
-                 ORDER BY f.occurred_at, f.id LIMIT ?)",
-                c.heads("", " OFFSET 0", live)
+                 ORDER BY f.occurred_at, f.id LIMIT ?)"
             )
         }
     };
@@ -204,6 +251,22 @@ async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Ou
             Ok(m)
         })
         .collect()
+}
+
+/// PostgreSQL, per-aggregate order: whether any due head is free of a live lease.
+async fn any_head(db: &DatabaseConnection, c: &Claim<'_>) -> Result<bool> {
+    let sql = format!(
+        "WITH leased AS (SELECT unnest(ids) AS id FROM outbox_leases WHERE locked_until >= ?) {}",
+        c.heads("", " OFFSET 0", " AND e.id NOT IN (SELECT id FROM leased)")
+    );
+    let rows = db
+        .query_all_raw(stmt(
+            DbBackend::Postgres,
+            &sql,
+            vec![c.now.into(), c.now.into(), 1i64.into()],
+        ))
+        .await?;
+    Ok(!rows.is_empty())
 }
 
 async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
