@@ -248,6 +248,8 @@ impl<P: Publisher> Relay<P> {
             // write-back in flight; a claim never sees the previous batch's rows as free, as
             // its lease holds until the write-back commits).
             let previous = offered.take();
+            let overlapped = previous.is_some();
+            let mut settle = false;
             let (written, round) = tokio::join!(
                 async {
                     match previous {
@@ -255,7 +257,7 @@ impl<P: Publisher> Relay<P> {
                         None => RelayStats::default(),
                     }
                 },
-                self.claim_and_publish(&cancel)
+                self.claim_and_publish(&cancel, overlapped)
             );
             stats += written;
             let pause = match round {
@@ -264,6 +266,11 @@ impl<P: Publisher> Relay<P> {
                     offered = round.offered;
                     if round.claimed >= self.config.batch_size as usize {
                         // A full batch: there is probably more, poll again at once.
+                        Duration::ZERO
+                    } else if overlapped {
+                        // Short, but made while our previous batch was still leased: write that
+                        // back, then claim again at once (a full claim).
+                        settle = true;
                         Duration::ZERO
                     } else {
                         // An empty claim that was slow scanned a backlog it could not take (every
@@ -288,11 +295,7 @@ impl<P: Publisher> Relay<P> {
                     db_backoff
                 }
             };
-            // Under per-aggregate order the next claim could not take this batch's aggregates
-            // until its write-back commits: overlapping them measured slower with several
-            // relays (BENCHMARKS.md), so ordered relays write back before claiming again.
-            let overlap = self.config.ordering == Ordering::Unordered;
-            if (!overlap || !pause.is_zero() || throttle_until.is_some())
+            if (settle || !pause.is_zero() || throttle_until.is_some())
                 && let Some(o) = offered.take()
             {
                 // Never idle on a batch that is not written back: its lease would run down.
@@ -355,7 +358,7 @@ impl<P: Publisher> Relay<P> {
 
     /// One claim → publish → write-back round.
     async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
-        let round = self.claim_and_publish(cancel).await?;
+        let round = self.claim_and_publish(cancel, false).await?;
         let stats = match round.offered {
             Some(offered) => self.finish(offered).await,
             None => RelayStats::default(),
@@ -368,7 +371,11 @@ impl<P: Publisher> Relay<P> {
 
     /// Claims a batch and offers it to the publisher; the write-back is left to [`Self::finish`],
     /// so [`Self::run`] can overlap it with the next claim.
-    async fn claim_and_publish(&self, cancel: &CancellationToken) -> Result<Round> {
+    async fn claim_and_publish(
+        &self,
+        cancel: &CancellationToken,
+        opportunistic: bool,
+    ) -> Result<Round> {
         let started = std::time::Instant::now();
         let token = format!("{}:{}", self.name, Uuid::now_v7().simple());
         let claimed_at = now();
@@ -386,6 +393,7 @@ impl<P: Publisher> Relay<P> {
                 limit: self.config.batch_size,
                 ordering: self.config.ordering,
                 policy: self.config.dead_letter_policy,
+                opportunistic,
             },
         )
         .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))

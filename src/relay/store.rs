@@ -63,6 +63,10 @@ pub(crate) struct Claim<'a> {
     pub(crate) limit: u32,
     pub(crate) ordering: Ordering,
     pub(crate) policy: DeadLetterPolicy,
+    /// A claim made while this relay's previous batch is still being written back: under
+    /// per-aggregate order it only looks within the window and never walks the backlog, as its
+    /// own in-flight aggregates may be all that is left.
+    pub(crate) opportunistic: bool,
 }
 
 impl Claim<'_> {
@@ -163,10 +167,13 @@ async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Ou
             // BENCHMARKS.md). So: is there a head at all? (outside the lock, which it would
             // otherwise hold that long); then claim heads among the oldest due rows only; only
             // if the free heads all lie beyond that window, walk the whole backlog.
+            let window = i64::from(c.limit).saturating_mul(HEAD_WINDOW);
+            if c.opportunistic {
+                return lease_postgres(db, c, Some(window)).await;
+            }
             if !any_head(db, c).await? {
                 return Ok(Vec::new());
             }
-            let window = i64::from(c.limit).saturating_mul(HEAD_WINDOW);
             let rows = lease_postgres(db, c, Some(window)).await?;
             if !rows.is_empty() {
                 return Ok(rows);
