@@ -43,6 +43,7 @@ on_all_backends!(
     cancel_with_grace_finishes_the_batch,
     retention_purges_only_old_published_events,
     invalid_relay_config_is_rejected,
+    a_free_aggregate_behind_a_long_blocked_backlog_is_found,
 );
 
 on_backends!(
@@ -993,4 +994,42 @@ async fn without_listen_an_idle_relay_waits_for_its_poll(t: &TestDb) {
     );
     stop.cancel();
     task.await.expect("relay");
+}
+
+/// An aggregate in backoff with a long backlog of due followers fills the oldest due rows; a
+/// free aggregate's head behind them must still be found (PostgreSQL first searches a window
+/// of 8 due rows per batch slot, then walks the backlog).
+async fn a_free_aggregate_behind_a_long_blocked_backlog_is_found(t: &TestDb) {
+    let blocked = seed(
+        &t.db,
+        (0..60)
+            .map(|i| NewEvent::new("t", "blocked", "1").json_payload(serde_json::json!(i)))
+            .collect(),
+    )
+    .await;
+    let free = seed(&t.db, vec![NewEvent::new("t", "free", "1")]).await;
+    let backend = t.db.get_database_backend();
+    let later = Utc::now() + chrono::Duration::hours(1);
+    t.db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        if backend == sea_orm::DbBackend::Postgres {
+            "UPDATE outbox_events SET next_attempt_at = $1 WHERE id = $2"
+        } else {
+            "UPDATE outbox_events SET next_attempt_at = ? WHERE id = ?"
+        },
+        vec![later.into(), blocked[0].into()],
+    ))
+    .await
+    .expect("park the head");
+
+    let sink = InMemoryPublisher::new();
+    let relay = Relay::builder(t.db.clone(), sink.clone())
+        .config(fast(RelayConfig::default().batch_size(2)))
+        .build()
+        .expect("relay");
+    let stats = relay.drain().await.expect("drain");
+    assert_eq!(stats.published, 1, "{stats:?}");
+    let delivered: Vec<Uuid> = sink.deliveries().iter().map(|e| e.id).collect();
+    assert_eq!(delivered, free, "only the free aggregate's event goes");
+    assert_eq!(pending(&t.db).await, 60, "the blocked aggregate waits");
 }
