@@ -29,11 +29,13 @@ mod m20261127_000001_create_outbox_events;
 mod m20261127_000002_relay_lease_and_notify;
 mod m20261127_000003_tune_for_queue_workload;
 mod m20261127_000004_batch_leases;
+mod m20261127_000005_partial_aggregate_index;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
 pub use m20261127_000003_tune_for_queue_workload::Migration as TuneForQueueWorkload;
 pub use m20261127_000004_batch_leases::Migration as BatchLeases;
+pub use m20261127_000005_partial_aggregate_index::Migration as PartialAggregateIndex;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -48,6 +50,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(RelayLeaseAndNotify),
         Box::new(TuneForQueueWorkload),
         Box::new(BatchLeases),
+        Box::new(PartialAggregateIndex),
     ]
 }
 

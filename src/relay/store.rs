@@ -164,18 +164,12 @@ async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Ou
         Ordering::PerAggregate => {
             // Finding a head can mean walking every due row when most aggregates are busy
             // (each non-head costs an index probe: about a second over 200,000 rows, see
-            // BENCHMARKS.md). So: is there a head at all? (outside the lock, which it would
-            // otherwise hold that long); then claim heads among the oldest due rows only; only
-            // if the free heads all lie beyond that window, walk the whole backlog.
+            // BENCHMARKS.md). So claim heads among the oldest due rows only; if there are none
+            // there, look for one anywhere outside the lock (which the walk would otherwise
+            // hold that long), and only if there is one, walk the backlog under the lock.
             let window = i64::from(c.limit).saturating_mul(HEAD_WINDOW);
-            if c.opportunistic {
-                return lease_postgres(db, c, Some(window)).await;
-            }
-            if !any_head(db, c).await? {
-                return Ok(Vec::new());
-            }
             let rows = lease_postgres(db, c, Some(window)).await?;
-            if !rows.is_empty() {
+            if !rows.is_empty() || c.opportunistic || !any_head(db, c).await? {
                 return Ok(rows);
             }
             lease_postgres(db, c, None).await
