@@ -145,7 +145,8 @@ pub struct RelayConfig {
     /// On shutdown, how long an in-flight publish may still finish and be written back before
     /// its events are released unmarked. Default 5 s.
     pub shutdown_grace: Duration,
-    /// Name recorded in `locked_by`; default `relay-<pid>-<random>`.
+    /// Prefix of this relay's lease tokens (`locked_by` on MySQL/SQLite, `outbox_leases.token`
+    /// on PostgreSQL); default `relay-<pid>-<random>`.
     pub name: Option<String>,
     /// How often the relay refreshes the backlog gauges (`outbox_backlog`, …) with one
     /// statistics query. `None` turns that query off. Default 15 s.

@@ -93,7 +93,7 @@ impl<P: Publisher> RelayBuilder<P> {
         Ok(Relay {
             db: self.db,
             publisher: self.publisher,
-            // Leave room for `:` and a 32-character batch id within `locked_by`'s 64.
+            // Leave room for `:` and a 32-character batch id within the 64-character token.
             name: name.chars().take(31).collect(),
             config: self.config,
             last_poll: Arc::new(AtomicI64::new(0)),
@@ -172,7 +172,7 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
-    /// This relay's name, the prefix of its `locked_by` tokens.
+    /// This relay's name, the prefix of its lease tokens.
     pub fn name(&self) -> &str {
         &self.name
     }
