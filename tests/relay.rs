@@ -715,7 +715,10 @@ async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
         .expect("relay");
     let (stop, task) = support::spawn(relay);
     gate.entered.notified().await;
-    assert!(locked_rows(&t.db).await > 0, "the batch is claimed");
+    assert_eq!(locked_rows(&t.db).await, 30, "the batch is claimed");
+    // Health checks see the lease, whichever way the backend records it.
+    let s = Outbox::new(&t.db).stats().await.expect("stats");
+    assert_eq!((s.pending_leased, s.pending_due), (30, 0), "{s:?}");
     let cancelled = Instant::now();
     stop.cancel();
     let stats = task.await.expect("relay");
@@ -728,6 +731,8 @@ async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
     assert_eq!(stats.released, 30, "{stats:?}");
     assert_eq!(locked_rows(&t.db).await, 0, "nothing left claimed");
     assert_eq!(pending(&t.db).await, 30);
+    let s = Outbox::new(&t.db).stats().await.expect("stats");
+    assert_eq!((s.pending_leased, s.pending_due), (0, 30), "{s:?}");
     // Released events are due again at once.
     let sink = InMemoryPublisher::new();
     let again = Relay::builder(t.db.clone(), sink.clone())
