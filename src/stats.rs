@@ -50,8 +50,8 @@ impl OutboxStats {
         // A row is leased when it carries a live row lease (MySQL, SQLite) or, on PostgreSQL,
         // when a live batch lease holds its id.
         let pending_sql = if backend == DbBackend::Postgres {
-            "WITH leased AS (SELECT DISTINCT unnest(ids) AS id FROM outbox_leases \
-                             WHERE locked_until >= ?), \
+            format!(
+                "WITH leased AS (SELECT DISTINCT id FROM ({}) l), \
              p AS (SELECT e.next_attempt_at, e.occurred_at, \
                      (l.id IS NOT NULL OR (e.next_attempt_at > ? AND e.locked_by IS NOT NULL)) AS leased \
                    FROM outbox_events e LEFT JOIN leased l ON l.id = e.id \
@@ -61,7 +61,9 @@ impl OutboxStats {
                COUNT(CASE WHEN NOT leased AND next_attempt_at > ? THEN 1 END) AS backoff, \
                COUNT(CASE WHEN leased THEN 1 END) AS leased, \
                MIN(occurred_at) AS oldest \
-             FROM p"
+             FROM p",
+                crate::relay::store::LIVE_LEASED_IDS
+            )
         } else {
             "SELECT \
                COUNT(CASE WHEN next_attempt_at <= ? THEN 1 END) AS due, \
@@ -69,12 +71,15 @@ impl OutboxStats {
                COUNT(CASE WHEN next_attempt_at > ? AND locked_by IS NOT NULL THEN 1 END) AS leased, \
                MIN(occurred_at) AS oldest \
              FROM outbox_events WHERE status = 'pending'"
+                .to_owned()
         };
         let mut values: Vec<sea_orm::Value> = vec![at.into(), at.into(), at.into()];
         if backend == DbBackend::Postgres {
             values.push(at.into());
         }
-        let pending = db.query_one_raw(stmt(backend, pending_sql, values)).await?;
+        let pending = db
+            .query_one_raw(stmt(backend, &pending_sql, values))
+            .await?;
         let counts = db
             .query_one_raw(stmt(
                 backend,

@@ -243,20 +243,15 @@ impl<P: Publisher> Relay<P> {
                 next_purge = tokio::time::Instant::now() + self.config.purge_interval;
             }
             let mut throttle_until = None;
-            // Pipelined (unordered): the previous batch's write-back runs while this batch is
-            // claimed and published, so the database works on both at once (at most one
-            // write-back in flight; a claim never sees the previous batch's rows as free, as
-            // its lease holds until the write-back commits).
+            // Pipelined: the previous batch's write-back runs while this batch is claimed and
+            // published, so the database works on both at once (at most one write-back in
+            // flight; a claim never sees the previous batch's rows as free, as its lease holds
+            // until the write-back commits).
             let previous = offered.take();
             let overlapped = previous.is_some();
             let mut settle = false;
             let (written, round) = tokio::join!(
-                async {
-                    match previous {
-                        Some(o) => self.finish(o).await,
-                        None => RelayStats::default(),
-                    }
-                },
+                self.finish(previous),
                 self.claim_and_publish(&cancel, overlapped)
             );
             stats += written;
@@ -295,11 +290,9 @@ impl<P: Publisher> Relay<P> {
                     db_backoff
                 }
             };
-            if (settle || !pause.is_zero() || throttle_until.is_some())
-                && let Some(o) = offered.take()
-            {
+            if settle || !pause.is_zero() || throttle_until.is_some() {
                 // Never idle on a batch that is not written back: its lease would run down.
-                stats += self.finish(o).await;
+                stats += self.finish(offered.take()).await;
             }
             if !pause.is_zero() {
                 tokio::select! {
@@ -315,9 +308,7 @@ impl<P: Publisher> Relay<P> {
                 }
             }
         }
-        if let Some(o) = offered.take() {
-            stats += self.finish(o).await;
-        }
+        stats += self.finish(offered.take()).await;
         listener_stop.cancel();
         if let Some(listener) = listener {
             let _ = listener.await;
@@ -359,12 +350,8 @@ impl<P: Publisher> Relay<P> {
     /// One claim → publish → write-back round.
     async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
         let round = self.claim_and_publish(cancel, false).await?;
-        let stats = match round.offered {
-            Some(offered) => self.finish(offered).await,
-            None => RelayStats::default(),
-        };
         Ok(Cycle {
-            stats,
+            stats: self.finish(round.offered).await,
             claimed: round.claimed,
         })
     }
@@ -467,8 +454,11 @@ impl<P: Publisher> Relay<P> {
         })
     }
 
-    /// Writes an offered batch's fates back and accounts for them.
-    async fn finish(&self, o: Offered) -> RelayStats {
+    /// Writes an offered batch's fates back and accounts for them; nothing without a batch.
+    async fn finish(&self, offered: Option<Offered>) -> RelayStats {
+        let Some(o) = offered else {
+            return RelayStats::default();
+        };
         let mut stats = RelayStats {
             batches: 1,
             ..RelayStats::default()

@@ -150,14 +150,19 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<
         .collect()
 }
 
+/// The ids held by a live batch lease (PostgreSQL); binds the current time.
+pub(crate) const LIVE_LEASED_IDS: &str =
+    "SELECT unnest(ids) AS id FROM outbox_leases WHERE locked_until >= ?";
+
+/// Condition on `e`: not held by a live lease; needs a `leased` CTE of [`LIVE_LEASED_IDS`].
+const NOT_LEASED: &str = " AND e.id NOT IN (SELECT id FROM leased)";
+
 /// Serialises claims on one outbox table: keyed by the table's oid, so outboxes in other
 /// schemas of the same database never wait on each other.
 const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('seaorm_outbox.claim'), \
      ('outbox_leases'::regclass::oid::bigint % 2147483647)::int)";
 
-/// PostgreSQL: see the module docs. Two statements in one short transaction: the advisory
-/// lock, then drop-expired + select + insert-lease as one statement, whose snapshot is taken
-/// after the lock, so it sees every earlier claim's lease.
+/// PostgreSQL: see the module docs.
 async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
     match c.ordering {
         Ordering::Unordered => lease_postgres(db, c, None).await,
@@ -180,7 +185,9 @@ async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Ou
 /// How many due rows per batch slot the first ordered claim looks through for heads.
 const HEAD_WINDOW: i64 = 8;
 
-/// One claim under the lock; `window` bounds the due rows searched for heads.
+/// One claim under the lock; `window` bounds the due rows searched for heads. Two statements
+/// in one short transaction: the advisory lock, then drop-expired + select + insert-lease as one
+/// statement, whose snapshot is taken after the lock, so it sees every earlier claim's lease.
 async fn lease_postgres(
     db: &DatabaseConnection,
     c: &Claim<'_>,
@@ -190,7 +197,7 @@ async fn lease_postgres(
     let limit = i64::from(c.limit);
     // `?`s in order: now (expired), now (live), then the selection's own, then token, lease end.
     let mut values: Vec<Value> = vec![c.now.into(), c.now.into()];
-    let live = " AND e.id NOT IN (SELECT id FROM leased)";
+    let live = NOT_LEASED;
     let picked = match c.ordering {
         Ordering::Unordered => {
             values.extend([c.now.into(), limit.into()]);
@@ -234,7 +241,7 @@ async fn lease_postgres(
     values.extend([c.token.into(), c.lease_end.into()]);
     let sql = format!(
         "WITH expired AS (DELETE FROM outbox_leases WHERE locked_until < ?), \
-         leased AS (SELECT unnest(ids) AS id FROM outbox_leases WHERE locked_until >= ?), \
+         leased AS ({LIVE_LEASED_IDS}), \
          picked AS ({picked}), \
          lease AS (INSERT INTO outbox_leases (token, locked_until, ids) \
            SELECT ?, ?, array_agg(id) FROM picked HAVING COUNT(*) > 0) \
@@ -257,8 +264,8 @@ async fn lease_postgres(
 /// PostgreSQL, per-aggregate order: whether any due head is free of a live lease.
 async fn any_head(db: &DatabaseConnection, c: &Claim<'_>) -> Result<bool> {
     let sql = format!(
-        "WITH leased AS (SELECT unnest(ids) AS id FROM outbox_leases WHERE locked_until >= ?) {}",
-        c.heads("", " OFFSET 0", " AND e.id NOT IN (SELECT id FROM leased)")
+        "WITH leased AS ({LIVE_LEASED_IDS}) {}",
+        c.heads("", " OFFSET 0", NOT_LEASED)
     );
     let rows = db
         .query_all_raw(stmt(
@@ -393,12 +400,10 @@ pub(crate) async fn write_back(
         }
         // Released events that may go again at once need no row write: dropping the lease
         // hands them back.
-        let (due, later): (Vec<_>, Vec<_>) = fates
-            .iter()
-            .partition(|(_, f)| matches!(f, Fate::Release { at } if *at <= now));
-        out.released = due.len() as u64;
-        let later: Vec<(Uuid, Fate)> = later.into_iter().cloned().collect();
-        for (kind, s) in build_write_back(backend, None, now, &sort_fates(&later)) {
+        let free_now = |f: &Fate| matches!(f, Fate::Release { at } if *at <= now);
+        out.released = fates.iter().filter(|(_, f)| free_now(f)).count() as u64;
+        let rest = sort_fates(fates.iter().filter(|(_, f)| !free_now(f)));
+        for (kind, s) in build_write_back(backend, None, now, &rest) {
             *out.slot(kind) += txn.execute_raw(s).await?.rows_affected();
         }
         txn.commit().await?;
@@ -429,7 +434,7 @@ struct Sorted<'a> {
     released: Vec<(Uuid, DateTime<Utc>)>,
 }
 
-fn sort_fates(fates: &[(Uuid, Fate)]) -> Sorted<'_> {
+fn sort_fates<'a>(fates: impl IntoIterator<Item = &'a (Uuid, Fate)>) -> Sorted<'a> {
     let mut s = Sorted::default();
     for (id, fate) in fates {
         match fate {
