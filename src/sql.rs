@@ -46,6 +46,17 @@ fn number_placeholders(sql: &str) -> String {
     out
 }
 
+/// The sqlx pool behind `db`, if it is a PostgreSQL pool (not a mock or proxy).
+#[cfg(feature = "postgres")]
+pub(crate) fn pg_pool(db: &sea_orm::DatabaseConnection) -> Option<&sea_orm::sqlx::PgPool> {
+    match &db.inner {
+        sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
+            Some(db.get_postgres_connection_pool())
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

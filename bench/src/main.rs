@@ -2,7 +2,7 @@
 //! SQLite (and the local brokers), printed as one table with each target met or not.
 //!
 //! ```text
-//! cargo run --release -p seaorm-outbox-bench -- [--quick] [--only SECTION,...]
+//! cargo run --release -p seaorm-outbox-bench -- [--quick] [--only SECTION,...] [--repeat N]
 //! ```
 //!
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`.
@@ -10,11 +10,14 @@
 //! (PostgreSQL) and `--ordering unordered|ordered` one ordering; `--vacuum-every-ms N` runs `VACUUM` on the
 //! table every N ms, standing in for autovacuum where the server has it off. The throughput backlog
 //! spreads over 1,000 aggregates unless `OUTBOX_BENCH_AGGREGATES` says otherwise.
-//! `--quick` shrinks every size so the whole run takes well under two minutes; its figures are
+//! `--repeat N` runs each throughput figure and its raw baseline N times, alternating, and
+//! reports the medians (default 3). `OUTBOX_BENCH_PROBES=lease,txheld` adds raw-SQL probes of
+//! two other claim designs beside the raw loop. `--quick` shrinks every size so the whole run takes well under two minutes; its figures are
 //! only a smoke test.
 
 mod backlog;
 mod brokers;
+mod cpu;
 mod db;
 mod latency;
 mod report;
@@ -27,6 +30,7 @@ use seaorm_outbox::relay::Ordering;
 
 use db::{BenchDb, Kind};
 use report::{Row, Target};
+use throughput::Read;
 
 pub(crate) struct Sizes {
     pub(crate) drain: u64,
@@ -99,6 +103,14 @@ async fn main() -> Result<()> {
         Some("ordered") => vec![Ordering::PerAggregate],
         _ => vec![Ordering::Unordered, Ordering::PerAggregate],
     };
+    // `--repeat N`: runs of each throughput figure, median taken (default 3; 1 with `--quick`).
+    let repeat = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(if quick { 1 } else { 3 })
+        .max(1);
     let mut rows: Vec<Row> = Vec::new();
     let started = std::time::Instant::now();
 
@@ -116,10 +128,18 @@ async fn main() -> Result<()> {
         });
     }
     if wants("throughput") {
-        throughput_section(&pg, sizes.drain, &relays, &orderings, &mut rows).await?;
+        throughput_section(&pg, sizes.drain, &relays, &orderings, repeat, &mut rows).await?;
         for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
             let other = BenchDb::new(kind).await?;
-            throughput_section(&other, sizes.drain_other, &[1], &orderings, &mut rows).await?;
+            throughput_section(
+                &other,
+                sizes.drain_other,
+                &[1],
+                &orderings,
+                repeat,
+                &mut rows,
+            )
+            .await?;
             other.drop().await?;
         }
     }
@@ -176,40 +196,98 @@ async fn throughput_section(
     n: u64,
     workers: &[usize],
     orderings: &[Ordering],
+    repeat: usize,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
+    let label = db.kind.label();
+    let cpu = |c: Option<cpu::CpuPerEvent>| c.map(|c| format!(" ({c})")).unwrap_or_default();
     for &w in workers {
-        let raw = throughput::raw(db, w, n).await?;
-        eprintln!("{} raw claim-and-mark x{w}: {raw:.0}/s", db.kind.label());
-        if db.kind == Kind::Postgres && std::env::var_os("OUTBOX_BENCH_LEASE_PROBE").is_some() {
-            let probe = throughput::lease_table_probe(db, w, n).await?;
+        // Raw loop and relays alternate, `repeat` times; the table takes each one's median,
+        // which steadies a machine whose absolute rates swing by a third from run to run.
+        let mut raws = Vec::new();
+        let mut raw_ids = Vec::new();
+        let mut relays: Vec<Vec<f64>> = vec![Vec::new(); orderings.len()];
+        for _ in 0..repeat {
+            let ids = throughput::raw(db, w, n, Read::Ids).await?;
             eprintln!(
-                "PostgreSQL lease-table probe x{w}: {probe:.0}/s ({:.2}x)",
-                probe / raw
+                "{label} raw loop, ids only x{w}: {:.0}/s{}",
+                ids.rate,
+                cpu(ids.cpu)
             );
+            raw_ids.push(ids.rate);
+            let raw = throughput::raw(db, w, n, Read::Events).await?;
+            eprintln!("{label} raw loop x{w}: {:.0}/s{}", raw.rate, cpu(raw.cpu));
+            raws.push(raw.rate);
+            let probes = std::env::var("OUTBOX_BENCH_PROBES").unwrap_or_default();
+            if db.kind == Kind::Postgres && probes.contains("lease") {
+                let probe = throughput::lease_table_probe(db, w, n).await?;
+                eprintln!(
+                    "{label} lease-table probe x{w}: {probe:.0}/s ({:.2}x)",
+                    probe / raw.rate
+                );
+            }
+            if db.kind == Kind::Postgres && probes.contains("txheld") {
+                let probe = throughput::tx_held_probe(db, w, n).await?;
+                eprintln!(
+                    "{label} tx-held probe x{w}: {probe:.0}/s ({:.2}x)",
+                    probe / raw.rate
+                );
+            }
+            for (i, &ordering) in orderings.iter().enumerate() {
+                let relay = throughput::relay(db, w, n, ordering).await?;
+                eprintln!(
+                    "{label} relay {} x{w}: {:.0}/s{}",
+                    ordering_label(ordering),
+                    relay.rate,
+                    cpu(relay.cpu)
+                );
+                relays[i].push(relay.rate);
+            }
         }
-        for (ordering, label, target) in [
-            (Ordering::Unordered, "unordered", 0.85),
-            (Ordering::PerAggregate, "per-aggregate order", 0.7),
-        ]
-        .into_iter()
-        .filter(|(o, _, _)| orderings.contains(o))
-        {
-            let relay = throughput::relay(db, w, n, ordering).await?;
-            eprintln!("{} relay {label} x{w}: {relay:.0}/s", db.kind.label());
+        let raw = median(&mut raws);
+        let raw_ids = median(&mut raw_ids);
+        for (i, &ordering) in orderings.iter().enumerate() {
+            let target = match ordering {
+                Ordering::Unordered => 0.85,
+                _ => 0.7,
+            };
             rows.push(Row {
                 section: "relay throughput",
                 name: format!(
-                    "{} {n} events, {w} relay{}, {label}",
-                    db.kind.label(),
-                    if w == 1 { "" } else { "s" }
+                    "{label} {n} events, {w} relay{}, {}",
+                    if w == 1 { "" } else { "s" },
+                    ordering_label(ordering)
                 ),
-                value: relay,
+                value: median(&mut relays[i]),
                 unit: "ev/s",
                 baseline: Some((format!("raw loop ×{w}"), raw)),
                 target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(target)),
             });
+            // The issue's loop reads ids only, which no relay can publish from: reported
+            // beside, without a verdict.
+            let value = rows.last().map(|r| r.value).unwrap_or_default();
+            rows.push(Row {
+                section: "relay throughput",
+                name: "… the same against a loop that reads only ids".to_owned(),
+                value,
+                unit: "ev/s",
+                baseline: Some((format!("ids-only loop ×{w}"), raw_ids)),
+                target: None,
+            });
         }
     }
     Ok(())
+}
+
+fn ordering_label(ordering: Ordering) -> &'static str {
+    match ordering {
+        Ordering::Unordered => "unordered",
+        _ => "per-aggregate order",
+    }
+}
+
+/// The median (the upper one of an even count); 0 for none.
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }

@@ -8,6 +8,7 @@ use seaorm_outbox::relay::{Ordering, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::cpu::{CpuMeter, CpuPerEvent};
 use crate::db::{BenchDb, Kind};
 use crate::sink::Sink;
 
@@ -21,39 +22,75 @@ fn aggregates() -> u64 {
         .unwrap_or(1000)
 }
 
+/// A drain's rate and the CPU it cost per event.
+pub(crate) struct Drained {
+    pub(crate) rate: f64,
+    pub(crate) cpu: Option<CpuPerEvent>,
+}
+
+/// What a raw loop's claim returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// Only the ids: the cheapest possible loop, but not one that could publish anything.
+    Ids,
+    /// The columns a publisher sends (id, type, aggregate, payload, headers, occurred_at,
+    /// attempts), fetched as rows: the same job the relay does, in hand-written SQL.
+    Events,
+}
+
+/// The columns [`Read::Events`] fetches.
+const EVENT_COLUMNS: &str =
+    "id, event_type, aggregate_type, aggregate_id, payload, headers, occurred_at, attempts";
+
 /// Events/s of `workers` raw claim-and-mark loops draining `n` seeded events.
-pub(crate) async fn raw(db: &BenchDb, workers: usize, n: u64) -> Result<f64> {
+pub(crate) async fn raw(db: &BenchDb, workers: usize, n: u64, read: Read) -> Result<Drained> {
     db.reset().await?;
     db.seed_pending(n, aggregates()).await?;
     let mut tasks = Vec::new();
+    let meter = CpuMeter::start();
     let start = Instant::now();
     for _ in 0..workers {
         let conn = db.pool(2).await?;
         let kind = db.kind;
-        tasks.push(tokio::spawn(async move { raw_loop(kind, conn).await }));
+        tasks.push(tokio::spawn(
+            async move { raw_loop(kind, conn, read).await },
+        ));
     }
     for t in tasks {
         t.await??;
     }
     let elapsed = start.elapsed();
+    let cpu = meter.and_then(|m| m.per_event(n));
     anyhow::ensure!(db.count_pending().await? == 0, "raw loop left events");
-    Ok(n as f64 / elapsed.as_secs_f64())
+    Ok(Drained {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu,
+    })
 }
 
-async fn raw_loop(kind: Kind, conn: sea_orm::DatabaseConnection) -> Result<()> {
+async fn raw_loop(kind: Kind, conn: sea_orm::DatabaseConnection, read: Read) -> Result<()> {
+    use sea_orm::sqlx::Row as _;
     let batch = i64::from(BATCH);
+    let cols = match read {
+        Read::Ids => "id",
+        Read::Events => EVENT_COLUMNS,
+    };
     match kind {
         Kind::Postgres => {
             let pool = conn.get_postgres_connection_pool();
             loop {
                 let mut tx = pool.begin().await?;
-                let ids: Vec<Uuid> = sqlx::query_scalar(
-                    "SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= now() \
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {cols} FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= now() \
                      ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                )
+                )))
                 .bind(batch)
                 .fetch_all(&mut *tx)
                 .await?;
+                let ids: Vec<Uuid> = rows
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()?;
                 if ids.is_empty() {
                     tx.commit().await?;
                     return Ok(());
@@ -69,13 +106,17 @@ async fn raw_loop(kind: Kind, conn: sea_orm::DatabaseConnection) -> Result<()> {
             let pool = conn.get_mysql_connection_pool();
             loop {
                 let mut tx = pool.begin().await?;
-                let ids: Vec<Vec<u8>> = sqlx::query_scalar(
-                    "SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= UTC_TIMESTAMP(6) \
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {cols} FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= UTC_TIMESTAMP(6) \
                      ORDER BY next_attempt_at, id LIMIT ? FOR UPDATE SKIP LOCKED",
-                )
+                )))
                 .bind(batch)
                 .fetch_all(&mut *tx)
                 .await?;
+                let ids: Vec<Vec<u8>> = rows
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()?;
                 if ids.is_empty() {
                     tx.commit().await?;
                     return Ok(());
@@ -96,16 +137,16 @@ async fn raw_loop(kind: Kind, conn: sea_orm::DatabaseConnection) -> Result<()> {
             let pool = conn.get_sqlite_connection_pool();
             loop {
                 let now = chrono::Utc::now();
-                let done = sqlx::query(
+                let done = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE outbox_events SET status = 'published', published_at = ?1 WHERE id IN \
                      (SELECT id FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= ?1 \
-                      ORDER BY next_attempt_at, id LIMIT ?2)",
-                )
+                      ORDER BY next_attempt_at, id LIMIT ?2) RETURNING {cols}",
+                )))
                 .bind(now)
                 .bind(batch)
-                .execute(pool)
+                .fetch_all(pool)
                 .await?;
-                if done.rows_affected() == 0 {
+                if done.is_empty() {
                     return Ok(());
                 }
             }
@@ -123,12 +164,21 @@ pub(crate) fn relay_config(ordering: Ordering) -> RelayConfig {
 }
 
 /// Events/s of `relays` relays draining `n` seeded events to a no-op sink.
-pub(crate) async fn relay(db: &BenchDb, relays: usize, n: u64, ordering: Ordering) -> Result<f64> {
+pub(crate) async fn relay(
+    db: &BenchDb,
+    relays: usize,
+    n: u64,
+    ordering: Ordering,
+) -> Result<Drained> {
     db.reset().await?;
     db.seed_pending(n, aggregates()).await?;
     let sink = Sink::default();
+    let meter = CpuMeter::start();
     let elapsed = drain_with(db, relays, sink, relay_config(ordering), n).await?;
-    Ok(n as f64 / elapsed.as_secs_f64())
+    Ok(Drained {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu: meter.and_then(|m| m.per_event(n)),
+    })
 }
 
 /// Runs relays until `n` events were delivered and nothing is pending; returns the time taken.
@@ -254,5 +304,67 @@ async fn lease_table_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+    }
+}
+
+/// Events/s of `workers` loops of a *transaction-held* design, PostgreSQL only: the claim
+/// `SELECT * … FOR UPDATE SKIP LOCKED` opens a transaction that stays open through the (no-op)
+/// publish and ends with the `UPDATE` and `COMMIT`; batch N's write-back overlaps batch N+1's
+/// claim on a second connection, as the relay pipelines.
+pub(crate) async fn tx_held_probe(db: &BenchDb, workers: usize, n: u64) -> Result<f64> {
+    db.reset().await?;
+    db.seed_pending(n, aggregates()).await?;
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..workers {
+        let conn = db.pool(2).await?;
+        tasks.push(tokio::spawn(async move { tx_held_loop(conn).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = start.elapsed();
+    anyhow::ensure!(db.count_pending().await? == 0, "tx-held loop left events");
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+async fn tx_held_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {
+    use sea_orm::sqlx::Row as _;
+    let pool = conn.get_postgres_connection_pool().clone();
+    let batch = i64::from(BATCH);
+    let mut held: Option<(sqlx::Transaction<'static, sqlx::Postgres>, Vec<Uuid>)> = None;
+    loop {
+        let finish = async {
+            if let Some((mut tx, ids)) = held.take() {
+                sqlx::query(
+                    "UPDATE outbox_events SET status = 'published', published_at = now() WHERE id = ANY($1)",
+                )
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        };
+        let claim = async {
+            let mut tx = pool.begin().await?;
+            let rows = sqlx::query(
+                "SELECT * FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= now() \
+                 ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(batch)
+            .fetch_all(&mut *tx)
+            .await?;
+            let ids: Vec<Uuid> = rows.iter().map(|r| r.get::<Uuid, _>("id")).collect();
+            anyhow::Ok((tx, ids))
+        };
+        let (f, c) = tokio::join!(finish, claim);
+        f?;
+        let (tx, ids) = c?;
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(());
+        }
+        held = Some((tx, ids));
     }
 }

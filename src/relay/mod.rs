@@ -30,7 +30,7 @@ use uuid::Uuid;
 pub use config::{Backoff, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, Ordering, RelayConfig};
 pub use wake::NOTIFY_CHANNEL;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, now};
 use crate::publisher::{PublishOutcome, Publisher};
 use crate::repository::{Outbox, truncate_error};
@@ -399,16 +399,19 @@ impl<P: Publisher> Relay<P> {
         let mut corrupt = Vec::new();
         let mut events = Vec::with_capacity(claimed);
         for row in rows {
-            let id = row.id;
-            match OutboxEvent::try_from(row) {
+            match row {
                 Ok(e) => events.push(e),
                 // A row this library cannot read would fail forever: dead-letter it now.
-                Err(e) => corrupt.push((
+                Err((Some(id), reason)) => corrupt.push((
                     id,
                     Fate::Dead {
-                        error: e.to_string(),
+                        error: Error::CorruptRow { id, reason }.to_string(),
                     },
                 )),
+                // Without its id there is nothing to write back; its lease runs out.
+                Err((None, reason)) => {
+                    tracing::error!(relay = %self.name, %reason, "outbox row without a readable id")
+                }
             }
         }
         let publish_span =

@@ -19,14 +19,13 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, IsolationLevel,
-    TransactionTrait, Value,
+    ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait, Value,
 };
-use seaorm_outbox_entity::OutboxEventModel;
 use uuid::Uuid;
 
 use super::config::{DeadLetterPolicy, Ordering};
 use crate::error::Result;
+use crate::event::{CLAIMED_COLUMNS, OutboxEvent};
 use crate::sql::{placeholders, stmt};
 
 /// What the relay decided for one claimed event.
@@ -45,6 +44,9 @@ pub(crate) enum Fate {
         at: DateTime<Utc>,
     },
 }
+
+/// A claimed row: the event, or (its id if readable, why not) for a row this library cannot read.
+pub(crate) type Claimed = std::result::Result<OutboxEvent, (Option<Uuid>, String)>;
 
 /// How many rows each write-back touched; fewer than asked means the lease was lost.
 #[derive(Debug, Default)]
@@ -112,7 +114,7 @@ impl Claim<'_> {
 /// `limit` in all. Nobody else can claim those followers while their head is pending, so the
 /// prefix is ours to send in order. On PostgreSQL each head's share is capped at an equal split
 /// of the batch, so the follower lookup reads a bounded number of index entries.
-pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
+pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claimed>> {
     let backend = db.get_database_backend();
     let limit = i64::from(c.limit);
     match backend {
@@ -142,12 +144,13 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<
     };
     let sql = format!(
         "UPDATE outbox_events SET locked_by = ?, locked_until = ?, next_attempt_at = ? \
-         WHERE id IN ({ids}) RETURNING *"
+         WHERE id IN ({ids}) RETURNING {CLAIMED_COLUMNS}"
     );
     let rows = db.query_all_raw(stmt(backend, &sql, values)).await?;
-    rows.iter()
-        .map(|r| OutboxEventModel::from_query_result(r, "").map_err(Into::into))
-        .collect()
+    Ok(rows
+        .iter()
+        .map(|r| OutboxEvent::from_claimed_row(r, c.token))
+        .collect())
 }
 
 /// The ids held by a live batch lease (PostgreSQL); binds the current time.
@@ -163,7 +166,7 @@ const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('seaorm_outbox.c
      ('outbox_leases'::regclass::oid::bigint % 2147483647)::int)";
 
 /// PostgreSQL: see the module docs.
-async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
+async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claimed>> {
     match c.ordering {
         Ordering::Unordered => lease_postgres(db, c, None).await,
         Ordering::PerAggregate => {
@@ -192,7 +195,7 @@ async fn lease_postgres(
     db: &DatabaseConnection,
     c: &Claim<'_>,
     window: Option<i64>,
-) -> Result<Vec<OutboxEventModel>> {
+) -> Result<Vec<Claimed>> {
     let backend = DbBackend::Postgres;
     let limit = i64::from(c.limit);
     // `?`s in order: now (expired), now (live), then the selection's own, then token, lease end.
@@ -245,20 +248,16 @@ async fn lease_postgres(
          picked AS ({picked}), \
          lease AS (INSERT INTO outbox_leases (token, locked_until, ids) \
            SELECT ?, ?, array_agg(id) FROM picked HAVING COUNT(*) > 0) \
-         SELECT * FROM picked"
+         SELECT {CLAIMED_COLUMNS} FROM picked"
     );
     let txn = db.begin().await?;
     txn.execute_unprepared(CLAIM_LOCK).await?;
     let rows = txn.query_all_raw(stmt(backend, &sql, values)).await?;
     txn.commit().await?;
-    rows.iter()
-        .map(|r| {
-            let mut m = OutboxEventModel::from_query_result(r, "")?;
-            m.locked_by = Some(c.token.to_owned());
-            m.locked_until = Some(c.lease_end);
-            Ok(m)
-        })
-        .collect()
+    Ok(rows
+        .iter()
+        .map(|r| OutboxEvent::from_claimed_row(r, c.token))
+        .collect())
 }
 
 /// PostgreSQL, per-aggregate order: whether any due head is free of a live lease.
@@ -277,7 +276,7 @@ async fn any_head(db: &DatabaseConnection, c: &Claim<'_>) -> Result<bool> {
     Ok(!rows.is_empty())
 }
 
-async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<OutboxEventModel>> {
+async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claimed>> {
     let backend = DbBackend::MySql;
     let limit = i64::from(c.limit);
     // READ COMMITTED: no gap locks, so claims never block writers' inserts.
@@ -288,8 +287,11 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Outbo
         Ordering::Unordered => {
             txn.query_all_raw(stmt(
                 backend,
-                "SELECT * FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= ? \
-                 ORDER BY next_attempt_at, id LIMIT ? FOR UPDATE SKIP LOCKED",
+                &format!(
+                    "SELECT {CLAIMED_COLUMNS} FROM outbox_events \
+                     WHERE status = 'pending' AND next_attempt_at <= ? \
+                     ORDER BY next_attempt_at, id LIMIT ? FOR UPDATE SKIP LOCKED"
+                ),
                 vec![c.now.into(), limit.into()],
             ))
             .await?
@@ -318,8 +320,8 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Outbo
                 txn.query_all_raw(stmt(
                     backend,
                     &format!(
-                        "SELECT * FROM outbox_events WHERE status = 'pending' AND ({}) \
-                         ORDER BY occurred_at, id LIMIT ?",
+                        "SELECT {CLAIMED_COLUMNS} FROM outbox_events \
+                         WHERE status = 'pending' AND ({}) ORDER BY occurred_at, id LIMIT ?",
                         keys.join(" OR ")
                     ),
                     values,
@@ -328,31 +330,36 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Outbo
             }
         }
     };
-    let mut models = rows
+    let mut claimed: Vec<Claimed> = rows
         .iter()
-        .map(|r| OutboxEventModel::from_query_result(r, ""))
-        .collect::<Result<Vec<_>, _>>()?;
-    if !models.is_empty() {
+        .map(|r| OutboxEvent::from_claimed_row(r, c.token))
+        .collect();
+    let ids: Vec<Uuid> = claimed
+        .iter()
+        .filter_map(|r| match r {
+            Ok(e) => Some(e.id),
+            Err((id, _)) => *id,
+        })
+        .collect();
+    if !ids.is_empty() {
         let mut values: Vec<Value> = vec![c.token.into(), c.lease_end.into(), c.lease_end.into()];
-        values.extend(models.iter().map(|m| Value::from(m.id)));
+        values.extend(ids.iter().map(|id| Value::from(*id)));
         txn.execute_raw(stmt(
             backend,
             &format!(
                 "UPDATE outbox_events SET locked_by = ?, locked_until = ?, next_attempt_at = ? \
                  WHERE id IN ({})",
-                placeholders(models.len())
+                placeholders(ids.len())
             ),
             values,
         ))
         .await?;
-        for m in &mut models {
-            m.locked_by = Some(c.token.to_owned());
-            m.locked_until = Some(c.lease_end);
-            m.next_attempt_at = c.lease_end;
+        for e in claimed.iter_mut().flatten() {
+            e.next_attempt_at = c.lease_end;
         }
     }
     txn.commit().await?;
-    Ok(models)
+    Ok(claimed)
 }
 
 /// Writes every fate back with at most one statement per kind, all conditional on the lease:

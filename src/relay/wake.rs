@@ -28,7 +28,8 @@ pub(crate) fn spawn_listener(
     if db.get_database_backend() != DbBackend::Postgres {
         return None;
     }
-    let pool = db.get_postgres_connection_pool().clone();
+    // A mock or proxy connection has no pool to listen on.
+    let pool = crate::sql::pg_pool(db)?.clone();
     Some(tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         loop {
