@@ -44,6 +44,7 @@ on_all_backends!(
     retention_purges_only_old_published_events,
     invalid_relay_config_is_rejected,
     a_free_aggregate_behind_a_long_blocked_backlog_is_found,
+    unreadable_row_is_dead_lettered_and_the_rest_delivered,
 );
 
 on_backends!(
@@ -1037,4 +1038,58 @@ async fn a_free_aggregate_behind_a_long_blocked_backlog_is_found(t: &TestDb) {
     let delivered: Vec<Uuid> = sink.deliveries().iter().map(|e| e.id).collect();
     assert_eq!(delivered, free, "only the free aggregate's event goes");
     assert_eq!(pending(&t.db).await, 60, "the blocked aggregate waits");
+}
+
+/// A row the relay cannot turn into an event (here: headers that are not a map of strings, as
+/// another writer might leave) would fail forever: it is dead-lettered with the reason, and the
+/// rows around it are delivered.
+async fn unreadable_row_is_dead_lettered_and_the_rest_delivered(t: &TestDb) {
+    let ids = seed(
+        &t.db,
+        (0..3)
+            .map(|i| {
+                NewEvent::new("t", "agg", format!("a{i}"))
+                    .occurred_at(base() + chrono::Duration::seconds(i))
+            })
+            .collect(),
+    )
+    .await;
+    let backend = t.db.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => "UPDATE outbox_events SET headers = $1 WHERE id = $2",
+        _ => "UPDATE outbox_events SET headers = ? WHERE id = ?",
+    };
+    t.db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql,
+        [serde_json::json!([1, 2]).into(), ids[1].into()],
+    ))
+    .await
+    .expect("corrupt headers");
+
+    let sink = InMemoryPublisher::new();
+    let relay = Relay::builder(t.db.clone(), sink.clone())
+        .config(fast(RelayConfig::default()))
+        .build()
+        .expect("relay");
+    let stats = relay.drain().await.expect("drain");
+    assert_eq!((stats.published, stats.dead_lettered), (2, 1), "{stats:?}");
+    let delivered: Vec<Uuid> = sink.deliveries().iter().map(|e| e.id).collect();
+    assert_eq!(delivered.len(), 2);
+    assert!(delivered.contains(&ids[0]) && delivered.contains(&ids[2]));
+    // The row is still unreadable as an event, so read it as the entity model.
+    use sea_orm::EntityTrait;
+    let dead = seaorm_outbox_entity::OutboxEvents::find_by_id(ids[1])
+        .one(&t.db)
+        .await
+        .expect("row")
+        .expect("exists");
+    assert_eq!(dead.status, OutboxStatus::Failed);
+    let error = dead.last_error.unwrap_or_default();
+    assert!(
+        error.contains("corrupt") && error.contains("header"),
+        "{error}"
+    );
+    // It is out of the way: nothing is left to claim.
+    assert_eq!(relay.drain().await.expect("drain").batches, 0);
 }
