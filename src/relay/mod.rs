@@ -158,6 +158,8 @@ struct Round {
     claimed: usize,
     /// How long the claim statement took.
     claim_cost: Duration,
+    /// The claim searched the whole due backlog (see `store::Claimed::walked`).
+    walked: bool,
     next_retry: Option<DateTime<Utc>>,
     offered: Option<Offered>,
 }
@@ -268,10 +270,15 @@ impl<P: Publisher> Relay<P> {
                         settle = true;
                         Duration::ZERO
                     } else {
-                        // An empty claim that was slow scanned a backlog it could not take (every
-                        // aggregate busy with other relays): scan again no sooner than 4× its
-                        // cost, even when woken, so surplus relays cannot crowd the database.
-                        if round.claimed == 0 && round.claim_cost > Duration::from_millis(2) {
+                        // An empty claim that walked a backlog it could not take (every aggregate
+                        // busy with other relays): scan again no sooner than 4× its cost, even
+                        // when woken, so surplus relays cannot crowd the database. Only then: a
+                        // cheap claim that was merely slow on a busy server must not make the
+                        // relay deaf to NOTIFY (it cost the latency p99, BENCHMARKS.md).
+                        if round.claimed == 0
+                            && round.walked
+                            && round.claim_cost > Duration::from_millis(2)
+                        {
                             throttle_until =
                                 Some(tokio::time::Instant::now() + round.claim_cost * 4);
                         }
@@ -371,7 +378,7 @@ impl<P: Publisher> Relay<P> {
                 .unwrap_or(chrono::Duration::MAX);
         self.last_poll
             .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
-        let rows = store::claim(
+        let store::Claimed { rows, walked } = store::claim(
             &self.db,
             &Claim {
                 token: &token,
@@ -391,6 +398,7 @@ impl<P: Publisher> Relay<P> {
             return Ok(Round {
                 claimed,
                 claim_cost,
+                walked,
                 next_retry: None,
                 offered: None,
             });
@@ -445,6 +453,7 @@ impl<P: Publisher> Relay<P> {
         Ok(Round {
             claimed,
             claim_cost,
+            walked,
             next_retry,
             offered: Some(Offered {
                 token,

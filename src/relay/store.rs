@@ -46,7 +46,16 @@ pub(crate) enum Fate {
 }
 
 /// A claimed row: the event, or (its id if readable, why not) for a row this library cannot read.
-pub(crate) type Claimed = std::result::Result<OutboxEvent, (Option<Uuid>, String)>;
+pub(crate) type ClaimedRow = std::result::Result<OutboxEvent, (Option<Uuid>, String)>;
+
+/// What a claim found.
+pub(crate) struct Claimed {
+    pub(crate) rows: Vec<ClaimedRow>,
+    /// It searched the whole due backlog for aggregate heads (per-aggregate order). An empty
+    /// claim that did is the one expensive poll worth throttling; any other empty claim is
+    /// cheap, and a slow one only means a busy server.
+    pub(crate) walked: bool,
+}
 
 /// How many rows each write-back touched; fewer than asked means the lease was lost.
 #[derive(Debug, Default)]
@@ -114,11 +123,16 @@ impl Claim<'_> {
 /// `limit` in all. Nobody else can claim those followers while their head is pending, so the
 /// prefix is ours to send in order. On PostgreSQL each head's share is capped at an equal split
 /// of the batch, so the follower lookup reads a bounded number of index entries.
-pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claimed>> {
+pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Claimed> {
     let backend = db.get_database_backend();
     let limit = i64::from(c.limit);
+    // Without PostgreSQL's window, every ordered claim searches the due rows for heads.
+    let walked = c.ordering == Ordering::PerAggregate;
     match backend {
-        DbBackend::MySql => return claim_mysql(db, c).await,
+        DbBackend::MySql => {
+            let rows = claim_mysql(db, c).await?;
+            return Ok(Claimed { rows, walked });
+        }
         DbBackend::Postgres => return claim_postgres(db, c).await,
         _ => {}
     }
@@ -147,10 +161,13 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<
          WHERE id IN ({ids}) RETURNING {CLAIMED_COLUMNS}"
     );
     let rows = db.query_all_raw(stmt(backend, &sql, values)).await?;
-    Ok(rows
-        .iter()
-        .map(|r| OutboxEvent::from_claimed_row(r, c.token))
-        .collect())
+    Ok(Claimed {
+        rows: rows
+            .iter()
+            .map(|r| OutboxEvent::from_claimed_row(r, c.token))
+            .collect(),
+        walked,
+    })
 }
 
 /// The ids held by a live batch lease (PostgreSQL); binds the current time.
@@ -166,9 +183,10 @@ const CLAIM_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('seaorm_outbox.c
      ('outbox_leases'::regclass::oid::bigint % 2147483647)::int)";
 
 /// PostgreSQL: see the module docs.
-async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claimed>> {
+async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Claimed> {
+    let claimed = |rows, walked| Claimed { rows, walked };
     match c.ordering {
-        Ordering::Unordered => lease_postgres(db, c, None).await,
+        Ordering::Unordered => Ok(claimed(lease_postgres(db, c, None).await?, false)),
         Ordering::PerAggregate => {
             // Finding a head can mean walking every due row when most aggregates are busy
             // (each non-head costs an index probe: about a second over 200,000 rows, see
@@ -178,9 +196,9 @@ async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Cl
             let window = i64::from(c.limit).saturating_mul(HEAD_WINDOW);
             let rows = lease_postgres(db, c, Some(window)).await?;
             if !rows.is_empty() || c.opportunistic || !any_head(db, c).await? {
-                return Ok(rows);
+                return Ok(claimed(rows, false));
             }
-            lease_postgres(db, c, None).await
+            Ok(claimed(lease_postgres(db, c, None).await?, true))
         }
     }
 }
@@ -195,7 +213,7 @@ async fn lease_postgres(
     db: &DatabaseConnection,
     c: &Claim<'_>,
     window: Option<i64>,
-) -> Result<Vec<Claimed>> {
+) -> Result<Vec<ClaimedRow>> {
     let backend = DbBackend::Postgres;
     let limit = i64::from(c.limit);
     // `?`s in order: now (expired), now (live), then the selection's own, then token, lease end.
@@ -281,7 +299,7 @@ async fn any_head(db: &DatabaseConnection, c: &Claim<'_>) -> Result<bool> {
     Ok(!rows.is_empty())
 }
 
-async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claimed>> {
+async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<ClaimedRow>> {
     let backend = DbBackend::MySql;
     let limit = i64::from(c.limit);
     // READ COMMITTED: no gap locks, so claims never block writers' inserts.
@@ -335,7 +353,7 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claim
             }
         }
     };
-    let mut claimed: Vec<Claimed> = rows
+    let mut claimed: Vec<ClaimedRow> = rows
         .iter()
         .map(|r| OutboxEvent::from_claimed_row(r, c.token))
         .collect();
