@@ -10,8 +10,8 @@
 //!   it changes nothing. A stamped row lease cost a second full row write per event, which
 //!   capped throughput near half a raw claim-and-mark loop (BENCHMARKS.md).
 //! * SQLite: `UPDATE … SET locked_by, locked_until, next_attempt_at WHERE id IN (SELECT …)
-//!   RETURNING *`. A claimed row is simply "not due" to everyone else; SQLite has one writer at
-//!   a time, so the statement is atomic. Write-backs are conditional on `locked_by = token`.
+//!   RETURNING …`. A claimed row is simply "not due" to everyone else; SQLite has one writer
+//!   at a time, so the statement is atomic. Write-backs are conditional on `locked_by = token`.
 //! * MySQL/MariaDB (no `UPDATE … RETURNING`, no `LIMIT` in `IN` subqueries): the same row lease
 //!   in a short READ COMMITTED transaction of `SELECT … FOR UPDATE SKIP LOCKED` then `UPDATE`.
 //!
