@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::TestDb;
-use sea_orm::{ConnectionTrait, Statement};
 use seaorm_outbox::publisher::InMemoryPublisher;
 use seaorm_outbox::{HealthStatus, HealthThresholds, NewEvent, Outbox, OutboxRepository, Relay};
 use uuid::Uuid;
@@ -19,20 +18,13 @@ on_all_backends!(
 
 /// Sets `next_attempt_at` (and optionally a lease holder) on one event.
 async fn park(t: &TestDb, id: Uuid, secs_ahead: i64, locked_by: Option<&str>) {
-    let backend = t.db.get_database_backend();
-    let sql = if backend == sea_orm::DbBackend::Postgres {
-        "UPDATE outbox_events SET next_attempt_at = $1, locked_by = $2 WHERE id = $3"
-    } else {
-        "UPDATE outbox_events SET next_attempt_at = ?, locked_by = ? WHERE id = ?"
-    };
     let at = Utc::now() + chrono::Duration::seconds(secs_ahead);
-    t.db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql,
+    t.exec(
+        "park event",
+        "UPDATE outbox_events SET next_attempt_at = ?, locked_by = ? WHERE id = ?",
         vec![at.into(), locked_by.map(str::to_owned).into(), id.into()],
-    ))
-    .await
-    .expect("park event");
+    )
+    .await;
 }
 
 async fn stats_split_the_backlog_and_health_follows_thresholds(t: &TestDb) {

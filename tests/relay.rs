@@ -352,24 +352,20 @@ async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
     gate.entered.notified().await;
 
     // Time passes: the stale relay's lease runs out while it is still publishing.
-    let backend = t.db.get_database_backend();
     let past = Utc::now() - chrono::Duration::seconds(5);
-    t.db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        if backend == sea_orm::DbBackend::Postgres {
-            // PostgreSQL leases a batch with one `outbox_leases` row, not per row.
-            "UPDATE outbox_leases SET locked_until = $1"
-        } else {
-            "UPDATE outbox_events SET next_attempt_at = ?, locked_until = ?"
-        },
-        if backend == sea_orm::DbBackend::Postgres {
-            vec![past.into()]
-        } else {
-            vec![past.into(), past.into()]
-        },
-    ))
-    .await
-    .expect("expire lease");
+    let (sql, values) = if t.db_backend() == sea_orm::DbBackend::Postgres {
+        // PostgreSQL leases a batch with one `outbox_leases` row, not per row.
+        (
+            "UPDATE outbox_leases SET locked_until = ?",
+            vec![past.into()],
+        )
+    } else {
+        (
+            "UPDATE outbox_events SET next_attempt_at = ?, locked_until = ?",
+            vec![past.into(), past.into()],
+        )
+    };
+    t.exec("expire lease", sql, values).await;
 
     // A second relay takes the events over and dead-letters them.
     let owner = Relay::builder(t.connect_again().await, RejectAll)
@@ -1014,19 +1010,13 @@ async fn a_free_aggregate_behind_a_long_blocked_backlog_is_found(t: &TestDb) {
     )
     .await;
     let free = seed(&t.db, vec![NewEvent::new("t", "free", "1")]).await;
-    let backend = t.db.get_database_backend();
     let later = Utc::now() + chrono::Duration::hours(1);
-    t.db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        if backend == sea_orm::DbBackend::Postgres {
-            "UPDATE outbox_events SET next_attempt_at = $1 WHERE id = $2"
-        } else {
-            "UPDATE outbox_events SET next_attempt_at = ? WHERE id = ?"
-        },
+    t.exec(
+        "park the head",
+        "UPDATE outbox_events SET next_attempt_at = ? WHERE id = ?",
         vec![later.into(), blocked[0].into()],
-    ))
-    .await
-    .expect("park the head");
+    )
+    .await;
 
     let sink = InMemoryPublisher::new();
     let relay = Relay::builder(t.db.clone(), sink.clone())
@@ -1054,18 +1044,12 @@ async fn unreadable_row_is_dead_lettered_and_the_rest_delivered(t: &TestDb) {
             .collect(),
     )
     .await;
-    let backend = t.db.get_database_backend();
-    let sql = match backend {
-        sea_orm::DbBackend::Postgres => "UPDATE outbox_events SET headers = $1 WHERE id = $2",
-        _ => "UPDATE outbox_events SET headers = ? WHERE id = ?",
-    };
-    t.db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        sql,
-        [serde_json::json!([1, 2]).into(), ids[1].into()],
-    ))
-    .await
-    .expect("corrupt headers");
+    t.exec(
+        "corrupt headers",
+        "UPDATE outbox_events SET headers = ? WHERE id = ?",
+        vec![serde_json::json!([1, 2]).into(), ids[1].into()],
+    )
+    .await;
 
     let sink = InMemoryPublisher::new();
     let relay = Relay::builder(t.db.clone(), sink.clone())

@@ -222,15 +222,19 @@ async fn throughput_section(
             if db.kind == Kind::Postgres && probes.contains("lease") {
                 let probe = throughput::lease_table_probe(db, w, n).await?;
                 eprintln!(
-                    "{label} lease-table probe x{w}: {probe:.0}/s ({:.2}x)",
-                    probe / raw.rate
+                    "{label} lease-table probe x{w}: {:.0}/s ({:.2}x){}",
+                    probe.rate,
+                    probe.rate / raw.rate,
+                    cpu(probe.cpu)
                 );
             }
             if db.kind == Kind::Postgres && probes.contains("txheld") {
                 let probe = throughput::tx_held_probe(db, w, n).await?;
                 eprintln!(
-                    "{label} tx-held probe x{w}: {probe:.0}/s ({:.2}x)",
-                    probe / raw.rate
+                    "{label} tx-held probe x{w}: {:.0}/s ({:.2}x){}",
+                    probe.rate,
+                    probe.rate / raw.rate,
+                    cpu(probe.cpu)
                 );
             }
             for (i, &ordering) in orderings.iter().enumerate() {

@@ -46,22 +46,38 @@ const EVENT_COLUMNS: &str =
 pub(crate) async fn raw(db: &BenchDb, workers: usize, n: u64, read: Read) -> Result<Drained> {
     db.reset().await?;
     db.seed_pending(n, aggregates()).await?;
+    let kind = db.kind;
+    run_loops(db, workers, n, "raw loop", move |conn| {
+        raw_loop(kind, conn, read)
+    })
+    .await
+}
+
+/// Runs `workers` copies of a hand-written drain loop, each on its own two-connection pool,
+/// over the `n` events already seeded; checks that nothing is left pending.
+async fn run_loops<F, Fut>(
+    db: &BenchDb,
+    workers: usize,
+    n: u64,
+    what: &str,
+    work: F,
+) -> Result<Drained>
+where
+    F: Fn(sea_orm::DatabaseConnection) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
     let mut tasks = Vec::new();
     let meter = CpuMeter::start();
     let start = Instant::now();
     for _ in 0..workers {
-        let conn = db.pool(2).await?;
-        let kind = db.kind;
-        tasks.push(tokio::spawn(
-            async move { raw_loop(kind, conn, read).await },
-        ));
+        tasks.push(tokio::spawn(work(db.pool(2).await?)));
     }
     for t in tasks {
         t.await??;
     }
     let elapsed = start.elapsed();
     let cpu = meter.and_then(|m| m.per_event(n));
-    anyhow::ensure!(db.count_pending().await? == 0, "raw loop left events");
+    anyhow::ensure!(db.count_pending().await? == 0, "{what} left events");
     Ok(Drained {
         rate: n as f64 / elapsed.as_secs_f64(),
         cpu,
@@ -223,7 +239,7 @@ pub(crate) async fn drain_with(
 /// row holding their ids; the write-back deletes the lease and marks the rows, in one
 /// transaction. No row is written at claim time. Claims are serialised by an advisory lock,
 /// because without a row write a concurrent claim's snapshot could not see the new lease.
-pub(crate) async fn lease_table_probe(db: &BenchDb, workers: usize, n: u64) -> Result<f64> {
+pub(crate) async fn lease_table_probe(db: &BenchDb, workers: usize, n: u64) -> Result<Drained> {
     db.reset().await?;
     db.exec(
         "CREATE TABLE IF NOT EXISTS bench_leases (token uuid PRIMARY KEY, \
@@ -232,21 +248,7 @@ pub(crate) async fn lease_table_probe(db: &BenchDb, workers: usize, n: u64) -> R
     .await?;
     db.exec("TRUNCATE bench_leases").await?;
     db.seed_pending(n, aggregates()).await?;
-    let mut tasks = Vec::new();
-    let start = Instant::now();
-    for _ in 0..workers {
-        let conn = db.pool(2).await?;
-        tasks.push(tokio::spawn(async move { lease_table_loop(conn).await }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let elapsed = start.elapsed();
-    anyhow::ensure!(
-        db.count_pending().await? == 0,
-        "lease-table loop left events"
-    );
-    Ok(n as f64 / elapsed.as_secs_f64())
+    run_loops(db, workers, n, "lease-table loop", lease_table_loop).await
 }
 
 async fn lease_table_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {
@@ -311,21 +313,10 @@ async fn lease_table_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {
 /// `SELECT * … FOR UPDATE SKIP LOCKED` opens a transaction that stays open through the (no-op)
 /// publish and ends with the `UPDATE` and `COMMIT`; batch N's write-back overlaps batch N+1's
 /// claim on a second connection, as the relay pipelines.
-pub(crate) async fn tx_held_probe(db: &BenchDb, workers: usize, n: u64) -> Result<f64> {
+pub(crate) async fn tx_held_probe(db: &BenchDb, workers: usize, n: u64) -> Result<Drained> {
     db.reset().await?;
     db.seed_pending(n, aggregates()).await?;
-    let mut tasks = Vec::new();
-    let start = Instant::now();
-    for _ in 0..workers {
-        let conn = db.pool(2).await?;
-        tasks.push(tokio::spawn(async move { tx_held_loop(conn).await }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let elapsed = start.elapsed();
-    anyhow::ensure!(db.count_pending().await? == 0, "tx-held loop left events");
-    Ok(n as f64 / elapsed.as_secs_f64())
+    run_loops(db, workers, n, "tx-held loop", tx_held_loop).await
 }
 
 async fn tx_held_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {

@@ -187,6 +187,34 @@ impl TestDb {
         self.db.get_database_backend()
     }
 
+    /// Runs one statement written with `?` placeholders, numbered `$n` for PostgreSQL, so a
+    /// test states its raw SQL once for every backend. Panics with `what` on failure.
+    pub async fn exec(&self, what: &str, sql: &str, values: Vec<sea_orm::Value>) {
+        let backend = self.db_backend();
+        let sql = if backend == DbBackend::Postgres {
+            let mut n = 0;
+            sql.split('?')
+                .enumerate()
+                .map(|(i, part)| {
+                    if i == 0 {
+                        part.to_owned()
+                    } else {
+                        n += 1;
+                        format!("${n}{part}")
+                    }
+                })
+                .collect()
+        } else {
+            sql.to_owned()
+        };
+        self.db
+            .execute_raw(sea_orm::Statement::from_sql_and_values(
+                backend, sql, values,
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+
     /// Drops the schema or database. Skipped when a test fails, which leaves it for inspection.
     pub async fn cleanup(self) {
         let Self {
