@@ -49,6 +49,7 @@ on_all_backends!(
 
 on_backends!(
     [postgres: Postgres] =>
+    ordered_relays_take_runs_and_leave_other_aggregates_to_each_other,
     notify_wakes_an_idle_relay_on_commit_only,
     a_batch_sends_one_notify_and_a_rollback_none,
     without_listen_an_idle_relay_waits_for_its_poll,
@@ -701,12 +702,82 @@ async fn locked_rows(db: &DatabaseConnection) -> usize {
     by_row + usize::try_from(row.try_get::<i64>("", "n").expect("n")).expect("count")
 }
 
+async fn ordered_relays_take_runs_and_leave_other_aggregates_to_each_other(t: &TestDb) {
+    // 20 aggregates × 10 events, interleaved. Batches of 40 with runs of 4: the first relay
+    // takes the oldest 10 aggregates' first four events, so a second relay still finds ten
+    // free aggregates. (With one event per aggregate the first batch would hold all 20, and
+    // the second relay could take nothing until it was written back.)
+    seed(
+        &t.db,
+        (0..200)
+            .map(|i| {
+                NewEvent::new("t", "agg", (i % 20).to_string())
+                    .occurred_at(base() + chrono::Duration::microseconds(i))
+            })
+            .collect(),
+    )
+    .await;
+    let config = || {
+        fast(
+            RelayConfig::default()
+                .batch_size(40)
+                .events_per_aggregate(4)
+                .shutdown_grace(Duration::from_millis(100)),
+        )
+    };
+    let mut running = Vec::new();
+    for expected in [40, 80] {
+        let gate = Gate::closed();
+        let relay = Relay::builder(t.db.clone(), gate.clone())
+            .config(config())
+            .build()
+            .expect("relay");
+        running.push(support::spawn(relay));
+        tokio::time::timeout(Duration::from_secs(10), gate.entered.notified())
+            .await
+            .expect("the relay claimed a batch");
+        assert_eq!(locked_rows(&t.db).await, expected);
+    }
+    // Each lease holds a 4-event prefix of ten aggregates, and the two share none.
+    let leases =
+        t.db.query_all_raw(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT e.aggregate_id, COUNT(*) AS n, COUNT(DISTINCT l.token) AS leases, \
+               MAX(e.occurred_at) AS last FROM outbox_leases l \
+             JOIN outbox_events e ON e.id = ANY(l.ids) GROUP BY e.aggregate_id",
+        ))
+        .await
+        .expect("leases");
+    assert_eq!(leases.len(), 20);
+    for row in &leases {
+        let agg: String = row.try_get("", "aggregate_id").expect("aggregate");
+        let n: i64 = row.try_get("", "n").expect("n");
+        let holders: i64 = row.try_get("", "leases").expect("leases");
+        let last: DateTime<Utc> = row.try_get("", "last").expect("last");
+        let first: i64 = agg.parse().expect("number");
+        assert_eq!((n, holders), (4, 1), "aggregate {agg}");
+        assert_eq!(
+            last,
+            base() + chrono::Duration::microseconds(first + 60),
+            "a prefix"
+        );
+    }
+    for (stop, task) in running {
+        stop.cancel();
+        task.await.expect("relay");
+    }
+    assert_eq!(locked_rows(&t.db).await, 0);
+}
+
 async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
     seed(&t.db, scattered_events(30, 5)).await;
     let gate = Gate::closed();
+    // Runs long enough that one batch takes every event, however they fall per aggregate.
     let relay = Relay::builder(t.db.clone(), gate.clone())
         .config(fast(
-            RelayConfig::default().shutdown_grace(Duration::from_millis(100)),
+            RelayConfig::default()
+                .shutdown_grace(Duration::from_millis(100))
+                .events_per_aggregate(30),
         ))
         .build()
         .expect("relay");

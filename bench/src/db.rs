@@ -236,6 +236,11 @@ impl BenchDb {
 
     pub(crate) async fn drop(self) -> Result<()> {
         self.db.close().await?;
+        // For EXPLAIN afterwards: `OUTBOX_BENCH_KEEP=1` leaves the schema or database in place.
+        if std::env::var_os("OUTBOX_BENCH_KEEP").is_some() {
+            eprintln!("kept {}", self.name);
+            return Ok(());
+        }
         match self.kind {
             Kind::Postgres => {
                 let admin = Database::connect(opts(&pg_url(), 1)).await?;

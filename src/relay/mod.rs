@@ -17,7 +17,7 @@ pub(crate) mod store;
 mod wake;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -95,6 +95,7 @@ impl<P: Publisher> RelayBuilder<P> {
             publisher: self.publisher,
             // Leave room for `:` and a 32-character batch id within the 64-character token.
             name: name.chars().take(31).collect(),
+            share: AtomicU32::new(self.config.events_per_aggregate),
             config: self.config,
             last_poll: Arc::new(AtomicI64::new(0)),
         })
@@ -134,6 +135,8 @@ pub struct Relay<P> {
     config: RelayConfig,
     name: String,
     last_poll: Arc<AtomicI64>,
+    /// The next ordered claim's run per aggregate ([`store::next_share`]).
+    share: AtomicU32,
 }
 
 /// The result of one claim-publish-write-back cycle.
@@ -388,6 +391,7 @@ impl<P: Publisher> Relay<P> {
                 ordering: self.config.ordering,
                 policy: self.config.dead_letter_policy,
                 opportunistic,
+                share: self.share.load(AtomicOrdering::Relaxed),
             },
         )
         .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
@@ -559,6 +563,16 @@ impl<P: Publisher> Relay<P> {
             chain_of.push(chain);
         }
         ranked.sort_unstable();
+        let longest = ranked.last().map_or(0, |&(r, _)| r + 1);
+        let share = store::next_share(
+            self.share.load(AtomicOrdering::Relaxed),
+            self.config.events_per_aggregate,
+            self.config.batch_size,
+            events.len(),
+            chain + 1,
+            longest,
+        );
+        self.share.store(share, AtomicOrdering::Relaxed);
         let chain_of: Vec<usize> = ranked.iter().map(|&(_, i)| chain_of[i]).collect();
         let ranks: Vec<usize> = ranked.iter().map(|(r, _)| *r).collect();
         let mut slots: Vec<Option<OutboxEvent>> =

@@ -78,6 +78,9 @@ pub(crate) struct Claim<'a> {
     /// per-aggregate order it only looks within the window and never walks the backlog, as its
     /// own in-flight aggregates may be all that is left.
     pub(crate) opportunistic: bool,
+    /// Per-aggregate order on PostgreSQL: the most consecutive events one aggregate adds to
+    /// the batch ([`next_share`]).
+    pub(crate) share: u32,
 }
 
 impl Claim<'_> {
@@ -91,7 +94,7 @@ impl Claim<'_> {
 
     /// `NOT EXISTS` an earlier blocking event of `e`'s aggregate: `e` is its aggregate's head.
     /// The row comparison is an index condition on `outbox_events_aggregate_idx`, so the probe
-    /// reads one entry, not the aggregate's whole backlog. `fence` (PostgreSQL's `OFFSET 0`)
+    /// reads one entry, not the aggregate's whole backlog. `fence` ([`PG_PROBE`])
     /// keeps the planner from turning it into a hash anti-join over the whole backlog.
     fn is_head(&self, fence: &str) -> String {
         format!(
@@ -121,8 +124,9 @@ impl Claim<'_> {
 /// earlier pending event (nor, under [`DeadLetterPolicy::Hold`], dead letter) of their aggregate
 /// — then takes each head's aggregate's next pending events, a prefix per aggregate, up to
 /// `limit` in all. Nobody else can claim those followers while their head is pending, so the
-/// prefix is ours to send in order. On PostgreSQL each head's share is capped at an equal split
-/// of the batch, so the follower lookup reads a bounded number of index entries.
+/// prefix is ours to send in order. On PostgreSQL each head adds at most `claim.share` events
+/// and heads are looked for only until the batch is full; elsewhere each head's share is an even
+/// split of the batch.
 pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Claimed> {
     let backend = db.get_database_backend();
     let limit = i64::from(c.limit);
@@ -170,6 +174,35 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Clai
     })
 }
 
+/// The run per aggregate for a relay's next ordered claim on PostgreSQL, from what its last
+/// claim (made with `current`) got: `claimed` events from `aggregates` aggregates, the longest
+/// run being `longest`.
+///
+/// * A full batch: ease back by an eighth towards `floor`, so that once many aggregates are due
+///   again, batches spread over them and need fewer waves.
+/// * A short batch with a run cut at `current`: too few aggregates are due to fill a batch, so
+///   give each an even split of it.
+/// * A short batch with every run complete: the backlog is shallow; back to `floor`.
+pub(crate) fn next_share(
+    current: u32,
+    floor: u32,
+    limit: u32,
+    claimed: usize,
+    aggregates: usize,
+    longest: usize,
+) -> u32 {
+    let current = current.max(floor);
+    let reached = |n: usize, of: u32| u64::try_from(n).unwrap_or(u64::MAX) >= u64::from(of);
+    if reached(claimed, limit) {
+        (current - current / 8).max(floor)
+    } else if aggregates > 0 && reached(longest, current) {
+        let aggregates = u32::try_from(aggregates).unwrap_or(u32::MAX);
+        limit.div_ceil(aggregates).max(floor)
+    } else {
+        floor
+    }
+}
+
 /// The ids held by a live batch lease (PostgreSQL); binds the current time.
 pub(crate) const LIVE_LEASED_IDS: &str =
     "SELECT unnest(ids) AS id FROM outbox_leases WHERE locked_until >= ?";
@@ -202,6 +235,15 @@ async fn claim_postgres(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Claime
         }
     }
 }
+
+/// The tail of PostgreSQL's head probe. `OFFSET 0` keeps the planner from turning the probe
+/// into a hash anti-join over the whole backlog. The `next_attempt_at` test, true of every row,
+/// names a column outside the aggregate index, so the probe is a plain index scan: that marks
+/// the entries of the aggregate's already-published events dead as it passes them, and later
+/// probes skip them. An index-only scan never does, and fetched every published predecessor
+/// from the heap on every probe: 100 per probe half way through a 200-per-aggregate drain, the
+/// main cost of an ordered claim as a backlog drains (BENCHMARKS.md).
+const PG_PROBE: &str = " AND p.next_attempt_at IS NOT NULL OFFSET 0";
 
 /// How many due rows per batch slot the first ordered claim looks through for heads.
 const HEAD_WINDOW: i64 = 8;
@@ -238,29 +280,28 @@ async fn lease_postgres(
                            WHERE e.status = 'pending' AND e.next_attempt_at <= ?{live} \
                            ORDER BY e.next_attempt_at, e.id LIMIT ?) e \
                          WHERE {} ORDER BY e.next_attempt_at, e.id LIMIT ?",
-                        c.is_head(" OFFSET 0")
+                        c.is_head(PG_PROBE)
                     )
                 }
                 None => {
                     values.extend([c.now.into(), limit.into()]);
-                    c.heads("", " OFFSET 0", live)
+                    c.heads("", PG_PROBE, live)
                 }
             };
-            values.extend([limit.into(), limit.into()]);
-            // `share`: each head's cap. At 1 (as many heads as the batch holds) each head's
-            // prefix is the head itself, so the follower lookup, 500 more index probes and
-            // about 45 % of the claim, is skipped (a one-time filter; BENCHMARKS.md).
+            values.extend([i64::from(c.share.max(1)).into(), limit.into()]);
+            // A nested loop pulled through the outer `LIMIT`: each head found, in due order,
+            // adds up to `share` of its aggregate's oldest pending events (itself first), and
+            // the search for heads stops as soon as the batch is full. So a batch of 500 from
+            // aggregates with long backlogs costs 500 / `share` head probes, not 500, and
+            // leaves the other aggregates to concurrent relays. A cut can only shorten the last
+            // head's run, so every aggregate's part is still a prefix.
             format!(
-                "SELECT * FROM outbox_events WHERE id IN (WITH heads AS ({heads}), \
-                 share AS (SELECT CEIL(?::float8 / GREATEST(COUNT(*), 1))::bigint AS n FROM heads) \
-                 SELECT h.id FROM heads h WHERE (SELECT n FROM share) = 1 \
-                 UNION ALL \
-                 SELECT f.id FROM (SELECT f.id FROM heads h CROSS JOIN LATERAL ( \
-                   SELECT f.id, f.occurred_at FROM outbox_events f \
+                "SELECT f.* FROM ({heads}) h CROSS JOIN LATERAL ( \
+                   SELECT f.* FROM outbox_events f \
                    WHERE f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
                    AND f.status = 'pending' AND f.id NOT IN (SELECT id FROM leased) \
-                   ORDER BY f.occurred_at, f.id LIMIT (SELECT n FROM share)) f \
-                 WHERE (SELECT n FROM share) > 1 ORDER BY f.occurred_at, f.id LIMIT ?) f)"
+                   ORDER BY f.occurred_at, f.id LIMIT ?) f \
+                 LIMIT ?"
             )
         }
     };
@@ -287,7 +328,7 @@ async fn lease_postgres(
 async fn any_head(db: &DatabaseConnection, c: &Claim<'_>) -> Result<bool> {
     let sql = format!(
         "WITH leased AS ({LIVE_LEASED_IDS}) {}",
-        c.heads("", " OFFSET 0", NOT_LEASED)
+        c.heads("", PG_PROBE, NOT_LEASED)
     );
     let rows = db
         .query_all_raw(stmt(
@@ -619,4 +660,26 @@ fn build_write_back(
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_share;
+
+    #[test]
+    fn share_deepens_only_when_runs_were_cut_and_eases_back_when_full() {
+        // 1,000 aggregates with long backlogs: 63 runs of 8 fill the batch; it stays at 8.
+        assert_eq!(next_share(8, 8, 500, 500, 63, 8), 8);
+        // Ten hot aggregates: runs of 8 were cut, batch short → an even split of 500.
+        assert_eq!(next_share(8, 8, 500, 80, 10, 8), 50);
+        // Full at 50: ease back by an eighth, then refill from the short batch that follows.
+        assert_eq!(next_share(50, 8, 500, 500, 10, 50), 44);
+        assert_eq!(next_share(44, 8, 500, 440, 10, 44), 50);
+        // Shallow backlog (every run complete): back to the floor at once.
+        assert_eq!(next_share(50, 8, 500, 30, 20, 3), 8);
+        // Never below the floor, nor an empty batch's division by zero.
+        assert_eq!(next_share(8, 8, 500, 500, 500, 1), 8);
+        assert_eq!(next_share(1, 8, 500, 0, 0, 0), 8);
+        assert_eq!(next_share(8, 8, 500, 8, 1, 8), 500);
+    }
 }
