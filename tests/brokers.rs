@@ -421,11 +421,15 @@ mod redis_streams {
     }
 
     async fn conn() -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!("redis://{}", addr()))
+        let mut conn = redis::Client::open(format!("redis://{}", addr()))
             .expect("client")
             .get_multiplexed_async_connection()
             .await
-            .expect("connect")
+            .expect("connect");
+        // Reading back thousands of entries while the other tests load both cores can outlast
+        // the client's default response timeout.
+        conn.set_response_timeout(Duration::from_secs(30));
+        conn
     }
 
     async fn read_all(key: &str) -> Vec<Got> {
