@@ -171,7 +171,13 @@ async fn raw_loop(kind: Kind, conn: sea_orm::DatabaseConnection, read: Read) -> 
 }
 
 pub(crate) fn relay_config(ordering: Ordering) -> RelayConfig {
+    // `OUTBOX_BENCH_RUN=N`: the relays' `events_per_aggregate` (the library's default if unset).
+    let run = std::env::var("OUTBOX_BENCH_RUN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RelayConfig::default().events_per_aggregate);
     RelayConfig::default()
+        .events_per_aggregate(run)
         .batch_size(BATCH)
         .ordering(ordering)
         .listen_notify(false)
