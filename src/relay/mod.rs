@@ -381,6 +381,9 @@ impl<P: Publisher> Relay<P> {
                 .unwrap_or(chrono::Duration::MAX);
         self.last_poll
             .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
+        // The run this batch is claimed with is what its outcome adjusts: a pipelined claim
+        // may have moved `self.share` meanwhile.
+        let share = self.share.load(AtomicOrdering::Relaxed);
         let store::Claimed { rows, walked } = store::claim(
             &self.db,
             &Claim {
@@ -391,7 +394,7 @@ impl<P: Publisher> Relay<P> {
                 ordering: self.config.ordering,
                 policy: self.config.dead_letter_policy,
                 opportunistic,
-                share: self.share.load(AtomicOrdering::Relaxed),
+                share,
             },
         )
         .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
@@ -435,7 +438,7 @@ impl<P: Publisher> Relay<P> {
                     .await
             }
             Ordering::PerAggregate => {
-                self.deliver_in_order(&mut events, cancel)
+                self.deliver_in_order(&mut events, share, cancel)
                     .instrument(publish_span)
                     .await
             }
@@ -531,10 +534,12 @@ impl<P: Publisher> Relay<P> {
     /// (or, under [`DeadLetterPolicy::Hold`], was dead-lettered) stops; its remaining events are
     /// released to wait for it. Other aggregates carry on.
     ///
-    /// Reorders `events` (by wave); the fates align with the new order.
+    /// Reorders `events` (by wave); the fates align with the new order. Also sets the next
+    /// claim's run per aggregate from this batch's shape, as claimed with run `claimed_with`.
     async fn deliver_in_order(
         &self,
         events: &mut Vec<OutboxEvent>,
+        claimed_with: u32,
         cancel: &CancellationToken,
     ) -> Vec<Fate> {
         // Rank each event within its aggregate, then sort by rank so every wave is contiguous.
@@ -565,7 +570,7 @@ impl<P: Publisher> Relay<P> {
         ranked.sort_unstable();
         let longest = ranked.last().map_or(0, |&(r, _)| r + 1);
         let share = store::next_share(
-            self.share.load(AtomicOrdering::Relaxed),
+            claimed_with,
             self.config.events_per_aggregate,
             self.config.batch_size,
             events.len(),
