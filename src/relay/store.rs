@@ -19,7 +19,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, TransactionTrait, Value,
+    ConnectionTrait, DatabaseConnection, DbBackend, IsolationLevel, QueryResult, TransactionTrait,
+    Value,
 };
 use uuid::Uuid;
 
@@ -84,6 +85,13 @@ pub(crate) struct Claim<'a> {
 }
 
 impl Claim<'_> {
+    /// Reads claimed rows of [`CLAIMED_COLUMNS`] into events leased to this claim's token.
+    fn read(&self, rows: &[QueryResult]) -> Vec<ClaimedRow> {
+        rows.iter()
+            .map(|r| OutboxEvent::from_claimed_row(r, self.token))
+            .collect()
+    }
+
     /// The statuses of earlier events that block an event under per-aggregate order.
     fn blocking(&self) -> &'static str {
         match self.policy {
@@ -94,8 +102,8 @@ impl Claim<'_> {
 
     /// `NOT EXISTS` an earlier blocking event of `e`'s aggregate: `e` is its aggregate's head.
     /// The row comparison is an index condition on `outbox_events_aggregate_idx`, so the probe
-    /// reads one entry, not the aggregate's whole backlog. `fence` ([`PG_PROBE`])
-    /// keeps the planner from turning it into a hash anti-join over the whole backlog.
+    /// reads one entry, not the aggregate's whole backlog. `fence` is [`PG_PROBE`] on
+    /// PostgreSQL, which keeps the probe a plain index scan rather than a hash anti-join.
     fn is_head(&self, fence: &str) -> String {
         format!(
             "NOT EXISTS (SELECT 1 FROM outbox_events p \
@@ -166,10 +174,7 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Clai
     );
     let rows = db.query_all_raw(stmt(backend, &sql, values)).await?;
     Ok(Claimed {
-        rows: rows
-            .iter()
-            .map(|r| OutboxEvent::from_claimed_row(r, c.token))
-            .collect(),
+        rows: c.read(&rows),
         walked,
     })
 }
@@ -318,10 +323,7 @@ async fn lease_postgres(
     txn.execute_unprepared(CLAIM_LOCK).await?;
     let rows = txn.query_all_raw(stmt(backend, &sql, values)).await?;
     txn.commit().await?;
-    Ok(rows
-        .iter()
-        .map(|r| OutboxEvent::from_claimed_row(r, c.token))
-        .collect())
+    Ok(c.read(&rows))
 }
 
 /// PostgreSQL, per-aggregate order: whether any due head is free of a live lease.
@@ -394,10 +396,7 @@ async fn claim_mysql(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Vec<Claim
             }
         }
     };
-    let mut claimed: Vec<ClaimedRow> = rows
-        .iter()
-        .map(|r| OutboxEvent::from_claimed_row(r, c.token))
-        .collect();
+    let mut claimed = c.read(&rows);
     let ids: Vec<Uuid> = claimed
         .iter()
         .filter_map(|r| match r {
