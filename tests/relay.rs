@@ -1107,7 +1107,7 @@ async fn a_free_aggregate_behind_a_long_blocked_backlog_is_found(t: &TestDb) {
 async fn unreadable_row_is_dead_lettered_and_the_rest_delivered(t: &TestDb) {
     let ids = seed(
         &t.db,
-        (0..3)
+        (0..4)
             .map(|i| {
                 NewEvent::new("t", "agg", format!("a{i}"))
                     .occurred_at(base() + chrono::Duration::seconds(i))
@@ -1115,12 +1115,23 @@ async fn unreadable_row_is_dead_lettered_and_the_rest_delivered(t: &TestDb) {
             .collect(),
     )
     .await;
-    t.exec(
-        "corrupt headers",
-        "UPDATE outbox_events SET headers = ? WHERE id = ?",
-        vec![serde_json::json!([1, 2]).into(), ids[1].into()],
-    )
-    .await;
+    // Not a map, and a map with a value that is not a string: each reason names what is wrong.
+    let corrupt = [
+        (ids[1], serde_json::json!([1, 2]), "found an array"),
+        (
+            ids[3],
+            serde_json::json!({ "k": 1 }),
+            "header `k` is a number",
+        ),
+    ];
+    for (id, headers, _) in &corrupt {
+        t.exec(
+            "corrupt headers",
+            "UPDATE outbox_events SET headers = ? WHERE id = ?",
+            vec![headers.clone().into(), (*id).into()],
+        )
+        .await;
+    }
 
     let sink = InMemoryPublisher::new();
     let relay = Relay::builder(t.db.clone(), sink.clone())
@@ -1128,23 +1139,25 @@ async fn unreadable_row_is_dead_lettered_and_the_rest_delivered(t: &TestDb) {
         .build()
         .expect("relay");
     let stats = relay.drain().await.expect("drain");
-    assert_eq!((stats.published, stats.dead_lettered), (2, 1), "{stats:?}");
+    assert_eq!((stats.published, stats.dead_lettered), (2, 2), "{stats:?}");
     let delivered: Vec<Uuid> = sink.deliveries().iter().map(|e| e.id).collect();
     assert_eq!(delivered.len(), 2);
     assert!(delivered.contains(&ids[0]) && delivered.contains(&ids[2]));
-    // The row is still unreadable as an event, so read it as the entity model.
+    // The rows are still unreadable as events, so read them as the entity model.
     use sea_orm::EntityTrait;
-    let dead = seaorm_outbox_entity::OutboxEvents::find_by_id(ids[1])
-        .one(&t.db)
-        .await
-        .expect("row")
-        .expect("exists");
-    assert_eq!(dead.status, OutboxStatus::Failed);
-    let error = dead.last_error.unwrap_or_default();
-    assert!(
-        error.contains("corrupt") && error.contains("header"),
-        "{error}"
-    );
+    for (id, _, reason) in corrupt {
+        let dead = seaorm_outbox_entity::OutboxEvents::find_by_id(id)
+            .one(&t.db)
+            .await
+            .expect("row")
+            .expect("exists");
+        assert_eq!(dead.status, OutboxStatus::Failed);
+        let error = dead.last_error.unwrap_or_default();
+        assert!(
+            error.contains("corrupt") && error.contains(reason),
+            "{error}"
+        );
+    }
     // It is out of the way: nothing is left to claim.
     assert_eq!(relay.drain().await.expect("drain").batches, 0);
 }

@@ -87,6 +87,18 @@ pub(crate) struct Claim<'a> {
 impl Claim<'_> {
     /// Reads claimed rows of [`CLAIMED_COLUMNS`] into events leased to this claim's token.
     fn read(&self, rows: &[QueryResult]) -> Vec<ClaimedRow> {
+        #[cfg(feature = "postgres")]
+        if let Some(first) = rows.first().and_then(QueryResult::try_as_pg_row)
+            && crate::event::pg::claimed_types_match(first)
+        {
+            return rows
+                .iter()
+                .map(|r| match r.try_as_pg_row() {
+                    Some(pg) => crate::event::pg::from_claimed_row(pg, self.token),
+                    None => OutboxEvent::from_claimed_row(r, self.token),
+                })
+                .collect();
+        }
         rows.iter()
             .map(|r| OutboxEvent::from_claimed_row(r, self.token))
             .collect()
