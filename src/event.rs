@@ -365,8 +365,9 @@ impl OutboxEvent {
 /// PostgreSQL's claimed rows, read straight from sqlx. Every row of one result shares its
 /// column types, so [`claimed_types_match`] checks them once per batch and each value is
 /// then decoded unchecked; headers go straight into [`Headers`] without a JSON tree. Through
-/// sea-orm's per-value checks and a `Value` for the headers, reading a row cost about half of
-/// the relay's own CPU per event (BENCHMARKS.md).
+/// sea-orm (a type check per value, a `format!` per NULL, headers via a `Value`), reading rows
+/// was about half of the relay's client-side CPU; this reads them with a third less work
+/// (BENCHMARKS.md). Other backends, and rows of any other shape, take the portable path.
 #[cfg(feature = "postgres")]
 pub(crate) mod pg {
     use chrono::{DateTime, Utc};
