@@ -328,6 +328,33 @@ impl TryFrom<OutboxEventModel> for OutboxEvent {
 pub(crate) const CLAIMED_COLUMNS: &str = "id, event_type, aggregate_type, aggregate_id, payload, \
      headers, occurred_at, created_at, attempts, last_error, next_attempt_at";
 
+/// An event leased to `$locked_by` from a row of [`CLAIMED_COLUMNS`], given its `id` (column 0)
+/// and `headers` (column 5): `$col!(n)` decodes the column at position `n`, returning early on
+/// an error. Both claimed-row decoders (sea-orm's and PostgreSQL's sqlx one) build events here,
+/// so the columns' positions are written once.
+macro_rules! claimed_event {
+    ($id:expr, $headers:expr, $locked_by:expr, $col:ident) => {{
+        let attempts: i32 = $col!(8usize);
+        $crate::event::OutboxEvent {
+            id: $id,
+            event_type: $col!(1usize),
+            aggregate_type: $col!(2usize),
+            aggregate_id: $col!(3usize),
+            payload: $col!(4usize),
+            headers: $headers,
+            occurred_at: $col!(6usize),
+            created_at: $col!(7usize),
+            status: ::seaorm_outbox_entity::OutboxStatus::Pending,
+            attempts: u32::try_from(attempts).unwrap_or(0),
+            last_error: $col!(9usize),
+            next_attempt_at: $col!(10usize),
+            published_at: None,
+            failed_at: None,
+            locked_by: Some($locked_by.to_owned()),
+        }
+    }};
+}
+
 impl OutboxEvent {
     /// Reads a row of [`CLAIMED_COLUMNS`] by position, straight into an event leased to
     /// `locked_by`. The relay's hot path: by name through the entity model, decoding cost a
@@ -341,24 +368,13 @@ impl OutboxEvent {
         let corrupt = |e: &dyn std::fmt::Display| (Some(id), e.to_string());
         let get_err = |e: sea_orm::DbErr| corrupt(&e);
         let headers: Value = row.try_get_by_index(5).map_err(get_err)?;
-        let attempts: i32 = row.try_get_by_index(8).map_err(get_err)?;
-        Ok(Self {
-            id,
-            event_type: row.try_get_by_index(1).map_err(get_err)?,
-            aggregate_type: row.try_get_by_index(2).map_err(get_err)?,
-            aggregate_id: row.try_get_by_index(3).map_err(get_err)?,
-            payload: row.try_get_by_index(4).map_err(get_err)?,
-            headers: headers_from_json(headers).map_err(|e| corrupt(&e))?,
-            occurred_at: row.try_get_by_index(6).map_err(get_err)?,
-            created_at: row.try_get_by_index(7).map_err(get_err)?,
-            status: OutboxStatus::Pending,
-            attempts: u32::try_from(attempts).unwrap_or(0),
-            last_error: row.try_get_by_index(9).map_err(get_err)?,
-            next_attempt_at: row.try_get_by_index(10).map_err(get_err)?,
-            published_at: None,
-            failed_at: None,
-            locked_by: Some(locked_by.to_owned()),
-        })
+        let headers = headers_from_json(headers).map_err(|e| corrupt(&e))?;
+        macro_rules! col {
+            ($n:expr) => {
+                row.try_get_by_index($n).map_err(get_err)?
+            };
+        }
+        Ok(claimed_event!(id, headers, locked_by, col))
     }
 }
 
@@ -377,7 +393,7 @@ pub(crate) mod pg {
     use serde_json::Value;
     use uuid::Uuid;
 
-    use super::{Headers, OutboxEvent, OutboxStatus, headers_from_json};
+    use super::{Headers, OutboxEvent, headers_from_json};
 
     /// Whether `row`'s columns are [`CLAIMED_COLUMNS`](super::CLAIMED_COLUMNS) with the types
     /// [`from_claimed_row`] decodes.
@@ -416,24 +432,12 @@ pub(crate) mod pg {
                 });
             }
         };
-        let attempts: i32 = row.try_get_unchecked(8).map_err(get_err)?;
-        Ok(OutboxEvent {
-            id,
-            event_type: row.try_get_unchecked(1).map_err(get_err)?,
-            aggregate_type: row.try_get_unchecked(2).map_err(get_err)?,
-            aggregate_id: row.try_get_unchecked(3).map_err(get_err)?,
-            payload: row.try_get_unchecked(4).map_err(get_err)?,
-            headers,
-            occurred_at: row.try_get_unchecked(6).map_err(get_err)?,
-            created_at: row.try_get_unchecked(7).map_err(get_err)?,
-            status: OutboxStatus::Pending,
-            attempts: u32::try_from(attempts).unwrap_or(0),
-            last_error: row.try_get_unchecked(9).map_err(get_err)?,
-            next_attempt_at: row.try_get_unchecked(10).map_err(get_err)?,
-            published_at: None,
-            failed_at: None,
-            locked_by: Some(locked_by.to_owned()),
-        })
+        macro_rules! col {
+            ($n:expr) => {
+                row.try_get_unchecked($n).map_err(get_err)?
+            };
+        }
+        Ok(claimed_event!(id, headers, locked_by, col))
     }
 }
 
