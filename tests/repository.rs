@@ -30,6 +30,7 @@ on_all_backends!(
     typed_domain_events_round_trip,
     eight_concurrent_writers_are_all_counted,
     purge_removes_only_old_published_events,
+    migrations_roll_back_and_apply_again,
 );
 
 async fn total_rows(db: &impl ConnectionTrait) -> u64 {
@@ -574,4 +575,36 @@ async fn purge_removes_only_old_published_events(t: &TestDb) {
         outbox.purge_published(cutoff, 0).await,
         Err(Error::LimitTooLarge { .. })
     ));
+}
+
+/// A host app rolls the outbox migrations back and forth with its own; afterwards the outbox
+/// works, and on PostgreSQL the lease ids are stored without a compression attempt (m0006).
+async fn migrations_roll_back_and_apply_again(t: &TestDb) {
+    use sea_orm_migration::MigratorTrait;
+    use seaorm_outbox_migration::Migrator;
+
+    let outbox = Outbox::new(&t.db);
+    outbox.add_event(event("before")).await.expect("add");
+    Migrator::down(&t.db, None).await.expect("every migration rolls back");
+    assert!(
+        outbox.count_unpublished().await.is_err(),
+        "rolled back, the outbox table is gone"
+    );
+    Migrator::up(&t.db, None).await.expect("and applies again");
+    outbox.add_event(event("after")).await.expect("add again");
+    assert_eq!(outbox.count_unpublished().await.expect("count"), 1);
+
+    if t.db_backend() == sea_orm::DbBackend::Postgres {
+        let row = t
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT attstorage::text AS s FROM pg_attribute \
+                 WHERE attrelid = 'outbox_leases'::regclass AND attname = 'ids'",
+            ))
+            .await
+            .expect("catalog")
+            .expect("outbox_leases.ids exists");
+        assert_eq!(row.try_get::<String>("", "s").expect("storage"), "e");
+    }
 }

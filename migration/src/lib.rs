@@ -30,12 +30,14 @@ mod m20261127_000002_relay_lease_and_notify;
 mod m20261127_000003_tune_for_queue_workload;
 mod m20261127_000004_batch_leases;
 mod m20261127_000005_partial_aggregate_index;
+mod m20261128_000006_uncompressed_lease_ids;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
 pub use m20261127_000003_tune_for_queue_workload::Migration as TuneForQueueWorkload;
 pub use m20261127_000004_batch_leases::Migration as BatchLeases;
 pub use m20261127_000005_partial_aggregate_index::Migration as PartialAggregateIndex;
+pub use m20261128_000006_uncompressed_lease_ids::Migration as UncompressedLeaseIds;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -51,6 +53,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(TuneForQueueWorkload),
         Box::new(BatchLeases),
         Box::new(PartialAggregateIndex),
+        Box::new(UncompressedLeaseIds),
     ]
 }
 
