@@ -45,6 +45,7 @@ on_all_backends!(
     invalid_relay_config_is_rejected,
     a_free_aggregate_behind_a_long_blocked_backlog_is_found,
     unreadable_row_is_dead_lettered_and_the_rest_delivered,
+    an_event_committed_behind_the_claim_cursor_is_delivered,
 );
 
 on_backends!(
@@ -1160,4 +1161,65 @@ async fn unreadable_row_is_dead_lettered_and_the_rest_delivered(t: &TestDb) {
     }
     // It is out of the way: nothing is left to claim.
     assert_eq!(relay.drain().await.expect("drain").batches, 0);
+}
+
+/// Writes one event an hour old, once, during the first publish: as a long transaction that
+/// stamped its event early, or a crashed relay's expired lease, would leave one.
+struct WritesAStraggler {
+    db: DatabaseConnection,
+    inner: InMemoryPublisher,
+    straggler: Mutex<Option<NewEvent>>,
+}
+
+#[async_trait]
+impl Publisher for WritesAStraggler {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+        use seaorm_outbox_entity::{OutboxEventColumn as Col, OutboxEvents};
+
+        let first = self.straggler.lock().expect("lock").take();
+        if let Some(event) = first {
+            // Due an hour ago: behind every later claim's cursor.
+            let (id, due) = (event.event_id(), Utc::now() - chrono::Duration::hours(1));
+            let txn = self.db.begin().await?;
+            Outbox::new(&txn).add_event(event).await?;
+            OutboxEvents::update_many()
+                .col_expr(Col::NextAttemptAt, Expr::value(due))
+                .filter(Col::Id.eq(id))
+                .exec(&txn)
+                .await?;
+            txn.commit().await?;
+        }
+        self.inner.publish(events).await
+    }
+}
+
+/// While a relay drains full batches, each claim starts where the last one ended (on
+/// PostgreSQL, so that it skips the index entries of published rows). An event that commits
+/// behind that point is still delivered: an empty claim from the cursor is not the end of the
+/// backlog, and the next claim scans from the start.
+async fn an_event_committed_behind_the_claim_cursor_is_delivered(t: &TestDb) {
+    for ordering in [Ordering::Unordered, Ordering::PerAggregate] {
+        let ids = seed(&t.db, scattered_events(30, 30)).await;
+        let hour_ago = Utc::now() - chrono::Duration::hours(1);
+        let straggler = NewEvent::new("t", "late", "1").occurred_at(hour_ago);
+        let straggler_id = straggler.event_id();
+        let publisher = WritesAStraggler {
+            db: t.db.clone(),
+            inner: InMemoryPublisher::new(),
+            straggler: Mutex::new(Some(straggler)),
+        };
+        let sink = publisher.inner.clone();
+        let relay = Relay::builder(t.db.clone(), publisher)
+            .config(fast(RelayConfig::default().batch_size(10).ordering(ordering)))
+            .build()
+            .expect("relay");
+        let stats = relay.drain().await.expect("drain");
+        assert_eq!(stats.published, 31, "{ordering:?}: {stats:?}");
+        let mut expected = ids.clone();
+        expected.push(straggler_id);
+        assert_exactly_once(&sink.deliveries(), &expected);
+        assert_eq!(pending(&t.db).await, 0);
+    }
 }

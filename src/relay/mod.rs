@@ -13,6 +13,7 @@
 //! * **Per-aggregate order** ([`Ordering::PerAggregate`], the default): see [`Ordering`].
 
 mod config;
+mod cursor;
 pub(crate) mod store;
 mod wake;
 
@@ -96,6 +97,7 @@ impl<P: Publisher> RelayBuilder<P> {
             // Leave room for `:` and a 32-character batch id within the 64-character token.
             name: name.chars().take(31).collect(),
             share: AtomicU32::new(self.config.events_per_aggregate),
+            cursor: std::sync::Mutex::default(),
             config: self.config,
             last_poll: Arc::new(AtomicI64::new(0)),
         })
@@ -137,12 +139,16 @@ pub struct Relay<P> {
     last_poll: Arc<AtomicI64>,
     /// The next ordered claim's run per aggregate ([`store::next_share`]).
     share: AtomicU32,
+    /// Where the next claim's scan of due rows starts ([`cursor`]).
+    cursor: std::sync::Mutex<cursor::Cursor>,
 }
 
 /// The result of one claim-publish-write-back cycle.
 struct Cycle {
     stats: RelayStats,
     claimed: usize,
+    /// The claim started at a cursor, so an empty one does not mean nothing is due.
+    partial: bool,
 }
 
 /// A batch that was claimed and offered to the publisher, awaiting its write-back.
@@ -159,6 +165,8 @@ struct Offered {
 /// What the claim-and-publish stage produced.
 struct Round {
     claimed: usize,
+    /// The claim started at the cursor rather than scanning every due row.
+    partial: bool,
     /// How long the claim statement took.
     claim_cost: Duration,
     /// The claim searched the whole due backlog (see `store::Claimed::walked`).
@@ -267,9 +275,10 @@ impl<P: Publisher> Relay<P> {
                     if round.claimed >= self.config.batch_size as usize {
                         // A full batch: there is probably more, poll again at once.
                         Duration::ZERO
-                    } else if overlapped {
-                        // Short, but made while our previous batch was still leased: write that
-                        // back, then claim again at once (a full claim).
+                    } else if overlapped || round.partial {
+                        // Short, but made while our previous batch was still leased, or from the
+                        // cursor (what is left may lie behind it): write that back, then claim
+                        // again at once (a full claim, as a short claim resets the cursor).
                         settle = true;
                         Duration::ZERO
                     } else {
@@ -334,7 +343,7 @@ impl<P: Publisher> Relay<P> {
         loop {
             let cycle = self.cycle(&never).await?;
             stats += cycle.stats;
-            if cycle.claimed == 0 {
+            if cycle.claimed == 0 && !cycle.partial {
                 return Ok(stats);
             }
         }
@@ -357,12 +366,20 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
+    fn cursor(&self) -> std::sync::MutexGuard<'_, cursor::Cursor> {
+        // Holds plain data only; a panic elsewhere while holding it cannot leave it torn.
+        self.cursor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// One claim → publish → write-back round.
     async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
         let round = self.claim_and_publish(cancel, false).await?;
         Ok(Cycle {
             stats: self.finish(round.offered).await,
             claimed: round.claimed,
+            partial: round.partial,
         })
     }
 
@@ -384,6 +401,7 @@ impl<P: Publisher> Relay<P> {
         // The run this batch is claimed with is what its outcome adjusts: a pipelined claim
         // may have moved `self.share` meanwhile.
         let share = self.share.load(AtomicOrdering::Relaxed);
+        let from = self.cursor().start(started);
         let store::Claimed { rows, walked } = store::claim(
             &self.db,
             &Claim {
@@ -395,15 +413,25 @@ impl<P: Publisher> Relay<P> {
                 policy: self.config.dead_letter_policy,
                 opportunistic,
                 share,
+                from,
             },
         )
         .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
         .await?;
         let claim_cost = started.elapsed();
         let claimed = rows.len();
+        let readable: Vec<&OutboxEvent> = rows.iter().filter_map(|r| r.as_ref().ok()).collect();
+        self.cursor().claimed(
+            started,
+            from,
+            self.config.ordering,
+            &readable,
+            self.config.batch_size as usize,
+        );
         if claimed == 0 {
             return Ok(Round {
                 claimed,
+                partial: from.is_some(),
                 claim_cost,
                 walked,
                 next_retry: None,
@@ -459,6 +487,7 @@ impl<P: Publisher> Relay<P> {
             .collect();
         Ok(Round {
             claimed,
+            partial: from.is_some(),
             claim_cost,
             walked,
             next_retry,

@@ -25,6 +25,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::config::{DeadLetterPolicy, Ordering};
+use super::cursor::DueKey;
 use crate::error::Result;
 use crate::event::{CLAIMED_COLUMNS, OutboxEvent};
 use crate::sql::{placeholders, stmt};
@@ -82,6 +83,9 @@ pub(crate) struct Claim<'a> {
     /// Per-aggregate order on PostgreSQL: the most consecutive events one aggregate adds to
     /// the batch ([`next_share`]).
     pub(crate) share: u32,
+    /// PostgreSQL: where the scan of due rows starts ([`super::cursor`]); `None` scans them all.
+    /// Other backends leave no dead index entries behind and ignore it.
+    pub(crate) from: Option<DueKey>,
 }
 
 impl Claim<'_> {
@@ -277,10 +281,19 @@ async fn lease_postgres(
     let limit = i64::from(c.limit);
     // `?`s in order: now (expired), now (live), then the selection's own, then token, lease end.
     let mut values: Vec<Value> = vec![c.now.into(), c.now.into()];
-    let live = NOT_LEASED;
+    // The row comparison is an index condition on the due index: the scan starts there.
+    let (live, from) = match c.from {
+        Some((at, id)) => (
+            format!("{NOT_LEASED} AND (e.next_attempt_at, e.id) >= (?, ?)"),
+            vec![Value::from(at), Value::from(id)],
+        ),
+        None => (NOT_LEASED.to_owned(), Vec::new()),
+    };
     let picked = match c.ordering {
         Ordering::Unordered => {
-            values.extend([c.now.into(), limit.into()]);
+            values.push(c.now.into());
+            values.extend(from);
+            values.push(limit.into());
             format!(
                 "SELECT e.* FROM outbox_events e WHERE e.status = 'pending' \
                  AND e.next_attempt_at <= ?{live} ORDER BY e.next_attempt_at, e.id LIMIT ?"
@@ -289,7 +302,9 @@ async fn lease_postgres(
         Ordering::PerAggregate => {
             let heads = match window {
                 Some(w) => {
-                    values.extend([c.now.into(), w.into(), limit.into()]);
+                    values.push(c.now.into());
+                    values.extend(from);
+                    values.extend([w.into(), limit.into()]);
                     format!(
                         "SELECT e.id, e.aggregate_type, e.aggregate_id FROM ( \
                            SELECT e.id, e.aggregate_type, e.aggregate_id, e.occurred_at, \
@@ -300,9 +315,10 @@ async fn lease_postgres(
                         c.is_head(PG_PROBE)
                     )
                 }
+                // The walk for a head anywhere: from the start, as `any_head` found one there.
                 None => {
                     values.extend([c.now.into(), limit.into()]);
-                    c.heads("", PG_PROBE, live)
+                    c.heads("", PG_PROBE, NOT_LEASED)
                 }
             };
             values.extend([i64::from(c.share.max(1)).into(), limit.into()]);

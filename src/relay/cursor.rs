@@ -1,0 +1,128 @@
+//! Where a relay's next claim may start its scan of the due index while it drains a backlog.
+//!
+//! On PostgreSQL a published row's entry stays in the due index until VACUUM, and a claim's
+//! scan starts at the oldest end: while a relay drains a backlog with VACUUM behind (or off),
+//! every claim steps over everything already published, and slows down as the drain goes on
+//! (BENCHMARKS.md, backlog section). So after a full batch, the next claim starts at the
+//! batch's key in `(next_attempt_at, id)` order instead:
+//!
+//! * unordered, its newest key: everything before it was, when claimed, either this batch,
+//!   another relay's lease, or already done;
+//! * per-aggregate order, its oldest key: events before the window's heads that were not
+//!   claimed (followers of busy aggregates) lie after it.
+//!
+//! That skips only rows that were not claimable then. What can still appear behind the cursor
+//! is a row whose transaction committed after the claim with an earlier timestamp (a writer's
+//! transaction outlasting a batch), or a crashed relay's expired lease. Neither is lost: a claim
+//! that comes back short, and any claim [`SWEEP_EVERY`] after the last full scan, scans from the
+//! start again. So a straggler waits at most that much longer, and only while a backlog is
+//! draining, when everything else waits too. At low rates every claim comes back short, so
+//! every claim is a full scan, as without the cursor.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::config::Ordering;
+use crate::event::OutboxEvent;
+
+/// How long a cursor is trusted before a claim scans the due index from its start again.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// A key in the due index's order.
+pub(crate) type DueKey = (DateTime<Utc>, Uuid);
+
+/// One relay's cursor.
+#[derive(Debug, Default)]
+pub(crate) struct Cursor {
+    after: Option<DueKey>,
+    /// When the last claim without a cursor (a full scan) was made.
+    swept: Option<Instant>,
+}
+
+impl Cursor {
+    /// The key the next claim made at `now` may start at; `None` for a full scan.
+    pub(crate) fn start(&self, now: Instant) -> Option<DueKey> {
+        let fresh = self
+            .swept
+            .is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY);
+        self.after.filter(|_| fresh)
+    }
+
+    /// Records a claim made at `at`, from `from` (what [`Self::start`] gave it), that got
+    /// `events` of the `limit` it asked for.
+    pub(crate) fn claimed(
+        &mut self,
+        at: Instant,
+        from: Option<DueKey>,
+        ordering: Ordering,
+        events: &[&OutboxEvent],
+        limit: usize,
+    ) {
+        if from.is_none() {
+            self.swept = Some(at);
+        }
+        let keys = events.iter().map(|e| (e.next_attempt_at, e.id));
+        self.after = if events.len() < limit {
+            // Short: maybe all that is left lies behind the cursor; look from the start.
+            None
+        } else {
+            match ordering {
+                Ordering::Unordered => keys.max(),
+                Ordering::PerAggregate => keys.min(),
+            }
+            // Never backwards within one sweep: a key behind the cursor was skipped already.
+            .map(|k| from.map_or(k, |f| k.max(f)))
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(secs: i64) -> OutboxEvent {
+        let at = DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap_or_default();
+        let new = crate::event::NewEvent::new("t", "a", "1");
+        let v = new.validate(1024).expect("valid");
+        OutboxEvent {
+            id: v.id,
+            event_type: v.event_type,
+            aggregate_type: v.aggregate_type,
+            aggregate_id: v.aggregate_id,
+            payload: v.payload,
+            headers: Default::default(),
+            occurred_at: at,
+            created_at: at,
+            status: seaorm_outbox_entity::OutboxStatus::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: at,
+            published_at: None,
+            failed_at: None,
+            locked_by: None,
+        }
+    }
+
+    #[test]
+    fn full_batches_move_it_short_ones_and_time_reset_it() {
+        let t0 = Instant::now();
+        let mut c = Cursor::default();
+        assert_eq!(c.start(t0), None, "the first claim is a full scan");
+        let owned = [event(3), event(1), event(2), event(0), event(5)];
+        let batch: Vec<&OutboxEvent> = owned.iter().collect();
+        c.claimed(t0, None, Ordering::Unordered, &batch[..3], 3);
+        assert_eq!(c.start(t0), Some((batch[0].next_attempt_at, batch[0].id)));
+        c.claimed(t0, None, Ordering::PerAggregate, &batch[..3], 3);
+        assert_eq!(c.start(t0), Some((batch[1].next_attempt_at, batch[1].id)));
+
+        let from = c.start(t0);
+        c.claimed(t0, from, Ordering::PerAggregate, &batch[3..], 2);
+        assert_eq!(c.start(t0), from, "never moves backwards within a sweep");
+
+        assert_eq!(c.start(t0 + SWEEP_EVERY), None, "a sweep is due");
+        c.claimed(t0, from, Ordering::Unordered, &batch[..2], 3);
+        assert_eq!(c.start(t0), None, "a short claim resets it");
+    }
+}
