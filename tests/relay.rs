@@ -1212,7 +1212,9 @@ async fn an_event_committed_behind_the_claim_cursor_is_delivered(t: &TestDb) {
         };
         let sink = publisher.inner.clone();
         let relay = Relay::builder(t.db.clone(), publisher)
-            .config(fast(RelayConfig::default().batch_size(10).ordering(ordering)))
+            .config(fast(
+                RelayConfig::default().batch_size(10).ordering(ordering),
+            ))
             .build()
             .expect("relay");
         let stats = relay.drain().await.expect("drain");

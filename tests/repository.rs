@@ -585,7 +585,9 @@ async fn migrations_roll_back_and_apply_again(t: &TestDb) {
 
     let outbox = Outbox::new(&t.db);
     outbox.add_event(event("before")).await.expect("add");
-    Migrator::down(&t.db, None).await.expect("every migration rolls back");
+    Migrator::down(&t.db, None)
+        .await
+        .expect("every migration rolls back");
     assert!(
         outbox.count_unpublished().await.is_err(),
         "rolled back, the outbox table is gone"
@@ -595,9 +597,8 @@ async fn migrations_roll_back_and_apply_again(t: &TestDb) {
     assert_eq!(outbox.count_unpublished().await.expect("count"), 1);
 
     if t.db_backend() == sea_orm::DbBackend::Postgres {
-        let row = t
-            .db
-            .query_one_raw(sea_orm::Statement::from_string(
+        let row =
+            t.db.query_one_raw(sea_orm::Statement::from_string(
                 sea_orm::DbBackend::Postgres,
                 "SELECT attstorage::text AS s FROM pg_attribute \
                  WHERE attrelid = 'outbox_leases'::regclass AND attname = 'ids'",
