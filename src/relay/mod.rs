@@ -11,6 +11,11 @@
 //!   MySQL 8, MariaDB 10.6+) or SQLite's single writer, and every write-back is conditional on
 //!   still holding the lease, so a relay whose lease expired cannot overwrite the new owner.
 //! * **Per-aggregate order** ([`Ordering::PerAggregate`], the default): see [`Ordering`].
+//! * **Bounded delay behind a drain (PostgreSQL).** While a relay drains full batches, each claim
+//!   scans the due rows from where the previous batch ended, skipping the index entries that
+//!   published rows leave until VACUUM. An event that commits behind that point (a writer's
+//!   transaction that outlasted a batch, an expired lease) is found by the next full scan: a
+//!   short claim, or at most a second later.
 
 mod config;
 mod cursor;
@@ -401,7 +406,12 @@ impl<P: Publisher> Relay<P> {
         // The run this batch is claimed with is what its outcome adjusts: a pipelined claim
         // may have moved `self.share` meanwhile.
         let share = self.share.load(AtomicOrdering::Relaxed);
-        let from = self.cursor().start(started);
+        // Only PostgreSQL leaves published rows' entries in the due index (MySQL purges them,
+        // SQLite deletes them at once), so elsewhere every claim is a full scan.
+        let from = match self.db.get_database_backend() {
+            sea_orm::DbBackend::Postgres => self.cursor().start(started),
+            _ => None,
+        };
         let store::Claimed { rows, walked } = store::claim(
             &self.db,
             &Claim {
