@@ -106,7 +106,8 @@ async fn cli_binary_migrates_up_and_down(t: &TestDb) {
     let status = cli(&["status"]);
     assert!(status.contains("Applied"), "{status}");
 
-    cli(&["down", "-n", "5"]);
+    let all = our_names().len().to_string();
+    cli(&["down", "-n", &all]);
     let after_down = tables(t).await;
     assert!(
         !after_down.contains(&"outbox_events".to_owned()),
