@@ -8,16 +8,17 @@
 //!
 //! * unordered, its newest key: everything before it was, when claimed, either this batch,
 //!   another relay's lease, or already done;
-//! * per-aggregate order, its oldest key: events before the window's heads that were not
-//!   claimed (followers of busy aggregates) lie after it.
+//! * per-aggregate order, its oldest key: an event of a busy aggregate may follow any head.
 //!
-//! That skips only rows that were not claimable then. What can still appear behind the cursor
-//! is a row whose transaction committed after the claim with an earlier timestamp (a writer's
-//! transaction outlasting a batch), or a crashed relay's expired lease. Neither is lost: a claim
-//! that comes back short, and any claim [`SWEEP_EVERY`] after the last full scan, scans from the
-//! start again. So a straggler waits at most that much longer, and only while a backlog is
-//! draining, when everything else waits too. At low rates every claim comes back short, so
-//! every claim is a full scan, as without the cursor.
+//! That skips only rows that were not claimable then. What can still become claimable behind
+//! the cursor: a row whose transaction committed after the claim with an earlier timestamp (a
+//! writer's transaction outlasting a batch), a crashed relay's expired lease, and, under
+//! per-aggregate order, an event the window passed over because an earlier event of its
+//! aggregate was still in flight. None is lost: a claim that comes back short, and any claim
+//! [`SWEEP_EVERY`] after the last full scan, scans from the start again. So such an event waits
+//! at most that much longer, and only while a backlog is draining, when everything else waits
+//! too. At low rates every claim comes back short, so every claim is a full scan, as without
+//! the cursor.
 
 use std::time::{Duration, Instant};
 

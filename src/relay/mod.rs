@@ -13,9 +13,10 @@
 //! * **Per-aggregate order** ([`Ordering::PerAggregate`], the default): see [`Ordering`].
 //! * **Bounded delay behind a drain (PostgreSQL).** While a relay drains full batches, each claim
 //!   scans the due rows from where the previous batch ended, skipping the index entries that
-//!   published rows leave until VACUUM. An event that commits behind that point (a writer's
-//!   transaction that outlasted a batch, an expired lease) is found by the next full scan: a
-//!   short claim, or at most a second later.
+//!   published rows leave until VACUUM. An event that becomes claimable behind that point (a
+//!   writer's transaction that outlasted a batch, an expired lease, or under per-aggregate order
+//!   an event whose predecessor was in flight when the scan passed it) is found by the next
+//!   full scan: a short claim, or at most a second later.
 
 mod config;
 mod cursor;

@@ -84,7 +84,7 @@ pub(crate) struct Claim<'a> {
     /// the batch ([`next_share`]).
     pub(crate) share: u32,
     /// PostgreSQL: where the scan of due rows starts ([`super::cursor`]); `None` scans them all.
-    /// The relay passes `None` elsewhere, which leave no dead index entries behind.
+    /// The relay passes `None` on the other backends, which leave no dead index entries behind.
     pub(crate) from: Option<DueKey>,
 }
 
