@@ -58,7 +58,7 @@ impl Cursor {
         at: Instant,
         from: Option<DueKey>,
         ordering: Ordering,
-        events: &[&OutboxEvent],
+        events: &[OutboxEvent],
         limit: usize,
     ) {
         if from.is_none() {
@@ -111,8 +111,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Cursor::default();
         assert_eq!(c.start(t0), None, "the first claim is a full scan");
-        let owned = [event(3), event(1), event(2), event(0), event(5)];
-        let batch: Vec<&OutboxEvent> = owned.iter().collect();
+        let batch = [event(3), event(1), event(2), event(0), event(5)];
         c.claimed(t0, None, Ordering::Unordered, &batch[..3], 3);
         assert_eq!(c.start(t0), Some((batch[0].next_attempt_at, batch[0].id)));
         c.claimed(t0, None, Ordering::PerAggregate, &batch[..3], 3);

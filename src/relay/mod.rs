@@ -431,25 +431,6 @@ impl<P: Publisher> Relay<P> {
         .await?;
         let claim_cost = started.elapsed();
         let claimed = rows.len();
-        let readable: Vec<&OutboxEvent> = rows.iter().filter_map(|r| r.as_ref().ok()).collect();
-        self.cursor().claimed(
-            started,
-            from,
-            self.config.ordering,
-            &readable,
-            self.config.batch_size as usize,
-        );
-        if claimed == 0 {
-            return Ok(Round {
-                claimed,
-                partial: from.is_some(),
-                claim_cost,
-                walked,
-                next_retry: None,
-                offered: None,
-            });
-        }
-
         let mut corrupt = Vec::new();
         let mut events = Vec::with_capacity(claimed);
         for row in rows {
@@ -467,6 +448,23 @@ impl<P: Publisher> Relay<P> {
                     tracing::error!(relay = %self.name, %reason, "outbox row without a readable id")
                 }
             }
+        }
+        self.cursor().claimed(
+            started,
+            from,
+            self.config.ordering,
+            &events,
+            self.config.batch_size as usize,
+        );
+        if claimed == 0 {
+            return Ok(Round {
+                claimed,
+                partial: from.is_some(),
+                claim_cost,
+                walked,
+                next_retry: None,
+                offered: None,
+            });
         }
         let publish_span =
             tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
