@@ -441,6 +441,32 @@ pub(crate) mod pg {
     }
 }
 
+#[cfg(test)]
+impl OutboxEvent {
+    /// `new` as a claim would return it: pending, never attempted, due when it occurred.
+    pub(crate) fn pending_for_test(new: NewEvent) -> Self {
+        let v = new.validate(usize::MAX).expect("a valid test event");
+        let headers = headers_from_json(v.headers).expect("string headers");
+        Self {
+            id: v.id,
+            event_type: v.event_type,
+            aggregate_type: v.aggregate_type,
+            aggregate_id: v.aggregate_id,
+            payload: v.payload,
+            headers,
+            occurred_at: v.occurred_at,
+            created_at: v.occurred_at,
+            status: OutboxStatus::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: v.occurred_at,
+            published_at: None,
+            failed_at: None,
+            locked_by: None,
+        }
+    }
+}
+
 /// Now, to the microsecond: every backend stores microseconds, so values round-trip exactly.
 pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)

@@ -194,33 +194,12 @@ mod tests {
     use crate::event::NewEvent;
 
     fn sample() -> OutboxEvent {
-        let new = NewEvent::new("order.placed", "order", "42")
-            .payload(&serde_json::json!({"total": 5}))
-            .header("traceparent", "00-abc-def-01")
-            .header("event-id", "spoofed");
-        let valid = new.validate(1024).expect("valid");
-        OutboxEvent {
-            id: valid.id,
-            event_type: valid.event_type,
-            aggregate_type: valid.aggregate_type,
-            aggregate_id: valid.aggregate_id,
-            payload: valid.payload,
-            headers: [
-                ("traceparent".to_owned(), "00-abc-def-01".to_owned()),
-                ("event-id".to_owned(), "spoofed".to_owned()),
-            ]
-            .into_iter()
-            .collect(),
-            occurred_at: valid.occurred_at,
-            created_at: valid.occurred_at,
-            status: seaorm_outbox_entity::OutboxStatus::Pending,
-            attempts: 0,
-            last_error: None,
-            next_attempt_at: valid.occurred_at,
-            published_at: None,
-            failed_at: None,
-            locked_by: None,
-        }
+        OutboxEvent::pending_for_test(
+            NewEvent::new("order.placed", "order", "42")
+                .payload(&serde_json::json!({"total": 5}))
+                .header("traceparent", "00-abc-def-01")
+                .header("event-id", "spoofed"),
+        )
     }
 
     fn get<'a>(m: &'a Message, name: &str) -> Option<&'a str> {

@@ -85,25 +85,7 @@ mod tests {
 
     fn event(secs: i64) -> OutboxEvent {
         let at = DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap_or_default();
-        let new = crate::event::NewEvent::new("t", "a", "1");
-        let v = new.validate(1024).expect("valid");
-        OutboxEvent {
-            id: v.id,
-            event_type: v.event_type,
-            aggregate_type: v.aggregate_type,
-            aggregate_id: v.aggregate_id,
-            payload: v.payload,
-            headers: Default::default(),
-            occurred_at: at,
-            created_at: at,
-            status: seaorm_outbox_entity::OutboxStatus::Pending,
-            attempts: 0,
-            last_error: None,
-            next_attempt_at: at,
-            published_at: None,
-            failed_at: None,
-            locked_by: None,
-        }
+        OutboxEvent::pending_for_test(crate::event::NewEvent::new("t", "a", "1").occurred_at(at))
     }
 
     #[test]
