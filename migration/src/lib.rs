@@ -92,6 +92,22 @@ pub(crate) enum OutboxEvents {
     LockedUntil,
 }
 
+/// Runs `statements` in order on PostgreSQL and does nothing elsewhere: the shape of every
+/// PostgreSQL-only migration (triggers, table settings, the lease table, partial indexes).
+pub(crate) async fn on_postgres(
+    manager: &SchemaManager<'_>,
+    statements: &[&str],
+) -> Result<(), DbErr> {
+    if manager.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
+        return Ok(());
+    }
+    let db = manager.get_connection();
+    for sql in statements {
+        db.execute_unprepared(sql).await?;
+    }
+    Ok(())
+}
+
 /// A UTC timestamp column with microsecond precision on every backend.
 ///
 /// MySQL's `TIMESTAMP` keeps whole seconds and ends in 2038, so MySQL gets `DATETIME(6)` holding

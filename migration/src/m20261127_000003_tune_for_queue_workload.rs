@@ -8,10 +8,9 @@
 //! * Aggressive autovacuum thresholds: rows are updated twice and then purged, so dead index
 //!   entries must be cleaned promptly or the claim scan slows down.
 
-use sea_orm::DatabaseBackend;
 use sea_orm_migration::prelude::*;
 
-use crate::NOTIFY_CHANNEL;
+use crate::{NOTIFY_CHANNEL, on_postgres};
 
 /// Tunes the table for PostgreSQL; a no-op elsewhere.
 pub struct Migration;
@@ -25,44 +24,40 @@ impl MigrationName for Migration {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DatabaseBackend::Postgres {
-            return Ok(());
-        }
-        let db = manager.get_connection();
-        db.execute_unprepared(&format!(
+        let notify = format!(
             "CREATE OR REPLACE FUNCTION outbox_events_notify() RETURNS trigger \
              LANGUAGE plpgsql AS $$ BEGIN \
              IF coalesce(current_setting('seaorm_outbox.notify', true), '') <> 'off' THEN \
                PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_TABLE_SCHEMA); \
              END IF; \
              RETURN NULL; END $$"
-        ))
-        .await?;
-        db.execute_unprepared(
-            "ALTER TABLE outbox_events SET (fillfactor = 90, \
-             autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.05, \
-             autovacuum_analyze_scale_factor = 0.02)",
+        );
+        on_postgres(
+            manager,
+            &[
+                &notify,
+                "ALTER TABLE outbox_events SET (fillfactor = 90, \
+                 autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.05, \
+                 autovacuum_analyze_scale_factor = 0.02)",
+            ],
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DatabaseBackend::Postgres {
-            return Ok(());
-        }
-        let db = manager.get_connection();
-        db.execute_unprepared(
-            "ALTER TABLE outbox_events RESET (fillfactor, autovacuum_vacuum_scale_factor, \
-             autovacuum_vacuum_insert_scale_factor, autovacuum_analyze_scale_factor)",
-        )
-        .await?;
-        db.execute_unprepared(&format!(
+        let notify = format!(
             "CREATE OR REPLACE FUNCTION outbox_events_notify() RETURNS trigger \
              LANGUAGE plpgsql AS $$ BEGIN \
              PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_TABLE_SCHEMA); RETURN NULL; END $$"
-        ))
-        .await?;
-        Ok(())
+        );
+        on_postgres(
+            manager,
+            &[
+                "ALTER TABLE outbox_events RESET (fillfactor, autovacuum_vacuum_scale_factor, \
+                 autovacuum_vacuum_insert_scale_factor, autovacuum_analyze_scale_factor)",
+                &notify,
+            ],
+        )
+        .await
     }
 }

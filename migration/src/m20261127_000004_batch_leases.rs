@@ -6,8 +6,9 @@
 //! lease, and the write-back deletes the lease in the same transaction that marks the rows.
 //! BENCHMARKS.md has the measurements. MySQL and SQLite keep the per-row lease columns.
 
-use sea_orm::DatabaseBackend;
 use sea_orm_migration::prelude::*;
+
+use crate::on_postgres;
 
 /// Creates `outbox_leases` on PostgreSQL; a no-op elsewhere.
 pub struct Migration;
@@ -21,31 +22,19 @@ impl MigrationName for Migration {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DatabaseBackend::Postgres {
-            return Ok(());
-        }
         // Small and hot: every claim and every write-back touches it, so vacuum it often.
-        manager
-            .get_connection()
-            .execute_unprepared(
-                "CREATE TABLE outbox_leases (\
-                   token varchar(64) PRIMARY KEY, \
-                   locked_until timestamptz NOT NULL, \
-                   ids uuid[] NOT NULL) \
-                 WITH (autovacuum_vacuum_threshold = 100, autovacuum_vacuum_scale_factor = 0)",
-            )
-            .await?;
-        Ok(())
+        on_postgres(
+            manager,
+            &["CREATE TABLE outbox_leases (\
+                 token varchar(64) PRIMARY KEY, \
+                 locked_until timestamptz NOT NULL, \
+                 ids uuid[] NOT NULL) \
+               WITH (autovacuum_vacuum_threshold = 100, autovacuum_vacuum_scale_factor = 0)"],
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DatabaseBackend::Postgres {
-            return Ok(());
-        }
-        manager
-            .get_connection()
-            .execute_unprepared("DROP TABLE IF EXISTS outbox_leases")
-            .await?;
-        Ok(())
+        on_postgres(manager, &["DROP TABLE IF EXISTS outbox_leases"]).await
     }
 }

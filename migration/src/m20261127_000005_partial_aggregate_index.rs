@@ -11,8 +11,9 @@
 //! `CREATE INDEX` blocks writes to the table while it builds; on a large live table, build it
 //! by hand first with `CREATE INDEX CONCURRENTLY` under another name and swap the names.
 
-use sea_orm::DatabaseBackend;
 use sea_orm_migration::prelude::*;
+
+use crate::on_postgres;
 
 /// Replaces `outbox_events_aggregate_idx` with a partial index on PostgreSQL; a no-op elsewhere.
 pub struct Migration;
@@ -37,15 +38,14 @@ impl MigrationTrait for Migration {
 }
 
 async fn swap(manager: &SchemaManager<'_>, predicate: &str) -> Result<(), DbErr> {
-    if manager.get_database_backend() != DatabaseBackend::Postgres {
-        return Ok(());
-    }
-    let db = manager.get_connection();
-    db.execute_unprepared("DROP INDEX IF EXISTS outbox_events_aggregate_idx")
-        .await?;
-    db.execute_unprepared(&format!(
-        "CREATE INDEX outbox_events_aggregate_idx ON outbox_events {COLUMNS}{predicate}"
-    ))
-    .await?;
-    Ok(())
+    on_postgres(
+        manager,
+        &[
+            "DROP INDEX IF EXISTS outbox_events_aggregate_idx",
+            &format!(
+                "CREATE INDEX outbox_events_aggregate_idx ON outbox_events {COLUMNS}{predicate}"
+            ),
+        ],
+    )
+    .await
 }

@@ -9,8 +9,9 @@
 //! scan, but never compresses them. It changes only how new values are stored: no rewrite,
 //! no lock held beyond the catalog update.
 
-use sea_orm::DatabaseBackend;
 use sea_orm_migration::prelude::*;
+
+use crate::on_postgres;
 
 /// Sets `outbox_leases.ids` to `STORAGE EXTERNAL` on PostgreSQL; a no-op elsewhere.
 pub struct Migration;
@@ -33,14 +34,11 @@ impl MigrationTrait for Migration {
 }
 
 async fn set_storage(manager: &SchemaManager<'_>, storage: &str) -> Result<(), DbErr> {
-    if manager.get_database_backend() != DatabaseBackend::Postgres {
-        return Ok(());
-    }
-    manager
-        .get_connection()
-        .execute_unprepared(&format!(
+    on_postgres(
+        manager,
+        &[&format!(
             "ALTER TABLE outbox_leases ALTER COLUMN ids SET STORAGE {storage}"
-        ))
-        .await?;
-    Ok(())
+        )],
+    )
+    .await
 }
