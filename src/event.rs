@@ -4,13 +4,13 @@ use std::collections::BTreeMap;
 use std::io;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use seaorm_outbox_entity::{OutboxEventModel, OutboxStatus};
+use seaorm_outbox_entity::OutboxStatus;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::error::{Error, InvalidEvent, Result};
+use crate::error::InvalidEvent;
 
 /// Free-form string headers: correlation id, causation id, W3C trace context, …
 pub type Headers = BTreeMap<String, String>;
@@ -183,6 +183,14 @@ impl NewEvent {
         &self.aggregate_id
     }
 
+    /// Lets `f` add to the headers (trace context at write time); nothing if they are invalid.
+    pub(crate) fn with_headers(mut self, f: impl FnOnce(&mut Headers)) -> Self {
+        if let Ok(headers) = &mut self.headers {
+            f(headers);
+        }
+        self
+    }
+
     /// Checks every rule and returns the parts ready to insert.
     pub(crate) fn validate(self, max_payload_bytes: usize) -> Result<ValidEvent, InvalidEvent> {
         for (field, value) in [
@@ -202,10 +210,7 @@ impl NewEvent {
             }
         }
         let payload = self.payload?;
-        #[cfg_attr(not(feature = "otel"), allow(unused_mut))]
-        let mut headers = self.headers?;
-        #[cfg(feature = "otel")]
-        crate::telemetry::capture_trace_context(&mut headers);
+        let headers = self.headers?;
         if has_nul(&payload)
             || headers
                 .iter()
@@ -296,151 +301,6 @@ impl OutboxEvent {
     }
 }
 
-impl TryFrom<OutboxEventModel> for OutboxEvent {
-    type Error = Error;
-
-    fn try_from(m: OutboxEventModel) -> Result<Self> {
-        let headers = headers_from_json(m.headers).map_err(|e| Error::CorruptRow {
-            id: m.id,
-            reason: e.to_string(),
-        })?;
-        Ok(Self {
-            id: m.id,
-            event_type: m.event_type,
-            aggregate_type: m.aggregate_type,
-            aggregate_id: m.aggregate_id,
-            payload: m.payload,
-            headers,
-            occurred_at: m.occurred_at,
-            created_at: m.created_at,
-            status: m.status,
-            attempts: u32::try_from(m.attempts).unwrap_or(0),
-            last_error: m.last_error,
-            next_attempt_at: m.next_attempt_at,
-            published_at: m.published_at,
-            failed_at: m.failed_at,
-            locked_by: m.locked_by,
-        })
-    }
-}
-
-/// The columns a claim returns, in the order [`OutboxEvent::from_claimed_row`] reads them.
-pub(crate) const CLAIMED_COLUMNS: &str = "id, event_type, aggregate_type, aggregate_id, payload, \
-     headers, occurred_at, created_at, attempts, last_error, next_attempt_at";
-
-/// An event leased to `$locked_by` from a row of [`CLAIMED_COLUMNS`], given its `id` (column 0)
-/// and `headers` (column 5): `$col!(n)` decodes the column at position `n`, returning early on
-/// an error. Both claimed-row decoders (sea-orm's and PostgreSQL's sqlx one) build events here,
-/// so the columns' positions are written once.
-macro_rules! claimed_event {
-    ($id:expr, $headers:expr, $locked_by:expr, $col:ident) => {{
-        let attempts: i32 = $col!(8usize);
-        $crate::event::OutboxEvent {
-            id: $id,
-            event_type: $col!(1usize),
-            aggregate_type: $col!(2usize),
-            aggregate_id: $col!(3usize),
-            payload: $col!(4usize),
-            headers: $headers,
-            occurred_at: $col!(6usize),
-            created_at: $col!(7usize),
-            status: ::seaorm_outbox_entity::OutboxStatus::Pending,
-            attempts: u32::try_from(attempts).unwrap_or(0),
-            last_error: $col!(9usize),
-            next_attempt_at: $col!(10usize),
-            published_at: None,
-            failed_at: None,
-            locked_by: Some($locked_by.to_owned()),
-        }
-    }};
-}
-
-impl OutboxEvent {
-    /// Reads a row of [`CLAIMED_COLUMNS`] by position, straight into an event leased to
-    /// `locked_by`. The relay's hot path: by name through the entity model, decoding cost a
-    /// third of the relay's own CPU (BENCHMARKS.md). A row it cannot read yields its id, if that
-    /// much is readable, and the reason.
-    pub(crate) fn from_claimed_row(
-        row: &sea_orm::QueryResult,
-        locked_by: &str,
-    ) -> std::result::Result<Self, (Option<Uuid>, String)> {
-        let id: Uuid = row.try_get_by_index(0).map_err(|e| (None, e.to_string()))?;
-        let corrupt = |e: &dyn std::fmt::Display| (Some(id), e.to_string());
-        let get_err = |e: sea_orm::DbErr| corrupt(&e);
-        let headers: Value = row.try_get_by_index(5).map_err(get_err)?;
-        let headers = headers_from_json(headers).map_err(|e| corrupt(&e))?;
-        macro_rules! col {
-            ($n:expr) => {
-                row.try_get_by_index($n).map_err(get_err)?
-            };
-        }
-        Ok(claimed_event!(id, headers, locked_by, col))
-    }
-}
-
-/// PostgreSQL's claimed rows, read straight from sqlx. Every row of one result shares its
-/// column types, so [`claimed_types_match`] checks them once per batch and each value is
-/// then decoded unchecked; headers go straight into [`Headers`] without a JSON tree. Through
-/// sea-orm (a type check per value, a `format!` per NULL, headers via a `Value`), reading rows
-/// was about half of the relay's client-side CPU; this reads them with a third less work
-/// (BENCHMARKS.md). Other backends, and rows of any other shape, take the portable path.
-#[cfg(feature = "postgres")]
-pub(crate) mod pg {
-    use chrono::{DateTime, Utc};
-    use sea_orm::sqlx::postgres::{PgRow, Postgres};
-    use sea_orm::sqlx::types::Json;
-    use sea_orm::sqlx::{Column, Row, Type};
-    use serde_json::Value;
-    use uuid::Uuid;
-
-    use super::{Headers, OutboxEvent, headers_from_json};
-
-    /// Whether `row`'s columns are [`CLAIMED_COLUMNS`](super::CLAIMED_COLUMNS) with the types
-    /// [`from_claimed_row`] decodes.
-    pub(crate) fn claimed_types_match(row: &PgRow) -> bool {
-        fn is<T: Type<Postgres>>(c: &sea_orm::sqlx::postgres::PgColumn) -> bool {
-            T::compatible(c.type_info())
-        }
-        let c = row.columns();
-        c.len() == 11
-            && is::<Uuid>(&c[0])
-            && c[1..4].iter().all(is::<String>)
-            && c[4..6].iter().all(is::<Value>)
-            && c[6..8].iter().all(is::<DateTime<Utc>>)
-            && is::<i32>(&c[8])
-            && is::<String>(&c[9])
-            && is::<DateTime<Utc>>(&c[10])
-    }
-
-    /// [`OutboxEvent::from_claimed_row`] for a row whose types [`claimed_types_match`] passed.
-    pub(crate) fn from_claimed_row(
-        row: &PgRow,
-        locked_by: &str,
-    ) -> std::result::Result<OutboxEvent, (Option<Uuid>, String)> {
-        let id: Uuid = row
-            .try_get_unchecked(0)
-            .map_err(|e| (None, e.to_string()))?;
-        let corrupt = |e: &dyn std::fmt::Display| (Some(id), e.to_string());
-        let get_err = |e: sea_orm::sqlx::Error| corrupt(&e);
-        let headers = match row.try_get_unchecked::<Json<Headers>, _>(5) {
-            Ok(Json(h)) => h,
-            // Say which header is wrong, as the portable path does.
-            Err(e) => {
-                return Err(match row.try_get_unchecked::<Value, _>(5) {
-                    Ok(v) => headers_from_json(v).map_or_else(|h| corrupt(&h), |_| corrupt(&e)),
-                    Err(e) => corrupt(&e),
-                });
-            }
-        };
-        macro_rules! col {
-            ($n:expr) => {
-                row.try_get_unchecked($n).map_err(get_err)?
-            };
-        }
-        Ok(claimed_event!(id, headers, locked_by, col))
-    }
-}
-
 #[cfg(test)]
 impl OutboxEvent {
     /// `new` as a claim would return it: pending, never attempted, due when it occurred.
@@ -472,7 +332,8 @@ pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-fn headers_from_json(value: Value) -> Result<Headers, InvalidEvent> {
+/// `value` as string headers, or why it is not a map of strings.
+pub(crate) fn headers_from_json(value: Value) -> Result<Headers, InvalidEvent> {
     let Value::Object(map) = value else {
         return Err(InvalidEvent::Headers {
             reason: format!("expected an object, found {}", json_kind(&value)),

@@ -6,27 +6,52 @@
 //!
 //! # Layout
 //!
+//! The modules form layers, and every `use crate::…` points down them:
+//!
+//! ```text
+//! error, event          what goes in and comes out; validation; no SQL, no telemetry
+//!   └─ store            every SQL statement, one file per backend, and row decoding
+//!        ├─ stats       backlog snapshots and health verdicts
+//!        └─ repository  the OutboxRepository contract on any ConnectionTrait
+//!             └─ relay  claim → publish → write-back, its lifecycle and config
+//! publisher             the Publisher trait and the brokers (uses event only)
+//! telemetry             metrics the relay records, trace context the repository captures
+//! ```
+//!
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
+//! * `store` (private): the statements for PostgreSQL, MySQL/MariaDB and SQLite behind one
+//!   backend-neutral interface: insert, list, claim, write-back, dead letters, stats, purge.
 //! * [`repository`]: the [`OutboxRepository`] contract and its SeaORM implementation, [`Outbox`],
 //!   which works on any `ConnectionTrait`, pool or transaction alike.
-//! * [`publisher`]: the [`Publisher`] trait the relay delivers through,
-//!   with an in-memory and a logging publisher.
-//! * [`relay`]: the [`Relay`] loop: claim under a lease, publish, write back,
-//!   retry with backoff, dead-letter, keep per-aggregate order, purge old rows.
-//! * [`stats`]: backlog snapshots and health checks; [`telemetry`]: metric names and trace
-//!   context capture.
+//! * [`stats`]: backlog snapshots and health checks.
+//! * [`publisher`]: the [`Publisher`] trait the relay delivers through, with an in-memory and a
+//!   logging publisher and, behind features, Kafka, NATS JetStream, RabbitMQ and Redis Streams.
+//! * [`relay`]: the [`Relay`]: claim under a lease, publish, write back, retry with backoff,
+//!   dead-letter, keep per-aggregate order, purge old rows.
+//! * [`telemetry`]: metric names; the metrics themselves and trace-context capture.
 //! * [`error`]: the one [`Error`] type.
 //!
 //! The table lives in the `seaorm-outbox-entity` crate and is created by the
 //! `seaorm-outbox-migration` crate.
+
+/// Chained setters for a config struct's public fields: `self.field = value; self`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {$(
+        $(#[$doc])*
+        pub fn $field(mut self, value: $ty) -> Self {
+            self.$field = value;
+            self
+        }
+    )*};
+}
 
 pub mod error;
 pub mod event;
 pub mod publisher;
 pub mod relay;
 pub mod repository;
-mod sql;
 pub mod stats;
+mod store;
 pub mod telemetry;
 
 pub use error::{Error, InvalidEvent, Result};
@@ -36,3 +61,8 @@ pub use relay::{Relay, RelayConfig, RelayStats};
 pub use repository::{Outbox, OutboxConfig, OutboxRepository};
 pub use seaorm_outbox_entity::OutboxStatus;
 pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats};
+
+/// The README's code blocks, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

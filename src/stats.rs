@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbBackend};
+use sea_orm::ConnectionTrait;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::sql::stmt;
+use crate::event::now;
+use crate::store;
 
 /// A snapshot of the outbox.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -45,83 +46,18 @@ impl OutboxStats {
     /// Reads a snapshot with three indexed queries (pending rows, dead letters, the last hour of
     /// published rows); published history is never scanned.
     pub(crate) async fn read(db: &impl ConnectionTrait) -> Result<Self> {
-        let backend = db.get_database_backend();
-        let at = crate::event::now();
-        // A row is leased when it carries a live row lease (MySQL, SQLite) or, on PostgreSQL,
-        // when a live batch lease holds its id.
-        let pending_sql = if backend == DbBackend::Postgres {
-            format!(
-                "WITH leased AS (SELECT DISTINCT id FROM ({}) l), \
-             p AS (SELECT e.next_attempt_at, e.occurred_at, \
-                     (l.id IS NOT NULL OR (e.next_attempt_at > ? AND e.locked_by IS NOT NULL)) AS leased \
-                   FROM outbox_events e LEFT JOIN leased l ON l.id = e.id \
-                   WHERE e.status = 'pending') \
-             SELECT \
-               COUNT(CASE WHEN NOT leased AND next_attempt_at <= ? THEN 1 END) AS due, \
-               COUNT(CASE WHEN NOT leased AND next_attempt_at > ? THEN 1 END) AS backoff, \
-               COUNT(CASE WHEN leased THEN 1 END) AS leased, \
-               MIN(occurred_at) AS oldest \
-             FROM p",
-                crate::relay::store::LIVE_LEASED_IDS
-            )
-        } else {
-            "SELECT \
-               COUNT(CASE WHEN next_attempt_at <= ? THEN 1 END) AS due, \
-               COUNT(CASE WHEN next_attempt_at > ? AND locked_by IS NULL THEN 1 END) AS backoff, \
-               COUNT(CASE WHEN next_attempt_at > ? AND locked_by IS NOT NULL THEN 1 END) AS leased, \
-               MIN(occurred_at) AS oldest \
-             FROM outbox_events WHERE status = 'pending'"
-                .to_owned()
-        };
-        let mut values: Vec<sea_orm::Value> = vec![at.into(), at.into(), at.into()];
-        if backend == DbBackend::Postgres {
-            values.push(at.into());
-        }
-        let pending = db
-            .query_one_raw(stmt(backend, &pending_sql, values))
-            .await?;
-        let counts = db
-            .query_one_raw(stmt(
-                backend,
-                "SELECT \
-                   (SELECT COUNT(*) FROM outbox_events WHERE status = 'failed') AS failed, \
-                   (SELECT COUNT(*) FROM outbox_events WHERE status = 'published' AND published_at >= ?) AS recent",
-                vec![(at - chrono::Duration::hours(1)).into()],
-            ))
-            .await?;
-        let int = |row: &Option<sea_orm::QueryResult>, col: &str| -> Result<u64> {
-            Ok(match row {
-                Some(r) => u64::try_from(r.try_get::<i64>("", col)?).unwrap_or(0),
-                None => 0,
-            })
-        };
-        let oldest_pending_at = match &pending {
-            Some(r) => oldest(r, backend)?,
-            None => None,
-        };
+        let at = now();
+        let c = store::counts(db, at, at - chrono::Duration::hours(1)).await?;
         Ok(Self {
             at,
-            pending_due: int(&pending, "due")?,
-            pending_backoff: int(&pending, "backoff")?,
-            pending_leased: int(&pending, "leased")?,
-            failed: int(&counts, "failed")?,
-            oldest_pending_at,
-            published_last_hour: int(&counts, "recent")?,
+            pending_due: c.due,
+            pending_backoff: c.backoff,
+            pending_leased: c.leased,
+            failed: c.failed,
+            oldest_pending_at: c.oldest_pending_at,
+            published_last_hour: c.published_since,
         })
     }
-}
-
-/// `MIN(occurred_at)`: SQLite returns the stored text, the others a timestamp.
-fn oldest(row: &sea_orm::QueryResult, backend: DbBackend) -> Result<Option<DateTime<Utc>>> {
-    if backend == DbBackend::Sqlite {
-        let text: Option<String> = row.try_get("", "oldest")?;
-        return Ok(text.and_then(|t| {
-            DateTime::parse_from_rfc3339(&t)
-                .ok()
-                .map(|d| d.with_timezone(&Utc))
-        }));
-    }
-    Ok(row.try_get("", "oldest")?)
 }
 
 /// Overall health.
@@ -165,25 +101,15 @@ impl Default for HealthThresholds {
 }
 
 impl HealthThresholds {
-    /// Sets [`max_backlog`](Self::max_backlog).
-    pub fn max_backlog(mut self, n: u64) -> Self {
-        self.max_backlog = n;
-        self
-    }
-    /// Sets [`max_oldest_pending_age`](Self::max_oldest_pending_age).
-    pub fn max_oldest_pending_age(mut self, d: Duration) -> Self {
-        self.max_oldest_pending_age = d;
-        self
-    }
-    /// Sets [`max_dead_letters`](Self::max_dead_letters).
-    pub fn max_dead_letters(mut self, n: u64) -> Self {
-        self.max_dead_letters = n;
-        self
-    }
-    /// Sets [`max_poll_gap`](Self::max_poll_gap).
-    pub fn max_poll_gap(mut self, d: Duration) -> Self {
-        self.max_poll_gap = d;
-        self
+    setters! {
+        /// Sets [`max_backlog`](Self::max_backlog).
+        max_backlog: u64,
+        /// Sets [`max_oldest_pending_age`](Self::max_oldest_pending_age).
+        max_oldest_pending_age: Duration,
+        /// Sets [`max_dead_letters`](Self::max_dead_letters).
+        max_dead_letters: u64,
+        /// Sets [`max_poll_gap`](Self::max_poll_gap).
+        max_poll_gap: Duration,
     }
 }
 
@@ -250,7 +176,7 @@ impl Health {
         match last_poll {
             None => self.unhealthy("relay has not polled yet".into()),
             Some(at) => {
-                let gap = (crate::event::now() - at).to_std().unwrap_or_default();
+                let gap = (now() - at).to_std().unwrap_or_default();
                 if gap > t.max_poll_gap {
                     self.unhealthy(format!(
                         "relay has not polled for {}s, over {}s",

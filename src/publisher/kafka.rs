@@ -8,7 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::message::{Envelope, Router};
+use super::wire::{Wire, wire_setters};
 use super::{BoxError, PublishOutcome, Publisher};
 use crate::event::OutboxEvent;
 
@@ -18,7 +18,7 @@ use crate::event::OutboxEvent;
 /// relay hands over a whole call at once and waits for it, and lingering only added 5 ms to
 /// each call (per-aggregate order sends a batch in several calls; BENCHMARKS.md).
 ///
-/// The topic comes from the [`Router`] (default: the aggregate type). librdkafka reconnects and
+/// The topic comes from the [`Router`](super::Router) (default: the aggregate type). librdkafka reconnects and
 /// retries by itself within `message.timeout.ms` (default here 8 s: keep it below the relay's
 /// `publish_timeout`); after that the event is retried by the relay.
 ///
@@ -26,15 +26,13 @@ use crate::event::OutboxEvent;
 /// permanent; timeouts, unavailable brokers and transport errors are retryable.
 pub struct KafkaPublisher {
     producer: FutureProducer,
-    router: Router,
-    envelope: Envelope,
+    wire: Wire,
 }
 
 impl std::fmt::Debug for KafkaPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaPublisher")
-            .field("router", &self.router)
-            .field("envelope", &self.envelope)
+            .field("wire", &self.wire)
             .finish_non_exhaustive()
     }
 }
@@ -62,22 +60,11 @@ impl KafkaPublisher {
         }
         Ok(Self {
             producer: config.create()?,
-            router: Router::default(),
-            envelope: Envelope::default(),
+            wire: Wire::default(),
         })
     }
 
-    /// Sets how events map to topics.
-    pub fn router(mut self, router: Router) -> Self {
-        self.router = router;
-        self
-    }
-
-    /// Sets the envelope.
-    pub fn envelope(mut self, envelope: Envelope) -> Self {
-        self.envelope = envelope;
-        self
-    }
+    wire_setters!("topics");
 
     /// The underlying producer, e.g. to flush on shutdown.
     pub fn producer(&self) -> &FutureProducer {
@@ -110,8 +97,7 @@ impl Publisher for KafkaPublisher {
         let mut outcomes = vec![PublishOutcome::Delivered; events.len()];
         let mut deliveries = Vec::with_capacity(events.len());
         for (i, event) in events.iter().enumerate() {
-            let topic = self.router.route(event);
-            let msg = self.envelope.encode(event, "ce_");
+            let (topic, msg) = self.wire.encode(event, "ce_");
             let headers = msg.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
                 h.insert(Header {
                     key: k,

@@ -119,36 +119,21 @@ impl Envelope {
                 (payload_bytes(&event.payload), "application/json")
             }
             Self::CloudEventsBinary { source } => {
-                for (name, value) in [
-                    ("specversion", "1.0"),
-                    ("id", id.as_str()),
-                    ("source", source.as_str()),
-                    ("type", event.event_type.as_str()),
-                    ("subject", event.aggregate_id.as_str()),
-                    ("time", occurred_at.as_str()),
-                    ("aggregatetype", event.aggregate_type.as_str()),
-                    ("aggregateid", event.aggregate_id.as_str()),
-                ] {
+                for (name, value) in ce_attributes(event, &id, source, &occurred_at) {
                     headers.push((format!("{ce_prefix}{name}"), value.to_owned()));
                 }
                 (payload_bytes(&event.payload), "application/json")
             }
             Self::CloudEventsStructured { source } => {
                 plain_headers(&mut headers, event, &id, &occurred_at);
-                let mut ce = Map::new();
-                for (k, v) in [
-                    ("specversion", "1.0"),
-                    ("id", id.as_str()),
-                    ("source", source.as_str()),
-                    ("type", event.event_type.as_str()),
-                    ("subject", event.aggregate_id.as_str()),
-                    ("time", occurred_at.as_str()),
-                    ("datacontenttype", "application/json"),
-                    ("aggregatetype", event.aggregate_type.as_str()),
-                    ("aggregateid", event.aggregate_id.as_str()),
-                ] {
-                    ce.insert(k.to_owned(), Value::String(v.to_owned()));
-                }
+                let mut ce: Map<String, Value> = ce_attributes(event, &id, source, &occurred_at)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+                    .collect();
+                ce.insert(
+                    "datacontenttype".to_owned(),
+                    Value::String("application/json".to_owned()),
+                );
                 ce.insert("data".to_owned(), event.payload.clone());
                 (
                     payload_bytes(&Value::Object(ce)),
@@ -169,6 +154,25 @@ impl Envelope {
             content_type,
         }
     }
+}
+
+/// The CloudEvents 1.0 attributes both modes carry (structured mode adds `datacontenttype`).
+fn ce_attributes<'a>(
+    e: &'a OutboxEvent,
+    id: &'a str,
+    source: &'a str,
+    time: &'a str,
+) -> [(&'static str, &'a str); 8] {
+    [
+        ("specversion", "1.0"),
+        ("id", id),
+        ("source", source),
+        ("type", e.event_type.as_str()),
+        ("subject", e.aggregate_id.as_str()),
+        ("time", time),
+        ("aggregatetype", e.aggregate_type.as_str()),
+        ("aggregateid", e.aggregate_id.as_str()),
+    ]
 }
 
 fn plain_headers(out: &mut Vec<(String, String)>, e: &OutboxEvent, id: &str, occurred_at: &str) {

@@ -18,6 +18,13 @@ mod nats;
 mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
+mod wire;
 
 use std::sync::Arc;
 
@@ -72,24 +79,20 @@ pub trait Publisher: Send + Sync {
     }
 }
 
-#[async_trait]
-impl<P: Publisher + ?Sized> Publisher for Arc<P> {
-    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
-        (**self).publish(events).await
-    }
+/// A shared or boxed publisher publishes through the one it holds.
+macro_rules! forward_publisher {
+    ($($ptr:ident),*) => {$(
+        #[async_trait]
+        impl<P: Publisher + ?Sized> Publisher for $ptr<P> {
+            async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+                (**self).publish(events).await
+            }
 
-    fn name(&self) -> &str {
-        (**self).name()
-    }
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+        }
+    )*};
 }
 
-#[async_trait]
-impl<P: Publisher + ?Sized> Publisher for Box<P> {
-    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
-        (**self).publish(events).await
-    }
-
-    fn name(&self) -> &str {
-        (**self).name()
-    }
-}
+forward_publisher!(Arc, Box);

@@ -7,7 +7,7 @@ use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use async_trait::async_trait;
 
-use super::message::{Envelope, Router};
+use super::wire::{Wire, wire_setters};
 use super::{BoxError, PublishOutcome, Publisher};
 use crate::event::OutboxEvent;
 
@@ -15,7 +15,7 @@ use crate::event::OutboxEvent;
 /// redelivered event within the stream's duplicate window.
 ///
 /// Every event of a batch is sent before any acknowledgement is awaited. The subject comes from
-/// the [`Router`] (default: the aggregate type) and must be covered by a stream you created.
+/// the [`Router`](super::Router) (default: the aggregate type) and must be covered by a stream you created.
 /// The client reconnects by itself; sends during an outage time out and are retried by the relay.
 ///
 /// Errors: a message over the server's `max_payload`, an invalid subject or header are
@@ -24,8 +24,7 @@ use crate::event::OutboxEvent;
 #[derive(Clone, Debug)]
 pub struct NatsPublisher {
     js: jetstream::Context,
-    router: Router,
-    envelope: Envelope,
+    wire: Wire,
 }
 
 impl NatsPublisher {
@@ -38,8 +37,7 @@ impl NatsPublisher {
     pub fn from_context(js: jetstream::Context) -> Self {
         Self {
             js,
-            router: Router::default(),
-            envelope: Envelope::default(),
+            wire: Wire::default(),
         }
     }
 
@@ -48,24 +46,13 @@ impl NatsPublisher {
         Ok(Self::new(async_nats::connect(url).await?))
     }
 
-    /// Sets how events map to subjects.
-    pub fn router(mut self, router: Router) -> Self {
-        self.router = router;
-        self
-    }
-
-    /// Sets the envelope.
-    pub fn envelope(mut self, envelope: Envelope) -> Self {
-        self.envelope = envelope;
-        self
-    }
+    wire_setters!("subjects");
 
     fn message(&self, event: &OutboxEvent) -> Result<(String, PublishMessage), String> {
-        let subject = self.router.route(event);
+        let (subject, msg) = self.wire.encode(event, "ce-");
         if !valid_subject(&subject) {
             return Err(format!("invalid NATS subject `{subject}`"));
         }
-        let msg = self.envelope.encode(event, "ce-");
         let mut headers = HeaderMap::new();
         for (k, v) in &msg.headers {
             let name =

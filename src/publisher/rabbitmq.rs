@@ -7,7 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use super::message::{Envelope, Router};
+use super::wire::{Wire, wire_setters};
 use super::{BoxError, PublishOutcome, Publisher};
 use crate::event::OutboxEvent;
 
@@ -16,7 +16,7 @@ use crate::event::OutboxEvent;
 /// confirm is awaited.
 ///
 /// The exchange is fixed per publisher (default `""`, the default exchange); the routing key
-/// comes from the [`Router`] (default: the aggregate type). If the connection or channel fails,
+/// comes from the [`Router`](super::Router) (default: the aggregate type). If the connection or channel fails,
 /// the next batch reconnects.
 ///
 /// Errors: a message returned as unroutable, one over [`max_message_bytes`](Self::max_message_bytes)
@@ -26,8 +26,7 @@ use crate::event::OutboxEvent;
 pub struct RabbitMqPublisher {
     uri: String,
     exchange: String,
-    router: Router,
-    envelope: Envelope,
+    wire: Wire,
     max_message_bytes: usize,
     channel: Mutex<Option<(Connection, Channel)>>,
 }
@@ -39,8 +38,7 @@ impl RabbitMqPublisher {
         Self {
             uri: uri.into(),
             exchange: String::new(),
-            router: Router::default(),
-            envelope: Envelope::default(),
+            wire: Wire::default(),
             max_message_bytes: 16 * 1024 * 1024,
             channel: Mutex::new(None),
         }
@@ -52,17 +50,7 @@ impl RabbitMqPublisher {
         self
     }
 
-    /// Sets how events map to routing keys.
-    pub fn router(mut self, router: Router) -> Self {
-        self.router = router;
-        self
-    }
-
-    /// Sets the envelope.
-    pub fn envelope(mut self, envelope: Envelope) -> Self {
-        self.envelope = envelope;
-        self
-    }
+    wire_setters!("routing keys");
 
     /// Bodies larger than this are rejected before sending, matching the broker's
     /// `max_message_size` (RabbitMQ 4's default, 16 MiB, unless set).
@@ -83,14 +71,13 @@ impl RabbitMqPublisher {
         &self,
         event: &OutboxEvent,
     ) -> Result<(ShortString, Vec<u8>, BasicProperties), String> {
-        let key = self.router.route(event);
+        let (key, msg) = self.wire.encode(event, "ce-");
         if key.len() > 255 {
             return Err(format!(
                 "routing key is {} bytes; AMQP allows 255",
                 key.len()
             ));
         }
-        let msg = self.envelope.encode(event, "ce-");
         if msg.body.len() > self.max_message_bytes {
             return Err(format!(
                 "message is {} bytes; the limit is {}",

@@ -5,14 +5,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Value};
 use std::time::Duration;
 
-use super::message::{Envelope, Router};
+use super::wire::{Wire, wire_setters};
 use super::{BoxError, PublishOutcome, Publisher};
 use crate::event::OutboxEvent;
 
 /// The stream field that holds the body. Headers become fields of their own.
 pub const BODY_FIELD: &str = "payload";
 
-/// `XADD`s each event to a stream whose key comes from the [`Router`] (default: the aggregate
+/// `XADD`s each event to a stream whose key comes from the [`Router`](super::Router) (default: the aggregate
 /// type), with the body in the [`BODY_FIELD`] field and every header as a field, since streams
 /// have no headers. A whole batch goes out as one pipeline: one round trip.
 ///
@@ -24,16 +24,14 @@ pub const BODY_FIELD: &str = "payload";
 #[derive(Clone)]
 pub struct RedisPublisher {
     conn: ConnectionManager,
-    router: Router,
-    envelope: Envelope,
+    wire: Wire,
     max_len: Option<usize>,
 }
 
 impl std::fmt::Debug for RedisPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisPublisher")
-            .field("router", &self.router)
-            .field("envelope", &self.envelope)
+            .field("wire", &self.wire)
             .field("max_len", &self.max_len)
             .finish_non_exhaustive()
     }
@@ -44,8 +42,7 @@ impl RedisPublisher {
     pub fn new(conn: ConnectionManager) -> Self {
         Self {
             conn,
-            router: Router::default(),
-            envelope: Envelope::default(),
+            wire: Wire::default(),
             max_len: None,
         }
     }
@@ -63,17 +60,7 @@ impl RedisPublisher {
         ))
     }
 
-    /// Sets how events map to stream keys.
-    pub fn router(mut self, router: Router) -> Self {
-        self.router = router;
-        self
-    }
-
-    /// Sets the envelope.
-    pub fn envelope(mut self, envelope: Envelope) -> Self {
-        self.envelope = envelope;
-        self
-    }
+    wire_setters!("stream keys");
 
     /// Caps each stream at about `max_len` entries (`XADD … MAXLEN ~ n`). Default: no cap.
     pub fn max_len(mut self, max_len: Option<usize>) -> Self {
@@ -113,9 +100,9 @@ impl Publisher for RedisPublisher {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for event in events {
-            let msg = self.envelope.encode(event, "ce-");
+            let (key, msg) = self.wire.encode(event, "ce-");
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(self.router.route(event));
+            cmd.arg(key);
             if let Some(n) = self.max_len {
                 cmd.arg("MAXLEN").arg("~").arg(n);
             }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::error::{Error, Result};
+use crate::store::MAX_PAGE_SIZE;
 
 /// Largest accepted [`RelayConfig::batch_size`]; keeps every write-back statement under each
 /// backend's bind-parameter limit.
@@ -184,16 +185,6 @@ impl Default for RelayConfig {
     }
 }
 
-macro_rules! setters {
-    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {$(
-        $(#[$doc])*
-        pub fn $field(mut self, value: $ty) -> Self {
-            self.$field = value;
-            self
-        }
-    )*};
-}
-
 impl RelayConfig {
     setters! {
         /// Sets [`batch_size`](Self::batch_size).
@@ -261,8 +252,8 @@ impl RelayConfig {
         if self.backoff.base > self.backoff.cap {
             return fail("backoff base must not exceed its cap".into());
         }
-        if self.purge_batch_size == 0 || self.purge_batch_size > crate::repository::MAX_PAGE_SIZE {
-            return fail("purge_batch_size must be 1..=10000".into());
+        if self.purge_batch_size == 0 || self.purge_batch_size > MAX_PAGE_SIZE {
+            return fail(format!("purge_batch_size must be 1..={MAX_PAGE_SIZE}"));
         }
         if self.metrics_interval.is_some_and(|d| d.is_zero()) {
             return fail("metrics_interval must be positive".into());

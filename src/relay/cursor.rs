@@ -22,17 +22,12 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use uuid::Uuid;
-
 use super::config::Ordering;
 use crate::event::OutboxEvent;
+use crate::store::DueKey;
 
 /// How long a cursor is trusted before a claim scans the due index from its start again.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// A key in the due index's order.
-pub(crate) type DueKey = (DateTime<Utc>, Uuid);
 
 /// One relay's cursor.
 #[derive(Debug, Default)]
@@ -84,7 +79,7 @@ mod tests {
     use super::*;
 
     fn event(secs: i64) -> OutboxEvent {
-        let at = DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap_or_default();
+        let at = chrono::DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap_or_default();
         OutboxEvent::pending_for_test(crate::event::NewEvent::new("t", "a", "1").occurred_at(at))
     }
 

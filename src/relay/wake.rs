@@ -29,7 +29,7 @@ pub(crate) fn spawn_listener(
         return None;
     }
     // A mock or proxy connection has no pool to listen on.
-    let pool = crate::sql::pg_pool(db)?.clone();
+    let pool = crate::store::pg_pool(db)?.clone();
     Some(tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         loop {
@@ -57,9 +57,7 @@ async fn listen(
     use sea_orm::sqlx::postgres::PgListener;
 
     // The trigger's payload is the table's schema; only our own schema's inserts concern us.
-    let schema: String = sea_orm::sqlx::query_scalar("SELECT current_schema()")
-        .fetch_one(pool)
-        .await?;
+    let schema = crate::store::pg_current_schema(pool).await?;
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(NOTIFY_CHANNEL).await?;
     tracing::debug!(%schema, "outbox relay listening for NOTIFY");

@@ -1,8 +1,7 @@
-//! Raw SQL helpers for the statements SeaQuery cannot express portably (claims, bulk
-//! write-backs, batched deletes).
-//!
-//! Statements are written once with `?` placeholders; PostgreSQL gets them renumbered to `$n`.
-//! No template may contain a literal `?`.
+//! Statement helpers: every template is written once with `?` placeholders, and PostgreSQL gets
+//! it renumbered to `$n`. No template may contain a literal `?`.
+
+use std::borrow::Cow;
 
 use sea_orm::{DbBackend, Statement, Value};
 
@@ -12,10 +11,10 @@ pub(crate) fn stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Stateme
 }
 
 /// The template with PostgreSQL's `$n` placeholders where needed.
-pub(crate) fn for_backend(backend: DbBackend, sql: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn for_backend(backend: DbBackend, sql: &str) -> Cow<'_, str> {
     match backend {
-        DbBackend::Postgres => std::borrow::Cow::Owned(number_placeholders(sql)),
-        _ => std::borrow::Cow::Borrowed(sql),
+        DbBackend::Postgres => Cow::Owned(number_placeholders(sql)),
+        _ => Cow::Borrowed(sql),
     }
 }
 
@@ -44,17 +43,6 @@ fn number_placeholders(sql: &str) -> String {
         }
     }
     out
-}
-
-/// The sqlx pool behind `db`, if it is a PostgreSQL pool (not a mock or proxy).
-#[cfg(feature = "postgres")]
-pub(crate) fn pg_pool(db: &sea_orm::DatabaseConnection) -> Option<&sea_orm::sqlx::PgPool> {
-    match &db.inner {
-        sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
-            Some(db.get_postgres_connection_pool())
-        }
-        _ => None,
-    }
 }
 
 #[cfg(test)]

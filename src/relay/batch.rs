@@ -1,0 +1,241 @@
+//! One batch's life: claimed under a lease, offered to the publisher, its fates written back
+//! while the lease still holds, and accounted for in stats and metrics.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::config::{DeadLetterPolicy, Ordering};
+use super::{Relay, RelayStats};
+use crate::error::{Error, Result};
+use crate::event::{OutboxEvent, now};
+use crate::publisher::Publisher;
+use crate::store::{self, Claim, Fate};
+use crate::telemetry;
+
+/// The result of one claim-publish-write-back cycle.
+pub(super) struct Cycle {
+    pub(super) stats: RelayStats,
+    pub(super) claimed: usize,
+    /// The claim started at a cursor, so an empty one does not mean nothing is due.
+    pub(super) partial: bool,
+}
+
+/// A batch that was claimed and offered to the publisher, awaiting its write-back.
+pub(super) struct Offered {
+    token: String,
+    lease_end: DateTime<Utc>,
+    started: Instant,
+    events: Vec<OutboxEvent>,
+    fates: Vec<Fate>,
+    /// Every claimed id with its fate, unreadable rows included.
+    by_id: Vec<(Uuid, Fate)>,
+}
+
+/// What the claim-and-publish stage produced.
+pub(super) struct Round {
+    pub(super) claimed: usize,
+    /// The claim started at the cursor rather than scanning every due row.
+    pub(super) partial: bool,
+    /// How long the claim statement took.
+    pub(super) claim_cost: Duration,
+    /// The claim searched the whole due backlog (see `store::Claimed::walked`).
+    pub(super) walked: bool,
+    pub(super) next_retry: Option<DateTime<Utc>>,
+    pub(super) offered: Option<Offered>,
+}
+
+impl<P: Publisher> Relay<P> {
+    /// One claim → publish → write-back round.
+    pub(super) async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
+        let round = self.claim_and_publish(cancel, false).await?;
+        Ok(Cycle {
+            stats: self.finish(round.offered).await,
+            claimed: round.claimed,
+            partial: round.partial,
+        })
+    }
+
+    /// Claims a batch and offers it to the publisher; the write-back is left to [`Self::finish`],
+    /// so [`Self::run`] can overlap it with the next claim.
+    pub(super) async fn claim_and_publish(
+        &self,
+        cancel: &CancellationToken,
+        opportunistic: bool,
+    ) -> Result<Round> {
+        let started = Instant::now();
+        let token = format!("{}:{}", self.name, Uuid::now_v7().simple());
+        let claimed_at = now();
+        let lease_end = claimed_at
+            + chrono::Duration::from_std(self.config.lease_duration)
+                .unwrap_or(chrono::Duration::MAX);
+        self.last_poll
+            .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
+        // The run this batch is claimed with is what its outcome adjusts: a pipelined claim
+        // may have moved `self.share` meanwhile.
+        let share = self.share.load(AtomicOrdering::Relaxed);
+        // Only PostgreSQL leaves published rows' entries in the due index (MySQL purges them,
+        // SQLite deletes them at once), so elsewhere every claim is a full scan.
+        let from = match self.db.get_database_backend() {
+            sea_orm::DbBackend::Postgres => self.cursor().start(started),
+            _ => None,
+        };
+        let store::Claimed { rows, walked } = store::claim(
+            &self.db,
+            &Claim {
+                token: &token,
+                now: claimed_at,
+                lease_end,
+                limit: self.config.batch_size,
+                ordered: self.config.ordering == Ordering::PerAggregate,
+                hold_dead_letters: self.config.dead_letter_policy == DeadLetterPolicy::Hold,
+                opportunistic,
+                share,
+                from,
+            },
+        )
+        .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
+        .await?;
+        let claim_cost = started.elapsed();
+        let claimed = rows.len();
+        let mut corrupt = Vec::new();
+        let mut events = Vec::with_capacity(claimed);
+        for row in rows {
+            match row {
+                Ok(e) => events.push(e),
+                // A row this library cannot read would fail forever: dead-letter it now.
+                Err((Some(id), reason)) => corrupt.push((
+                    id,
+                    Fate::Dead {
+                        error: Error::CorruptRow { id, reason }.to_string(),
+                    },
+                )),
+                // Without its id there is nothing to write back; its lease runs out.
+                Err((None, reason)) => {
+                    tracing::error!(relay = %self.name, %reason, "outbox row without a readable id")
+                }
+            }
+        }
+        self.cursor().claimed(
+            started,
+            from,
+            self.config.ordering,
+            &events,
+            self.config.batch_size as usize,
+        );
+        let mut round = Round {
+            claimed,
+            partial: from.is_some(),
+            claim_cost,
+            walked,
+            next_retry: None,
+            offered: None,
+        };
+        if claimed == 0 {
+            return Ok(round);
+        }
+        let publish_span =
+            tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
+        let fates = match self.config.ordering {
+            Ordering::Unordered => {
+                self.deliver_all(&mut events, cancel)
+                    .instrument(publish_span)
+                    .await
+            }
+            Ordering::PerAggregate => {
+                self.deliver_in_order(&mut events, share, cancel)
+                    .instrument(publish_span)
+                    .await
+            }
+        };
+        round.next_retry = fates
+            .iter()
+            .filter_map(|f| match f {
+                Fate::Retry { at, .. } => Some(*at),
+                _ => None,
+            })
+            .min();
+        let by_id: Vec<(Uuid, Fate)> = events
+            .iter()
+            .map(|e| e.id)
+            .zip(fates.iter().cloned())
+            .chain(corrupt)
+            .collect();
+        round.offered = Some(Offered {
+            token,
+            lease_end,
+            started,
+            events,
+            fates,
+            by_id,
+        });
+        Ok(round)
+    }
+
+    /// Writes an offered batch's fates back and accounts for them; nothing without a batch.
+    pub(super) async fn finish(&self, offered: Option<Offered>) -> RelayStats {
+        let Some(o) = offered else {
+            return RelayStats::default();
+        };
+        let mut stats = RelayStats {
+            batches: 1,
+            ..RelayStats::default()
+        };
+        let written = self
+            .write_back(&o.token, &o.by_id, o.lease_end)
+            .instrument(
+                tracing::debug_span!("outbox.write_back", relay = %self.name, events = o.by_id.len()),
+            )
+            .await;
+        if let Some(w) = &written {
+            stats.published = w.published;
+            stats.retried = w.retried;
+            stats.dead_lettered = w.dead;
+            stats.released = w.released;
+            stats.lost_leases = w.lost();
+            if stats.lost_leases > 0 {
+                tracing::warn!(relay = %self.name, lost = stats.lost_leases,
+                    "outbox lease expired before write-back; another relay owns those events");
+            }
+        }
+        telemetry::metrics::record_batch(
+            self.publisher.name(),
+            &o.events,
+            &o.fates,
+            written.as_ref(),
+            o.started.elapsed(),
+        );
+        stats
+    }
+
+    /// Writes the batch's fates back, retrying database errors while the lease lasts. Giving up
+    /// is safe: the events stay leased and are retried after the lease ends.
+    async fn write_back(
+        &self,
+        token: &str,
+        fates: &[(Uuid, Fate)],
+        lease_end: DateTime<Utc>,
+    ) -> Option<store::WriteBack> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match store::write_back(&self.db, token, now(), fates).await {
+                Ok(w) => return Some(w),
+                Err(e) => {
+                    let retry_at = now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                    if retry_at >= lease_end {
+                        tracing::error!(relay = %self.name, error = %e,
+                            "outbox write-back failed until the lease ended; the batch will be redelivered");
+                        return None;
+                    }
+                    tracing::warn!(relay = %self.name, error = %e, "outbox write-back failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}

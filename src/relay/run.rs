@@ -1,0 +1,189 @@
+//! The relay's lifecycle: the polling loop with its pipelining, wake-ups, throttling and
+//! database backoff; `drain`; and the periodic jobs beside it (backlog gauges, retention).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::Round;
+use super::{Relay, RelayStats, wake};
+use crate::error::Result;
+use crate::event::now;
+use crate::publisher::Publisher;
+use crate::repository::Outbox;
+use crate::telemetry;
+
+/// What the loop does after a round.
+struct Next {
+    /// How long to wait for a wake-up before claiming again.
+    pause: Duration,
+    /// Write back the batch in flight before claiming again.
+    settle: bool,
+    /// Sleep until then, deaf to wake-ups (see [`Relay::after`]).
+    throttle_until: Option<Instant>,
+}
+
+impl<P: Publisher> Relay<P> {
+    /// Runs until `cancel` is cancelled, then finishes (within
+    /// [`shutdown_grace`](super::RelayConfig::shutdown_grace)) or releases its in-flight batch
+    /// and returns what it did.
+    ///
+    /// Database errors never end the loop: it logs them, backs off and carries on, so the relay
+    /// survives a database outage.
+    pub async fn run(&self, cancel: CancellationToken) -> RelayStats {
+        let wake = Arc::new(Notify::new());
+        let listener_stop = cancel.child_token();
+        let listener = if self.config.listen_notify {
+            wake::spawn_listener(&self.db, wake.clone(), listener_stop.clone())
+        } else {
+            None
+        };
+        let mut stats = RelayStats::default();
+        let mut db_backoff = Duration::ZERO;
+        let mut next_purge = Instant::now();
+        let mut next_gauges = Instant::now();
+        let mut offered = None;
+
+        while !cancel.is_cancelled() {
+            if let Some(every) = self.config.metrics_interval
+                && Instant::now() >= next_gauges
+            {
+                self.refresh_gauges().await;
+                next_gauges = Instant::now() + every;
+            }
+            if self.config.retention.is_some() && Instant::now() >= next_purge {
+                stats.purged += self.purge().await;
+                next_purge = Instant::now() + self.config.purge_interval;
+            }
+            // Pipelined: the previous batch's write-back runs while this batch is claimed and
+            // published, so the database works on both at once (at most one write-back in
+            // flight; a claim never sees the previous batch's rows as free, as its lease holds
+            // until the write-back commits).
+            let previous = offered.take();
+            let overlapped = previous.is_some();
+            let (written, round) = tokio::join!(
+                self.finish(previous),
+                self.claim_and_publish(&cancel, overlapped)
+            );
+            stats += written;
+            let next = match round {
+                Ok(mut round) => {
+                    db_backoff = Duration::ZERO;
+                    offered = round.offered.take();
+                    self.after(&round, overlapped)
+                }
+                Err(e) => {
+                    db_backoff =
+                        (db_backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+                    tracing::warn!(relay = %self.name, error = %e, retry_in = ?db_backoff,
+                        "outbox relay cycle failed; backing off");
+                    Next {
+                        pause: db_backoff,
+                        settle: false,
+                        throttle_until: None,
+                    }
+                }
+            };
+            if next.settle || !next.pause.is_zero() || next.throttle_until.is_some() {
+                // Never idle on a batch that is not written back: its lease would run down.
+                stats += self.finish(offered.take()).await;
+            }
+            if !next.pause.is_zero() {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(next.pause) => {}
+                }
+            }
+            if let Some(until) = next.throttle_until {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }
+        }
+        stats += self.finish(offered.take()).await;
+        listener_stop.cancel();
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
+        stats
+    }
+
+    /// What follows a successful round, `overlapped` with the previous batch's write-back.
+    fn after(&self, round: &Round, overlapped: bool) -> Next {
+        let go = |settle| Next {
+            pause: Duration::ZERO,
+            settle,
+            throttle_until: None,
+        };
+        if round.claimed >= self.config.batch_size as usize {
+            // A full batch: there is probably more, poll again at once.
+            return go(false);
+        }
+        if overlapped || round.partial {
+            // Short, but made while our previous batch was still leased, or from the cursor
+            // (what is left may lie behind it): write that back, then claim again at once (a
+            // full claim, as a short claim resets the cursor).
+            return go(true);
+        }
+        // An empty claim that walked a backlog it could not take (every aggregate busy with
+        // other relays): scan again no sooner than 4× its cost, even when woken, so surplus
+        // relays cannot crowd the database. Only then: a cheap claim that was merely slow on a
+        // busy server must not make the relay deaf to NOTIFY (it cost the latency p99,
+        // BENCHMARKS.md).
+        let throttle_until =
+            (round.claimed == 0 && round.walked && round.claim_cost > Duration::from_millis(2))
+                .then(|| Instant::now() + round.claim_cost * 4);
+        let until_retry = round
+            .next_retry
+            .and_then(|at| (at - now()).to_std().ok())
+            .unwrap_or(self.config.idle_poll_interval);
+        Next {
+            pause: self.config.idle_poll_interval.min(until_retry),
+            settle: false,
+            throttle_until,
+        }
+    }
+
+    /// Claims and processes batches until nothing is due, then returns. Events in backoff are
+    /// left for later. Useful in tests, scripts and cron-style jobs.
+    pub async fn drain(&self) -> Result<RelayStats> {
+        let never = CancellationToken::new();
+        let mut stats = RelayStats::default();
+        loop {
+            let cycle = self.cycle(&never).await?;
+            stats += cycle.stats;
+            if cycle.claimed == 0 && !cycle.partial {
+                return Ok(stats);
+            }
+        }
+    }
+
+    async fn refresh_gauges(&self) {
+        match Outbox::new(&self.db).stats().await {
+            Ok(s) => telemetry::metrics::record_gauges(&s),
+            Err(e) => tracing::debug!(relay = %self.name, error = %e, "outbox stats query failed"),
+        }
+    }
+
+    async fn purge(&self) -> u64 {
+        let Some(retention) = self.config.retention else {
+            return 0;
+        };
+        let cutoff = now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        match Outbox::new(&self.db)
+            .purge_published(cutoff, self.config.purge_batch_size)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(relay = %self.name, error = %e, "outbox retention purge failed");
+                0
+            }
+        }
+    }
+}

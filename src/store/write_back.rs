@@ -1,0 +1,237 @@
+//! Writing a batch's outcomes back: at most one statement per kind of outcome, each
+//! conditional on the lease. Where rows carry the lease (MySQL, SQLite) each statement checks
+//! `locked_by = token` and clears it; PostgreSQL holds one lease row per batch instead and
+//! builds the same statements without that guard ([`postgres`](super::postgres)).
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value};
+use uuid::Uuid;
+
+use super::sql::{placeholders, stmt};
+use crate::error::Result;
+
+/// What the relay decided for one claimed event.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Fate {
+    Published,
+    Retry {
+        error: String,
+        at: DateTime<Utc>,
+    },
+    Dead {
+        error: String,
+    },
+    /// Not attempted (its aggregate is blocked, or the relay is stopping): hand it back.
+    Release {
+        at: DateTime<Utc>,
+    },
+}
+
+/// How many rows each write-back touched; fewer than asked means the lease was lost.
+#[derive(Debug, Default)]
+pub(crate) struct WriteBack {
+    pub(crate) published: u64,
+    pub(crate) retried: u64,
+    pub(crate) dead: u64,
+    pub(crate) released: u64,
+    pub(crate) expected: u64,
+}
+
+impl WriteBack {
+    /// Nothing written yet, of `fates`.
+    pub(super) fn expecting(fates: &[(Uuid, Fate)]) -> Self {
+        Self {
+            expected: fates.len() as u64,
+            ..Self::default()
+        }
+    }
+
+    /// Events whose write-back changed nothing: their lease had passed to another relay.
+    pub(crate) fn lost(&self) -> u64 {
+        self.expected
+            .saturating_sub(self.published + self.retried + self.dead + self.released)
+    }
+
+    pub(super) fn slot(&mut self, kind: Kind) -> &mut u64 {
+        match kind {
+            Kind::Published => &mut self.published,
+            Kind::Retried => &mut self.retried,
+            Kind::Dead => &mut self.dead,
+            Kind::Released => &mut self.released,
+        }
+    }
+}
+
+/// The kind of outcome one statement writes.
+#[derive(Clone, Copy)]
+pub(super) enum Kind {
+    Published,
+    Retried,
+    Dead,
+    Released,
+}
+
+/// Fates grouped by kind, each group one statement.
+#[derive(Default)]
+pub(super) struct Sorted<'a> {
+    published: Vec<Uuid>,
+    retried: Vec<(Uuid, &'a String, DateTime<Utc>)>,
+    dead: Vec<(Uuid, &'a String)>,
+    released: Vec<(Uuid, DateTime<Utc>)>,
+}
+
+pub(super) fn sort_fates<'a>(fates: impl IntoIterator<Item = &'a (Uuid, Fate)>) -> Sorted<'a> {
+    let mut s = Sorted::default();
+    for (id, fate) in fates {
+        match fate {
+            Fate::Published => s.published.push(*id),
+            Fate::Retry { error, at } => s.retried.push((*id, error, *at)),
+            Fate::Dead { error } => s.dead.push((*id, error)),
+            Fate::Release { at } => s.released.push((*id, *at)),
+        }
+    }
+    s
+}
+
+/// MySQL and SQLite: every fate in at most one statement per kind, each conditional on the
+/// row lease, in one transaction when there is more than one.
+pub(super) async fn with_row_leases(
+    db: &DatabaseConnection,
+    token: &str,
+    now: DateTime<Utc>,
+    fates: &[(Uuid, Fate)],
+) -> Result<WriteBack> {
+    let mut out = WriteBack::expecting(fates);
+    let statements = statements(
+        db.get_database_backend(),
+        Some(token),
+        now,
+        &sort_fates(fates),
+    );
+    if statements.len() <= 1 {
+        for (kind, s) in statements {
+            *out.slot(kind) = db.execute_raw(s).await?.rows_affected();
+        }
+    } else {
+        let txn = db.begin().await?;
+        for (kind, s) in statements {
+            *out.slot(kind) = txn.execute_raw(s).await?.rows_affected();
+        }
+        txn.commit().await?;
+    }
+    Ok(out)
+}
+
+/// One statement per non-empty kind. `row_lease`: `Some(token)` where rows carry the lease
+/// (each statement is conditional on it and clears it); `None` on PostgreSQL, where the caller
+/// holds the batch's lease row and the rows need only still be pending.
+pub(super) fn statements(
+    backend: DbBackend,
+    row_lease: Option<&str>,
+    now: DateTime<Utc>,
+    sorted: &Sorted<'_>,
+) -> Vec<(Kind, Statement)> {
+    let Sorted {
+        published,
+        retried,
+        dead,
+        released,
+    } = sorted;
+    let mut out = Vec::new();
+    // `… WHERE <lease> AND id IN (…)`, the guard's values and the ids appended to `values`.
+    let finish = |sql: String, mut values: Vec<Value>, ids: Vec<Uuid>| {
+        let sql = match row_lease {
+            Some(token) => {
+                values.push(token.into());
+                format!(
+                    "{sql}, locked_by = NULL, locked_until = NULL \
+                     WHERE locked_by = ? AND id IN ({})",
+                    placeholders(ids.len())
+                )
+            }
+            None => format!(
+                "{sql} WHERE status = 'pending' AND id IN ({})",
+                placeholders(ids.len())
+            ),
+        };
+        values.extend(ids.into_iter().map(Value::from));
+        stmt(backend, &sql, values)
+    };
+    // `CASE id WHEN ? THEN ? … END` over `pairs`.
+    fn case(pairs: impl Iterator<Item = (Uuid, Value)>, values: &mut Vec<Value>) -> String {
+        let mut sql = String::from("CASE id");
+        for (id, v) in pairs {
+            sql.push_str(" WHEN ? THEN ?");
+            values.push(id.into());
+            values.push(v);
+        }
+        sql.push_str(" END");
+        sql
+    }
+    if !published.is_empty() {
+        out.push((
+            Kind::Published,
+            finish(
+                "UPDATE outbox_events SET status = 'published', published_at = ?".to_owned(),
+                vec![now.into()],
+                published.to_vec(),
+            ),
+        ));
+    }
+    if !retried.is_empty() {
+        let mut values = Vec::new();
+        let errors = case(
+            retried.iter().map(|(id, e, _)| (*id, (*e).clone().into())),
+            &mut values,
+        );
+        let ats = case(
+            retried.iter().map(|(id, _, at)| (*id, (*at).into())),
+            &mut values,
+        );
+        out.push((
+            Kind::Retried,
+            finish(
+                format!(
+                    "UPDATE outbox_events SET attempts = attempts + 1, last_error = {errors}, \
+                     next_attempt_at = {ats}"
+                ),
+                values,
+                retried.iter().map(|(id, _, _)| *id).collect(),
+            ),
+        ));
+    }
+    if !dead.is_empty() {
+        let mut values = vec![now.into()];
+        let errors = case(
+            dead.iter().map(|(id, e)| (*id, (*e).clone().into())),
+            &mut values,
+        );
+        out.push((
+            Kind::Dead,
+            finish(
+                format!(
+                    "UPDATE outbox_events SET status = 'failed', failed_at = ?, \
+                     attempts = attempts + 1, last_error = {errors}"
+                ),
+                values,
+                dead.iter().map(|(id, _)| *id).collect(),
+            ),
+        ));
+    }
+    if !released.is_empty() {
+        let mut values = Vec::new();
+        let ats = case(
+            released.iter().map(|(id, at)| (*id, (*at).into())),
+            &mut values,
+        );
+        out.push((
+            Kind::Released,
+            finish(
+                format!("UPDATE outbox_events SET next_attempt_at = {ats}"),
+                values,
+                released.iter().map(|(id, _)| *id).collect(),
+            ),
+        ));
+    }
+    out
+}

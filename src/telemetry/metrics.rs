@@ -1,0 +1,84 @@
+//! The metrics the relay records, through the [`metrics`] facade so any installed recorder
+//! gets them; their names are in [`names`](super::names).
+//!
+//! When a write-back touched fewer rows than it carried (a lost lease), the per-type split of
+//! that kind is unknown, so its count is recorded with `event_type="unknown"`.
+
+use std::time::Duration;
+
+use super::names;
+use crate::event::OutboxEvent;
+use crate::stats::OutboxStats;
+use crate::store::{Fate, WriteBack};
+
+const KINDS: [&str; 3] = [names::PUBLISHED, names::RETRIED, names::DEAD_LETTERED];
+
+/// Records one batch's counters and histograms.
+pub(crate) fn record_batch(
+    publisher: &str,
+    events: &[OutboxEvent],
+    fates: &[Fate],
+    written: Option<&WriteBack>,
+    elapsed: Duration,
+) {
+    let publisher = publisher.to_owned();
+    ::metrics::histogram!(names::BATCH_DURATION, "publisher" => publisher.clone())
+        .record(elapsed.as_secs_f64());
+    ::metrics::histogram!(names::BATCH_SIZE, "publisher" => publisher.clone())
+        .record(events.len() as f64);
+    let Some(w) = written else { return };
+
+    // Per event type and kind, counted from the fates; a batch has few event types.
+    let mut by_type: Vec<(&str, [u64; 3])> = Vec::new();
+    let mut planned = [0u64; 3];
+    let ack_latency = ::metrics::histogram!(names::COMMIT_TO_ACK, "publisher" => publisher.clone());
+    let now = chrono::Utc::now();
+    for (e, fate) in events.iter().zip(fates) {
+        let kind = match fate {
+            Fate::Published => {
+                if let Ok(d) = (now - e.created_at).to_std() {
+                    ack_latency.record(d.as_secs_f64());
+                }
+                0
+            }
+            Fate::Retry { .. } => 1,
+            Fate::Dead { .. } => 2,
+            Fate::Release { .. } => continue,
+        };
+        planned[kind] += 1;
+        match by_type.iter_mut().find(|(t, _)| *t == e.event_type) {
+            Some((_, counts)) => counts[kind] += 1,
+            None => {
+                let mut counts = [0; 3];
+                counts[kind] = 1;
+                by_type.push((&e.event_type, counts));
+            }
+        }
+    }
+    let applied = [w.published, w.retried, w.dead];
+    for kind in 0..3 {
+        if applied[kind] == planned[kind] {
+            for (event_type, counts) in &by_type {
+                if counts[kind] > 0 {
+                    ::metrics::counter!(KINDS[kind], "publisher" => publisher.clone(), "event_type" => (*event_type).to_owned())
+                        .increment(counts[kind]);
+                }
+            }
+        } else if applied[kind] > 0 {
+            ::metrics::counter!(KINDS[kind], "publisher" => publisher.clone(), "event_type" => "unknown")
+                .increment(applied[kind]);
+        }
+    }
+    let lost = w.lost();
+    if lost > 0 {
+        ::metrics::counter!(names::LOST_LEASES, "publisher" => publisher).increment(lost);
+    }
+}
+
+/// Sets the backlog gauges from a stats snapshot.
+pub(crate) fn record_gauges(stats: &OutboxStats) {
+    ::metrics::gauge!(names::BACKLOG).set(stats.pending() as f64);
+    ::metrics::gauge!(names::DEAD_LETTERS).set(stats.failed as f64);
+    ::metrics::gauge!(names::OLDEST_PENDING_AGE)
+        .set(stats.oldest_pending_age().map_or(0.0, |d| d.as_secs_f64()));
+}

@@ -1,0 +1,43 @@
+//! Telemetry: the metrics the relay records (`metrics`, through the
+//! [`metrics`](::metrics) facade, so any installed recorder gets them) and the W3C trace context
+//! the repository captures into each event at write time (`trace`, with the `otel` feature).
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `outbox_events_published_total` | counter | `publisher`, `event_type` | events marked published |
+//! | `outbox_events_retried_total` | counter | `publisher`, `event_type` | failed attempts scheduled for retry |
+//! | `outbox_events_dead_lettered_total` | counter | `publisher`, `event_type` | events moved to the dead letter |
+//! | `outbox_lost_leases_total` | counter | `publisher` | write-backs refused because the lease had passed to another relay |
+//! | `outbox_backlog` | gauge | | pending events (due, in backoff or leased) |
+//! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest pending event, by `occurred_at` |
+//! | `outbox_dead_letters` | gauge | | dead-lettered events |
+//! | `outbox_commit_to_ack_seconds` | histogram | `publisher` | broker ack time minus the row's `created_at` |
+//! | `outbox_batch_duration_seconds` | histogram | `publisher` | claim → publish → write-back of one batch |
+//! | `outbox_batch_size` | histogram | `publisher` | events per claimed batch |
+
+pub(crate) mod metrics;
+pub(crate) mod trace;
+
+/// Metric names.
+pub mod names {
+    /// Counter: events marked published.
+    pub const PUBLISHED: &str = "outbox_events_published_total";
+    /// Counter: failed attempts scheduled for a retry.
+    pub const RETRIED: &str = "outbox_events_retried_total";
+    /// Counter: events dead-lettered.
+    pub const DEAD_LETTERED: &str = "outbox_events_dead_lettered_total";
+    /// Counter: write-backs refused because the lease had passed to another relay.
+    pub const LOST_LEASES: &str = "outbox_lost_leases_total";
+    /// Gauge: pending events.
+    pub const BACKLOG: &str = "outbox_backlog";
+    /// Gauge: age of the oldest pending event in seconds.
+    pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
+    /// Gauge: dead letters.
+    pub const DEAD_LETTERS: &str = "outbox_dead_letters";
+    /// Histogram: broker ack time minus `created_at`, in seconds.
+    pub const COMMIT_TO_ACK: &str = "outbox_commit_to_ack_seconds";
+    /// Histogram: one batch's claim → publish → write-back, in seconds.
+    pub const BATCH_DURATION: &str = "outbox_batch_duration_seconds";
+    /// Histogram: events per batch.
+    pub const BATCH_SIZE: &str = "outbox_batch_size";
+}
