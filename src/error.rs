@@ -54,6 +54,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The relay's publisher could not reach its broker ([`Relay::drain`](crate::Relay::drain));
+    /// the batch was handed back unattempted, with no attempt spent.
+    #[error("publisher `{publisher}` is unavailable: {reason}")]
+    PublisherUnavailable {
+        /// The publisher's name.
+        publisher: String,
+        /// What it said last.
+        reason: String,
+    },
+
     /// The relay or repository was configured with values that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

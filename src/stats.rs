@@ -66,9 +66,11 @@ impl OutboxStats {
 pub enum HealthStatus {
     /// Within every threshold.
     Healthy,
-    /// Working, but a backlog, lag or dead-letter threshold is crossed.
+    /// Working, but a backlog, lag or dead-letter threshold is crossed, or the publisher is
+    /// unavailable.
     Degraded,
-    /// The database cannot be read, or the relay loop has stopped polling.
+    /// The database cannot be read, the relay loop has stopped polling, or its publisher has
+    /// been unavailable for too long.
     Unhealthy,
 }
 
@@ -87,6 +89,9 @@ pub struct HealthThresholds {
     pub max_dead_letters: u64,
     /// Relay loop silent for longer than this. Default 60 s.
     pub max_poll_gap: Duration,
+    /// A relay's publisher unavailable for longer than this is unhealthy; before that it is
+    /// degraded. Default 5 min.
+    pub max_publisher_outage: Duration,
 }
 
 impl Default for HealthThresholds {
@@ -96,6 +101,7 @@ impl Default for HealthThresholds {
             max_oldest_pending_age: Duration::from_secs(300),
             max_dead_letters: 0,
             max_poll_gap: Duration::from_secs(60),
+            max_publisher_outage: Duration::from_secs(300),
         }
     }
 }
@@ -110,6 +116,8 @@ impl HealthThresholds {
         max_dead_letters: u64,
         /// Sets [`max_poll_gap`](Self::max_poll_gap).
         max_poll_gap: Duration,
+        /// Sets [`max_publisher_outage`](Self::max_publisher_outage).
+        max_publisher_outage: Duration,
     }
 }
 
@@ -185,6 +193,31 @@ impl Health {
                     ));
                 }
             }
+        }
+    }
+
+    /// A relay's publisher has been unavailable since `since`: degraded, and unhealthy past
+    /// `max_publisher_outage`.
+    pub(crate) fn check_publisher(
+        &mut self,
+        publisher: &str,
+        since: DateTime<Utc>,
+        last_error: Option<&str>,
+        t: &HealthThresholds,
+    ) {
+        let down = (now() - since).to_std().unwrap_or_default();
+        let reason = format!(
+            "publisher `{publisher}` unavailable for {}s: {}",
+            down.as_secs(),
+            last_error.unwrap_or("no answer")
+        );
+        if down > t.max_publisher_outage {
+            self.unhealthy(format!(
+                "{reason} (over {}s)",
+                t.max_publisher_outage.as_secs()
+            ));
+        } else {
+            self.degraded(reason);
         }
     }
 

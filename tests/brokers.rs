@@ -3,7 +3,8 @@
 //!
 //! For each: a relay drains 5,000 events from PostgreSQL; a consumer reads them back and checks
 //! count, payload bytes, headers and per-aggregate order; an outage (a proxy cut, or the mock's
-//! brokers taken down) leaves events pending with attempts counted until recovery; and a
+//! brokers taken down) longer than the whole retry horizon opens the relay's breaker, spends no
+//! attempt and dead-letters nothing, and every event arrives in order after recovery; and a
 //! permanent error dead-letters only the event that caused it.
 #![cfg(any(
     feature = "kafka",
@@ -16,12 +17,14 @@ mod common;
 mod support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestDb;
-use seaorm_outbox::relay::{Ordering, RelayConfig};
+use seaorm_outbox::relay::{BreakerConfig, BreakerState, Ordering, RelayConfig};
 use seaorm_outbox::{
-    NewEvent, Outbox, OutboxConfig, OutboxEvent, OutboxRepository, OutboxStatus, Publisher,
+    HealthStatus, HealthThresholds, NewEvent, Outbox, OutboxConfig, OutboxEvent, OutboxRepository,
+    OutboxStatus, Publisher,
 };
 use support::{
     all_rows, fast, pending, run_relays_until_empty, scattered_events, seed, wait_until,
@@ -97,8 +100,11 @@ async fn drain_all<P: Publisher + Clone + 'static>(t: &TestDb, publisher: P) -> 
     all_rows(&t.db).await
 }
 
-/// Runs one relay while the broker is unreachable, checks events stay pending with attempts
-/// counted, then restores it and checks all are delivered. `cut`/`restore` act on the broker.
+/// Runs one relay with the broker unreachable for longer than the whole retry horizon
+/// (`max_attempts` × the backoff cap), then restores it. During the outage the breaker opens,
+/// health turns degraded then unhealthy, and no attempt is spent; after it every event is
+/// delivered with 0 attempts and 0 dead letters. `cut`/`restore` act on the broker. Returns the
+/// stored events and how many publisher calls the relay made while the broker was down.
 async fn outage<P: Publisher + Clone + 'static>(
     t: &TestDb,
     publisher: P,
@@ -107,27 +113,43 @@ async fn outage<P: Publisher + Clone + 'static>(
     config: RelayConfig,
 ) -> Vec<OutboxEvent> {
     let ids = seed(&t.db, scattered_events(200, 20)).await;
+    let name = publisher.name().to_owned();
     cut();
-    let relay = seaorm_outbox::Relay::builder(t.connect_again().await, publisher)
-        .config(config)
-        .build()
-        .expect("relay");
+    let started = std::time::Instant::now();
+    let relay = Arc::new(
+        seaorm_outbox::Relay::builder(t.connect_again().await, publisher)
+            .config(config.clone())
+            .build()
+            .expect("relay"),
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn({
-        let stop = stop.clone();
+        let (relay, stop) = (relay.clone(), stop.clone());
         async move { relay.run(stop).await }
     });
-    wait_until(
-        Duration::from_secs(60),
-        "attempts to be recorded during the outage",
-        || async { all_rows(&t.db).await.iter().any(|e| e.attempts >= 2) },
-    )
+    wait_until(Duration::from_secs(60), "the breaker to open", || async {
+        relay.breaker().state != BreakerState::Closed
+    })
     .await;
-    assert_eq!(
-        pending(&t.db).await,
-        ids.len() as u64,
-        "nothing is lost or marked during the outage"
+    let thresholds = HealthThresholds::default().max_publisher_outage(Duration::from_secs(5));
+    let early = relay.health(&thresholds).await;
+    let says_unavailable =
+        |h: &seaorm_outbox::Health| h.reasons.iter().any(|r| r.contains("unavailable"));
+    assert!(says_unavailable(&early), "{early:?}");
+    let horizon = config.backoff.cap * config.max_attempts;
+    tokio::time::sleep(horizon + Duration::from_secs(2)).await;
+    let late = relay.health(&thresholds).await;
+    assert_eq!(late.status, HealthStatus::Unhealthy, "{late:?}");
+    assert!(says_unavailable(&late), "{late:?}");
+    let during = all_rows(&t.db).await;
+    assert_eq!(during.len(), ids.len());
+    assert!(
+        during
+            .iter()
+            .all(|e| e.status == OutboxStatus::Pending && e.attempts == 0),
+        "the outage spent no attempt and dead-lettered nothing"
     );
+    let outage_secs = started.elapsed().as_secs_f64();
     restore();
     wait_until(
         Duration::from_secs(90),
@@ -135,31 +157,45 @@ async fn outage<P: Publisher + Clone + 'static>(
         || async { pending(&t.db).await == 0 },
     )
     .await;
+    assert_eq!(relay.breaker().state, BreakerState::Closed);
+    assert_ne!(
+        relay.health(&thresholds).await.status,
+        HealthStatus::Unhealthy
+    );
     stop.cancel();
     let stats = task.await.expect("relay");
     assert_eq!(stats.published, ids.len() as u64, "{stats:?}");
-    assert!(stats.retried > 0, "{stats:?}");
-    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!((stats.retried, stats.dead_lettered), (0, 0), "{stats:?}");
     let stored = all_rows(&t.db).await;
-    assert!(stored.iter().all(|e| e.status == OutboxStatus::Published));
     assert!(
         stored
             .iter()
-            .any(|e| e.attempts > 0 && e.last_error.is_some())
+            .all(|e| e.status == OutboxStatus::Published && e.attempts == 0)
+    );
+    eprintln!(
+        "outage figures ({name}): {} events, broker down {outage_secs:.1}s (retry horizon {horizon:?}), \
+         attempts spent 0, dead letters 0, delivered {}",
+        ids.len(),
+        stats.published
     );
     stored
 }
 
-/// Outage runs want quick retries and a short publish timeout.
+/// Outage runs keep the default `max_attempts` with the timing shrunk: backoff 100 ms to 1 s
+/// (so the retry horizon is 10 s), the breaker's probes 100 ms to 1 s apart.
 fn outage_config() -> RelayConfig {
     fast(RelayConfig::default().batch_size(50))
         .publish_timeout(Duration::from_secs(3))
         .lease_duration(Duration::from_secs(10))
-        .max_attempts(1000)
         .backoff(seaorm_outbox::relay::Backoff::new(
             Duration::from_millis(100),
-            Duration::from_millis(500),
+            Duration::from_secs(1),
         ))
+        .breaker(
+            BreakerConfig::default()
+                .base(Duration::from_millis(100))
+                .cap(Duration::from_secs(1)),
+        )
 }
 
 /// Seeds `n` ordinary events and one `poison` event, drains, and checks only the poison one
@@ -214,6 +250,7 @@ mod nats {
         relay_drains_5000_events_to_jetstream,
         a_republished_batch_is_stored_once,
         outage_then_recovery,
+        poison_during_an_outage_is_dead_lettered_alone_after_recovery,
         oversized_message_is_dead_lettered_alone,
         cloudevents_binary_mode_uses_ce_headers,
     );
@@ -340,6 +377,73 @@ mod nats {
         let got = read_all(&stream).await;
         // Acks lost in the cut can make the relay send again; the stream's dedup window keeps one.
         check(&got, &sent);
+        cleanup(&direct, &name).await;
+    }
+
+    /// An event whose subject no stream takes (retryable `no responders`) waits out an outage
+    /// like every other, spending nothing; once the server is back it alone uses up its
+    /// `max_attempts` and is dead-lettered, and the rest arrive in order.
+    async fn poison_during_an_outage_is_dead_lettered_alone_after_recovery(t: &TestDb) {
+        let direct = client(&addr()).await;
+        let (name, stream) = stream(&direct).await;
+        let proxy = common::proxy::Proxy::start(&addr()).await;
+        let via_proxy = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(format!("nats://{}", proxy.addr))
+            .await
+            .expect("connect through the proxy");
+        seed(&t.db, scattered_events(50, 5)).await;
+        let poison = Outbox::new(&t.db)
+            .add_event(NewEvent::new("test.poison", "agg", "poison"))
+            .await
+            .expect("add the poison event");
+        let n = name.clone();
+        let p = NatsPublisher::new(via_proxy).router(Router::new(move |e| {
+            if e.aggregate_id == "poison" {
+                format!("{n}_no_stream.poison")
+            } else {
+                format!("{n}.{}", e.aggregate_type)
+            }
+        }));
+        proxy.cut();
+        let config = outage_config();
+        let relay = Arc::new(
+            seaorm_outbox::Relay::builder(t.connect_again().await, p)
+                .config(config.clone())
+                .build()
+                .expect("relay"),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let (relay, stop) = (relay.clone(), stop.clone());
+            async move { relay.run(stop).await }
+        });
+        wait_until(Duration::from_secs(60), "the breaker to open", || async {
+            relay.breaker().state != BreakerState::Closed
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let held = Outbox::new(&t.db).get(poison).await.expect("get");
+        assert_eq!((held.status, held.attempts), (OutboxStatus::Pending, 0));
+        proxy.restore();
+        wait_until(
+            Duration::from_secs(90),
+            "the good events delivered and the poison dead-lettered",
+            || async { pending(&t.db).await == 0 },
+        )
+        .await;
+        stop.cancel();
+        let stats = task.await.expect("relay");
+        assert_eq!((stats.published, stats.dead_lettered), (50, 1), "{stats:?}");
+        let rows = all_rows(&t.db).await;
+        let (dead, good): (Vec<_>, Vec<_>) = rows.into_iter().partition(|e| e.id == poison);
+        assert_eq!(dead[0].status, OutboxStatus::Failed);
+        assert_eq!(dead[0].attempts, config.max_attempts, "{:?}", dead[0]);
+        assert!(
+            good.iter()
+                .all(|e| e.status == OutboxStatus::Published && e.attempts == 0)
+        );
+        check(&read_all(&stream).await, &good);
         cleanup(&direct, &name).await;
     }
 

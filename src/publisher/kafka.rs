@@ -23,7 +23,9 @@ use crate::event::OutboxEvent;
 /// `publish_timeout`); after that the event is retried by the relay.
 ///
 /// Errors: a message too large, an invalid message or topic, or missing authorisation is
-/// permanent; timeouts, unavailable brokers and transport errors are retryable.
+/// permanent ([`PublishOutcome::Reject`]); delivery timeouts, brokers down, no partition leader
+/// and transport errors mean the cluster is unavailable ([`PublishOutcome::Unavailable`]); any
+/// other broker error is retryable ([`PublishOutcome::Retry`]).
 pub struct KafkaPublisher {
     producer: FutureProducer,
     wire: Wire,
@@ -73,21 +75,38 @@ impl KafkaPublisher {
 }
 
 fn classify(err: &KafkaError) -> PublishOutcome {
-    let permanent = matches!(
-        err.rdkafka_error_code(),
+    use RDKafkaErrorCode as C;
+    match err.rdkafka_error_code() {
         Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidTopic
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-        )
-    );
-    if permanent {
-        PublishOutcome::Reject(err.to_string())
-    } else {
-        PublishOutcome::Retry(err.to_string())
+            C::MessageSizeTooLarge
+            | C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::InvalidTopic
+            | C::InvalidRecord
+            | C::TopicAuthorizationFailed,
+        ) => PublishOutcome::Reject(err.to_string()),
+        // The cluster is not answering or has no leader to take the write. librdkafka retries
+        // within `message.timeout.ms` before it reports these, so the message may also have
+        // been written: the relay's later resend is a duplicate, never a dead letter.
+        Some(
+            C::MessageTimedOut
+            | C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::Resolve
+            | C::OperationTimedOut
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::BrokerNotAvailable
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::PreferredLeaderNotAvailable
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::KafkaStorageError
+            | C::BrokerDestroy
+            | C::QueueFull,
+        ) => PublishOutcome::Unavailable(err.to_string()),
+        _ => PublishOutcome::Retry(err.to_string()),
     }
 }
 
@@ -136,7 +155,9 @@ impl Publisher for KafkaPublisher {
             outcomes[i] = match result {
                 Ok(Ok(_)) => PublishOutcome::Delivered,
                 Ok(Err((e, _))) => classify(&e),
-                Err(_) => PublishOutcome::Retry("the producer dropped the delivery report".into()),
+                Err(_) => {
+                    PublishOutcome::Unavailable("the producer dropped the delivery report".into())
+                }
             };
         }
         Ok(outcomes)

@@ -48,22 +48,48 @@ pub use self::redis::RedisPublisher;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What happened to one event of a batch.
+///
+/// The relay tells a bad event from a broker that is down: [`Retry`](Self::Retry) and
+/// [`Reject`](Self::Reject) are about the event and spend its attempts;
+/// [`Unavailable`](Self::Unavailable) is about the broker and spends nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PublishOutcome {
     /// The broker acknowledged it. It will be marked published.
     Delivered,
-    /// A transient failure (timeout, connection refused, broker unavailable): retried with
-    /// backoff until `max_attempts`, then dead-lettered.
+    /// The broker answered, but could not take this event now (a nack, a missing stream, a
+    /// conflict): retried with backoff until `max_attempts`, then dead-lettered.
     Retry(String),
     /// A permanent failure (oversized, invalid subject, unroutable): dead-lettered at once.
     Reject(String),
+    /// The broker could not be reached for it: connection refused or lost, no answer in time,
+    /// no partition leader, the broker overloaded or read-only. Not the event's fault: it is
+    /// handed back without spending an attempt. When every event of a call is unavailable the
+    /// relay's circuit breaker opens and it stops claiming until a probe succeeds.
+    Unavailable(String),
+}
+
+impl PublishOutcome {
+    /// Whether the broker could not be reached for this event.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// Delivers claimed events to a broker.
 ///
 /// `publish` gets a whole batch and must return one outcome per event, in the same order.
 /// Implementations should pipeline: send every event, then await the acknowledgements, rather
-/// than one blocking round trip per event. Returning `Err` marks the whole batch retryable.
+/// than one blocking round trip per event.
+///
+/// **Writing your own.** Classify each failure by whose fault it is: the event's
+/// ([`PublishOutcome::Retry`] when it may succeed later, [`PublishOutcome::Reject`] when it never
+/// will) or the broker's ([`PublishOutcome::Unavailable`]: transport errors, timeouts, no
+/// leader). Returning `Err` says the whole call failed for want of a broker, the same as every
+/// event being unavailable, and so does a call that outlasts the relay's `publish_timeout`. A
+/// call the relay counted as unavailable may still have been delivered (a client that buffers
+/// and sends on reconnect): the relay sends those events again later, so consumers see a
+/// duplicate with the same event id, never a dead letter.
 ///
 /// When the relay runs in per-aggregate order it never puts two events of the same aggregate in
 /// one call; otherwise events of one aggregate in a call are in order, and a publisher that

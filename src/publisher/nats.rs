@@ -19,8 +19,11 @@ use crate::event::OutboxEvent;
 /// The client reconnects by itself; sends during an outage time out and are retried by the relay.
 ///
 /// Errors: a message over the server's `max_payload`, an invalid subject or header are
-/// permanent ([`PublishOutcome::Reject`]); timeouts, a lost connection and a missing stream are
-/// retryable.
+/// permanent ([`PublishOutcome::Reject`]); a missing stream or a sequence conflict is retryable
+/// ([`PublishOutcome::Retry`]); an ack timeout or a lost connection means the server is
+/// unavailable ([`PublishOutcome::Unavailable`]). A message sent while disconnected waits in the
+/// client's buffer and may still reach the stream after its ack timed out: the relay sends it
+/// again later, and the server drops the copy if it comes within the duplicate window.
 #[derive(Clone, Debug)]
 pub struct NatsPublisher {
     js: jetstream::Context,
@@ -83,6 +86,11 @@ fn valid_subject(s: &str) -> bool {
 fn classify(kind: PublishErrorKind, err: String) -> PublishOutcome {
     match kind {
         PublishErrorKind::MaxPayloadExceeded => PublishOutcome::Reject(err),
+        // No ack in time (the client buffers while disconnected), a dropped connection, or the
+        // client's own in-flight limit: the server is not answering.
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending => PublishOutcome::Unavailable(err),
         _ => PublishOutcome::Retry(err),
     }
 }

@@ -20,8 +20,9 @@ use crate::event::OutboxEvent;
 /// the next batch reconnects.
 ///
 /// Errors: a message returned as unroutable, one over [`max_message_bytes`](Self::max_message_bytes)
-/// or with a header or routing key over AMQP's 255-byte short-string limit is permanent; a
-/// refused or lost connection, a closed channel and a nack are retryable.
+/// or with a header or routing key over AMQP's 255-byte short-string limit is permanent; a nack
+/// is retryable; a refused or lost connection or a closed channel means the broker is
+/// unavailable ([`PublishOutcome::Unavailable`]).
 #[derive(Debug)]
 pub struct RabbitMqPublisher {
     uri: String,
@@ -153,7 +154,7 @@ impl Publisher for RabbitMqPublisher {
                 Ok(confirm) => confirms.push((i, confirm)),
                 Err(e) => {
                     broken = true;
-                    outcomes[i] = PublishOutcome::Retry(e.to_string());
+                    outcomes[i] = PublishOutcome::Unavailable(e.to_string());
                 }
             }
         }
@@ -176,7 +177,7 @@ impl Publisher for RabbitMqPublisher {
                 }
                 Err(e) => {
                     broken = true;
-                    PublishOutcome::Retry(e.to_string())
+                    PublishOutcome::Unavailable(e.to_string())
                 }
             };
         }

@@ -18,9 +18,10 @@ pub const BODY_FIELD: &str = "payload";
 ///
 /// The [`ConnectionManager`] reconnects by itself after a dropped connection.
 ///
-/// Errors: an I/O failure, timeout or a transient server state (`LOADING`, `BUSY`, `OOM`,
-/// `READONLY`, `TRYAGAIN`, `MASTERDOWN`) is retryable; any other server error for a command
-/// (e.g. `WRONGTYPE`: the key holds something that is not a stream) is permanent.
+/// Errors: an I/O failure, a refused or dropped connection, a timeout or a transient server
+/// state (`LOADING`, `BUSY`, `OOM`, `READONLY`, `TRYAGAIN`, `MASTERDOWN`, …) means the server is
+/// unavailable ([`PublishOutcome::Unavailable`]); any other server error for a command (e.g.
+/// `WRONGTYPE`: the key holds something that is not a stream) is permanent.
 #[derive(Clone)]
 pub struct RedisPublisher {
     conn: ConnectionManager,
@@ -86,9 +87,10 @@ fn classify(err: &redis::RedisError) -> PublishOutcome {
     if err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()
+        || err.is_connection_refusal()
         || TRANSIENT.contains(&code)
     {
-        PublishOutcome::Retry(text)
+        PublishOutcome::Unavailable(text)
     } else {
         PublishOutcome::Reject(text)
     }
@@ -124,7 +126,7 @@ impl Publisher for RedisPublisher {
         // A short reply means the connection broke mid-pipeline: the rest is unknown, retry it.
         outcomes.resize(
             events.len(),
-            PublishOutcome::Retry("pipeline reply was cut short".into()),
+            PublishOutcome::Unavailable("pipeline reply was cut short".into()),
         );
         Ok(outcomes)
     }

@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::breaker::Permit;
 use super::config::{DeadLetterPolicy, Ordering};
-use super::{Relay, RelayStats};
+use super::{Relay, RelayStats, lock};
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, now};
 use crate::publisher::Publisher;
@@ -38,6 +39,8 @@ pub(super) struct Offered {
 
 /// What the claim-and-publish stage produced.
 pub(super) struct Round {
+    /// How many events the claim asked for: a batch, or a probe's few.
+    pub(super) limit: u32,
     pub(super) claimed: usize,
     /// The claim started at the cursor rather than scanning every due row.
     pub(super) partial: bool,
@@ -47,6 +50,8 @@ pub(super) struct Round {
     pub(super) walked: bool,
     pub(super) next_retry: Option<DateTime<Utc>>,
     pub(super) offered: Option<Offered>,
+    /// The breaker is open: nothing was claimed, and nothing may be before then.
+    pub(super) paused_until: Option<tokio::time::Instant>,
 }
 
 impl<P: Publisher> Relay<P> {
@@ -73,8 +78,28 @@ impl<P: Publisher> Relay<P> {
         let lease_end = claimed_at
             + chrono::Duration::from_std(self.config.lease_duration)
                 .unwrap_or(chrono::Duration::MAX);
+        // A relay waiting out an outage is still alive: it counts as polling.
         self.last_poll
             .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
+        let limit = match lock(&self.breaker).permit(
+            &self.config.breaker,
+            self.config.batch_size,
+            self.publisher.name(),
+        ) {
+            Permit::Claim(limit) => limit,
+            Permit::Wait(until) => {
+                return Ok(Round {
+                    limit: 0,
+                    claimed: 0,
+                    partial: false,
+                    claim_cost: Duration::ZERO,
+                    walked: false,
+                    next_retry: None,
+                    offered: None,
+                    paused_until: Some(until),
+                });
+            }
+        };
         // The run this batch is claimed with is what its outcome adjusts: a pipelined claim
         // may have moved `self.share` meanwhile.
         let share = self.share.load(AtomicOrdering::Relaxed);
@@ -90,7 +115,7 @@ impl<P: Publisher> Relay<P> {
                 token: &token,
                 now: claimed_at,
                 lease_end,
-                limit: self.config.batch_size,
+                limit,
                 ordered: self.config.ordering == Ordering::PerAggregate,
                 hold_dead_letters: self.config.dead_letter_policy == DeadLetterPolicy::Hold,
                 opportunistic,
@@ -120,20 +145,17 @@ impl<P: Publisher> Relay<P> {
                 }
             }
         }
-        self.cursor().claimed(
-            started,
-            from,
-            self.config.ordering,
-            &events,
-            self.config.batch_size as usize,
-        );
+        self.cursor()
+            .claimed(started, from, self.config.ordering, &events, limit as usize);
         let mut round = Round {
+            limit,
             claimed,
             partial: from.is_some(),
             claim_cost,
             walked,
             next_retry: None,
             offered: None,
+            paused_until: None,
         };
         if claimed == 0 {
             return Ok(round);

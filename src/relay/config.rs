@@ -100,6 +100,54 @@ impl Backoff {
     }
 }
 
+/// The circuit breaker (see the relay's docs): how long to stop claiming once the publisher is
+/// unavailable, and how much to send when probing it.
+///
+/// ```
+/// use std::time::Duration;
+/// use seaorm_outbox::relay::{BreakerConfig, RelayConfig};
+///
+/// let config = RelayConfig::default().breaker(
+///     BreakerConfig::default()
+///         .base(Duration::from_millis(500))
+///         .cap(Duration::from_secs(30)),
+/// );
+/// assert_eq!(config.breaker.probe_batch_size, 10);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BreakerConfig {
+    /// The first wait after the publisher is found unavailable. Default 1 s.
+    pub base: Duration,
+    /// The longest wait between probes; each failed probe doubles the wait up to this, with
+    /// jitter (between half and all of it) so relays do not probe a returning broker together.
+    /// Default 30 s.
+    pub cap: Duration,
+    /// Events claimed for a probe. Default 10.
+    pub probe_batch_size: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(30),
+            probe_batch_size: 10,
+        }
+    }
+}
+
+impl BreakerConfig {
+    setters! {
+        /// Sets [`base`](Self::base).
+        base: Duration,
+        /// Sets [`cap`](Self::cap).
+        cap: Duration,
+        /// Sets [`probe_batch_size`](Self::probe_batch_size).
+        probe_batch_size: u32,
+    }
+}
+
 /// Relay settings. Start from `RelayConfig::default()` and chain setters.
 ///
 /// ```
@@ -130,6 +178,8 @@ pub struct RelayConfig {
     pub max_attempts: u32,
     /// Delay between attempts.
     pub backoff: Backoff,
+    /// What the relay does while the publisher is unavailable: no attempt is spent.
+    pub breaker: BreakerConfig,
     /// Per-aggregate order (default) or none.
     pub ordering: Ordering,
     /// What follows a dead letter under per-aggregate order. Default continue.
@@ -171,6 +221,7 @@ impl Default for RelayConfig {
             publish_timeout: Duration::from_secs(10),
             max_attempts: 10,
             backoff: Backoff::default(),
+            breaker: BreakerConfig::default(),
             ordering: Ordering::default(),
             dead_letter_policy: DeadLetterPolicy::default(),
             events_per_aggregate: 8,
@@ -199,6 +250,8 @@ impl RelayConfig {
         max_attempts: u32,
         /// Sets [`backoff`](Self::backoff).
         backoff: Backoff,
+        /// Sets [`breaker`](Self::breaker).
+        breaker: BreakerConfig,
         /// Sets [`ordering`](Self::ordering).
         ordering: Ordering,
         /// Sets [`dead_letter_policy`](Self::dead_letter_policy).
@@ -252,6 +305,12 @@ impl RelayConfig {
         if self.backoff.base > self.backoff.cap {
             return fail("backoff base must not exceed its cap".into());
         }
+        if self.breaker.base.is_zero() || self.breaker.base > self.breaker.cap {
+            return fail("breaker base must be positive and not exceed its cap".into());
+        }
+        if self.breaker.probe_batch_size == 0 {
+            return fail("breaker probe_batch_size must be at least 1".into());
+        }
         if self.purge_batch_size == 0 || self.purge_batch_size > MAX_PAGE_SIZE {
             return fail(format!("purge_batch_size must be 1..={MAX_PAGE_SIZE}"));
         }
@@ -298,6 +357,18 @@ mod tests {
         assert!(
             RelayConfig::default()
                 .events_per_aggregate(0)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            RelayConfig::default()
+                .breaker(BreakerConfig::default().base(Duration::ZERO))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            RelayConfig::default()
+                .breaker(BreakerConfig::default().probe_batch_size(0))
                 .validate()
                 .is_err()
         );

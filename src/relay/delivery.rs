@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::Relay;
 use super::config::DeadLetterPolicy;
+use super::{Relay, lock};
 use crate::event::{OutboxEvent, now};
 use crate::publisher::{PublishOutcome, Publisher};
 use crate::store::{Fate, truncate_error};
@@ -23,12 +23,12 @@ impl<P: Publisher> Relay<P> {
         let outcomes = self.publish(events, cancel).await;
         let done = now();
         match outcomes {
-            Some(outcomes) => events
+            Some(outcomes) if !self.observe(&outcomes) => events
                 .iter()
                 .zip(outcomes)
                 .map(|(e, o)| self.fate(e, o, done))
                 .collect(),
-            None => vec![Fate::Release { at: done }; events.len()],
+            _ => vec![Fate::Release { at: done }; events.len()],
         }
     }
 
@@ -60,6 +60,8 @@ impl<P: Publisher> Relay<P> {
         let mut fates: Vec<Option<Fate>> = vec![None; events.len()];
         // Per chain: None while going; Some(at) once stopped, with when its rest may go again.
         let mut stopped: Vec<Option<DateTime<Utc>>> = vec![None; waves.chains];
+        // Once a call finds the publisher unavailable, the rest of the batch goes back unsent.
+        let mut outage = false;
         for (start, end) in waves.bounds() {
             let live: Vec<usize> = (start..end)
                 .filter(|&i| stopped[waves.chain_of[i]].is_none())
@@ -72,7 +74,7 @@ impl<P: Publisher> Relay<P> {
             if live.is_empty() {
                 continue;
             }
-            let outcomes = if cancel.is_cancelled() {
+            let outcomes = if cancel.is_cancelled() || outage {
                 None
             } else if live.len() == end - start {
                 self.publish(&events[start..end], cancel).await
@@ -81,7 +83,8 @@ impl<P: Publisher> Relay<P> {
                 self.publish(&subset, cancel).await
             };
             let done = now();
-            let Some(outcomes) = outcomes else {
+            outage = outage || outcomes.as_ref().is_some_and(|o| self.observe(o));
+            let Some(outcomes) = outcomes.filter(|_| !outage) else {
                 for &i in &live {
                     stopped[waves.chain_of[i]] = Some(done);
                     fates[i] = Some(Fate::Release { at: done });
@@ -91,7 +94,7 @@ impl<P: Publisher> Relay<P> {
             for (&i, o) in live.iter().zip(outcomes) {
                 let fate = self.fate(&events[i], o, done);
                 let stop = match &fate {
-                    Fate::Retry { at, .. } => Some(*at),
+                    Fate::Retry { at, .. } | Fate::Release { at } => Some(*at),
                     Fate::Dead { .. }
                         if self.config.dead_letter_policy == DeadLetterPolicy::Hold =>
                     {
@@ -112,8 +115,32 @@ impl<P: Publisher> Relay<P> {
             .collect()
     }
 
+    /// Tells the breaker what a call found. Returns whether the publisher was unavailable for the
+    /// whole call, which then goes back unattempted.
+    fn observe(&self, outcomes: &[PublishOutcome]) -> bool {
+        let mut breaker = lock(&self.breaker);
+        match outcomes.first() {
+            Some(PublishOutcome::Unavailable(reason))
+                if outcomes.iter().all(PublishOutcome::is_unavailable) =>
+            {
+                breaker.unavailable(
+                    &self.config.breaker,
+                    reason,
+                    &self.name,
+                    self.publisher.name(),
+                );
+                true
+            }
+            _ => {
+                breaker.answered(&self.name, self.publisher.name());
+                false
+            }
+        }
+    }
+
     /// One publisher call, bounded by `publish_timeout`. `None` when the relay is stopping and
-    /// the call did not finish within `shutdown_grace`: the events' fate is unknown.
+    /// the call did not finish within `shutdown_grace`: the events' fate is unknown. A call that
+    /// failed as a whole or timed out found the publisher unavailable.
     async fn publish(
         &self,
         events: &[OutboxEvent],
@@ -128,26 +155,34 @@ impl<P: Publisher> Relay<P> {
                 tokio::time::timeout(self.config.shutdown_grace, call).await.ok()?
             }
         };
-        let retry_all = |msg: String| vec![PublishOutcome::Retry(msg); events.len()];
+        let all = |o: PublishOutcome| vec![o; events.len()];
         Some(match result {
             Ok(Ok(outcomes)) if outcomes.len() == events.len() => outcomes,
-            Ok(Ok(outcomes)) => retry_all(format!(
+            // A publisher bug, not an outage: it must not stall the relay for good.
+            Ok(Ok(outcomes)) => all(PublishOutcome::Retry(format!(
                 "publisher `{}` returned {} outcomes for {} events",
                 self.publisher.name(),
                 outcomes.len(),
                 events.len()
-            )),
-            Ok(Err(e)) => retry_all(e.to_string()),
-            Err(_) => retry_all(format!(
+            ))),
+            Ok(Err(e)) => all(PublishOutcome::Unavailable(e.to_string())),
+            Err(_) => all(PublishOutcome::Unavailable(format!(
                 "publish timed out after {:?}",
                 self.config.publish_timeout
-            )),
+            ))),
         })
     }
 
     fn fate(&self, event: &OutboxEvent, outcome: PublishOutcome, at: DateTime<Utc>) -> Fate {
         match outcome {
             PublishOutcome::Delivered => Fate::Published,
+            // Only some of a call's events were unavailable (a partition without a leader, say):
+            // hand them back for a while, spending nothing.
+            PublishOutcome::Unavailable(_) => Fate::Release {
+                at: at
+                    + chrono::Duration::from_std(self.config.breaker.base)
+                        .unwrap_or(chrono::Duration::MAX),
+            },
             PublishOutcome::Reject(error) => Fate::Dead {
                 error: truncate_error(&error),
             },

@@ -19,6 +19,7 @@
 //!   full scan: a short claim, or at most a second later.
 
 mod batch;
+mod breaker;
 mod config;
 mod cursor;
 mod delivery;
@@ -31,7 +32,10 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering as AtomicOrdering};
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
-pub use config::{Backoff, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, Ordering, RelayConfig};
+pub use breaker::{BreakerState, BreakerStatus};
+pub use config::{
+    Backoff, BreakerConfig, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, Ordering, RelayConfig,
+};
 pub use wake::NOTIFY_CHANNEL;
 
 use crate::error::Result;
@@ -99,6 +103,7 @@ impl<P: Publisher> RelayBuilder<P> {
             name: name.chars().take(31).collect(),
             share: AtomicU32::new(self.config.events_per_aggregate),
             cursor: std::sync::Mutex::default(),
+            breaker: std::sync::Mutex::default(),
             config: self.config,
             last_poll: Arc::new(AtomicI64::new(0)),
         })
@@ -142,6 +147,8 @@ pub struct Relay<P> {
     share: AtomicU32,
     /// Where the next claim's scan of due rows starts ([`cursor`]).
     cursor: std::sync::Mutex<cursor::Cursor>,
+    /// Whether the publisher answers ([`breaker`]).
+    breaker: std::sync::Mutex<breaker::Breaker>,
 }
 
 impl<P: Publisher> Relay<P> {
@@ -177,18 +184,38 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
+    /// Whether the publisher is answering: the circuit breaker's state, and since when and why
+    /// the publisher has been unavailable.
+    pub fn breaker(&self) -> BreakerStatus {
+        lock(&self.breaker).status()
+    }
+
     /// Health: the outbox's backlog, lag and dead letters against `thresholds`, plus whether
-    /// this relay's loop is still polling.
+    /// this relay's loop is still polling and its publisher answering (degraded while the
+    /// breaker is open, unhealthy once it has been open for
+    /// [`max_publisher_outage`](HealthThresholds::max_publisher_outage)).
     pub async fn health(&self, thresholds: &HealthThresholds) -> Health {
         let mut h = Outbox::new(&self.db).health(thresholds).await;
         h.check_poll(self.last_poll(), thresholds);
+        let b = self.breaker();
+        if let Some(since) = b.unavailable_since {
+            h.check_publisher(
+                self.publisher.name(),
+                since,
+                b.last_error.as_deref(),
+                thresholds,
+            );
+        }
         h
     }
 
     fn cursor(&self) -> std::sync::MutexGuard<'_, cursor::Cursor> {
-        // Holds plain data only; a panic elsewhere while holding it cannot leave it torn.
-        self.cursor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.cursor)
     }
+}
+
+/// Locks relay state that holds plain data only: a panic elsewhere while holding it cannot
+/// leave it torn, so a poisoned lock is used as it is.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

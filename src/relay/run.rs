@@ -120,8 +120,18 @@ impl<P: Publisher> Relay<P> {
             settle,
             throttle_until: None,
         };
-        if round.claimed >= self.config.batch_size as usize {
-            // A full batch: there is probably more, poll again at once.
+        if let Some(until) = round.paused_until {
+            // The publisher is unavailable: wait for the breaker's probe, deaf to wake-ups
+            // (more events only mean more that cannot be sent).
+            return Next {
+                pause: Duration::ZERO,
+                settle: true,
+                throttle_until: Some(until),
+            };
+        }
+        if round.claimed >= round.limit as usize {
+            // A full batch (or a probe that was answered): there is probably more, poll again
+            // at once.
             return go(false);
         }
         if overlapped || round.partial {
@@ -151,12 +161,22 @@ impl<P: Publisher> Relay<P> {
 
     /// Claims and processes batches until nothing is due, then returns. Events in backoff are
     /// left for later. Useful in tests, scripts and cron-style jobs.
+    ///
+    /// If the publisher is unavailable, the batch goes back unattempted and this returns
+    /// [`Error::PublisherUnavailable`](crate::Error::PublisherUnavailable).
     pub async fn drain(&self) -> Result<RelayStats> {
         let never = CancellationToken::new();
         let mut stats = RelayStats::default();
         loop {
             let cycle = self.cycle(&never).await?;
             stats += cycle.stats;
+            let breaker = self.breaker();
+            if breaker.unavailable_since.is_some() {
+                return Err(crate::Error::PublisherUnavailable {
+                    publisher: self.publisher.name().to_owned(),
+                    reason: breaker.last_error.unwrap_or_default(),
+                });
+            }
             if cycle.claimed == 0 && !cycle.partial {
                 return Ok(stats);
             }

@@ -82,3 +82,11 @@ pub(crate) fn record_gauges(stats: &OutboxStats) {
     ::metrics::gauge!(names::OLDEST_PENDING_AGE)
         .set(stats.oldest_pending_age().map_or(0.0, |d| d.as_secs_f64()));
 }
+
+/// Sets `publisher`'s breaker gauges: its state (0 closed, 1 open, 2 half-open) and how long it
+/// has been unavailable.
+pub(crate) fn record_breaker(publisher: &str, state: f64, unavailable_for: Duration) {
+    ::metrics::gauge!(names::BREAKER_STATE, "publisher" => publisher.to_owned()).set(state);
+    ::metrics::gauge!(names::PUBLISHER_UNAVAILABLE, "publisher" => publisher.to_owned())
+        .set(unavailable_for.as_secs_f64());
+}

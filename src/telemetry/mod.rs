@@ -14,6 +14,8 @@
 //! | `outbox_commit_to_ack_seconds` | histogram | `publisher` | broker ack time minus the row's `created_at` |
 //! | `outbox_batch_duration_seconds` | histogram | `publisher` | claim → publish → write-back of one batch |
 //! | `outbox_batch_size` | histogram | `publisher` | events per claimed batch |
+//! | `outbox_breaker_state` | gauge | `publisher` | the relay's circuit breaker: 0 closed, 1 open, 2 half-open |
+//! | `outbox_publisher_unavailable_seconds` | gauge | `publisher` | how long the publisher has been unavailable; 0 while it answers |
 
 pub(crate) mod metrics;
 pub(crate) mod trace;
@@ -40,4 +42,8 @@ pub mod names {
     pub const BATCH_DURATION: &str = "outbox_batch_duration_seconds";
     /// Histogram: events per batch.
     pub const BATCH_SIZE: &str = "outbox_batch_size";
+    /// Gauge: the circuit breaker's state, 0 closed, 1 open, 2 half-open.
+    pub const BREAKER_STATE: &str = "outbox_breaker_state";
+    /// Gauge: seconds the publisher has been unavailable; 0 while it answers.
+    pub const PUBLISHER_UNAVAILABLE: &str = "outbox_publisher_unavailable_seconds";
 }
