@@ -19,7 +19,8 @@ use seaorm_outbox::{
     Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome, Publisher,
 };
 use support::{
-    all_rows, base, fast, pending, run_relays_until_empty, scattered_events, seed, wait_until,
+    FileRecorder, all_rows, assert_crash_bounds, base, fast, locked_rows, pending,
+    run_relays_until_empty, scattered_events, seed, wait_until,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -144,20 +145,6 @@ impl Publisher for SlowRecorder {
     }
 }
 
-/// Checks a crash run: everything delivered, duplicates no more than one in-flight batch.
-fn assert_crash_bounds(all: &[Uuid], ids: &[Uuid], batch: usize) {
-    let unique: HashSet<_> = all.iter().collect();
-    assert!(
-        ids.iter().all(|id| unique.contains(id)),
-        "an event was lost"
-    );
-    let dups = all.len() - unique.len();
-    assert!(
-        dups <= batch,
-        "{dups} duplicates exceed one batch of {batch}"
-    );
-}
-
 async fn aborted_relay_task_loses_nothing(t: &TestDb) {
     const BATCH: u32 = 50;
     let ids = seed(&t.db, scattered_events(1_000, 20)).await;
@@ -206,24 +193,6 @@ async fn aborted_relay_task_loses_nothing(t: &TestDb) {
     assert_crash_bounds(&log.lock().expect("log"), &ids, BATCH as usize);
 }
 
-/// Appends each delivered id to the file in `OUTBOX_CHILD_LOG`, flushed before acking.
-struct FileRecorder(std::fs::File);
-
-#[async_trait]
-impl Publisher for FileRecorder {
-    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
-        use std::io::Write;
-        let mut lines = String::new();
-        for e in events {
-            lines.push_str(&format!("{}\n", e.id));
-        }
-        (&self.0).write_all(lines.as_bytes())?;
-        self.0.sync_data()?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok(vec![PublishOutcome::Delivered; events.len()])
-    }
-}
-
 /// Not a test on its own: the relay process that `killed_relay_process_loses_nothing` spawns
 /// and SIGKILLs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,12 +202,7 @@ async fn relay_child_process() {
         return;
     };
     let path = std::env::var("OUTBOX_CHILD_LOG").expect("OUTBOX_CHILD_LOG");
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .expect("log");
-    let relay = Relay::builder(db, FileRecorder(file))
+    let relay = Relay::builder(db, FileRecorder::open(path))
         .config(fast(
             RelayConfig::default()
                 .batch_size(50)
@@ -254,13 +218,7 @@ async fn killed_relay_process_loses_nothing(t: &TestDb) {
     let ids = seed(&t.db, scattered_events(2_000, 20)).await;
     let dir = tempfile::tempdir().expect("dir");
     let log_path = dir.path().join("deliveries.log");
-    let read_log = || -> Vec<Uuid> {
-        std::fs::read_to_string(&log_path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect()
-    };
+    let read_log = || support::read_log(&log_path);
     let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "relay_child_process", "--ignored", "--nocapture"])
         .envs(t.child_env())
@@ -680,27 +638,6 @@ async fn rejected_event_is_dead_lettered_at_once(t: &TestDb) {
         OutboxStatus::Published
     );
     assert_eq!(p.sink.len(), b.len() + 1);
-}
-
-/// Events still held by a lease: a row lease (MySQL, SQLite) or a batch lease row (PostgreSQL).
-async fn locked_rows(db: &DatabaseConnection) -> usize {
-    let by_row = all_rows(db)
-        .await
-        .iter()
-        .filter(|e| e.locked_by.is_some())
-        .count();
-    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
-        return by_row;
-    }
-    let row = db
-        .query_one_raw(Statement::from_string(
-            sea_orm::DbBackend::Postgres,
-            "SELECT COALESCE(SUM(cardinality(ids)), 0)::bigint AS n FROM outbox_leases",
-        ))
-        .await
-        .expect("count leases")
-        .expect("one row");
-    by_row + usize::try_from(row.try_get::<i64>("", "n").expect("n")).expect("count")
 }
 
 async fn ordered_relays_take_runs_and_leave_other_aggregates_to_each_other(t: &TestDb) {

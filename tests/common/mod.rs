@@ -9,6 +9,7 @@
 //! A server that cannot be reached fails the test with a message naming it; nothing is skipped.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod pg_server;
 pub mod proxy;
 
 use std::time::Duration;
@@ -114,23 +115,7 @@ impl TestDb {
                     _dir: Some(dir),
                 }
             }
-            Backend::Postgres => {
-                let url = postgres_url();
-                let admin = connect("PostgreSQL", quiet(ConnectOptions::new(&url))).await;
-                admin
-                    .execute_unprepared(&format!("CREATE SCHEMA \"{name}\""))
-                    .await
-                    .expect("create test schema");
-                admin.close().await.ok();
-                let db = open(backend, &url, &name).await;
-                Self {
-                    backend,
-                    db,
-                    name,
-                    url,
-                    _dir: None,
-                }
-            }
+            Backend::Postgres => Self::empty_postgres_at(&postgres_url()).await,
             Backend::MySql => {
                 let admin_url = mysql_url();
                 let admin = connect("MariaDB/MySQL", quiet(ConnectOptions::new(&admin_url))).await;
@@ -152,12 +137,49 @@ impl TestDb {
         }
     }
 
+    /// A fresh schema, migrated, on the PostgreSQL server at `url`.
+    pub async fn new_postgres_at(url: &str) -> Self {
+        let t = Self::empty_postgres_at(url).await;
+        Migrator::up(&t.db, None).await.expect("migrations apply");
+        t
+    }
+
+    async fn empty_postgres_at(url: &str) -> Self {
+        let (backend, name, url) = (Backend::Postgres, unique_name(), url.to_owned());
+        let admin = connect("PostgreSQL", quiet(ConnectOptions::new(&url))).await;
+        admin
+            .execute_unprepared(&format!("CREATE SCHEMA \"{name}\""))
+            .await
+            .expect("create test schema");
+        admin.close().await.ok();
+        let db = open(backend, &url, &name).await;
+        Self {
+            backend,
+            db,
+            name,
+            url,
+            _dir: None,
+        }
+    }
+
     /// Another pool on the same isolated database (SQLite memory: the same pool).
     pub async fn connect_again(&self) -> DatabaseConnection {
         match self.backend {
             Backend::SqliteMemory => self.db.clone(),
             other => open(other, &self.url, &self.name).await,
         }
+    }
+
+    /// The server's `host:port` (PostgreSQL and MySQL).
+    pub fn server_addr(&self) -> String {
+        let (_, rest) = self.url.split_once('@').expect("a URL with a user");
+        rest.split(['/', '?']).next().expect("host:port").to_owned()
+    }
+
+    /// A pool on the same isolated database through `addr` (a proxy in front of the server).
+    pub async fn connect_via(&self, addr: std::net::SocketAddr) -> DatabaseConnection {
+        let url = self.url.replacen(&self.server_addr(), &addr.to_string(), 1);
+        open(self.backend, &url, &self.name).await
     }
 
     /// Environment for a child process that should open the same database.
@@ -244,7 +266,7 @@ impl TestDb {
 }
 
 /// A pool on an existing isolated database: `name` is the PostgreSQL schema.
-async fn open(backend: Backend, url: &str, name: &str) -> DatabaseConnection {
+pub async fn open(backend: Backend, url: &str, name: &str) -> DatabaseConnection {
     match backend {
         Backend::SqliteMemory | Backend::SqliteFile => {
             connect("SQLite", sqlite_file_opts(url)).await

@@ -132,3 +132,107 @@ pub async fn all_rows(db: &DatabaseConnection) -> Vec<seaorm_outbox::OutboxEvent
         .map(|m| seaorm_outbox::OutboxEvent::try_from(m).expect("row"))
         .collect()
 }
+
+/// Appends each delivered id to a file, one line each, written with one `write` per call and
+/// flushed before acking: the file is what a consumer received, in order, across processes
+/// that share it (`O_APPEND`).
+pub struct FileRecorder(std::fs::File);
+
+impl FileRecorder {
+    pub fn open(path: impl AsRef<std::path::Path>) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .expect("log");
+        Self(file)
+    }
+}
+
+#[async_trait::async_trait]
+impl Publisher for FileRecorder {
+    async fn publish(
+        &self,
+        events: &[seaorm_outbox::OutboxEvent],
+    ) -> Result<Vec<seaorm_outbox::PublishOutcome>, seaorm_outbox::publisher::BoxError> {
+        use std::io::Write;
+        let mut lines = String::new();
+        for e in events {
+            lines.push_str(&format!("{}\n", e.id));
+        }
+        (&self.0).write_all(lines.as_bytes())?;
+        self.0.sync_data()?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(vec![seaorm_outbox::PublishOutcome::Delivered; events.len()])
+    }
+}
+
+/// The ids a [`FileRecorder`] wrote, in order.
+pub fn read_log(path: &std::path::Path) -> Vec<Uuid> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+/// Checks a crash run: everything delivered, duplicates no more than `batch`. Returns the
+/// number of duplicates.
+pub fn assert_crash_bounds(all: &[Uuid], ids: &[Uuid], batch: usize) -> usize {
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert!(
+        ids.iter().all(|id| unique.contains(id)),
+        "an event was lost"
+    );
+    let dups = all.len() - unique.len();
+    assert!(
+        dups <= batch,
+        "{dups} duplicates exceed the bound of {batch}"
+    );
+    dups
+}
+
+/// Events still held by a lease: a row lease (MySQL, SQLite) or a batch lease row (PostgreSQL).
+pub async fn locked_rows(db: &DatabaseConnection) -> usize {
+    use sea_orm::ConnectionTrait;
+    let by_row = all_rows(db)
+        .await
+        .iter()
+        .filter(|e| e.locked_by.is_some())
+        .count();
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return by_row;
+    }
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT COALESCE(SUM(cardinality(ids)), 0)::bigint AS n FROM outbox_leases",
+        ))
+        .await
+        .expect("count leases")
+        .expect("one row");
+    by_row + usize::try_from(row.try_get::<i64>("", "n").expect("n")).expect("count")
+}
+
+/// Per-aggregate order on first deliveries: in `delivered` (the order a consumer saw, ids),
+/// each aggregate's events first appear in `occurred_at`, id order. Returns the violations.
+pub fn order_violations(delivered: &[Uuid], stored: &[seaorm_outbox::OutboxEvent]) -> usize {
+    let by_id: HashMap<Uuid, &seaorm_outbox::OutboxEvent> =
+        stored.iter().map(|e| (e.id, e)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut last: HashMap<(&str, &str), (DateTime<Utc>, Uuid)> = HashMap::new();
+    let mut violations = 0;
+    for id in delivered {
+        if !seen.insert(*id) {
+            continue;
+        }
+        let Some(e) = by_id.get(id) else { continue };
+        let key = (e.aggregate_type.as_str(), e.aggregate_id.as_str());
+        let at = (e.occurred_at, e.id);
+        if last.get(&key).is_some_and(|prev| *prev > at) {
+            violations += 1;
+        }
+        last.insert(key, at);
+    }
+    violations
+}
