@@ -6,16 +6,18 @@
 //!
 //! # Layout
 //!
-//! The modules form layers, and every `use crate::…` points down them:
+//! The modules form layers, lowest first; each uses only those above it in this list, and
+//! `tests/layout.rs` fails the build's tests if an import points the other way:
 //!
 //! ```text
-//! error, event          what goes in and comes out; validation; no SQL, no telemetry
-//!   └─ store            every SQL statement, one file per backend, and row decoding
-//!        ├─ stats       backlog snapshots and health verdicts
-//!        └─ repository  the OutboxRepository contract on any ConnectionTrait
-//!             └─ relay  claim → publish → write-back, its lifecycle and config
-//! publisher             the Publisher trait and the brokers (uses event only)
-//! telemetry             metrics the relay records, trace context the repository captures
+//! error        the one Error type
+//! event        what goes in and comes out, and its validation; no SQL, no telemetry
+//! store        every SQL statement, one file per backend, and row decoding
+//! publisher    the Publisher trait and the brokers (uses event only)
+//! stats        backlog snapshots, health verdicts, relay heartbeats
+//! telemetry    metrics the relay records; trace context the repository captures
+//! repository   the OutboxRepository contract on any ConnectionTrait
+//! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config
 //! ```
 //!
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
@@ -23,7 +25,7 @@
 //!   backend-neutral interface: insert, list, claim, write-back, dead letters, stats, purge.
 //! * [`repository`]: the [`OutboxRepository`] contract and its SeaORM implementation, [`Outbox`],
 //!   which works on any `ConnectionTrait`, pool or transaction alike.
-//! * [`stats`]: backlog snapshots and health checks.
+//! * [`stats`]: backlog snapshots, health checks and the relays' heartbeats.
 //! * [`publisher`]: the [`Publisher`] trait the relay delivers through, with an in-memory and a
 //!   logging publisher and, behind features, Kafka, NATS JetStream, RabbitMQ and Redis Streams.
 //! * [`relay`]: the [`Relay`]: claim under a lease, publish, write back, retry with backoff,
@@ -60,7 +62,7 @@ pub use publisher::{PublishOutcome, Publisher};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use repository::{Outbox, OutboxConfig, OutboxRepository};
 pub use seaorm_outbox_entity::OutboxStatus;
-pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats};
+pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats, RelayHeartbeat};
 
 /// The README's code blocks, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::event::{DomainEvent, NewEvent, OutboxEvent, now};
-use crate::stats::{Health, HealthThresholds, OutboxStats};
+use crate::stats::{Health, HealthThresholds, OutboxStats, RelayHeartbeat};
 use crate::store::{self, Requeue};
 use crate::telemetry;
 
@@ -123,6 +123,22 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// [`HealthStatus::Unhealthy`](crate::HealthStatus::Unhealthy).
     pub async fn health(&self, thresholds: &HealthThresholds) -> Health {
         Health::from_stats(self.stats().await, thresholds)
+    }
+
+    /// The relays heard from within `within` (their heartbeats: name, publisher, circuit
+    /// breaker), by name. A relay refreshes its row every
+    /// [`heartbeat_interval`](crate::RelayConfig::heartbeat_interval) and removes it when it
+    /// stops; a crashed relay's row ages out.
+    pub async fn relays(&self, within: std::time::Duration) -> Result<Vec<RelayHeartbeat>> {
+        let since = chrono::Duration::from_std(within)
+            .ok()
+            .and_then(|d| now().checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        Ok(store::heard_since(self.db, since)
+            .await?
+            .into_iter()
+            .map(RelayHeartbeat::from)
+            .collect())
     }
 
     /// One event by id, in any status.

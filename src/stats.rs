@@ -60,6 +60,86 @@ impl OutboxStats {
     }
 }
 
+/// Whether the relay is sending to its publisher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// The broker answers: batches go out as usual.
+    #[default]
+    Closed,
+    /// The broker was unavailable: no claims until the next probe.
+    Open,
+    /// Probing with one small batch.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// The value of the `outbox_breaker_state` gauge: 0 closed, 1 open, 2 half-open.
+    pub fn gauge(self) -> f64 {
+        match self {
+            Self::Closed => 0.0,
+            Self::Open => 1.0,
+            Self::HalfOpen => 2.0,
+        }
+    }
+}
+
+impl BreakerState {
+    /// As stored in `outbox_relays.breaker`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+
+    /// From `outbox_relays.breaker`; anything unknown reads as closed.
+    pub(crate) fn parse(s: &str) -> Self {
+        match s {
+            "open" => Self::Open,
+            "half_open" => Self::HalfOpen,
+            _ => Self::Closed,
+        }
+    }
+}
+
+/// A running relay as its last heartbeat recorded it in `outbox_relays`
+/// ([`Outbox::relays`](crate::Outbox::relays)).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RelayHeartbeat {
+    /// The relay's name ([`RelayConfig::name`](crate::RelayConfig::name)).
+    pub name: String,
+    /// Its publisher's name, e.g. `nats`.
+    pub publisher: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it last wrote its row.
+    pub heartbeat_at: DateTime<Utc>,
+    /// Its circuit breaker.
+    pub breaker: BreakerState,
+    /// Since when its publisher has been unavailable.
+    pub unavailable_since: Option<DateTime<Utc>>,
+    /// What its publisher said last while unavailable.
+    pub last_error: Option<String>,
+}
+
+impl From<store::Heartbeat> for RelayHeartbeat {
+    fn from(h: store::Heartbeat) -> Self {
+        Self {
+            name: h.name,
+            publisher: h.publisher,
+            started_at: h.started_at,
+            heartbeat_at: h.heartbeat_at,
+            breaker: BreakerState::parse(&h.breaker),
+            unavailable_since: h.unavailable_since,
+            last_error: h.last_error,
+        }
+    }
+}
+
 /// Overall health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -18,6 +18,7 @@ use uuid::Uuid;
 on_backends!(
     [postgres: Postgres] =>
     status_reports_the_backlog,
+    status_shows_each_relay_and_its_breaker,
     failed_list_show_replay_discard,
     purge_deletes_old_published_events,
     bad_input_is_one_line_and_a_non_zero_exit,
@@ -87,6 +88,83 @@ async fn status_reports_the_backlog(t: &TestDb) {
             .lines()
             .any(|l| l.starts_with("failed") && l.trim_end().ends_with(" 1")),
         "{table}"
+    );
+}
+
+/// A publisher whose broker never answers.
+struct Down;
+
+#[async_trait::async_trait]
+impl seaorm_outbox::Publisher for Down {
+    async fn publish(
+        &self,
+        events: &[seaorm_outbox::OutboxEvent],
+    ) -> Result<Vec<seaorm_outbox::PublishOutcome>, seaorm_outbox::publisher::BoxError> {
+        Ok(vec![
+            seaorm_outbox::PublishOutcome::Unavailable(
+                "connection refused".into()
+            );
+            events.len()
+        ])
+    }
+
+    fn name(&self) -> &str {
+        "down"
+    }
+}
+
+/// `status` reads each running relay's heartbeat: a relay whose broker is down shows as
+/// unavailable, with the error, and a stopped relay is gone.
+async fn status_shows_each_relay_and_its_breaker(t: &TestDb) {
+    use seaorm_outbox::relay::{BreakerConfig, Relay, RelayConfig};
+    seed(t, 3).await;
+    let relay = Relay::builder(t.connect_again().await, Down)
+        .config(
+            RelayConfig::default()
+                .name("cli-test-relay")
+                .breaker(BreakerConfig::default().base(Duration::from_secs(5)))
+                .idle_poll_interval(Duration::from_millis(50)),
+        )
+        .build()
+        .expect("relay");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let started = Instant::now();
+    let v = loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(t, &["status", "--json"])).expect("json");
+        if v["relays"][0]["breaker"] == "open" {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the relay's open breaker never showed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let r = &v["relays"][0];
+    assert_eq!(r["name"], "cli-test-relay");
+    assert_eq!(r["publisher"], "down");
+    assert_eq!(r["last_error"], "connection refused");
+    assert!(r["unavailable_since"].is_string(), "{r}");
+    assert_eq!(v["pending"], 3, "nothing spent or lost meanwhile");
+    let table = ok(t, &["status"]);
+    assert!(
+        table.lines().any(|l| l.contains("cli-test-relay")
+            && l.contains("UNAVAILABLE")
+            && l.contains("connection refused")),
+        "{table}"
+    );
+    stop.cancel();
+    task.await.expect("relay");
+    let v: serde_json::Value = serde_json::from_str(&ok(t, &["status", "--json"])).expect("json");
+    assert_eq!(
+        v["relays"],
+        serde_json::json!([]),
+        "a stopped relay removes its row"
     );
 }
 

@@ -55,6 +55,7 @@ on_backends!(
     notify_wakes_an_idle_relay_on_commit_only,
     a_batch_sends_one_notify_and_a_rollback_none,
     without_listen_an_idle_relay_waits_for_its_poll,
+    claims_in_one_schema_never_wait_for_another_schemas,
 );
 
 /// Asserts every id was delivered exactly once.
@@ -1161,4 +1162,41 @@ async fn an_event_committed_behind_the_claim_cursor_is_delivered(t: &TestDb) {
         assert_exactly_once(&sink.deliveries(), &expected);
         assert_eq!(pending(&t.db).await, 0);
     }
+}
+
+/// The claim lock is keyed by the outbox's own lease table, so two outboxes in one database
+/// (two tenants' schemas) never serialise each other's claims: with schema A's claim lock held,
+/// a relay on schema B drains, while one on A waits.
+async fn claims_in_one_schema_never_wait_for_another_schemas(t: &TestDb) {
+    let other = TestDb::new(common::Backend::Postgres).await;
+    seed(&other.db, scattered_events(20, 5)).await;
+    seed(&t.db, scattered_events(20, 5)).await;
+    let holder = t.connect_again().await;
+    let txn = holder.begin().await.expect("begin");
+    txn.execute_unprepared(
+        "SELECT pg_advisory_xact_lock(hashtext('seaorm_outbox.claim'), \
+         ('outbox_leases'::regclass::oid::bigint % 2147483647)::int)",
+    )
+    .await
+    .expect("hold schema A's claim lock");
+    let drain = |db: DatabaseConnection| async move {
+        Relay::builder(db, InMemoryPublisher::new())
+            .config(fast(RelayConfig::default()))
+            .build()
+            .expect("relay")
+            .drain()
+            .await
+    };
+    let b = tokio::time::timeout(Duration::from_secs(10), drain(other.connect_again().await))
+        .await
+        .expect("schema B's relay does not wait for schema A's lock")
+        .expect("drain B");
+    assert_eq!(b.published, 20);
+    let a = tokio::time::timeout(Duration::from_secs(1), drain(t.connect_again().await)).await;
+    assert!(
+        a.is_err(),
+        "schema A's relay waits while its own lock is held"
+    );
+    txn.rollback().await.expect("release");
+    other.cleanup().await;
 }

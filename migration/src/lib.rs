@@ -31,6 +31,7 @@ mod m20261127_000003_tune_for_queue_workload;
 mod m20261127_000004_batch_leases;
 mod m20261127_000005_partial_aggregate_index;
 mod m20261128_000006_uncompressed_lease_ids;
+mod m20261201_000007_relay_heartbeats;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -38,6 +39,7 @@ pub use m20261127_000003_tune_for_queue_workload::Migration as TuneForQueueWorkl
 pub use m20261127_000004_batch_leases::Migration as BatchLeases;
 pub use m20261127_000005_partial_aggregate_index::Migration as PartialAggregateIndex;
 pub use m20261128_000006_uncompressed_lease_ids::Migration as UncompressedLeaseIds;
+pub use m20261201_000007_relay_heartbeats::Migration as RelayHeartbeats;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -54,6 +56,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(BatchLeases),
         Box::new(PartialAggregateIndex),
         Box::new(UncompressedLeaseIds),
+        Box::new(RelayHeartbeats),
     ]
 }
 
@@ -112,7 +115,7 @@ pub(crate) async fn on_postgres(
 ///
 /// MySQL's `TIMESTAMP` keeps whole seconds and ends in 2038, so MySQL gets `DATETIME(6)` holding
 /// UTC; PostgreSQL gets `timestamptz` and SQLite the text form SeaORM reads back.
-pub(crate) fn timestamp(manager: &SchemaManager, col: OutboxEvents) -> ColumnDef {
+pub(crate) fn timestamp(manager: &SchemaManager, col: impl IntoIden) -> ColumnDef {
     let mut def = ColumnDef::new(col);
     match manager.get_database_backend() {
         sea_orm::DatabaseBackend::MySql => def.custom(Alias::new("DATETIME(6)")),

@@ -16,32 +16,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::config::BreakerConfig;
+pub use crate::stats::BreakerState;
 use crate::telemetry::metrics;
-
-/// Whether the relay is sending to its publisher.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum BreakerState {
-    /// The broker answers: batches go out as usual.
-    #[default]
-    Closed,
-    /// The broker was unavailable: no claims until the next probe.
-    Open,
-    /// Probing with one small batch.
-    HalfOpen,
-}
-
-impl BreakerState {
-    /// The value of the `outbox_breaker_state` gauge: 0 closed, 1 open, 2 half-open.
-    pub fn gauge(self) -> f64 {
-        match self {
-            Self::Closed => 0.0,
-            Self::Open => 1.0,
-            Self::HalfOpen => 2.0,
-        }
-    }
-}
 
 /// A relay's view of its publisher, for health checks and operators.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -210,6 +210,11 @@ pub struct RelayConfig {
     /// How often the relay refreshes the backlog gauges (`outbox_backlog`, …) with one
     /// statistics query. `None` turns that query off. Default 15 s.
     pub metrics_interval: Option<Duration>,
+    /// How often the relay refreshes its row in `outbox_relays` (name, publisher, breaker
+    /// state), which `seaorm-outbox status` and [`Outbox::relays`](crate::Outbox::relays) read;
+    /// it also writes at once when its breaker opens or closes, and removes the row when it
+    /// stops. `None` keeps the relay out of the table. Default 10 s.
+    pub heartbeat_interval: Option<Duration>,
 }
 
 impl Default for RelayConfig {
@@ -232,6 +237,7 @@ impl Default for RelayConfig {
             shutdown_grace: Duration::from_secs(5),
             name: None,
             metrics_interval: Some(Duration::from_secs(15)),
+            heartbeat_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -270,6 +276,8 @@ impl RelayConfig {
         shutdown_grace: Duration,
         /// Sets [`metrics_interval`](Self::metrics_interval).
         metrics_interval: Option<Duration>,
+        /// Sets [`heartbeat_interval`](Self::heartbeat_interval).
+        heartbeat_interval: Option<Duration>,
     }
 
     /// Sets [`name`](Self::name).
@@ -316,6 +324,9 @@ impl RelayConfig {
         }
         if self.metrics_interval.is_some_and(|d| d.is_zero()) {
             return fail("metrics_interval must be positive".into());
+        }
+        if self.heartbeat_interval.is_some_and(|d| d.is_zero()) {
+            return fail("heartbeat_interval must be positive".into());
         }
         if self.retention.is_some() && self.purge_interval.is_zero() {
             return fail("purge_interval must be positive".into());

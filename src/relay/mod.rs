@@ -11,6 +11,10 @@
 //!   MySQL 8, MariaDB 10.6+) or SQLite's single writer, and every write-back is conditional on
 //!   still holding the lease, so a relay whose lease expired cannot overwrite the new owner.
 //! * **Per-aggregate order** ([`Ordering::PerAggregate`], the default): see [`Ordering`].
+//! * **An outage is not a bad event.** A publisher call that finds the broker unavailable hands
+//!   its batch back unattempted and opens the circuit breaker: no claims, no attempts spent, no
+//!   dead letters, until a jittered probe ([`BreakerConfig`]) is answered; [`Relay::breaker`]
+//!   tells its state.
 //! * **Bounded delay behind a drain (PostgreSQL).** While a relay drains full batches, each claim
 //!   scans the due rows from where the previous batch ended, skipping the index entries that
 //!   published rows leave until VACUUM. An event that becomes claimable behind that point (a

@@ -14,7 +14,17 @@ use crate::error::Result;
 use crate::event::now;
 use crate::publisher::Publisher;
 use crate::repository::Outbox;
-use crate::telemetry;
+use crate::{store, telemetry};
+
+/// The state of a relay's heartbeat.
+struct Beat {
+    started_at: chrono::DateTime<chrono::Utc>,
+    next: Instant,
+    /// The breaker state at the last write; `None` before the first.
+    state: Option<crate::stats::BreakerState>,
+    /// A write has succeeded, so there is a row to remove at the end.
+    wrote: bool,
+}
 
 /// What the loop does after a round.
 struct Next {
@@ -45,6 +55,12 @@ impl<P: Publisher> Relay<P> {
         let mut db_backoff = Duration::ZERO;
         let mut next_purge = Instant::now();
         let mut next_gauges = Instant::now();
+        let mut beat = Beat {
+            started_at: now(),
+            next: Instant::now(),
+            state: None,
+            wrote: false,
+        };
         let mut offered = None;
 
         while !cancel.is_cancelled() {
@@ -54,6 +70,7 @@ impl<P: Publisher> Relay<P> {
                 self.refresh_gauges().await;
                 next_gauges = Instant::now() + every;
             }
+            self.heartbeat(&mut beat).await;
             if self.config.retention.is_some() && Instant::now() >= next_purge {
                 stats.purged += self.purge().await;
                 next_purge = Instant::now() + self.config.purge_interval;
@@ -106,6 +123,11 @@ impl<P: Publisher> Relay<P> {
             }
         }
         stats += self.finish(offered.take()).await;
+        if beat.wrote
+            && let Err(e) = store::forget(&self.db, &self.name).await
+        {
+            tracing::debug!(relay = %self.name, error = %e, "outbox relay row not removed");
+        }
         listener_stop.cancel();
         if let Some(listener) = listener {
             let _ = listener.await;
@@ -179,6 +201,39 @@ impl<P: Publisher> Relay<P> {
             }
             if cycle.claimed == 0 && !cycle.partial {
                 return Ok(stats);
+            }
+        }
+    }
+
+    /// Refreshes this relay's `outbox_relays` row when it is due or the breaker has changed.
+    async fn heartbeat(&self, beat: &mut Beat) {
+        let Some(every) = self.config.heartbeat_interval else {
+            return;
+        };
+        let breaker = self.breaker();
+        if Instant::now() < beat.next && beat.state == Some(breaker.state) {
+            return;
+        }
+        // Once per interval or change, whether or not the write succeeds: a missing table
+        // (migrations not run) must not turn into a statement per loop.
+        beat.state = Some(breaker.state);
+        beat.next = Instant::now() + every;
+        let at = now();
+        let row = store::Heartbeat {
+            name: self.name.clone(),
+            publisher: self.publisher.name().to_owned(),
+            started_at: beat.started_at,
+            heartbeat_at: at,
+            breaker: breaker.state.as_str().to_owned(),
+            unavailable_since: breaker.unavailable_since,
+            last_error: breaker.last_error,
+        };
+        // Rows of relays that died without removing theirs age out after a day.
+        let forget_before = at - chrono::Duration::days(1);
+        match store::beat(&self.db, &row, forget_before).await {
+            Ok(()) => beat.wrote = true,
+            Err(e) => {
+                tracing::debug!(relay = %self.name, error = %e, "outbox relay heartbeat failed")
             }
         }
     }

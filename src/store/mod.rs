@@ -11,6 +11,7 @@
 //! | [`portable`] | the insert, listings, single-event state changes, counts, the purge |
 //! | [`claim`] | a claim's parameters and result, and the per-aggregate head test |
 //! | [`write_back`] | a batch's outcomes written back, one statement per kind |
+//! | [`heartbeats`] | each running relay's row in `outbox_relays` |
 //! | [`postgres`] | batch lease rows, the claim cursor's scan, the sqlx row decoder |
 //! | [`mysql`] | `FOR UPDATE SKIP LOCKED` row leases, `DELETE … LIMIT` |
 //! | [`sqlite`] | one `UPDATE … RETURNING` claim, timestamps stored as text |
@@ -20,6 +21,7 @@
 //! No claim transaction ever spans the broker call.
 
 mod claim;
+mod heartbeats;
 mod mysql;
 mod portable;
 mod postgres;
@@ -35,6 +37,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 
 pub(crate) use claim::{Claim, Claimed, DueKey};
+pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
 pub(crate) use portable::{
     count, count_published_before, discard, failed, get, insert, mark_failed, mark_published,
     pending, requeue, statuses,

@@ -17,6 +17,13 @@ const MY: DbBackend = DbBackend::MySql;
 pub(super) const PURGE_PUBLISHED: &str = "DELETE FROM outbox_events WHERE status = 'published' AND published_at < ? \
      ORDER BY published_at LIMIT ?";
 
+/// `ON DUPLICATE KEY UPDATE` in place of the portable `ON CONFLICT … DO UPDATE`.
+pub(super) const UPSERT_HEARTBEAT: &str = "INSERT INTO outbox_relays (name, publisher, \
+     started_at, heartbeat_at, breaker, unavailable_since, last_error) \
+     VALUES (?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE publisher = VALUES(publisher), \
+     heartbeat_at = VALUES(heartbeat_at), breaker = VALUES(breaker), \
+     unavailable_since = VALUES(unavailable_since), last_error = VALUES(last_error)";
+
 /// Claims a batch: see the module docs and [`super::claim`]. Under per-aggregate order it
 /// locks up to `limit` heads, then reads their aggregates' pending events in order; nobody
 /// else can claim those followers while their head is pending.

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use sea_orm::DatabaseConnection;
-use seaorm_outbox::{Outbox, OutboxEvent};
+use seaorm_outbox::relay::BreakerState;
+use seaorm_outbox::{Outbox, OutboxEvent, RelayHeartbeat};
 
 use crate::{CliResult, Failure, parse_count, parse_id};
 
@@ -48,12 +49,19 @@ fn secs(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
+/// Relays heard from within this long count as running (they beat every 10 s by default).
+const RELAYS_WITHIN: Duration = Duration::from_secs(60);
+
 pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
-    let s = Outbox::new(db).stats().await?;
+    let outbox = Outbox::new(db);
+    let s = outbox.stats().await?;
+    // A schema from before the relay table still has a backlog to show.
+    let relays = outbox.relays(RELAYS_WITHIN).await.ok();
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["pending"] = s.pending().into();
         v["oldest_pending_age_seconds"] = s.oldest_pending_age().map(|d| d.as_secs_f64()).into();
+        v["relays"] = serde_json::to_value(&relays)?;
         println!("{v}");
         return Ok(());
     }
@@ -67,7 +75,35 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
         s.oldest_pending_age().map_or_else(|| "-".to_owned(), secs)
     );
     println!("published last 1h  {:>10}", s.published_last_hour);
+    match relays {
+        None => {
+            println!("relays                      ? (outbox_relays missing: run the migrations)")
+        }
+        Some(relays) => {
+            println!("relays (last 1m)   {:>10}", relays.len());
+            for r in relays {
+                println!("  {}  {}  {}", r.name, r.publisher, breaker(&r, s.at));
+            }
+        }
+    }
     Ok(())
+}
+
+fn breaker(r: &RelayHeartbeat, now: chrono::DateTime<chrono::Utc>) -> String {
+    let state = match r.breaker {
+        BreakerState::Closed => return "broker answering (breaker closed)".to_owned(),
+        BreakerState::Open => "open",
+        BreakerState::HalfOpen => "half-open",
+        _ => "unknown",
+    };
+    let down = r
+        .unavailable_since
+        .and_then(|t| (now - t).to_std().ok())
+        .map_or_else(|| "-".to_owned(), secs);
+    format!(
+        "broker UNAVAILABLE for {down} (breaker {state}): {}",
+        r.last_error.as_deref().unwrap_or("")
+    )
 }
 
 fn row(e: &OutboxEvent) -> String {

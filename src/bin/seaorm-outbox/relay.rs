@@ -70,6 +70,10 @@ pub(crate) struct RelayArgs {
     /// /healthz: unhealthy (503) when the relay loop has not polled for this long.
     #[arg(long, default_value = "60s")]
     health_max_poll_gap: String,
+    /// /healthz: unhealthy (503) once the broker has been unavailable this long (degraded
+    /// before that).
+    #[arg(long, default_value = "5m")]
+    health_max_broker_outage: String,
 }
 
 #[cfg_attr(
@@ -204,6 +208,10 @@ pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
         .max_poll_gap(parse_duration(
             "--health-max-poll-gap",
             &args.health_max_poll_gap,
+        )?)
+        .max_publisher_outage(parse_duration(
+            "--health-max-broker-outage",
+            &args.health_max_broker_outage,
         )?);
     let listener = tokio::net::TcpListener::bind(&args.http_addr)
         .await
