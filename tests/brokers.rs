@@ -104,7 +104,7 @@ async fn drain_all<P: Publisher + Clone + 'static>(t: &TestDb, publisher: P) -> 
 /// (`max_attempts` × the backoff cap), then restores it. During the outage the breaker opens,
 /// health turns degraded then unhealthy, and no attempt is spent; after it every event is
 /// delivered with 0 attempts and 0 dead letters. `cut`/`restore` act on the broker. Returns the
-/// stored events and how many publisher calls the relay made while the broker was down.
+/// stored events.
 async fn outage<P: Publisher + Clone + 'static>(
     t: &TestDb,
     publisher: P,
@@ -116,21 +116,7 @@ async fn outage<P: Publisher + Clone + 'static>(
     let name = publisher.name().to_owned();
     cut();
     let started = std::time::Instant::now();
-    let relay = Arc::new(
-        seaorm_outbox::Relay::builder(t.connect_again().await, publisher)
-            .config(config.clone())
-            .build()
-            .expect("relay"),
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn({
-        let (relay, stop) = (relay.clone(), stop.clone());
-        async move { relay.run(stop).await }
-    });
-    wait_until(Duration::from_secs(60), "the breaker to open", || async {
-        relay.breaker().state != BreakerState::Closed
-    })
-    .await;
+    let (relay, stop, task) = run_until_the_breaker_opens(t, publisher, config.clone()).await;
     let thresholds = HealthThresholds::default().max_publisher_outage(Duration::from_secs(5));
     let early = relay.health(&thresholds).await;
     let says_unavailable =
@@ -179,6 +165,34 @@ async fn outage<P: Publisher + Clone + 'static>(
         stats.published
     );
     stored
+}
+
+/// A running relay (its handle, stop token and task) once it has found the broker unavailable.
+async fn run_until_the_breaker_opens<P: Publisher + 'static>(
+    t: &TestDb,
+    publisher: P,
+    config: RelayConfig,
+) -> (
+    Arc<seaorm_outbox::Relay<P>>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<seaorm_outbox::RelayStats>,
+) {
+    let relay = Arc::new(
+        seaorm_outbox::Relay::builder(t.connect_again().await, publisher)
+            .config(config)
+            .build()
+            .expect("relay"),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    wait_until(Duration::from_secs(60), "the breaker to open", || async {
+        relay.breaker().state != BreakerState::Closed
+    })
+    .await;
+    (relay, stop, task)
 }
 
 /// Outage runs keep the default `max_attempts` with the timing shrunk: backoff 100 ms to 1 s
@@ -407,21 +421,7 @@ mod nats {
         }));
         proxy.cut();
         let config = outage_config();
-        let relay = Arc::new(
-            seaorm_outbox::Relay::builder(t.connect_again().await, p)
-                .config(config.clone())
-                .build()
-                .expect("relay"),
-        );
-        let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn({
-            let (relay, stop) = (relay.clone(), stop.clone());
-            async move { relay.run(stop).await }
-        });
-        wait_until(Duration::from_secs(60), "the breaker to open", || async {
-            relay.breaker().state != BreakerState::Closed
-        })
-        .await;
+        let (_relay, stop, task) = run_until_the_breaker_opens(t, p, config.clone()).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let held = Outbox::new(&t.db).get(poison).await.expect("get");
         assert_eq!((held.status, held.attempts), (OutboxStatus::Pending, 0));

@@ -53,24 +53,19 @@ pub(crate) async fn beat(
         h.last_error.clone().into(),
     ];
     db.execute_raw(stmt(backend, upsert, values)).await?;
-    db.execute_raw(stmt(
-        backend,
-        "DELETE FROM outbox_relays WHERE heartbeat_at < ?",
-        vec![forget_before.into()],
-    ))
-    .await?;
-    Ok(())
+    delete(db, "heartbeat_at < ?", forget_before.into()).await
 }
 
 /// Removes relay `name`'s row, when it stops.
 pub(crate) async fn forget(db: &impl ConnectionTrait, name: &str) -> Result<()> {
+    delete(db, "name = ?", name.into()).await
+}
+
+/// Deletes the rows matching `condition`, which binds `value`.
+async fn delete(db: &impl ConnectionTrait, condition: &str, value: Value) -> Result<()> {
     let backend = db.get_database_backend();
-    db.execute_raw(stmt(
-        backend,
-        "DELETE FROM outbox_relays WHERE name = ?",
-        vec![name.into()],
-    ))
-    .await?;
+    let sql = format!("DELETE FROM outbox_relays WHERE {condition}");
+    db.execute_raw(stmt(backend, &sql, vec![value])).await?;
     Ok(())
 }
 
