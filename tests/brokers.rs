@@ -377,15 +377,20 @@ mod nats {
         cleanup(&c, &name).await;
     }
 
+    /// A client that reaches the server through `proxy`, reconnecting by itself.
+    async fn through(proxy: &common::proxy::Proxy) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(format!("nats://{}", proxy.addr))
+            .await
+            .expect("connect through the proxy")
+    }
+
     async fn outage_then_recovery(t: &TestDb) {
         let direct = client(&addr()).await;
         let (name, stream) = stream(&direct).await;
         let proxy = common::proxy::Proxy::start(&addr()).await;
-        let via_proxy = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(format!("nats://{}", proxy.addr))
-            .await
-            .expect("connect through the proxy");
+        let via_proxy = through(&proxy).await;
         let p = publisher(via_proxy, &name);
         let sent = outage(t, p, || proxy.cut(), || proxy.restore(), outage_config()).await;
         let got = read_all(&stream).await;
@@ -401,11 +406,7 @@ mod nats {
         let direct = client(&addr()).await;
         let (name, stream) = stream(&direct).await;
         let proxy = common::proxy::Proxy::start(&addr()).await;
-        let via_proxy = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(format!("nats://{}", proxy.addr))
-            .await
-            .expect("connect through the proxy");
+        let via_proxy = through(&proxy).await;
         seed(&t.db, scattered_events(50, 5)).await;
         let poison = Outbox::new(&t.db)
             .add_event(NewEvent::new("test.poison", "agg", "poison"))

@@ -125,14 +125,7 @@ impl TestDb {
                     .expect("create test database");
                 admin.close().await.ok();
                 let url = with_database(&admin_url, &name);
-                let db = open(backend, &url, &name).await;
-                Self {
-                    backend,
-                    db,
-                    name,
-                    url,
-                    _dir: None,
-                }
+                Self::on_server(backend, url, name).await
             }
         }
     }
@@ -152,6 +145,11 @@ impl TestDb {
             .await
             .expect("create test schema");
         admin.close().await.ok();
+        Self::on_server(backend, url, name).await
+    }
+
+    /// Opens the isolated database `name` (a schema or database) just created on a server.
+    async fn on_server(backend: Backend, url: String, name: String) -> Self {
         let db = open(backend, &url, &name).await;
         Self {
             backend,
