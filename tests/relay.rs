@@ -47,6 +47,7 @@ on_all_backends!(
     a_free_aggregate_behind_a_long_blocked_backlog_is_found,
     unreadable_row_is_dead_lettered_and_the_rest_delivered,
     an_event_committed_behind_the_claim_cursor_is_delivered,
+    a_running_relay_keeps_a_heartbeat_row_and_removes_it_on_stop,
 );
 
 on_backends!(
@@ -1199,4 +1200,52 @@ async fn claims_in_one_schema_never_wait_for_another_schemas(t: &TestDb) {
     );
     txn.rollback().await.expect("release");
     other.cleanup().await;
+}
+
+/// Every backend stores and reads the relay registry: a running relay's row appears with its
+/// name, publisher and a closed breaker, is refreshed, and goes when the relay stops.
+async fn a_running_relay_keeps_a_heartbeat_row_and_removes_it_on_stop(t: &TestDb) {
+    let relay = Relay::builder(t.connect_again().await, InMemoryPublisher::new())
+        .config(
+            fast(RelayConfig::default())
+                .name("beating")
+                .heartbeat_interval(Some(Duration::from_millis(100))),
+        )
+        .build()
+        .expect("relay");
+    let (stop, task) = support::spawn(relay);
+    let outbox = Outbox::new(&t.db);
+    let started = Instant::now();
+    let mut first = None;
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "two heartbeats"
+        );
+        let rows = outbox
+            .relays(Duration::from_secs(60))
+            .await
+            .expect("relays");
+        if let Some(r) = rows.first() {
+            assert_eq!(
+                (r.name.as_str(), r.publisher.as_str()),
+                ("beating", "memory")
+            );
+            assert_eq!(r.breaker, seaorm_outbox::relay::BreakerState::Closed);
+            assert!(r.unavailable_since.is_none() && r.started_at <= r.heartbeat_at);
+            if *first.get_or_insert(r.heartbeat_at) < r.heartbeat_at {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.expect("relay");
+    assert!(
+        outbox
+            .relays(Duration::from_secs(60))
+            .await
+            .expect("relays")
+            .is_empty()
+    );
 }
