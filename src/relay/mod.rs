@@ -6,7 +6,8 @@
 //! * **At least once.** An event is marked published only after the publisher reported it
 //!   delivered. A relay that dies between the broker's ack and the write-back leaves the event
 //!   leased; after the lease it is claimed and sent again. Duplicates are bounded by what was in
-//!   flight; consumers deduplicate on the event id, which publishers send as the message id.
+//!   flight, at most two batches per relay (one published while the previous is written back);
+//!   consumers deduplicate on the event id, which publishers send as the message id.
 //! * **No double publish without a crash.** Claims use `FOR UPDATE SKIP LOCKED` (PostgreSQL,
 //!   MySQL 8, MariaDB 10.6+) or SQLite's single writer, and every write-back is conditional on
 //!   still holding the lease, so a relay whose lease expired cannot overwrite the new owner.
