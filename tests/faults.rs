@@ -19,8 +19,8 @@ use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
 use seaorm_outbox::relay::{Relay, RelayConfig};
 use seaorm_outbox::{NewEvent, Outbox, OutboxEvent, OutboxRepository, PublishOutcome, Publisher};
 use support::{
-    FileRecorder, all_rows, assert_crash_bounds, fast, locked_rows, order_violations, read_log,
-    scattered_events, seed, wait_until,
+    all_rows, assert_crash_bounds, fast, locked_rows, order_violations, read_log, scattered_events,
+    seed, wait_until,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,7 @@ on_backends!(
 );
 
 /// The batch size of every relay here; duplicates are bounded by batches in flight.
-const BATCH: u32 = 50;
+const BATCH: u32 = support::CHILD_BATCH;
 
 /// Pending events, or `None` while the database cannot answer.
 async fn pending_now(db: &DatabaseConnection) -> Option<u64> {
@@ -136,20 +136,7 @@ async fn connection_lost_between_publish_and_write_back(t: &TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "child process of the fault tests"]
 async fn fault_relay_child() {
-    let Some(db) = TestDb::from_child_env().await else {
-        return;
-    };
-    let log = std::env::var("OUTBOX_CHILD_LOG").expect("OUTBOX_CHILD_LOG");
-    let relay = Relay::builder(db, FileRecorder::open(log))
-        .config(fast(
-            RelayConfig::default()
-                .batch_size(BATCH)
-                .lease_duration(Duration::from_secs(2))
-                .publish_timeout(Duration::from_secs(1)),
-        ))
-        .build()
-        .expect("relay");
-    relay.run(CancellationToken::new()).await;
+    support::run_child_relay().await;
 }
 
 /// Not a test on its own: the writer process of the SIGKILL loop. For `OUTBOX_WRITER_SECS` it

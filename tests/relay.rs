@@ -19,8 +19,8 @@ use seaorm_outbox::{
     Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome, Publisher,
 };
 use support::{
-    FileRecorder, all_rows, assert_crash_bounds, base, fast, locked_rows, pending,
-    run_relays_until_empty, scattered_events, seed, wait_until,
+    all_rows, assert_crash_bounds, base, fast, locked_rows, pending, run_relays_until_empty,
+    scattered_events, seed, wait_until,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -200,20 +200,7 @@ async fn aborted_relay_task_loses_nothing(t: &TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "child process of killed_relay_process_loses_nothing"]
 async fn relay_child_process() {
-    let Some(db) = TestDb::from_child_env().await else {
-        return;
-    };
-    let path = std::env::var("OUTBOX_CHILD_LOG").expect("OUTBOX_CHILD_LOG");
-    let relay = Relay::builder(db, FileRecorder::open(path))
-        .config(fast(
-            RelayConfig::default()
-                .batch_size(50)
-                .lease_duration(Duration::from_secs(2))
-                .publish_timeout(Duration::from_secs(1)),
-        ))
-        .build()
-        .expect("relay");
-    relay.run(CancellationToken::new()).await;
+    support::run_child_relay().await;
 }
 
 async fn killed_relay_process_loses_nothing(t: &TestDb) {

@@ -236,3 +236,26 @@ pub fn order_violations(delivered: &[Uuid], stored: &[seaorm_outbox::OutboxEvent
     }
     violations
 }
+
+/// The batch size of [`run_child_relay`]'s relay.
+pub const CHILD_BATCH: u32 = 50;
+
+/// The body of a relay child process: opens the database the parent described
+/// ([`TestDb::child_env`]), and runs a relay (batches of 50, 2 s leases) that appends every
+/// delivery to `OUTBOX_CHILD_LOG` before acking, until it is killed. Nothing without the env.
+pub async fn run_child_relay() {
+    let Some(db) = TestDb::from_child_env().await else {
+        return;
+    };
+    let log = std::env::var("OUTBOX_CHILD_LOG").expect("OUTBOX_CHILD_LOG");
+    let relay = Relay::builder(db, FileRecorder::open(log))
+        .config(fast(
+            RelayConfig::default()
+                .batch_size(CHILD_BATCH)
+                .lease_duration(Duration::from_secs(2))
+                .publish_timeout(Duration::from_secs(1)),
+        ))
+        .build()
+        .expect("relay");
+    relay.run(CancellationToken::new()).await;
+}
