@@ -64,6 +64,24 @@ pub enum Error {
         reason: String,
     },
 
+    /// An inbox key (consumer name or message id) is empty, too long or not storable.
+    #[error("inbox {field} {reason}")]
+    InvalidInboxKey {
+        /// `consumer` or `message_id`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A consumer could not connect to, subscribe at or keep receiving from its broker.
+    #[error("{broker} consumer: {reason}")]
+    Broker {
+        /// The broker: `kafka`, `nats`, `rabbitmq` or `redis`.
+        broker: &'static str,
+        /// What failed.
+        reason: String,
+    },
+
     /// The relay or repository was configured with values that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

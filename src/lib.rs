@@ -17,6 +17,7 @@
 //! stats        backlog snapshots, health verdicts, relay heartbeats
 //! telemetry    metrics the relay records; trace context the repository captures
 //! repository   the OutboxRepository contract on any ConnectionTrait
+//! inbox        the consumer side: the inbox record, consumers for each broker
 //! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config
 //! ```
 //!
@@ -30,6 +31,9 @@
 //!   logging publisher and, behind features, Kafka, NATS JetStream, RabbitMQ and Redis Streams.
 //! * [`relay`]: the [`Relay`]: claim under a lease, publish, write back, retry with backoff,
 //!   dead-letter, keep per-aggregate order, purge old rows.
+//! * [`inbox`]: the consumer side. [`inbox::Inbox::record`] deduplicates a message inside the
+//!   consumer's transaction; [`inbox::Consumer`] runs a handler per message from a broker
+//!   source, committing before it acknowledges.
 //! * [`telemetry`]: metric names; the metrics themselves and trace-context capture.
 //! * [`error`]: the one [`Error`] type.
 //!
@@ -49,6 +53,7 @@ macro_rules! setters {
 
 pub mod error;
 pub mod event;
+pub mod inbox;
 pub mod publisher;
 pub mod relay;
 pub mod repository;

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("stats", 3),
     ("telemetry", 4),
     ("repository", 5),
+    ("inbox", 5),
     ("relay", 6),
 ];
 

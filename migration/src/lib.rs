@@ -1,9 +1,11 @@
-//! Migrations for the `seaorm-outbox` table.
+//! Migrations for the `seaorm-outbox` tables: the outbox's and the consumer inbox's.
 //!
 //! Use them in one of two ways:
 //!
-//! * **Inside your own migrator.** Append [`migrations()`] to your `MigratorTrait::migrations`
-//!   list. The migrations carry fixed, prefixed names (`seaorm_outbox_m…`), so they never clash
+//! * **Inside your own migrator.** Append [`migrations()`] (both sides), [`outbox_migrations()`]
+//!   (a producer only) or [`inbox_migrations()`] (a consumer only) to your
+//!   `MigratorTrait::migrations` list. The two sets touch disjoint tables, so either can be
+//!   added alone, and the other later. The migrations carry fixed, prefixed names (`seaorm_outbox_m…`), so they never clash
 //!   with your own files and are recorded in your `seaql_migrations` table like any other.
 //! * **Standalone.** Run [`Migrator`], which keeps its bookkeeping in its own table
 //!   ([`MIGRATION_TABLE`]), so it never collides with a host app's `seaql_migrations`.
@@ -32,6 +34,7 @@ mod m20261127_000004_batch_leases;
 mod m20261127_000005_partial_aggregate_index;
 mod m20261128_000006_uncompressed_lease_ids;
 mod m20261201_000007_relay_heartbeats;
+mod m20261202_000008_inbox;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -40,6 +43,7 @@ pub use m20261127_000004_batch_leases::Migration as BatchLeases;
 pub use m20261127_000005_partial_aggregate_index::Migration as PartialAggregateIndex;
 pub use m20261128_000006_uncompressed_lease_ids::Migration as UncompressedLeaseIds;
 pub use m20261201_000007_relay_heartbeats::Migration as RelayHeartbeats;
+pub use m20261202_000008_inbox::Migration as Inbox;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -47,8 +51,15 @@ pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
 /// The PostgreSQL `NOTIFY` channel the insert trigger signals on; the payload is the schema name.
 pub const NOTIFY_CHANNEL: &str = "seaorm_outbox";
 
-/// Every outbox migration, oldest first. Append these to a host app's migrator.
+/// Every migration, outbox and inbox, oldest first. Append these to a host app's migrator.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+    let mut all = outbox_migrations();
+    all.extend(inbox_migrations());
+    all
+}
+
+/// The outbox's migrations only (`outbox_events`, its lease table, `outbox_relays`), oldest first.
+pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![
         Box::new(CreateOutboxEvents),
         Box::new(RelayLeaseAndNotify),
@@ -58,6 +69,11 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(UncompressedLeaseIds),
         Box::new(RelayHeartbeats),
     ]
+}
+
+/// The consumer inbox's migrations only (`inbox_messages`, `inbox_dead_letters`), oldest first.
+pub fn inbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
+    vec![Box::new(Inbox)]
 }
 
 /// A standalone migrator with its own bookkeeping table ([`MIGRATION_TABLE`]).

@@ -12,6 +12,7 @@
 //! | [`claim`] | a claim's parameters and result, and the per-aggregate head test |
 //! | [`write_back`] | a batch's outcomes written back, one statement per kind |
 //! | [`heartbeats`] | each running relay's row in `outbox_relays` |
+//! | [`inbox`] | the consumer side: `inbox_messages` and `inbox_dead_letters` |
 //! | [`postgres`] | batch lease rows, the claim cursor's scan, the sqlx row decoder |
 //! | [`mysql`] | `FOR UPDATE SKIP LOCKED` row leases, `DELETE … LIMIT` |
 //! | [`sqlite`] | one `UPDATE … RETURNING` claim, timestamps stored as text |
@@ -22,6 +23,7 @@
 
 mod claim;
 mod heartbeats;
+pub(crate) mod inbox;
 mod mysql;
 mod portable;
 mod postgres;
@@ -38,6 +40,7 @@ use crate::error::{Error, Result};
 
 pub(crate) use claim::{Claim, Claimed, DueKey};
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
+pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 pub(crate) use portable::{
     count, count_published_before, discard, failed, get, insert, mark_failed, mark_published,
     pending, requeue, statuses,

@@ -90,3 +90,20 @@ pub(crate) fn record_breaker(publisher: &str, state: f64, unavailable_for: Durat
     ::metrics::gauge!(names::PUBLISHER_UNAVAILABLE, "publisher" => publisher.to_owned())
         .set(unavailable_for.as_secs_f64());
 }
+
+/// Counts one inbox message's outcome.
+pub(crate) fn inbox_outcome(consumer: &str, outcome: &'static str) {
+    ::metrics::counter!(names::INBOX_MESSAGES, "consumer" => consumer.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// Records one inbox attempt's duration.
+pub(crate) fn inbox_handler_time(consumer: &str, elapsed: Duration) {
+    ::metrics::histogram!(names::INBOX_HANDLER, "consumer" => consumer.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+/// Sets a consumer's lag as its broker reports it.
+pub(crate) fn inbox_lag(consumer: &str, messages: u64) {
+    ::metrics::gauge!(names::INBOX_LAG, "consumer" => consumer.to_owned()).set(messages as f64);
+}

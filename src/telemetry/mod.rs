@@ -16,6 +16,9 @@
 //! | `outbox_batch_size` | histogram | `publisher` | events per claimed batch |
 //! | `outbox_breaker_state` | gauge | `publisher` | the relay's circuit breaker: 0 closed, 1 open, 2 half-open |
 //! | `outbox_publisher_unavailable_seconds` | gauge | `publisher` | how long the publisher has been unavailable; 0 while it answers |
+//! | `outbox_inbox_messages_total` | counter | `consumer`, `outcome` | inbox messages by outcome: `applied`, `duplicate`, `dead_lettered`, `retried`, `ack_failed` |
+//! | `outbox_inbox_handler_seconds` | histogram | `consumer` | one attempt: begin → record → handler → commit |
+//! | `outbox_inbox_consumer_lag` | gauge | `consumer` | messages the broker holds for the consumer and has not delivered, where it says |
 
 pub(crate) mod metrics;
 pub(crate) mod trace;
@@ -46,4 +49,10 @@ pub mod names {
     pub const BREAKER_STATE: &str = "outbox_breaker_state";
     /// Gauge: seconds the publisher has been unavailable; 0 while it answers.
     pub const PUBLISHER_UNAVAILABLE: &str = "outbox_publisher_unavailable_seconds";
+    /// Counter: inbox messages by `outcome`.
+    pub const INBOX_MESSAGES: &str = "outbox_inbox_messages_total";
+    /// Histogram: one inbox attempt, begin to commit, in seconds.
+    pub const INBOX_HANDLER: &str = "outbox_inbox_handler_seconds";
+    /// Gauge: messages waiting at the broker for the consumer.
+    pub const INBOX_LAG: &str = "outbox_inbox_consumer_lag";
 }

@@ -1,0 +1,215 @@
+//! Kafka source (`kafka` feature): a consumer group whose offsets are committed only up to a
+//! contiguous per-partition watermark of messages whose transactions committed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::consumer::{Acknowledge, Delivery, Source, SourceContext};
+use super::message::Incoming;
+use crate::error::{Error, Result};
+use crate::publisher::BoxError;
+
+/// A consumer group member with auto-commit off. Handlers finish out of order, so the offset
+/// committed for a partition is the lowest offset received and not yet finished (or one past
+/// the highest, when all are): committing the highest finished offset would skip one still in
+/// flight, and a crash would lose it. Offsets are committed every
+/// [`commit_interval`](Self::commit_interval) and once more, synchronously, on shutdown.
+///
+/// After a rebalance the new owner starts from the last committed watermark; what this member
+/// finished after that is redelivered there and seen as a duplicate by the inbox.
+pub struct KafkaSource {
+    config: ClientConfig,
+    topics: Vec<String>,
+    commit_interval: Duration,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// Group `group` at `bootstrap_servers`, subscribed to `topics`, from the earliest offset
+    /// when the group has none.
+    pub fn new(bootstrap_servers: &str, group: &str, topics: &[&str]) -> Self {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest");
+        Self::from_config(config, topics)
+    }
+
+    /// From your own client config (security, timeouts). Auto-commit and auto offset store are
+    /// forced off: the watermark is the only thing that commits.
+    pub fn from_config(mut config: ClientConfig, topics: &[&str]) -> Self {
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        Self {
+            config,
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            commit_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// How often the watermarks are committed (default 500 ms).
+    pub fn commit_interval(mut self, every: Duration) -> Self {
+        self.commit_interval = every;
+        self
+    }
+}
+
+/// One partition's offsets in flight.
+#[derive(Debug, Default)]
+struct Partition {
+    unfinished: BTreeSet<i64>,
+    /// One past the highest offset received.
+    next: i64,
+    committed: i64,
+}
+
+impl Partition {
+    fn watermark(&self) -> i64 {
+        self.unfinished.first().copied().unwrap_or(self.next)
+    }
+}
+
+type Tracker = Arc<Mutex<HashMap<(String, i32), Partition>>>;
+
+fn lock(t: &Tracker) -> MutexGuard<'_, HashMap<(String, i32), Partition>> {
+    // Updates are single inserts and removes: a poisoned map is still consistent.
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct KafkaAck {
+    tracker: Tracker,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+#[async_trait]
+impl Acknowledge for KafkaAck {
+    async fn ack(self: Box<Self>) -> std::result::Result<(), BoxError> {
+        if let Some(p) = lock(&self.tracker).get_mut(&(self.topic.clone(), self.partition)) {
+            p.unfinished.remove(&self.offset);
+        }
+        Ok(())
+    }
+}
+
+/// The watermarks that moved since the last commit, marked as committed.
+fn advanced(tracker: &Tracker) -> Option<TopicPartitionList> {
+    let mut map = lock(tracker);
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), p) in map.iter_mut() {
+        let mark = p.watermark();
+        if mark > p.committed
+            && list
+                .add_partition_offset(topic, *partition, Offset::Offset(mark))
+                .is_ok()
+        {
+            p.committed = mark;
+        }
+    }
+    (list.count() > 0).then_some(list)
+}
+
+fn delivery(m: &rdkafka::message::BorrowedMessage<'_>, tracker: &Tracker) -> Delivery {
+    let topic = m.topic().to_owned();
+    let (partition, offset) = (m.partition(), m.offset());
+    {
+        let mut map = lock(tracker);
+        let p = map.entry((topic.clone(), partition)).or_default();
+        p.unfinished.insert(offset);
+        p.next = p.next.max(offset + 1);
+    }
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let v = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                    (h.key.to_owned(), v.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+    let message = Incoming::new(topic.clone(), headers, m.payload().unwrap_or_default().to_vec())
+        .position(Some(format!("{partition}/{offset}")))
+        .broker_key(key);
+    Delivery {
+        message,
+        ack: Box::new(KafkaAck {
+            tracker: Arc::clone(tracker),
+            topic,
+            partition,
+            offset,
+        }),
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn broker(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn run(self, ctx: SourceContext) -> Result<()> {
+        let fatal = |e: rdkafka::error::KafkaError| Error::Broker {
+            broker: "kafka",
+            reason: e.to_string(),
+        };
+        let consumer: Arc<StreamConsumer> = Arc::new(self.config.create().map_err(fatal)?);
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(fatal)?;
+        let tracker: Tracker = Arc::default();
+        let mut commits = tokio::time::interval(self.commit_interval);
+        loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                _ = commits.tick() => {
+                    if let Some(list) = advanced(&tracker) {
+                        if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+                            tracing::warn!(error = %e, "kafka source: offset commit failed");
+                        }
+                    }
+                }
+                received = consumer.recv() => match received {
+                    Ok(m) => {
+                        let d = delivery(&m, &tracker);
+                        drop(m);
+                        if ctx.deliveries.send(d).await.is_err() {
+                            break;
+                        }
+                    }
+                    // librdkafka reconnects by itself; these are reports, not the end.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka source: receive error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        // The consumer has made every acknowledgement it will: commit the final watermarks.
+        if let Some(list) = advanced(&tracker) {
+            let c = Arc::clone(&consumer);
+            let done = tokio::task::spawn_blocking(move || c.commit(&list, CommitMode::Sync)).await;
+            if let Ok(Err(e)) = done {
+                tracing::warn!(error = %e, "kafka source: final offset commit failed");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! One message through the inbox: resolve its id, then attempts of begin → record → handle →
+//! commit, with backoff, until it is applied, found a duplicate, or dead-lettered; then the
+//! acknowledgement.
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::FutureExt;
+use rand::Rng;
+use sea_orm::TransactionTrait;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::consumer::{Counters, Delivery, Shared};
+use super::handler::{Handler, HandlerError};
+use super::message::{Incoming, MissingId};
+use crate::error::Error;
+use crate::store::inbox::{self as store, InboxDeadLetter, check_len};
+use crate::telemetry::metrics as m;
+
+enum Applied {
+    New,
+    Duplicate,
+}
+
+enum Failure {
+    /// The handler's own error: counts as an attempt.
+    Handler(HandlerError),
+    /// The inbox's statements failed (the database is away): retried without counting.
+    Inbox(Error),
+}
+
+/// `min(cap, base × 2^(n-1))`, with full jitter.
+fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
+    let exp = base.saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)));
+    let top = exp.min(cap);
+    top.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+fn message_id<H>(s: &Shared<H>, msg: &Incoming) -> Result<String, String> {
+    let id = s.config.message_id.of(msg).or_else(|| match s.config.on_missing_id {
+        MissingId::SourcePosition => msg
+            .position
+            .as_ref()
+            .map(|p| format!("{}@{p}", msg.source)),
+        _ => None,
+    });
+    let id = id.ok_or_else(|| {
+        "message has no id (no event-id header, and no fallback configured)".to_owned()
+    })?;
+    check_len("message_id", &id).map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+pub(crate) async fn handle<H: Handler>(s: &Shared<H>, mut d: Delivery, shutdown: &CancellationToken) {
+    match message_id(s, &d.message) {
+        Ok(id) => d.message.message_id = id,
+        Err(reason) => return dead_letter(s, d, 0, reason, shutdown).await,
+    }
+    let mut failures = 0u32;
+    let mut outages = 0u32;
+    loop {
+        d.message.attempt = failures + 1;
+        let started = Instant::now();
+        let result = attempt(s, &d.message).await;
+        m::inbox_handler_time(&s.name, started.elapsed());
+        let delay = match result {
+            Ok(Applied::New) => {
+                Counters::bump(&s.counters.applied);
+                m::inbox_outcome(&s.name, "applied");
+                return ack(s, d).await;
+            }
+            Ok(Applied::Duplicate) => {
+                Counters::bump(&s.counters.duplicates);
+                m::inbox_outcome(&s.name, "duplicate");
+                return ack(s, d).await;
+            }
+            Err(Failure::Handler(e)) => {
+                failures += 1;
+                if e.is_permanent() || failures >= s.config.max_attempts {
+                    return dead_letter(s, d, failures, e.to_string(), shutdown).await;
+                }
+                Counters::bump(&s.counters.retries);
+                m::inbox_outcome(&s.name, "retried");
+                tracing::debug!(consumer = %s.name, id = %d.message.message_id, attempt = failures, error = %e, "inbox: handler failed; retrying");
+                backoff(s.config.retry_backoff, s.config.max_retry_backoff, failures)
+            }
+            Err(Failure::Inbox(e)) => {
+                outages += 1;
+                tracing::warn!(consumer = %s.name, id = %d.message.message_id, error = %e, "inbox: database unavailable; retrying");
+                backoff(s.config.retry_backoff, s.config.max_retry_backoff, outages)
+            }
+        };
+        d.ack.in_progress().await;
+        tokio::select! {
+            // Unacknowledged: the broker redelivers it to whoever runs next.
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn attempt<H: Handler>(s: &Shared<H>, msg: &Incoming) -> Result<Applied, Failure> {
+    let txn = s.db.begin().await.map_err(|e| Failure::Inbox(e.into()))?;
+    if s.config.deduplicate {
+        let row = store::Received {
+            consumer: &s.name,
+            message_id: &msg.message_id,
+            source: Some(&msg.source),
+            position: msg.position.as_deref(),
+            received_at: msg.received_at,
+            processed_at: Utc::now(),
+        };
+        match store::record(&txn, &row).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = txn.rollback().await;
+                return Ok(Applied::Duplicate);
+            }
+            Err(e) => return Err(Failure::Inbox(e)),
+        }
+    }
+    match AssertUnwindSafe(s.handler.handle(&txn, msg))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => {
+            // A commit that failed may still have committed: the next attempt then finds the
+            // inbox row and counts a duplicate, which is the truth.
+            txn.commit().await.map_err(|e| Failure::Inbox(e.into()))?;
+            Ok(Applied::New)
+        }
+        Ok(Err(e)) => {
+            let _ = txn.rollback().await;
+            Err(Failure::Handler(e))
+        }
+        Err(_) => {
+            let _ = txn.rollback().await;
+            Err(Failure::Handler(HandlerError::retry("handler panicked")))
+        }
+    }
+}
+
+async fn ack<H>(s: &Shared<H>, d: Delivery) {
+    if let Err(e) = d.ack.ack().await {
+        Counters::bump(&s.counters.ack_failures);
+        m::inbox_outcome(&s.name, "ack_failed");
+        tracing::warn!(consumer = %s.name, id = %d.message.message_id, error = %e, "inbox: acknowledgement failed; the broker will redeliver");
+    }
+}
+
+/// Keeps the message in `inbox_dead_letters`, then acknowledges it. A replayed dead letter that
+/// fails again keeps its row (with the new error) and is not acknowledged: its
+/// acknowledgement would delete that row.
+async fn dead_letter<H>(
+    s: &Shared<H>,
+    d: Delivery,
+    attempts: u32,
+    error: String,
+    shutdown: &CancellationToken,
+) {
+    let m = &d.message;
+    let now = Utc::now();
+    let row = InboxDeadLetter {
+        id: m.replay_of.unwrap_or_else(Uuid::now_v7),
+        consumer: s.name.clone(),
+        message_id: (!m.message_id.is_empty()).then(|| m.message_id.clone()),
+        ordering_key: m.ordering_key.clone(),
+        source: Some(m.source.clone()),
+        position: m.position.clone(),
+        headers: m.headers.clone(),
+        payload: m.payload.clone(),
+        error,
+        attempts,
+        received_at: m.received_at,
+        failed_at: now,
+        replay_requested_at: None,
+    };
+    let mut tries = 0u32;
+    loop {
+        let written = match m.replay_of {
+            Some(id) => store::refail_dead_letter(&s.db, id, &row.error, attempts, now).await,
+            None => store::insert_dead_letter(&s.db, &row).await,
+        };
+        match written {
+            Ok(()) => break,
+            Err(e) => {
+                tries += 1;
+                tracing::warn!(consumer = %s.name, error = %e, "inbox: writing a dead letter failed; retrying");
+                let delay = backoff(s.config.retry_backoff, s.config.max_retry_backoff, tries);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    Counters::bump(&s.counters.dead_lettered);
+    m::inbox_outcome(&s.name, "dead_lettered");
+    tracing::warn!(consumer = %s.name, id = %row.message_id.as_deref().unwrap_or("-"), attempts, error = %row.error, "inbox: message dead-lettered");
+    if m.replay_of.is_none() {
+        ack(s, d).await;
+    }
+}

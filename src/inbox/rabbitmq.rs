@@ -1,0 +1,127 @@
+//! RabbitMQ source (`rabbitmq` feature): a queue consumed with manual acks, bounded prefetch.
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::Acker;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Connection, ConnectionProperties};
+
+use super::consumer::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
+use super::message::Incoming;
+use crate::error::Result;
+use crate::publisher::BoxError;
+
+/// Consumes an existing queue with manual acknowledgements and at most
+/// [`prefetch`](Self::prefetch) unacknowledged messages, acking each after its transaction
+/// committed. Declare and bind the queue yourself (durable, for an outbox's events).
+///
+/// After a lost connection it reconnects; the broker requeues whatever was unacknowledged on
+/// the old channel, and the inbox sees the redeliveries as duplicates.
+#[derive(Clone, Debug)]
+pub struct RabbitMqSource {
+    uri: String,
+    queue: String,
+    prefetch: u16,
+}
+
+impl RabbitMqSource {
+    /// Consumes `queue` at `uri` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`).
+    pub fn new(uri: impl Into<String>, queue: impl Into<String>) -> Self {
+        Self {
+            uri: uri.into(),
+            queue: queue.into(),
+            prefetch: 256,
+        }
+    }
+
+    /// Unacknowledged messages the broker may send ahead (default 256).
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+
+    async fn consume(&self, ctx: &SourceContext) -> std::result::Result<bool, lapin::Error> {
+        let conn = Connection::connect(&self.uri, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut deliveries = channel
+            .basic_consume(
+                ShortString::from(self.queue.clone()),
+                ShortString::from(format!("{}-{}", ctx.consumer, std::process::id())),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let next = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(false),
+                next = deliveries.next() => next,
+            };
+            let d = match next {
+                Some(d) => d?,
+                None => return Ok(true),
+            };
+            let headers = d
+                .properties
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .filter_map(|(k, v)| text(v).map(|v| (k.to_string(), v)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let broker_id = d.properties.message_id().as_ref().map(|s| s.to_string());
+            let message = Incoming::new(self.queue.clone(), headers, d.data).broker_id(broker_id);
+            let delivery = Delivery {
+                message,
+                ack: Box::new(RabbitAck(d.acker)),
+            };
+            if ctx.deliveries.send(delivery).await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+fn text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+struct RabbitAck(Acker);
+
+#[async_trait]
+impl Acknowledge for RabbitAck {
+    async fn ack(self: Box<Self>) -> std::result::Result<(), BoxError> {
+        self.0.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Source for RabbitMqSource {
+    fn broker(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn run(self, ctx: SourceContext) -> Result<()> {
+        loop {
+            match self.consume(&ctx).await {
+                Ok(false) => return Ok(()),
+                Ok(true) => tracing::warn!(queue = %self.queue, "rabbitmq source: consumer cancelled; reconnecting"),
+                Err(e) => tracing::warn!(queue = %self.queue, error = %e, "rabbitmq source: connection failed; reconnecting"),
+            }
+            if !pause(&ctx.shutdown, RECONNECT_DELAY).await {
+                return Ok(());
+            }
+        }
+    }
+}

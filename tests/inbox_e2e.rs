@@ -1,0 +1,554 @@
+//! Outbox → relay → broker → consumer → inbox → the consumer's domain table, end to end on each
+//! real broker, with PostgreSQL on both sides and three faults injected in one run:
+//! - the relay process SIGKILLed mid-batch, twice, so the broker may get duplicates;
+//! - the consumer process aborted between its commit and its acknowledgement, twice, so the
+//!   broker redelivers what it already applied;
+//! - a handler that fails about 20 % of its attempts.
+//!
+//! Checked: every event's effect applied exactly once (one effect row per event id), none
+//! lost, per-aggregate order intact in the order effects were committed, no dead letter.
+#![cfg(all(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
+
+mod common;
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::{Backend, TestDb};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
+use seaorm_outbox::inbox::{
+    Acknowledge, Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Incoming, KafkaSource,
+    NatsSource, RabbitMqSource, RedisSource, Source, SourceContext,
+};
+use seaorm_outbox::publisher::{
+    BoxError, KafkaPublisher, NatsPublisher, RabbitMqPublisher, RedisPublisher, Router,
+};
+use seaorm_outbox::relay::RelayConfig;
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, Publisher, Relay};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const EVENTS: usize = 1500;
+const AGGREGATES: usize = 30;
+const CONSUMER: &str = "e2e";
+
+/// Where the events go; passed to the child processes as `OUTBOX_E2E_BROKER`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+enum Broker {
+    Nats { url: String, stream: String },
+    RabbitMq { uri: String, queue: String },
+    Redis { url: String, stream: String },
+    Kafka { bootstrap: String, topic: String },
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+impl Broker {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Nats { .. } => "nats",
+            Self::RabbitMq { .. } => "rabbitmq",
+            Self::Redis { .. } => "redis",
+            Self::Kafka { .. } => "kafka",
+        }
+    }
+
+    async fn publisher(&self) -> Arc<dyn Publisher> {
+        match self {
+            Self::Nats { url, stream } => Arc::new(
+                NatsPublisher::connect(url)
+                    .await
+                    .expect("nats")
+                    .router(Router::fixed(format!("{stream}.events"))),
+            ),
+            Self::RabbitMq { uri, queue } => {
+                Arc::new(RabbitMqPublisher::new(uri.clone()).router(Router::fixed(queue.clone())))
+            }
+            Self::Redis { url, stream } => Arc::new(
+                RedisPublisher::connect(url)
+                    .await
+                    .expect("redis")
+                    .router(Router::fixed(stream.clone())),
+            ),
+            Self::Kafka { bootstrap, topic } => Arc::new(
+                KafkaPublisher::new(bootstrap)
+                    .expect("kafka")
+                    .router(Router::fixed(topic.clone())),
+            ),
+        }
+    }
+}
+
+// ---- the child processes ----
+
+/// Not a test on its own: a relay process of the end-to-end tests, SIGKILLed at random.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the end-to-end tests"]
+async fn e2e_relay_child() {
+    let Some(db) = TestDb::from_child_env().await else {
+        return;
+    };
+    let broker: Broker = serde_json::from_str(&env_or("OUTBOX_E2E_BROKER", "")).expect("broker");
+    let relay = Relay::builder(db, broker.publisher().await)
+        .config(support::fast(
+            RelayConfig::default()
+                .batch_size(50)
+                .lease_duration(Duration::from_secs(2))
+                .publish_timeout(Duration::from_secs(2)),
+        ))
+        .build()
+        .expect("relay");
+    relay.run(CancellationToken::new()).await;
+}
+
+/// Writes one effect row per message through the consumer's transaction, failing about one
+/// attempt in five.
+struct Effects;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Payload {
+    agg: String,
+    seq: i64,
+}
+
+fn injected_failure(id: &str, attempt: u32) -> bool {
+    let mut h: u64 = 1469598103934665603;
+    for b in id.bytes().chain(attempt.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(1099511628211);
+    }
+    h % 5 == 0
+}
+
+#[async_trait]
+impl Handler for Effects {
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Incoming) -> Result<(), HandlerError> {
+        let p: Payload = msg.json()?;
+        if injected_failure(&msg.message_id, msg.attempt) {
+            return Err(HandlerError::retry("injected handler failure"));
+        }
+        txn.execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "INSERT INTO effects (message_id, agg, seq) VALUES ($1, $2, $3)",
+            [msg.message_id.clone().into(), p.agg.into(), p.seq.into()],
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+/// Logs every delivery's event id to a file, and aborts the process inside the `crash_at`-th
+/// acknowledgement: after that message's transaction committed, before the broker heard.
+struct Faulty<S> {
+    inner: S,
+    log: PathBuf,
+    crash_at: Option<usize>,
+}
+
+struct CrashingAck {
+    inner: Box<dyn Acknowledge>,
+    count: Arc<AtomicUsize>,
+    crash_at: Option<usize>,
+}
+
+#[async_trait]
+impl Acknowledge for CrashingAck {
+    async fn ack(self: Box<Self>) -> Result<(), BoxError> {
+        let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+        if Some(n) == self.crash_at {
+            std::process::abort();
+        }
+        self.inner.ack().await
+    }
+
+    async fn in_progress(&self) {
+        self.inner.in_progress().await;
+    }
+}
+
+#[async_trait]
+impl<S: Source> Source for Faulty<S> {
+    fn broker(&self) -> &'static str {
+        self.inner.broker()
+    }
+
+    async fn run(self, ctx: SourceContext) -> seaorm_outbox::Result<()> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let inner_ctx = SourceContext {
+            deliveries: tx,
+            shutdown: ctx.shutdown.clone(),
+            consumer: ctx.consumer.clone(),
+        };
+        let inner = tokio::spawn(self.inner.run(inner_ctx));
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("delivery log");
+        let count = Arc::new(AtomicUsize::new(0));
+        while let Some(d) = rx.recv().await {
+            let id = d.message.header("event-id").unwrap_or("-").to_owned();
+            writeln!(log, "{id}").expect("log delivery");
+            let ack = Box::new(CrashingAck {
+                inner: d.ack,
+                count: Arc::clone(&count),
+                crash_at: self.crash_at,
+            });
+            if ctx
+                .deliveries
+                .send(Delivery {
+                    message: d.message,
+                    ack,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(rx);
+        inner.await.expect("inner source")
+    }
+}
+
+/// Not a test on its own: a consumer process of the end-to-end tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the end-to-end tests"]
+async fn e2e_consumer_child() {
+    let Some(db) = TestDb::from_child_env().await else {
+        return;
+    };
+    let broker: Broker = serde_json::from_str(&env_or("OUTBOX_E2E_BROKER", "")).expect("broker");
+    let log = PathBuf::from(env_or("OUTBOX_E2E_LOG", ""));
+    let crash_at = std::env::var("OUTBOX_E2E_CRASH_AT")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let config = ConsumerConfig::default()
+        .concurrency(8)
+        .max_attempts(30)
+        .retry_backoff(Duration::from_millis(5))
+        .max_retry_backoff(Duration::from_millis(50));
+    let consumer = Consumer::with_config(db, CONSUMER, Effects, config).expect("consumer");
+    let stop = CancellationToken::new();
+    fn faulty<S>(inner: S, log: &Path, crash_at: Option<usize>) -> Faulty<S> {
+        Faulty {
+            inner,
+            log: log.to_owned(),
+            crash_at,
+        }
+    }
+    let result = match broker {
+        Broker::Nats { url, stream } => {
+            let client = async_nats::connect(url).await.expect("nats");
+            let js = async_nats::jetstream::new(client);
+            let source = NatsSource::new(js, stream, CONSUMER).ack_wait(Duration::from_secs(3));
+            consumer.run(faulty(source, &log, crash_at), stop).await
+        }
+        Broker::RabbitMq { uri, queue } => {
+            consumer
+                .run(faulty(RabbitMqSource::new(uri, queue).prefetch(64), &log, crash_at), stop)
+                .await
+        }
+        Broker::Redis { url, stream } => {
+            let client = redis::Client::open(url).expect("redis");
+            let source = RedisSource::new(client, stream, CONSUMER).claim_idle(Duration::from_secs(5));
+            consumer.run(faulty(source, &log, crash_at), stop).await
+        }
+        Broker::Kafka { bootstrap, topic } => {
+            let mut config = rdkafka::ClientConfig::new();
+            config
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", CONSUMER)
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "500");
+            consumer
+                .run(faulty(KafkaSource::from_config(config, &[&topic]), &log, crash_at), stop)
+                .await
+        }
+    };
+    result.expect("consumer ran");
+}
+
+fn child(test: &str, env: &[(&'static str, String)]) -> Child {
+    Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child")
+}
+
+fn kill(c: &mut Child) {
+    let _ = c.kill(); // SIGKILL on Unix; it may have exited already
+    let _ = c.wait();
+}
+
+// ---- the parent ----
+
+/// Writes the events in domain transactions: an order row and its events, committed together.
+async fn write_events(t: &TestDb) -> Vec<Uuid> {
+    t.db.execute_unprepared(
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY); \
+         CREATE TABLE effects (ord BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, \
+           agg TEXT NOT NULL, seq BIGINT NOT NULL)",
+    )
+    .await
+    .expect("tables");
+    let mut ids = Vec::with_capacity(EVENTS);
+    for chunk in 0..EVENTS / 100 {
+        let txn = t.db.begin().await.expect("begin");
+        let mut events = Vec::with_capacity(100);
+        for i in chunk * 100..(chunk + 1) * 100 {
+            txn.execute_unprepared(&format!("INSERT INTO orders VALUES ({i})"))
+                .await
+                .expect("domain row");
+            let agg = format!("order-{}", i % AGGREGATES);
+            let id = Uuid::now_v7();
+            let e = NewEvent::new("order.placed", "order", agg.clone())
+                .id(id)
+                .payload(&Payload {
+                    agg,
+                    seq: (i / AGGREGATES) as i64,
+                });
+            ids.push(id);
+            events.push(e);
+        }
+        Outbox::new(&txn).add_events(events).await.expect("add");
+        txn.commit().await.expect("commit");
+    }
+    ids
+}
+
+async fn scalar(t: &TestDb, sql: &str) -> i64 {
+    let row =
+        t.db.query_one_raw(Statement::from_string(t.db.get_database_backend(), sql))
+            .await
+            .expect("query")
+            .expect("row");
+    row.try_get_by_index(0).expect("value")
+}
+
+async fn end_to_end(broker: Broker) {
+    let t = TestDb::new(Backend::Postgres).await;
+    let all = write_events(&t).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("deliveries.log");
+    let mut env = t.child_env();
+    env.push(("OUTBOX_E2E_BROKER", serde_json::to_string(&broker).expect("json")));
+    env.push(("OUTBOX_E2E_LOG", log.display().to_string()));
+    let started = Instant::now();
+
+    // Consumers: the first two abort inside an acknowledgement (after commit); the third runs on.
+    let crash_points = [150usize, 400];
+    let mut consumer_runs = 0usize;
+    let mut consumer = {
+        let mut e = env.clone();
+        e.push(("OUTBOX_E2E_CRASH_AT", crash_points[0].to_string()));
+        child("e2e_consumer_child", &e)
+    };
+    // The relay: SIGKILLed twice while it publishes, then left to finish.
+    let mut relay = child("e2e_relay_child", &env);
+    let mut relay_kills = 0usize;
+    let limit = Instant::now() + Duration::from_secs(240);
+    loop {
+        assert!(
+            Instant::now() < limit,
+            "{}: not done in time: {} of {EVENTS} applied, {} pending",
+            broker.name(),
+            scalar(&t, "SELECT COUNT(*) FROM effects").await,
+            support::pending(&t.db).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pending = support::pending(&t.db).await as usize;
+        if relay_kills < 2 && pending < EVENTS - (relay_kills + 1) * 300 {
+            kill(&mut relay);
+            relay_kills += 1;
+            relay = child("e2e_relay_child", &env);
+        }
+        if let Some(status) = consumer.try_wait().expect("consumer status") {
+            consumer_runs += 1;
+            assert!(
+                consumer_runs <= crash_points.len(),
+                "{}: the consumer exited unexpectedly: {status}",
+                broker.name()
+            );
+            let mut e = env.clone();
+            if let Some(at) = crash_points.get(consumer_runs) {
+                e.push(("OUTBOX_E2E_CRASH_AT", at.to_string()));
+            }
+            consumer = child("e2e_consumer_child", &e);
+        }
+        let distinct = scalar(&t, "SELECT COUNT(DISTINCT message_id) FROM effects").await;
+        if distinct as usize >= EVENTS && consumer_runs == crash_points.len() {
+            break;
+        }
+    }
+    // Let stray redeliveries arrive: none may add an effect.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kill(&mut consumer);
+    kill(&mut relay);
+    let elapsed = started.elapsed();
+
+    let effects = t
+        .db
+        .query_all_raw(Statement::from_string(
+            t.db.get_database_backend(),
+            "SELECT message_id, agg, seq FROM effects ORDER BY ord",
+        ))
+        .await
+        .expect("effects");
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut order_violations = 0usize;
+    for r in &effects {
+        let id: String = r.try_get("", "message_id").expect("id");
+        let agg: String = r.try_get("", "agg").expect("agg");
+        let seq: i64 = r.try_get("", "seq").expect("seq");
+        assert!(seen.insert(id.clone()), "{}: {id} applied twice", broker.name());
+        if last.insert(agg, seq).is_some_and(|prev| prev >= seq) {
+            order_violations += 1;
+        }
+    }
+    let expected: HashSet<String> = all.iter().map(Uuid::to_string).collect();
+    assert_eq!(seen, expected, "{}: every event applied, none lost", broker.name());
+    assert_eq!(order_violations, 0, "{}: per-aggregate order", broker.name());
+    assert_eq!(
+        scalar(&t, "SELECT COUNT(*) FROM inbox_dead_letters").await,
+        0,
+        "{}: nothing dead-lettered",
+        broker.name()
+    );
+    let deliveries = read_lines(&log);
+    let redelivered = deliveries - EVENTS;
+    eprintln!(
+        "e2e figures ({}): {EVENTS} events, relay SIGKILLed {relay_kills}×, consumer aborted \
+         between commit and ack {}×, ~20% handler attempts failed; {deliveries} deliveries \
+         reached the consumer ({redelivered} duplicates), {} effects applied, 0 lost, \
+         0 order violations, {:.1}s",
+        broker.name(),
+        crash_points.len(),
+        effects.len(),
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        redelivered > 0,
+        "{}: the consumer crashes must cause redeliveries",
+        broker.name()
+    );
+    t.cleanup().await;
+}
+
+fn read_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", Uuid::now_v7().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_nats_jetstream() {
+    let addr = env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222");
+    let url = format!("nats://{addr}");
+    let client = async_nats::connect(&url).await.expect("nats reachable");
+    let js = async_nats::jetstream::new(client);
+    let stream = unique("e2e_");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{stream}.>")],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    end_to_end(Broker::Nats {
+        url,
+        stream: stream.clone(),
+    })
+    .await;
+    js.delete_stream(&stream).await.expect("delete stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_rabbitmq() {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+    let addr = env_or("OUTBOX_TEST_AMQP_ADDR", "127.0.0.1:5672");
+    let uri = format!("amqp://guest:guest@{addr}/%2f");
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("rabbitmq reachable");
+    let ch = conn.create_channel().await.expect("channel");
+    let queue = unique("e2e_");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    end_to_end(Broker::RabbitMq {
+        uri,
+        queue: queue.clone(),
+    })
+    .await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_redis_streams() {
+    let url = format!(
+        "redis://{}",
+        env_or("OUTBOX_TEST_REDIS_ADDR", "127.0.0.1:6379")
+    );
+    let stream = unique("e2e_");
+    end_to_end(Broker::Redis {
+        url: url.clone(),
+        stream: stream.clone(),
+    })
+    .await;
+    let client = redis::Client::open(url).expect("redis");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_kafka() {
+    let cluster = rdkafka::mocking::MockCluster::new(3).expect("mock cluster");
+    let topic = "e2e-events";
+    cluster.create_topic(topic, 4, 3).expect("topic");
+    end_to_end(Broker::Kafka {
+        bootstrap: cluster.bootstrap_servers(),
+        topic: topic.to_owned(),
+    })
+    .await;
+}
