@@ -109,7 +109,7 @@ async fn e2e_relay_child() {
             RelayConfig::default()
                 .batch_size(50)
                 .lease_duration(Duration::from_secs(2))
-                .publish_timeout(Duration::from_secs(2)),
+                .publish_timeout(Duration::from_secs(1)),
         ))
         .build()
         .expect("relay");
@@ -284,12 +284,23 @@ async fn e2e_consumer_child() {
     result.expect("consumer ran");
 }
 
+/// Spawns `test` from this binary with `env`; its stderr goes to `OUTBOX_E2E_LOG` + `.stderr`.
 fn child(test: &str, env: &[(&'static str, String)]) -> Child {
+    let log = env
+        .iter()
+        .find(|(k, _)| *k == "OUTBOX_E2E_LOG")
+        .map(|(_, v)| format!("{v}.stderr"))
+        .expect("log path");
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("stderr log");
     Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", test, "--ignored", "--nocapture"])
         .envs(env.iter().cloned())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("spawn child")
 }
@@ -369,10 +380,11 @@ async fn end_to_end(broker: Broker) {
     loop {
         assert!(
             Instant::now() < limit,
-            "{}: not done in time: {} of {EVENTS} applied, {} pending",
+            "{}: not done in time: {} of {EVENTS} applied, {} pending; children said: {}",
             broker.name(),
             scalar(&t, "SELECT COUNT(*) FROM effects").await,
-            support::pending(&t.db).await
+            support::pending(&t.db).await,
+            std::fs::read_to_string(format!("{}.stderr", log.display())).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         let pending = support::pending(&t.db).await as usize;

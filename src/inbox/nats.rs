@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
@@ -19,6 +19,15 @@ use crate::publisher::BoxError;
 /// A message not acknowledged within [`ack_wait`](Self::ack_wait) is redelivered, to this or
 /// another instance; the inbox sees the duplicate. The consumer tells the server it is still
 /// working (`+WPI`) before each retry delay, so long retries don't cause redelivery.
+///
+/// **Order across a crash.** JetStream redelivers a dead instance's unacknowledged messages
+/// only after `ack_wait`, by which time newer messages of the same key may have gone to the
+/// next instance. So on start, when the durable holds messages delivered and never
+/// acknowledged, this source recreates it from its ack floor: they come again first, in stream
+/// order, and what was applied after the floor returns as duplicates the inbox skips. That
+/// assumes one instance per durable, the only way JetStream keeps per-key order at all
+/// (instances sharing a durable each get messages of every key). With several instances,
+/// turn it off with [`resume_in_order(false)`](Self::resume_in_order).
 #[derive(Clone, Debug)]
 pub struct NatsSource {
     js: jetstream::Context,
@@ -27,6 +36,7 @@ pub struct NatsSource {
     filter_subject: String,
     ack_wait: Duration,
     max_ack_pending: i64,
+    resume_in_order: bool,
 }
 
 impl NatsSource {
@@ -39,6 +49,7 @@ impl NatsSource {
             filter_subject: String::new(),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1024,
+            resume_in_order: true,
         }
     }
 
@@ -61,6 +72,25 @@ impl NatsSource {
         self
     }
 
+    /// Whether a start after a crash recreates the durable from its ack floor (default `true`;
+    /// see the type's docs).
+    pub fn resume_in_order(mut self, yes: bool) -> Self {
+        self.resume_in_order = yes;
+        self
+    }
+
+    fn config(&self, deliver_policy: DeliverPolicy) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            filter_subject: self.filter_subject.clone(),
+            deliver_policy,
+            ..Default::default()
+        }
+    }
+
     async fn consumer(&self) -> Result<PullConsumer> {
         let fatal = |what: &str, e: &dyn std::fmt::Display| Error::Broker {
             broker: "nats",
@@ -71,20 +101,30 @@ impl NatsSource {
             .get_stream(&self.stream)
             .await
             .map_err(|e| fatal("stream", &e))?;
-        stream
-            .get_or_create_consumer(
-                &self.durable,
-                pull::Config {
-                    durable_name: Some(self.durable.clone()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
-                    max_ack_pending: self.max_ack_pending,
-                    filter_subject: self.filter_subject.clone(),
-                    ..Default::default()
-                },
-            )
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(&self.durable, self.config(DeliverPolicy::All))
             .await
-            .map_err(|e| fatal("consumer on stream", &e))
+            .map_err(|e| fatal("consumer on stream", &e))?;
+        if !self.resume_in_order {
+            return Ok(consumer);
+        }
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| fatal("consumer info on stream", &e))?;
+        if info.num_ack_pending == 0 {
+            return Ok(consumer);
+        }
+        let start_sequence = info.ack_floor.stream_sequence + 1;
+        tracing::info!(stream = %self.stream, durable = %self.durable, unacked = info.num_ack_pending, start_sequence, "nats source: recreating the durable from its ack floor");
+        stream
+            .delete_consumer(&self.durable)
+            .await
+            .map_err(|e| fatal("deleting consumer on stream", &e))?;
+        stream
+            .create_consumer(self.config(DeliverPolicy::ByStartSequence { start_sequence }))
+            .await
+            .map_err(|e| fatal("recreating consumer on stream", &e))
     }
 }
 
