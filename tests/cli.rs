@@ -23,6 +23,7 @@ on_backends!(
     purge_deletes_old_published_events,
     bad_input_is_one_line_and_a_non_zero_exit,
     relay_process_serves_metrics_and_health_and_stops_on_sigterm,
+    inbox_dead_letters_list_show_replay_discard_and_purge,
 );
 
 fn cli(t: &TestDb) -> Command {
@@ -478,5 +479,114 @@ async fn relay_process_serves_metrics_and_health_and_stops_on_sigterm(t: &TestDb
             .filter(|l| l.starts_with("published order.placed"))
             .count(),
         40
+    );
+}
+
+/// Inserts an inbox dead letter for `consumer`, as a consumer would.
+async fn inbox_dead_letter(t: &TestDb, consumer: &str, message_id: &str) -> Uuid {
+    let id = Uuid::now_v7();
+    t.db.execute_raw(Statement::from_sql_and_values(
+        t.db.get_database_backend(),
+        "INSERT INTO inbox_dead_letters (id, consumer, message_id, headers, payload, error, \
+         attempts, received_at, failed_at) VALUES ($1, $2, $3, '[[\"event-id\",\"x\"]]', \
+         $4, 'handler said no', 5, now(), now())",
+        [
+            id.into(),
+            consumer.into(),
+            message_id.into(),
+            b"{\"total\":5}".to_vec().into(),
+        ],
+    ))
+    .await
+    .expect("insert dead letter");
+    id
+}
+
+async fn inbox_dead_letters_list_show_replay_discard_and_purge(t: &TestDb) {
+    let a = inbox_dead_letter(t, "billing", "m-1").await;
+    let b = inbox_dead_letter(t, "billing", "m-2").await;
+    let c = inbox_dead_letter(t, "shipping", "m-1").await;
+    let list = ok(t, &["inbox", "failed", "list", "--consumer", "billing"]);
+    assert!(
+        list.contains(&a.to_string()) && list.contains(&b.to_string()),
+        "{list}"
+    );
+    assert!(!list.contains(&c.to_string()), "{list}");
+    assert!(list.contains("handler said no"), "{list}");
+    assert!(list.contains("2 dead letters shown of 2"), "{list}");
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(t, &["inbox", "failed", "list", "--json"])).expect("json");
+    assert_eq!(all.as_array().map(Vec::len), Some(3));
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(t, &["inbox", "failed", "show", &a.to_string()])).expect("json");
+    assert_eq!(shown["payload"], r#"{"total":5}"#);
+    assert_eq!(shown["headers"][0][1], "x");
+    assert_eq!(
+        ok(t, &["inbox", "failed", "replay", "--consumer", "billing"]).trim(),
+        "replay requested for 2 inbox dead letters"
+    );
+    let requested = ok(t, &["inbox", "failed", "list"]);
+    assert_eq!(
+        requested.matches("[replay requested]").count(),
+        2,
+        "{requested}"
+    );
+    assert_eq!(
+        ok(t, &["inbox", "failed", "discard", &c.to_string()]).trim(),
+        "discarded 1 inbox dead letter"
+    );
+    assert_eq!(
+        ok(t, &["inbox", "failed", "discard", "--all"]).trim(),
+        "discarded 2 inbox dead letters"
+    );
+    let status = ok(t, &["inbox", "status"]);
+    assert!(status.contains("dead letters                0"), "{status}");
+
+    let inbox = seaorm_outbox::inbox::Inbox::new(&t.db);
+    for i in 0..3 {
+        inbox
+            .record("billing", &format!("old-{i}"))
+            .await
+            .expect("record");
+    }
+    inbox.record("billing", "new").await.expect("record");
+    t.db.execute_unprepared(
+        "UPDATE inbox_messages SET processed_at = now() - interval '10 days' \
+         WHERE message_id LIKE 'old-%'",
+    )
+    .await
+    .expect("age");
+    assert_eq!(
+        ok(
+            t,
+            &[
+                "inbox",
+                "purge",
+                "--processed-older-than",
+                "7d",
+                "--batch-size",
+                "2"
+            ]
+        )
+        .trim(),
+        "purged 3 processed ids older than 7days"
+    );
+    fails(
+        t,
+        &[],
+        &["inbox", "purge", "--processed-older-than", "soon"],
+        2,
+        "invalid duration",
+    );
+    fails(
+        t,
+        &[],
+        &["inbox", "failed", "replay", "not-a-uuid"],
+        2,
+        "invalid event id",
+    );
+    assert!(
+        ok(t, &["inbox", "status", "--consumer", "billing"])
+            .contains("processed ids               1")
     );
 }

@@ -245,7 +245,10 @@ fn fast() -> ConsumerConfig {
 async fn record_is_insert_first_and_scoped_to_the_consumer(t: &TestDb) {
     let txn = t.db.begin().await.expect("begin");
     let inbox = Inbox::new(&txn);
-    assert_eq!(inbox.record("billing", "m-1").await.expect("record"), Recorded::New);
+    assert_eq!(
+        inbox.record("billing", "m-1").await.expect("record"),
+        Recorded::New
+    );
     assert_eq!(
         inbox.record("billing", "m-1").await.expect("record"),
         Recorded::Duplicate
@@ -260,20 +263,29 @@ async fn record_is_insert_first_and_scoped_to_the_consumer(t: &TestDb) {
     assert!(inbox.is_processed("billing", "m-1").await.expect("lookup"));
     assert!(!inbox.is_processed("billing", "m-2").await.expect("lookup"));
     assert_eq!(inbox.count_processed(None).await.expect("count"), 2);
-    assert_eq!(inbox.count_processed(Some("billing")).await.expect("count"), 1);
+    assert_eq!(
+        inbox.count_processed(Some("billing")).await.expect("count"),
+        1
+    );
 }
 
 async fn a_rolled_back_record_leaves_no_marker(t: &TestDb) {
     let txn = t.db.begin().await.expect("begin");
     assert_eq!(
-        Inbox::new(&txn).record("billing", "m-1").await.expect("record"),
+        Inbox::new(&txn)
+            .record("billing", "m-1")
+            .await
+            .expect("record"),
         Recorded::New
     );
     txn.rollback().await.expect("rollback");
     // The retry after a failed attempt must apply the message, not skip it.
     let txn = t.db.begin().await.expect("begin");
     assert_eq!(
-        Inbox::new(&txn).record("billing", "m-1").await.expect("record"),
+        Inbox::new(&txn)
+            .record("billing", "m-1")
+            .await
+            .expect("record"),
         Recorded::New
     );
     txn.commit().await.expect("commit");
@@ -288,7 +300,10 @@ async fn bad_keys_are_refused_before_anything_is_written(t: &TestDb) {
     }
     // 255 characters, multi-byte, fit.
     let fits = "é".repeat(255);
-    assert_eq!(inbox.record("c", &fits).await.expect("record"), Recorded::New);
+    assert_eq!(
+        inbox.record("c", &fits).await.expect("record"),
+        Recorded::New
+    );
     assert_eq!(inbox.count_processed(None).await.expect("count"), 1);
     assert!(matches!(
         inbox.purge_processed(chrono::Utc::now(), 0).await,
@@ -299,7 +314,10 @@ async fn bad_keys_are_refused_before_anything_is_written(t: &TestDb) {
 async fn retention_purges_old_ids_in_batches_and_keeps_recent_ones(t: &TestDb) {
     let inbox = Inbox::new(&t.db);
     for i in 0..25 {
-        inbox.record("c", &format!("old-{i}")).await.expect("record");
+        inbox
+            .record("c", &format!("old-{i}"))
+            .await
+            .expect("record");
     }
     let old = chrono::Utc::now() - chrono::Duration::days(30);
     t.exec(
@@ -309,7 +327,10 @@ async fn retention_purges_old_ids_in_batches_and_keeps_recent_ones(t: &TestDb) {
     )
     .await;
     for i in 0..5 {
-        inbox.record("c", &format!("new-{i}")).await.expect("record");
+        inbox
+            .record("c", &format!("new-{i}"))
+            .await
+            .expect("record");
     }
     let cutoff = chrono::Utc::now() - chrono::Duration::days(7);
     let mut batches = Vec::new();
@@ -338,7 +359,8 @@ async fn same_key_runs_in_order_and_different_keys_in_parallel(t: &TestDb) {
     let n = 400;
     for i in 0..n {
         let agg = format!("a{}", i % 10);
-        h.send(message(Some(&format!("m-{i}")), &agg, i as i64, i)).await;
+        h.send(message(Some(&format!("m-{i}")), &agg, i as i64, i))
+            .await;
     }
     h.wait_acks(n as usize).await;
     let stats = h.stop().await;
@@ -361,7 +383,8 @@ async fn failing_handlers_retry_then_dead_letter_and_replay_applies_them(t: &Tes
     failing.lock().expect("fail_first").insert("m-2".into(), 3);
     let h = Harness::start(t, "billing", handler, fast().max_attempts(3));
     for i in 0..4 {
-        h.send(message(Some(&format!("m-{i}")), "a", i, i as u64)).await;
+        h.send(message(Some(&format!("m-{i}")), "a", i, i as u64))
+            .await;
     }
     h.wait_acks(4).await;
     let inbox = Inbox::new(&t.db);
@@ -372,28 +395,49 @@ async fn failing_handlers_retry_then_dead_letter_and_replay_applies_them(t: &Tes
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].message_id.as_deref(), Some("m-2"));
     assert_eq!(dead[0].attempts, 3);
-    assert!(dead[0].error.contains("injected failure"), "{}", dead[0].error);
+    assert!(
+        dead[0].error.contains("injected failure"),
+        "{}",
+        dead[0].error
+    );
     assert_eq!(dead[0].source.as_deref(), Some("test-stream"));
     assert!(!inbox.is_processed("billing", "m-2").await.expect("lookup"));
     assert_eq!(effects(t).await.len(), 3);
 
     // Replayed while the bug persists, it fails again and stays, with its attempts added up.
-    assert_eq!(inbox.replay(DeadLetters::Consumer("billing")).await.expect("replay"), 1);
+    assert_eq!(
+        inbox
+            .replay(DeadLetters::Consumer("billing"))
+            .await
+            .expect("replay"),
+        1
+    );
     let limit = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let d = inbox
             .dead_letters(DeadLetters::Id(dead[0].id), 1, 0)
             .await
             .expect("list");
-        if d.first().is_some_and(|d| d.attempts == 6 && d.replay_requested_at.is_none()) {
+        if d.first()
+            .is_some_and(|d| d.attempts == 6 && d.replay_requested_at.is_none())
+        {
             break;
         }
-        assert!(std::time::Instant::now() < limit, "replay never retried: {d:?}");
+        assert!(
+            std::time::Instant::now() < limit,
+            "replay never retried: {d:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Fixed, replayed: the running consumer applies it and drops the dead letter.
     failing.lock().expect("fail_first").clear();
-    assert_eq!(inbox.replay(DeadLetters::Id(dead[0].id)).await.expect("replay"), 1);
+    assert_eq!(
+        inbox
+            .replay(DeadLetters::Id(dead[0].id))
+            .await
+            .expect("replay"),
+        1
+    );
     let limit = std::time::Instant::now() + Duration::from_secs(20);
     while inbox.count_dead_letters(None).await.expect("count") > 0 {
         assert!(std::time::Instant::now() < limit, "replay never applied");
@@ -422,7 +466,10 @@ async fn messages_without_an_id_or_with_a_bad_payload_dead_letter_at_once(t: &Te
     h.send(message(Some("ok"), "a", 2, 3)).await;
     h.wait_acks(3).await;
     let stats = h.stop().await;
-    assert_eq!((stats.applied, stats.dead_lettered, stats.retries), (1, 2, 0));
+    assert_eq!(
+        (stats.applied, stats.dead_lettered, stats.retries),
+        (1, 2, 0)
+    );
     let dead = Inbox::new(&t.db)
         .dead_letters(DeadLetters::All, 10, 0)
         .await
@@ -487,7 +534,8 @@ async fn shutdown_acknowledges_only_what_committed(t: &TestDb) {
     // One key: one message runs, the rest wait behind it.
     let h = Harness::start(t, "graceful", handler, fast());
     for i in 0..20 {
-        h.send(message(Some(&format!("m-{i}")), "a", i, i as u64)).await;
+        h.send(message(Some(&format!("m-{i}")), "a", i, i as u64))
+            .await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let acks = Arc::clone(&h.acks);
@@ -495,7 +543,10 @@ async fn shutdown_acknowledges_only_what_committed(t: &TestDb) {
     let acked = acks.lock().expect("acks").clone();
     let applied: Vec<String> = effects(t).await.into_iter().map(|e| e.0).collect();
     assert!(acked.len() < 20, "shutdown waited for the whole queue");
-    assert_eq!(acked, applied, "acknowledged exactly what committed, in order");
+    assert_eq!(
+        acked, applied,
+        "acknowledged exactly what committed, in order"
+    );
     assert_eq!(stats.applied as usize, applied.len());
     if t.backend != Backend::SqliteMemory {
         assert!(!applied.is_empty());

@@ -260,12 +260,16 @@ async fn e2e_consumer_child() {
         }
         Broker::RabbitMq { uri, queue } => {
             consumer
-                .run(faulty(RabbitMqSource::new(uri, queue).prefetch(64), &log, crash_at), stop)
+                .run(
+                    faulty(RabbitMqSource::new(uri, queue).prefetch(64), &log, crash_at),
+                    stop,
+                )
                 .await
         }
         Broker::Redis { url, stream } => {
             let client = redis::Client::open(url).expect("redis");
-            let source = RedisSource::new(client, stream, CONSUMER).claim_idle(Duration::from_secs(5));
+            let source =
+                RedisSource::new(client, stream, CONSUMER).claim_idle(Duration::from_secs(5));
             consumer.run(faulty(source, &log, crash_at), stop).await
         }
         Broker::Kafka { bootstrap, topic } => {
@@ -277,7 +281,10 @@ async fn e2e_consumer_child() {
                 .set("session.timeout.ms", "6000")
                 .set("heartbeat.interval.ms", "500");
             consumer
-                .run(faulty(KafkaSource::from_config(config, &[&topic]), &log, crash_at), stop)
+                .run(
+                    faulty(KafkaSource::from_config(config, &[&topic]), &log, crash_at),
+                    stop,
+                )
                 .await
         }
     };
@@ -361,7 +368,10 @@ async fn end_to_end(broker: Broker) {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("deliveries.log");
     let mut env = t.child_env();
-    env.push(("OUTBOX_E2E_BROKER", serde_json::to_string(&broker).expect("json")));
+    env.push((
+        "OUTBOX_E2E_BROKER",
+        serde_json::to_string(&broker).expect("json"),
+    ));
     env.push(("OUTBOX_E2E_LOG", log.display().to_string()));
     let started = Instant::now();
 
@@ -417,9 +427,8 @@ async fn end_to_end(broker: Broker) {
     kill(&mut relay);
     let elapsed = started.elapsed();
 
-    let effects = t
-        .db
-        .query_all_raw(Statement::from_string(
+    let effects =
+        t.db.query_all_raw(Statement::from_string(
             t.db.get_database_backend(),
             "SELECT message_id, agg, seq FROM effects ORDER BY ord",
         ))
@@ -432,14 +441,28 @@ async fn end_to_end(broker: Broker) {
         let id: String = r.try_get("", "message_id").expect("id");
         let agg: String = r.try_get("", "agg").expect("agg");
         let seq: i64 = r.try_get("", "seq").expect("seq");
-        assert!(seen.insert(id.clone()), "{}: {id} applied twice", broker.name());
+        assert!(
+            seen.insert(id.clone()),
+            "{}: {id} applied twice",
+            broker.name()
+        );
         if last.insert(agg, seq).is_some_and(|prev| prev >= seq) {
             order_violations += 1;
         }
     }
     let expected: HashSet<String> = all.iter().map(Uuid::to_string).collect();
-    assert_eq!(seen, expected, "{}: every event applied, none lost", broker.name());
-    assert_eq!(order_violations, 0, "{}: per-aggregate order", broker.name());
+    assert_eq!(
+        seen,
+        expected,
+        "{}: every event applied, none lost",
+        broker.name()
+    );
+    assert_eq!(
+        order_violations,
+        0,
+        "{}: per-aggregate order",
+        broker.name()
+    );
     assert_eq!(
         scalar(&t, "SELECT COUNT(*) FROM inbox_dead_letters").await,
         0,

@@ -18,6 +18,7 @@ on_all_backends!(
     cli_binary_migrates_up_and_down,
     host_migrator_runs_our_migrations_under_fixed_names,
     standalone_migrator_coexists_with_the_host_bookkeeping,
+    a_consumer_only_host_gets_the_inbox_tables_alone_and_the_outbox_later,
 );
 
 /// Names of the tables in the test's database or schema.
@@ -215,5 +216,57 @@ async fn standalone_migrator_coexists_with_the_host_bookkeeping(t: &TestDb) {
     assert!(
         names.contains(&"orders".to_owned()),
         "the host's tables are untouched"
+    );
+}
+
+/// A consuming service: its own migrations and the inbox's, no outbox.
+struct ConsumerHost;
+
+impl MigratorTrait for ConsumerHost {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut all: Vec<Box<dyn MigrationTrait>> = vec![Box::new(CreateOrders)];
+        all.extend(seaorm_outbox_migration::inbox_migrations());
+        all
+    }
+}
+
+/// The same service once it also produces events.
+struct BothSides;
+
+impl MigratorTrait for BothSides {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut all: Vec<Box<dyn MigrationTrait>> = vec![Box::new(CreateOrders)];
+        all.extend(seaorm_outbox_migration::inbox_migrations());
+        all.extend(seaorm_outbox_migration::outbox_migrations());
+        all
+    }
+}
+
+async fn a_consumer_only_host_gets_the_inbox_tables_alone_and_the_outbox_later(t: &TestDb) {
+    ConsumerHost::up(&t.db, None)
+        .await
+        .expect("consumer host up");
+    let names = tables(t).await;
+    for table in ["inbox_messages", "inbox_dead_letters", "orders"] {
+        assert!(names.contains(&table.to_owned()), "{table}: {names:?}");
+    }
+    assert!(!names.contains(&"outbox_events".to_owned()), "{names:?}");
+    // Adding the outbox later applies only its migrations.
+    assert_eq!(
+        BothSides::get_pending_migrations(&t.db)
+            .await
+            .expect("pending")
+            .len(),
+        seaorm_outbox_migration::outbox_migrations().len()
+    );
+    BothSides::up(&t.db, None).await.expect("both up");
+    assert!(tables(t).await.contains(&"outbox_events".to_owned()));
+    BothSides::down(&t.db, None).await.expect("both down");
+    let names = tables(t).await;
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("inbox_") || n.starts_with("outbox_")),
+        "{names:?}"
     );
 }

@@ -111,7 +111,9 @@ impl<H: Handler> Dispatcher<H> {
                     self.accept(Delivery { message, ack });
                 }
             }
-            Err(e) => tracing::warn!(consumer = %shared.name, error = %e, "inbox: taking replays failed"),
+            Err(e) => {
+                tracing::warn!(consumer = %shared.name, error = %e, "inbox: taking replays failed")
+            }
         }
     }
 }
@@ -131,7 +133,12 @@ impl Acknowledge for DeleteDeadLetter {
 }
 
 /// Purges processed ids older than the retention, a batch per statement, until none is left.
-async fn purge(db: sea_orm::DatabaseConnection, consumer: String, keep: std::time::Duration, batch: u64) {
+async fn purge(
+    db: sea_orm::DatabaseConnection,
+    consumer: String,
+    keep: std::time::Duration,
+    batch: u64,
+) {
     let Ok(keep) = chrono::Duration::from_std(keep) else {
         return;
     };

@@ -146,9 +146,13 @@ fn delivery(m: &rdkafka::message::BorrowedMessage<'_>, tracker: &Tracker) -> Del
         })
         .unwrap_or_default();
     let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-    let message = Incoming::new(topic.clone(), headers, m.payload().unwrap_or_default().to_vec())
-        .position(Some(format!("{partition}/{offset}")))
-        .broker_key(key);
+    let message = Incoming::new(
+        topic.clone(),
+        headers,
+        m.payload().unwrap_or_default().to_vec(),
+    )
+    .position(Some(format!("{partition}/{offset}")))
+    .broker_key(key);
     Delivery {
         message,
         ack: Box::new(KafkaAck {

@@ -43,7 +43,11 @@ pub struct Incoming {
 impl Incoming {
     /// A message from `source` with these headers and body; for [`Source`](super::Source)
     /// implementations.
-    pub fn new(source: impl Into<String>, headers: Vec<(String, String)>, payload: Vec<u8>) -> Self {
+    pub fn new(
+        source: impl Into<String>,
+        headers: Vec<(String, String)>,
+        payload: Vec<u8>,
+    ) -> Self {
         Self {
             message_id: String::new(),
             ordering_key: None,

@@ -107,7 +107,8 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     /// over [`MAX_INBOX_KEY_CHARS`] or one holding NUL; database errors.
     pub async fn record(&self, consumer: &str, message_id: &str) -> Result<Recorded> {
         let now = Utc::now();
-        self.record_from(consumer, message_id, None, None, now).await
+        self.record_from(consumer, message_id, None, None, now)
+            .await
     }
 
     /// [`record`](Self::record) with where the message came from and when it was received.

@@ -41,7 +41,11 @@ pub struct NatsSource {
 
 impl NatsSource {
     /// The durable consumer `durable` on `stream`.
-    pub fn new(js: jetstream::Context, stream: impl Into<String>, durable: impl Into<String>) -> Self {
+    pub fn new(
+        js: jetstream::Context,
+        stream: impl Into<String>,
+        durable: impl Into<String>,
+    ) -> Self {
         Self {
             js,
             stream: stream.into(),

@@ -39,13 +39,16 @@ fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
 }
 
 fn message_id<H>(s: &Shared<H>, msg: &Incoming) -> Result<String, String> {
-    let id = s.config.message_id.of(msg).or_else(|| match s.config.on_missing_id {
-        MissingId::SourcePosition => msg
-            .position
-            .as_ref()
-            .map(|p| format!("{}@{p}", msg.source)),
-        _ => None,
-    });
+    let id = s
+        .config
+        .message_id
+        .of(msg)
+        .or_else(|| match s.config.on_missing_id {
+            MissingId::SourcePosition => {
+                msg.position.as_ref().map(|p| format!("{}@{p}", msg.source))
+            }
+            _ => None,
+        });
     let id = id.ok_or_else(|| {
         "message has no id (no event-id header, and no fallback configured)".to_owned()
     })?;
@@ -53,7 +56,11 @@ fn message_id<H>(s: &Shared<H>, msg: &Incoming) -> Result<String, String> {
     Ok(id)
 }
 
-pub(crate) async fn handle<H: Handler>(s: &Shared<H>, mut d: Delivery, shutdown: &CancellationToken) {
+pub(crate) async fn handle<H: Handler>(
+    s: &Shared<H>,
+    mut d: Delivery,
+    shutdown: &CancellationToken,
+) {
     match message_id(s, &d.message) {
         Ok(id) => d.message.message_id = id,
         Err(reason) => return dead_letter(s, d, 0, reason, shutdown).await,

@@ -116,8 +116,12 @@ impl Source for RabbitMqSource {
         loop {
             match self.consume(&ctx).await {
                 Ok(false) => return Ok(()),
-                Ok(true) => tracing::warn!(queue = %self.queue, "rabbitmq source: consumer cancelled; reconnecting"),
-                Err(e) => tracing::warn!(queue = %self.queue, error = %e, "rabbitmq source: connection failed; reconnecting"),
+                Ok(true) => {
+                    tracing::warn!(queue = %self.queue, "rabbitmq source: consumer cancelled; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "rabbitmq source: connection failed; reconnecting")
+                }
             }
             if !pause(&ctx.shutdown, RECONNECT_DELAY).await {
                 return Ok(());

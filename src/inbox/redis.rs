@@ -159,7 +159,12 @@ impl RedisSource {
     }
 
     /// Pushes `entries`; `false` when the consumer stopped.
-    async fn push(&self, entries: Vec<StreamId>, ctx: &SourceContext, acks: &ConnectionManager) -> bool {
+    async fn push(
+        &self,
+        entries: Vec<StreamId>,
+        ctx: &SourceContext,
+        acks: &ConnectionManager,
+    ) -> bool {
         for entry in entries {
             // A pending entry whose data was trimmed away comes back empty: ack it, nothing
             // is left to apply.
@@ -174,7 +179,12 @@ impl RedisSource {
                 .await;
                 continue;
             }
-            if ctx.deliveries.send(self.delivery(entry, acks)).await.is_err() {
+            if ctx
+                .deliveries
+                .send(self.delivery(entry, acks))
+                .await
+                .is_err()
+            {
                 return false;
             }
         }

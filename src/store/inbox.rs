@@ -98,7 +98,12 @@ pub(crate) fn check_len(field: &'static str, value: &str) -> Result<()> {
 
 /// Optional metadata is cut to fit rather than refused: it describes, it does not decide.
 fn fit(value: Option<&str>) -> Option<String> {
-    value.map(|v| v.replace('\0', "").chars().take(MAX_INBOX_KEY_CHARS).collect())
+    value.map(|v| {
+        v.replace('\0', "")
+            .chars()
+            .take(MAX_INBOX_KEY_CHARS)
+            .collect()
+    })
 }
 
 /// Inserts `r` unless its key exists; `true` when it was new. Inside the caller's transaction,
@@ -170,7 +175,10 @@ pub(crate) async fn purge_processed(
         }
     };
     let values = vec![older_than.into(), i64::try_from(batch).unwrap_or(0).into()];
-    Ok(db.execute_raw(stmt(backend, sql, values)).await?.rows_affected())
+    Ok(db
+        .execute_raw(stmt(backend, sql, values))
+        .await?
+        .rows_affected())
 }
 
 /// How many messages `consumer` (or every consumer) has recorded.
@@ -299,7 +307,10 @@ pub(crate) async fn request_replay(
     let mut all: Vec<Value> = vec![at.into()];
     all.extend(values);
     let sql = format!("UPDATE inbox_dead_letters SET replay_requested_at = ? WHERE {filter}");
-    Ok(db.execute_raw(stmt(backend, &sql, all)).await?.rows_affected())
+    Ok(db
+        .execute_raw(stmt(backend, &sql, all))
+        .await?
+        .rows_affected())
 }
 
 /// Deletes these dead letters; returns how many.
@@ -307,7 +318,10 @@ pub(crate) async fn discard(db: &impl ConnectionTrait, which: DeadLetters<'_>) -
     let backend = db.get_database_backend();
     let (filter, values) = selector(which);
     let sql = format!("DELETE FROM inbox_dead_letters WHERE {filter}");
-    Ok(db.execute_raw(stmt(backend, &sql, values)).await?.rows_affected())
+    Ok(db
+        .execute_raw(stmt(backend, &sql, values))
+        .await?
+        .rows_affected())
 }
 
 /// Takes up to `limit` of `consumer`'s replay requests. Each is taken by clearing its request

@@ -12,6 +12,7 @@
 
 mod commands;
 mod http;
+mod inbox;
 mod relay;
 
 use std::process::ExitCode;
@@ -67,6 +68,9 @@ enum Command {
     },
     /// Run the relay until SIGINT or SIGTERM; serve /metrics and /healthz.
     Relay(Box<relay::RelayArgs>),
+    /// The consumer side: inbox counts, dead letters and retention.
+    #[command(subcommand)]
+    Inbox(inbox::InboxCommand),
 }
 
 /// A failure to report: a message and an exit code.
@@ -150,6 +154,7 @@ async fn run(cli: Cli) -> CliResult {
             commands::purge(&db().await?, age, batch).await
         }
         Command::Relay(args) => relay::run(db().await?, *args).await,
+        Command::Inbox(cmd) => inbox::run(&db().await?, cmd).await,
     }
 }
 
