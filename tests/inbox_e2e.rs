@@ -131,7 +131,7 @@ fn injected_failure(id: &str, attempt: u32) -> bool {
     for b in id.bytes().chain(attempt.to_le_bytes()) {
         h = (h ^ u64::from(b)).wrapping_mul(1099511628211);
     }
-    h % 5 == 0
+    h.is_multiple_of(5)
 }
 
 #[async_trait]

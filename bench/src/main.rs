@@ -5,7 +5,7 @@
 //! cargo run --release -p seaorm-outbox-bench -- [--quick] [--only SECTION,...] [--repeat N]
 //! ```
 //!
-//! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`.
+//! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`.
 //! `--pg-only` skips MariaDB and SQLite in `throughput`; `--relays 1,2,4` picks the relay counts
 //! (PostgreSQL) and `--ordering unordered|ordered` one ordering; `--vacuum-every-ms N` runs `VACUUM` on the
 //! table every N ms, standing in for autovacuum where the server has it off. The throughput backlog
@@ -19,6 +19,7 @@ mod backlog;
 mod brokers;
 mod cpu;
 mod db;
+mod inbox;
 mod latency;
 mod report;
 mod sink;
@@ -40,6 +41,7 @@ pub(crate) struct Sizes {
     pub(crate) backlog: u64,
     pub(crate) retained: u64,
     pub(crate) broker: u64,
+    pub(crate) inbox: u64,
 }
 
 impl Sizes {
@@ -53,6 +55,7 @@ impl Sizes {
                 backlog: 20_000,
                 retained: 50_000,
                 broker: 5_000,
+                inbox: 2_000,
             }
         } else {
             Self {
@@ -63,6 +66,7 @@ impl Sizes {
                 backlog: 1_000_000,
                 retained: 5_000_000,
                 broker: 50_000,
+                inbox: 20_000,
             }
         }
     }
@@ -170,6 +174,14 @@ async fn main() -> Result<()> {
     }
     if wants("brokers") {
         brokers::section(&pg, sizes.broker, &mut rows).await?;
+    }
+    if wants("inbox") {
+        inbox::section(&pg, sizes.inbox, repeat, &mut rows).await?;
+        for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
+            let other = BenchDb::new(kind).await?;
+            inbox::section(&other, sizes.inbox, repeat, &mut rows).await?;
+            other.drop().await?;
+        }
     }
     vacuum_stop.cancel();
     pg.drop().await?;

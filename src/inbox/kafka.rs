@@ -184,10 +184,10 @@ impl Source for KafkaSource {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => break,
                 _ = commits.tick() => {
-                    if let Some(list) = advanced(&tracker) {
-                        if let Err(e) = consumer.commit(&list, CommitMode::Async) {
-                            tracing::warn!(error = %e, "kafka source: offset commit failed");
-                        }
+                    if let Some(list) = advanced(&tracker)
+                        && let Err(e) = consumer.commit(&list, CommitMode::Async)
+                    {
+                        tracing::warn!(error = %e, "kafka source: offset commit failed");
                     }
                 }
                 received = consumer.recv() => match received {

@@ -1,0 +1,171 @@
+//! Consumer throughput through the inbox against the same consumer without it, same run, same
+//! concurrency: a JetStream stream prefilled with `n` messages, drained by a `Consumer` whose
+//! handler writes one domain row per message; with the inbox, each transaction also inserts
+//! the `(consumer, message_id)` row first.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use async_trait::async_trait;
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use seaorm_outbox::inbox::{Consumer, ConsumerConfig, Handler, HandlerError, Incoming, NatsSource};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{BenchDb, Kind};
+use crate::report::{Row, Target};
+
+const CONCURRENCY: usize = 16;
+
+struct WriteRow {
+    kind: Kind,
+}
+
+#[async_trait]
+impl Handler for WriteRow {
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Incoming) -> Result<(), HandlerError> {
+        let sql = match self.kind {
+            Kind::Postgres => {
+                "INSERT INTO bench_effects (message_id, agg, body) VALUES ($1, $2, $3)"
+            }
+            _ => "INSERT INTO bench_effects (message_id, agg, body) VALUES (?, ?, ?)",
+        };
+        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            sql,
+            [
+                msg.message_id.clone().into(),
+                msg.ordering_key.clone().unwrap_or_default().into(),
+                String::from_utf8_lossy(&msg.payload).into_owned().into(),
+            ],
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+async fn prefill(js: &async_nats::jetstream::Context, stream: &str, n: u64) -> Result<()> {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.to_owned(),
+        subjects: vec![format!("{stream}.>")],
+        ..Default::default()
+    })
+    .await?;
+    let body = serde_json::json!({
+        "order_id": "00000000-0000-0000-0000-000000000000",
+        "customer": "customer-000042",
+        "lines": [{"sku": "SKU-1234", "qty": 2, "price_cents": 1999}],
+        "currency": "EUR",
+        "placed_at": "2026-12-01T00:00:00.000000Z",
+    })
+    .to_string();
+    let mut acks = Vec::with_capacity(1000);
+    for i in 0..n {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("event-id", uuid::Uuid::now_v7().to_string().as_str());
+        headers.insert("aggregate-id", format!("order-{}", i % 1000).as_str());
+        acks.push(
+            js.publish_with_headers(format!("{stream}.order"), headers, body.clone().into())
+                .await?,
+        );
+        if acks.len() == 1000 {
+            for a in acks.drain(..) {
+                a.await?;
+            }
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
+}
+
+/// Messages per second for one full drain.
+async fn drain(
+    db: &BenchDb,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    n: u64,
+    inbox: bool,
+) -> Result<f64> {
+    db.exec("DELETE FROM bench_effects").await?;
+    db.exec("DELETE FROM inbox_messages").await?;
+    let durable = format!("bench{}", uuid::Uuid::now_v7().simple());
+    let config = ConsumerConfig::default()
+        .concurrency(CONCURRENCY)
+        .deduplicate(inbox);
+    let consumer = Arc::new(Consumer::with_config(
+        db.pool(CONCURRENCY as u32 + 1).await?,
+        "bench",
+        WriteRow { kind: db.kind },
+        config,
+    )?);
+    let stop = CancellationToken::new();
+    let source = NatsSource::new(js.clone(), stream, durable.clone());
+    let start = Instant::now();
+    let run = {
+        let (c, stop) = (Arc::clone(&consumer), stop.clone());
+        tokio::spawn(async move { c.run(source, stop).await })
+    };
+    while consumer.stats().applied < n {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(600),
+            "drain took over 10 min: {:?}",
+            consumer.stats()
+        );
+        anyhow::ensure!(
+            !run.is_finished(),
+            "consumer stopped: {:?}",
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await??;
+    js.get_stream(stream)
+        .await?
+        .delete_consumer(&durable)
+        .await?;
+    Ok(rate)
+}
+
+pub(crate) async fn section(
+    db: &BenchDb,
+    n: u64,
+    repeat: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let label = db.kind.label();
+    db.exec("DROP TABLE IF EXISTS bench_effects").await?;
+    db.exec("CREATE TABLE bench_effects (message_id VARCHAR(255) NOT NULL, agg VARCHAR(64) NOT NULL, body TEXT NOT NULL)").await?;
+    let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+    let js = async_nats::jetstream::new(client);
+    let stream = format!("BENCH_INBOX_{}_{}", std::process::id(), label);
+    prefill(&js, &stream, n).await?;
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let plain = drain(db, &js, &stream, n, false).await?;
+        let inboxed = drain(db, &js, &stream, n, true).await?;
+        eprintln!(
+            "{label} consumer x{CONCURRENCY}: no inbox {plain:.0}/s, inbox {inboxed:.0}/s ({:.2}x)",
+            inboxed / plain
+        );
+        without.push(plain);
+        with.push(inboxed);
+    }
+    js.delete_stream(&stream).await?;
+    db.exec("DROP TABLE bench_effects").await?;
+    rows.push(Row {
+        section: "inbox",
+        name: format!("consumer with inbox, NATS → {label}, {n} msgs, concurrency {CONCURRENCY}"),
+        value: crate::median(&mut with),
+        unit: "msg/s",
+        baseline: Some((
+            "same consumer, no inbox".into(),
+            crate::median(&mut without),
+        )),
+        target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(0.8)),
+    });
+    Ok(())
+}
