@@ -587,3 +587,92 @@ async fn end_to_end_through_kafka() {
     })
     .await;
 }
+
+/// Two instances of one logical consumer, each on its own durable of the same stream, so each
+/// is handed every message at about the same time: for each message exactly one applies it and
+/// the other sees a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_given_the_same_messages_in_parallel_apply_each_once() {
+    let t = TestDb::new(Backend::Postgres).await;
+    t.db.execute_unprepared(
+        "CREATE TABLE effects (ord BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, \
+         agg TEXT NOT NULL, seq BIGINT NOT NULL)",
+    )
+    .await
+    .expect("effects");
+    let url = format!(
+        "nats://{}",
+        env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222")
+    );
+    let client = async_nats::connect(&url).await.expect("nats reachable");
+    let js = async_nats::jetstream::new(client);
+    let stream = unique("e2e_dup_");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{stream}.>")],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let n = 300u64;
+    for i in 0..n {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("event-id", Uuid::now_v7().to_string().as_str());
+        headers.insert("aggregate-id", format!("a{}", i % 20).as_str());
+        let body = serde_json::to_vec(&Payload {
+            agg: format!("a{}", i % 20),
+            seq: (i / 20) as i64,
+        })
+        .expect("json");
+        js.publish_with_headers(format!("{stream}.e"), headers, body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let config = ConsumerConfig::default()
+        .concurrency(8)
+        .max_attempts(30)
+        .retry_backoff(Duration::from_millis(5))
+        .max_retry_backoff(Duration::from_millis(50));
+    let a = Arc::new(
+        Consumer::with_config(t.db.clone(), "ledger", Effects, config.clone()).expect("a"),
+    );
+    let b = Arc::new(
+        Consumer::with_config(t.connect_again().await, "ledger", Effects, config).expect("b"),
+    );
+    let stop = CancellationToken::new();
+    let run = |c: Arc<Consumer<Effects>>, durable: &str| {
+        let source = NatsSource::new(js.clone(), stream.clone(), durable);
+        let stop = stop.clone();
+        tokio::spawn(async move { c.run(source, stop).await })
+    };
+    let (ra, rb) = (
+        run(Arc::clone(&a), "ledger_a"),
+        run(Arc::clone(&b), "ledger_b"),
+    );
+    let limit = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (sa, sb) = (a.stats(), b.stats());
+        if sa.applied + sa.duplicates >= n && sb.applied + sb.duplicates >= n {
+            break;
+        }
+        assert!(Instant::now() < limit, "stuck: {sa:?} {sb:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let (sa, sb) = (
+        ra.await.expect("join").expect("a ran"),
+        rb.await.expect("join").expect("b ran"),
+    );
+    assert_eq!(sa.applied + sb.applied, n, "{sa:?} {sb:?}");
+    assert_eq!(sa.duplicates + sb.duplicates, n, "{sa:?} {sb:?}");
+    eprintln!("parallel copies: instance a {sa:?}, instance b {sb:?}");
+    assert_eq!(scalar(&t, "SELECT COUNT(*) FROM effects").await, n as i64);
+    assert_eq!(
+        scalar(&t, "SELECT COUNT(DISTINCT message_id) FROM effects").await,
+        n as i64
+    );
+    js.delete_stream(&stream).await.expect("delete stream");
+    t.cleanup().await;
+}

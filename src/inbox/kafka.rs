@@ -108,6 +108,27 @@ impl Acknowledge for KafkaAck {
     }
 }
 
+/// How often the lag is asked of the brokers.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Messages on the partitions this member has read from that it has not received yet: each
+/// partition's high watermark minus one past the highest offset received.
+fn lag(consumer: &StreamConsumer, tracker: &Tracker) -> u64 {
+    let positions: Vec<(String, i32, i64)> = lock(tracker)
+        .iter()
+        .map(|((t, p), part)| (t.clone(), *p, part.next))
+        .collect();
+    positions
+        .into_iter()
+        .filter_map(|(topic, partition, next)| {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                .ok()?;
+            u64::try_from(high - next).ok()
+        })
+        .sum()
+}
+
 /// The watermarks that moved since the last commit, marked as committed.
 fn advanced(tracker: &Tracker) -> Option<TopicPartitionList> {
     let mut map = lock(tracker);
@@ -180,9 +201,16 @@ impl Source for KafkaSource {
         consumer.subscribe(&topics).map_err(fatal)?;
         let tracker: Tracker = Arc::default();
         let mut commits = tokio::time::interval(self.commit_interval);
+        let mut lags = tokio::time::interval(LAG_EVERY);
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => break,
+                _ = lags.tick() => {
+                    let (c, t) = (Arc::clone(&consumer), Arc::clone(&tracker));
+                    if let Ok(n) = tokio::task::spawn_blocking(move || lag(&c, &t)).await {
+                        ctx.report_lag(n);
+                    }
+                }
                 _ = commits.tick() => {
                     if let Some(list) = advanced(&tracker)
                         && let Err(e) = consumer.commit(&list, CommitMode::Async)
@@ -215,5 +243,48 @@ impl Source for KafkaSource {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(t: &Tracker, offset: i64) {
+        let mut map = lock(t);
+        let p = map.entry(("t".to_owned(), 0)).or_default();
+        p.unfinished.insert(offset);
+        p.next = p.next.max(offset + 1);
+    }
+
+    fn finished(t: &Tracker, offset: i64) {
+        if let Some(p) = lock(t).get_mut(&("t".to_owned(), 0)) {
+            p.unfinished.remove(&offset);
+        }
+    }
+
+    fn committed(t: &Tracker) -> Option<i64> {
+        advanced(t).and_then(|l| l.elements().first().and_then(|e| e.offset().to_raw()))
+    }
+
+    #[test]
+    fn the_commit_never_passes_an_unfinished_offset() {
+        let t = Tracker::default();
+        for o in 0..6 {
+            received(&t, o);
+        }
+        assert_eq!(committed(&t), None, "nothing finished, nothing to commit");
+        for o in [0, 1, 3, 4, 5] {
+            finished(&t, o);
+        }
+        // 2 is still in flight: 3..5 finished early must wait behind it.
+        assert_eq!(committed(&t), Some(2));
+        assert_eq!(
+            committed(&t),
+            None,
+            "unchanged watermark is not committed again"
+        );
+        finished(&t, 2);
+        assert_eq!(committed(&t), Some(6), "all finished: one past the highest");
     }
 }

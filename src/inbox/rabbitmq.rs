@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::Acker;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 
@@ -55,9 +55,21 @@ impl RabbitMqSource {
                 FieldTable::default(),
             )
             .await?;
+        let mut lags = tokio::time::interval(LAG_EVERY);
         loop {
             let next = tokio::select! {
                 _ = ctx.shutdown.cancelled() => return Ok(false),
+                _ = lags.tick() => {
+                    // A passive declare reports the messages ready in the queue.
+                    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                    if let Ok(q) = channel
+                        .queue_declare(ShortString::from(self.queue.clone()), passive, FieldTable::default())
+                        .await
+                    {
+                        ctx.report_lag(u64::from(q.message_count()));
+                    }
+                    continue;
+                }
                 next = deliveries.next() => next,
             };
             let d = match next {
@@ -95,6 +107,9 @@ fn text(v: &AMQPValue) -> Option<String> {
         _ => None,
     }
 }
+
+/// How often the queue's depth is asked for.
+const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct RabbitAck(Acker);
 

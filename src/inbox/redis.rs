@@ -1,5 +1,6 @@
 //! Redis Streams source (`redis` feature): a consumer group, `XACK` after commit.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -134,6 +135,24 @@ impl RedisSource {
             .await
     }
 
+    /// The group's `lag` from `XINFO GROUPS` (Redis 7+): entries not yet delivered to it.
+    async fn lag(&self, conn: &mut ConnectionManager) -> Option<u64> {
+        let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.stream)
+            .query_async(conn)
+            .await
+            .ok()?;
+        let ours = groups.into_iter().find(|g| {
+            g.get("name")
+                .cloned()
+                .and_then(|v| String::from_redis_value(v).ok())
+                .as_deref()
+                == Some(self.group.as_str())
+        })?;
+        u64::from_redis_value(ours.get("lag")?.clone()).ok()
+    }
+
     fn delivery(&self, entry: StreamId, acks: &ConnectionManager) -> Delivery {
         let mut headers = Vec::with_capacity(entry.map.len());
         let mut payload = Vec::new();
@@ -249,10 +268,17 @@ impl Source for RedisSource {
         }
 
         let mut claim_at = tokio::time::Instant::now();
+        let mut lag_at = tokio::time::Instant::now();
         let mut claim_from = "0-0".to_owned();
         loop {
             if ctx.shutdown.is_cancelled() {
                 return Ok(());
+            }
+            if tokio::time::Instant::now() >= lag_at {
+                if let Some(n) = self.lag(&mut reads).await {
+                    ctx.report_lag(n);
+                }
+                lag_at = tokio::time::Instant::now() + Duration::from_secs(5);
             }
             if tokio::time::Instant::now() >= claim_at {
                 match self.autoclaim(&mut reads, &claim_from).await {
@@ -286,6 +312,10 @@ impl Source for RedisSource {
                     tracing::warn!(stream = %self.stream, error = %e, "redis source: read failed; retrying");
                     if !pause(&ctx.shutdown, RECONNECT_DELAY).await {
                         return Ok(());
+                    }
+                    // The stream (and its group) was deleted under us: start it again.
+                    if e.code() == Some("NOGROUP") {
+                        self.create_group(&mut reads).await?;
                     }
                 }
             }
