@@ -8,14 +8,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use async_trait::async_trait;
-use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 use seaorm_outbox::inbox::{Consumer, ConsumerConfig, Handler, HandlerError, Incoming, NatsSource};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{BenchDb, Kind};
 use crate::report::{Row, Target};
 
-const CONCURRENCY: usize = 16;
+/// Handlers in flight, in both modes: the consumer's default, or `OUTBOX_BENCH_INBOX_CONCURRENCY`.
+fn concurrency() -> usize {
+    std::env::var("OUTBOX_BENCH_INBOX_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ConsumerConfig::default().concurrency)
+}
 
 struct WriteRow {
     kind: Kind,
@@ -81,6 +87,18 @@ async fn prefill(js: &async_nats::jetstream::Context, stream: &str, n: u64) -> R
 }
 
 /// Messages per second for one full drain.
+/// Empties the two tables without leaving dead rows behind (a `DELETE` would bloat the inbox's
+/// indexes from run to run, and only the inbox runs would pay for it).
+async fn empty(db: &BenchDb) -> Result<()> {
+    for table in ["bench_effects", "inbox_messages"] {
+        match db.kind {
+            Kind::Sqlite => db.exec(&format!("DELETE FROM {table}")).await?,
+            _ => db.exec(&format!("TRUNCATE TABLE {table}")).await?,
+        }
+    }
+    Ok(())
+}
+
 async fn drain(
     db: &BenchDb,
     js: &async_nats::jetstream::Context,
@@ -88,14 +106,14 @@ async fn drain(
     n: u64,
     inbox: bool,
 ) -> Result<f64> {
-    db.exec("DELETE FROM bench_effects").await?;
-    db.exec("DELETE FROM inbox_messages").await?;
+    empty(db).await?;
     let durable = format!("bench{}", uuid::Uuid::now_v7().simple());
     let config = ConsumerConfig::default()
-        .concurrency(CONCURRENCY)
+        .concurrency(concurrency())
+        .max_in_flight(concurrency().max(256))
         .deduplicate(inbox);
     let consumer = Arc::new(Consumer::with_config(
-        db.pool(CONCURRENCY as u32 + 1).await?,
+        db.pool(concurrency() as u32 + 1).await?,
         "bench",
         WriteRow { kind: db.kind },
         config,
@@ -130,6 +148,44 @@ async fn drain(
     Ok(rate)
 }
 
+/// Transactions per second with no broker at all: `concurrency()` sessions each committing
+/// `BEGIN; [inbox record;] INSERT effect; COMMIT` in a loop; what the database alone charges
+/// for the record.
+async fn database_only(db: &BenchDb, n: u64, inbox: bool) -> Result<f64> {
+    empty(db).await?;
+    let workers = concurrency() as u64;
+    let pool = db.pool(workers as u32).await?;
+    let handler = Arc::new(WriteRow { kind: db.kind });
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (pool, handler) = (pool.clone(), Arc::clone(&handler));
+        tasks.push(tokio::spawn(async move {
+            for i in (w..n).step_by(workers as usize) {
+                let mut msg = Incoming::new("bench", Vec::new(), b"{}".to_vec());
+                msg.message_id = uuid::Uuid::now_v7().to_string();
+                msg.ordering_key = Some(format!("order-{}", i % 1000));
+                let txn = pool.begin().await?;
+                if inbox {
+                    seaorm_outbox::inbox::Inbox::new(&txn)
+                        .record("bench", &msg.message_id)
+                        .await?;
+                }
+                handler
+                    .handle(&txn, &msg)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                txn.commit().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
 pub(crate) async fn section(
     db: &BenchDb,
     n: u64,
@@ -150,17 +206,26 @@ pub(crate) async fn section(
         let plain = drain(db, &js, &stream, n, false).await?;
         let inboxed = drain(db, &js, &stream, n, true).await?;
         eprintln!(
-            "{label} consumer x{CONCURRENCY}: no inbox {plain:.0}/s, inbox {inboxed:.0}/s ({:.2}x)",
+            "{label} consumer x{}: no inbox {plain:.0}/s, inbox {inboxed:.0}/s ({:.2}x)",
+            concurrency(),
             inboxed / plain
         );
         without.push(plain);
         with.push(inboxed);
     }
     js.delete_stream(&stream).await?;
+    let (mut db_with, mut db_without) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        db_without.push(database_only(db, n, false).await?);
+        db_with.push(database_only(db, n, true).await?);
+    }
     db.exec("DROP TABLE bench_effects").await?;
     rows.push(Row {
         section: "inbox",
-        name: format!("consumer with inbox, NATS → {label}, {n} msgs, concurrency {CONCURRENCY}"),
+        name: format!(
+            "consumer with inbox, NATS → {label}, {n} msgs, concurrency {}",
+            concurrency()
+        ),
         value: crate::median(&mut with),
         unit: "msg/s",
         baseline: Some((
@@ -168,6 +233,20 @@ pub(crate) async fn section(
             crate::median(&mut without),
         )),
         target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(0.8)),
+    });
+    rows.push(Row {
+        section: "inbox",
+        name: format!(
+            "database alone ({label}, no broker): BEGIN; record; INSERT; COMMIT, {} sessions",
+            concurrency()
+        ),
+        value: crate::median(&mut db_with),
+        unit: "tx/s",
+        baseline: Some((
+            "BEGIN; INSERT; COMMIT".into(),
+            crate::median(&mut db_without),
+        )),
+        target: None,
     });
     Ok(())
 }
