@@ -22,6 +22,7 @@ fn quick_benchmark_runs_and_prints_the_table() {
         "backlog scale",
         "memory",
         "broker drain",
+        "| inbox |",
     ] {
         assert!(stdout.contains(section), "no {section} rows in:\n{stdout}");
     }
