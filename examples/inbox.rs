@@ -15,7 +15,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
 use sea_orm_migration::MigratorTrait;
 use seaorm_outbox::inbox::{
     Consumer, ConsumerStats, Handler, HandlerError, Incoming, KafkaSource, NatsSource,
@@ -53,12 +53,7 @@ impl Handler for Ship {
 
 /// A migrated, empty in-memory consumer database with a domain table.
 async fn consumer_db() -> anyhow::Result<DatabaseConnection> {
-    let mut opts = ConnectOptions::new("sqlite::memory:");
-    opts.max_connections(1)
-        .min_connections(1)
-        .idle_timeout(None::<Duration>)
-        .sqlx_logging(false);
-    let db = Database::connect(opts).await?;
+    let db = support::memory_sqlite().await?;
     // A consuming service needs only the inbox tables.
     struct InboxOnly;
     impl MigratorTrait for InboxOnly {

@@ -499,13 +499,15 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}", Uuid::now_v7().simple())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn end_to_end_through_nats_jetstream() {
-    let addr = env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222");
-    let url = format!("nats://{addr}");
+/// The local NATS's URL, a JetStream context, and a fresh stream over `<name>.>`.
+async fn nats_stream(prefix: &str) -> (String, async_nats::jetstream::Context, String) {
+    let url = format!(
+        "nats://{}",
+        env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222")
+    );
     let client = async_nats::connect(&url).await.expect("nats reachable");
     let js = async_nats::jetstream::new(client);
-    let stream = unique("e2e_");
+    let stream = unique(prefix);
     js.create_stream(async_nats::jetstream::stream::Config {
         name: stream.clone(),
         subjects: vec![format!("{stream}.>")],
@@ -513,6 +515,12 @@ async fn end_to_end_through_nats_jetstream() {
     })
     .await
     .expect("stream");
+    (url, js, stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_nats_jetstream() {
+    let (url, js, stream) = nats_stream("e2e_").await;
     end_to_end(Broker::Nats {
         url,
         stream: stream.clone(),
@@ -600,20 +608,7 @@ async fn two_instances_given_the_same_messages_in_parallel_apply_each_once() {
     )
     .await
     .expect("effects");
-    let url = format!(
-        "nats://{}",
-        env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222")
-    );
-    let client = async_nats::connect(&url).await.expect("nats reachable");
-    let js = async_nats::jetstream::new(client);
-    let stream = unique("e2e_dup_");
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{stream}.>")],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
+    let (_, js, stream) = nats_stream("e2e_dup_").await;
     let n = 300u64;
     for i in 0..n {
         let mut headers = async_nats::HeaderMap::new();

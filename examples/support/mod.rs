@@ -10,14 +10,20 @@ use seaorm_outbox::relay::{Relay, RelayConfig};
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, Publisher, RelayStats};
 use tokio_util::sync::CancellationToken;
 
-/// A migrated in-memory outbox holding `n` committed events over three orders.
-pub(crate) async fn outbox_with_events(n: usize) -> anyhow::Result<DatabaseConnection> {
+/// An empty in-memory SQLite database on one connection that never closes (each in-memory
+/// connection would be a database of its own).
+pub(crate) async fn memory_sqlite() -> anyhow::Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new("sqlite::memory:");
     opts.max_connections(1)
         .min_connections(1)
         .idle_timeout(None::<Duration>)
         .sqlx_logging(false);
-    let db = Database::connect(opts).await?;
+    Ok(Database::connect(opts).await?)
+}
+
+/// A migrated in-memory outbox holding `n` committed events over three orders.
+pub(crate) async fn outbox_with_events(n: usize) -> anyhow::Result<DatabaseConnection> {
+    let db = memory_sqlite().await?;
     seaorm_outbox_migration::Migrator::up(&db, None).await?;
     let txn = db.begin().await?;
     let events = (0..n)

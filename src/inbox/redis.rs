@@ -188,6 +188,7 @@ impl RedisSource {
             // A pending entry whose data was trimmed away comes back empty: ack it, nothing
             // is left to apply.
             if entry.map.is_empty() {
+                tracing::warn!(stream = %self.stream, id = %entry.id, "redis source: a pending entry was trimmed from the stream before it was applied; acknowledging it");
                 let _ = Box::new(RedisAck {
                     conn: acks.clone(),
                     stream: self.stream.clone(),
