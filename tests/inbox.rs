@@ -31,6 +31,7 @@ on_all_backends!(
     messages_without_an_id_or_with_a_bad_payload_dead_letter_at_once,
     parallel_copies_of_one_message_apply_once,
     shutdown_acknowledges_only_what_committed,
+    a_running_consumer_purges_ids_past_its_retention,
 );
 
 // ---- a domain table the handlers write, and a source fed by the test ----
@@ -551,4 +552,48 @@ async fn shutdown_acknowledges_only_what_committed(t: &TestDb) {
     if t.backend != Backend::SqliteMemory {
         assert!(!applied.is_empty());
     }
+}
+
+async fn a_running_consumer_purges_ids_past_its_retention(t: &TestDb) {
+    create_effects(t).await;
+    let inbox = Inbox::new(&t.db);
+    for i in 0..7 {
+        inbox
+            .record("keeper", &format!("old-{i}"))
+            .await
+            .expect("record");
+    }
+    t.exec(
+        "age them past a day",
+        "UPDATE inbox_messages SET processed_at = ?",
+        vec![(chrono::Utc::now() - chrono::Duration::hours(25)).into()],
+    )
+    .await;
+    let config = fast()
+        .retention(Some(Duration::from_secs(24 * 3600)))
+        .purge_interval(Duration::from_millis(100))
+        .purge_batch(3);
+    let h = Harness::start(t, "keeper", Effects::default(), config);
+    h.send(message(Some("fresh"), "a", 1, 1)).await;
+    h.wait_acks(1).await;
+    let limit = std::time::Instant::now() + Duration::from_secs(20);
+    while inbox.count_processed(None).await.expect("count") > 1 {
+        assert!(
+            std::time::Instant::now() < limit,
+            "the consumer never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+    assert!(inbox.is_processed("keeper", "fresh").await.expect("lookup"));
+    assert!(!inbox.is_processed("keeper", "old-0").await.expect("lookup"));
+    // A retention that would forget messages still in flight is refused.
+    let err = Consumer::with_config(
+        t.db.clone(),
+        "keeper",
+        Effects::default(),
+        fast().retention(Some(Duration::from_secs(5))),
+    )
+    .expect_err("refused");
+    assert!(matches!(err, Error::Config(_)), "{err}");
 }
