@@ -91,6 +91,21 @@ fn lock(t: &Tracker) -> MutexGuard<'_, HashMap<(String, i32), Partition>> {
     t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Notes `offset` as received and not finished: the watermark stops below it.
+fn received(tracker: &Tracker, topic: &str, partition: i32, offset: i64) {
+    let mut map = lock(tracker);
+    let p = map.entry((topic.to_owned(), partition)).or_default();
+    p.unfinished.insert(offset);
+    p.next = p.next.max(offset + 1);
+}
+
+/// `offset` finished (applied, a duplicate, or dead-lettered): the watermark may pass it.
+fn finished(tracker: &Tracker, topic: &str, partition: i32, offset: i64) {
+    if let Some(p) = lock(tracker).get_mut(&(topic.to_owned(), partition)) {
+        p.unfinished.remove(&offset);
+    }
+}
+
 struct KafkaAck {
     tracker: Tracker,
     topic: String,
@@ -101,9 +116,7 @@ struct KafkaAck {
 #[async_trait]
 impl Acknowledge for KafkaAck {
     async fn ack(self: Box<Self>) -> std::result::Result<(), BoxError> {
-        if let Some(p) = lock(&self.tracker).get_mut(&(self.topic.clone(), self.partition)) {
-            p.unfinished.remove(&self.offset);
-        }
+        finished(&self.tracker, &self.topic, self.partition, self.offset);
         Ok(())
     }
 }
@@ -149,12 +162,7 @@ fn advanced(tracker: &Tracker) -> Option<TopicPartitionList> {
 fn delivery(m: &rdkafka::message::BorrowedMessage<'_>, tracker: &Tracker) -> Delivery {
     let topic = m.topic().to_owned();
     let (partition, offset) = (m.partition(), m.offset());
-    {
-        let mut map = lock(tracker);
-        let p = map.entry((topic.clone(), partition)).or_default();
-        p.unfinished.insert(offset);
-        p.next = p.next.max(offset + 1);
-    }
+    received(tracker, &topic, partition, offset);
     let headers = m
         .headers()
         .map(|h| {
@@ -250,19 +258,6 @@ impl Source for KafkaSource {
 mod tests {
     use super::*;
 
-    fn received(t: &Tracker, offset: i64) {
-        let mut map = lock(t);
-        let p = map.entry(("t".to_owned(), 0)).or_default();
-        p.unfinished.insert(offset);
-        p.next = p.next.max(offset + 1);
-    }
-
-    fn finished(t: &Tracker, offset: i64) {
-        if let Some(p) = lock(t).get_mut(&("t".to_owned(), 0)) {
-            p.unfinished.remove(&offset);
-        }
-    }
-
     fn committed(t: &Tracker) -> Option<i64> {
         advanced(t).and_then(|l| l.elements().first().and_then(|e| e.offset().to_raw()))
     }
@@ -271,11 +266,11 @@ mod tests {
     fn the_commit_never_passes_an_unfinished_offset() {
         let t = Tracker::default();
         for o in 0..6 {
-            received(&t, o);
+            received(&t, "t", 0, o);
         }
         assert_eq!(committed(&t), None, "nothing finished, nothing to commit");
         for o in [0, 1, 3, 4, 5] {
-            finished(&t, o);
+            finished(&t, "t", 0, o);
         }
         // 2 is still in flight: 3..5 finished early must wait behind it.
         assert_eq!(committed(&t), Some(2));
@@ -284,7 +279,7 @@ mod tests {
             None,
             "unchanged watermark is not committed again"
         );
-        finished(&t, 2);
+        finished(&t, "t", 0, 2);
         assert_eq!(committed(&t), Some(6), "all finished: one past the highest");
     }
 }

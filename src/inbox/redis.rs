@@ -168,12 +168,17 @@ impl RedisSource {
         Delivery {
             message: Incoming::new(self.stream.clone(), headers, payload)
                 .position(Some(entry.id.clone())),
-            ack: Box::new(RedisAck {
-                conn: acks.clone(),
-                stream: self.stream.clone(),
-                group: self.group.clone(),
-                id: entry.id,
-            }),
+            ack: Box::new(self.ack_for(entry.id, acks)),
+        }
+    }
+
+    /// The acknowledgement of entry `id`, sent on the `acks` connection.
+    fn ack_for(&self, id: String, acks: &ConnectionManager) -> RedisAck {
+        RedisAck {
+            conn: acks.clone(),
+            stream: self.stream.clone(),
+            group: self.group.clone(),
+            id,
         }
     }
 
@@ -189,14 +194,7 @@ impl RedisSource {
             // is left to apply.
             if entry.map.is_empty() {
                 tracing::warn!(stream = %self.stream, id = %entry.id, "redis source: a pending entry was trimmed from the stream before it was applied; acknowledging it");
-                let _ = Box::new(RedisAck {
-                    conn: acks.clone(),
-                    stream: self.stream.clone(),
-                    group: self.group.clone(),
-                    id: entry.id,
-                })
-                .ack()
-                .await;
+                let _ = Box::new(self.ack_for(entry.id, acks)).ack().await;
                 continue;
             }
             if ctx

@@ -10,7 +10,7 @@ use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Value};
 use uuid::Uuid;
 
 use super::sql::stmt;
-use super::{MAX_PAGE_SIZE, check_page};
+use super::{check_batch, check_page};
 use crate::error::{Error, Result};
 
 /// The longest consumer name, message id, ordering key, source or position stored (characters
@@ -158,12 +158,7 @@ pub(crate) async fn purge_processed(
     older_than: DateTime<Utc>,
     batch: u64,
 ) -> Result<u64> {
-    if batch == 0 || batch > MAX_PAGE_SIZE {
-        return Err(Error::LimitTooLarge {
-            requested: batch,
-            max: MAX_PAGE_SIZE,
-        });
-    }
+    check_batch(batch)?;
     let backend = db.get_database_backend();
     let sql = match backend {
         DbBackend::MySql => {

@@ -91,6 +91,17 @@ pub(crate) fn check_page(limit: u64) -> Result<()> {
     Ok(())
 }
 
+/// `Ok` if a purge's `batch` is between 1 and [`MAX_PAGE_SIZE`]: 0 would never finish.
+pub(crate) fn check_batch(batch: u64) -> Result<()> {
+    if batch == 0 || batch > MAX_PAGE_SIZE {
+        return Err(Error::LimitTooLarge {
+            requested: batch,
+            max: MAX_PAGE_SIZE,
+        });
+    }
+    Ok(())
+}
+
 /// Cuts `message` to [`MAX_ERROR_BYTES`] at a character boundary, saying how much was cut.
 pub(crate) fn truncate_error(message: &str) -> String {
     if message.len() <= MAX_ERROR_BYTES {
@@ -114,12 +125,7 @@ pub(crate) async fn purge_published_batch(
     older_than: DateTime<Utc>,
     batch_size: u64,
 ) -> Result<u64> {
-    if batch_size == 0 || batch_size > MAX_PAGE_SIZE {
-        return Err(Error::LimitTooLarge {
-            requested: batch_size,
-            max: MAX_PAGE_SIZE,
-        });
-    }
+    check_batch(batch_size)?;
     let backend = db.get_database_backend();
     let template = match backend {
         DbBackend::MySql => mysql::PURGE_PUBLISHED,

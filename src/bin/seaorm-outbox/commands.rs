@@ -7,7 +7,7 @@ use sea_orm::DatabaseConnection;
 use seaorm_outbox::relay::BreakerState;
 use seaorm_outbox::{Outbox, OutboxEvent, RelayHeartbeat};
 
-use crate::{CliResult, Failure, parse_count, parse_id};
+use crate::{CliResult, Failure, parse_count, parse_id, parse_offset};
 
 #[derive(Subcommand)]
 pub(crate) enum Failed {
@@ -138,9 +138,7 @@ pub(crate) async fn failed(db: &DatabaseConnection, cmd: Failed) -> CliResult {
             json,
         } => {
             let limit = parse_count("--limit", &limit)?;
-            let offset = offset
-                .parse::<u64>()
-                .map_err(|_| Failure::input(format!("invalid number `{offset}` for --offset")))?;
+            let offset = parse_offset(&offset)?;
             let events = outbox.list_failed(limit, offset).await?;
             if json {
                 println!("{}", serde_json::to_string(&events)?);

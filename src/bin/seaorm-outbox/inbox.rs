@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::inbox::{DeadLetters, Inbox, InboxDeadLetter};
 
-use crate::{CliResult, Failure, parse_count, parse_duration, parse_id};
+use crate::{CliResult, Failure, parse_count, parse_duration, parse_id, parse_offset};
 
 #[derive(Subcommand)]
 pub(crate) enum InboxCommand {
@@ -116,9 +116,7 @@ pub(crate) async fn run(db: &DatabaseConnection, cmd: InboxCommand) -> CliResult
             json: as_json,
         }) => {
             let limit = parse_count("--limit", &limit)?;
-            let offset = offset
-                .parse::<u64>()
-                .map_err(|_| Failure::input(format!("invalid number `{offset}` for --offset")))?;
+            let offset = parse_offset(&offset)?;
             let which = consumer
                 .as_deref()
                 .map_or(DeadLetters::All, DeadLetters::Consumer);

@@ -214,6 +214,13 @@ pub(crate) fn parse_count(flag: &str, value: &str) -> CliResult<u64> {
     }
 }
 
+/// A page offset: any non-negative integer.
+pub(crate) fn parse_offset(value: &str) -> CliResult<u64> {
+    value
+        .parse()
+        .map_err(|_| Failure::input(format!("invalid number `{value}` for --offset")))
+}
+
 pub(crate) fn parse_id(value: &str) -> CliResult<uuid::Uuid> {
     value
         .parse()
