@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! error        the one Error type
+//! backoff      exponential backoff with jitter (re-exported as relay::Backoff)
 //! event        what goes in and comes out, and its validation; no SQL, no telemetry
 //! store        every SQL statement, one file per backend, and row decoding
 //! publisher    the Publisher trait and the brokers (uses event only)
@@ -51,6 +52,7 @@ macro_rules! setters {
     )*};
 }
 
+mod backoff;
 pub mod error;
 pub mod event;
 pub mod inbox;

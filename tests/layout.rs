@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 /// rank only (and to its own): `event` → `store` → `repository` / `stats` → `relay`.
 const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
+    ("backoff", 0),
     ("event", 1),
     ("store", 2),
     ("publisher", 2),

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::FutureExt;
-use rand::Rng;
 use sea_orm::TransactionTrait;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -15,6 +14,7 @@ use uuid::Uuid;
 use super::consumer::{Counters, Delivery, Shared};
 use super::handler::{Handler, HandlerError};
 use super::message::{Incoming, MissingId};
+use crate::backoff::{Backoff, Jitter};
 use crate::error::Error;
 use crate::store::inbox::{self as store, InboxDeadLetter, check_len};
 use crate::telemetry::metrics as m;
@@ -31,11 +31,9 @@ enum Failure {
     Inbox(Error),
 }
 
-/// `min(cap, base × 2^(n-1))`, with full jitter.
+/// The delay after the `n`-th failure: `min(cap, base × 2^(n-1))`, between half and all of it.
 fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
-    let exp = base.saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)));
-    let top = exp.min(cap);
-    top.mul_f64(rand::rng().random_range(0.5..=1.0))
+    Backoff::new(base, cap).jitter(Jitter::Equal).delay(n)
 }
 
 fn message_id<H>(s: &Shared<H>, msg: &Incoming) -> Result<String, String> {
