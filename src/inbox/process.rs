@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::consumer::{Counters, Delivery, Shared};
 use super::handler::{Handler, HandlerError};
 use super::message::{Incoming, MissingId};
+use super::{Inbox, Recorded};
 use crate::backoff::{Backoff, Jitter};
 use crate::error::Error;
 use crate::store::inbox::{self as store, InboxDeadLetter, check_len};
@@ -109,17 +110,18 @@ pub(crate) async fn handle<H: Handler>(
 async fn attempt<H: Handler>(s: &Shared<H>, msg: &Incoming) -> Result<Applied, Failure> {
     let txn = s.db.begin().await.map_err(|e| Failure::Inbox(e.into()))?;
     if s.config.deduplicate {
-        let row = store::Received {
-            consumer: &s.name,
-            message_id: &msg.message_id,
-            source: Some(&msg.source),
-            position: msg.position.as_deref(),
-            received_at: msg.received_at,
-            processed_at: Utc::now(),
-        };
-        match store::record(&txn, &row).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let recorded = Inbox::new(&txn)
+            .record_from(
+                &s.name,
+                &msg.message_id,
+                Some(&msg.source),
+                msg.position.as_deref(),
+                msg.received_at,
+            )
+            .await;
+        match recorded {
+            Ok(Recorded::New) => {}
+            Ok(Recorded::Duplicate) => {
                 let _ = txn.rollback().await;
                 return Ok(Applied::Duplicate);
             }
