@@ -27,7 +27,9 @@ pub struct OutboxStats {
     pub failed: u64,
     /// The `occurred_at` of the oldest pending event.
     pub oldest_pending_at: Option<DateTime<Utc>>,
-    /// Events published in the hour before `at`.
+    /// Events published in the hour before `at`: rows marked published since then, plus, for
+    /// relays that delete on publish ([`OnPublish::Delete`](crate::relay::OnPublish)), their
+    /// per-minute tally (to the minute).
     pub published_last_hour: u64,
 }
 

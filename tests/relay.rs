@@ -14,7 +14,9 @@ use chrono::{DateTime, Utc};
 use common::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher, LogPublisher};
-use seaorm_outbox::relay::{Backoff, DeadLetterPolicy, Jitter, Ordering, Relay, RelayConfig};
+use seaorm_outbox::relay::{
+    Backoff, DeadLetterPolicy, Jitter, OnPublish, Ordering, Relay, RelayConfig,
+};
 use seaorm_outbox::{
     Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome, Publisher,
 };
@@ -32,6 +34,8 @@ on_backends!(
     aborted_relay_task_loses_nothing,
     killed_relay_process_loses_nothing,
     stale_relay_cannot_overwrite_the_new_lease_owner,
+    stale_relay_deleting_on_publish_cannot_delete_the_new_owners_dead_letters,
+    four_relays_deleting_on_publish_deliver_each_event_once_in_order,
 );
 
 on_all_backends!(
@@ -48,6 +52,7 @@ on_all_backends!(
     unreadable_row_is_dead_lettered_and_the_rest_delivered,
     an_event_committed_behind_the_claim_cursor_is_delivered,
     a_running_relay_keeps_a_heartbeat_row_and_removes_it_on_stop,
+    delete_on_publish_keeps_dead_letters_retries_and_the_hours_count,
 );
 
 on_backends!(
@@ -284,6 +289,21 @@ impl Publisher for RejectAll {
 }
 
 async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
+    stale_write_back_changes_nothing(t, OnPublish::Retain).await;
+}
+
+/// A stale relay's delete is as conditional on its lease as its update: the rows the new
+/// owner dead-lettered stay.
+async fn stale_relay_deleting_on_publish_cannot_delete_the_new_owners_dead_letters(t: &TestDb) {
+    stale_write_back_changes_nothing(t, OnPublish::Delete).await;
+    let stats = Outbox::new(&t.db).stats().await.expect("stats");
+    assert_eq!(
+        stats.published_last_hour, 0,
+        "nothing was tallied: {stats:?}"
+    );
+}
+
+async fn stale_write_back_changes_nothing(t: &TestDb, on_publish: OnPublish) {
     // Ten aggregates, one event each: the stale relay claims them all in one batch.
     let ids = seed(
         &t.db,
@@ -294,7 +314,7 @@ async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
     .await;
     let gate = Gate::closed();
     let stale = Relay::builder(t.connect_again().await, gate.clone())
-        .config(RelayConfig::default().batch_size(10))
+        .config(RelayConfig::default().batch_size(10).on_publish(on_publish))
         .build()
         .expect("relay");
     let (stop, task) = support::spawn(stale);
@@ -797,6 +817,83 @@ async fn retention_purges_only_old_published_events(t: &TestDb) {
         left.len() == 1 || left.contains(&late[0]),
         "only old published rows go"
     );
+}
+
+async fn four_relays_deleting_on_publish_deliver_each_event_once_in_order(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(5_000, 50)).await;
+    let sink = InMemoryPublisher::new();
+    let stats = run_relays_until_empty(
+        t,
+        4,
+        sink.clone(),
+        fast(
+            RelayConfig::default()
+                .batch_size(100)
+                .on_publish(OnPublish::Delete),
+        ),
+        Duration::from_secs(120),
+    )
+    .await;
+    let delivered = sink.deliveries();
+    assert_exactly_once(&delivered, &ids);
+    assert_aggregate_order(&delivered);
+    assert_eq!(stats.iter().map(|s| s.published).sum::<u64>(), 5_000);
+    assert!(
+        all_rows(&t.db).await.is_empty(),
+        "every published row is gone"
+    );
+    let snapshot = Outbox::new(&t.db).stats().await.expect("stats");
+    assert_eq!(snapshot.published_last_hour, 5_000, "{snapshot:?}");
+    assert_eq!(snapshot.pending(), 0);
+}
+
+async fn delete_on_publish_keeps_dead_letters_retries_and_the_hours_count(t: &TestDb) {
+    let p = poison(false);
+    let (a, b) = seed_poison(&t.db, &p).await;
+    let relay = Relay::builder(t.db.clone(), p.clone())
+        .config(fast(
+            RelayConfig::default()
+                .max_attempts(3)
+                .on_publish(OnPublish::Delete),
+        ))
+        .build()
+        .expect("relay");
+    let outbox = Outbox::new(&t.db);
+    drain_until(&relay, async || {
+        outbox.count_unpublished().await.expect("count") == 0
+    })
+    .await;
+    // The poison event was retried, then kept as a dead letter; the four others are gone.
+    let dead = outbox.get(a[0]).await.expect("the dead letter is a row");
+    assert_eq!(dead.status, OutboxStatus::Failed);
+    assert_eq!(dead.attempts, 3);
+    for id in b.iter().chain(&a[1..]) {
+        assert!(
+            matches!(outbox.get(*id).await, Err(Error::NotFound { .. })),
+            "{id} was deleted on publish"
+        );
+    }
+    assert_eq!(outbox.stats().await.expect("stats").published_last_hour, 4);
+
+    // Replayed, it is delivered and deleted like the others, and counted once more.
+    p.on.store(false, AtomicOrdering::SeqCst);
+    outbox.requeue(a[0]).await.expect("replay");
+    drain_until(&relay, async || {
+        outbox.count_unpublished().await.expect("count") == 0
+    })
+    .await;
+    assert!(all_rows(&t.db).await.is_empty());
+    let stats = outbox.stats().await.expect("stats");
+    assert_eq!(
+        (stats.published_last_hour, stats.failed),
+        (5, 0),
+        "{stats:?}"
+    );
+
+    // Retention ages the tally out with the rows: nothing published before a cutoff remains.
+    let cutoff = Utc::now() + chrono::Duration::minutes(2);
+    outbox.purge_published(cutoff, 100).await.expect("purge");
+    assert_eq!(outbox.stats().await.expect("stats").published_last_hour, 0);
 }
 
 async fn invalid_relay_config_is_rejected(t: &TestDb) {

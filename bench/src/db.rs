@@ -26,6 +26,69 @@ impl Kind {
     }
 }
 
+/// Time-ordered ids for event `g` at time `t`, as `add_event` writes (UUIDv7): random v4 ids
+/// would scatter the primary key's inserts over the whole index and overstate the cost of a
+/// large table.
+const UUID_V7: &str = "(lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0') \
+    || '7' || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid";
+
+/// What a drain's backlog looks like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Workload {
+    /// Spread over this many aggregates, each with a long backlog; ~100-byte payloads.
+    Spread { aggregates: u64 },
+    /// Every event its own aggregate (one order, one event), ~230-byte payloads: issue 16's.
+    PerEvent,
+}
+
+impl Workload {
+    pub(crate) fn label(self) -> String {
+        match self {
+            Workload::Spread { aggregates } => format!("{aggregates} aggregates"),
+            Workload::PerEvent => "one event per aggregate, 230 B".to_owned(),
+        }
+    }
+
+    /// The aggregate id of event `g`.
+    fn aggregate(self, g: u64) -> String {
+        match self {
+            Workload::Spread { aggregates } => (g % aggregates.max(1)).to_string(),
+            Workload::PerEvent => g.to_string(),
+        }
+    }
+
+    /// The payload of event `g`; [`payload_sql`](Self::payload_sql) builds the same server-side.
+    fn payload(self, g: u64) -> serde_json::Value {
+        match self {
+            Workload::Spread { .. } => serde_json::json!({ "n": g, "body": "x".repeat(64) }),
+            Workload::PerEvent => serde_json::json!({
+                "order_id": g,
+                "customer_id": format!("c-{}", g % 9973),
+                "total_cents": g % 100_000,
+                "currency": "EUR",
+                "note": "x".repeat(120),
+            }),
+        }
+    }
+
+    fn aggregate_sql(self) -> String {
+        match self {
+            Workload::Spread { aggregates } => format!("(g % {})::text", aggregates.max(1)),
+            Workload::PerEvent => "g::text".to_owned(),
+        }
+    }
+
+    fn payload_sql(self) -> &'static str {
+        match self {
+            Workload::Spread { .. } => "jsonb_build_object('n', g, 'body', repeat('x', 64))",
+            Workload::PerEvent => {
+                "jsonb_build_object('order_id', g, 'customer_id', 'c-' || (g % 9973), \
+                 'total_cents', g % 100000, 'currency', 'EUR', 'note', repeat('x', 120))"
+            }
+        }
+    }
+}
+
 pub(crate) struct BenchDb {
     pub(crate) kind: Kind,
     pub(crate) db: DatabaseConnection,
@@ -171,19 +234,69 @@ impl BenchDb {
 
     /// Seeds `n` pending events over `aggregates` aggregates with a ~100-byte payload.
     pub(crate) async fn seed_pending(&self, n: u64, aggregates: u64) -> Result<()> {
-        self.seed(n, aggregates, "pending").await
+        self.seed(n, Workload::Spread { aggregates }, "pending")
+            .await
+    }
+
+    /// Seeds `n` pending events of `workload`, then (PostgreSQL) `VACUUM ANALYZE` and
+    /// `CHECKPOINT`, so every drain starts from the same clean table and no checkpoint of the
+    /// seeding lands inside it.
+    pub(crate) async fn seed_workload(&self, n: u64, workload: Workload) -> Result<()> {
+        self.seed(n, workload, "pending").await?;
+        self.settle("outbox_events").await
     }
 
     /// Seeds `n` events already published an hour ago.
     pub(crate) async fn seed_published(&self, n: u64) -> Result<()> {
-        self.seed(n, 1000, "published").await
+        self.seed(n, Workload::Spread { aggregates: 1000 }, "published")
+            .await
     }
 
-    async fn seed(&self, n: u64, aggregates: u64, status: &str) -> Result<()> {
-        // Time-ordered ids, as `add_event` writes (UUIDv7): random v4 ids would scatter the
-        // primary key's inserts over the whole index and overstate the cost of a large table.
-        const UUID_V7: &str = "(lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0') \
-            || '7' || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid";
+    /// `VACUUM ANALYZE table` and a `CHECKPOINT` on PostgreSQL; `ANALYZE` elsewhere.
+    async fn settle(&self, table: &str) -> Result<()> {
+        match self.kind {
+            Kind::Postgres => {
+                self.exec(&format!("VACUUM ANALYZE {table}")).await?;
+                self.exec("CHECKPOINT").await
+            }
+            Kind::MySql => self.exec(&format!("ANALYZE TABLE {table}")).await,
+            Kind::Sqlite => self.exec("ANALYZE").await,
+        }
+    }
+
+    /// The issue-16 minimal outbox (PostgreSQL only): `raw_outbox` with one partial index,
+    /// emptied and seeded with the same `n` events as [`seed_workload`](Self::seed_workload).
+    pub(crate) async fn seed_minimal(&self, n: u64, workload: Workload) -> Result<()> {
+        self.create_minimal().await?;
+        self.exec(&format!(
+            "INSERT INTO raw_outbox (id, aggregate_type, aggregate_id, event_type, payload, occurred_at) \
+             SELECT {UUID_V7}, 'agg', {agg}, 'bench.event', {payload}, t \
+             FROM (SELECT g, now() - interval '2 hours' + g * interval '1 microsecond' AS t \
+                   FROM generate_series(1, {n}) g) s",
+            agg = workload.aggregate_sql(),
+            payload = workload.payload_sql(),
+        ))
+        .await?;
+        self.settle("raw_outbox").await
+    }
+
+    /// Creates the minimal outbox's empty `raw_outbox` table (PostgreSQL only).
+    pub(crate) async fn create_minimal(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.kind == Kind::Postgres,
+            "the minimal outbox is PostgreSQL's"
+        );
+        self.exec(
+            "CREATE TABLE IF NOT EXISTS raw_outbox (id uuid PRIMARY KEY, aggregate_type text, \
+             aggregate_id text, event_type text, payload jsonb, occurred_at timestamptz, \
+             published_at timestamptz NULL); \
+             CREATE INDEX IF NOT EXISTS raw_outbox_pending ON raw_outbox (occurred_at) \
+             WHERE published_at IS NULL; TRUNCATE raw_outbox",
+        )
+        .await
+    }
+
+    async fn seed(&self, n: u64, workload: Workload, status: &str) -> Result<()> {
         if self.kind == Kind::Postgres {
             // Server-side: a million rows in seconds.
             let published = if status == "published" { "t" } else { "NULL" };
@@ -194,11 +307,13 @@ impl BenchDb {
                 self.exec(&format!(
                     "INSERT INTO outbox_events (id, event_type, aggregate_type, aggregate_id, payload, headers, \
                        occurred_at, created_at, status, attempts, next_attempt_at, published_at) \
-                     SELECT {UUID_V7}, 'bench.event', 'agg', (g % {aggregates})::text, \
-                       jsonb_build_object('n', g, 'body', repeat('x', 64)), '{{\"correlation-id\": \"bench\"}}'::jsonb, \
+                     SELECT {UUID_V7}, 'bench.event', 'agg', {agg}, \
+                       {payload}, '{{\"correlation-id\": \"bench\"}}'::jsonb, \
                        t, t, '{status}', 0, t, {published} \
                      FROM (SELECT g, now() - interval '2 hours' + g * interval '1 microsecond' AS t \
-                           FROM generate_series({from}, {to}) g) s"
+                           FROM generate_series({from}, {to}) g) s",
+                    agg = workload.aggregate_sql(),
+                    payload = workload.payload_sql(),
                 ))
                 .await?;
                 from = to + 1;
@@ -211,8 +326,8 @@ impl BenchDb {
         while i < n {
             let batch: Vec<NewEvent> = (i..(i + 1000).min(n))
                 .map(|g| {
-                    NewEvent::new("bench.event", "agg", (g % aggregates).to_string())
-                        .json_payload(serde_json::json!({ "n": g, "body": "x".repeat(64) }))
+                    NewEvent::new("bench.event", "agg", workload.aggregate(g))
+                        .json_payload(workload.payload(g))
                         .header("correlation-id", "bench")
                 })
                 .collect();

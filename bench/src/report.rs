@@ -68,8 +68,8 @@ pub(crate) fn render(rows: &[Row]) -> String {
             .map_or_else(|| "-".to_owned(), |x| format!("{x:.2}×"));
         let target = match &r.target {
             None => "-".to_owned(),
-            Some(Target::RatioAtLeast(x)) => format!("≥ {x}×"),
-            Some(Target::RatioAtMost(x)) => format!("≤ {x}×"),
+            Some(Target::RatioAtLeast(x)) => format!("≥ {x:.2}×"),
+            Some(Target::RatioAtMost(x)) => format!("≤ {x:.2}×"),
             Some(Target::AtMost(x)) => format!("≤ {} {}", num(*x), r.unit),
             Some(Target::AtLeast(x)) => format!("≥ {} {}", num(*x), r.unit),
         };

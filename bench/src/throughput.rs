@@ -9,18 +9,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cpu::{CpuMeter, CpuPerEvent};
-use crate::db::{BenchDb, Kind};
+use crate::db::{BenchDb, Kind, Workload};
 use crate::sink::Sink;
 
 pub(crate) const BATCH: u32 = 500;
-
-/// Aggregates the throughput backlog is spread over: 1,000, or `OUTBOX_BENCH_AGGREGATES`.
-fn aggregates() -> u64 {
-    std::env::var("OUTBOX_BENCH_AGGREGATES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
-}
 
 /// A drain's rate and the CPU it cost per event.
 pub(crate) struct Drained {
@@ -43,14 +35,59 @@ const EVENT_COLUMNS: &str =
     "id, event_type, aggregate_type, aggregate_id, payload, headers, occurred_at, attempts";
 
 /// Events/s of `workers` raw claim-and-mark loops draining `n` seeded events.
-pub(crate) async fn raw(db: &BenchDb, workers: usize, n: u64, read: Read) -> Result<Drained> {
+pub(crate) async fn raw(
+    db: &BenchDb,
+    workers: usize,
+    n: u64,
+    read: Read,
+    workload: Workload,
+) -> Result<Drained> {
     db.reset().await?;
-    db.seed_pending(n, aggregates()).await?;
+    db.seed_workload(n, workload).await?;
     let kind = db.kind;
     run_loops(db, workers, n, "raw loop", move |conn| {
         raw_loop(kind, conn, read)
     })
     .await
+}
+
+/// Events/s of `workers` copies of issue 16's minimal outbox loop (PostgreSQL only): a
+/// `raw_outbox` table with one partial index, drained in autocommit by one statement per batch
+/// that claims and marks 500 rows, until it updates none. It reads nothing back, takes no lease
+/// and keeps no order: the ceiling any polling outbox on this server is measured against.
+pub(crate) async fn minimal(
+    db: &BenchDb,
+    workers: usize,
+    n: u64,
+    workload: Workload,
+) -> Result<Drained> {
+    db.reset().await?;
+    db.seed_minimal(n, workload).await?;
+    let drained = run_loops(db, workers, n, "minimal loop", minimal_loop).await?;
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM raw_outbox WHERE published_at IS NULL")
+            .fetch_one(db.db.get_postgres_connection_pool())
+            .await?;
+    anyhow::ensure!(left == 0, "the minimal loop left {left} events");
+    db.exec("TRUNCATE raw_outbox").await?;
+    Ok(drained)
+}
+
+async fn minimal_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {
+    let pool = conn.get_postgres_connection_pool();
+    loop {
+        let done = sqlx::query(
+            "WITH c AS (SELECT id FROM raw_outbox WHERE published_at IS NULL ORDER BY occurred_at \
+             LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             UPDATE raw_outbox t SET published_at = now() FROM c WHERE t.id = c.id",
+        )
+        .bind(i64::from(BATCH))
+        .execute(pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// Runs `workers` copies of a hand-written drain loop, each on its own two-connection pool,
@@ -190,13 +227,14 @@ pub(crate) async fn relay(
     db: &BenchDb,
     relays: usize,
     n: u64,
-    ordering: Ordering,
+    config: RelayConfig,
+    workload: Workload,
 ) -> Result<Drained> {
     db.reset().await?;
-    db.seed_pending(n, aggregates()).await?;
+    db.seed_workload(n, workload).await?;
     let sink = Sink::default();
     let meter = CpuMeter::start();
-    let elapsed = drain_with(db, relays, sink, relay_config(ordering), n).await?;
+    let elapsed = drain_with(db, relays, sink, config, n).await?;
     Ok(Drained {
         rate: n as f64 / elapsed.as_secs_f64(),
         cpu: meter.and_then(|m| m.per_event(n)),
@@ -245,7 +283,12 @@ pub(crate) async fn drain_with(
 /// row holding their ids; the write-back deletes the lease and marks the rows, in one
 /// transaction. No row is written at claim time. Claims are serialised by an advisory lock,
 /// because without a row write a concurrent claim's snapshot could not see the new lease.
-pub(crate) async fn lease_table_probe(db: &BenchDb, workers: usize, n: u64) -> Result<Drained> {
+pub(crate) async fn lease_table_probe(
+    db: &BenchDb,
+    workers: usize,
+    n: u64,
+    workload: Workload,
+) -> Result<Drained> {
     db.reset().await?;
     db.exec(
         "CREATE TABLE IF NOT EXISTS bench_leases (token uuid PRIMARY KEY, \
@@ -253,7 +296,7 @@ pub(crate) async fn lease_table_probe(db: &BenchDb, workers: usize, n: u64) -> R
     )
     .await?;
     db.exec("TRUNCATE bench_leases").await?;
-    db.seed_pending(n, aggregates()).await?;
+    db.seed_workload(n, workload).await?;
     run_loops(db, workers, n, "lease-table loop", lease_table_loop).await
 }
 
@@ -319,9 +362,14 @@ async fn lease_table_loop(conn: sea_orm::DatabaseConnection) -> Result<()> {
 /// `SELECT * … FOR UPDATE SKIP LOCKED` opens a transaction that stays open through the (no-op)
 /// publish and ends with the `UPDATE` and `COMMIT`; batch N's write-back overlaps batch N+1's
 /// claim on a second connection, as the relay pipelines.
-pub(crate) async fn tx_held_probe(db: &BenchDb, workers: usize, n: u64) -> Result<Drained> {
+pub(crate) async fn tx_held_probe(
+    db: &BenchDb,
+    workers: usize,
+    n: u64,
+    workload: Workload,
+) -> Result<Drained> {
     db.reset().await?;
-    db.seed_pending(n, aggregates()).await?;
+    db.seed_workload(n, workload).await?;
     run_loops(db, workers, n, "tx-held loop", tx_held_loop).await
 }
 

@@ -35,6 +35,7 @@ mod m20261127_000005_partial_aggregate_index;
 mod m20261128_000006_uncompressed_lease_ids;
 mod m20261201_000007_relay_heartbeats;
 mod m20261202_000008_inbox;
+mod m20261202_000009_published_tally;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -44,6 +45,7 @@ pub use m20261127_000005_partial_aggregate_index::Migration as PartialAggregateI
 pub use m20261128_000006_uncompressed_lease_ids::Migration as UncompressedLeaseIds;
 pub use m20261201_000007_relay_heartbeats::Migration as RelayHeartbeats;
 pub use m20261202_000008_inbox::Migration as Inbox;
+pub use m20261202_000009_published_tally::Migration as PublishedTally;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -58,7 +60,8 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
     all
 }
 
-/// The outbox's migrations only (`outbox_events`, its lease table, `outbox_relays`), oldest first.
+/// The outbox's migrations only (`outbox_events`, its lease table, `outbox_relays`,
+/// `outbox_published_tally`), oldest first.
 pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![
         Box::new(CreateOutboxEvents),
@@ -68,6 +71,7 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(PartialAggregateIndex),
         Box::new(UncompressedLeaseIds),
         Box::new(RelayHeartbeats),
+        Box::new(PublishedTally),
     ]
 }
 

@@ -244,7 +244,7 @@ impl<P: Publisher> Relay<P> {
     ) -> Option<store::WriteBack> {
         let mut delay = Duration::from_millis(50);
         loop {
-            match store::write_back(&self.db, token, now(), fates).await {
+            match store::write_back(&self.db, token, now(), fates, self.config.on_publish).await {
                 Ok(w) => return Some(w),
                 Err(e) => {
                     let retry_at = now() + chrono::Duration::from_std(delay).unwrap_or_default();

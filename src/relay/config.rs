@@ -5,6 +5,7 @@ use std::time::Duration;
 pub use crate::backoff::{Backoff, Jitter};
 use crate::error::{Error, Result};
 use crate::store::MAX_PAGE_SIZE;
+pub use crate::store::OnPublish;
 
 /// Largest accepted [`RelayConfig::batch_size`]; keeps every write-back statement under each
 /// backend's bind-parameter limit.
@@ -127,6 +128,9 @@ pub struct RelayConfig {
     /// relays; shorter ones mean fewer waves per batch. MySQL and SQLite split each batch
     /// evenly between the aggregates they find. Default 8.
     pub events_per_aggregate: u32,
+    /// What the write-back does with a published event's row: keep it marked `published`
+    /// (default) or delete it. See [`OnPublish`] for when to choose which.
+    pub on_publish: OnPublish,
     /// Delete published events older than this, in the background. Default `None` (keep all).
     pub retention: Option<Duration>,
     /// How often the retention purge runs. Default 5 min.
@@ -165,6 +169,7 @@ impl Default for RelayConfig {
             ordering: Ordering::default(),
             dead_letter_policy: DeadLetterPolicy::default(),
             events_per_aggregate: 8,
+            on_publish: OnPublish::default(),
             retention: None,
             purge_interval: Duration::from_secs(300),
             purge_batch_size: 1000,
@@ -199,6 +204,8 @@ impl RelayConfig {
         dead_letter_policy: DeadLetterPolicy,
         /// Sets [`events_per_aggregate`](Self::events_per_aggregate).
         events_per_aggregate: u32,
+        /// Sets [`on_publish`](Self::on_publish).
+        on_publish: OnPublish,
         /// Sets [`retention`](Self::retention).
         retention: Option<Duration>,
         /// Sets [`purge_interval`](Self::purge_interval).

@@ -39,7 +39,8 @@ use sea_orm::DatabaseConnection;
 
 pub use breaker::{BreakerState, BreakerStatus};
 pub use config::{
-    Backoff, BreakerConfig, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, Ordering, RelayConfig,
+    Backoff, BreakerConfig, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish, Ordering,
+    RelayConfig,
 };
 pub use wake::NOTIFY_CHANNEL;
 

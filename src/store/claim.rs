@@ -44,7 +44,7 @@ pub(crate) struct Claimed {
 
 impl Claim<'_> {
     /// The statuses of earlier events that block an event under per-aggregate order.
-    fn blocking(&self) -> &'static str {
+    pub(super) fn blocking(&self) -> &'static str {
         if self.hold_dead_letters {
             "'pending', 'failed'"
         } else {

@@ -47,6 +47,7 @@ pub(crate) use portable::{
 };
 #[cfg(feature = "postgres")]
 pub(crate) use postgres::{current_schema as pg_current_schema, pool as pg_pool};
+pub use write_back::OnPublish;
 pub(crate) use write_back::{Fate, WriteBack};
 
 /// Largest `limit` accepted by the listing calls and the purge's batch; larger is
@@ -119,7 +120,7 @@ pub(crate) fn truncate_error(message: &str) -> String {
 }
 
 /// Deletes at most `batch_size` published events older than `older_than`, oldest first, in one
-/// statement; returns how many.
+/// statement, and the deleted-on-publish tally's minutes before then; returns how many events.
 pub(crate) async fn purge_published_batch(
     db: &impl ConnectionTrait,
     older_than: DateTime<Utc>,
@@ -136,11 +137,19 @@ pub(crate) async fn purge_published_batch(
         i64::try_from(batch_size).unwrap_or(0).into(),
     ];
     let res = db.execute_raw(sql::stmt(backend, template, values)).await?;
+    // The deleted-on-publish tally ages out with the rows (a few rows per hour, on its key).
+    db.execute_raw(sql::stmt(
+        backend,
+        "DELETE FROM outbox_published_tally WHERE minute < ?",
+        vec![write_back::minute(older_than).into()],
+    ))
+    .await?;
     Ok(res.rows_affected())
 }
 
-/// The counts for a snapshot at `at`, with three indexed queries (pending rows, dead letters,
-/// the published rows since `published_since`); published history is never scanned.
+/// The counts for a snapshot at `at`, with three indexed queries (pending rows; dead letters and
+/// the published rows since `published_since`; the deleted-on-publish tally since then);
+/// published history is never scanned.
 pub(crate) async fn counts(
     db: &impl ConnectionTrait,
     at: DateTime<Utc>,
@@ -164,6 +173,17 @@ pub(crate) async fn counts(
             vec![published_since.into()],
         ))
         .await?;
+    // Events deleted on publish: their minutes' tallies (at most 61 rows), to the minute.
+    let tallied = db
+        .query_all_raw(sql::stmt(
+            backend,
+            "SELECT events FROM outbox_published_tally WHERE minute >= ?",
+            vec![published_since.into()],
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .sum::<std::result::Result<i64, _>>()?;
     let int = |row: &Option<sea_orm::QueryResult>, col: &str| -> Result<u64> {
         Ok(match row {
             Some(r) => u64::try_from(r.try_get::<i64>("", col)?).unwrap_or(0),
@@ -181,7 +201,7 @@ pub(crate) async fn counts(
         leased: int(&pending, "leased")?,
         failed: int(&totals, "failed")?,
         oldest_pending_at,
-        published_since: int(&totals, "recent")?,
+        published_since: int(&totals, "recent")? + u64::try_from(tallied).unwrap_or(0),
     })
 }
 
@@ -208,10 +228,11 @@ pub(crate) async fn write_back(
     token: &str,
     now: DateTime<Utc>,
     fates: &[(Uuid, Fate)],
+    on_publish: OnPublish,
 ) -> Result<WriteBack> {
     match db.get_database_backend() {
-        DbBackend::Postgres => postgres::write_back(db, token, now, fates).await,
-        _ => write_back::with_row_leases(db, token, now, fates).await,
+        DbBackend::Postgres => postgres::write_back(db, token, now, fates, on_publish).await,
+        _ => write_back::with_row_leases(db, token, now, fates, on_publish).await,
     }
 }
 

@@ -3,12 +3,32 @@
 //! `locked_by = token` and clears it; PostgreSQL holds one lease row per batch instead and
 //! builds the same statements without that guard ([`postgres`](super::postgres)).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value};
 use uuid::Uuid;
 
 use super::sql::{placeholders, stmt};
 use crate::error::Result;
+
+/// What a relay's write-back does with the row of an event its broker acknowledged.
+///
+/// Set with [`RelayConfig::on_publish`](crate::relay::RelayConfig::on_publish). Either way a
+/// published event is never sent again, dead letters stay rows (to list, replay or discard),
+/// and the statistics count it among the last hour's published events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnPublish {
+    /// Mark it `published` and keep it, until the retention purge deletes it. The default: it
+    /// can still be looked up by id and inspected after delivery.
+    #[default]
+    Retain,
+    /// Delete it in the write-back, and add one to its minute's count in
+    /// `outbox_published_tally`, in the same transaction. The row's delete writes no index
+    /// entry where an update writes at least one, so a PostgreSQL relay drains faster
+    /// (BENCHMARKS.md), the table stays as small as its backlog, and there is nothing to
+    /// purge. Published events can no longer be looked up.
+    Delete,
+}
 
 /// What the relay decided for one claimed event.
 #[derive(Clone, Debug, PartialEq)]
@@ -100,15 +120,12 @@ pub(super) async fn with_row_leases(
     token: &str,
     now: DateTime<Utc>,
     fates: &[(Uuid, Fate)],
+    on_publish: OnPublish,
 ) -> Result<WriteBack> {
     let mut out = WriteBack::expecting(fates);
-    let statements = statements(
-        db.get_database_backend(),
-        Some(token),
-        now,
-        &sort_fates(fates),
-    );
-    if statements.len() <= 1 {
+    let backend = db.get_database_backend();
+    let statements = statements(backend, Some(token), now, &sort_fates(fates), on_publish);
+    if statements.len() <= 1 && on_publish == OnPublish::Retain {
         for (kind, s) in statements {
             *out.slot(kind) = db.execute_raw(s).await?.rows_affected();
         }
@@ -117,10 +134,35 @@ pub(super) async fn with_row_leases(
         for (kind, s) in statements {
             *out.slot(kind) = txn.execute_raw(s).await?.rows_affected();
         }
+        if on_publish == OnPublish::Delete && out.published > 0 {
+            txn.execute_raw(tally(backend, now, out.published)).await?;
+        }
         txn.commit().await?;
     }
     Ok(out)
 }
+
+/// The minute `at` falls in: the key of its `outbox_published_tally` row.
+pub(super) fn minute(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.duration_trunc(TimeDelta::minutes(1)).unwrap_or(at)
+}
+
+/// Adds `n` deleted-on-publish events to the tally of `now`'s minute.
+pub(super) fn tally(backend: DbBackend, now: DateTime<Utc>, n: u64) -> Statement {
+    let sql = match backend {
+        DbBackend::MySql => {
+            "INSERT INTO outbox_published_tally (minute, events) VALUES (?, ?) \
+             ON DUPLICATE KEY UPDATE events = events + VALUES(events)"
+        }
+        _ => TALLY_UPSERT,
+    };
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    stmt(backend, sql, vec![minute(now).into(), n.into()])
+}
+
+/// PostgreSQL and SQLite: adds `?` events to minute `?`'s row.
+const TALLY_UPSERT: &str = "INSERT INTO outbox_published_tally (minute, events) VALUES (?, ?) \
+     ON CONFLICT (minute) DO UPDATE SET events = outbox_published_tally.events + excluded.events";
 
 /// One statement per non-empty kind. `row_lease`: `Some(token)` where rows carry the lease
 /// (each statement is conditional on it and clears it); `None` on PostgreSQL, where the caller
@@ -130,6 +172,7 @@ pub(super) fn statements(
     row_lease: Option<&str>,
     now: DateTime<Utc>,
     sorted: &Sorted<'_>,
+    on_publish: OnPublish,
 ) -> Vec<(Kind, Statement)> {
     let Sorted {
         published,
@@ -141,6 +184,14 @@ pub(super) fn statements(
     // `… WHERE <lease> AND id IN (…)`, the guard's values and the ids appended to `values`.
     let finish = |sql: String, mut values: Vec<Value>, ids: Vec<Uuid>| {
         let sql = match row_lease {
+            // A delete has no lease columns to clear.
+            Some(token) if sql.starts_with("DELETE") => {
+                values.push(token.into());
+                format!(
+                    "{sql} WHERE locked_by = ? AND id IN ({})",
+                    placeholders(ids.len())
+                )
+            }
             Some(token) => {
                 values.push(token.into());
                 format!(
@@ -169,13 +220,16 @@ pub(super) fn statements(
         sql
     }
     if !published.is_empty() {
+        let (sql, values) = match on_publish {
+            OnPublish::Retain => (
+                "UPDATE outbox_events SET status = 'published', published_at = ?",
+                vec![now.into()],
+            ),
+            OnPublish::Delete => ("DELETE FROM outbox_events", Vec::new()),
+        };
         out.push((
             Kind::Published,
-            finish(
-                "UPDATE outbox_events SET status = 'published', published_at = ?".to_owned(),
-                vec![now.into()],
-                published.to_vec(),
-            ),
+            finish(sql.to_owned(), values, published.to_vec()),
         ));
     }
     if !retried.is_empty() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::publisher::{LogPublisher, Router};
-use seaorm_outbox::relay::{Ordering, Relay, RelayConfig};
+use seaorm_outbox::relay::{OnPublish, Ordering, Relay, RelayConfig};
 use seaorm_outbox::{HealthThresholds, Publisher};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +55,10 @@ pub(crate) struct RelayArgs {
     /// Do not keep per-aggregate order.
     #[arg(long)]
     unordered: bool,
+    /// Delete each event's row once the broker acknowledged it, instead of marking it
+    /// published (faster; published events can no longer be looked up).
+    #[arg(long)]
+    delete_on_publish: bool,
     /// Do not LISTEN for NOTIFY (PgBouncer in transaction pooling mode).
     #[arg(long)]
     no_listen: bool,
@@ -192,6 +196,9 @@ pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
     }
     if args.unordered {
         config = config.ordering(Ordering::Unordered);
+    }
+    if args.delete_on_publish {
+        config = config.on_publish(OnPublish::Delete);
     }
     let thresholds = HealthThresholds::default()
         .max_backlog(parse_count(
