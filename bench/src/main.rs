@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`.
-//! `--pg-only` skips MariaDB and SQLite in `throughput`; `--relays 1,2,4` picks the relay counts
+//! `--pg-only` skips MariaDB and SQLite in `throughput`; `--relays 1,2,4` picks the relay counts (default 1,2,4; 1 with `--quick`)
 //! (PostgreSQL) and `--ordering unordered|ordered` one ordering; `--vacuum-every-ms N` runs `VACUUM` on the
 //! table every N ms, standing in for autovacuum where the server has it off. `--workload
 //! spread|single` picks one throughput backlog: spread over 1,000 aggregates with ~100-byte
@@ -99,7 +99,8 @@ async fn main() -> Result<()> {
         .position(|a| a == "--relays")
         .and_then(|i| args.get(i + 1))
         .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 2, 4]);
+        // A smoke test needs every code path, not every relay count.
+        .unwrap_or_else(|| if quick { vec![1] } else { vec![1, 2, 4] });
     let orderings: Vec<Ordering> = match args
         .iter()
         .position(|a| a == "--ordering")
@@ -155,30 +156,21 @@ async fn main() -> Result<()> {
         });
     }
     if wants("throughput") {
-        throughput_section(
-            &pg,
-            sizes.drain,
-            &relays,
-            &orderings,
-            &on_publish,
-            &workloads,
+        let plan = Plan {
+            workers: &relays,
+            orderings: &orderings,
+            on_publish: &on_publish,
+            workloads: &workloads,
             repeat,
-            &mut rows,
-        )
-        .await?;
+        };
+        throughput_section(&pg, sizes.drain, &plan, &mut rows).await?;
         for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
             let other = BenchDb::new(kind).await?;
-            throughput_section(
-                &other,
-                sizes.drain_other,
-                &[1],
-                &orderings,
-                &on_publish,
-                &workloads,
-                repeat,
-                &mut rows,
-            )
-            .await?;
+            let plan = Plan {
+                workers: &[1],
+                ..plan
+            };
+            throughput_section(&other, sizes.drain_other, &plan, &mut rows).await?;
             other.drop().await?;
         }
     }
@@ -238,16 +230,28 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// What the throughput section runs: every workload × worker count × relay variant.
+struct Plan<'a> {
+    workers: &'a [usize],
+    orderings: &'a [Ordering],
+    on_publish: &'a [OnPublish],
+    workloads: &'a [Workload],
+    repeat: usize,
+}
+
 async fn throughput_section(
     db: &BenchDb,
     n: u64,
-    workers: &[usize],
-    orderings: &[Ordering],
-    on_publish: &[OnPublish],
-    workloads: &[Workload],
-    repeat: usize,
+    plan: &Plan<'_>,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
+    let Plan {
+        workers,
+        orderings,
+        on_publish,
+        workloads,
+        repeat,
+    } = *plan;
     let label = db.kind.label();
     let pg = db.kind == Kind::Postgres;
     let cpu = |c: Option<cpu::CpuPerEvent>| c.map(|c| format!(" ({c})")).unwrap_or_default();

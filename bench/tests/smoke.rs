@@ -23,6 +23,10 @@ fn quick_benchmark_runs_and_prints_the_table() {
         "memory",
         "broker drain",
         "| inbox |",
+        "minimal raw_outbox loop",
+        "one event per aggregate",
+        "delete on publish",
+        "tx with the minimal raw_outbox INSERT",
     ] {
         assert!(stdout.contains(section), "no {section} rows in:\n{stdout}");
     }

@@ -88,7 +88,7 @@ impl BreakerConfig {
 ///
 /// ```
 /// use std::time::Duration;
-/// use seaorm_outbox::relay::{Backoff, RelayConfig};
+/// use seaorm_outbox::relay::{Backoff, OnPublish, RelayConfig};
 ///
 /// let config = RelayConfig::default()
 ///     .batch_size(500)
@@ -96,6 +96,10 @@ impl BreakerConfig {
 ///     .backoff(Backoff::new(Duration::from_millis(200), Duration::from_secs(60)))
 ///     .retention(Some(Duration::from_secs(7 * 24 * 3600)));
 /// assert_eq!(config.batch_size, 500);
+///
+/// // Nothing reads published events back: delete them in the write-back instead.
+/// let draining = RelayConfig::default().on_publish(OnPublish::Delete);
+/// assert_eq!(draining.on_publish, OnPublish::Delete);
 /// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
