@@ -57,6 +57,9 @@ pub const NOTIFY_CHANNEL: &str = "seaorm_outbox";
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
     let mut all = outbox_migrations();
     all.extend(inbox_migrations());
+    // The two sets touch disjoint tables; interleaved by name, they apply (and are recorded)
+    // in the order they were written, as every migrator lists them.
+    all.sort_by(|a, b| a.name().cmp(b.name()));
     all
 }
 
