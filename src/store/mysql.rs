@@ -24,6 +24,11 @@ pub(super) const UPSERT_HEARTBEAT: &str = "INSERT INTO outbox_relays (name, publ
      heartbeat_at = VALUES(heartbeat_at), breaker = VALUES(breaker), \
      unavailable_since = VALUES(unavailable_since), last_error = VALUES(last_error)";
 
+/// `ON DUPLICATE KEY UPDATE` in place of the portable tally upsert: adds `?` events to minute
+/// `?`'s row of `outbox_published_tally`.
+pub(super) const UPSERT_TALLY: &str = "INSERT INTO outbox_published_tally (minute, events) \
+     VALUES (?, ?) ON DUPLICATE KEY UPDATE events = events + VALUES(events)";
+
 /// Claims a batch: see the module docs and [`super::claim`]. Under per-aggregate order it
 /// locks up to `limit` heads, then reads their aggregates' pending events in order; nobody
 /// else can claim those followers while their head is pending.

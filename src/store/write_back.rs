@@ -7,6 +7,7 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value};
 use uuid::Uuid;
 
+use super::mysql;
 use super::sql::{placeholders, stmt};
 use crate::error::Result;
 
@@ -150,10 +151,7 @@ pub(super) fn minute(at: DateTime<Utc>) -> DateTime<Utc> {
 /// Adds `n` deleted-on-publish events to the tally of `now`'s minute.
 pub(super) fn tally(backend: DbBackend, now: DateTime<Utc>, n: u64) -> Statement {
     let sql = match backend {
-        DbBackend::MySql => {
-            "INSERT INTO outbox_published_tally (minute, events) VALUES (?, ?) \
-             ON DUPLICATE KEY UPDATE events = events + VALUES(events)"
-        }
+        DbBackend::MySql => mysql::UPSERT_TALLY,
         _ => TALLY_UPSERT,
     };
     let n = i64::try_from(n).unwrap_or(i64::MAX);
@@ -182,21 +180,19 @@ pub(super) fn statements(
     } = sorted;
     let mut out = Vec::new();
     // `… WHERE <lease> AND id IN (…)`, the guard's values and the ids appended to `values`.
-    let finish = |sql: String, mut values: Vec<Value>, ids: Vec<Uuid>| {
+    // `set` marks an `UPDATE … SET`, which also clears the row lease; a `DELETE` has no
+    // columns to clear.
+    let finish = |sql: String, set: bool, mut values: Vec<Value>, ids: Vec<Uuid>| {
+        let clear = if set {
+            ", locked_by = NULL, locked_until = NULL"
+        } else {
+            ""
+        };
         let sql = match row_lease {
-            // A delete has no lease columns to clear.
-            Some(token) if sql.starts_with("DELETE") => {
-                values.push(token.into());
-                format!(
-                    "{sql} WHERE locked_by = ? AND id IN ({})",
-                    placeholders(ids.len())
-                )
-            }
             Some(token) => {
                 values.push(token.into());
                 format!(
-                    "{sql}, locked_by = NULL, locked_until = NULL \
-                     WHERE locked_by = ? AND id IN ({})",
+                    "{sql}{clear} WHERE locked_by = ? AND id IN ({})",
                     placeholders(ids.len())
                 )
             }
@@ -220,16 +216,17 @@ pub(super) fn statements(
         sql
     }
     if !published.is_empty() {
-        let (sql, values) = match on_publish {
+        let (sql, set, values) = match on_publish {
             OnPublish::Retain => (
                 "UPDATE outbox_events SET status = 'published', published_at = ?",
+                true,
                 vec![now.into()],
             ),
-            OnPublish::Delete => ("DELETE FROM outbox_events", Vec::new()),
+            OnPublish::Delete => ("DELETE FROM outbox_events", false, Vec::new()),
         };
         out.push((
             Kind::Published,
-            finish(sql.to_owned(), values, published.to_vec()),
+            finish(sql.to_owned(), set, values, published.to_vec()),
         ));
     }
     if !retried.is_empty() {
@@ -249,6 +246,7 @@ pub(super) fn statements(
                     "UPDATE outbox_events SET attempts = attempts + 1, last_error = {errors}, \
                      next_attempt_at = {ats}"
                 ),
+                true,
                 values,
                 retried.iter().map(|(id, _, _)| *id).collect(),
             ),
@@ -267,6 +265,7 @@ pub(super) fn statements(
                     "UPDATE outbox_events SET status = 'failed', failed_at = ?, \
                      attempts = attempts + 1, last_error = {errors}"
                 ),
+                true,
                 values,
                 dead.iter().map(|(id, _)| *id).collect(),
             ),
@@ -282,6 +281,7 @@ pub(super) fn statements(
             Kind::Released,
             finish(
                 format!("UPDATE outbox_events SET next_attempt_at = {ats}"),
+                true,
                 values,
                 released.iter().map(|(id, _)| *id).collect(),
             ),
