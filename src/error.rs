@@ -82,6 +82,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The log relay cannot read its replication slot: the server or role cannot decode
+    /// (`wal_level`, `REPLICATION`), or the slot is missing or of another kind.
+    #[error("log relay (slot `{slot}`): {reason}")]
+    LogRelay {
+        /// The replication slot.
+        slot: String,
+        /// What is missing, and how to fix it.
+        reason: String,
+    },
+
     /// The relay or repository was configured with values that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -256,6 +256,73 @@ pub(crate) struct ValidEvent {
     pub(crate) occurred_at: DateTime<Utc>,
 }
 
+/// A message-mode event as written to the log: the event's fields in one JSON object, with a
+/// version so the format can grow.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Envelope {
+    pub(crate) v: u32,
+    pub(crate) id: Uuid,
+    pub(crate) event_type: String,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: String,
+    pub(crate) payload: Value,
+    pub(crate) headers: Headers,
+    pub(crate) occurred_at: DateTime<Utc>,
+}
+
+/// The envelope version this library writes and reads.
+pub(crate) const ENVELOPE_VERSION: u32 = 1;
+
+impl ValidEvent {
+    /// The event as the JSON text that message mode writes.
+    pub(crate) fn to_envelope(&self) -> Result<String, InvalidEvent> {
+        let headers = headers_from_json(self.headers.clone())?;
+        let e = Envelope {
+            v: ENVELOPE_VERSION,
+            id: self.id,
+            event_type: self.event_type.clone(),
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            payload: self.payload.clone(),
+            headers,
+            occurred_at: self.occurred_at,
+        };
+        serde_json::to_string(&e).map_err(InvalidEvent::Payload)
+    }
+}
+
+impl OutboxEvent {
+    /// Reads a message-mode envelope back, committed at `created_at`; the reason if it is not
+    /// one this library wrote.
+    pub(crate) fn from_envelope(content: &[u8], created_at: DateTime<Utc>) -> Result<Self, String> {
+        let e: Envelope =
+            serde_json::from_slice(content).map_err(|e| format!("not an outbox envelope: {e}"))?;
+        if e.v != ENVELOPE_VERSION {
+            return Err(format!(
+                "envelope version {} (this build reads {ENVELOPE_VERSION})",
+                e.v
+            ));
+        }
+        Ok(Self {
+            id: e.id,
+            event_type: e.event_type,
+            aggregate_type: e.aggregate_type,
+            aggregate_id: e.aggregate_id,
+            payload: e.payload,
+            headers: e.headers,
+            occurred_at: e.occurred_at,
+            created_at,
+            status: OutboxStatus::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: created_at,
+            published_at: None,
+            failed_at: None,
+            locked_by: None,
+        })
+    }
+}
+
 /// An event as stored in the outbox.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[non_exhaustive]

@@ -67,7 +67,7 @@ pub use error::{Error, InvalidEvent, Result};
 pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
 pub use publisher::{PublishOutcome, Publisher};
 pub use relay::{Relay, RelayConfig, RelayStats};
-pub use repository::{Outbox, OutboxConfig, OutboxRepository};
+pub use repository::{Outbox, OutboxConfig, OutboxRepository, WriteMode};
 pub use seaorm_outbox_entity::OutboxStatus;
 pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats, RelayHeartbeat};
 

@@ -22,12 +22,35 @@ pub use crate::store::{INSERT_CHUNK, MAX_ERROR_BYTES, MAX_PAGE_SIZE};
 pub struct OutboxConfig {
     /// Largest serialised payload accepted, in bytes. Default 1 MiB.
     pub max_payload_bytes: usize,
+    /// Where `add_event` writes: the outbox table (default) or, on PostgreSQL, the
+    /// write-ahead log for the [log relay](crate::relay::log).
+    pub write_mode: WriteMode,
+    /// The logical-message prefix that message mode writes under and the log relay reads.
+    /// Default [`MESSAGE_PREFIX`].
+    pub message_prefix: String,
+}
+
+/// The default logical-message prefix of message mode.
+pub const MESSAGE_PREFIX: &str = "seaorm_outbox";
+
+/// Where [`OutboxRepository::add_event`] writes an event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriteMode {
+    /// A row in `outbox_events`, for the polling relay (or the log relay in table mode).
+    #[default]
+    Table,
+    /// PostgreSQL only: a transactional logical message (`pg_logical_emit_message`), no row
+    /// at all, for the [log relay](crate::relay::log). Needs the `postgres` feature.
+    Message,
 }
 
 impl Default for OutboxConfig {
     fn default() -> Self {
         Self {
             max_payload_bytes: 1024 * 1024,
+            write_mode: WriteMode::Table,
+            message_prefix: MESSAGE_PREFIX.to_owned(),
         }
     }
 }
@@ -36,6 +59,14 @@ impl OutboxConfig {
     setters! {
         /// Sets [`max_payload_bytes`](Self::max_payload_bytes).
         max_payload_bytes: usize,
+        /// Sets [`write_mode`](Self::write_mode).
+        write_mode: WriteMode,
+    }
+
+    /// Sets [`message_prefix`](Self::message_prefix).
+    pub fn message_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.message_prefix = prefix.into();
+        self
     }
 }
 
@@ -106,6 +137,51 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// A repository on `db` with `config`.
     pub fn with_config(db: &'c C, config: OutboxConfig) -> Self {
         Self { db, config }
+    }
+
+    /// Message mode, whatever [`OutboxConfig::write_mode`] says: writes the event to
+    /// PostgreSQL's write-ahead log as a transactional logical message, in the caller's
+    /// transaction, and no table row. The [log relay](crate::relay::log) delivers it once the
+    /// transaction commits; a rolled-back transaction's message is never seen. Validated exactly
+    /// like [`add_event`](OutboxRepository::add_event). Never commits.
+    ///
+    /// ```no_run
+    /// use sea_orm::{DatabaseConnection, TransactionSession, TransactionTrait};
+    /// use seaorm_outbox::{NewEvent, Outbox};
+    ///
+    /// # async fn f(db: DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
+    /// let txn = db.begin().await?;
+    /// // ... your domain writes on &txn ...
+    /// Outbox::new(&txn).emit(NewEvent::new("order.placed", "order", "42")).await?;
+    /// txn.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub async fn emit(&self, event: NewEvent) -> Result<Uuid> {
+        let mut ids = self.emit_events(vec![event]).await?;
+        Ok(ids.pop().unwrap_or_default())
+    }
+
+    /// [`emit`](Self::emit) for many events, in order; all are validated before any is written.
+    #[cfg(feature = "postgres")]
+    pub async fn emit_events(&self, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
+        let valid = self.validate(events)?;
+        let mut ids = Vec::with_capacity(valid.len());
+        let mut envelopes = Vec::with_capacity(valid.len());
+        for e in &valid {
+            ids.push(e.id);
+            envelopes.push(e.to_envelope()?);
+        }
+        store::logical::emit(self.db, &self.config.message_prefix, envelopes).await?;
+        Ok(ids)
+    }
+
+    fn validate(&self, events: Vec<NewEvent>) -> Result<Vec<crate::event::ValidEvent>> {
+        let max = self.config.max_payload_bytes;
+        Ok(events
+            .into_iter()
+            .map(|e| e.with_headers(telemetry::trace::capture).validate(max))
+            .collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Stores a typed [`DomainEvent`]. Never commits.
@@ -251,11 +327,15 @@ impl<C: ConnectionTrait> OutboxRepository for Outbox<'_, C> {
     }
 
     async fn add_events(&self, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
-        let max = self.config.max_payload_bytes;
-        let valid = events
-            .into_iter()
-            .map(|e| e.with_headers(telemetry::trace::capture).validate(max))
-            .collect::<Result<Vec<_>, _>>()?;
+        if self.config.write_mode == WriteMode::Message {
+            #[cfg(feature = "postgres")]
+            return self.emit_events(events).await;
+            #[cfg(not(feature = "postgres"))]
+            return Err(Error::Config(
+                "WriteMode::Message needs the `postgres` feature".into(),
+            ));
+        }
+        let valid = self.validate(events)?;
         let ids: Vec<Uuid> = valid.iter().map(|e| e.id).collect();
         store::insert(self.db, valid, now()).await?;
         Ok(ids)

@@ -174,6 +174,9 @@ pub struct HealthThresholds {
     /// A relay's publisher unavailable for longer than this is unhealthy; before that it is
     /// degraded. Default 5 min.
     pub max_publisher_outage: Duration,
+    /// The log relay: WAL not yet confirmed by its slot above this many bytes is degraded.
+    /// Default 1 GiB.
+    pub max_slot_lag_bytes: u64,
 }
 
 impl Default for HealthThresholds {
@@ -184,6 +187,7 @@ impl Default for HealthThresholds {
             max_dead_letters: 0,
             max_poll_gap: Duration::from_secs(60),
             max_publisher_outage: Duration::from_secs(300),
+            max_slot_lag_bytes: 1 << 30,
         }
     }
 }
@@ -200,6 +204,8 @@ impl HealthThresholds {
         max_poll_gap: Duration,
         /// Sets [`max_publisher_outage`](Self::max_publisher_outage).
         max_publisher_outage: Duration,
+        /// Sets [`max_slot_lag_bytes`](Self::max_slot_lag_bytes).
+        max_slot_lag_bytes: u64,
     }
 }
 
@@ -257,6 +263,54 @@ impl Health {
                 }
                 h.stats = Some(s);
             }
+        }
+        h
+    }
+
+    /// A log relay's verdict: its slot (`Ok(None)`: missing), its dead letters, and the oldest
+    /// commit it has not confirmed.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn for_log_slot(
+        name: &str,
+        slot: Result<Option<crate::store::SlotStatus>>,
+        dead_letters: Result<u64>,
+        behind_since: Option<DateTime<Utc>>,
+        t: &HealthThresholds,
+    ) -> Self {
+        let mut h = Self {
+            status: HealthStatus::Healthy,
+            reasons: Vec::new(),
+            stats: None,
+            last_poll: None,
+        };
+        match slot {
+            Err(e) => h.unhealthy(format!("database unreadable: {e}")),
+            Ok(None) => h.unhealthy(format!("replication slot `{name}` does not exist")),
+            Ok(Some(s)) if s.wal_status == "lost" => h.unhealthy(format!(
+                "replication slot `{name}` is lost: the WAL it needed was removed \
+                 (max_slot_wal_keep_size); events written since may be lost"
+            )),
+            Ok(Some(s)) if s.lag_bytes > t.max_slot_lag_bytes => h.degraded(format!(
+                "slot `{name}` is {} bytes of WAL behind, over {}",
+                s.lag_bytes, t.max_slot_lag_bytes
+            )),
+            Ok(Some(_)) => {}
+        }
+        if let Some(age) = behind_since.and_then(|at| (now() - at).to_std().ok())
+            && age > t.max_oldest_pending_age
+        {
+            h.degraded(format!(
+                "oldest unconfirmed commit is {}s old, over {}s",
+                age.as_secs(),
+                t.max_oldest_pending_age.as_secs()
+            ));
+        }
+        match dead_letters {
+            Ok(n) if n > t.max_dead_letters => {
+                h.degraded(format!("{n} log dead letters, over {}", t.max_dead_letters))
+            }
+            Ok(_) => {}
+            Err(e) => h.degraded(format!("log dead letters unreadable: {e}")),
         }
         h
     }

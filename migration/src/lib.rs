@@ -36,6 +36,7 @@ mod m20261128_000006_uncompressed_lease_ids;
 mod m20261201_000007_relay_heartbeats;
 mod m20261202_000008_inbox;
 mod m20261202_000009_published_tally;
+mod m20261202_000010_log_dead_letters;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -46,6 +47,7 @@ pub use m20261128_000006_uncompressed_lease_ids::Migration as UncompressedLeaseI
 pub use m20261201_000007_relay_heartbeats::Migration as RelayHeartbeats;
 pub use m20261202_000008_inbox::Migration as Inbox;
 pub use m20261202_000009_published_tally::Migration as PublishedTally;
+pub use m20261202_000010_log_dead_letters::Migration as LogDeadLetters;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -64,7 +66,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
 }
 
 /// The outbox's migrations only (`outbox_events`, its lease table, `outbox_relays`,
-/// `outbox_published_tally`), oldest first.
+/// `outbox_published_tally`, and on PostgreSQL `outbox_log_dead_letters`), oldest first.
 pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![
         Box::new(CreateOutboxEvents),
@@ -75,6 +77,7 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(UncompressedLeaseIds),
         Box::new(RelayHeartbeats),
         Box::new(PublishedTally),
+        Box::new(LogDeadLetters),
     ]
 }
 

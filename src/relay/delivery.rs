@@ -138,39 +138,20 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
-    /// One publisher call, bounded by `publish_timeout`. `None` when the relay is stopping and
-    /// the call did not finish within `shutdown_grace`: the events' fate is unknown. A call that
-    /// failed as a whole or timed out found the publisher unavailable.
+    /// One publisher call, bounded by `publish_timeout` ([`call_publisher`]).
     async fn publish(
         &self,
         events: &[OutboxEvent],
         cancel: &CancellationToken,
     ) -> Option<Vec<PublishOutcome>> {
-        let call =
-            tokio::time::timeout(self.config.publish_timeout, self.publisher.publish(events));
-        tokio::pin!(call);
-        let result = tokio::select! {
-            r = &mut call => r,
-            () = cancel.cancelled() => {
-                tokio::time::timeout(self.config.shutdown_grace, call).await.ok()?
-            }
-        };
-        let all = |o: PublishOutcome| vec![o; events.len()];
-        Some(match result {
-            Ok(Ok(outcomes)) if outcomes.len() == events.len() => outcomes,
-            // A publisher bug, not an outage: it must not stall the relay for good.
-            Ok(Ok(outcomes)) => all(PublishOutcome::Retry(format!(
-                "publisher `{}` returned {} outcomes for {} events",
-                self.publisher.name(),
-                outcomes.len(),
-                events.len()
-            ))),
-            Ok(Err(e)) => all(PublishOutcome::Unavailable(e.to_string())),
-            Err(_) => all(PublishOutcome::Unavailable(format!(
-                "publish timed out after {:?}",
-                self.config.publish_timeout
-            ))),
-        })
+        call_publisher(
+            &self.publisher,
+            events,
+            self.config.publish_timeout,
+            self.config.shutdown_grace,
+            cancel,
+        )
+        .await
     }
 
     fn fate(&self, event: &OutboxEvent, outcome: PublishOutcome, at: DateTime<Utc>) -> Fate {
@@ -360,4 +341,37 @@ mod tests {
         ];
         assert_eq!(got, want);
     }
+}
+
+/// One publisher call, bounded by `timeout`. `None` when the relay is stopping and the call did
+/// not finish within `grace`: the events' fate is unknown. A call that failed as a whole or
+/// timed out found the publisher unavailable; one that returned the wrong number of outcomes is
+/// a publisher bug, retried (it must not stall the relay for good).
+pub(super) async fn call_publisher<P: Publisher>(
+    publisher: &P,
+    events: &[OutboxEvent],
+    timeout: std::time::Duration,
+    grace: std::time::Duration,
+    cancel: &CancellationToken,
+) -> Option<Vec<PublishOutcome>> {
+    let call = tokio::time::timeout(timeout, publisher.publish(events));
+    tokio::pin!(call);
+    let result = tokio::select! {
+        r = &mut call => r,
+        () = cancel.cancelled() => tokio::time::timeout(grace, call).await.ok()?,
+    };
+    let all = |o: PublishOutcome| vec![o; events.len()];
+    Some(match result {
+        Ok(Ok(outcomes)) if outcomes.len() == events.len() => outcomes,
+        Ok(Ok(outcomes)) => all(PublishOutcome::Retry(format!(
+            "publisher `{}` returned {} outcomes for {} events",
+            publisher.name(),
+            outcomes.len(),
+            events.len()
+        ))),
+        Ok(Err(e)) => all(PublishOutcome::Unavailable(e.to_string())),
+        Err(_) => all(PublishOutcome::Unavailable(format!(
+            "publish timed out after {timeout:?}"
+        ))),
+    })
 }

@@ -28,6 +28,8 @@ mod breaker;
 mod config;
 mod cursor;
 mod delivery;
+#[cfg(feature = "postgres")]
+pub mod log;
 mod run;
 mod wake;
 

@@ -13,6 +13,8 @@
 //! | [`write_back`] | a batch's outcomes written back, one statement per kind |
 //! | [`heartbeats`] | each running relay's row in `outbox_relays` |
 //! | [`inbox`] | the consumer side: `inbox_messages` and `inbox_dead_letters` |
+//! | [`logical`] | message mode's write; the log relay's slot, publication, peek, advance, dead letters |
+//! | [`pgoutput`] | decoding the records a logical slot returns |
 //! | [`postgres`] | batch lease rows, the claim cursor's scan, the sqlx row decoder |
 //! | [`mysql`] | `FOR UPDATE SKIP LOCKED` row leases, `DELETE … LIMIT` |
 //! | [`sqlite`] | one `UPDATE … RETURNING` claim, timestamps stored as text |
@@ -24,7 +26,11 @@
 mod claim;
 mod heartbeats;
 pub(crate) mod inbox;
+#[cfg(feature = "postgres")]
+pub(crate) mod logical;
 mod mysql;
+#[cfg(feature = "postgres")]
+mod pgoutput;
 mod portable;
 mod postgres;
 mod rows;
@@ -41,6 +47,10 @@ use crate::error::{Error, Result};
 pub(crate) use claim::{Claim, Claimed, DueKey};
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
 pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
+#[cfg(feature = "postgres")]
+pub use logical::{LogDeadLetter, SlotStatus};
+#[cfg(feature = "postgres")]
+pub(crate) use pgoutput::{Lsn, Record, decode as decode_pgoutput};
 pub(crate) use portable::{
     count, count_published_before, discard, failed, get, insert, mark_failed, mark_published,
     pending, requeue, statuses,

@@ -107,3 +107,40 @@ pub(crate) fn inbox_handler_time(consumer: &str, elapsed: Duration) {
 pub(crate) fn inbox_lag(consumer: &str, messages: u64) {
     ::metrics::gauge!(names::INBOX_LAG, "consumer" => consumer.to_owned()).set(messages as f64);
 }
+
+/// The log relay's counts for one publisher call, per event type of the events it settled.
+pub(crate) fn log_settled(publisher: &str, kind: LogKind, events: &[OutboxEvent]) {
+    let name = match kind {
+        LogKind::Published => names::PUBLISHED,
+        LogKind::Retried => names::RETRIED,
+        LogKind::DeadLettered => names::DEAD_LETTERED,
+    };
+    let now = chrono::Utc::now();
+    for e in events {
+        ::metrics::counter!(name, "publisher" => publisher.to_owned(), "event_type" => e.event_type.clone())
+            .increment(1);
+        if kind == LogKind::Published
+            && let Ok(d) = (now - e.created_at).to_std()
+        {
+            ::metrics::histogram!(names::COMMIT_TO_ACK, "publisher" => publisher.to_owned())
+                .record(d.as_secs_f64());
+        }
+    }
+}
+
+/// What happened to an event the log relay sent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogKind {
+    Published,
+    Retried,
+    DeadLettered,
+}
+
+/// Sets a log relay's slot gauges; `retained` only when it was read.
+pub(crate) fn slot_lag(slot: &str, bytes: u64, age: Duration, retained: Option<u64>) {
+    ::metrics::gauge!(names::SLOT_LAG_BYTES, "slot" => slot.to_owned()).set(bytes as f64);
+    ::metrics::gauge!(names::SLOT_LAG_SECONDS, "slot" => slot.to_owned()).set(age.as_secs_f64());
+    if let Some(r) = retained {
+        ::metrics::gauge!(names::SLOT_RETAINED_BYTES, "slot" => slot.to_owned()).set(r as f64);
+    }
+}

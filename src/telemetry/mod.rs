@@ -16,6 +16,9 @@
 //! | `outbox_batch_size` | histogram | `publisher` | events per claimed batch |
 //! | `outbox_breaker_state` | gauge | `publisher` | the relay's circuit breaker: 0 closed, 1 open, 2 half-open |
 //! | `outbox_publisher_unavailable_seconds` | gauge | `publisher` | how long the publisher has been unavailable; 0 while it answers |
+//! | `outbox_slot_lag_bytes` | gauge | `slot` | log relay: WAL written since its slot's confirmed position |
+//! | `outbox_slot_lag_seconds` | gauge | `slot` | log relay: age of the oldest committed event not yet confirmed; 0 when caught up |
+//! | `outbox_slot_retained_bytes` | gauge | `slot` | log relay: WAL the server keeps for its slot |
 //! | `outbox_inbox_messages_total` | counter | `consumer`, `outcome` | inbox messages by outcome: `applied`, `duplicate`, `dead_lettered`, `retried`, `ack_failed` |
 //! | `outbox_inbox_handler_seconds` | histogram | `consumer` | one attempt: begin → record → handler → commit |
 //! | `outbox_inbox_consumer_lag` | gauge | `consumer` | messages the broker holds for the consumer and has not delivered, where it says |
@@ -49,6 +52,12 @@ pub mod names {
     pub const BREAKER_STATE: &str = "outbox_breaker_state";
     /// Gauge: seconds the publisher has been unavailable; 0 while it answers.
     pub const PUBLISHER_UNAVAILABLE: &str = "outbox_publisher_unavailable_seconds";
+    /// Gauge: bytes of WAL since the log relay's confirmed position.
+    pub const SLOT_LAG_BYTES: &str = "outbox_slot_lag_bytes";
+    /// Gauge: seconds since the oldest committed event the log relay has not confirmed.
+    pub const SLOT_LAG_SECONDS: &str = "outbox_slot_lag_seconds";
+    /// Gauge: bytes of WAL the server retains for the log relay's slot.
+    pub const SLOT_RETAINED_BYTES: &str = "outbox_slot_retained_bytes";
     /// Counter: inbox messages by `outcome`.
     pub const INBOX_MESSAGES: &str = "outbox_inbox_messages_total";
     /// Histogram: one inbox attempt, begin to commit, in seconds.

@@ -9,6 +9,8 @@ pub struct PgServer {
     pub port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// Extra `-c name=value` settings.
+    settings: String,
 }
 
 /// Where Debian keeps the server binaries, newest first.
@@ -68,6 +70,30 @@ fn run(mut c: Command, what: &str) {
 impl PgServer {
     /// initdb and start a server with trust auth on 127.0.0.1 and a free port.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A server with `wal_level=logical`, shared by the tests of this binary that run at the
+    /// same time (each works in its own schema, slot and publication); stopped when the last
+    /// one drops it.
+    pub fn shared_logical() -> std::sync::Arc<Self> {
+        use std::sync::{Arc, Mutex, Weak};
+        static SHARED: Mutex<Weak<PgServer>> = Mutex::new(Weak::new());
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = shared.upgrade() {
+            return s;
+        }
+        let s = Arc::new(Self::start_with(&[
+            "wal_level=logical",
+            "max_replication_slots=64",
+            "max_wal_senders=16",
+        ]));
+        *shared = Arc::downgrade(&s);
+        s
+    }
+
+    /// [`start`](Self::start) with extra `name=value` server settings.
+    pub fn start_with(settings: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bin = bin_dir();
         if is_root() {
@@ -93,6 +119,7 @@ impl PgServer {
             port: free_port(),
             dir,
             bin,
+            settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
         };
         server.pg_ctl_start();
         server
@@ -108,9 +135,10 @@ impl PgServer {
 
     fn pg_ctl_start(&self) {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings
         );
         let log = self.dir.path().join("server.log").display().to_string();
         run(

@@ -57,11 +57,25 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
     let s = outbox.stats().await?;
     // A schema from before the relay table still has a backlog to show.
     let relays = outbox.relays(RELAYS_WITHIN).await.ok();
+    // The log relay's slots and dead letters, on PostgreSQL.
+    let (slots, log_dead) = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        (
+            seaorm_outbox::relay::log::slots(db).await.ok(),
+            seaorm_outbox::relay::log::LogDeadLetters::new(db)
+                .count()
+                .await
+                .ok(),
+        )
+    } else {
+        (None, None)
+    };
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["pending"] = s.pending().into();
         v["oldest_pending_age_seconds"] = s.oldest_pending_age().map(|d| d.as_secs_f64()).into();
         v["relays"] = serde_json::to_value(&relays)?;
+        v["slots"] = serde_json::to_value(&slots)?;
+        v["log_dead_letters"] = log_dead.into();
         println!("{v}");
         return Ok(());
     }
@@ -75,6 +89,23 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
         s.oldest_pending_age().map_or_else(|| "-".to_owned(), secs)
     );
     println!("published last 1h  {:>10}", s.published_last_hour);
+    if let Some(slots) = &slots {
+        println!("log slots          {:>10}", slots.len());
+        for slot in slots {
+            println!(
+                "  {}  {}  lag {} B  retains {} B  wal {}  confirmed {}",
+                slot.name,
+                if slot.active { "in use" } else { "idle" },
+                slot.lag_bytes,
+                slot.retained_bytes,
+                slot.wal_status,
+                slot.confirmed_lsn
+            );
+        }
+    }
+    if let Some(n) = log_dead {
+        println!("log dead letters   {n:>10}");
+    }
     match relays {
         None => {
             println!("relays                      ? (outbox_relays missing: run the migrations)")

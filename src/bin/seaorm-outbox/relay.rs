@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::publisher::{LogPublisher, Router};
+use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig};
 use seaorm_outbox::relay::{OnPublish, Ordering, Relay, RelayConfig};
 use seaorm_outbox::{HealthThresholds, Publisher};
 use tokio_util::sync::CancellationToken;
@@ -23,8 +24,35 @@ pub(crate) enum PublisherKind {
     Redis,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Mode {
+    /// Claim events from the outbox table.
+    Poll,
+    /// PostgreSQL: read events from the write-ahead log through a logical replication slot.
+    Log,
+}
+
 #[derive(Args)]
 pub(crate) struct RelayArgs {
+    /// How events are found: polled from the table, or read from PostgreSQL's WAL.
+    #[arg(long, value_enum, default_value = "poll")]
+    mode: Mode,
+    /// --mode log: the replication slot (created when missing).
+    #[arg(long, default_value = "seaorm_outbox")]
+    slot: String,
+    /// --mode log: the publication (created when missing).
+    #[arg(long, default_value = "seaorm_outbox")]
+    publication: String,
+    /// --mode log: also deliver rows inserted into outbox_events (table mode), not only
+    /// messages written by Outbox::emit.
+    #[arg(long)]
+    table_mode: bool,
+    /// --mode log: the prefix of the messages Outbox::emit writes (OutboxConfig::message_prefix).
+    #[arg(long, default_value = seaorm_outbox::repository::MESSAGE_PREFIX)]
+    message_prefix: String,
+    /// --mode log: records per read of the slot; bounds what a crash can send twice.
+    #[arg(long, default_value = "10000")]
+    max_changes: String,
     /// Where events go.
     #[arg(long, value_enum)]
     publisher: PublisherKind,
@@ -180,27 +208,8 @@ async fn publisher(args: &RelayArgs) -> CliResult<Box<dyn Publisher>> {
     })
 }
 
-pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
-    let mut config = RelayConfig::default()
-        .batch_size(
-            u32::try_from(parse_count("--batch-size", &args.batch_size)?).unwrap_or(u32::MAX),
-        )
-        .max_attempts(
-            u32::try_from(parse_count("--max-attempts", &args.max_attempts)?).unwrap_or(u32::MAX),
-        )
-        .idle_poll_interval(parse_duration("--poll-interval", &args.poll_interval)?)
-        .listen_notify(!args.no_listen)
-        .metrics_interval(Some(Duration::from_secs(5)));
-    if let Some(r) = &args.retention {
-        config = config.retention(Some(parse_duration("--retention", r)?));
-    }
-    if args.unordered {
-        config = config.ordering(Ordering::Unordered);
-    }
-    if args.delete_on_publish {
-        config = config.on_publish(OnPublish::Delete);
-    }
-    let thresholds = HealthThresholds::default()
+fn thresholds(args: &RelayArgs) -> CliResult<HealthThresholds> {
+    Ok(HealthThresholds::default()
         .max_backlog(parse_count(
             "--health-max-backlog",
             &args.health_max_backlog,
@@ -219,7 +228,112 @@ pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
         .max_publisher_outage(parse_duration(
             "--health-max-broker-outage",
             &args.health_max_broker_outage,
-        )?);
+        )?))
+}
+
+fn count_u32(flag: &str, value: &str) -> CliResult<u32> {
+    Ok(u32::try_from(parse_count(flag, value)?).unwrap_or(u32::MAX))
+}
+
+fn poll_config(args: &RelayArgs) -> CliResult<RelayConfig> {
+    let mut config = RelayConfig::default()
+        .batch_size(count_u32("--batch-size", &args.batch_size)?)
+        .max_attempts(count_u32("--max-attempts", &args.max_attempts)?)
+        .idle_poll_interval(parse_duration("--poll-interval", &args.poll_interval)?)
+        .listen_notify(!args.no_listen)
+        .metrics_interval(Some(Duration::from_secs(5)));
+    if let Some(r) = &args.retention {
+        config = config.retention(Some(parse_duration("--retention", r)?));
+    }
+    if args.unordered {
+        config = config.ordering(Ordering::Unordered);
+    }
+    if args.delete_on_publish {
+        config = config.on_publish(OnPublish::Delete);
+    }
+    Ok(config)
+}
+
+fn log_config(args: &RelayArgs) -> CliResult<LogRelayConfig> {
+    for (set, flag) in [
+        (args.retention.is_some(), "--retention"),
+        (args.unordered, "--unordered"),
+        (args.no_listen, "--no-listen"),
+    ] {
+        if set {
+            return Err(Failure::input(format!(
+                "{flag} does not apply to --mode log (it delivers in commit order, without polling)"
+            )));
+        }
+    }
+    if args.delete_on_publish && !args.table_mode {
+        return Err(Failure::input(
+            "--delete-on-publish with --mode log needs --table-mode (messages have no row)",
+        ));
+    }
+    let on_publish = if args.delete_on_publish {
+        OnPublish::Delete
+    } else {
+        OnPublish::Retain
+    };
+    Ok(LogRelayConfig::default()
+        .slot(args.slot.clone())
+        .publication(args.publication.clone())
+        .message_prefix(args.message_prefix.clone())
+        .table(args.table_mode)
+        .on_publish(on_publish)
+        .batch_size(count_u32("--batch-size", &args.batch_size)?)
+        .max_changes(count_u32("--max-changes", &args.max_changes)?)
+        .max_attempts(count_u32("--max-attempts", &args.max_attempts)?)
+        .idle_poll_interval(parse_duration("--poll-interval", &args.poll_interval)?)
+        .metrics_interval(Some(Duration::from_secs(5))))
+}
+
+/// Serves `/metrics` and `/healthz` (from `health`) until `stop` is cancelled.
+fn serve<F, Fut>(
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    health: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = seaorm_outbox::Health> + Send,
+{
+    tokio::spawn(http::serve(listener, stop, move |path: String| {
+        let metrics = metrics.clone();
+        let health = health.clone();
+        async move {
+            match path.as_str() {
+                "/metrics" => Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    body: metrics.render(),
+                },
+                "/healthz" => {
+                    let h = health().await;
+                    Response {
+                        status: h.http_status(),
+                        content_type: "application/json",
+                        body: serde_json::to_string(&h).unwrap_or_default() + "\n",
+                    }
+                }
+                _ => Response {
+                    status: 404,
+                    content_type: "text/plain",
+                    body: "not found\n".into(),
+                },
+            }
+        }
+    }))
+}
+
+pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
+    let thresholds = Arc::new(thresholds(&args)?);
+    let (poll, log) = match args.mode {
+        Mode::Poll => (Some(poll_config(&args)?), None),
+        Mode::Log => (None, Some(log_config(&args)?)),
+    };
     let listener = tokio::net::TcpListener::bind(&args.http_addr)
         .await
         .map_err(|e| {
@@ -231,52 +345,62 @@ pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-
     let publisher = publisher(&args).await?;
+    let stop = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let addr = &args.http_addr;
+
+    if let Some(config) = log {
+        let relay = Arc::new(
+            LogRelay::builder(db, publisher)
+                .config(config)
+                .build()
+                .map_err(|e| Failure::input(e.to_string()))?,
+        );
+        // A server or role that cannot decode is refused here, with the fix, not retried.
+        relay.prepare().await?;
+        let server = serve(listener, http_stop.clone(), metrics, {
+            let relay = relay.clone();
+            move || {
+                let (relay, thresholds) = (relay.clone(), thresholds.clone());
+                async move { relay.health(&thresholds).await }
+            }
+        });
+        tokio::spawn(shutdown_on_signal(stop.clone()));
+        eprintln!(
+            "log relay {} reading slot {} and publishing to {}; /metrics and /healthz on http://{addr}",
+            relay.name(),
+            relay.config().slot,
+            relay.publisher().name(),
+        );
+        let stats = relay.run(stop).await;
+        http_stop.cancel();
+        let _ = server.await;
+        eprintln!(
+            "log relay stopped: published={} retried={} dead_lettered={} unreadable={}",
+            stats.published, stats.retried, stats.dead_lettered, stats.unreadable
+        );
+        return Ok(());
+    }
+
     let relay = Arc::new(
         Relay::builder(db, publisher)
-            .config(config)
+            .config(poll.unwrap_or_default())
             .build()
             .map_err(|e| Failure::input(e.to_string()))?,
     );
-    let stop = CancellationToken::new();
-    let http_stop = CancellationToken::new();
-    let server = tokio::spawn(http::serve(listener, http_stop.clone(), {
+    let server = serve(listener, http_stop.clone(), metrics, {
         let relay = relay.clone();
-        move |path: String| {
-            let relay = relay.clone();
-            let metrics = metrics.clone();
-            let thresholds = thresholds.clone();
-            async move {
-                match path.as_str() {
-                    "/metrics" => Response {
-                        status: 200,
-                        content_type: "text/plain; version=0.0.4",
-                        body: metrics.render(),
-                    },
-                    "/healthz" => {
-                        let h = relay.health(&thresholds).await;
-                        Response {
-                            status: h.http_status(),
-                            content_type: "application/json",
-                            body: serde_json::to_string(&h).unwrap_or_default() + "\n",
-                        }
-                    }
-                    _ => Response {
-                        status: 404,
-                        content_type: "text/plain",
-                        body: "not found\n".into(),
-                    },
-                }
-            }
+        move || {
+            let (relay, thresholds) = (relay.clone(), thresholds.clone());
+            async move { relay.health(&thresholds).await }
         }
-    }));
+    });
     tokio::spawn(shutdown_on_signal(stop.clone()));
     eprintln!(
-        "relay {} publishing to {}; /metrics and /healthz on http://{}",
+        "relay {} publishing to {}; /metrics and /healthz on http://{addr}",
         relay.name(),
         relay.publisher().name(),
-        args.http_addr
     );
     let stats = relay.run(stop).await;
     http_stop.cancel();

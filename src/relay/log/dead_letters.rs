@@ -1,0 +1,85 @@
+//! [`LogDeadLetters`]: what the log relay gave up on, listed, replayed and discarded.
+
+use sea_orm::{ConnectionTrait, TransactionTrait};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::repository::MESSAGE_PREFIX;
+use crate::store::{self, LogDeadLetter, logical};
+
+/// The log relay's dead letters, in `outbox_log_dead_letters`: events the broker rejected (or
+/// refused until their last attempt), and records the relay could not read.
+///
+/// Replaying deletes the row and writes its event to the log again as a message, in one
+/// transaction, so the relay delivers it as a new event (with the same id). A record that was
+/// never readable has no event: it can be read here and discarded, not replayed.
+///
+/// ```no_run
+/// use seaorm_outbox::relay::log::LogDeadLetters;
+///
+/// # async fn f(db: sea_orm::DatabaseConnection) -> seaorm_outbox::Result<()> {
+/// let dead = LogDeadLetters::new(&db);
+/// for d in dead.list(50, 0).await? {
+///     println!("{} {}", d.id, d.error);
+/// }
+/// dead.replay_all().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct LogDeadLetters<'c, C> {
+    db: &'c C,
+    prefix: String,
+}
+
+impl<'c, C: ConnectionTrait> LogDeadLetters<'c, C> {
+    /// The dead letters on `db`; replays write under the default message prefix.
+    pub fn new(db: &'c C) -> Self {
+        Self {
+            db,
+            prefix: MESSAGE_PREFIX.to_owned(),
+        }
+    }
+
+    /// Replays write under `prefix` (the relay's [`message_prefix`]).
+    ///
+    /// [`message_prefix`]: super::LogRelayConfig::message_prefix
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Oldest first. `limit` above [`MAX_PAGE_SIZE`](crate::repository::MAX_PAGE_SIZE) is
+    /// [`Error::LimitTooLarge`].
+    pub async fn list(&self, limit: u64, offset: u64) -> Result<Vec<LogDeadLetter>> {
+        store::check_page(limit)?;
+        logical::dead_letters(self.db, limit, offset).await
+    }
+
+    /// How many there are.
+    pub async fn count(&self) -> Result<u64> {
+        logical::count_dead_letters(self.db).await
+    }
+
+    /// Deletes one; an unknown id is [`Error::NotFound`].
+    pub async fn discard(&self, id: Uuid) -> Result<()> {
+        if logical::discard_dead_letter(self.db, id).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound { id })
+        }
+    }
+}
+
+impl<C: ConnectionTrait + TransactionTrait> LogDeadLetters<'_, C> {
+    /// Sends one back through the log. [`Error::NotFound`] for an unknown id;
+    /// [`Error::CorruptRow`] for a record that was never readable.
+    pub async fn replay(&self, id: Uuid) -> Result<()> {
+        logical::replay_dead_letters(self.db, &self.prefix, Some(id)).await?;
+        Ok(())
+    }
+
+    /// Sends every readable one back through the log, oldest first; how many.
+    pub async fn replay_all(&self) -> Result<u64> {
+        logical::replay_dead_letters(self.db, &self.prefix, None).await
+    }
+}

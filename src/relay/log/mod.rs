@@ -1,0 +1,573 @@
+//! The log relay (PostgreSQL): events read from the write-ahead log through a logical
+//! replication slot, in commit order, instead of polled from the table.
+//!
+//! Two ways to write, chosen per app, and one relay reads both:
+//!
+//! * **Message mode** ([`Outbox::emit`], or [`WriteMode::Message`] on the repository): the event
+//!   is a transactional logical message, `pg_logical_emit_message(true, prefix, json)`, in the
+//!   caller's transaction; there is no table row at all.
+//! * **Table mode** ([`LogRelayConfig::table`]): `add_event` inserts its row as usual, and the
+//!   relay reads the inserts from a publication; delivered rows are then marked published (or
+//!   deleted), so the table's counts stay true.
+//!
+//! # How it works
+//!
+//! The relay reads the slot over an ordinary connection with
+//! `pg_logical_slot_peek_binary_changes` (pgoutput, `messages` on), which returns committed
+//! transactions only, in commit order, and consumes nothing. It publishes each read's events,
+//! writes its dead letters, and only then confirms the position with
+//! `pg_replication_slot_advance`.
+//!
+//! # Guarantees
+//!
+//! * **At least once.** The slot is confirmed only past events the broker acknowledged or that
+//!   were dead-lettered. After a crash the next reader starts from the confirmed position, so
+//!   what is sent twice is bounded by one read ([`LogRelayConfig::max_changes`]).
+//! * **Commit order,** which keeps per-aggregate order and more: publisher calls carry
+//!   consecutive runs of it. An event the broker refuses is retried with backoff and holds its
+//!   aggregate's later events; other aggregates go on, but the slot cannot move past it, so a
+//!   long retry holds WAL. (Later events of its aggregate that were in the same call as the
+//!   refused one, and that the broker took, stay delivered: a broker that refuses one event of
+//!   a key and accepts the next has already reordered them.)
+//! * **One active relay per slot.** The leader holds a session advisory lock on a connection of
+//!   its own; others wait as hot standbys and take over within
+//!   [`standby_interval`](LogRelayConfig::standby_interval) once its session ends (a crash
+//!   closes it). A graceful stop confirms what it sent first, so a hand-over sends nothing twice.
+//! * **WAL is not kept forever.** An idle relay advances its slot to the server's position, and
+//!   writes a heartbeat message every [`heartbeat_interval`](LogRelayConfig::heartbeat_interval)
+//!   so even a database with no writes at all lets the slot move.
+//! * **Nothing is skipped silently.** A per-event rejection, or a record that cannot be read,
+//!   is kept in `outbox_log_dead_letters` with the reason ([`LogDeadLetters`]) before the slot
+//!   moves past it.
+//!
+//! [`Outbox::emit`]: crate::Outbox::emit
+//! [`WriteMode::Message`]: crate::repository::WriteMode::Message
+
+mod config;
+mod dead_letters;
+mod deliver;
+mod read;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseConnection;
+use sea_orm::sqlx::PgConnection;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use self::config::LogRelayConfig;
+pub use self::dead_letters::LogDeadLetters;
+pub use crate::store::{LogDeadLetter, SlotStatus};
+
+use self::read::{Relations, Source};
+use super::breaker::{Breaker, BreakerStatus};
+use super::lock;
+use crate::error::{Error, Result};
+use crate::event::now;
+use crate::publisher::Publisher;
+use crate::stats::{Health, HealthThresholds};
+use crate::store::{self, Lsn, logical};
+use crate::telemetry::metrics;
+
+/// What a log relay does right now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LogRole {
+    /// Connecting, checking the server, or backing off after an error.
+    #[default]
+    Starting,
+    /// Another relay holds the slot; this one waits to take over.
+    Standby,
+    /// Reading the slot and publishing.
+    Leader,
+}
+
+/// What a log relay did, summed over its run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogRelayStats {
+    /// Events the broker acknowledged.
+    pub published: u64,
+    /// Refused attempts that were retried.
+    pub retried: u64,
+    /// Events dead-lettered after a rejection or their last attempt.
+    pub dead_lettered: u64,
+    /// Records that could not be read, dead-lettered with the reason.
+    pub unreadable: u64,
+    /// Committed transactions read.
+    pub transactions: u64,
+    /// Reads of the slot.
+    pub reads: u64,
+    /// Heartbeat messages written on an idle database.
+    pub heartbeats: u64,
+    /// Times this relay took the lead.
+    pub took_lead: u64,
+}
+
+impl std::ops::AddAssign for LogRelayStats {
+    fn add_assign(&mut self, o: Self) {
+        self.published += o.published;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.unreadable += o.unreadable;
+        self.transactions += o.transactions;
+        self.reads += o.reads;
+        self.heartbeats += o.heartbeats;
+        self.took_lead += o.took_lead;
+    }
+}
+
+/// Builds a [`LogRelay`].
+#[derive(Debug)]
+pub struct LogRelayBuilder<P> {
+    db: DatabaseConnection,
+    publisher: P,
+    config: LogRelayConfig,
+    name: Option<String>,
+}
+
+impl<P: Publisher> LogRelayBuilder<P> {
+    /// Sets the configuration.
+    pub fn config(mut self, config: LogRelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Names the relay in logs (default: `log-<pid>-<random>`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Validates the configuration and builds the relay. Nothing is checked on the server
+    /// yet: [`LogRelay::prepare`] does that.
+    pub fn build(self) -> Result<LogRelay<P>> {
+        self.config.validate()?;
+        if store::pg_pool(&self.db).is_none() {
+            return Err(Error::Config(
+                "the log relay reads PostgreSQL's write-ahead log: it needs a PostgreSQL pool"
+                    .into(),
+            ));
+        }
+        Ok(LogRelay {
+            name: self.name.unwrap_or_else(|| {
+                format!("log-{}-{:04x}", std::process::id(), rand::random::<u16>())
+            }),
+            db: self.db,
+            publisher: self.publisher,
+            config: self.config,
+            breaker: Mutex::default(),
+            state: Mutex::default(),
+        })
+    }
+}
+
+/// The logical replication slots (pgoutput) of `db`'s database, with their lag and retained
+/// WAL: for status pages and the `status` command.
+pub async fn slots(db: &impl sea_orm::ConnectionTrait) -> Result<Vec<SlotStatus>> {
+    logical::slots(db, None).await
+}
+
+#[derive(Default)]
+struct State {
+    role: LogRole,
+    last_poll: Option<DateTime<Utc>>,
+    /// The oldest commit not yet confirmed, as of the last read.
+    behind_since: Option<DateTime<Utc>>,
+}
+
+/// Delivers events from PostgreSQL's write-ahead log to a [`Publisher`]; see the
+/// [module](self) for the guarantees.
+///
+/// ```no_run
+/// use sea_orm::Database;
+/// use seaorm_outbox::publisher::LogPublisher;
+/// use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let db = Database::connect("postgres://postgres@127.0.0.1/app").await?;
+/// let relay = LogRelay::builder(db, LogPublisher::stdout())
+///     .config(LogRelayConfig::default().slot("app_outbox"))
+///     .build()?;
+/// relay.prepare().await?; // refuses wal_level != logical; creates the slot and publication
+/// let stop = CancellationToken::new();
+/// let stats = relay.run(stop).await; // until cancelled
+/// println!("published {}", stats.published);
+/// # Ok(()) }
+/// ```
+pub struct LogRelay<P> {
+    db: DatabaseConnection,
+    publisher: P,
+    config: LogRelayConfig,
+    name: String,
+    breaker: Mutex<Breaker>,
+    state: Mutex<State>,
+}
+
+impl<P> std::fmt::Debug for LogRelay<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogRelay")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The leader's session: its connection, and where the slot stands.
+struct Session {
+    conn: PgConnection,
+    confirmed: Lsn,
+    relations: Relations,
+    schema: Option<String>,
+    last_event: Instant,
+    next_metrics: Instant,
+    max_changes: u32,
+}
+
+/// What one read did.
+struct Step {
+    events: usize,
+    /// The read stopped at `max_changes`: there is more.
+    full: bool,
+    /// The relay is stopping.
+    stopped: bool,
+}
+
+impl<P: Publisher> LogRelay<P> {
+    /// Starts building a log relay over `db` (a PostgreSQL pool) that publishes through
+    /// `publisher`.
+    pub fn builder(db: DatabaseConnection, publisher: P) -> LogRelayBuilder<P> {
+        LogRelayBuilder {
+            db,
+            publisher,
+            config: LogRelayConfig::default(),
+            name: None,
+        }
+    }
+
+    /// The relay's name in logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LogRelayConfig {
+        &self.config
+    }
+
+    /// The publisher.
+    pub fn publisher(&self) -> &P {
+        &self.publisher
+    }
+
+    /// Leader, standby or starting.
+    pub fn role(&self) -> LogRole {
+        lock(&self.state).role
+    }
+
+    /// The circuit breaker's view of the publisher.
+    pub fn breaker(&self) -> BreakerStatus {
+        lock(&self.breaker).status()
+    }
+
+    /// Checks that the server and role can decode ([`Error::LogRelay`] says what is missing
+    /// and how to fix it), and creates the publication and the slot when missing.
+    ///
+    /// Events written before the slot exists are not in its log: prepare the relay before
+    /// writers switch to message mode.
+    pub async fn prepare(&self) -> Result<()> {
+        let mut conn = self.connect().await?;
+        self.set_up(&mut conn).await?;
+        Ok(())
+    }
+
+    /// The slot as the server shows it; `None` if it does not exist.
+    pub async fn slot(&self) -> Result<Option<SlotStatus>> {
+        Ok(logical::slots(&self.db, Some(&self.config.slot))
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Health: the slot's lag against `thresholds` (degraded past
+    /// [`max_slot_lag_bytes`](HealthThresholds::max_slot_lag_bytes) or
+    /// [`max_oldest_pending_age`](HealthThresholds::max_oldest_pending_age); unhealthy if the
+    /// slot is missing or lost), dead letters, whether the loop is polling, and the publisher's
+    /// breaker.
+    pub async fn health(&self, thresholds: &HealthThresholds) -> Health {
+        let slot = self.slot().await;
+        let dead = LogDeadLetters::new(&self.db).count().await;
+        let (last_poll, behind_since) = {
+            let s = lock(&self.state);
+            (s.last_poll, s.behind_since)
+        };
+        let mut h = Health::for_log_slot(&self.config.slot, slot, dead, behind_since, thresholds);
+        h.check_poll(last_poll, thresholds);
+        let b = self.breaker();
+        if let Some(since) = b.unavailable_since {
+            h.check_publisher(
+                self.publisher.name(),
+                since,
+                b.last_error.as_deref(),
+                thresholds,
+            );
+        }
+        h
+    }
+
+    /// Runs until `cancel` is cancelled: waits as a standby while another relay holds the
+    /// slot, then reads and publishes. Errors never end it: it logs them, backs off (up to
+    /// 30 s) and starts again, a refusal ([`prepare`](Self::prepare)'s) included.
+    pub async fn run(&self, cancel: CancellationToken) -> LogRelayStats {
+        let mut stats = LogRelayStats::default();
+        let mut backoff = Duration::ZERO;
+        while !cancel.is_cancelled() {
+            let started = Instant::now();
+            match self.lead(&cancel, &mut stats).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::ZERO;
+                    }
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
+                    lock(&self.state).role = LogRole::Starting;
+                    tracing::warn!(relay = %self.name, slot = %self.config.slot, error = %e,
+                        retry_in = ?backoff, "outbox log relay stopped reading; starting again");
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        lock(&self.state).role = LogRole::Starting;
+        stats
+    }
+
+    /// Reads and publishes until the slot has caught up with the server's position at the
+    /// time of each read, then returns. Fails at once if another relay holds the slot. For
+    /// tests, scripts and benchmarks.
+    pub async fn drain(&self) -> Result<LogRelayStats> {
+        let never = CancellationToken::new();
+        let mut conn = self.connect().await?;
+        self.set_up(&mut conn).await?;
+        if !logical::try_lead(&mut conn, &self.config.slot).await? {
+            return Err(Error::LogRelay {
+                slot: self.config.slot.clone(),
+                reason: "another relay holds the slot".into(),
+            });
+        }
+        let mut session = self.session(conn).await?;
+        let mut stats = LogRelayStats::default();
+        loop {
+            let step = self.step(&mut session, &never, &mut stats, true).await?;
+            if let Some(why) = self.breaker().last_error {
+                return Err(Error::PublisherUnavailable {
+                    publisher: self.publisher.name().to_owned(),
+                    reason: why,
+                });
+            }
+            if step.events == 0 && !step.full {
+                return Ok(stats);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<PgConnection> {
+        let pool = store::pg_pool(&self.db)
+            .ok_or_else(|| Error::Config("the log relay needs a PostgreSQL pool".into()))?;
+        logical::connect(pool).await
+    }
+
+    async fn set_up(&self, conn: &mut PgConnection) -> Result<()> {
+        let c = &self.config;
+        logical::check_prerequisites(conn, &c.slot).await?;
+        logical::ensure_publication(conn, &c.slot, &c.publication, c.table).await?;
+        logical::ensure_slot(conn, &c.slot).await?;
+        Ok(())
+    }
+
+    async fn session(&self, mut conn: PgConnection) -> Result<Session> {
+        let schema = if self.config.table {
+            Some(store::logical::current_schema(&mut conn).await?)
+        } else {
+            None
+        };
+        let confirmed = logical::confirmed_lsn(&mut conn, &self.config.slot).await?;
+        Ok(Session {
+            conn,
+            confirmed,
+            relations: Relations::default(),
+            schema,
+            last_event: Instant::now(),
+            next_metrics: Instant::now(),
+            max_changes: self.config.max_changes,
+        })
+    }
+
+    /// One leadership: connect, wait as a standby for the slot's lock, then read until
+    /// cancelled (`Ok`) or an error.
+    async fn lead(&self, cancel: &CancellationToken, stats: &mut LogRelayStats) -> Result<()> {
+        let mut conn = self.connect().await?;
+        self.set_up(&mut conn).await?;
+        loop {
+            self.touch();
+            if logical::try_lead(&mut conn, &self.config.slot).await? {
+                break;
+            }
+            if lock(&self.state).role != LogRole::Standby {
+                lock(&self.state).role = LogRole::Standby;
+                tracing::info!(relay = %self.name, slot = %self.config.slot,
+                    "another relay holds the outbox slot; standing by");
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(self.config.standby_interval) => {}
+            }
+        }
+        lock(&self.state).role = LogRole::Leader;
+        stats.took_lead += 1;
+        tracing::info!(relay = %self.name, slot = %self.config.slot, "outbox log relay leads its slot");
+        let mut session = self.session(conn).await?;
+        let mut pause = Duration::ZERO;
+        loop {
+            let step = self.step(&mut session, cancel, stats, false).await?;
+            if step.stopped || cancel.is_cancelled() {
+                return Ok(());
+            }
+            pause = if step.events > 0 || step.full {
+                Duration::ZERO
+            } else if pause.is_zero() {
+                self.config.poll_interval
+            } else {
+                (pause * 2).min(self.config.idle_poll_interval)
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    fn touch(&self) {
+        lock(&self.state).last_poll = Some(now());
+    }
+
+    /// One read: peek, publish, keep what must be kept, confirm.
+    async fn step(
+        &self,
+        s: &mut Session,
+        cancel: &CancellationToken,
+        stats: &mut LogRelayStats,
+        stop_when_unavailable: bool,
+    ) -> Result<Step> {
+        let c = &self.config;
+        self.touch();
+        let upto = logical::current_lsn(&mut s.conn).await?;
+        let rows = logical::peek(&mut s.conn, &c.slot, &c.publication, upto, s.max_changes).await?;
+        let full = rows.len() >= s.max_changes as usize;
+        let source = Source {
+            slot: &c.slot,
+            prefix: &c.message_prefix,
+            table_schema: s.schema.as_deref(),
+        };
+        let read = source.read(rows, &mut s.relations);
+        stats.reads += 1;
+        stats.transactions += read.ends.len() as u64;
+        let events = read.items.len();
+        lock(&self.state).behind_since = read.oldest_commit;
+        let delivery = self
+            .deliver(read.items, cancel, stop_when_unavailable)
+            .await;
+
+        // Kept before the slot moves past them; if this fails the read is repeated.
+        for d in read.unreadable.iter().chain(&delivery.dead) {
+            logical::dead_letter(&self.db, d).await?;
+        }
+        if c.table {
+            logical::settle_rows(
+                &self.db,
+                &delivery.delivered,
+                c.on_publish == super::OnPublish::Delete,
+            )
+            .await?;
+        }
+        stats.published += delivery.delivered.len() as u64;
+        stats.dead_lettered += delivery.dead.len() as u64;
+        stats.unreadable += read.unreadable.len() as u64;
+        stats.retried += delivery.retried;
+
+        let last_end = read.ends.last().copied();
+        let target = match delivery.unsettled_from {
+            // Stopped part-way: confirm the transactions wholly settled.
+            Some(txn) => txn.checked_sub(1).and_then(|i| read.ends.get(i).copied()),
+            // A read that stopped at `max_changes` ends at its last transaction; one that did
+            // not has decoded every commit before `upto`.
+            None if full => last_end,
+            None => Some(last_end.map_or(upto, |e| e.max(upto))),
+        };
+        if full && last_end.is_none() {
+            // Nothing but non-transactional records: read more at once next time.
+            s.max_changes = s.max_changes.saturating_mul(2).min(i32::MAX as u32);
+        } else {
+            s.max_changes = c.max_changes;
+        }
+        if let Some(t) = target
+            && t > s.confirmed
+        {
+            logical::advance(&mut s.conn, &c.slot, t).await?;
+            s.confirmed = t;
+        }
+        let caught_up = delivery.unsettled_from.is_none() && !full;
+        if caught_up {
+            lock(&self.state).behind_since = None;
+        }
+
+        if events > 0 {
+            s.last_event = Instant::now();
+        } else if s.last_event.elapsed() >= c.heartbeat_interval {
+            logical::heartbeat(&mut s.conn).await?;
+            s.last_event = Instant::now();
+            stats.heartbeats += 1;
+        }
+        self.record_lag(s, upto).await;
+        Ok(Step {
+            events,
+            full,
+            stopped: delivery.unsettled_from.is_some(),
+        })
+    }
+
+    async fn record_lag(&self, s: &mut Session, upto: Lsn) {
+        let age = lock(&self.state)
+            .behind_since
+            .and_then(|t| (now() - t).to_std().ok())
+            .unwrap_or_default();
+        let mut retained = None;
+        if let Some(every) = self.config.metrics_interval
+            && Instant::now() >= s.next_metrics
+        {
+            s.next_metrics = Instant::now() + every;
+            match self.slot().await {
+                Ok(Some(slot)) => retained = Some(slot.retained_bytes),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(slot = %self.config.slot, error = %e, "slot status unreadable")
+                }
+            }
+        }
+        metrics::slot_lag(
+            &self.config.slot,
+            upto.saturating_sub(s.confirmed),
+            age,
+            retained,
+        );
+    }
+}

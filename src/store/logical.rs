@@ -1,0 +1,638 @@
+//! PostgreSQL logical decoding: the statements of message mode's write and of the log relay.
+//!
+//! The relay's own statements (prerequisites, slot, publication, peek, advance, the leader's
+//! advisory lock) run on one dedicated sqlx connection, because the lock is a session lock and
+//! the slot is used by one session at a time. Dead letters and table mode's write-back go
+//! through the app's SeaORM pool like every other statement.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sqlx::{self, PgConnection, PgPool};
+use sea_orm::{
+    ConnectionTrait, DbBackend, DbErr, RuntimeErr, Statement, TransactionSession, TransactionTrait,
+    Value,
+};
+use seaorm_outbox_entity::OutboxStatus;
+use uuid::Uuid;
+
+use super::pgoutput::{Lsn, lsn_text};
+use super::sql::stmt;
+use crate::error::{Error, Result};
+use crate::event::{OutboxEvent, headers_from_json};
+
+const PG: DbBackend = DbBackend::Postgres;
+
+/// The prefix of the non-transactional message an idle relay writes so that its slot has a
+/// record to advance to.
+pub(crate) const HEARTBEAT_PREFIX: &str = "seaorm_outbox.heartbeat";
+
+/// The advisory-lock class of the one active relay per slot (the lock's second key is the
+/// slot name's hash).
+const LEADER_LOCK_CLASS: i32 = 0x6f75_7462; // "outb"
+
+pub(crate) fn sqlx_err(e: sqlx::Error) -> Error {
+    Error::Database(DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))))
+}
+
+fn refuse(slot: &str, reason: impl Into<String>) -> Error {
+    Error::LogRelay {
+        slot: slot.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Writes each of `contents` to the log, in order, in the caller's transaction
+/// (`transactional = true`: decoded only if the transaction commits). One statement.
+pub(crate) async fn emit(
+    db: &impl ConnectionTrait,
+    prefix: &str,
+    contents: Vec<String>,
+) -> Result<()> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Err(Error::Config(
+            "message mode writes to PostgreSQL's write-ahead log; this connection is not PostgreSQL"
+                .into(),
+        ));
+    }
+    if contents.is_empty() {
+        return Ok(());
+    }
+    let n = contents.len();
+    let mut values: Vec<Value> = Vec::with_capacity(n + 1);
+    values.push(prefix.into());
+    values.extend(contents.into_iter().map(Value::from));
+    let sql = if n == 1 {
+        "SELECT pg_logical_emit_message(true, ?::text, ?::text)".to_owned()
+    } else {
+        // A volatile function in the target list runs after the sort: in the given order.
+        let rows: Vec<String> = (0..n).map(|i| format!("({i}, ?::text)")).collect();
+        format!(
+            "SELECT pg_logical_emit_message(true, p.prefix, v.m) FROM (SELECT ?::text AS prefix) p, \
+             (VALUES {}) AS v(n, m) ORDER BY v.n",
+            rows.join(", ")
+        )
+    };
+    db.execute_raw(stmt(PG, &sql, values)).await?;
+    Ok(())
+}
+
+/// A connection of the pool's (its search path set), detached so that the pool opens a
+/// replacement: the leader's session lock must not take a pooled connection from the app.
+pub(crate) async fn connect(pool: &PgPool) -> Result<PgConnection> {
+    Ok(pool.acquire().await.map_err(sqlx_err)?.detach())
+}
+
+/// Refuses, with the reason, a server or role that cannot decode: `wal_level` below
+/// `logical`, a role without `REPLICATION`, or a server older than 14 (no `messages` option).
+pub(crate) async fn check_prerequisites(conn: &mut PgConnection, slot: &str) -> Result<()> {
+    let (wal_level, version, may): (String, i32, bool) = sqlx::query_as(
+        "SELECT current_setting('wal_level'), current_setting('server_version_num')::int, \
+         (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(sqlx_err)?;
+    if wal_level != "logical" {
+        return Err(refuse(
+            slot,
+            format!(
+                "wal_level is `{wal_level}`; the log relay needs `logical` (ALTER SYSTEM SET \
+                 wal_level = logical, then restart PostgreSQL; on RDS set \
+                 rds.logical_replication = 1)"
+            ),
+        ));
+    }
+    if version < 140_000 {
+        return Err(refuse(
+            slot,
+            format!("PostgreSQL {version} has no pgoutput `messages` option; 14 or later needed"),
+        ));
+    }
+    if !may {
+        return Err(refuse(
+            slot,
+            "the role has neither REPLICATION nor superuser (ALTER ROLE … REPLICATION)",
+        ));
+    }
+    Ok(())
+}
+
+/// Takes the slot's leader lock if it is free; held until this session ends.
+pub(crate) async fn try_lead(conn: &mut PgConnection, slot: &str) -> Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(LEADER_LOCK_CLASS)
+        .bind(slot)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(sqlx_err)
+}
+
+/// Creates the publication if it is missing; with `table`, makes sure it publishes the outbox
+/// table's inserts (only inserts: the relay's own write-back must not come back to it).
+pub(crate) async fn ensure_publication(
+    conn: &mut PgConnection,
+    slot: &str,
+    publication: &str,
+    table: bool,
+) -> Result<()> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(publication)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(sqlx_err)?;
+    let name = quote_ident(publication);
+    if !exists {
+        let sql = if table {
+            format!("CREATE PUBLICATION {name} FOR TABLE outbox_events WITH (publish = 'insert')")
+        } else {
+            format!("CREATE PUBLICATION {name} WITH (publish = 'insert')")
+        };
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlx_err)?;
+        tracing::info!(
+            slot,
+            publication,
+            table,
+            "outbox log relay created its publication"
+        );
+        return Ok(());
+    }
+    if table {
+        let has: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p \
+             ON p.oid = r.prpubid WHERE p.pubname = $1 AND r.prrelid = 'outbox_events'::regclass)",
+        )
+        .bind(publication)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(sqlx_err)?;
+        if !has {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER PUBLICATION {name} ADD TABLE outbox_events"
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(sqlx_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the slot if it is missing, and refuses one that belongs to another database or
+/// plugin. Creating waits for the transactions running at that moment to end.
+pub(crate) async fn ensure_slot(conn: &mut PgConnection, slot: &str) -> Result<bool> {
+    let found: Option<(Option<String>, Option<String>, String)> = sqlx::query_as(
+        "SELECT plugin::text, database::text, current_database()::text \
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sqlx_err)?;
+    match found {
+        None => {
+            sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+                .bind(slot)
+                .execute(&mut *conn)
+                .await
+                .map_err(sqlx_err)?;
+            tracing::info!(slot, "outbox log relay created its replication slot");
+            Ok(true)
+        }
+        Some((Some(plugin), Some(db), current)) if plugin == "pgoutput" && db == current => {
+            Ok(false)
+        }
+        Some((plugin, db, _)) => Err(refuse(
+            slot,
+            format!(
+                "a slot of this name exists for plugin {plugin:?} in database {db:?}; \
+                 the log relay needs a pgoutput slot in this database"
+            ),
+        )),
+    }
+}
+
+/// The schema `outbox_events` resolves to on this connection: table mode's events are the
+/// inserts into that one table.
+pub(crate) async fn current_schema(conn: &mut PgConnection) -> Result<String> {
+    sqlx::query_scalar(
+        "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.oid = 'outbox_events'::regclass",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(sqlx_err)
+}
+
+/// The server's flushed write position: a read up to it decodes every commit before it.
+pub(crate) async fn current_lsn(conn: &mut PgConnection) -> Result<Lsn> {
+    let n: i64 = sqlx::query_scalar("SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::int8")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(sqlx_err)?;
+    Ok(n as Lsn)
+}
+
+/// The slot's confirmed position: where its next read starts.
+pub(crate) async fn confirmed_lsn(conn: &mut PgConnection, slot: &str) -> Result<Lsn> {
+    let n: Option<i64> = sqlx::query_scalar(
+        "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots \
+         WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sqlx_err)?
+    .flatten();
+    n.map(|n| n as Lsn)
+        .ok_or_else(|| refuse(slot, "the replication slot is gone (dropped, or lost)"))
+}
+
+/// The committed changes after the slot's position and before `upto`, stopping at the first
+/// transaction end after `max_changes` records; nothing is consumed.
+pub(crate) async fn peek(
+    conn: &mut PgConnection,
+    slot: &str,
+    publication: &str,
+    upto: Lsn,
+    max_changes: u32,
+) -> Result<Vec<(Lsn, Vec<u8>)>> {
+    let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT (lsn - '0/0'::pg_lsn)::int8, data FROM pg_logical_slot_peek_binary_changes($1, $2::pg_lsn, $3, \
+         'proto_version', '1', 'publication_names', $4, 'messages', 'true')",
+    )
+    .bind(slot)
+    .bind(lsn_text(upto))
+    .bind(i32::try_from(max_changes).unwrap_or(i32::MAX))
+    .bind(quote_ident(publication))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(sqlx_err)?;
+    Ok(rows.into_iter().map(|(l, d)| (l as Lsn, d)).collect())
+}
+
+/// Confirms everything before `lsn`: the slot's next read starts there and the server may
+/// recycle the WAL before it.
+pub(crate) async fn advance(conn: &mut PgConnection, slot: &str, lsn: Lsn) -> Result<()> {
+    sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
+        .bind(slot)
+        .bind(lsn_text(lsn))
+        .execute(&mut *conn)
+        .await
+        .map_err(sqlx_err)?;
+    Ok(())
+}
+
+/// A non-transactional message, so that an idle database's slot has a record to move to.
+pub(crate) async fn heartbeat(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_logical_emit_message(false, $1::text, ''::text)")
+        .bind(HEARTBEAT_PREFIX)
+        .execute(&mut *conn)
+        .await
+        .map_err(sqlx_err)?;
+    Ok(())
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct SlotStatus {
+    /// The slot's name.
+    pub name: String,
+    /// Whether a session is reading it right now.
+    pub active: bool,
+    /// Bytes of WAL written since the slot's confirmed position: what a relay has still to
+    /// read.
+    pub lag_bytes: u64,
+    /// Bytes of WAL the server keeps for this slot (since its restart position).
+    pub retained_bytes: u64,
+    /// `reserved`, `extended`, `unreserved` or `lost` (past `max_slot_wal_keep_size`).
+    pub wal_status: String,
+    /// The confirmed position, as `X/Y`.
+    pub confirmed_lsn: String,
+}
+
+/// The logical pgoutput slots of the current database, or just `only`.
+pub(crate) async fn slots(
+    db: &impl ConnectionTrait,
+    only: Option<&str>,
+) -> Result<Vec<SlotStatus>> {
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            PG,
+            "SELECT slot_name::text AS name, active, \
+             COALESCE((pg_current_wal_lsn() - confirmed_flush_lsn)::int8, 0) AS lag, \
+             COALESCE((pg_current_wal_lsn() - restart_lsn)::int8, 0) AS retained, \
+             COALESCE(wal_status, '') AS wal_status, \
+             COALESCE(confirmed_flush_lsn::text, '') AS confirmed \
+             FROM pg_replication_slots WHERE slot_type = 'logical' AND plugin = 'pgoutput' \
+             AND database = current_database() AND ($1::text IS NULL OR slot_name = $1) \
+             ORDER BY slot_name",
+            [only.map(str::to_owned).into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SlotStatus {
+                name: r.try_get("", "name")?,
+                active: r.try_get("", "active")?,
+                lag_bytes: r.try_get::<i64>("", "lag")?.max(0) as u64,
+                retained_bytes: r.try_get::<i64>("", "retained")?.max(0) as u64,
+                wal_status: r.try_get("", "wal_status")?,
+                confirmed_lsn: r.try_get("", "confirmed")?,
+            })
+        })
+        .collect()
+}
+
+/// Table mode's write-back: the delivered rows marked published, or deleted.
+pub(crate) async fn settle_rows(
+    db: &impl ConnectionTrait,
+    ids: &[Uuid],
+    delete: bool,
+) -> Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    if !delete {
+        return super::portable::mark_published(db, ids, crate::event::now()).await;
+    }
+    let list: Vec<Value> = ids.iter().map(|id| (*id).into()).collect();
+    let sql = format!(
+        "DELETE FROM outbox_events WHERE status = 'pending' AND id IN ({})",
+        super::sql::placeholders(ids.len())
+    );
+    Ok(db.execute_raw(stmt(PG, &sql, list)).await?.rows_affected())
+}
+
+/// The columns of an inserted `outbox_events` row, as an event; the reason if they are not.
+pub(crate) fn event_from_row(
+    columns: &[String],
+    values: &[Option<String>],
+    committed_at: DateTime<Utc>,
+) -> std::result::Result<OutboxEvent, String> {
+    let get = |name: &str| -> std::result::Result<&str, String> {
+        columns
+            .iter()
+            .position(|c| c == name)
+            .and_then(|i| values.get(i))
+            .and_then(|v| v.as_deref())
+            .ok_or_else(|| format!("column `{name}` missing or NULL"))
+    };
+    let time = |name: &str| -> std::result::Result<DateTime<Utc>, String> {
+        let text = get(name)?;
+        DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| format!("column `{name}` = {text:?}: {e}"))
+    };
+    let json = |name: &str| -> std::result::Result<serde_json::Value, String> {
+        serde_json::from_str(get(name)?).map_err(|e| format!("column `{name}`: {e}"))
+    };
+    let id = get("id")?;
+    Ok(OutboxEvent {
+        id: Uuid::parse_str(id).map_err(|e| format!("column `id` = {id:?}: {e}"))?,
+        event_type: get("event_type")?.to_owned(),
+        aggregate_type: get("aggregate_type")?.to_owned(),
+        aggregate_id: get("aggregate_id")?.to_owned(),
+        payload: json("payload")?,
+        headers: headers_from_json(json("headers")?).map_err(|e| e.to_string())?,
+        occurred_at: time("occurred_at")?,
+        created_at: committed_at,
+        status: OutboxStatus::Pending,
+        attempts: 0,
+        last_error: None,
+        next_attempt_at: committed_at,
+        published_at: None,
+        failed_at: None,
+        locked_by: None,
+    })
+}
+
+/// A record the log relay gave up on: an event the broker refused, or a message it could not
+/// read. There is no outbox row to mark, so it is kept here.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[non_exhaustive]
+pub struct LogDeadLetter {
+    /// The event's id, or a fresh one for a message that could not be read.
+    pub id: Uuid,
+    /// The event, if it could be read.
+    pub event: Option<OutboxEvent>,
+    /// What could not be read, as text (lossy), when `event` is `None`.
+    pub raw: Option<String>,
+    /// The slot it came from.
+    pub slot: String,
+    /// Why it was given up.
+    pub error: String,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    /// When.
+    pub failed_at: DateTime<Utc>,
+}
+
+const DEAD_COLUMNS: &str = "id, slot, event_type, aggregate_type, aggregate_id, payload, headers, \
+     occurred_at, committed_at, raw, error, attempts, failed_at";
+
+pub(crate) async fn dead_letter(db: &impl ConnectionTrait, d: &LogDeadLetter) -> Result<()> {
+    let e = d.event.as_ref();
+    let headers = e.map(|e| {
+        serde_json::Value::Object(
+            e.headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect(),
+        )
+    });
+    let values: Vec<Value> = vec![
+        d.id.into(),
+        d.slot.clone().into(),
+        e.map(|e| e.event_type.clone()).into(),
+        e.map(|e| e.aggregate_type.clone()).into(),
+        e.map(|e| e.aggregate_id.clone()).into(),
+        Value::Json(e.map(|e| Box::new(e.payload.clone()))),
+        Value::Json(headers.map(Box::new)),
+        e.map(|e| e.occurred_at).into(),
+        e.map(|e| e.created_at).into(),
+        d.raw.clone().into(),
+        d.error.clone().into(),
+        i32::try_from(d.attempts).unwrap_or(i32::MAX).into(),
+        d.failed_at.into(),
+    ];
+    // A redelivered range (after a crash) dead-letters the same event again: keep the first.
+    let sql = format!(
+        "INSERT INTO outbox_log_dead_letters ({DEAD_COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
+        vec!["?"; 13].join(", ")
+    );
+    db.execute_raw(stmt(PG, &sql, values)).await?;
+    Ok(())
+}
+
+fn read_dead(r: &sea_orm::QueryResult) -> Result<LogDeadLetter> {
+    let id: Uuid = r.try_get("", "id")?;
+    let event_type: Option<String> = r.try_get("", "event_type")?;
+    let event = match event_type {
+        None => None,
+        Some(event_type) => {
+            let headers: Option<serde_json::Value> = r.try_get("", "headers")?;
+            let created_at: DateTime<Utc> = r.try_get("", "committed_at")?;
+            Some(OutboxEvent {
+                id,
+                event_type,
+                aggregate_type: r.try_get("", "aggregate_type")?,
+                aggregate_id: r.try_get("", "aggregate_id")?,
+                payload: r
+                    .try_get::<Option<serde_json::Value>>("", "payload")?
+                    .unwrap_or_default(),
+                headers: headers_from_json(headers.unwrap_or_else(|| serde_json::json!({})))
+                    .map_err(|e| Error::CorruptRow {
+                        id,
+                        reason: e.to_string(),
+                    })?,
+                occurred_at: r.try_get("", "occurred_at")?,
+                created_at,
+                status: OutboxStatus::Failed,
+                attempts: 0,
+                last_error: None,
+                next_attempt_at: created_at,
+                published_at: None,
+                failed_at: None,
+                locked_by: None,
+            })
+        }
+    };
+    let attempts: i32 = r.try_get("", "attempts")?;
+    let failed_at: DateTime<Utc> = r.try_get("", "failed_at")?;
+    let error: String = r.try_get("", "error")?;
+    Ok(LogDeadLetter {
+        id,
+        event: event.map(|mut e| {
+            e.attempts = attempts.max(0) as u32;
+            e.last_error = Some(error.clone());
+            e.failed_at = Some(failed_at);
+            e
+        }),
+        raw: r.try_get("", "raw")?,
+        slot: r.try_get("", "slot")?,
+        error,
+        attempts: attempts.max(0) as u32,
+        failed_at,
+    })
+}
+
+pub(crate) async fn dead_letters(
+    db: &impl ConnectionTrait,
+    limit: u64,
+    offset: u64,
+) -> Result<Vec<LogDeadLetter>> {
+    let sql = format!(
+        "SELECT {DEAD_COLUMNS} FROM outbox_log_dead_letters ORDER BY failed_at, id LIMIT ? OFFSET ?"
+    );
+    let rows = db
+        .query_all_raw(stmt(PG, &sql, vec![limit.into(), offset.into()]))
+        .await?;
+    rows.iter().map(read_dead).collect()
+}
+
+pub(crate) async fn count_dead_letters(db: &impl ConnectionTrait) -> Result<u64> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            PG,
+            "SELECT count(*) AS n FROM outbox_log_dead_letters",
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0)
+        .max(0) as u64)
+}
+
+/// Removes one dead letter; whether it existed.
+pub(crate) async fn discard_dead_letter(db: &impl ConnectionTrait, id: Uuid) -> Result<bool> {
+    let r = db
+        .execute_raw(stmt(
+            PG,
+            "DELETE FROM outbox_log_dead_letters WHERE id = ?",
+            vec![id.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Sends dead letters back through the log: in one transaction each row is deleted and its
+/// event written again as a message, so the relay delivers it as new; `None` replays all.
+/// A message that could not be read has no event to send, and is refused by id.
+pub(crate) async fn replay_dead_letters<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    prefix: &str,
+    only: Option<Uuid>,
+) -> Result<u64> {
+    let txn = db.begin().await?;
+    let rows = match only {
+        Some(id) => {
+            txn.query_all_raw(stmt(
+                PG,
+                &format!(
+                    "SELECT {DEAD_COLUMNS} FROM outbox_log_dead_letters WHERE id = ? FOR UPDATE"
+                ),
+                vec![id.into()],
+            ))
+            .await?
+        }
+        None => {
+            txn.query_all_raw(Statement::from_string(
+                PG,
+                format!(
+                    "SELECT {DEAD_COLUMNS} FROM outbox_log_dead_letters \
+                     WHERE event_type IS NOT NULL ORDER BY committed_at, id FOR UPDATE"
+                ),
+            ))
+            .await?
+        }
+    };
+    if let Some(id) = only
+        && rows.is_empty()
+    {
+        return Err(Error::NotFound { id });
+    }
+    let mut n = 0;
+    for r in &rows {
+        let d = read_dead(r)?;
+        let Some(e) = d.event else {
+            return Err(Error::CorruptRow {
+                id: d.id,
+                reason: format!(
+                    "it was never readable ({}); there is no event to replay, discard it instead",
+                    d.error
+                ),
+            });
+        };
+        let envelope = crate::event::Envelope {
+            v: crate::event::ENVELOPE_VERSION,
+            id: e.id,
+            event_type: e.event_type,
+            aggregate_type: e.aggregate_type,
+            aggregate_id: e.aggregate_id,
+            payload: e.payload,
+            headers: e.headers,
+            occurred_at: e.occurred_at,
+        };
+        let content = serde_json::to_string(&envelope).map_err(|err| Error::CorruptRow {
+            id: d.id,
+            reason: err.to_string(),
+        })?;
+        emit(&txn, prefix, vec![content]).await?;
+        discard_dead_letter(&txn, d.id).await?;
+        n += 1;
+    }
+    txn.commit().await?;
+    Ok(n)
+}
+
+/// `name` as a double-quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
