@@ -20,7 +20,7 @@ use sea_orm::{
     ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait,
 };
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
-use seaorm_outbox::relay::log::{LogDeadLetters, LogRelay, LogRelayConfig, LogRole};
+use seaorm_outbox::relay::log::{LogDeadLetters, LogRelay, LogRelayConfig, LogRole, Transport};
 use seaorm_outbox::relay::{Backoff, BreakerConfig, OnPublish};
 use seaorm_outbox::{
     Error, HealthStatus, HealthThresholds, InvalidEvent, NewEvent, Outbox, OutboxConfig,
@@ -30,20 +30,60 @@ use support::wait_until;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// Each of these runs over both transports: the replication stream and polled SQL.
+macro_rules! over_both_transports {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::Transport;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn stream() {
+                super::$name(Transport::Stream).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sql() {
+                super::$name(Transport::Sql).await;
+            }
+        }
+    )*};
+}
+
+over_both_transports!(
+    committed_events_arrive_in_order_rolled_back_ones_never,
+    commit_order_across_concurrent_writers,
+    table_mode_reads_inserts_and_marks_them_published,
+    table_mode_can_delete_what_it_delivered,
+    rejections_and_unreadable_messages_are_dead_lettered_then_replayed,
+    a_broker_outage_holds_the_slot_and_spends_nothing,
+    a_standby_takes_over_when_the_leader_dies,
+    the_slot_advances_on_an_idle_database,
+    relay_sigkilled_mid_stream_loses_nothing,
+);
+
 /// An isolated outbox on the logical server: a schema, and a slot and publication named after
 /// it.
 struct LogDb {
     server: Arc<PgServer>,
     t: TestDb,
     slot: String,
+    transport: Transport,
 }
 
 impl LogDb {
-    async fn new() -> Self {
-        let server = PgServer::shared_logical();
+    async fn new(transport: Transport) -> Self {
+        Self::on(PgServer::shared_logical(), transport).await
+    }
+
+    async fn on(server: Arc<PgServer>, transport: Transport) -> Self {
         let t = TestDb::new_postgres_at(&server.url()).await;
         let slot = t.name.to_lowercase();
-        Self { server, t, slot }
+        Self {
+            server,
+            t,
+            slot,
+            transport,
+        }
     }
 
     fn db(&self) -> &DatabaseConnection {
@@ -59,6 +99,7 @@ impl LogDb {
     /// Fast polling and retries, this test's slot, publication and message prefix.
     fn config(&self) -> LogRelayConfig {
         LogRelayConfig::default()
+            .transport(self.transport)
             .slot(self.slot.clone())
             .publication(self.slot.clone())
             .message_prefix(self.slot.clone())
@@ -186,7 +227,7 @@ async fn refuses_wal_level_replica_with_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refuses_a_role_without_replication() {
-    let l = LogDb::new().await;
+    let l = LogDb::new(Transport::Stream).await;
     let role = format!("r_{}", l.slot);
     l.sql(&format!(
         "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA \"{0}\" TO {role}; \
@@ -205,9 +246,8 @@ async fn refuses_a_role_without_replication() {
     l.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn committed_events_arrive_in_order_rolled_back_ones_never() {
-    let l = LogDb::new().await;
+async fn committed_events_arrive_in_order_rolled_back_ones_never(transport: Transport) {
+    let l = LogDb::new(transport).await;
     let p = InMemoryPublisher::new();
     let relay = l.relay(p.clone(), l.config()).await;
 
@@ -270,9 +310,8 @@ async fn committed_events_arrive_in_order_rolled_back_ones_never() {
 /// Eight writers whose transactions serialise on one counter row, so their commit order is
 /// the counter's order (not the order they began or generated ids in): the relay delivers in
 /// exactly that order while they write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn commit_order_across_concurrent_writers() {
-    let l = LogDb::new().await;
+async fn commit_order_across_concurrent_writers(transport: Transport) {
+    let l = LogDb::new(transport).await;
     l.sql("CREATE TABLE counter (n bigint NOT NULL); INSERT INTO counter VALUES (0)")
         .await;
     let p = InMemoryPublisher::new();
@@ -388,16 +427,14 @@ async fn table_mode(l: &LogDb, on_publish: OnPublish) {
     assert_eq!(p.len(), 7);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn table_mode_reads_inserts_and_marks_them_published() {
-    let l = LogDb::new().await;
+async fn table_mode_reads_inserts_and_marks_them_published(transport: Transport) {
+    let l = LogDb::new(transport).await;
     table_mode(&l, OnPublish::Retain).await;
     l.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn table_mode_can_delete_what_it_delivered() {
-    let l = LogDb::new().await;
+async fn table_mode_can_delete_what_it_delivered(transport: Transport) {
+    let l = LogDb::new(transport).await;
     table_mode(&l, OnPublish::Delete).await;
     l.finish().await;
 }
@@ -408,6 +445,8 @@ struct Picky {
     inner: InMemoryPublisher,
     healed: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    /// Every event offered, in order, and whether it was taken.
+    offered: Arc<std::sync::Mutex<Vec<(Uuid, bool)>>>,
 }
 
 #[async_trait]
@@ -421,6 +460,10 @@ impl Publisher for Picky {
         }
         let mut out = Vec::new();
         for e in events {
+            let refused = !self.healed.load(AtomicOrdering::SeqCst)
+                && (e.aggregate_id == "poison"
+                    || (e.aggregate_id == "flaky" && e.payload["n"] == 0));
+            self.offered.lock().expect("log").push((e.id, !refused));
             if e.aggregate_id == "poison" && !self.healed.load(AtomicOrdering::SeqCst) {
                 out.push(PublishOutcome::Reject("too large".into()));
             } else if e.aggregate_id == "flaky"
@@ -437,9 +480,8 @@ impl Publisher for Picky {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rejections_and_unreadable_messages_are_dead_lettered_then_replayed() {
-    let l = LogDb::new().await;
+async fn rejections_and_unreadable_messages_are_dead_lettered_then_replayed(transport: Transport) {
+    let l = LogDb::new(transport).await;
     let p = Picky::default();
     // One event per call, so the held event is not in the refused one's call.
     let relay = l
@@ -463,11 +505,24 @@ async fn rejections_and_unreadable_messages_are_dead_lettered_then_replayed() {
     assert_eq!(stats.unreadable, 1);
     assert_eq!(stats.retried, 2, "attempts 1 and 2 retried, 3 gave up");
     let delivered = ids(&p.inner.deliveries());
-    assert_eq!(
-        delivered,
-        [ok.clone(), other, vec![flaky[1]]].concat(),
-        "the second flaky event waited for the first; `other` did not"
-    );
+    let want: HashSet<Uuid> = [ok.clone(), other.clone(), vec![flaky[1]]]
+        .concat()
+        .into_iter()
+        .collect();
+    assert_eq!(delivered[..2], ok[..], "in commit order");
+    assert_eq!(delivered.iter().copied().collect::<HashSet<_>>(), want);
+    // The second flaky event was not offered until the first had had its last attempt.
+    let offered = p.offered.lock().expect("log").clone();
+    let last_try = offered
+        .iter()
+        .rposition(|(id, _)| *id == flaky[0])
+        .expect("tried");
+    let held = offered
+        .iter()
+        .position(|(id, _)| *id == flaky[1])
+        .expect("offered");
+    assert!(held > last_try, "{offered:?}");
+    assert_eq!(offered.iter().filter(|(id, _)| *id == flaky[0]).count(), 3);
 
     let dead = LogDeadLetters::new(l.db()).with_prefix(l.slot.clone());
     let list = dead.list(10, 0).await.expect("list");
@@ -527,9 +582,8 @@ async fn rejections_and_unreadable_messages_are_dead_lettered_then_replayed() {
 
 /// The broker down: the breaker opens, no attempt is spent, nothing is dead-lettered, and the
 /// slot does not move past the events; health says so. Back up: everything arrives.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_broker_outage_holds_the_slot_and_spends_nothing() {
-    let l = LogDb::new().await;
+async fn a_broker_outage_holds_the_slot_and_spends_nothing(transport: Transport) {
+    let l = LogDb::new(transport).await;
     let p = Picky::default();
     p.down.store(true, AtomicOrdering::SeqCst);
     let relay = Arc::new(l.relay(p.clone(), l.config().max_attempts(1)).await);
@@ -575,9 +629,8 @@ async fn a_broker_outage_holds_the_slot_and_spends_nothing() {
     l.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_standby_takes_over_when_the_leader_dies() {
-    let l = LogDb::new().await;
+async fn a_standby_takes_over_when_the_leader_dies(transport: Transport) {
+    let l = LogDb::new(transport).await;
     let (a, b) = (InMemoryPublisher::new(), InMemoryPublisher::new());
     let leader = l.relay(a.clone(), l.config()).await;
     let standby = Arc::new(l.relay(b.clone(), l.config()).await);
@@ -608,6 +661,13 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     })
     .await;
     assert_eq!(b.len(), 0, "one active relay per slot");
+    // Normal operation: the leader has confirmed what it sent (a crash before that would
+    // have the standby send it again).
+    let sent = l.flush_lsn().await;
+    wait_until(Duration::from_secs(10), "the leader to confirm", || async {
+        l.confirmed().await >= sent
+    })
+    .await;
     // The leader's process dies: its session ends, and with it the lock.
     leader_task.abort();
     let _ = leader_task.await;
@@ -633,9 +693,9 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 
 /// However idle the outbox is, the slot moves: to the server's position when other tables are
 /// written, and past the relay's own heartbeat when nothing is written at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_slot_advances_on_an_idle_database() {
-    let l = LogDb::new().await;
+async fn the_slot_advances_on_an_idle_database(transport: Transport) {
+    // A server of its own: the shared one has other tests' WAL, so it is never idle.
+    let l = LogDb::on(Arc::new(PgServer::start_logical()), transport).await;
     l.sql("CREATE TABLE other (id bigserial, body text)").await;
     let relay = Arc::new(
         l.relay(
@@ -688,7 +748,7 @@ async fn the_slot_advances_on_an_idle_database() {
 async fn jetstream(mode_table: bool) {
     use async_nats::jetstream;
     use seaorm_outbox::publisher::{NatsPublisher, Router};
-    let l = LogDb::new().await;
+    let l = LogDb::new(Transport::Stream).await;
     let addr = std::env::var("OUTBOX_TEST_NATS_ADDR").unwrap_or_else(|_| "127.0.0.1:4222".into());
     let client = async_nats::connect(format!("nats://{addr}"))
         .await
@@ -818,10 +878,9 @@ fn printed(out: &std::path::Path) -> Vec<Uuid> {
 
 /// The relay process SIGKILLed mid-stream and restarted, four times, while a writer commits:
 /// nothing is lost, and what is sent twice stays within the reads that were in flight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn relay_sigkilled_mid_stream_loses_nothing() {
+async fn relay_sigkilled_mid_stream_loses_nothing(transport: Transport) {
     const MAX_CHANGES: u32 = 300;
-    let l = LogDb::new().await;
+    let l = LogDb::new(transport).await;
     // Prepared first, so the slot exists before the writer starts.
     drop(l.relay(InMemoryPublisher::new(), l.config()).await);
     let dir = tempfile::tempdir().expect("dir");

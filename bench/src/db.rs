@@ -118,10 +118,15 @@ fn opts(url: &str, max: u32) -> ConnectOptions {
 
 impl BenchDb {
     pub(crate) async fn new(kind: Kind) -> Result<Self> {
+        Self::new_at(kind, pg_url()).await
+    }
+
+    /// A fresh outbox; on PostgreSQL, on the server at `pg`.
+    pub(crate) async fn new_at(kind: Kind, pg: String) -> Result<Self> {
         let name = format!("outbox_bench_{}", std::process::id());
         let (db, url, dir) = match kind {
             Kind::Postgres => {
-                let admin = Database::connect(opts(&pg_url(), 1))
+                let admin = Database::connect(opts(&pg, 1))
                     .await
                     .context("PostgreSQL")?;
                 admin
@@ -130,9 +135,9 @@ impl BenchDb {
                     ))
                     .await?;
                 admin.close().await?;
-                let mut o = opts(&pg_url(), 20);
+                let mut o = opts(&pg, 20);
                 o.set_schema_search_path(name.clone());
-                (Database::connect(o).await?, pg_url(), None)
+                (Database::connect(o).await?, pg, None)
             }
             Kind::MySql => {
                 let admin = Database::connect(opts(&mysql_url(), 1))
@@ -358,7 +363,7 @@ impl BenchDb {
         }
         match self.kind {
             Kind::Postgres => {
-                let admin = Database::connect(opts(&pg_url(), 1)).await?;
+                let admin = Database::connect(opts(&self.url, 1)).await?;
                 admin
                     .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
                     .await?;

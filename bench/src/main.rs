@@ -5,7 +5,9 @@
 //! cargo run --release -p seaorm-outbox-bench -- [--quick] [--only SECTION,...] [--repeat N]
 //! ```
 //!
-//! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`.
+//! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`, `log`
+//! (issue 18's log relay, on a PostgreSQL of its own with `wal_level=logical`, or
+//! `OUTBOX_BENCH_LOGICAL_URL`).
 //! `--pg-only` skips MariaDB and SQLite in `throughput`; `--relays 1,2,4` picks the relay counts (default 1,2,4; 1 with `--quick`)
 //! (PostgreSQL) and `--ordering unordered|ordered` one ordering; `--vacuum-every-ms N` runs `VACUUM` on the
 //! table every N ms, standing in for autovacuum where the server has it off. `--workload
@@ -24,6 +26,7 @@ mod cpu;
 mod db;
 mod inbox;
 mod latency;
+mod log_relay;
 mod report;
 mod sink;
 mod throughput;
@@ -209,6 +212,9 @@ async fn main() -> Result<()> {
             inbox::section(&other, sizes.inbox, repeat, &mut rows).await?;
             other.drop().await?;
         }
+    }
+    if wants("log") {
+        log_relay::section(&sizes, repeat, &mut rows).await?;
     }
     vacuum_stop.cancel();
     pg.drop().await?;

@@ -22,6 +22,10 @@ enum Variant {
     MinimalInsert,
     RawInsert,
     AddEvent,
+    /// The floor of any outbox that adds one statement.
+    SelectOne,
+    /// Message mode: `Outbox::emit`, a transactional logical message and no row.
+    Emit,
 }
 
 const ROUNDS: usize = 5;
@@ -74,6 +78,18 @@ async fn one_tx(db: &BenchDb, conn: &DatabaseConnection, v: Variant, n: i64) -> 
                 ],
             ))
             .await?;
+        }
+        Variant::SelectOne => {
+            txn.execute_unprepared("SELECT 1").await?;
+        }
+        Variant::Emit => {
+            Outbox::new(&txn)
+                .emit(
+                    NewEvent::new("order.placed", "order", n.to_string())
+                        .json_payload(payload(n))
+                        .header("correlation-id", "bench"),
+                )
+                .await?;
         }
         Variant::AddEvent => {
             Outbox::new(&txn)
@@ -220,6 +236,65 @@ pub(crate) async fn section(db: &BenchDb, secs: f64, rows: &mut Vec<Row>) -> Res
             }
             conn.close().await?;
         }
+    }
+    Ok(())
+}
+
+/// Issue 18's write path on a server with `wal_level=logical`: message mode against the same
+/// transaction with `SELECT 1` in its place, at 1 and 8 clients, beside domain-only and the
+/// minimal table outbox's `INSERT`.
+pub(crate) async fn log_section(db: &BenchDb, secs: f64, rows: &mut Vec<Row>) -> Result<()> {
+    db.reset().await?;
+    db.create_minimal().await?;
+    let shared = Arc::new(BenchDb::new_view(db).await?);
+    let ids = Arc::new(AtomicI64::new(1));
+    for clients in [1usize, 8] {
+        let conn = db.pool_without_notify(clients as u32 + 2).await?;
+        round(&shared, &conn, Variant::Emit, clients, 0.2, &ids).await?;
+        let variants = [
+            Variant::DomainOnly,
+            Variant::SelectOne,
+            Variant::Emit,
+            Variant::MinimalInsert,
+        ];
+        let mut results = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..ROUNDS {
+            for (i, &v) in variants.iter().enumerate() {
+                results[i]
+                    .push(round(&shared, &conn, v, clients, secs / ROUNDS as f64, &ids).await?);
+            }
+        }
+        let [domain, select1, emit, minimal] = results.map(median);
+        eprintln!(
+            "log write path x{clients}: domain {domain:.0}/s select1 {select1:.0}/s emit {emit:.0}/s minimal insert {minimal:.0}/s"
+        );
+        let ms = |tps: f64| 1000.0 * clients as f64 / tps;
+        let plural = if clients == 1 { "" } else { "s" };
+        rows.push(Row {
+            section: "log relay",
+            name: format!("tx with Outbox::emit (message mode), {clients} client{plural}"),
+            value: ms(emit),
+            unit: "ms/tx",
+            baseline: Some(("same tx with SELECT 1".into(), ms(select1))),
+            target: Some(Target::RatioAtMost(1.10)),
+        });
+        rows.push(Row {
+            section: "log relay",
+            name: format!("tx with Outbox::emit vs domain-only, {clients} client{plural}"),
+            value: ms(emit),
+            unit: "ms/tx",
+            baseline: Some(("domain-only tx".into(), ms(domain))),
+            target: None,
+        });
+        rows.push(Row {
+            section: "log relay",
+            name: format!("tx with the minimal table INSERT vs SELECT 1, {clients} client{plural}"),
+            value: ms(minimal),
+            unit: "ms/tx",
+            baseline: Some(("same tx with SELECT 1".into(), ms(select1))),
+            target: None,
+        });
+        conn.close().await?;
     }
     Ok(())
 }

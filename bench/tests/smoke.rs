@@ -27,6 +27,9 @@ fn quick_benchmark_runs_and_prints_the_table() {
         "one event per aggregate",
         "delete on publish",
         "tx with the minimal raw_outbox INSERT",
+        "| log relay |",
+        "tx with Outbox::emit (message mode)",
+        "message-mode events to the no-op sink",
     ] {
         assert!(stdout.contains(section), "no {section} rows in:\n{stdout}");
     }

@@ -278,13 +278,26 @@ pub(crate) async fn peek(
 /// Confirms everything before `lsn`: the slot's next read starts there and the server may
 /// recycle the WAL before it.
 pub(crate) async fn advance(conn: &mut PgConnection, slot: &str, lsn: Lsn) -> Result<()> {
-    sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
-        .bind(slot)
-        .bind(lsn_text(lsn))
-        .execute(&mut *conn)
-        .await
-        .map_err(sqlx_err)?;
-    Ok(())
+    // A replication stream that just ended may hold the slot for a moment longer
+    // (`object_in_use`, 55006) while its server process exits.
+    let mut tries = 0;
+    loop {
+        let r = sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
+            .bind(slot)
+            .bind(lsn_text(lsn))
+            .execute(&mut *conn)
+            .await;
+        match r {
+            Ok(_) => return Ok(()),
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("55006") && tries < 100 =>
+            {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(sqlx_err(e)),
+        }
+    }
 }
 
 /// A non-transactional message, so that an idle database's slot has a record to move to.

@@ -83,13 +83,18 @@ impl PgServer {
         if let Some(s) = shared.upgrade() {
             return s;
         }
-        let s = Arc::new(Self::start_with(&[
+        let s = Arc::new(Self::start_logical());
+        *shared = Arc::downgrade(&s);
+        s
+    }
+
+    /// A server of its own with `wal_level=logical`.
+    pub fn start_logical() -> Self {
+        Self::start_with(&[
             "wal_level=logical",
             "max_replication_slots=64",
             "max_wal_senders=16",
-        ]));
-        *shared = Arc::downgrade(&s);
-        s
+        ])
     }
 
     /// [`start`](Self::start) with extra `name=value` server settings.

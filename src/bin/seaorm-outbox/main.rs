@@ -153,7 +153,7 @@ async fn run(cli: Cli) -> CliResult {
             let batch = parse_count("--batch-size", &batch_size)?;
             commands::purge(&db().await?, age, batch).await
         }
-        Command::Relay(args) => relay::run(db().await?, *args).await,
+        Command::Relay(args) => relay::run(db().await?, cli.database_url.clone(), *args).await,
         Command::Inbox(cmd) => inbox::run(&db().await?, cmd).await,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::publisher::{LogPublisher, Router};
-use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig};
+use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig, Transport};
 use seaorm_outbox::relay::{OnPublish, Ordering, Relay, RelayConfig};
 use seaorm_outbox::{HealthThresholds, Publisher};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,12 @@ pub(crate) enum Mode {
     Log,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TransportKind {
+    Stream,
+    Sql,
+}
+
 #[derive(Args)]
 pub(crate) struct RelayArgs {
     /// How events are found: polled from the table, or read from PostgreSQL's WAL.
@@ -50,6 +56,11 @@ pub(crate) struct RelayArgs {
     /// --mode log: the prefix of the messages Outbox::emit writes (OutboxConfig::message_prefix).
     #[arg(long, default_value = seaorm_outbox::repository::MESSAGE_PREFIX)]
     message_prefix: String,
+    /// --mode log: read the slot over the replication protocol (stream), or by polling SQL
+    /// functions on an ordinary connection (sql: for poolers that pass no replication
+    /// connection; slower).
+    #[arg(long, value_enum, default_value = "stream")]
+    transport: TransportKind,
     /// --mode log: records per read of the slot; bounds what a crash can send twice.
     #[arg(long, default_value = "10000")]
     max_changes: String,
@@ -254,7 +265,7 @@ fn poll_config(args: &RelayArgs) -> CliResult<RelayConfig> {
     Ok(config)
 }
 
-fn log_config(args: &RelayArgs) -> CliResult<LogRelayConfig> {
+fn log_config(args: &RelayArgs, url: Option<String>) -> CliResult<LogRelayConfig> {
     for (set, flag) in [
         (args.retention.is_some(), "--retention"),
         (args.unordered, "--unordered"),
@@ -276,7 +287,16 @@ fn log_config(args: &RelayArgs) -> CliResult<LogRelayConfig> {
     } else {
         OnPublish::Retain
     };
-    Ok(LogRelayConfig::default()
+    let transport = match args.transport {
+        TransportKind::Stream => Transport::Stream,
+        TransportKind::Sql => Transport::Sql,
+    };
+    let mut config = LogRelayConfig::default().transport(transport);
+    // The stream's own connection uses the same URL, password included.
+    if let Some(url) = url {
+        config = config.replication_url(url);
+    }
+    Ok(config
         .slot(args.slot.clone())
         .publication(args.publication.clone())
         .message_prefix(args.message_prefix.clone())
@@ -328,11 +348,11 @@ where
     }))
 }
 
-pub(crate) async fn run(db: DatabaseConnection, args: RelayArgs) -> CliResult {
+pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: RelayArgs) -> CliResult {
     let thresholds = Arc::new(thresholds(&args)?);
     let (poll, log) = match args.mode {
         Mode::Poll => (Some(poll_config(&args)?), None),
-        Mode::Log => (None, Some(log_config(&args)?)),
+        Mode::Log => (None, Some(log_config(&args, url)?)),
     };
     let listener = tokio::net::TcpListener::bind(&args.http_addr)
         .await

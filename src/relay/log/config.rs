@@ -7,6 +7,23 @@ use crate::error::{Error, Result};
 use crate::relay::config::{BreakerConfig, MAX_BATCH_SIZE, OnPublish};
 use crate::repository::MESSAGE_PREFIX;
 
+/// How the log relay reads its slot (BENCHMARKS.md measures both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// The streaming replication protocol (`START_REPLICATION … LOGICAL`, through
+    /// pgwire-replication) on a connection of its own: the server decodes each change once and
+    /// pushes it as it commits. The default.
+    #[default]
+    Stream,
+    /// `pg_logical_slot_peek_binary_changes` and `pg_replication_slot_advance` polled over an
+    /// ordinary connection. No replication connection needed (some poolers and proxies pass
+    /// none), but every read decodes again from the slot's restart position, which trails by
+    /// up to one snapshot of running transactions (15 s of WAL): slower, and latency grows
+    /// with the write rate.
+    Sql,
+}
+
 /// The log relay's settings.
 ///
 /// ```
@@ -32,6 +49,15 @@ pub struct LogRelayConfig {
     ///
     /// [`OutboxConfig::message_prefix`]: crate::OutboxConfig::message_prefix
     pub message_prefix: String,
+    /// How the slot is read. Default [`Transport::Stream`].
+    pub transport: Transport,
+    /// [`Transport::Stream`]: the replication connection's URL
+    /// (`postgres://user:password@host:port/db?sslmode=require`). Default: the pool's host,
+    /// port, user and database, with the password from `PGPASSWORD`.
+    pub replication_url: Option<String>,
+    /// [`Transport::Stream`]: how often the confirmed position is reported to the server.
+    /// Default 100 ms.
+    pub confirm_interval: Duration,
     /// Table mode: also deliver the rows inserted into `outbox_events` (by `add_event`), through
     /// the publication. Off by default: message mode only.
     pub table: bool,
@@ -70,6 +96,9 @@ impl Default for LogRelayConfig {
             slot: "seaorm_outbox".into(),
             publication: "seaorm_outbox".into(),
             message_prefix: MESSAGE_PREFIX.into(),
+            transport: Transport::Stream,
+            replication_url: None,
+            confirm_interval: Duration::from_millis(100),
             table: false,
             on_publish: OnPublish::Retain,
             batch_size: 500,
@@ -89,6 +118,10 @@ impl Default for LogRelayConfig {
 
 impl LogRelayConfig {
     setters! {
+        /// Sets [`transport`](Self::transport).
+        transport: Transport,
+        /// Sets [`confirm_interval`](Self::confirm_interval).
+        confirm_interval: Duration,
         /// Sets [`table`](Self::table).
         table: bool,
         /// Sets [`on_publish`](Self::on_publish).
@@ -126,6 +159,12 @@ impl LogRelayConfig {
     /// Sets [`publication`](Self::publication).
     pub fn publication(mut self, name: impl Into<String>) -> Self {
         self.publication = name.into();
+        self
+    }
+
+    /// Sets [`replication_url`](Self::replication_url).
+    pub fn replication_url(mut self, url: impl Into<String>) -> Self {
+        self.replication_url = Some(url.into());
         self
     }
 
@@ -170,6 +209,9 @@ impl LogRelayConfig {
         }
         if self.standby_interval.is_zero() || self.heartbeat_interval.is_zero() {
             return bad("standby_interval and heartbeat_interval must be positive".into());
+        }
+        if self.confirm_interval.is_zero() {
+            return bad("confirm_interval must be positive".into());
         }
         if self.publish_timeout.is_zero() {
             return bad("publish_timeout must be positive".into());

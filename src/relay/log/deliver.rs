@@ -112,7 +112,7 @@ impl<P: Publisher> LogRelay<P> {
                 continue;
             }
             lock(&self.breaker).answered(&self.name, &publisher);
-            self.settle(&mut slots, &taken, events, outcomes, &mut out, &publisher);
+            self.apply(&mut slots, &taken, events, outcomes, &mut out, &publisher);
             slots.retain(|s| s.event.is_some());
         }
         out.unsettled_from = slots.first().map(|s| s.txn);
@@ -153,7 +153,7 @@ impl<P: Publisher> LogRelay<P> {
     }
 
     /// Applies one call's outcomes to the slots it carried.
-    fn settle(
+    fn apply(
         &self,
         slots: &mut [Slot],
         taken: &[usize],

@@ -46,7 +46,9 @@
 mod config;
 mod dead_letters;
 mod deliver;
+mod peek;
 mod read;
+mod stream;
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -57,11 +59,11 @@ use sea_orm::sqlx::PgConnection;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use self::config::LogRelayConfig;
+pub use self::config::{LogRelayConfig, Transport};
 pub use self::dead_letters::LogDeadLetters;
 pub use crate::store::{LogDeadLetter, SlotStatus};
 
-use self::read::{Relations, Source};
+use self::read::{Assembler, Read};
 use super::breaker::{Breaker, BreakerStatus};
 use super::lock;
 use crate::error::{Error, Result};
@@ -219,21 +221,31 @@ impl<P> std::fmt::Debug for LogRelay<P> {
 
 /// The leader's session: its connection, and where the slot stands.
 struct Session {
+    /// Holds the leader lock; runs the slot's SQL.
     conn: PgConnection,
+    /// What the slot has been told is settled.
     confirmed: Lsn,
-    relations: Relations,
-    schema: Option<String>,
+    asm: Assembler,
     last_event: Instant,
     next_metrics: Instant,
-    max_changes: u32,
 }
 
-/// What one read did.
-struct Step {
+impl Session {
+    /// Ends the session cleanly, so its leader lock is free at once for a standby (a dropped
+    /// connection frees it too, once the server notices).
+    async fn end(self) {
+        use sea_orm::sqlx::Connection as _;
+        let _ = self.conn.close().await;
+    }
+}
+
+/// What became of one read.
+struct Settled {
     events: usize,
-    /// The read stopped at `max_changes`: there is more.
-    full: bool,
-    /// The relay is stopping.
+    /// How far the read is wholly settled: its last transaction's end, or, when the relay
+    /// stopped part-way, the end of the last transaction wholly settled.
+    target: Option<Lsn>,
+    /// The relay is stopping (or, draining, the publisher is unavailable).
     stopped: bool,
 }
 
@@ -364,17 +376,35 @@ impl<P: Publisher> LogRelay<P> {
         }
         let mut session = self.session(conn).await?;
         let mut stats = LogRelayStats::default();
-        loop {
-            let step = self.step(&mut session, &never, &mut stats, true).await?;
-            if let Some(why) = self.breaker().last_error {
-                return Err(Error::PublisherUnavailable {
-                    publisher: self.publisher.name().to_owned(),
-                    reason: why,
-                });
+        let until = logical::current_lsn(&mut session.conn).await?;
+        match self.config.transport {
+            Transport::Sql => loop {
+                let step = self
+                    .sql_step(&mut session, &never, &mut stats, true)
+                    .await?;
+                self.unavailable()?;
+                if step.events == 0 && !step.full {
+                    break;
+                }
+            },
+            _ => {
+                self.stream(&mut session, &never, &mut stats, Some(until))
+                    .await?;
+                self.unavailable()?;
             }
-            if step.events == 0 && !step.full {
-                return Ok(stats);
-            }
+        }
+        session.end().await;
+        Ok(stats)
+    }
+
+    /// [`Error::PublisherUnavailable`] while the breaker is open.
+    fn unavailable(&self) -> Result<()> {
+        match self.breaker().last_error {
+            Some(reason) => Err(Error::PublisherUnavailable {
+                publisher: self.publisher.name().to_owned(),
+                reason,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -399,14 +429,13 @@ impl<P: Publisher> LogRelay<P> {
             None
         };
         let confirmed = logical::confirmed_lsn(&mut conn, &self.config.slot).await?;
+        let c = &self.config;
         Ok(Session {
             conn,
             confirmed,
-            relations: Relations::default(),
-            schema,
+            asm: Assembler::new(&c.slot, &c.message_prefix, schema),
             last_event: Instant::now(),
             next_metrics: Instant::now(),
-            max_changes: self.config.max_changes,
         })
     }
 
@@ -434,11 +463,16 @@ impl<P: Publisher> LogRelay<P> {
         stats.took_lead += 1;
         tracing::info!(relay = %self.name, slot = %self.config.slot, "outbox log relay leads its slot");
         let mut session = self.session(conn).await?;
+        if self.config.transport != Transport::Sql {
+            self.stream(&mut session, cancel, stats, None).await?;
+            session.end().await;
+            return Ok(());
+        }
         let mut pause = Duration::ZERO;
-        loop {
-            let step = self.step(&mut session, cancel, stats, false).await?;
-            if step.stopped || cancel.is_cancelled() {
-                return Ok(());
+        while !cancel.is_cancelled() {
+            let step = self.sql_step(&mut session, cancel, stats, false).await?;
+            if step.stopped {
+                break;
             }
             pause = if step.events > 0 || step.full {
                 Duration::ZERO
@@ -449,100 +483,76 @@ impl<P: Publisher> LogRelay<P> {
             };
             if !pause.is_zero() {
                 tokio::select! {
-                    () = cancel.cancelled() => return Ok(()),
+                    () = cancel.cancelled() => {}
                     () = tokio::time::sleep(pause) => {}
                 }
             }
         }
+        session.end().await;
+        Ok(())
     }
 
     fn touch(&self) {
         lock(&self.state).last_poll = Some(now());
     }
 
-    /// One read: peek, publish, keep what must be kept, confirm.
-    async fn step(
+    /// Delivers a read, and keeps its dead letters (and, in table mode, marks its rows) before
+    /// the slot may move past it; if keeping fails, the read is delivered again.
+    async fn settle(
         &self,
         s: &mut Session,
+        read: Read,
         cancel: &CancellationToken,
         stats: &mut LogRelayStats,
         stop_when_unavailable: bool,
-    ) -> Result<Step> {
+    ) -> Result<Settled> {
         let c = &self.config;
-        self.touch();
-        let upto = logical::current_lsn(&mut s.conn).await?;
-        let rows = logical::peek(&mut s.conn, &c.slot, &c.publication, upto, s.max_changes).await?;
-        let full = rows.len() >= s.max_changes as usize;
-        let source = Source {
-            slot: &c.slot,
-            prefix: &c.message_prefix,
-            table_schema: s.schema.as_deref(),
-        };
-        let read = source.read(rows, &mut s.relations);
         stats.reads += 1;
         stats.transactions += read.ends.len() as u64;
         let events = read.items.len();
-        lock(&self.state).behind_since = read.oldest_commit;
+        if read.oldest_commit.is_some() {
+            lock(&self.state).behind_since = read.oldest_commit;
+        }
         let delivery = self
             .deliver(read.items, cancel, stop_when_unavailable)
             .await;
-
-        // Kept before the slot moves past them; if this fails the read is repeated.
         for d in read.unreadable.iter().chain(&delivery.dead) {
             logical::dead_letter(&self.db, d).await?;
         }
         if c.table {
-            logical::settle_rows(
-                &self.db,
-                &delivery.delivered,
-                c.on_publish == super::OnPublish::Delete,
-            )
-            .await?;
+            let delete = c.on_publish == super::OnPublish::Delete;
+            logical::settle_rows(&self.db, &delivery.delivered, delete).await?;
         }
         stats.published += delivery.delivered.len() as u64;
         stats.dead_lettered += delivery.dead.len() as u64;
         stats.unreadable += read.unreadable.len() as u64;
         stats.retried += delivery.retried;
-
-        let last_end = read.ends.last().copied();
-        let target = match delivery.unsettled_from {
-            // Stopped part-way: confirm the transactions wholly settled.
-            Some(txn) => txn.checked_sub(1).and_then(|i| read.ends.get(i).copied()),
-            // A read that stopped at `max_changes` ends at its last transaction; one that did
-            // not has decoded every commit before `upto`.
-            None if full => last_end,
-            None => Some(last_end.map_or(upto, |e| e.max(upto))),
-        };
-        if full && last_end.is_none() {
-            // Nothing but non-transactional records: read more at once next time.
-            s.max_changes = s.max_changes.saturating_mul(2).min(i32::MAX as u32);
-        } else {
-            s.max_changes = c.max_changes;
-        }
-        if let Some(t) = target
-            && t > s.confirmed
-        {
-            logical::advance(&mut s.conn, &c.slot, t).await?;
-            s.confirmed = t;
-        }
-        let caught_up = delivery.unsettled_from.is_none() && !full;
-        if caught_up {
-            lock(&self.state).behind_since = None;
-        }
-
         if events > 0 {
             s.last_event = Instant::now();
-        } else if s.last_event.elapsed() >= c.heartbeat_interval {
+        }
+        let target = match delivery.unsettled_from {
+            Some(txn) => txn.checked_sub(1).and_then(|i| read.ends.get(i).copied()),
+            None => read.ends.last().copied(),
+        };
+        if delivery.unsettled_from.is_none() {
+            lock(&self.state).behind_since = None;
+        }
+        Ok(Settled {
+            events,
+            target,
+            stopped: delivery.unsettled_from.is_some(),
+        })
+    }
+
+    /// On an idle database: a heartbeat message once `heartbeat_interval` has passed without an
+    /// event, so the slot has a record to move to.
+    async fn beat(&self, s: &mut Session, stats: &mut LogRelayStats) -> Result<()> {
+        if s.last_event.elapsed() >= self.config.heartbeat_interval {
             logical::heartbeat(&mut s.conn).await?;
             s.last_event = Instant::now();
             stats.heartbeats += 1;
         }
-        self.record_lag(s, upto).await;
-        Ok(Step {
-            events,
-            full,
-            stopped: delivery.unsettled_from.is_some(),
-        })
+        Ok(())
     }
 
     async fn record_lag(&self, s: &mut Session, upto: Lsn) {

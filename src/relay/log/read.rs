@@ -1,5 +1,6 @@
-//! One read of the slot: records → the events of each committed transaction, in commit order,
-//! and the records that could not be read, each with the reason.
+//! Records → reads: the events of each committed transaction, in commit order, and the
+//! records that could not be read, each with the reason. Both transports feed it one record
+//! at a time.
 
 use std::collections::HashMap;
 
@@ -8,7 +9,7 @@ use uuid::Uuid;
 
 use crate::event::{OutboxEvent, now};
 use crate::store::logical::{LogDeadLetter, event_from_row};
-use crate::store::{Lsn, Record, decode_pgoutput};
+use crate::store::{Lsn, Record};
 
 /// An event of a read, with the transaction it came in.
 pub(super) struct Item {
@@ -18,7 +19,7 @@ pub(super) struct Item {
     pub(super) attempts: u32,
 }
 
-/// What one read found.
+/// Whole transactions, ready to deliver.
 #[derive(Default)]
 pub(super) struct Read {
     pub(super) items: Vec<Item>,
@@ -30,107 +31,152 @@ pub(super) struct Read {
     pub(super) unreadable: Vec<LogDeadLetter>,
 }
 
-/// What the reader needs to know of this outbox.
-pub(super) struct Source<'a> {
-    pub(super) slot: &'a str,
-    pub(super) prefix: &'a str,
+/// Builds [`Read`]s from records.
+pub(super) struct Assembler {
+    slot: String,
+    prefix: String,
     /// Table mode: the schema whose `outbox_events` inserts are events.
-    pub(super) table_schema: Option<&'a str>,
+    table_schema: Option<String>,
+    /// Relations seen, by id: pgoutput names a table's columns before its first change in a
+    /// session, and refers to it by id after that.
+    relations: HashMap<u32, (bool, Vec<String>)>,
+    /// The open transaction's commit time, between its Begin and Commit.
+    open: Option<DateTime<Utc>>,
+    /// The open transaction's events, kept back until it commits.
+    open_items: Vec<OutboxEvent>,
+    read: Read,
 }
 
-/// Relations seen, by id: pgoutput names a table's columns once per decoding call, before its
-/// first change, and refers to it by id after that.
-#[derive(Default)]
-pub(super) struct Relations(HashMap<u32, (bool, Vec<String>)>);
-
-impl Source<'_> {
-    pub(super) fn read(&self, rows: Vec<(Lsn, Vec<u8>)>, relations: &mut Relations) -> Read {
-        let mut read = Read::default();
-        let mut commit_at = None;
-        for (lsn, data) in rows {
-            let record = match decode_pgoutput(&data) {
-                Ok(r) => r,
-                Err(reason) => {
-                    read.unreadable.push(self.unreadable(
-                        lsn,
-                        &data,
-                        format!("undecodable pgoutput record: {reason}"),
-                    ));
-                    continue;
-                }
-            };
-            match record {
-                Record::Begin { commit_at: at } => {
-                    commit_at = Some(at);
-                    read.oldest_commit.get_or_insert(at);
-                }
-                Record::Commit { end_lsn } => {
-                    read.ends.push(end_lsn);
-                    commit_at = None;
-                }
-                Record::Relation {
-                    id,
-                    namespace,
-                    name,
-                    columns,
-                } => {
-                    let ours =
-                        name == "outbox_events" && Some(namespace.as_str()) == self.table_schema;
-                    relations.0.insert(id, (ours, columns));
-                }
-                Record::Insert { relation, values } => match relations.0.get(&relation) {
-                    Some((true, columns)) => {
-                        let at = commit_at.unwrap_or_else(now);
-                        match event_from_row(columns, &values, at) {
-                            Ok(event) => self.push(&mut read, event),
-                            Err(reason) => read.unreadable.push(self.unreadable(
-                                lsn,
-                                &data,
-                                format!("outbox row not readable: {reason}"),
-                            )),
-                        }
-                    }
-                    Some((false, _)) => {}
-                    None => read.unreadable.push(self.unreadable(
-                        lsn,
-                        &data,
-                        format!("insert into relation {relation}, which was never described"),
-                    )),
-                },
-                Record::Message {
-                    transactional,
-                    prefix,
-                    content,
-                } => {
-                    if prefix != self.prefix {
-                        continue; // another application's messages, or our heartbeat
-                    }
-                    let at = commit_at.unwrap_or_else(now);
-                    if !transactional {
-                        read.unreadable.push(self.unreadable(
-                            lsn,
-                            &content,
-                            "a non-transactional message: not written by Outbox::emit".into(),
-                        ));
-                        continue;
-                    }
-                    match OutboxEvent::from_envelope(&content, at) {
-                        Ok(event) => self.push(&mut read, event),
-                        Err(reason) => read.unreadable.push(self.unreadable(lsn, &content, reason)),
-                    }
-                }
-                Record::Other => {}
-            }
+impl Assembler {
+    pub(super) fn new(slot: &str, prefix: &str, table_schema: Option<String>) -> Self {
+        Self {
+            slot: slot.to_owned(),
+            prefix: prefix.to_owned(),
+            table_schema,
+            relations: HashMap::new(),
+            open: None,
+            open_items: Vec::new(),
+            read: Read::default(),
         }
-        read
     }
 
-    fn push(&self, read: &mut Read, event: OutboxEvent) {
-        read.items.push(Item {
-            event,
-            txn: read.ends.len(),
-            attempts: 0,
-        });
+    /// Whether a transaction is open (its Commit not yet seen).
+    pub(super) fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Events in whole transactions so far.
+    pub(super) fn events(&self) -> usize {
+        self.read.items.len()
+    }
+
+    /// Whether there is anything to deliver or keep.
+    pub(super) fn is_empty(&self) -> bool {
+        self.read.ends.is_empty() && self.read.unreadable.is_empty()
+    }
+
+    /// The whole transactions so far; an open one stays.
+    pub(super) fn take(&mut self) -> Read {
+        std::mem::take(&mut self.read)
+    }
+
+    /// A raw record at `lsn`.
+    pub(super) fn push_raw(&mut self, lsn: Lsn, data: &[u8]) {
+        match crate::store::decode_pgoutput(data) {
+            Ok(record) => self.push(lsn, record, data),
+            Err(reason) => {
+                let d =
+                    self.unreadable(lsn, data, format!("undecodable pgoutput record: {reason}"));
+                self.read.unreadable.push(d);
+            }
+        }
+    }
+
+    /// A decoded record at `lsn`; `raw` is kept if it cannot be read as an event.
+    pub(super) fn push(&mut self, lsn: Lsn, record: Record, raw: &[u8]) {
+        match record {
+            Record::Begin { commit_at } => {
+                self.open = Some(commit_at);
+                self.open_items.clear();
+            }
+            Record::Commit { end_lsn } => {
+                let at = self.open.take();
+                if let Some(at) = at {
+                    self.read.oldest_commit.get_or_insert(at);
+                }
+                let txn = self.read.ends.len();
+                for event in self.open_items.drain(..) {
+                    self.read.items.push(Item {
+                        event,
+                        txn,
+                        attempts: 0,
+                    });
+                }
+                self.read.ends.push(end_lsn);
+            }
+            Record::Relation {
+                id,
+                namespace,
+                name,
+                columns,
+            } => {
+                let ours = name == "outbox_events"
+                    && self.table_schema.as_deref() == Some(namespace.as_str());
+                self.relations.insert(id, (ours, columns));
+            }
+            Record::Insert { relation, values } => match self.relations.get(&relation) {
+                Some((true, columns)) => {
+                    let at = self.open.unwrap_or_else(now);
+                    match event_from_row(columns, &values, at) {
+                        Ok(event) => self.open_items.push(event),
+                        Err(reason) => {
+                            let d = self.unreadable(
+                                lsn,
+                                raw,
+                                format!("outbox row not readable: {reason}"),
+                            );
+                            self.read.unreadable.push(d);
+                        }
+                    }
+                }
+                Some((false, _)) => {}
+                None => {
+                    let d = self.unreadable(
+                        lsn,
+                        raw,
+                        format!("insert into relation {relation}, which was never described"),
+                    );
+                    self.read.unreadable.push(d);
+                }
+            },
+            Record::Message {
+                transactional,
+                prefix,
+                content,
+            } => {
+                if prefix != self.prefix {
+                    return; // another application's messages, or our heartbeat
+                }
+                if !transactional {
+                    let d = self.unreadable(
+                        lsn,
+                        &content,
+                        "a non-transactional message: not written by Outbox::emit".into(),
+                    );
+                    self.read.unreadable.push(d);
+                    return;
+                }
+                let at = self.open.unwrap_or_else(now);
+                match OutboxEvent::from_envelope(&content, at) {
+                    Ok(event) => self.open_items.push(event),
+                    Err(reason) => {
+                        let d = self.unreadable(lsn, &content, reason);
+                        self.read.unreadable.push(d);
+                    }
+                }
+            }
+            Record::Other => {}
+        }
     }
 
     /// A dead letter for a record; its id is a hash of where it is, so reading the record again
@@ -139,14 +185,14 @@ impl Source<'_> {
         use std::hash::{DefaultHasher, Hash, Hasher};
         let hash = |salt: u8| {
             let mut h = DefaultHasher::new();
-            (salt, self.slot, lsn, raw).hash(&mut h);
+            (salt, &self.slot, lsn, raw).hash(&mut h);
             h.finish()
         };
         LogDeadLetter {
             id: Uuid::from_u64_pair(hash(0), hash(1)),
             event: None,
             raw: Some(String::from_utf8_lossy(raw).into_owned()),
-            slot: self.slot.to_owned(),
+            slot: self.slot.clone(),
             error,
             attempts: 0,
             failed_at: now(),

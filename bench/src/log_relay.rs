@@ -1,0 +1,327 @@
+//! Issue 18's log relay on a PostgreSQL with `wal_level=logical` (the bench's own: initdb
+//! into a temporary directory, a free port, fsync on; or `OUTBOX_BENCH_LOGICAL_URL`): the
+//! write path, a drain against the minimal claim-and-mark loop on the same server, commit →
+//! publish latency at 1,000 ev/s, the relay's RSS over a long drain, and the WAL a stopped
+//! relay's slot retains.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig};
+use seaorm_outbox::{NewEvent, Outbox};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{BenchDb, Kind, Workload};
+use crate::report::{Row, Target};
+use crate::sink::Sink;
+use crate::{Sizes, throughput};
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../tests/common/pg_server.rs"]
+mod pg_server;
+
+/// Events per seeding transaction.
+const SEED_TXN: u64 = 100;
+
+fn config(slot: &str) -> LogRelayConfig {
+    LogRelayConfig::default()
+        .slot(slot)
+        .publication(slot)
+        .metrics_interval(None)
+}
+
+fn event(g: u64) -> NewEvent {
+    NewEvent::new("order.placed", "order", g.to_string()).json_payload(serde_json::json!({
+        "order_id": g,
+        "customer_id": format!("c-{}", g % 9973),
+        "total_cents": g % 100_000,
+        "currency": "EUR",
+        "note": "x".repeat(120),
+    }))
+}
+
+/// Writes `n` message-mode events, `SEED_TXN` per transaction, from 4 writers.
+async fn seed(db: &BenchDb, n: u64) -> Result<()> {
+    let conn = db.pool(5).await?;
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut g = w * SEED_TXN;
+            while g < n {
+                let txn = conn.begin().await?;
+                let end = (g + SEED_TXN).min(n);
+                Outbox::new(&txn)
+                    .emit_events((g..end).map(event).collect())
+                    .await?;
+                txn.commit().await?;
+                g += 4 * SEED_TXN;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+async fn retained(db: &DatabaseConnection, slot: &str) -> Result<u64> {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            format!(
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::int8 AS n FROM pg_replication_slots \
+                 WHERE slot_name = '{slot}'"
+            ),
+        ))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("slot {slot} missing"))?;
+    Ok(row.try_get::<i64>("", "n")?.max(0) as u64)
+}
+
+/// The process's resident set, in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Drain {
+    rate: f64,
+    retained_stopped: u64,
+    retained_after: u64,
+    rss: (f64, f64, f64),
+}
+
+/// Seeds `n` events with the relay stopped, then drains them to the no-op sink.
+async fn drain(db: &BenchDb, slot: &str, n: u64) -> Result<Drain> {
+    let sink = Sink::default();
+    let relay = LogRelay::builder(db.pool(2).await?, sink.clone())
+        .config(config(slot))
+        .build()?;
+    relay.prepare().await?;
+    relay.drain().await?; // start from an empty slot
+    seed(db, n).await?;
+    let retained_stopped = retained(&db.db, slot).await?;
+    let peak = Arc::new(Mutex::new((rss_mib(), rss_mib())));
+    let stop = CancellationToken::new();
+    let sampler = tokio::spawn({
+        let (peak, stop) = (peak.clone(), stop.clone());
+        async move {
+            while !stop.is_cancelled() {
+                if let Ok(mut p) = peak.lock() {
+                    p.1 = p.1.max(rss_mib());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let before = sink.delivered();
+    let start = Instant::now();
+    relay.drain().await?;
+    let elapsed = start.elapsed();
+    stop.cancel();
+    sampler.await?;
+    anyhow::ensure!(
+        sink.delivered() - before == n,
+        "the log relay delivered {} of {n}",
+        sink.delivered() - before
+    );
+    let retained_after = retained(&db.db, slot).await?;
+    let (start_rss, peak_rss) = *peak.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    Ok(Drain {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        retained_stopped,
+        retained_after,
+        rss: (start_rss, peak_rss, rss_mib()),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// (p50, p99, max) commit → publish in ms at 1,000 ev/s from 4 writers, one event per
+/// transaction, after a one-second warm-up.
+async fn latency(db: &BenchDb, slot: &str, secs: u64) -> Result<(f64, f64, f64)> {
+    const RATE: u64 = 1000;
+    const PRODUCERS: u64 = 4;
+    let sink = Sink::timed();
+    let relay = LogRelay::builder(db.pool(2).await?, sink.clone())
+        .config(config(slot))
+        .build()?;
+    relay.prepare().await?;
+    relay.drain().await?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let commits: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
+    let warm = RATE / PRODUCERS;
+    let total = RATE * secs;
+    let conn = db.pool(PRODUCERS as u32 + 1).await?;
+    let mut producers = Vec::new();
+    for p in 0..PRODUCERS {
+        let (conn, commits) = (conn.clone(), commits.clone());
+        producers.push(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_micros(1_000_000 * PRODUCERS / RATE));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for i in 0..warm + total / PRODUCERS {
+                tick.tick().await;
+                let txn = conn.begin().await?;
+                let id = Outbox::new(&txn).emit(event(p * 1_000_000 + i)).await?;
+                txn.commit().await?;
+                if i >= warm {
+                    commits
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .insert(id, Instant::now());
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for p in producers {
+        p.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.delivered() < total + warm * PRODUCERS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    task.await?;
+    let arrivals = sink
+        .arrivals
+        .as_ref()
+        .map(|a| a.lock().map(|a| a.clone()))
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .unwrap_or_default();
+    let commits = commits.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut lat: Vec<f64> = commits
+        .iter()
+        .filter_map(|(id, c)| {
+            arrivals
+                .get(id)
+                .map(|a| a.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    anyhow::ensure!(
+        lat.len() as u64 == total,
+        "only {} of {total} arrived",
+        lat.len()
+    );
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    Ok((pct(0.5), pct(0.99), lat[lat.len() - 1]))
+}
+
+pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -> Result<()> {
+    // fsync on (the test servers turn it off), as on the shared server the other sections use.
+    let server = match std::env::var("OUTBOX_BENCH_LOGICAL_URL") {
+        Ok(_) => None,
+        Err(_) => Some(pg_server::PgServer::start_with(&[
+            "wal_level=logical",
+            "fsync=on",
+            "max_replication_slots=8",
+        ])),
+    };
+    let url = match &server {
+        Some(s) => s.url(),
+        None => std::env::var("OUTBOX_BENCH_LOGICAL_URL")?,
+    };
+    let db = BenchDb::new_at(Kind::Postgres, url).await?;
+    let slot = format!("bench_{}", std::process::id());
+
+    crate::write_path::log_section(&db, sizes.write_secs, rows).await?;
+
+    let n = sizes.drain;
+    let (mut log, mut minimal) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for _ in 0..repeat {
+        let d = drain(&db, &slot, n).await?;
+        eprintln!(
+            "log relay drain of {n}: {:.0} ev/s; WAL retained while stopped {} B, after {} B",
+            d.rate, d.retained_stopped, d.retained_after
+        );
+        log.push(d.rate);
+        last = Some(d);
+        let m = throughput::minimal(&db, 1, n, Workload::PerEvent).await?;
+        eprintln!("minimal loop drain of {n}: {:.0} ev/s", m.rate);
+        minimal.push(m.rate);
+    }
+    let (log, minimal) = (median(log), median(minimal));
+    rows.push(Row {
+        section: "log relay",
+        name: format!("drain {n} message-mode events to the no-op sink (one relay)"),
+        value: log,
+        unit: "ev/s",
+        baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
+        target: Some(Target::RatioAtLeast(1.5)),
+    });
+    if let Some(d) = last {
+        rows.push(Row {
+            section: "log relay",
+            name: format!("WAL the slot retains with the relay stopped for {n} events"),
+            value: d.retained_stopped as f64 / 1_048_576.0,
+            unit: "MiB",
+            baseline: None,
+            target: None,
+        });
+        rows.push(Row {
+            section: "log relay",
+            name: "WAL the slot retains right after the drain".into(),
+            value: d.retained_after as f64 / 1_048_576.0,
+            unit: "MiB",
+            baseline: None,
+            target: None,
+        });
+    }
+
+    let big = sizes.backlog;
+    let d = drain(&db, &slot, big).await?;
+    let (start, peak, end) = d.rss;
+    eprintln!(
+        "log relay drain of {big}: {:.0} ev/s; RSS {start:.0} → peak {peak:.0} → {end:.0} MiB",
+        d.rate
+    );
+    rows.push(Row {
+        section: "log relay",
+        name: format!("bench process RSS draining {big} (start {start:.0} MiB, end {end:.0} MiB)"),
+        value: peak,
+        unit: "MiB peak",
+        baseline: Some(("RSS before the drain".into(), start)),
+        target: None,
+    });
+
+    let (p50, p99, max) = latency(&db, &slot, sizes.latency_secs).await?;
+    eprintln!("log relay latency: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms");
+    rows.push(Row {
+        section: "log relay",
+        name: format!("commit→publish p99 at 1,000 ev/s (p50 {p50:.2}, max {max:.1})"),
+        value: p99,
+        unit: "ms",
+        baseline: None,
+        target: Some(Target::AtMost(5.0)),
+    });
+    db.exec(&format!(
+        "SELECT pg_drop_replication_slot('{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    ))
+    .await?;
+    db.drop().await?;
+    drop(server);
+    Ok(())
+}

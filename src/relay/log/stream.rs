@@ -1,0 +1,231 @@
+//! [`Transport::Stream`](super::Transport::Stream): the slot streamed over the replication
+//! protocol by pgwire-replication, on a connection of its own.
+//!
+//! Changes arrive as the server decodes them, once. Whole transactions that have arrived are
+//! delivered together; the settled position is reported back (every `confirm_interval`), and
+//! written to the slot with `pg_replication_slot_advance` when the stream ends, so a graceful
+//! stop or hand-over sends nothing twice.
+
+use futures_util::FutureExt;
+use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{LogRelay, LogRelayStats, Session};
+use crate::error::{Error, Result};
+use crate::publisher::Publisher;
+use crate::store::{self, Lsn, Record, logical};
+
+/// PostgreSQL's timestamps: microseconds since 2000-01-01 UTC.
+fn pg_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    chrono::DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH_MICROS))
+        .unwrap_or_else(crate::event::now)
+}
+
+impl<P: Publisher> LogRelay<P> {
+    fn stream_error(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::LogRelay {
+            slot: self.config.slot.clone(),
+            reason: format!("replication stream {what}: {e}"),
+        }
+    }
+
+    /// The replication connection's settings: from `replication_url`, or the pool's.
+    fn replication_config(&self) -> Result<ReplicationConfig> {
+        let c = &self.config;
+        let (host, port, user, password, database, tls) = match &c.replication_url {
+            Some(u) => {
+                let url = url::Url::parse(u)
+                    .map_err(|e| Error::Config(format!("replication_url: {e}")))?;
+                let decode = |s: &str| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                };
+                let query = |k: &str| {
+                    url.query_pairs()
+                        .find(|(key, _)| key == k)
+                        .map(|(_, v)| v.into_owned())
+                };
+                let tls = match query("sslmode").as_deref() {
+                    None | Some("disable" | "prefer" | "allow") => {
+                        pgwire_replication::TlsConfig::disabled()
+                    }
+                    Some("verify-ca") => pgwire_replication::TlsConfig::verify_ca(None),
+                    Some("verify-full") => pgwire_replication::TlsConfig::verify_full(None),
+                    Some(_) => pgwire_replication::TlsConfig::require(),
+                };
+                (
+                    url.host_str().unwrap_or("127.0.0.1").to_owned(),
+                    url.port().unwrap_or(5432),
+                    decode(url.username()),
+                    url.password().map(decode).unwrap_or_default(),
+                    decode(url.path().trim_start_matches('/')),
+                    tls,
+                )
+            }
+            None => {
+                let pool = store::pg_pool(&self.db)
+                    .ok_or_else(|| Error::Config("the log relay needs a PostgreSQL pool".into()))?;
+                let o = pool.connect_options();
+                let host = match o.get_socket() {
+                    Some(dir) => dir.display().to_string(),
+                    None => o.get_host().to_owned(),
+                };
+                (
+                    host,
+                    o.get_port(),
+                    o.get_username().to_owned(),
+                    std::env::var("PGPASSWORD").unwrap_or_default(),
+                    o.get_database().unwrap_or("postgres").to_owned(),
+                    pgwire_replication::TlsConfig::disabled(),
+                )
+            }
+        };
+        let cfg = ReplicationConfig::new(
+            host,
+            user,
+            password,
+            database,
+            c.slot.clone(),
+            format!("\"{}\"", c.publication.replace('"', "\"\"")),
+        )
+        .with_port(port)
+        .with_tls(tls)
+        .with_start_lsn(WireLsn::ZERO)
+        .with_status_interval(c.confirm_interval)
+        .with_wakeup_interval(c.heartbeat_interval)
+        .with_application_name(self.name.clone());
+        Ok(cfg)
+    }
+
+    /// Streams until `cancel` (or, with `until`, once everything before it is confirmed).
+    pub(super) async fn stream(
+        &self,
+        s: &mut Session,
+        cancel: &CancellationToken,
+        stats: &mut LogRelayStats,
+        until: Option<Lsn>,
+    ) -> Result<()> {
+        let mut client = ReplicationClient::connect(self.replication_config()?)
+            .await
+            .map_err(|e| self.stream_error("could not connect", e))?;
+        let result = self.pump(&mut client, s, cancel, stats, until).await;
+        client.stop();
+        let _ = client.shutdown().await;
+        // The stream's last report may not have reached the server: write the position to
+        // the slot itself, now that the stream no longer holds it.
+        let stored = logical::confirmed_lsn(&mut s.conn, &self.config.slot).await?;
+        if s.confirmed > stored {
+            logical::advance(&mut s.conn, &self.config.slot, s.confirmed).await?;
+        }
+        result
+    }
+
+    async fn pump(
+        &self,
+        client: &mut ReplicationClient,
+        s: &mut Session,
+        cancel: &CancellationToken,
+        stats: &mut LogRelayStats,
+        until: Option<Lsn>,
+    ) -> Result<()> {
+        let c = &self.config;
+        // The server's position as of its last keepalive: everything before it was sent.
+        let mut sent_upto: Lsn = 0;
+        loop {
+            self.touch();
+            if let Some(until) = until
+                && s.confirmed >= until
+            {
+                return Ok(());
+            }
+            let beat_at = s.last_event + c.heartbeat_interval;
+            let first = tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                ev = client.recv() => ev,
+                () = tokio::time::sleep_until(beat_at) => {
+                    self.beat(s, stats).await?;
+                    self.record_lag(s, sent_upto.max(s.confirmed)).await;
+                    continue;
+                }
+            };
+            let mut next = Some(first);
+            // Take what has already arrived, up to `max_changes` events, as one read.
+            while let Some(ev) = next.take() {
+                match ev.map_err(|e| self.stream_error("failed", e))? {
+                    None => return Err(self.stream_error("ended", "the server closed it")),
+                    Some(ev) => self.record(s, ev, &mut sent_upto),
+                }
+                if s.asm.events() >= c.max_changes as usize {
+                    break;
+                }
+                next = client.recv().now_or_never();
+            }
+            if !s.asm.is_empty() {
+                let read = s.asm.take();
+                let settled = self.settle(s, read, cancel, stats, until.is_some()).await?;
+                if let Some(t) = settled.target
+                    && t > s.confirmed
+                {
+                    client.update_applied_lsn(WireLsn::from_u64(t));
+                    s.confirmed = t;
+                }
+                if settled.stopped {
+                    return Ok(());
+                }
+            }
+            // Caught up between transactions: everything the server sent is settled.
+            if !s.asm.in_transaction() && sent_upto > s.confirmed {
+                client.update_applied_lsn(WireLsn::from_u64(sent_upto));
+                s.confirmed = sent_upto;
+            }
+            if Instant::now() >= s.next_metrics {
+                self.record_lag(s, sent_upto.max(s.confirmed)).await;
+            }
+        }
+    }
+
+    fn record(&self, s: &mut Session, ev: ReplicationEvent, sent_upto: &mut Lsn) {
+        match ev {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => s.asm.push(
+                0,
+                Record::Begin {
+                    commit_at: pg_time(commit_time_micros),
+                },
+                &[],
+            ),
+            ReplicationEvent::Commit { end_lsn, .. } => s.asm.push(
+                0,
+                Record::Commit {
+                    end_lsn: end_lsn.as_u64(),
+                },
+                &[],
+            ),
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => s.asm.push(
+                lsn.as_u64(),
+                Record::Message {
+                    transactional,
+                    prefix,
+                    content: content.to_vec(),
+                },
+                &[],
+            ),
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => s.asm.push_raw(wal_start.as_u64(), &data),
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                *sent_upto = (*sent_upto).max(wal_end.as_u64());
+            }
+            _ => {}
+        }
+    }
+}
