@@ -632,19 +632,15 @@ async fn a_broker_outage_holds_the_slot_and_spends_nothing(transport: Transport)
 async fn a_standby_takes_over_when_the_leader_dies(transport: Transport) {
     let l = LogDb::new(transport).await;
     let (a, b) = (InMemoryPublisher::new(), InMemoryPublisher::new());
-    let leader = l.relay(a.clone(), l.config()).await;
+    let leader = Arc::new(l.relay(a.clone(), l.config()).await);
     let standby = Arc::new(l.relay(b.clone(), l.config()).await);
     let stop = CancellationToken::new();
     let leader_task = tokio::spawn({
-        let stop = stop.clone();
+        let (leader, stop) = (leader.clone(), stop.clone());
         async move { leader.run(stop).await }
     });
     wait_until(Duration::from_secs(5), "a leader", || async {
-        l.scalar(&format!(
-            "SELECT count(*)::int8 AS n FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        ))
-        .await
-            >= 1
+        leader.role() == LogRole::Leader
     })
     .await;
     let standby_task = tokio::spawn({
@@ -791,6 +787,13 @@ async fn jetstream(mode_table: bool) {
             "JetStream did not get every event"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if mode_table {
+        // Rows are marked once the broker has acknowledged them.
+        wait_until(Duration::from_secs(10), "the rows marked published", || async {
+            Outbox::new(l.db()).count_unpublished().await.expect("count") == 0
+        })
+        .await;
     }
     stop.cancel();
     task.await.expect("relay");

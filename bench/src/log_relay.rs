@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
-use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig};
+use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig, Transport};
 use seaorm_outbox::{NewEvent, Outbox};
 use tokio_util::sync::CancellationToken;
 
@@ -26,8 +26,9 @@ mod pg_server;
 /// Events per seeding transaction.
 const SEED_TXN: u64 = 100;
 
-fn config(slot: &str) -> LogRelayConfig {
+fn config(slot: &str, transport: Transport) -> LogRelayConfig {
     LogRelayConfig::default()
+        .transport(transport)
         .slot(slot)
         .publication(slot)
         .metrics_interval(None)
@@ -104,10 +105,10 @@ struct Drain {
 }
 
 /// Seeds `n` events with the relay stopped, then drains them to the no-op sink.
-async fn drain(db: &BenchDb, slot: &str, n: u64) -> Result<Drain> {
+async fn drain(db: &BenchDb, slot: &str, n: u64, transport: Transport) -> Result<Drain> {
     let sink = Sink::default();
     let relay = LogRelay::builder(db.pool(2).await?, sink.clone())
-        .config(config(slot))
+        .config(config(slot, transport))
         .build()?;
     relay.prepare().await?;
     relay.drain().await?; // start from an empty slot
@@ -154,12 +155,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// (p50, p99, max) commit → publish in ms at 1,000 ev/s from 4 writers, one event per
 /// transaction, after a one-second warm-up.
-async fn latency(db: &BenchDb, slot: &str, secs: u64) -> Result<(f64, f64, f64)> {
+async fn latency(
+    db: &BenchDb,
+    slot: &str,
+    secs: u64,
+    transport: Transport,
+) -> Result<(f64, f64, f64)> {
     const RATE: u64 = 1000;
     const PRODUCERS: u64 = 4;
     let sink = Sink::timed();
     let relay = LogRelay::builder(db.pool(2).await?, sink.clone())
-        .config(config(slot))
+        .config(config(slot, transport))
         .build()?;
     relay.prepare().await?;
     relay.drain().await?;
@@ -249,28 +255,39 @@ pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -
     crate::write_path::log_section(&db, sizes.write_secs, rows).await?;
 
     let n = sizes.drain;
-    let (mut log, mut minimal) = (Vec::new(), Vec::new());
+    let (mut log, mut sql, mut minimal) = (Vec::new(), Vec::new(), Vec::new());
     let mut last = None;
     for _ in 0..repeat {
-        let d = drain(&db, &slot, n).await?;
+        let d = drain(&db, &slot, n, Transport::Stream).await?;
         eprintln!(
-            "log relay drain of {n}: {:.0} ev/s; WAL retained while stopped {} B, after {} B",
+            "log relay (stream) drain of {n}: {:.0} ev/s; WAL retained while stopped {} B, after {} B",
             d.rate, d.retained_stopped, d.retained_after
         );
         log.push(d.rate);
         last = Some(d);
+        let q = drain(&db, &slot, n, Transport::Sql).await?;
+        eprintln!("log relay (sql) drain of {n}: {:.0} ev/s", q.rate);
+        sql.push(q.rate);
         let m = throughput::minimal(&db, 1, n, Workload::PerEvent).await?;
         eprintln!("minimal loop drain of {n}: {:.0} ev/s", m.rate);
         minimal.push(m.rate);
     }
-    let (log, minimal) = (median(log), median(minimal));
+    let (log, sql, minimal) = (median(log), median(sql), median(minimal));
     rows.push(Row {
         section: "log relay",
-        name: format!("drain {n} message-mode events to the no-op sink (one relay)"),
+        name: format!("drain {n} message-mode events to the no-op sink (one relay, stream)"),
         value: log,
         unit: "ev/s",
         baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
         target: Some(Target::RatioAtLeast(1.5)),
+    });
+    rows.push(Row {
+        section: "log relay",
+        name: format!("drain {n} message-mode events, Transport::Sql (peek + advance)"),
+        value: sql,
+        unit: "ev/s",
+        baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
+        target: None,
     });
     if let Some(d) = last {
         rows.push(Row {
@@ -292,7 +309,7 @@ pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -
     }
 
     let big = sizes.backlog;
-    let d = drain(&db, &slot, big).await?;
+    let d = drain(&db, &slot, big, Transport::Stream).await?;
     let (start, peak, end) = d.rss;
     eprintln!(
         "log relay drain of {big}: {:.0} ev/s; RSS {start:.0} → peak {peak:.0} → {end:.0} MiB",
@@ -300,21 +317,26 @@ pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -
     );
     rows.push(Row {
         section: "log relay",
-        name: format!("bench process RSS draining {big} (start {start:.0} MiB, end {end:.0} MiB)"),
+        name: format!(
+            "bench process RSS draining {big} at {:.0} ev/s (start {start:.0} MiB, end {end:.0} MiB)",
+            d.rate
+        ),
         value: peak,
         unit: "MiB peak",
         baseline: Some(("RSS before the drain".into(), start)),
         target: None,
     });
 
-    let (p50, p99, max) = latency(&db, &slot, sizes.latency_secs).await?;
-    eprintln!("log relay latency: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms");
+    let (p50, p99, max) = latency(&db, &slot, sizes.latency_secs, Transport::Stream).await?;
+    eprintln!("log relay (stream) latency: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms");
+    let (q50, q99, qmax) = latency(&db, &slot, sizes.latency_secs, Transport::Sql).await?;
+    eprintln!("log relay (sql) latency: p50 {q50:.2} ms p99 {q99:.2} ms max {qmax:.2} ms");
     rows.push(Row {
         section: "log relay",
-        name: format!("commit→publish p99 at 1,000 ev/s (p50 {p50:.2}, max {max:.1})"),
+        name: format!("commit→publish p99 at 1,000 ev/s, stream (p50 {p50:.2}, max {max:.1})"),
         value: p99,
         unit: "ms",
-        baseline: None,
+        baseline: Some((format!("Transport::Sql p99 (p50 {q50:.1})"), q99)),
         target: Some(Target::AtMost(5.0)),
     });
     db.exec(&format!(

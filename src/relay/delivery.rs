@@ -288,6 +288,39 @@ pub(crate) fn next_share(
     }
 }
 
+/// One publisher call, bounded by `timeout`. `None` when the relay is stopping and the call did
+/// not finish within `grace`: the events' fate is unknown. A call that failed as a whole or
+/// timed out found the publisher unavailable; one that returned the wrong number of outcomes is
+/// a publisher bug, retried (it must not stall the relay for good).
+pub(super) async fn call_publisher<P: Publisher>(
+    publisher: &P,
+    events: &[OutboxEvent],
+    timeout: std::time::Duration,
+    grace: std::time::Duration,
+    cancel: &CancellationToken,
+) -> Option<Vec<PublishOutcome>> {
+    let call = tokio::time::timeout(timeout, publisher.publish(events));
+    tokio::pin!(call);
+    let result = tokio::select! {
+        r = &mut call => r,
+        () = cancel.cancelled() => tokio::time::timeout(grace, call).await.ok()?,
+    };
+    let all = |o: PublishOutcome| vec![o; events.len()];
+    Some(match result {
+        Ok(Ok(outcomes)) if outcomes.len() == events.len() => outcomes,
+        Ok(Ok(outcomes)) => all(PublishOutcome::Retry(format!(
+            "publisher `{}` returned {} outcomes for {} events",
+            publisher.name(),
+            outcomes.len(),
+            events.len()
+        ))),
+        Ok(Err(e)) => all(PublishOutcome::Unavailable(e.to_string())),
+        Err(_) => all(PublishOutcome::Unavailable(format!(
+            "publish timed out after {timeout:?}"
+        ))),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,37 +374,4 @@ mod tests {
         ];
         assert_eq!(got, want);
     }
-}
-
-/// One publisher call, bounded by `timeout`. `None` when the relay is stopping and the call did
-/// not finish within `grace`: the events' fate is unknown. A call that failed as a whole or
-/// timed out found the publisher unavailable; one that returned the wrong number of outcomes is
-/// a publisher bug, retried (it must not stall the relay for good).
-pub(super) async fn call_publisher<P: Publisher>(
-    publisher: &P,
-    events: &[OutboxEvent],
-    timeout: std::time::Duration,
-    grace: std::time::Duration,
-    cancel: &CancellationToken,
-) -> Option<Vec<PublishOutcome>> {
-    let call = tokio::time::timeout(timeout, publisher.publish(events));
-    tokio::pin!(call);
-    let result = tokio::select! {
-        r = &mut call => r,
-        () = cancel.cancelled() => tokio::time::timeout(grace, call).await.ok()?,
-    };
-    let all = |o: PublishOutcome| vec![o; events.len()];
-    Some(match result {
-        Ok(Ok(outcomes)) if outcomes.len() == events.len() => outcomes,
-        Ok(Ok(outcomes)) => all(PublishOutcome::Retry(format!(
-            "publisher `{}` returned {} outcomes for {} events",
-            publisher.name(),
-            outcomes.len(),
-            events.len()
-        ))),
-        Ok(Err(e)) => all(PublishOutcome::Unavailable(e.to_string())),
-        Err(_) => all(PublishOutcome::Unavailable(format!(
-            "publish timed out after {timeout:?}"
-        ))),
-    })
 }

@@ -13,7 +13,8 @@
 //! | [`write_back`] | a batch's outcomes written back, one statement per kind |
 //! | [`heartbeats`] | each running relay's row in `outbox_relays` |
 //! | [`inbox`] | the consumer side: `inbox_messages` and `inbox_dead_letters` |
-//! | [`logical`] | message mode's write; the log relay's slot, publication, peek, advance, dead letters |
+//! | [`logical`] | message mode's write; the log relay's slot, publication, peek, advance |
+//! | [`log_dead_letters`] | the log relay's dead letters |
 //! | [`pgoutput`] | decoding the records a logical slot returns |
 //! | [`postgres`] | batch lease rows, the claim cursor's scan, the sqlx row decoder |
 //! | [`mysql`] | `FOR UPDATE SKIP LOCKED` row leases, `DELETE … LIMIT` |
@@ -26,6 +27,8 @@
 mod claim;
 mod heartbeats;
 pub(crate) mod inbox;
+#[cfg(feature = "postgres")]
+pub(crate) mod log_dead_letters;
 #[cfg(feature = "postgres")]
 pub(crate) mod logical;
 mod mysql;
@@ -48,7 +51,9 @@ pub(crate) use claim::{Claim, Claimed, DueKey};
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
 pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 #[cfg(feature = "postgres")]
-pub use logical::{LogDeadLetter, SlotStatus};
+pub use log_dead_letters::LogDeadLetter;
+#[cfg(feature = "postgres")]
+pub use logical::SlotStatus;
 #[cfg(feature = "postgres")]
 pub(crate) use pgoutput::{Lsn, Record, decode as decode_pgoutput};
 pub(crate) use portable::{

@@ -110,20 +110,34 @@ pub(crate) fn inbox_lag(consumer: &str, messages: u64) {
 
 /// The log relay's counts for one publisher call, per event type of the events it settled.
 pub(crate) fn log_settled(publisher: &str, kind: LogKind, events: &[OutboxEvent]) {
+    if events.is_empty() {
+        return;
+    }
     let name = match kind {
         LogKind::Published => names::PUBLISHED,
         LogKind::Retried => names::RETRIED,
         LogKind::DeadLettered => names::DEAD_LETTERED,
     };
-    let now = chrono::Utc::now();
+    // A call has few event types: count per type, then one increment each.
+    let mut by_type: Vec<(&str, u64)> = Vec::new();
     for e in events {
-        ::metrics::counter!(name, "publisher" => publisher.to_owned(), "event_type" => e.event_type.clone())
-            .increment(1);
-        if kind == LogKind::Published
-            && let Ok(d) = (now - e.created_at).to_std()
-        {
-            ::metrics::histogram!(names::COMMIT_TO_ACK, "publisher" => publisher.to_owned())
-                .record(d.as_secs_f64());
+        match by_type.iter_mut().find(|(t, _)| *t == e.event_type) {
+            Some((_, n)) => *n += 1,
+            None => by_type.push((&e.event_type, 1)),
+        }
+    }
+    for (event_type, n) in by_type {
+        ::metrics::counter!(name, "publisher" => publisher.to_owned(), "event_type" => event_type.to_owned())
+            .increment(n);
+    }
+    if kind == LogKind::Published {
+        let latency =
+            ::metrics::histogram!(names::COMMIT_TO_ACK, "publisher" => publisher.to_owned());
+        let now = chrono::Utc::now();
+        for e in events {
+            if let Ok(d) = (now - e.created_at).to_std() {
+                latency.record(d.as_secs_f64());
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::repository::MESSAGE_PREFIX;
-use crate::store::{self, LogDeadLetter, logical};
+use crate::store::{self, LogDeadLetter, log_dead_letters};
 
 /// The log relay's dead letters, in `outbox_log_dead_letters`: events the broker rejected (or
 /// refused until their last attempt), and records the relay could not read.
@@ -52,17 +52,17 @@ impl<'c, C: ConnectionTrait> LogDeadLetters<'c, C> {
     /// [`Error::LimitTooLarge`].
     pub async fn list(&self, limit: u64, offset: u64) -> Result<Vec<LogDeadLetter>> {
         store::check_page(limit)?;
-        logical::dead_letters(self.db, limit, offset).await
+        log_dead_letters::dead_letters(self.db, limit, offset).await
     }
 
     /// How many there are.
     pub async fn count(&self) -> Result<u64> {
-        logical::count_dead_letters(self.db).await
+        log_dead_letters::count_dead_letters(self.db).await
     }
 
     /// Deletes one; an unknown id is [`Error::NotFound`].
     pub async fn discard(&self, id: Uuid) -> Result<()> {
-        if logical::discard_dead_letter(self.db, id).await? {
+        if log_dead_letters::discard_dead_letter(self.db, id).await? {
             Ok(())
         } else {
             Err(Error::NotFound { id })
@@ -74,12 +74,12 @@ impl<C: ConnectionTrait + TransactionTrait> LogDeadLetters<'_, C> {
     /// Sends one back through the log. [`Error::NotFound`] for an unknown id;
     /// [`Error::CorruptRow`] for a record that was never readable.
     pub async fn replay(&self, id: Uuid) -> Result<()> {
-        logical::replay_dead_letters(self.db, &self.prefix, Some(id)).await?;
+        log_dead_letters::replay_dead_letters(self.db, &self.prefix, Some(id)).await?;
         Ok(())
     }
 
     /// Sends every readable one back through the log, oldest first; how many.
     pub async fn replay_all(&self) -> Result<u64> {
-        logical::replay_dead_letters(self.db, &self.prefix, None).await
+        log_dead_letters::replay_dead_letters(self.db, &self.prefix, None).await
     }
 }

@@ -19,7 +19,7 @@ use crate::publisher::{PublishOutcome, Publisher};
 use crate::relay::breaker::Permit;
 use crate::relay::delivery::call_publisher;
 use crate::relay::lock;
-use crate::store::logical::LogDeadLetter;
+use crate::store::LogDeadLetter;
 use crate::store::truncate_error;
 use crate::telemetry::metrics::{self, LogKind};
 

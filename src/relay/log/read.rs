@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::event::{OutboxEvent, now};
-use crate::store::logical::{LogDeadLetter, event_from_row};
+use crate::store::LogDeadLetter;
+use crate::store::logical::event_from_row;
 use crate::store::{Lsn, Record};
 
 /// An event of a read, with the transaction it came in.
