@@ -273,18 +273,31 @@ pub(crate) struct Envelope {
 /// The envelope version this library writes and reads.
 pub(crate) const ENVELOPE_VERSION: u32 = 1;
 
+/// [`Envelope`] borrowed from a validated event, to serialise without copying it.
+#[derive(serde::Serialize)]
+struct EnvelopeRef<'a> {
+    v: u32,
+    id: Uuid,
+    event_type: &'a str,
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    payload: &'a Value,
+    /// A map of strings: validated.
+    headers: &'a Value,
+    occurred_at: DateTime<Utc>,
+}
+
 impl ValidEvent {
     /// The event as the JSON text that message mode writes.
     pub(crate) fn to_envelope(&self) -> Result<String, InvalidEvent> {
-        let headers = headers_from_json(self.headers.clone())?;
-        let e = Envelope {
+        let e = EnvelopeRef {
             v: ENVELOPE_VERSION,
             id: self.id,
-            event_type: self.event_type.clone(),
-            aggregate_type: self.aggregate_type.clone(),
-            aggregate_id: self.aggregate_id.clone(),
-            payload: self.payload.clone(),
-            headers,
+            event_type: &self.event_type,
+            aggregate_type: &self.aggregate_type,
+            aggregate_id: &self.aggregate_id,
+            payload: &self.payload,
+            headers: &self.headers,
             occurred_at: self.occurred_at,
         };
         serde_json::to_string(&e).map_err(InvalidEvent::Payload)

@@ -19,7 +19,8 @@
 //! telemetry    metrics the relay records; trace context the repository captures
 //! repository   the OutboxRepository contract on any ConnectionTrait
 //! inbox        the consumer side: the inbox record, consumers for each broker
-//! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config
+//! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config;
+//!              relay::log reads a logical replication slot instead
 //! ```
 //!
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
@@ -31,7 +32,8 @@
 //! * [`publisher`]: the [`Publisher`] trait the relay delivers through, with an in-memory and a
 //!   logging publisher and, behind features, Kafka, NATS JetStream, RabbitMQ and Redis Streams.
 //! * [`relay`]: the [`Relay`]: claim under a lease, publish, write back, retry with backoff,
-//!   dead-letter, keep per-aggregate order, purge old rows.
+//!   dead-letter, keep per-aggregate order, purge old rows. On PostgreSQL (feature `postgres`)
+//!   `relay::log` reads events from the write-ahead log instead, in commit order.
 //! * [`inbox`]: the consumer side. [`inbox::Inbox::record`] deduplicates a message inside the
 //!   consumer's transaction; [`inbox::Consumer`] runs a handler per message from a broker
 //!   source, committing before it acknowledges.

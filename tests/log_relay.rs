@@ -790,9 +790,17 @@ async fn jetstream(mode_table: bool) {
     }
     if mode_table {
         // Rows are marked once the broker has acknowledged them.
-        wait_until(Duration::from_secs(10), "the rows marked published", || async {
-            Outbox::new(l.db()).count_unpublished().await.expect("count") == 0
-        })
+        wait_until(
+            Duration::from_secs(10),
+            "the rows marked published",
+            || async {
+                Outbox::new(l.db())
+                    .count_unpublished()
+                    .await
+                    .expect("count")
+                    == 0
+            },
+        )
         .await;
     }
     stop.cancel();

@@ -148,6 +148,28 @@ async fn drain(db: &BenchDb, slot: &str, n: u64, transport: Transport) -> Result
     })
 }
 
+/// With the relay running again after a drain (heartbeat every second): how long until the
+/// slot's retained WAL is under 16 MiB, and how much it then is.
+async fn released(db: &BenchDb, slot: &str, limit: Duration) -> Result<(f64, u64)> {
+    let relay = LogRelay::builder(db.pool(2).await?, Sink::default())
+        .config(config(slot, Transport::Stream).heartbeat_interval(Duration::from_secs(1)))
+        .build()?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let start = Instant::now();
+    let mut now = retained(&db.db, slot).await?;
+    while now >= 16 << 20 && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        now = retained(&db.db, slot).await?;
+    }
+    stop.cancel();
+    task.await?;
+    Ok((start.elapsed().as_secs_f64(), now))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -174,6 +196,16 @@ async fn latency(
         let stop = stop.clone();
         async move { relay.run(stop).await }
     });
+    // Steady state: a started stream first decodes from the slot's restart position (what
+    // `released` measures), so wait for one event to come through.
+    let probe = db.pool(1).await?;
+    let txn = probe.begin().await?;
+    Outbox::new(&txn).emit(event(u64::MAX / 2)).await?;
+    txn.commit().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.delivered() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let commits: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
     let warm = RATE / PRODUCERS;
     let total = RATE * secs;
@@ -204,7 +236,7 @@ async fn latency(
         p.await??;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.delivered() < total + warm * PRODUCERS && Instant::now() < deadline {
+    while sink.delivered() < 1 + total + warm * PRODUCERS && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.cancel();
@@ -273,6 +305,13 @@ pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -
         minimal.push(m.rate);
     }
     let (log, sql, minimal) = (median(log), median(sql), median(minimal));
+    let (secs, left) = released(
+        &db,
+        &slot,
+        Duration::from_secs(if n > 50_000 { 45 } else { 5 }),
+    )
+    .await?;
+    eprintln!("log relay resumed: retained WAL {left} B after {secs:.1} s");
     rows.push(Row {
         section: "log relay",
         name: format!("drain {n} message-mode events to the no-op sink (one relay, stream)"),
@@ -302,6 +341,16 @@ pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -
             section: "log relay",
             name: "WAL the slot retains right after the drain".into(),
             value: d.retained_after as f64 / 1_048_576.0,
+            unit: "MiB",
+            baseline: None,
+            target: None,
+        });
+        rows.push(Row {
+            section: "log relay",
+            name: format!(
+                "WAL the slot retains {secs:.1} s after the relay resumed (heartbeat 1 s)"
+            ),
+            value: left as f64 / 1_048_576.0,
             unit: "MiB",
             baseline: None,
             target: None,

@@ -26,6 +26,9 @@ enum Variant {
     SelectOne,
     /// Message mode: `Outbox::emit`, a transactional logical message and no row.
     Emit,
+    /// The same message written by hand: one prepared `pg_logical_emit_message` with a
+    /// ready-made JSON text, no validation or serialisation (what the library adds, isolated).
+    RawEmit,
 }
 
 const ROUNDS: usize = 5;
@@ -90,6 +93,19 @@ async fn one_tx(db: &BenchDb, conn: &DatabaseConnection, v: Variant, n: i64) -> 
                         .header("correlation-id", "bench"),
                 )
                 .await?;
+        }
+        Variant::RawEmit => {
+            let body = format!(
+                r#"{{"v":1,"id":"{}","event_type":"order.placed","aggregate_type":"order","aggregate_id":"{n}","payload":{},"headers":{{"correlation-id":"bench"}},"occurred_at":"{}"}}"#,
+                Uuid::now_v7(),
+                payload(n),
+                chrono::Utc::now().to_rfc3339()
+            );
+            txn.execute_raw(db.stmt(
+                "SELECT pg_logical_emit_message(true, ?::text, ?::text)",
+                vec!["seaorm_outbox".into(), body.into()],
+            ))
+            .await?;
         }
         Variant::AddEvent => {
             Outbox::new(&txn)
@@ -256,17 +272,19 @@ pub(crate) async fn log_section(db: &BenchDb, secs: f64, rows: &mut Vec<Row>) ->
             Variant::SelectOne,
             Variant::Emit,
             Variant::MinimalInsert,
+            Variant::RawEmit,
         ];
-        let mut results = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        let mut results = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..ROUNDS {
             for (i, &v) in variants.iter().enumerate() {
                 results[i]
                     .push(round(&shared, &conn, v, clients, secs / ROUNDS as f64, &ids).await?);
             }
         }
-        let [domain, select1, emit, minimal] = results.map(median);
+        let [domain, select1, emit, minimal, raw_emit] = results.map(median);
         eprintln!(
-            "log write path x{clients}: domain {domain:.0}/s select1 {select1:.0}/s emit {emit:.0}/s minimal insert {minimal:.0}/s"
+            "log write path x{clients}: domain {domain:.0}/s select1 {select1:.0}/s emit {emit:.0}/s \
+             raw emit {raw_emit:.0}/s minimal insert {minimal:.0}/s"
         );
         let ms = |tps: f64| 1000.0 * clients as f64 / tps;
         let plural = if clients == 1 { "" } else { "s" };
@@ -284,6 +302,16 @@ pub(crate) async fn log_section(db: &BenchDb, secs: f64, rows: &mut Vec<Row>) ->
             value: ms(emit),
             unit: "ms/tx",
             baseline: Some(("domain-only tx".into(), ms(domain))),
+            target: None,
+        });
+        rows.push(Row {
+            section: "log relay",
+            name: format!(
+                "tx with a hand-written pg_logical_emit_message vs SELECT 1, {clients} client{plural}"
+            ),
+            value: ms(raw_emit),
+            unit: "ms/tx",
+            baseline: Some(("same tx with SELECT 1".into(), ms(select1))),
             target: None,
         });
         rows.push(Row {
