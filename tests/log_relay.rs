@@ -558,6 +558,26 @@ async fn rejections_and_unreadable_messages_are_dead_lettered_then_replayed(tran
             .any(|r| r.contains("log dead letters"))
     );
 
+    // The CLI lists them, and refuses to replay the unreadable one, in one line.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_seaorm-outbox"))
+            .env("OUTBOX_DATABASE_URL", l.server.url())
+            .env("OUTBOX_DATABASE_SCHEMA", &l.t.name)
+            .args(args)
+            .output()
+            .expect("seaorm-outbox")
+    };
+    let listed = cli(&["log", "failed", "list", "--json"]);
+    assert!(listed.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(json.as_array().map(Vec::len), Some(3), "{json}");
+    let refused = cli(&["log", "failed", "replay", &unreadable.id.to_string()]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("discard it instead") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     // A record that never was an event cannot be replayed, only discarded.
     assert!(matches!(
         dead.replay(unreadable.id).await,
@@ -575,8 +595,13 @@ async fn rejections_and_unreadable_messages_are_dead_lettered_then_replayed(tran
         again.contains(&poison[0]) && again.contains(&flaky[0]),
         "replayed with their ids"
     );
-    dead.discard(unreadable.id).await.expect("discard");
+    let discarded = cli(&["log", "failed", "discard", &unreadable.id.to_string()]);
+    assert!(discarded.status.success());
     assert_eq!(dead.count().await.expect("count"), 0);
+    assert!(matches!(
+        dead.discard(unreadable.id).await,
+        Err(Error::NotFound { .. })
+    ));
     l.finish().await;
 }
 

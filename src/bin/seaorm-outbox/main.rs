@@ -5,6 +5,8 @@
 //! seaorm-outbox failed list | show ID | replay (ID | --all | --aggregate TYPE:ID) | discard ID
 //! seaorm-outbox purge --published-older-than 7d
 //! seaorm-outbox relay --publisher stdout|kafka|nats|rabbitmq|redis [--http-addr 127.0.0.1:9751]
+//! seaorm-outbox relay --mode log …   (PostgreSQL: read the write-ahead log)
+//! seaorm-outbox log failed list | replay (ID | --all) | discard ID
 //! ```
 //!
 //! The database comes from `--database-url` or `OUTBOX_DATABASE_URL`. Every failure is one line
@@ -13,6 +15,7 @@
 mod commands;
 mod http;
 mod inbox;
+mod log;
 mod relay;
 
 use std::process::ExitCode;
@@ -71,6 +74,9 @@ enum Command {
     /// The consumer side: inbox counts, dead letters and retention.
     #[command(subcommand)]
     Inbox(inbox::InboxCommand),
+    /// The log relay (PostgreSQL): its dead letters.
+    #[command(subcommand)]
+    Log(log::LogCommand),
 }
 
 /// A failure to report: a message and an exit code.
@@ -155,6 +161,7 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Relay(args) => relay::run(db().await?, cli.database_url.clone(), *args).await,
         Command::Inbox(cmd) => inbox::run(&db().await?, cmd).await,
+        Command::Log(cmd) => log::run(&db().await?, cmd).await,
     }
 }
 
