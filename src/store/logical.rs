@@ -125,6 +125,18 @@ pub(crate) async fn try_lead(conn: &mut PgConnection, slot: &str) -> Result<bool
         .map_err(sqlx_err)
 }
 
+/// Gives the leader lock up now (closing the connection frees it too, but only once the
+/// server process has exited).
+pub(crate) async fn stop_leading(conn: &mut PgConnection, slot: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(LEADER_LOCK_CLASS)
+        .bind(slot)
+        .execute(&mut *conn)
+        .await
+        .map_err(sqlx_err)?;
+    Ok(())
+}
+
 /// Creates the publication if it is missing; with `table`, makes sure it publishes the outbox
 /// table's inserts (only inserts: the relay's own write-back must not come back to it).
 pub(crate) async fn ensure_publication(
@@ -360,14 +372,37 @@ pub(crate) async fn slots(
 }
 
 /// Table mode's write-back: the delivered rows marked published, or deleted.
+///
+/// A transaction's commit is in the WAL, and so decoded and delivered, a moment before other
+/// sessions see it: a row not found yet is looked for again, for up to a second.
 pub(crate) async fn settle_rows(
     db: &impl ConnectionTrait,
     ids: &[Uuid],
     delete: bool,
 ) -> Result<u64> {
-    if ids.is_empty() {
+    let want = ids.len() as u64;
+    if want == 0 {
         return Ok(0);
     }
+    let mut settled = 0;
+    for _ in 0..100 {
+        settled += settle_once(db, ids, delete).await?;
+        if settled >= want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    if settled < ids.len() as u64 {
+        tracing::warn!(
+            missing = ids.len() as u64 - settled,
+            "outbox rows delivered by the log relay were not found pending to mark \
+             (deleted or marked by someone else?)"
+        );
+    }
+    Ok(settled)
+}
+
+async fn settle_once(db: &impl ConnectionTrait, ids: &[Uuid], delete: bool) -> Result<u64> {
     if !delete {
         return super::portable::mark_published(db, ids, crate::event::now()).await;
     }

@@ -361,7 +361,7 @@ impl<P: Publisher> LogRelay<P> {
                 self.unavailable()?;
             }
         }
-        session.end().await;
+        session.end(&self.config.slot).await;
         Ok(stats)
     }
 

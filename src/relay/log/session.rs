@@ -30,8 +30,9 @@ pub(super) struct Session {
 impl Session {
     /// Ends the session cleanly, so its leader lock is free at once for a standby (a dropped
     /// connection frees it too, once the server notices).
-    pub(super) async fn end(self) {
+    pub(super) async fn end(mut self, slot: &str) {
         use sea_orm::sqlx::Connection as _;
+        let _ = logical::stop_leading(&mut self.conn, slot).await;
         let _ = self.conn.close().await;
     }
 }
@@ -108,7 +109,7 @@ impl<P: Publisher> LogRelay<P> {
         let mut session = self.session(conn).await?;
         if self.config.transport != Transport::Sql {
             self.stream(&mut session, cancel, stats, None).await?;
-            session.end().await;
+            session.end(&self.config.slot).await;
             return Ok(());
         }
         let mut pause = Duration::ZERO;
@@ -131,7 +132,7 @@ impl<P: Publisher> LogRelay<P> {
                 }
             }
         }
-        session.end().await;
+        session.end(&self.config.slot).await;
         Ok(())
     }
 
