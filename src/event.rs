@@ -258,7 +258,7 @@ pub(crate) struct ValidEvent {
 
 /// A message-mode event as written to the log: the event's fields in one JSON object, with a
 /// version so the format can grow.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 pub(crate) struct Envelope {
     pub(crate) v: u32,
     pub(crate) id: Uuid,
@@ -273,17 +273,17 @@ pub(crate) struct Envelope {
 /// The envelope version this library writes and reads.
 pub(crate) const ENVELOPE_VERSION: u32 = 1;
 
-/// [`Envelope`] borrowed from a validated event, to serialise without copying it.
+/// [`Envelope`] borrowed from an event, to serialise without copying it; `H` is a map of
+/// strings (a validated JSON object, or [`Headers`]).
 #[derive(serde::Serialize)]
-struct EnvelopeRef<'a> {
+struct EnvelopeRef<'a, H: Serialize> {
     v: u32,
     id: Uuid,
     event_type: &'a str,
     aggregate_type: &'a str,
     aggregate_id: &'a str,
     payload: &'a Value,
-    /// A map of strings: validated.
-    headers: &'a Value,
+    headers: &'a H,
     occurred_at: DateTime<Utc>,
 }
 
@@ -305,6 +305,20 @@ impl ValidEvent {
 }
 
 impl OutboxEvent {
+    /// The event as message mode writes it (to replay a log dead letter).
+    pub(crate) fn to_envelope(&self) -> serde_json::Result<String> {
+        serde_json::to_string(&EnvelopeRef {
+            v: ENVELOPE_VERSION,
+            id: self.id,
+            event_type: &self.event_type,
+            aggregate_type: &self.aggregate_type,
+            aggregate_id: &self.aggregate_id,
+            payload: &self.payload,
+            headers: &self.headers,
+            occurred_at: self.occurred_at,
+        })
+    }
+
     /// Reads a message-mode envelope back, committed at `created_at`; the reason if it is not
     /// one this library wrote.
     pub(crate) fn from_envelope(content: &[u8], created_at: DateTime<Utc>) -> Result<Self, String> {

@@ -22,23 +22,28 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// (p50, p99, max) commit → publish in ms.
-async fn run(db: &BenchDb, secs: u64, config: RelayConfig) -> Result<(f64, f64, f64)> {
-    db.reset().await?;
-    let sink = Sink::timed();
-    let relay = Relay::builder(db.pool(4).await?, sink.clone())
-        .config(config)
-        .build()?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await; // first poll and LISTEN
+/// How a producer writes its events.
+#[derive(Clone, Copy)]
+pub(crate) enum Write {
+    /// A table row (`add_event`).
+    Row,
+    /// A logical message (`Outbox::emit`).
+    Message,
+}
+
+/// (p50, p99, max) commit → publish in ms of `RATE` events/s from `PRODUCERS` writers for
+/// `secs`, one event per transaction, after a one-second warm-up that is left out (connections
+/// a relay opens on demand cost ~90 ms each here): the steady state. A relay publishing to
+/// `sink` runs already; `before` events were delivered before this began.
+pub(crate) async fn measure(
+    db: &BenchDb,
+    sink: &Sink,
+    secs: u64,
+    write: Write,
+    before: u64,
+) -> Result<(f64, f64, f64)> {
     let commits: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
     let total = RATE * secs;
-    // The first second warms up (connections the relay opens on demand cost ~90 ms each
-    // here) and is left out: the figure is the steady state.
     let warm = RATE / PRODUCERS;
     let mut producers = Vec::new();
     let conn = db.pool(PRODUCERS as u32 + 1).await?;
@@ -51,20 +56,20 @@ async fn run(db: &BenchDb, secs: u64, config: RelayConfig) -> Result<(f64, f64, 
             for i in 0..warm + total / PRODUCERS {
                 tick.tick().await;
                 let txn = conn.begin().await?;
-                let id = Outbox::new(&txn)
-                    .add_event(
-                        NewEvent::new("order.placed", "order", format!("{p}-{i}"))
-                            .json_payload(serde_json::json!({ "i": i })),
-                    )
-                    .await?;
+                let event = NewEvent::new("order.placed", "order", format!("{p}-{i}"))
+                    .json_payload(serde_json::json!({ "i": i }));
+                let outbox = Outbox::new(&txn);
+                let id = match write {
+                    Write::Row => outbox.add_event(event).await?,
+                    Write::Message => outbox.emit(event).await?,
+                };
                 txn.commit().await?;
-                if i < warm {
-                    continue;
+                if i >= warm {
+                    commits
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .insert(id, Instant::now());
                 }
-                commits
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?
-                    .insert(id, Instant::now());
             }
             anyhow::Ok(())
         }));
@@ -73,11 +78,9 @@ async fn run(db: &BenchDb, secs: u64, config: RelayConfig) -> Result<(f64, f64, 
         p.await??;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.delivered() < total + warm * PRODUCERS && Instant::now() < deadline {
+    while sink.delivered() < before + total + warm * PRODUCERS && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop.cancel();
-    task.await?;
     let arrivals = sink
         .arrivals
         .as_ref()
@@ -105,6 +108,25 @@ async fn run(db: &BenchDb, secs: u64, config: RelayConfig) -> Result<(f64, f64, 
         percentile(&lat, 0.99),
         lat[lat.len() - 1],
     ))
+}
+
+/// (p50, p99, max) commit → publish in ms through a polling relay.
+async fn run(db: &BenchDb, secs: u64, config: RelayConfig) -> Result<(f64, f64, f64)> {
+    db.reset().await?;
+    let sink = Sink::timed();
+    let relay = Relay::builder(db.pool(4).await?, sink.clone())
+        .config(config)
+        .build()?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // first poll and LISTEN
+    let result = measure(db, &sink, secs, Write::Row, 0).await;
+    stop.cancel();
+    task.await?;
+    result
 }
 
 pub(crate) async fn section(db: &BenchDb, secs: u64, rows: &mut Vec<Row>) -> Result<()> {

@@ -4,7 +4,6 @@
 //! publish latency at 1,000 ev/s, the relay's RSS over a long drain, and the WAL a stopped
 //! relay's slot retains.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use seaorm_outbox::{NewEvent, Outbox};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{BenchDb, Kind, Workload};
+use crate::latency::Write;
 use crate::report::{Row, Target};
 use crate::sink::Sink;
 use crate::{Sizes, throughput};
@@ -183,8 +183,6 @@ async fn latency(
     secs: u64,
     transport: Transport,
 ) -> Result<(f64, f64, f64)> {
-    const RATE: u64 = 1000;
-    const PRODUCERS: u64 = 4;
     let sink = Sink::timed();
     let relay = LogRelay::builder(db.pool(2).await?, sink.clone())
         .config(config(slot, transport))
@@ -206,65 +204,10 @@ async fn latency(
     while sink.delivered() == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let commits: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
-    let warm = RATE / PRODUCERS;
-    let total = RATE * secs;
-    let conn = db.pool(PRODUCERS as u32 + 1).await?;
-    let mut producers = Vec::new();
-    for p in 0..PRODUCERS {
-        let (conn, commits) = (conn.clone(), commits.clone());
-        producers.push(tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_micros(1_000_000 * PRODUCERS / RATE));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            for i in 0..warm + total / PRODUCERS {
-                tick.tick().await;
-                let txn = conn.begin().await?;
-                let id = Outbox::new(&txn).emit(event(p * 1_000_000 + i)).await?;
-                txn.commit().await?;
-                if i >= warm {
-                    commits
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("poisoned"))?
-                        .insert(id, Instant::now());
-                }
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for p in producers {
-        p.await??;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.delivered() < 1 + total + warm * PRODUCERS && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let result = crate::latency::measure(db, &sink, secs, Write::Message, 1).await;
     stop.cancel();
     task.await?;
-    let arrivals = sink
-        .arrivals
-        .as_ref()
-        .map(|a| a.lock().map(|a| a.clone()))
-        .transpose()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .unwrap_or_default();
-    let commits = commits.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    let mut lat: Vec<f64> = commits
-        .iter()
-        .filter_map(|(id, c)| {
-            arrivals
-                .get(id)
-                .map(|a| a.saturating_duration_since(*c).as_secs_f64() * 1000.0)
-        })
-        .collect();
-    anyhow::ensure!(
-        lat.len() as u64 == total,
-        "only {} of {total} arrived",
-        lat.len()
-    );
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-    Ok((pct(0.5), pct(0.99), lat[lat.len() - 1]))
+    result
 }
 
 pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -> Result<()> {

@@ -211,17 +211,7 @@ pub(crate) async fn replay_dead_letters<C: ConnectionTrait + TransactionTrait>(
                 ),
             });
         };
-        let envelope = crate::event::Envelope {
-            v: crate::event::ENVELOPE_VERSION,
-            id: e.id,
-            event_type: e.event_type,
-            aggregate_type: e.aggregate_type,
-            aggregate_id: e.aggregate_id,
-            payload: e.payload,
-            headers: e.headers,
-            occurred_at: e.occurred_at,
-        };
-        let content = serde_json::to_string(&envelope).map_err(|err| Error::CorruptRow {
+        let content = e.to_envelope().map_err(|err| Error::CorruptRow {
             id: d.id,
             reason: err.to_string(),
         })?;
