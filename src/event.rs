@@ -257,40 +257,27 @@ pub(crate) struct ValidEvent {
 }
 
 /// A message-mode event as written to the log: the event's fields in one JSON object, with a
-/// version so the format can grow.
-#[derive(serde::Deserialize)]
-pub(crate) struct Envelope {
-    pub(crate) v: u32,
-    pub(crate) id: Uuid,
-    pub(crate) event_type: String,
-    pub(crate) aggregate_type: String,
-    pub(crate) aggregate_id: String,
-    pub(crate) payload: Value,
-    pub(crate) headers: Headers,
-    pub(crate) occurred_at: DateTime<Utc>,
+/// version so the format can grow. Written borrowed (`&str`, `&Value`, the headers as a
+/// validated object or [`Headers`]), read back owned.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Envelope<S, P, H> {
+    v: u32,
+    id: Uuid,
+    event_type: S,
+    aggregate_type: S,
+    aggregate_id: S,
+    payload: P,
+    headers: H,
+    occurred_at: DateTime<Utc>,
 }
 
 /// The envelope version this library writes and reads.
-pub(crate) const ENVELOPE_VERSION: u32 = 1;
-
-/// [`Envelope`] borrowed from an event, to serialise without copying it; `H` is a map of
-/// strings (a validated JSON object, or [`Headers`]).
-#[derive(serde::Serialize)]
-struct EnvelopeRef<'a, H: Serialize> {
-    v: u32,
-    id: Uuid,
-    event_type: &'a str,
-    aggregate_type: &'a str,
-    aggregate_id: &'a str,
-    payload: &'a Value,
-    headers: &'a H,
-    occurred_at: DateTime<Utc>,
-}
+const ENVELOPE_VERSION: u32 = 1;
 
 impl ValidEvent {
     /// The event as the JSON text that message mode writes.
     pub(crate) fn to_envelope(&self) -> Result<String, InvalidEvent> {
-        let e = EnvelopeRef {
+        let e = Envelope {
             v: ENVELOPE_VERSION,
             id: self.id,
             event_type: &self.event_type,
@@ -307,7 +294,7 @@ impl ValidEvent {
 impl OutboxEvent {
     /// The event as message mode writes it (to replay a log dead letter).
     pub(crate) fn to_envelope(&self) -> serde_json::Result<String> {
-        serde_json::to_string(&EnvelopeRef {
+        serde_json::to_string(&Envelope {
             v: ENVELOPE_VERSION,
             id: self.id,
             event_type: &self.event_type,
@@ -322,7 +309,7 @@ impl OutboxEvent {
     /// Reads a message-mode envelope back, committed at `created_at`; the reason if it is not
     /// one this library wrote.
     pub(crate) fn from_envelope(content: &[u8], created_at: DateTime<Utc>) -> Result<Self, String> {
-        let e: Envelope =
+        let e: Envelope<String, Value, Headers> =
             serde_json::from_slice(content).map_err(|e| format!("not an outbox envelope: {e}"))?;
         if e.v != ENVELOPE_VERSION {
             return Err(format!(
