@@ -21,6 +21,7 @@
 //! inbox        the consumer side: the inbox record, consumers for each broker
 //! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config;
 //!              relay::log reads a logical replication slot instead
+//! admin        the HTTP API and dashboard an axum app mounts (feature `admin`)
 //! ```
 //!
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
@@ -38,6 +39,8 @@
 //!   consumer's transaction; [`inbox::Consumer`] runs a handler per message from a broker
 //!   source, committing before it acknowledges.
 //! * [`telemetry`]: metric names; the metrics themselves and trace-context capture.
+//! * `admin` (feature `admin`): an axum router with the JSON admin API and the dashboard,
+//!   behind an authorizer that fails closed.
 //! * [`error`]: the one [`Error`] type.
 //!
 //! The table lives in the `seaorm-outbox-entity` crate and is created by the
@@ -54,6 +57,8 @@ macro_rules! setters {
     )*};
 }
 
+#[cfg(feature = "admin")]
+pub mod admin;
 mod backoff;
 pub mod error;
 pub mod event;

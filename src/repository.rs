@@ -14,7 +14,7 @@ use crate::stats::{Health, HealthThresholds, OutboxStats, RelayHeartbeat};
 use crate::store::{self, Requeue};
 use crate::telemetry;
 
-pub use crate::store::{INSERT_CHUNK, MAX_ERROR_BYTES, MAX_PAGE_SIZE};
+pub use crate::store::{EventQuery, INSERT_CHUNK, MAX_ERROR_BYTES, MAX_PAGE_SIZE, MinuteStats};
 
 /// Repository settings.
 #[derive(Clone, Debug)]
@@ -220,6 +220,19 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// One event by id, in any status.
     pub async fn get(&self, id: Uuid) -> Result<OutboxEvent> {
         store::get(self.db, id).await?.ok_or(Error::NotFound { id })
+    }
+
+    /// The events `query` picks, in any status, a page of them: what an operator browses.
+    /// A `limit` over [`MAX_PAGE_SIZE`] is [`Error::LimitTooLarge`].
+    pub async fn events(&self, query: &EventQuery) -> Result<Vec<OutboxEvent>> {
+        store::events(self.db, query).await
+    }
+
+    /// The last `minutes` minutes (at most a day), oldest first: events published each minute,
+    /// and the backlog a relay sampled then (see
+    /// [`RelayConfig::metrics_interval`](crate::RelayConfig::metrics_interval)).
+    pub async fn history(&self, minutes: u32) -> Result<Vec<MinuteStats>> {
+        store::history(self.db, now(), minutes.clamp(1, 24 * 60)).await
     }
 
     /// Dead letters, most recently failed first.

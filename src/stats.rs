@@ -357,7 +357,7 @@ impl Health {
         }
     }
 
-    fn degraded(&mut self, reason: String) {
+    pub(crate) fn degraded(&mut self, reason: String) {
         if self.status == HealthStatus::Healthy {
             self.status = HealthStatus::Degraded;
         }

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("repository", 5),
     ("inbox", 5),
     ("relay", 6),
+    ("admin", 7),
 ];
 
 const MAX_LINES: usize = 500;

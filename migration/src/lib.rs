@@ -37,6 +37,7 @@ mod m20261201_000007_relay_heartbeats;
 mod m20261202_000008_inbox;
 mod m20261202_000009_published_tally;
 mod m20261202_000010_log_dead_letters;
+mod m20261202_000011_backlog_samples;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -48,6 +49,7 @@ pub use m20261201_000007_relay_heartbeats::Migration as RelayHeartbeats;
 pub use m20261202_000008_inbox::Migration as Inbox;
 pub use m20261202_000009_published_tally::Migration as PublishedTally;
 pub use m20261202_000010_log_dead_letters::Migration as LogDeadLetters;
+pub use m20261202_000011_backlog_samples::Migration as BacklogSamples;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -66,7 +68,8 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
 }
 
 /// The outbox's migrations only (`outbox_events`, its lease table, `outbox_relays`,
-/// `outbox_published_tally`, and on PostgreSQL `outbox_log_dead_letters`), oldest first.
+/// `outbox_published_tally`, `outbox_backlog_samples`, and on PostgreSQL
+/// `outbox_log_dead_letters`), oldest first.
 pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![
         Box::new(CreateOutboxEvents),
@@ -78,6 +81,7 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(RelayHeartbeats),
         Box::new(PublishedTally),
         Box::new(LogDeadLetters),
+        Box::new(BacklogSamples),
     ]
 }
 

@@ -151,7 +151,9 @@ pub struct RelayConfig {
     /// on PostgreSQL); default `relay-<pid>-<random>`.
     pub name: Option<String>,
     /// How often the relay refreshes the backlog gauges (`outbox_backlog`, …) with one
-    /// statistics query. `None` turns that query off. Default 15 s.
+    /// statistics query, and writes that snapshot to its minute's row of
+    /// `outbox_backlog_samples` for the admin dashboard's chart. `None` turns both off.
+    /// Default 15 s.
     pub metrics_interval: Option<Duration>,
     /// How often the relay refreshes its row in `outbox_relays` (name, publisher, breaker
     /// state), which `seaorm-outbox status` and [`Outbox::relays`](crate::Outbox::relays) read;

@@ -240,7 +240,16 @@ impl<P: Publisher> Relay<P> {
 
     async fn refresh_gauges(&self) {
         match Outbox::new(&self.db).stats().await {
-            Ok(s) => telemetry::metrics::record_gauges(&s),
+            Ok(s) => {
+                telemetry::metrics::record_gauges(&s);
+                // The dashboard's backlog chart; samples older than a day age out.
+                let forget_before = s.at - chrono::Duration::days(1);
+                if let Err(e) =
+                    store::record_sample(&self.db, s.at, s.pending(), s.failed, forget_before).await
+                {
+                    tracing::debug!(relay = %self.name, error = %e, "outbox backlog sample failed");
+                }
+            }
             Err(e) => tracing::debug!(relay = %self.name, error = %e, "outbox stats query failed"),
         }
     }

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `mod.rs` | this interface; it picks the backend's implementation |
 //! | [`portable`] | the insert, listings, single-event state changes, counts, the purge |
+//! | [`browse`] | events filtered for an operator; the per-minute history for the dashboard |
 //! | [`claim`] | a claim's parameters and result, and the per-aggregate head test |
 //! | [`write_back`] | a batch's outcomes written back, one statement per kind |
 //! | [`heartbeats`] | each running relay's row in `outbox_relays` |
@@ -24,6 +25,7 @@
 //!
 //! No claim transaction ever spans the broker call.
 
+mod browse;
 mod claim;
 mod heartbeats;
 pub(crate) mod inbox;
@@ -47,6 +49,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
+pub use browse::{EventQuery, MinuteStats};
+pub(crate) use browse::{events, history, record_sample};
 pub(crate) use claim::{Claim, Claimed, DueKey};
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
 pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};

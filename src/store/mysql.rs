@@ -29,6 +29,11 @@ pub(super) const UPSERT_HEARTBEAT: &str = "INSERT INTO outbox_relays (name, publ
 pub(super) const UPSERT_TALLY: &str = "INSERT INTO outbox_published_tally (minute, events) \
      VALUES (?, ?) ON DUPLICATE KEY UPDATE events = events + VALUES(events)";
 
+/// `ON DUPLICATE KEY UPDATE` in place of the portable backlog-sample upsert.
+pub(super) const UPSERT_SAMPLE: &str = "INSERT INTO outbox_backlog_samples (minute, pending, \
+     failed) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE pending = VALUES(pending), \
+     failed = VALUES(failed)";
+
 /// Claims a batch: see the module docs and [`super::claim`]. Under per-aggregate order it
 /// locks up to `limit` heads, then reads their aggregates' pending events in order; nobody
 /// else can claim those followers while their head is pending.

@@ -1,0 +1,346 @@
+//! The outbox's JSON endpoints: statistics with health and relays, the per-minute history,
+//! events browsed by filter, one event, dead letters (list, replay, discard) and the purge.
+//! Every write action is logged through `tracing` (target `seaorm_outbox::admin`) with who did
+//! it, what, and how many rows.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::AdminState;
+use super::auth::Caller;
+use super::error::ApiError;
+use crate::OutboxStatus;
+use crate::event::now;
+use crate::repository::{EventQuery, Outbox};
+use crate::stats::BreakerState;
+
+/// The largest page the API serves: a dashboard never needs more, and a bigger one is a
+/// mistake or an attempt to load the database.
+pub(crate) const MAX_PAGE: u64 = 500;
+
+/// The deepest offset served: `OFFSET` reads every skipped row; filter by time instead.
+pub(crate) const MAX_OFFSET: u64 = 100_000;
+
+pub(crate) type ApiResult = Result<Response, ApiError>;
+
+/// `limit` and `offset`, checked.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Page {
+    limit: Option<u64>,
+    offset: Option<u64>,
+}
+
+impl Page {
+    pub(crate) fn checked(limit: Option<u64>, offset: Option<u64>) -> Result<(u64, u64), ApiError> {
+        let limit = limit.unwrap_or(50);
+        let offset = offset.unwrap_or(0);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(ApiError::bad_request(format!(
+                "limit must be between 1 and {MAX_PAGE}, not {limit}"
+            )));
+        }
+        if offset > MAX_OFFSET {
+            return Err(ApiError::bad_request(format!(
+                "offset must be at most {MAX_OFFSET}, not {offset}; narrow the query by time"
+            )));
+        }
+        Ok((limit, offset))
+    }
+}
+
+/// `GET /health`, outside auth: the outbox's verdict, 503 when unhealthy.
+pub(crate) async fn health(State(s): State<Arc<AdminState>>) -> Response {
+    let h = Outbox::new(&s.db).health(&s.thresholds).await;
+    let status = StatusCode::from_u16(h.http_status()).unwrap_or(StatusCode::OK);
+    (
+        status,
+        Json(json!({ "status": h.status, "reasons": h.reasons })),
+    )
+        .into_response()
+}
+
+/// `GET /api/stats`: the backlog, dead letters, health with its reasons, the relays and their
+/// breakers, and the inbox's dead letters.
+pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller) -> ApiResult {
+    let outbox = Outbox::new(&s.db);
+    let mut health = outbox.health(&s.thresholds).await;
+    let Some(stats) = health.stats.take() else {
+        return Err(ApiError::from(crate::Error::Database(
+            sea_orm::DbErr::Custom(health.reasons.join("; ")),
+        )));
+    };
+    let relays = outbox.relays(s.relays_within).await?;
+    for r in &relays {
+        if r.breaker != BreakerState::Closed {
+            health.degraded(format!(
+                "relay {}: publisher {} unavailable{}",
+                r.name,
+                r.publisher,
+                r.last_error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let inbox = if s.inbox {
+        let n = crate::inbox::Inbox::new(&s.db)
+            .count_dead_letters(None)
+            .await?;
+        json!({ "dead_letters": n })
+    } else {
+        Value::Null
+    };
+    Ok(Json(json!({
+        "at": stats.at,
+        "pending": stats.pending(),
+        "pending_due": stats.pending_due,
+        "pending_backoff": stats.pending_backoff,
+        "pending_leased": stats.pending_leased,
+        "failed": stats.failed,
+        "oldest_pending_at": stats.oldest_pending_at,
+        "oldest_pending_age_secs": stats.oldest_pending_age().map(|d| d.as_secs_f64()),
+        "published_last_hour": stats.published_last_hour,
+        "health": { "status": health.status, "reasons": health.reasons },
+        "relays": relays,
+        "inbox": inbox,
+        "refresh_secs": s.refresh.as_secs_f64(),
+        "caller": who,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryParams {
+    minutes: Option<u32>,
+}
+
+/// `GET /api/history?minutes=60`: per minute, events published and the sampled backlog.
+pub(crate) async fn history(
+    State(s): State<Arc<AdminState>>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params?;
+    let minutes = p.minutes.unwrap_or(60);
+    if !(1..=1440).contains(&minutes) {
+        return Err(ApiError::bad_request(format!(
+            "minutes must be between 1 and 1440, not {minutes}"
+        )));
+    }
+    let series = Outbox::new(&s.db).history(minutes).await?;
+    Ok(Json(json!({ "minutes": series })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsParams {
+    status: Option<String>,
+    event_type: Option<String>,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    order: Option<String>,
+    limit: Option<u64>,
+    offset: Option<u64>,
+}
+
+/// A form's empty field means "any".
+fn given(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
+}
+
+pub(crate) fn parse_status(s: &str) -> Result<OutboxStatus, ApiError> {
+    match s {
+        "pending" => Ok(OutboxStatus::Pending),
+        "published" => Ok(OutboxStatus::Published),
+        "failed" => Ok(OutboxStatus::Failed),
+        other => Err(ApiError::bad_request(format!(
+            "unknown status {other:?}: expected pending, published or failed"
+        ))),
+    }
+}
+
+/// `GET /api/events`: a page of events by status, type, aggregate and `occurred_at` range.
+pub(crate) async fn events(
+    State(s): State<Arc<AdminState>>,
+    params: Result<Query<EventsParams>, QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params?;
+    let (limit, offset) = Page::checked(p.limit, p.offset)?;
+    let status = given(p.status).as_deref().map(parse_status).transpose()?;
+    let oldest_first = match given(p.order).as_deref() {
+        None | Some("newest") => false,
+        Some("oldest") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown order {other:?}: expected newest or oldest"
+            )));
+        }
+    };
+    if let (Some(a), Some(b)) = (p.since, p.until)
+        && a > b
+    {
+        return Err(ApiError::bad_request("since is after until"));
+    }
+    // One more than the page says whether there is a next page, without a COUNT.
+    let query = EventQuery::default()
+        .status(status)
+        .event_type(given(p.event_type))
+        .aggregate_type(given(p.aggregate_type))
+        .aggregate_id(given(p.aggregate_id))
+        .since(p.since)
+        .until(p.until)
+        .oldest_first(oldest_first)
+        .limit(limit + 1)
+        .offset(offset);
+    let mut events = Outbox::new(&s.db).events(&query).await?;
+    let more = events.len() as u64 > limit;
+    events.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    Ok(Json(json!({
+        "events": events,
+        "offset": offset,
+        "next_offset": more.then_some(offset + limit),
+    }))
+    .into_response())
+}
+
+/// `GET /api/events/{id}`: one event in full.
+pub(crate) async fn event(
+    State(s): State<Arc<AdminState>>,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id?;
+    let e = Outbox::new(&s.db).get(id).await?;
+    Ok(Json(e).into_response())
+}
+
+/// `GET /api/dead-letters`: the outbox's dead letters, most recent failure first, with the
+/// total.
+pub(crate) async fn dead_letters(
+    State(s): State<Arc<AdminState>>,
+    params: Result<Query<Page>, QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params?;
+    let (limit, offset) = Page::checked(p.limit, p.offset)?;
+    let outbox = Outbox::new(&s.db);
+    let total = outbox.count_failed().await?;
+    let events = outbox.list_failed(limit, offset).await?;
+    let next = (offset + limit < total).then_some(offset + limit);
+    Ok(
+        Json(json!({ "dead_letters": events, "total": total, "next_offset": next }))
+            .into_response(),
+    )
+}
+
+/// `POST /api/dead-letters/{id}/replay`: back to pending, attempts reset.
+pub(crate) async fn replay_one(
+    State(s): State<Arc<AdminState>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id?;
+    Outbox::new(&s.db).requeue(id).await?;
+    audit(&who.name, "replay", &id.to_string(), 1);
+    Ok(Json(json!({ "replayed": 1 })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReplayMany {
+    #[serde(default)]
+    all: bool,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+}
+
+/// `POST /api/dead-letters/replay` with `{"all": true}` or
+/// `{"aggregate_type": …, "aggregate_id": …}`.
+pub(crate) async fn replay_many(
+    State(s): State<Arc<AdminState>>,
+    Caller(who): Caller,
+    body: Result<Json<ReplayMany>, JsonRejection>,
+) -> ApiResult {
+    let Json(b) = body?;
+    let outbox = Outbox::new(&s.db);
+    let (what, n) = match (b.all, given(b.aggregate_type), given(b.aggregate_id)) {
+        (true, None, None) => ("all".to_owned(), outbox.requeue_all().await?),
+        (false, Some(t), Some(id)) => {
+            let n = outbox.requeue_aggregate(&t, &id).await?;
+            (format!("aggregate {t}/{id}"), n)
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either {\"all\": true} or both aggregate_type and aggregate_id",
+            ));
+        }
+    };
+    audit(&who.name, "replay", &what, n);
+    Ok(Json(json!({ "replayed": n })).into_response())
+}
+
+/// `DELETE /api/dead-letters/{id}`: gone for good.
+pub(crate) async fn discard(
+    State(s): State<Arc<AdminState>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id?;
+    Outbox::new(&s.db).discard(id).await?;
+    audit(&who.name, "discard", &id.to_string(), 1);
+    Ok(Json(json!({ "discarded": 1 })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Purge {
+    older_than_secs: u64,
+}
+
+/// `POST /api/purge` with `{"older_than_secs": N}`: deletes published events older than that,
+/// in batches that each commit.
+pub(crate) async fn purge(
+    State(s): State<Arc<AdminState>>,
+    Caller(who): Caller,
+    body: Result<Json<Purge>, JsonRejection>,
+) -> ApiResult {
+    let Json(b) = body?;
+    let age = i64::try_from(b.older_than_secs)
+        .ok()
+        .and_then(chrono::Duration::try_seconds)
+        .ok_or_else(|| ApiError::bad_request("older_than_secs is too large"))?;
+    let cutoff = now()
+        .checked_sub_signed(age)
+        .ok_or_else(|| ApiError::bad_request("older_than_secs is too large"))?;
+    let n = Outbox::new(&s.db).purge_published(cutoff, 1000).await?;
+    audit(
+        &who.name,
+        "purge",
+        &format!("published before {}", cutoff.to_rfc3339()),
+        n,
+    );
+    Ok(Json(json!({ "purged": n })).into_response())
+}
+
+/// The audit line of a write action.
+pub(crate) fn audit(who: &str, action: &str, what: &str, rows: u64) {
+    tracing::info!(
+        target: "seaorm_outbox::admin",
+        who,
+        action,
+        what,
+        rows,
+        "outbox admin {action}"
+    );
+}

@@ -1,0 +1,235 @@
+"use strict";
+// The dashboard: polls the admin API beside this page and renders with textContent only, so
+// nothing from the database is ever parsed as HTML.
+(function () {
+  const base = location.pathname.replace(/\/+$/, "");
+  const $ = (id) => document.getElementById(id);
+  let token = sessionStorage.getItem("outbox-token") || "";
+  let timer = null;
+  let paused = false;
+  let refreshMs = 5000;
+  let canWrite = false;
+
+  async function call(method, path, body) {
+    const headers = { "Accept": "application/json" };
+    if (token) headers["Authorization"] = "Bearer " + token;
+    if (method !== "GET") headers["Content-Type"] = "application/json";
+    const res = await fetch(base + path, {
+      method, headers, credentials: "same-origin",
+      body: method === "GET" ? undefined : JSON.stringify(body || {}),
+    });
+    let data = null;
+    try { data = await res.json(); } catch (_) { /* not JSON */ }
+    if (res.status === 401) { showLogin(); throw new Error("unauthorized"); }
+    if (!res.ok) throw new Error((data && data.message) || res.status + " " + res.statusText);
+    return data;
+  }
+
+  function el(tag, text, cls) {
+    const e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    if (cls) e.className = cls;
+    return e;
+  }
+
+  function age(secs) {
+    if (secs === null || secs === undefined) return "none";
+    if (secs < 1) return "<1s";
+    if (secs < 90) return Math.round(secs) + "s";
+    if (secs < 5400) return Math.round(secs / 60) + "m";
+    if (secs < 172800) return (secs / 3600).toFixed(1) + "h";
+    return (secs / 86400).toFixed(1) + "d";
+  }
+
+  function when(t) { return t ? new Date(t).toLocaleString() : ""; }
+
+  function showError(msg) {
+    const e = $("error");
+    e.textContent = msg || "";
+    e.className = msg ? "open" : "";
+  }
+
+  function showLogin() {
+    $("login").className = "card open";
+    $("content").hidden = true;
+  }
+
+  function confirmThen(text, action) {
+    $("confirm-text").textContent = text;
+    $("confirm").className = "open";
+    $("confirm-ok").onclick = async () => { $("confirm").className = ""; await act(action); };
+    $("confirm-cancel").onclick = () => { $("confirm").className = ""; };
+  }
+
+  async function act(action) {
+    try { await action(); showError(""); } catch (e) { showError(e.message); }
+    await refresh();
+  }
+
+  function renderStats(s) {
+    $("login").className = "card";
+    $("content").hidden = false;
+    const h = $("health");
+    h.textContent = s.health.status;
+    h.className = "badge " + s.health.status;
+    const reasons = $("reasons");
+    reasons.replaceChildren(...s.health.reasons.map((r) => el("li", r)));
+    $("pending").textContent = s.pending;
+    $("pending-split").textContent = s.pending_due + " due · " + s.pending_backoff + " backoff · " + s.pending_leased + " leased";
+    $("oldest").textContent = age(s.oldest_pending_age_secs);
+    $("oldest-at").textContent = s.oldest_pending_at ? when(s.oldest_pending_at) : "nothing pending";
+    $("failed").textContent = s.failed;
+    $("card-failed").className = "card" + (s.failed > 0 ? " alert" : "");
+    $("published").textContent = s.published_last_hour;
+    $("rate").textContent = (s.published_last_hour / 60).toFixed(1) + " / min";
+    const inbox = s.inbox !== null;
+    $("card-inbox").hidden = !inbox;
+    $("inbox-section").hidden = !inbox;
+    if (inbox) $("inbox-failed").textContent = s.inbox.dead_letters;
+    canWrite = s.caller.role === "write";
+    $("caller").textContent = s.caller.name + " (" + s.caller.role + ")";
+    document.querySelectorAll(".write").forEach((b) => { b.hidden = !canWrite; });
+    const relays = $("relays");
+    if (s.relays.length === 0) {
+      const tr = el("tr"); const td = el("td", "No relay has sent a heartbeat recently.", "empty");
+      td.colSpan = 6; tr.append(td); relays.replaceChildren(tr);
+    } else {
+      relays.replaceChildren(...s.relays.map((r) => {
+        const tr = el("tr");
+        tr.dataset.relay = r.name;
+        const b = el("span", r.breaker.replace("_", "-"), "badge " + r.breaker);
+        const breaker = el("td"); breaker.append(b);
+        tr.append(el("td", r.name, "mono"), el("td", r.publisher), breaker,
+          el("td", when(r.unavailable_since)), el("td", when(r.heartbeat_at)), el("td", r.last_error || "", "err"));
+        return tr;
+      }));
+    }
+    refreshMs = Math.max(1000, (s.refresh_secs || 5) * 1000);
+  }
+
+  function renderChart(minutes) {
+    const svg = $("chart");
+    const W = 1000, H = 180, top = 10, bottom = 20, left = 40;
+    const ns = "http://www.w3.org/2000/svg";
+    const mk = (tag, attrs, text) => {
+      const e = document.createElementNS(ns, tag);
+      for (const k in attrs) e.setAttribute(k, attrs[k]);
+      if (text !== undefined) e.textContent = text;
+      return e;
+    };
+    const n = minutes.length || 1;
+    const maxPub = Math.max(1, ...minutes.map((m) => m.published));
+    const maxBack = Math.max(1, ...minutes.map((m) => m.pending || 0));
+    const max = Math.max(maxPub, maxBack);
+    const bw = (W - left) / n;
+    const y = (v) => top + (H - top - bottom) * (1 - v / max);
+    const parts = [mk("line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, stroke: "#d0d7de" }),
+      mk("text", { x: 2, y: top + 8 }, String(max)), mk("text", { x: 2, y: H - bottom }, "0"),
+      mk("text", { x: left, y: H - 4 }, "-" + n + " min"), mk("text", { x: W - 30, y: H - 4 }, "now")];
+    minutes.forEach((m, i) => {
+      if (m.published > 0) {
+        parts.push(mk("rect", { x: left + i * bw + 1, y: y(m.published), width: Math.max(1, bw - 2),
+          height: H - bottom - y(m.published), fill: "#0b5cad", "data-published": m.published }));
+      }
+    });
+    const pts = minutes.map((m, i) => m.pending === null ? null : [left + i * bw + bw / 2, y(m.pending)]).filter(Boolean);
+    if (pts.length > 0) {
+      parts.push(mk("polyline", { points: pts.map((p) => p.join(",")).join(" "), fill: "none",
+        stroke: "#c62828", "stroke-width": 2, id: "backlog-line" }));
+    }
+    svg.replaceChildren(...parts);
+  }
+
+  function buttons(replay, discard) {
+    const td = el("td");
+    if (!canWrite) return td;
+    const r = el("button", "Replay", "replay"); r.type = "button"; r.onclick = () => act(replay);
+    const d = el("button", "Discard", "discard danger"); d.type = "button";
+    d.onclick = () => confirmThen("Discard this dead letter for good?", discard);
+    td.append(r, " ", d);
+    return td;
+  }
+
+  function payloadCell(label, value) {
+    const td = el("td");
+    td.append(el("div", label, "mono"));
+    const det = el("details"); det.append(el("summary", "payload"), el("pre", value));
+    td.append(det);
+    return td;
+  }
+
+  function renderDeadLetters(d) {
+    $("dl-total").textContent = "(" + d.total + ")";
+    $("replay-all").disabled = d.total === 0;
+    $("replay-all").onclick = () => confirmThen("Replay all " + d.total + " dead letters?",
+      () => call("POST", "/api/dead-letters/replay", { all: true }));
+    const body = $("dead-letters");
+    if (d.dead_letters.length === 0) {
+      const tr = el("tr"); const td = el("td", "No dead letters.", "empty"); td.colSpan = 6;
+      tr.append(td); body.replaceChildren(tr); return;
+    }
+    body.replaceChildren(...d.dead_letters.map((e) => {
+      const tr = el("tr"); tr.dataset.id = e.id;
+      tr.append(payloadCell(e.event_type + " · " + e.id.slice(0, 8), JSON.stringify(e.payload, null, 2)),
+        el("td", e.aggregate_type + "/" + e.aggregate_id, "mono"), el("td", e.attempts),
+        el("td", when(e.failed_at)), el("td", e.last_error || "", "err"),
+        buttons(() => call("POST", "/api/dead-letters/" + e.id + "/replay"),
+          () => call("DELETE", "/api/dead-letters/" + e.id)));
+      return tr;
+    }));
+  }
+
+  function renderInbox(d) {
+    $("idl-total").textContent = "(" + d.total + ")";
+    $("inbox-replay-all").disabled = d.total === 0;
+    $("inbox-replay-all").onclick = () => confirmThen("Ask the consumers to replay all " + d.total + " inbox dead letters?",
+      () => call("POST", "/api/inbox/dead-letters/replay", { all: true }));
+    const body = $("inbox-dead-letters");
+    if (d.dead_letters.length === 0) {
+      const tr = el("tr"); const td = el("td", "No inbox dead letters.", "empty"); td.colSpan = 6;
+      tr.append(td); body.replaceChildren(tr); return;
+    }
+    body.replaceChildren(...d.dead_letters.map((m) => {
+      const tr = el("tr"); tr.dataset.id = m.id;
+      const payload = m.payload.text !== undefined ? m.payload.text : JSON.stringify(m.payload.bytes);
+      tr.append(el("td", m.consumer, "mono"), payloadCell(m.message_id || "(no id)", payload),
+        el("td", m.attempts), el("td", when(m.failed_at) + (m.replay_requested_at ? " · replay requested" : "")),
+        el("td", m.error, "err"),
+        buttons(() => call("POST", "/api/inbox/dead-letters/" + m.id + "/replay"),
+          () => call("DELETE", "/api/inbox/dead-letters/" + m.id)));
+      return tr;
+    }));
+  }
+
+  async function refresh() {
+    clearTimeout(timer);
+    try {
+      const s = await call("GET", "/api/stats");
+      renderStats(s);
+      const [h, d] = await Promise.all([call("GET", "/api/history?minutes=60"),
+        call("GET", "/api/dead-letters?limit=100")]);
+      renderChart(h.minutes);
+      renderDeadLetters(d);
+      if (s.inbox !== null) renderInbox(await call("GET", "/api/inbox/dead-letters?limit=100"));
+      $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+      document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
+      showError("");
+    } catch (e) {
+      if (e.message !== "unauthorized") showError("Refresh failed: " + e.message);
+    }
+    if (!paused) timer = setTimeout(refresh, refreshMs);
+  }
+
+  $("login-form").onsubmit = (ev) => {
+    ev.preventDefault();
+    token = $("token").value.trim();
+    sessionStorage.setItem("outbox-token", token);
+    refresh();
+  };
+  $("pause").onclick = () => {
+    paused = !paused;
+    $("pause").textContent = paused ? "Resume" : "Pause";
+    if (!paused) refresh(); else clearTimeout(timer);
+  };
+  refresh();
+})();

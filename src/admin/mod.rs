@@ -1,0 +1,217 @@
+//! The admin HTTP API and dashboard (feature `admin`): an axum [`Router`] the host app mounts
+//! under a prefix of its choosing.
+//!
+//! Building it takes an authorization decision, and the router fails closed: without an
+//! [`Authorizer`] it does not build, unless [`AdminBuilder::allow_unauthenticated`] is called,
+//! and then only loopback clients that reached the server directly are served. Read and write
+//! are separate [`Role`]s. `GET /health` stays outside auth, so probes keep working.
+//!
+//! | route | role | what |
+//! |---|---|---|
+//! | `GET /` | none | the dashboard: one page, no data in it, everything embedded |
+//! | `GET /health` | none | the outbox's health verdict; 503 when unhealthy |
+//! | `GET /api/stats` | read | backlog split, oldest pending age, dead letters, health, relays and breakers |
+//! | `GET /api/history?minutes=` | read | per minute: published, sampled backlog |
+//! | `GET /api/events?status=&event_type=&aggregate_type=&aggregate_id=&since=&until=&order=&limit=&offset=` | read | events by filter |
+//! | `GET /api/events/{id}` | read | one event in full |
+//! | `GET /api/dead-letters` | read | dead letters, most recent first |
+//! | `POST /api/dead-letters/{id}/replay` | write | back to pending |
+//! | `POST /api/dead-letters/replay` | write | `{"all": true}` or `{"aggregate_type", "aggregate_id"}` |
+//! | `DELETE /api/dead-letters/{id}` | write | discard |
+//! | `POST /api/purge` | write | `{"older_than_secs": N}`: delete published events older than that |
+//! | `GET /api/inbox/dead-letters?consumer=` | read | the inbox's dead letters |
+//! | `POST /api/inbox/dead-letters/{id}/replay`, `POST /api/inbox/dead-letters/replay` | write | ask the consumer to apply them again |
+//! | `DELETE /api/inbox/dead-letters/{id}` | write | discard |
+//!
+//! Write actions take `Content-Type: application/json` (so a cross-site form cannot trigger
+//! them with an operator's cookie) and are logged through `tracing` with who, what and how many
+//! rows. Bad input is a JSON `{"error", "message"}` with a 4xx status.
+//!
+//! ```
+//! use axum::Router;
+//! use seaorm_outbox::admin::{Admin, BearerTokens};
+//!
+//! # fn example(db: sea_orm::DatabaseConnection) {
+//! let tokens = BearerTokens::new()
+//!     .reader("viewer", std::env::var("OUTBOX_VIEW_TOKEN").unwrap_or_default())
+//!     .writer("ops", std::env::var("OUTBOX_ADMIN_TOKEN").unwrap_or_default());
+//! let app: Router = Router::new().nest("/outbox", Admin::builder(db).authorizer(tokens).build());
+//! # }
+//! ```
+
+mod api;
+mod auth;
+mod dashboard;
+mod error;
+mod inbox;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use sea_orm::DatabaseConnection;
+
+use self::auth::Gate;
+pub use self::auth::{Authorizer, BearerTokens, Principal, Role};
+use self::error::ApiError;
+use crate::stats::HealthThresholds;
+
+/// Request bodies are small JSON objects; anything bigger is refused (413).
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// What the handlers share.
+pub(crate) struct AdminState {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) gate: Gate,
+    pub(crate) thresholds: HealthThresholds,
+    pub(crate) relays_within: Duration,
+    pub(crate) inbox: bool,
+    pub(crate) refresh: Duration,
+}
+
+/// The admin router's entry point: [`Admin::builder`].
+#[derive(Debug)]
+pub struct Admin;
+
+impl Admin {
+    /// Starts a router on `db`. It needs an authorization decision before it builds:
+    /// [`AdminBuilder::authorizer`] or [`AdminBuilder::allow_unauthenticated`].
+    pub fn builder(db: DatabaseConnection) -> AdminBuilder<NoAuth> {
+        AdminBuilder {
+            db,
+            auth: NoAuth(()),
+            thresholds: HealthThresholds::default(),
+            relays_within: Duration::from_secs(60),
+            inbox: true,
+            refresh: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A builder that has no authorization decision yet, so it cannot build.
+#[derive(Debug)]
+pub struct NoAuth(());
+
+/// A builder with its authorization decided.
+pub struct WithAuth(Gate);
+
+impl std::fmt::Debug for WithAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Gate::Authorizer(_) => "WithAuth(authorizer)",
+            Gate::LoopbackOnly => "WithAuth(loopback only)",
+        })
+    }
+}
+
+/// Settings for the admin router; `A` is whether authorization is decided.
+#[derive(Debug)]
+pub struct AdminBuilder<A> {
+    db: DatabaseConnection,
+    auth: A,
+    thresholds: HealthThresholds,
+    relays_within: Duration,
+    inbox: bool,
+    refresh: Duration,
+}
+
+impl<A> AdminBuilder<A> {
+    /// The thresholds behind the health colour and `/health`. Default
+    /// [`HealthThresholds::default`].
+    pub fn thresholds(mut self, thresholds: HealthThresholds) -> Self {
+        self.thresholds = thresholds;
+        self
+    }
+
+    /// Relays whose last heartbeat is older than this are not shown. Default 60 s.
+    pub fn relays_within(mut self, within: Duration) -> Self {
+        self.relays_within = within;
+        self
+    }
+
+    /// Whether to serve the inbox's dead letters (`inbox_dead_letters` must exist). Default
+    /// on; turn it off in a producer that ran only the outbox's migrations.
+    pub fn inbox(mut self, on: bool) -> Self {
+        self.inbox = on;
+        self
+    }
+
+    /// How often the dashboard refreshes itself. Default 5 s.
+    pub fn refresh_interval(mut self, every: Duration) -> Self {
+        self.refresh = every;
+        self
+    }
+
+    fn with_gate(self, gate: Gate) -> AdminBuilder<WithAuth> {
+        AdminBuilder {
+            db: self.db,
+            auth: WithAuth(gate),
+            thresholds: self.thresholds,
+            relays_within: self.relays_within,
+            inbox: self.inbox,
+            refresh: self.refresh,
+        }
+    }
+}
+
+impl AdminBuilder<NoAuth> {
+    /// Every `/api` request is let in as the [`Principal`] this returns, or refused (401).
+    pub fn authorizer(self, authorizer: impl Authorizer) -> AdminBuilder<WithAuth> {
+        self.with_gate(Gate::Authorizer(Arc::new(authorizer)))
+    }
+
+    /// No authorizer: serves only clients on a loopback address that connected directly (no
+    /// `Forwarded`/`X-Forwarded-For` header, a loopback `Host`), each as a writer. Serve the
+    /// app with `into_make_service_with_connect_info::<SocketAddr>()`, or every request is
+    /// refused.
+    pub fn allow_unauthenticated(self) -> AdminBuilder<WithAuth> {
+        self.with_gate(Gate::LoopbackOnly)
+    }
+}
+
+impl AdminBuilder<WithAuth> {
+    /// The router, to [`nest`](Router::nest) under a prefix.
+    pub fn build(self) -> Router {
+        let state = Arc::new(AdminState {
+            db: self.db,
+            gate: self.auth.0,
+            thresholds: self.thresholds,
+            relays_within: self.relays_within,
+            inbox: self.inbox,
+            refresh: self.refresh,
+        });
+        let mut api = Router::new()
+            .route("/stats", get(api::stats))
+            .route("/history", get(api::history))
+            .route("/events", get(api::events))
+            .route("/events/{id}", get(api::event))
+            .route("/dead-letters", get(api::dead_letters))
+            .route("/dead-letters/replay", post(api::replay_many))
+            .route("/dead-letters/{id}/replay", post(api::replay_one))
+            .route("/dead-letters/{id}", delete(api::discard))
+            .route("/purge", post(api::purge));
+        if state.inbox {
+            api = api
+                .route("/inbox/dead-letters", get(inbox::list))
+                .route("/inbox/dead-letters/replay", post(inbox::replay_many))
+                .route("/inbox/dead-letters/{id}/replay", post(inbox::replay_one))
+                .route("/inbox/dead-letters/{id}", delete(inbox::discard));
+        }
+        let api = api
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::authorize,
+            ))
+            .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() });
+        Router::new()
+            .route("/", get(dashboard::page))
+            .route("/health", get(api::health))
+            .nest("/api", api)
+            .fallback(|| async { ApiError::not_found("no such admin route") })
+            .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(state)
+    }
+}
