@@ -23,6 +23,7 @@ on_backends!(
     purge_deletes_old_published_events,
     bad_input_is_one_line_and_a_non_zero_exit,
     relay_process_serves_metrics_and_health_and_stops_on_sigterm,
+    relay_process_guards_its_admin_api_with_the_token_from_the_environment,
     inbox_dead_letters_list_show_replay_discard_and_purge,
 );
 
@@ -349,10 +350,23 @@ async fn bad_input_is_one_line_and_a_non_zero_exit(t: &TestDb) {
 }
 
 fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http(addr, "GET", path, &[])
+}
+
+/// One request on its own connection; the status and the body.
+fn http(addr: &str, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the relay's HTTP port");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("request");
+    let mut extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    if !headers.iter().any(|h| h.starts_with("host:")) {
+        extra.push_str("host: x\r\n");
+    }
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\n{extra}\r\n"
+    )
+    .expect("request");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("response");
     let status = resp
@@ -441,6 +455,21 @@ async fn relay_process_serves_metrics_and_health_and_stops_on_sigterm(t: &TestDb
     let health: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(health["status"], "healthy", "{body}");
     assert_eq!(http_get(&addr, "/nope").0, 404);
+    // axum's HTTP: HEAD, 405, and the admin router with its dashboard.
+    let (status, body) = http(&addr, "HEAD", "/metrics", &[]);
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(http(&addr, "POST", "/metrics", &[]).0, 405);
+    let (status, page) = http_get(&addr, "/admin");
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>Outbox</title>"), "{page}");
+    // No OUTBOX_ADMIN_TOKEN: loopback only, and a non-loopback Host is refused.
+    let (status, body) = http_get(&addr, "/admin/api/stats");
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = http(&addr, "GET", "/admin/api/stats", &["host: 127.0.0.1"]);
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(stats["caller"]["name"], "loopback");
+    assert_eq!(http_get(&addr, "/admin/health").0, 200);
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -480,6 +509,80 @@ async fn relay_process_serves_metrics_and_health_and_stops_on_sigterm(t: &TestDb
             .count(),
         40
     );
+}
+
+async fn relay_process_guards_its_admin_api_with_the_token_from_the_environment(t: &TestDb) {
+    let ids = seed(t, 2).await;
+    Outbox::new(&t.db)
+        .mark_failed(ids[0], "no route")
+        .await
+        .expect("fail");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = cli(t)
+        .args(["relay", "--publisher", "stdout", "--http-addr", &addr])
+        .env("OUTBOX_ADMIN_TOKEN", "s3cret")
+        .env("OUTBOX_ADMIN_READ_TOKEN", "look")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn relay");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "relay never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let local = "host: 127.0.0.1";
+    assert_eq!(
+        http(&addr, "GET", "/admin/api/stats", &[local]).0,
+        401,
+        "a token is set"
+    );
+    let (status, body) = http(
+        &addr,
+        "GET",
+        "/admin/api/stats",
+        &["authorization: Bearer look"],
+    );
+    assert_eq!(status, 200, "{body}");
+    let replay = format!("/admin/api/dead-letters/{}/replay", ids[0]);
+    let json = "content-type: application/json";
+    let (status, body) = http(
+        &addr,
+        "POST",
+        &replay,
+        &["authorization: Bearer look", json],
+    );
+    assert_eq!(status, 403, "read-only token: {body}");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        &replay,
+        &["authorization: Bearer s3cret", json],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(Outbox::new(&t.db).count_failed().await.expect("count"), 0);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(status.success());
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(err.contains("/admin (bearer token)"), "{err}");
 }
 
 /// Inserts an inbox dead letter for `consumer`, as a consumer would.

@@ -136,6 +136,8 @@
     if (pts.length > 0) {
       parts.push(mk("polyline", { points: pts.map((p) => p.join(",")).join(" "), fill: "none",
         stroke: "#c62828", "stroke-width": 2, id: "backlog-line" }));
+      // A dot per sample, so a single minute's sample (or a gap) still shows.
+      pts.forEach((p) => parts.push(mk("circle", { cx: p[0], cy: p[1], r: 3, fill: "#c62828" })));
     }
     svg.replaceChildren(...parts);
   }
@@ -170,7 +172,8 @@
     }
     body.replaceChildren(...d.dead_letters.map((e) => {
       const tr = el("tr"); tr.dataset.id = e.id;
-      tr.append(payloadCell(e.event_type + " · " + e.id.slice(0, 8), JSON.stringify(e.payload, null, 2)),
+      // A UUIDv7 starts with its timestamp: the tail tells events apart.
+      tr.append(payloadCell(e.event_type + " · …" + e.id.slice(-12), JSON.stringify(e.payload, null, 2)),
         el("td", e.aggregate_type + "/" + e.aggregate_id, "mono"), el("td", e.attempts),
         el("td", when(e.failed_at)), el("td", e.last_error || "", "err"),
         buttons(() => call("POST", "/api/dead-letters/" + e.id + "/replay"),

@@ -1,86 +1,110 @@
-//! A small HTTP/1.1 endpoint for `/metrics` (Prometheus text) and `/healthz` (JSON): enough for
-//! scrapers and probes, with bounded reads and a timeout per connection.
+//! The relay process's HTTP endpoint, through axum: `/metrics` (Prometheus text), `/healthz`
+//! (the relay's verdict as JSON, 503 when unhealthy) and the admin API and dashboard under
+//! `/admin`. axum brings keep-alive, `HEAD`, 404/405 and body limits.
+//!
+//! The admin router takes its tokens from the environment: `OUTBOX_ADMIN_TOKEN` (read and
+//! write) and `OUTBOX_ADMIN_READ_TOKEN` (read only). With neither set it serves loopback
+//! clients only.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use sea_orm::DatabaseConnection;
+use seaorm_outbox::Health;
+use seaorm_outbox::admin::{Admin, BearerTokens};
+use seaorm_outbox::inbox::Inbox;
 use tokio_util::sync::CancellationToken;
 
-/// A response: status code, content type, body.
-pub(crate) struct Response {
-    pub(crate) status: u16,
-    pub(crate) content_type: &'static str,
-    pub(crate) body: String,
-}
+/// The environment variable holding the admin writer's token.
+pub(crate) const ADMIN_TOKEN_ENV: &str = "OUTBOX_ADMIN_TOKEN";
+/// The environment variable holding a read-only admin token.
+pub(crate) const ADMIN_READ_TOKEN_ENV: &str = "OUTBOX_ADMIN_READ_TOKEN";
 
-/// Serves `route(path)` on `listener` until `stop` is cancelled.
-pub(crate) async fn serve<F, Fut>(listener: TcpListener, stop: CancellationToken, route: F)
-where
-    F: Fn(String) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Response> + Send,
-{
-    let route = Arc::new(route);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-        };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &*route)).await;
-        });
-    }
-}
-
-async fn handle<F, Fut>(mut stream: TcpStream, route: &F) -> std::io::Result<()>
-where
-    F: Fn(String) -> Fut,
-    Fut: Future<Output = Response>,
-{
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() > 8192 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let response = if method == "GET" {
-        route(path.split('?').next().unwrap_or_default().to_owned()).await
+/// How the admin router lets callers in, for the start-up line.
+pub(crate) fn admin_access() -> &'static str {
+    if token(ADMIN_TOKEN_ENV).is_some() || token(ADMIN_READ_TOKEN_ENV).is_some() {
+        "bearer token"
     } else {
-        Response {
-            status: 405,
-            content_type: "text/plain",
-            body: "method not allowed\n".into(),
+        "loopback clients only (no OUTBOX_ADMIN_TOKEN)"
+    }
+}
+
+fn token(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|t| !t.is_empty())
+}
+
+/// The admin router: tokens from the environment, or loopback only. The inbox's dead letters
+/// are served when its table exists.
+async fn admin(db: DatabaseConnection, thresholds: seaorm_outbox::HealthThresholds) -> Router {
+    let inbox = Inbox::new(&db).count_dead_letters(None).await.is_ok();
+    let builder = Admin::builder(db).thresholds(thresholds).inbox(inbox);
+    match (token(ADMIN_TOKEN_ENV), token(ADMIN_READ_TOKEN_ENV)) {
+        (None, None) => builder.allow_unauthenticated().build(),
+        (write, read) => builder
+            .authorizer(
+                BearerTokens::new()
+                    .writer("admin-token", write.unwrap_or_default())
+                    .reader("read-token", read.unwrap_or_default()),
+            )
+            .build(),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (from `health`) and `/admin` on `listener` until `stop` is
+/// cancelled.
+pub(crate) async fn serve<F, Fut>(
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    db: DatabaseConnection,
+    thresholds: seaorm_outbox::HealthThresholds,
+    health: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Health> + Send,
+{
+    let metrics = Arc::new(metrics);
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    let h = health().await;
+                    let status = StatusCode::from_u16(h.http_status()).unwrap_or(StatusCode::OK);
+                    (status, axum::Json(h)).into_response()
+                }
+            }),
+        )
+        .nest("/admin", admin(db, thresholds).await)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
+    tokio::spawn(async move {
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+        if let Err(e) = served {
+            eprintln!("http endpoint stopped: {e}");
         }
-    };
-    let reason = match response.status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(response.body.as_bytes()).await?;
-    stream.shutdown().await
+    })
 }

@@ -12,7 +12,7 @@ use seaorm_outbox::relay::{OnPublish, Ordering, Relay, RelayConfig};
 use seaorm_outbox::{HealthThresholds, Publisher};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{self, Response};
+use crate::http;
 use crate::{CliResult, DEFAULT_HTTP_ADDR, Failure, parse_count, parse_duration};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,7 +79,7 @@ pub(crate) struct RelayArgs {
     /// RabbitMQ exchange (default: the default exchange).
     #[arg(long, default_value = "")]
     exchange: String,
-    /// Where /metrics and /healthz are served.
+    /// Where /metrics, /healthz and the admin dashboard (/admin) are served.
     #[arg(long, env = "OUTBOX_HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
     http_addr: String,
     #[arg(long, default_value = "100")]
@@ -309,45 +309,6 @@ fn log_config(args: &RelayArgs, url: Option<String>) -> CliResult<LogRelayConfig
         .metrics_interval(Some(Duration::from_secs(5))))
 }
 
-/// Serves `/metrics` and `/healthz` (from `health`) until `stop` is cancelled.
-fn serve<F, Fut>(
-    listener: tokio::net::TcpListener,
-    stop: CancellationToken,
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
-    health: F,
-) -> tokio::task::JoinHandle<()>
-where
-    F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = seaorm_outbox::Health> + Send,
-{
-    tokio::spawn(http::serve(listener, stop, move |path: String| {
-        let metrics = metrics.clone();
-        let health = health.clone();
-        async move {
-            match path.as_str() {
-                "/metrics" => Response {
-                    status: 200,
-                    content_type: "text/plain; version=0.0.4",
-                    body: metrics.render(),
-                },
-                "/healthz" => {
-                    let h = health().await;
-                    Response {
-                        status: h.http_status(),
-                        content_type: "application/json",
-                        body: serde_json::to_string(&h).unwrap_or_default() + "\n",
-                    }
-                }
-                _ => Response {
-                    status: 404,
-                    content_type: "text/plain",
-                    body: "not found\n".into(),
-                },
-            }
-        }
-    }))
-}
-
 pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: RelayArgs) -> CliResult {
     let thresholds = Arc::new(thresholds(&args)?);
     let (poll, log) = match args.mode {
@@ -369,6 +330,8 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
     let stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let addr = &args.http_addr;
+    // The admin API shares the pool: its reads are a few indexed queries per refresh.
+    let admin_db = db.clone();
 
     if let Some(config) = log {
         let relay = Arc::new(
@@ -379,19 +342,28 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
         );
         // A server or role that cannot decode is refused here, with the fix, not retried.
         relay.prepare().await?;
-        let server = serve(listener, http_stop.clone(), metrics, {
-            let relay = relay.clone();
-            move || {
-                let (relay, thresholds) = (relay.clone(), thresholds.clone());
-                async move { relay.health(&thresholds).await }
-            }
-        });
+        let server = http::serve(
+            listener,
+            http_stop.clone(),
+            metrics,
+            admin_db,
+            (*thresholds).clone(),
+            {
+                let relay = relay.clone();
+                move || {
+                    let (relay, thresholds) = (relay.clone(), thresholds.clone());
+                    async move { relay.health(&thresholds).await }
+                }
+            },
+        )
+        .await;
         tokio::spawn(shutdown_on_signal(stop.clone()));
         eprintln!(
-            "log relay {} reading slot {} and publishing to {}; /metrics and /healthz on http://{addr}",
+            "log relay {} reading slot {} and publishing to {}; /metrics, /healthz and /admin ({}) on http://{addr}",
             relay.name(),
             relay.config().slot,
             relay.publisher().name(),
+            http::admin_access(),
         );
         let stats = relay.run(stop).await;
         http_stop.cancel();
@@ -409,18 +381,27 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
             .build()
             .map_err(|e| Failure::input(e.to_string()))?,
     );
-    let server = serve(listener, http_stop.clone(), metrics, {
-        let relay = relay.clone();
-        move || {
-            let (relay, thresholds) = (relay.clone(), thresholds.clone());
-            async move { relay.health(&thresholds).await }
-        }
-    });
+    let server = http::serve(
+        listener,
+        http_stop.clone(),
+        metrics,
+        admin_db,
+        (*thresholds).clone(),
+        {
+            let relay = relay.clone();
+            move || {
+                let (relay, thresholds) = (relay.clone(), thresholds.clone());
+                async move { relay.health(&thresholds).await }
+            }
+        },
+    )
+    .await;
     tokio::spawn(shutdown_on_signal(stop.clone()));
     eprintln!(
-        "relay {} publishing to {}; /metrics and /healthz on http://{addr}",
+        "relay {} publishing to {}; /metrics, /healthz and /admin ({}) on http://{addr}",
         relay.name(),
         relay.publisher().name(),
+        http::admin_access(),
     );
     let stats = relay.run(stop).await;
     http_stop.cancel();

@@ -1,0 +1,442 @@
+//! The dashboard in a real browser: Debian's Chromium, headless, driven through chromedriver.
+//! The admin router is mounted at `/outbox` in a host app on a real TCP port over PostgreSQL,
+//! with dead letters, an inbox dead letter and a relay whose broker is down. The test checks
+//! the numbers the page shows, that it asks for credentials first, that replay and discard
+//! change the database, and that a bulk replay waits for a confirmation.
+//!
+//! `OUTBOX_SCREENSHOT=docs/dashboard.png` saves the screenshot the README shows.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use chrono::Utc;
+use common::admin::{Call, seed};
+use common::{Backend, TestDb};
+use fantoccini::{Client, ClientBuilder, Locator};
+use seaorm_outbox::admin::{Admin, BearerTokens};
+use seaorm_outbox::relay::{BreakerConfig, Relay, RelayConfig};
+use seaorm_outbox::{
+    NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "dashboard-test-token";
+
+/// A broker that never answers: the relay's breaker opens and nothing is spent.
+struct Down;
+
+#[async_trait::async_trait]
+impl seaorm_outbox::Publisher for Down {
+    async fn publish(
+        &self,
+        events: &[OutboxEvent],
+    ) -> Result<Vec<PublishOutcome>, seaorm_outbox::publisher::BoxError> {
+        Ok(vec![
+            PublishOutcome::Unavailable("connection refused".into());
+            events.len()
+        ])
+    }
+
+    fn name(&self) -> &str {
+        "nats"
+    }
+}
+
+/// chromedriver on a free port, killed on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn start_driver() -> Driver {
+    let port = free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian's chromium-driver; .ci/run installs it)");
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "chromedriver did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Driver {
+        child,
+        port,
+        _profile: tempfile::tempdir().expect("profile dir"),
+    }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let profile = driver._profile.path().display().to_string();
+    let caps = json!({
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-quic", "--no-first-run",
+                "--window-size=1280,1100", format!("--user-data-dir={profile}"),
+            ]
+        }
+    });
+    let Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a Chromium session")
+}
+
+/// Polls `script` (a JS expression) until it is truthy; returns its value.
+async fn wait_for(c: &Client, what: &str, script: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let v = c
+            .execute(&format!("return ({script});"), vec![])
+            .await
+            .expect("script");
+        if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    let v = c
+        .execute(
+            "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+            vec![json!(css)],
+        )
+        .await
+        .expect("script");
+    v.as_str().unwrap_or_else(|| panic!("no {css}")).to_owned()
+}
+
+/// The host app: its own route, and the admin router nested at `/outbox`.
+async fn serve(t: &TestDb) -> (SocketAddr, CancellationToken) {
+    let admin = Admin::builder(t.db.clone())
+        .authorizer(BearerTokens::new().writer("ops", TOKEN))
+        .refresh_interval(Duration::from_secs(1))
+        .build();
+    let app = Router::new()
+        .route("/", axum::routing::get(|| async { "host app" }))
+        .nest("/outbox", admin);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .expect("serve");
+    });
+    (addr, stop)
+}
+
+/// Published events spread over the last hour, so the chart has a shape.
+async fn seed_history(t: &TestDb) {
+    let outbox = Outbox::new(&t.db);
+    for i in 0..60_i64 {
+        let n = 1 + (i * 7 % 11);
+        for _ in 0..n {
+            let id = outbox
+                .add_event(NewEvent::new("order.shipped", "order", format!("h-{i}")))
+                .await
+                .expect("add");
+            outbox.mark_published(id).await.expect("publish");
+            let at = Utc::now() - chrono::Duration::minutes(59 - i);
+            t.exec(
+                "backdate",
+                "UPDATE outbox_events SET published_at = ? WHERE id = ?",
+                vec![at.into(), id.into()],
+            )
+            .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let s = seed(&t).await;
+    seed_history(&t).await;
+    let published: u64 = (0..60_i64).map(|i| 1 + (i * 7 % 11) as u64).sum::<u64>() + 4;
+
+    // A relay whose broker is down: its breaker opens, it samples the backlog each 200 ms.
+    let relay = Relay::builder(t.connect_again().await, Down)
+        .config(
+            RelayConfig::default()
+                .name("orders-relay")
+                .metrics_interval(Some(Duration::from_millis(200)))
+                .breaker(BreakerConfig::default().base(Duration::from_secs(30)))
+                .idle_poll_interval(Duration::from_millis(50)),
+        )
+        .build()
+        .expect("relay");
+    let relay_stop = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let stop = relay_stop.clone();
+        async move { relay.run(stop).await }
+    });
+
+    let (addr, server_stop) = serve(&t).await;
+    let url = format!("http://{addr}/outbox");
+
+    // Without credentials the API refuses, and the page asks for a token.
+    let unauthenticated = raw_get(addr, "/outbox/api/stats").await;
+    assert!(
+        unauthenticated.starts_with("HTTP/1.1 401"),
+        "{unauthenticated}"
+    );
+
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    c.goto(&url).await.expect("open the dashboard");
+    wait_for(
+        &c,
+        "the token prompt",
+        "document.getElementById('login').classList.contains('open')",
+    )
+    .await;
+    assert_eq!(
+        wait_for(
+            &c,
+            "content hidden",
+            "String(document.getElementById('content').hidden)"
+        )
+        .await,
+        json!("true")
+    );
+    c.find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(TOKEN)
+        .await
+        .expect("type");
+    c.find(Locator::Css("#login-form button"))
+        .await
+        .expect("submit")
+        .click()
+        .await
+        .expect("click");
+
+    // The numbers, once the relay's open breaker shows.
+    wait_for(
+        &c,
+        "the relay's open breaker",
+        "document.querySelector('tr[data-relay=\"orders-relay\"] .badge.open')",
+    )
+    .await;
+    assert_eq!(text(&c, "#pending").await, "3");
+    assert_eq!(text(&c, "#failed").await, "3");
+    assert_eq!(text(&c, "#inbox-failed").await, "1");
+    assert_eq!(text(&c, "#published").await, published.to_string());
+    assert_eq!(text(&c, "#oldest").await, "30m");
+    assert_eq!(text(&c, "#health").await, "degraded");
+    assert_eq!(text(&c, "#caller").await, "ops (write)");
+    let relay_row = text(&c, "tr[data-relay=\"orders-relay\"]").await;
+    assert!(
+        relay_row.contains("nats") && relay_row.contains("connection refused"),
+        "{relay_row}"
+    );
+    let reasons = text(&c, "#reasons").await;
+    assert!(reasons.contains("3 dead letters"), "{reasons}");
+    assert!(reasons.contains("relay orders-relay"), "{reasons}");
+    let rows = wait_for(
+        &c,
+        "3 dead letters",
+        "document.querySelectorAll('#dead-letters tr[data-id]').length === 3",
+    )
+    .await;
+    assert_eq!(rows, json!(true));
+    // The broker's error is shown as text, never run as markup.
+    let err = text(&c, &format!("tr[data-id=\"{}\"] td.err", s.failed[0])).await;
+    assert_eq!(err, "broker said no: <script>alert(1)</script>");
+    let bars = wait_for(
+        &c,
+        "chart bars",
+        "document.querySelectorAll('#chart rect').length",
+    )
+    .await;
+    assert!(
+        bars.as_u64().expect("n") >= 59,
+        "a bar per minute with publications: {bars}"
+    );
+    wait_for(
+        &c,
+        "the backlog line",
+        "document.getElementById('backlog-line')",
+    )
+    .await;
+
+    let png = c.screenshot().await.expect("screenshot");
+    let shot = std::env::var("OUTBOX_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png")
+        });
+    std::fs::write(&shot, &png).expect("save screenshot");
+
+    // Replay one: the row leaves the page and the dead letter leaves the database.
+    let outbox = Outbox::new(&t.db);
+    c.find(Locator::Css(&format!(
+        "tr[data-id=\"{}\"] button.replay",
+        s.failed[2]
+    )))
+    .await
+    .expect("replay button")
+    .click()
+    .await
+    .expect("click replay");
+    wait_for(
+        &c,
+        "the replayed row to go",
+        &format!("!document.querySelector('tr[data-id=\"{}\"]')", s.failed[2]),
+    )
+    .await;
+    assert_eq!(
+        outbox.get(s.failed[2]).await.expect("get").status,
+        OutboxStatus::Pending
+    );
+    assert_eq!(outbox.count_failed().await.expect("count"), 2);
+
+    // A bulk replay asks first; cancel changes nothing.
+    c.find(Locator::Css("#replay-all"))
+        .await
+        .expect("replay all")
+        .click()
+        .await
+        .expect("click");
+    let question = wait_for(&c, "the confirmation", "document.getElementById('confirm').classList.contains('open') && document.getElementById('confirm-text').textContent").await;
+    assert_eq!(question, json!("Replay all 2 dead letters?"));
+    c.find(Locator::Css("#confirm-cancel"))
+        .await
+        .expect("cancel")
+        .click()
+        .await
+        .expect("click");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(outbox.count_failed().await.expect("count"), 2, "cancelled");
+    c.find(Locator::Css("#replay-all"))
+        .await
+        .expect("replay all")
+        .click()
+        .await
+        .expect("click");
+    wait_for(
+        &c,
+        "the confirmation",
+        "document.getElementById('confirm').classList.contains('open')",
+    )
+    .await;
+    c.find(Locator::Css("#confirm-ok"))
+        .await
+        .expect("confirm")
+        .click()
+        .await
+        .expect("click");
+    wait_for(
+        &c,
+        "no dead letters",
+        "document.getElementById('failed').textContent === '0'",
+    )
+    .await;
+    assert_eq!(outbox.count_failed().await.expect("count"), 0);
+
+    // Discard the inbox's dead letter, confirmed.
+    c.find(Locator::Css(&format!(
+        "tr[data-id=\"{}\"] button.discard",
+        s.inbox_dead_letter
+    )))
+    .await
+    .expect("discard button")
+    .click()
+    .await
+    .expect("click discard");
+    wait_for(
+        &c,
+        "the confirmation",
+        "document.getElementById('confirm').classList.contains('open')",
+    )
+    .await;
+    c.find(Locator::Css("#confirm-ok"))
+        .await
+        .expect("confirm")
+        .click()
+        .await
+        .expect("click");
+    wait_for(
+        &c,
+        "no inbox dead letters",
+        "document.getElementById('inbox-failed').textContent === '0'",
+    )
+    .await;
+    let (_, v) = Call::get("/api/inbox/dead-letters")
+        .token(TOKEN)
+        .send(
+            &Admin::builder(t.db.clone())
+                .authorizer(BearerTokens::new().reader("check", TOKEN))
+                .build(),
+        )
+        .await;
+    assert_eq!(v["total"], 0, "{v}");
+
+    c.close().await.expect("close the browser");
+    relay_stop.cancel();
+    relay_task.await.expect("relay");
+    server_stop.cancel();
+    t.cleanup().await;
+}
+
+/// One plain HTTP/1.1 GET, the raw response.
+async fn raw_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
