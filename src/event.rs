@@ -259,6 +259,7 @@ pub(crate) struct ValidEvent {
 /// A message-mode event as written to the log: the event's fields in one JSON object, with a
 /// version so the format can grow. Written borrowed (`&str`, `&Value`, the headers as a
 /// validated object or [`Headers`]), read back owned.
+#[cfg(feature = "postgres")]
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Envelope<S, P, H> {
     v: u32,
@@ -272,8 +273,10 @@ struct Envelope<S, P, H> {
 }
 
 /// The envelope version this library writes and reads.
+#[cfg(feature = "postgres")]
 const ENVELOPE_VERSION: u32 = 1;
 
+#[cfg(feature = "postgres")]
 impl ValidEvent {
     /// The event as the JSON text that message mode writes.
     pub(crate) fn to_envelope(&self) -> Result<String, InvalidEvent> {
@@ -291,6 +294,7 @@ impl ValidEvent {
     }
 }
 
+#[cfg(feature = "postgres")]
 impl OutboxEvent {
     /// The event as message mode writes it (to replay a log dead letter).
     pub(crate) fn to_envelope(&self) -> serde_json::Result<String> {

@@ -340,6 +340,12 @@ impl<H: Handler> Consumer<H> {
 }
 
 /// Waits `delay`, or until `shutdown`; `false` when shut down. For sources' reconnect loops.
+#[cfg(any(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
 pub(crate) async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
@@ -348,4 +354,10 @@ pub(crate) async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool
 }
 
 /// How long a source waits before reconnecting after a broken subscription.
+#[cfg(any(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
 pub(crate) const RECONNECT_DELAY: Duration = Duration::from_secs(1);

@@ -109,6 +109,7 @@ pub(crate) fn inbox_lag(consumer: &str, messages: u64) {
 }
 
 /// The log relay's counts for one publisher call, per event type of the events it settled.
+#[cfg(feature = "postgres")]
 pub(crate) fn log_settled(publisher: &str, kind: LogKind, events: &[OutboxEvent]) {
     if events.is_empty() {
         return;
@@ -143,6 +144,7 @@ pub(crate) fn log_settled(publisher: &str, kind: LogKind, events: &[OutboxEvent]
 }
 
 /// What happened to an event the log relay sent.
+#[cfg(feature = "postgres")]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LogKind {
     Published,
@@ -151,6 +153,7 @@ pub(crate) enum LogKind {
 }
 
 /// Sets a log relay's slot gauges; `retained` only when it was read.
+#[cfg(feature = "postgres")]
 pub(crate) fn slot_lag(slot: &str, bytes: u64, age: Duration, retained: Option<u64>) {
     ::metrics::gauge!(names::SLOT_LAG_BYTES, "slot" => slot.to_owned()).set(bytes as f64);
     ::metrics::gauge!(names::SLOT_LAG_SECONDS, "slot" => slot.to_owned()).set(age.as_secs_f64());

@@ -1,0 +1,3 @@
+//! The app's controllers.
+
+pub mod orders;

@@ -1,0 +1,160 @@
+//! The [`OutboxInitializer`]: relays in the server process, the admin router at its path.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::Router as AxumRouter;
+use loco_rs::app::{AppContext, Initializer};
+use seaorm_outbox::admin::Admin;
+use seaorm_outbox::{Publisher, Relay, RelayStats};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::LocoJwt;
+use crate::settings::OutboxSettings;
+
+/// The outbox in a Loco app. Add it in `Hooks::initializers`, configure it under
+/// `initializers: outbox:`, and call [`shutdown`](crate::shutdown) from `Hooks::on_shutdown`.
+///
+/// Relays start in `after_routes`, which Loco runs only when it builds the web server's
+/// routes: `cargo loco start` runs them, `cargo loco task`, `db` and worker-only processes
+/// never do.
+#[derive(Default)]
+pub struct OutboxInitializer {
+    publisher: Option<Arc<dyn Publisher>>,
+}
+
+impl std::fmt::Debug for OutboxInitializer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxInitializer")
+            .field(
+                "publisher",
+                &self.publisher.as_ref().map(|p| p.name().to_owned()),
+            )
+            .finish()
+    }
+}
+
+impl OutboxInitializer {
+    /// Reads everything from the settings, the publisher included.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Publishes through `publisher` instead of the one `publisher:` names (a custom broker,
+    /// or a test double).
+    pub fn with_publisher(publisher: impl Publisher + 'static) -> Self {
+        Self {
+            publisher: Some(Arc::new(publisher)),
+        }
+    }
+}
+
+/// The running relays, in the app's shared store.
+pub(crate) struct RunningRelays {
+    pub(crate) stop: CancellationToken,
+    pub(crate) tasks: Mutex<Vec<JoinHandle<RelayStats>>>,
+}
+
+fn loco_error(e: impl std::fmt::Display) -> loco_rs::Error {
+    loco_rs::Error::Message(format!("outbox: {e}"))
+}
+
+#[async_trait]
+impl Initializer for OutboxInitializer {
+    fn name(&self) -> String {
+        crate::NAME.to_owned()
+    }
+
+    async fn after_routes(
+        &self,
+        router: AxumRouter,
+        ctx: &AppContext,
+    ) -> loco_rs::Result<AxumRouter> {
+        let settings = OutboxSettings::from_config(&ctx.config).map_err(loco_error)?;
+        if settings.relay {
+            start_relays(&self.publisher, &settings, ctx).await?;
+        }
+        let Some(admin) = &settings.admin else {
+            return Ok(router);
+        };
+        let api = Admin::builder(ctx.db.clone())
+            .authorizer(LocoJwt::new(ctx.clone(), admin))
+            .build();
+        tracing::info!(path = %admin.path, "outbox admin mounted behind Loco's JWT auth");
+        Ok(router.nest(&admin.path, api))
+    }
+
+    async fn check(&self, ctx: &AppContext) -> loco_rs::Result<Option<loco_rs::doctor::Check>> {
+        use loco_rs::doctor::{Check, CheckStatus};
+        let check = match (
+            OutboxSettings::from_config(&ctx.config),
+            seaorm_outbox::Outbox::new(&ctx.db).stats().await,
+        ) {
+            (Err(e), _) => Check {
+                status: CheckStatus::NotOk,
+                message: "outbox settings".into(),
+                description: Some(e.to_string()),
+            },
+            (Ok(_), Err(e)) => Check {
+                status: CheckStatus::NotOk,
+                message: "outbox table unreadable".into(),
+                description: Some(format!("{e}; run the outbox migrations")),
+            },
+            (Ok(_), Ok(s)) => Check {
+                status: CheckStatus::Ok,
+                message: format!("outbox: {} pending, {} dead letters", s.pending(), s.failed),
+                description: None,
+            },
+        };
+        Ok(Some(check))
+    }
+}
+
+async fn start_relays(
+    publisher: &Option<Arc<dyn Publisher>>,
+    settings: &OutboxSettings,
+    ctx: &AppContext,
+) -> loco_rs::Result<()> {
+    if ctx.shared_store.contains::<RunningRelays>() {
+        return Err(loco_error("the relays are already running in this app"));
+    }
+    let publisher = match publisher {
+        Some(p) => p.clone(),
+        None => crate::publisher::connect(settings)
+            .await
+            .map_err(loco_error)?,
+    };
+    let config = settings.relay_config().map_err(loco_error)?;
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::with_capacity(settings.relays);
+    for _ in 0..settings.relays {
+        let relay = Relay::builder(ctx.db.clone(), publisher.clone())
+            .config(config.clone())
+            .build()
+            .map_err(loco_error)?;
+        tracing::info!(
+            relay = relay.name(),
+            publisher = publisher.name(),
+            "outbox relay started"
+        );
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move { relay.run(stop).await }));
+    }
+    // The relays stop with the server even where `on_shutdown` does not call `shutdown`; that
+    // call is what waits for their in-flight batch.
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = loco_rs::boot::shutdown_signal() => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        }
+    });
+    ctx.shared_store.insert(RunningRelays {
+        stop,
+        tasks: Mutex::new(tasks),
+    });
+    Ok(())
+}
