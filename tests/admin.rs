@@ -1,15 +1,17 @@
 //! The admin HTTP API through its router: what it reports on every backend, each write action
 //! and its audit line, every refusal of the authorizer, and bad input answered with a JSON 4xx.
 
+#[path = "common/admin.rs"]
+mod admin_http;
 mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use admin_http::{Call, seed};
 use axum::Router;
 use axum::http::StatusCode;
 use common::TestDb;
-use common::admin::{Call, seed};
 use seaorm_outbox::admin::{Admin, BearerTokens, Principal};
 use seaorm_outbox::publisher::InMemoryPublisher;
 use seaorm_outbox::{Outbox, OutboxRepository, OutboxStatus, Relay, RelayConfig};

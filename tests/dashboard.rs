@@ -6,15 +6,17 @@
 //!
 //! `OUTBOX_SCREENSHOT=docs/dashboard.png` saves the screenshot the README shows.
 
+#[path = "common/admin.rs"]
+mod admin_http;
 mod common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use admin_http::{Call, seed};
 use axum::Router;
 use chrono::Utc;
-use common::admin::{Call, seed};
 use common::{Backend, TestDb};
 use fantoccini::{Client, ClientBuilder, Locator};
 use seaorm_outbox::admin::{Admin, BearerTokens};

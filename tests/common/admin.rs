@@ -1,5 +1,7 @@
 //! Admin API helpers: a seeded outbox with every kind of row, and one request through the
-//! router.
+//! router. The admin tests include it with `#[path]`, outside `common/mod.rs`, which the
+//! migration crate's tests include without the `admin` feature.
+#![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::net::SocketAddr;
 
@@ -13,7 +15,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use super::TestDb;
+use crate::common::TestDb;
 
 /// What [`seed`] wrote.
 pub struct Seeded {

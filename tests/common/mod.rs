@@ -9,8 +9,6 @@
 //! A server that cannot be reached fails the test with a message naming it; nothing is skipped.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
-#[cfg(feature = "admin")]
-pub mod admin;
 pub mod pg_server;
 pub mod proxy;
 
