@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Backend, TestDb};
+use common::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait};
 use seaorm_outbox::Error;
 use seaorm_outbox::inbox::{
@@ -30,8 +30,15 @@ on_all_backends!(
     failing_handlers_retry_then_dead_letter_and_replay_applies_them,
     messages_without_an_id_or_with_a_bad_payload_dead_letter_at_once,
     parallel_copies_of_one_message_apply_once,
-    shutdown_acknowledges_only_what_committed,
     a_running_consumer_purges_ids_past_its_retention,
+);
+
+// Not on in-memory SQLite: shutdown cancels a handler mid-transaction, and sqlx may then close
+// the pool's only connection, which takes the in-memory database (and the test's tables) with
+// it. The file-backed SQLite runs the same test.
+on_backends!(
+    [sqlite_file: SqliteFile, postgres: Postgres, mysql: MySql] =>
+    shutdown_acknowledges_only_what_committed,
 );
 
 // ---- a domain table the handlers write, and a source fed by the test ----
@@ -549,9 +556,7 @@ async fn shutdown_acknowledges_only_what_committed(t: &TestDb) {
         "acknowledged exactly what committed, in order"
     );
     assert_eq!(stats.applied as usize, applied.len());
-    if t.backend != Backend::SqliteMemory {
-        assert!(!applied.is_empty());
-    }
+    assert!(!applied.is_empty());
 }
 
 async fn a_running_consumer_purges_ids_past_its_retention(t: &TestDb) {
