@@ -569,6 +569,20 @@ async fn relay_process_guards_its_admin_api_with_the_token_from_the_environment(
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(Outbox::new(&t.db).count_failed().await.expect("count"), 0);
+    // A client that never finishes its request head is cut off after the header-read
+    // timeout (10 s), not held open.
+    let started = Instant::now();
+    let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(slow, "GET /metrics HTTP/1.1\r\nhost: x\r\n").expect("a partial head");
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8) && waited < Duration::from_secs(25),
+        "closed after {waited:?}"
+    );
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

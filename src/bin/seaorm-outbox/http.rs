@@ -1,23 +1,30 @@
 //! The relay process's HTTP endpoint, through axum: `/metrics` (Prometheus text), `/healthz`
 //! (the relay's verdict as JSON, 503 when unhealthy) and the admin API and dashboard under
-//! `/admin`. axum brings keep-alive, `HEAD`, 404/405 and body limits.
+//! `/admin`. axum brings keep-alive, `HEAD`, 404/405 and body limits; hyper's connection
+//! builder the header-read timeout.
 //!
 //! The admin router takes its tokens from the environment: `OUTBOX_ADMIN_TOKEN` (read and
 //! write) and `OUTBOX_ADMIN_READ_TOKEN` (read only). With neither set it serves loopback
 //! clients only.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::{Extension, Router};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::Health;
 use seaorm_outbox::admin::{Admin, BearerTokens};
 use seaorm_outbox::inbox::Inbox;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// The environment variable holding the admin writer's token.
@@ -96,15 +103,53 @@ where
         )
         .nest("/admin", admin(db, thresholds).await)
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
-    tokio::spawn(async move {
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-        if let Err(e) = served {
-            eprintln!("http endpoint stopped: {e}");
-        }
-    })
+    tokio::spawn(accept(listener, stop, app))
+}
+
+/// A client must send its whole request head within this, or its connection is closed: an ops
+/// port must not fill up with connections that never finish a request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 256;
+
+/// In-flight requests this long after `stop` are cut off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The accept loop: hyper's HTTP/1.1 with a header-read timeout (axum's `serve` sets none), a
+/// connection limit, each request given its peer address for the admin router's loopback
+/// check, and a graceful stop.
+async fn accept(listener: tokio::net::TcpListener, stop: CancellationToken, app: Router) {
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of file descriptors and the like: wait rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone().layer(Extension(ConnectInfo(peer))));
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
 }
