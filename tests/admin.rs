@@ -132,6 +132,19 @@ async fn stats_events_and_history_report_the_outbox(t: &TestDb) {
         .sum();
     assert_eq!(published, 4);
     assert!(minutes.iter().all(|m| m["pending"].is_null()), "{h}");
+    // A day, the most it serves: one statement within every backend's limits.
+    let (status, day) = Call::get("/api/history?minutes=1440")
+        .token(READ)
+        .send(&r)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{day}");
+    let day = day["minutes"].as_array().expect("minutes");
+    assert_eq!(day.len(), 1440);
+    let sum: u64 = day
+        .iter()
+        .map(|m| m["published"].as_u64().expect("n"))
+        .sum();
+    assert_eq!(sum, 4);
     sample_backlog(t).await;
     let (_, h) = Call::get("/api/history?minutes=5")
         .token(READ)

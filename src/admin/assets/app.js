@@ -9,6 +9,7 @@
   let paused = false;
   let refreshMs = 5000;
   let canWrite = false;
+  let lastChart = 0;
 
   async function call(method, path, body) {
     const headers = { "Accept": "application/json" };
@@ -209,9 +210,11 @@
     try {
       const s = await call("GET", "/api/stats");
       renderStats(s);
-      const [h, d] = await Promise.all([call("GET", "/api/history?minutes=60"),
+      // The chart moves by the minute: its history is read at most every 15 s.
+      const chartDue = Date.now() - lastChart >= Math.max(refreshMs, 15000);
+      const [h, d] = await Promise.all([chartDue ? call("GET", "/api/history?minutes=60") : null,
         call("GET", "/api/dead-letters?limit=100")]);
-      renderChart(h.minutes);
+      if (h) { renderChart(h.minutes); lastChart = Date.now(); }
       renderDeadLetters(d);
       if (s.inbox !== null) renderInbox(await call("GET", "/api/inbox/dead-letters?limit=100"));
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();
