@@ -144,6 +144,24 @@ async fn wait_for(c: &Client, what: &str, script: &str) -> Value {
     }
 }
 
+/// Whether the confirmation dialog is showing.
+const DIALOG_OPEN: &str = "document.getElementById('confirm').classList.contains('open')";
+
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+/// Waits for the confirmation dialog and confirms.
+async fn confirm(c: &Client) {
+    wait_for(c, "the confirmation", DIALOG_OPEN).await;
+    click(c, "#confirm-ok").await;
+}
+
 async fn text(c: &Client, css: &str) -> String {
     let v = c
         .execute(
@@ -328,15 +346,11 @@ async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
 
     // Replay one: the row leaves the page and the dead letter leaves the database.
     let outbox = Outbox::new(&t.db);
-    c.find(Locator::Css(&format!(
-        "tr[data-id=\"{}\"] button.replay",
-        s.failed[2]
-    )))
-    .await
-    .expect("replay button")
-    .click()
-    .await
-    .expect("click replay");
+    click(
+        &c,
+        &format!("tr[data-id=\"{}\"] button.replay", s.failed[2]),
+    )
+    .await;
     wait_for(
         &c,
         "the replayed row to go",
@@ -350,40 +364,19 @@ async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
     assert_eq!(outbox.count_failed().await.expect("count"), 2);
 
     // A bulk replay asks first; cancel changes nothing.
-    c.find(Locator::Css("#replay-all"))
-        .await
-        .expect("replay all")
-        .click()
-        .await
-        .expect("click");
-    let question = wait_for(&c, "the confirmation", "document.getElementById('confirm').classList.contains('open') && document.getElementById('confirm-text').textContent").await;
-    assert_eq!(question, json!("Replay all 2 dead letters?"));
-    c.find(Locator::Css("#confirm-cancel"))
-        .await
-        .expect("cancel")
-        .click()
-        .await
-        .expect("click");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(outbox.count_failed().await.expect("count"), 2, "cancelled");
-    c.find(Locator::Css("#replay-all"))
-        .await
-        .expect("replay all")
-        .click()
-        .await
-        .expect("click");
-    wait_for(
+    click(&c, "#replay-all").await;
+    let question = wait_for(
         &c,
         "the confirmation",
-        "document.getElementById('confirm').classList.contains('open')",
+        &format!("{DIALOG_OPEN} && document.getElementById('confirm-text').textContent"),
     )
     .await;
-    c.find(Locator::Css("#confirm-ok"))
-        .await
-        .expect("confirm")
-        .click()
-        .await
-        .expect("click");
+    assert_eq!(question, json!("Replay all 2 dead letters?"));
+    click(&c, "#confirm-cancel").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(outbox.count_failed().await.expect("count"), 2, "cancelled");
+    click(&c, "#replay-all").await;
+    confirm(&c).await;
     wait_for(
         &c,
         "no dead letters",
@@ -393,27 +386,12 @@ async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
     assert_eq!(outbox.count_failed().await.expect("count"), 0);
 
     // Discard the inbox's dead letter, confirmed.
-    c.find(Locator::Css(&format!(
-        "tr[data-id=\"{}\"] button.discard",
-        s.inbox_dead_letter
-    )))
-    .await
-    .expect("discard button")
-    .click()
-    .await
-    .expect("click discard");
-    wait_for(
+    click(
         &c,
-        "the confirmation",
-        "document.getElementById('confirm').classList.contains('open')",
+        &format!("tr[data-id=\"{}\"] button.discard", s.inbox_dead_letter),
     )
     .await;
-    c.find(Locator::Css("#confirm-ok"))
-        .await
-        .expect("confirm")
-        .click()
-        .await
-        .expect("click");
+    confirm(&c).await;
     wait_for(
         &c,
         "no inbox dead letters",

@@ -8,18 +8,19 @@ use seaorm_outbox::publisher::LogPublisher;
 use crate::settings::{OutboxSettings, PublisherKind, SettingsError};
 
 /// Connects the broker `settings` names; a broker whose feature is off is refused by name.
+// Without a broker feature only `stdout` is left, and the router and URL go unused.
+#[cfg_attr(
+    not(any(
+        feature = "nats",
+        feature = "kafka",
+        feature = "rabbitmq",
+        feature = "redis"
+    )),
+    allow(unused_variables)
+)]
 pub(crate) async fn connect(
     settings: &OutboxSettings,
 ) -> Result<Arc<dyn Publisher>, SettingsError> {
-    #[cfg_attr(
-        not(any(
-            feature = "nats",
-            feature = "kafka",
-            feature = "rabbitmq",
-            feature = "redis"
-        )),
-        allow(unused_variables)
-    )]
     let router = match &settings.destination {
         Some(d) => seaorm_outbox::publisher::Router::fixed(d.clone()),
         None if settings.route_prefix.is_empty() => {
@@ -27,30 +28,12 @@ pub(crate) async fn connect(
         }
         None => seaorm_outbox::publisher::Router::prefixed(settings.route_prefix.clone()),
     };
-    #[cfg_attr(
-        not(any(
-            feature = "nats",
-            feature = "kafka",
-            feature = "rabbitmq",
-            feature = "redis"
-        )),
-        allow(unused_variables)
-    )]
     let url = || {
         settings.broker_url.clone().ok_or(SettingsError::Invalid {
             key: "broker_url",
             reason: "this publisher needs a broker URL".into(),
         })
     };
-    #[cfg_attr(
-        not(any(
-            feature = "nats",
-            feature = "kafka",
-            feature = "rabbitmq",
-            feature = "redis"
-        )),
-        allow(unused_variables)
-    )]
     let unreachable = |e: &dyn std::fmt::Display| SettingsError::Invalid {
         key: "broker_url",
         reason: format!("cannot connect: {e}"),
