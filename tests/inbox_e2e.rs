@@ -188,11 +188,10 @@ impl<S: Source> Source for Faulty<S> {
 
     async fn run(self, ctx: SourceContext) -> seaorm_outbox::Result<()> {
         let (tx, mut rx) = mpsc::channel(64);
-        let inner_ctx = SourceContext {
-            deliveries: tx,
-            shutdown: ctx.shutdown.clone(),
-            consumer: ctx.consumer.clone(),
-        };
+        let mut inner_ctx = SourceContext::new(tx, ctx.consumer.clone());
+        inner_ctx.stop = ctx.stop.clone();
+        inner_ctx.shutdown = ctx.shutdown.clone();
+        let inner_handed = inner_ctx.handed.clone();
         let inner = tokio::spawn(self.inner.run(inner_ctx));
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -200,7 +199,20 @@ impl<S: Source> Source for Faulty<S> {
             .open(&self.log)
             .expect("delivery log");
         let count = Arc::new(AtomicUsize::new(0));
-        while let Some(d) = rx.recv().await {
+        loop {
+            // Once the inner source has handed over, what it sent is all in `rx`.
+            let next = tokio::select! {
+                biased;
+                d = rx.recv() => d,
+                _ = inner_handed.cancelled() => match rx.try_recv() {
+                    Ok(d) => Some(d),
+                    Err(_) => {
+                        ctx.handed_over();
+                        rx.recv().await
+                    }
+                },
+            };
+            let Some(d) = next else { break };
             let id = d.message.header("event-id").unwrap_or("-").to_owned();
             writeln!(log, "{id}").expect("log delivery");
             let ack = Box::new(CrashingAck {

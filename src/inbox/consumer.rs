@@ -50,6 +50,11 @@ pub struct ConsumerConfig {
     pub purge_batch: u64,
     /// How often replay requests for this consumer's dead letters are looked for (default 5 s).
     pub replay_interval: Duration,
+    /// How long a graceful stop may take to apply and acknowledge what was already received
+    /// (default 10 s): the source's batch in hand, the messages queued behind their keys, and
+    /// retries under way. What is left after it stays unacknowledged for the broker to
+    /// redeliver. Zero stops at once, as a crash would, but without losing anything.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -68,6 +73,7 @@ impl Default for ConsumerConfig {
             purge_interval: Duration::from_secs(600),
             purge_batch: 1000,
             replay_interval: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -100,6 +106,8 @@ impl ConsumerConfig {
         purge_batch: u64,
         /// Sets [`replay_interval`](Self::replay_interval).
         replay_interval: Duration,
+        /// Sets [`drain_timeout`](Self::drain_timeout).
+        drain_timeout: Duration,
     }
 
     fn validate(&self) -> Result<()> {
@@ -156,22 +164,51 @@ impl std::fmt::Debug for Delivery {
 }
 
 /// What a [`Source`] gets to run with.
+///
+/// A graceful stop comes in two steps: [`stop`](Self::stop) (take no new messages, hand over
+/// what was received, then call [`handed_over`](Self::handed_over)), and once the consumer
+/// has applied and acknowledged what it holds, [`shutdown`](Self::shutdown) (flush, return).
 #[derive(Debug)]
 pub struct SourceContext {
     /// Push each received message here; the bound is the consumer's backpressure. A send error
     /// means the consumer stopped: return.
     pub deliveries: mpsc::Sender<Delivery>,
+    /// Cancelled when a graceful stop begins: fetch nothing new, send what was already
+    /// received from the broker (it is applied and acknowledged before the stop completes),
+    /// then call [`handed_over`](Self::handed_over) and wait for `shutdown`. A source that
+    /// ignores it is stopped all the same, after [`ConsumerConfig::drain_timeout`].
+    pub stop: CancellationToken,
     /// Cancelled when the source should stop, after every acknowledgement the consumer will
     /// make has been made: flush (e.g. commit Kafka offsets) and return.
     pub shutdown: CancellationToken,
     /// The consumer's name.
     pub consumer: String,
+    /// Cancelled by [`handed_over`](Self::handed_over).
+    pub handed: CancellationToken,
 }
 
 impl SourceContext {
+    /// A context for a source that feeds `deliveries` on behalf of `consumer`, with fresh
+    /// tokens; for wrappers that run an inner source (link its tokens to the outer ones).
+    pub fn new(deliveries: mpsc::Sender<Delivery>, consumer: impl Into<String>) -> Self {
+        Self {
+            deliveries,
+            stop: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            consumer: consumer.into(),
+            handed: CancellationToken::new(),
+        }
+    }
+
     /// Reports the consumer's lag (messages not yet delivered to it) where the broker says.
     pub fn report_lag(&self, messages: u64) {
         crate::telemetry::metrics::inbox_lag(&self.consumer, messages);
+    }
+
+    /// After [`stop`](Self::stop): everything received has been sent to
+    /// [`deliveries`](Self::deliveries).
+    pub fn handed_over(&self) {
+        self.handed.cancel();
     }
 }
 
@@ -326,9 +363,11 @@ impl<H: Handler> Consumer<H> {
     /// Receives from `source` and handles until `shutdown` is cancelled or the source fails
     /// for good; returns the final counts.
     ///
-    /// On shutdown it stops receiving, lets running handlers finish their current attempt
-    /// (commit and acknowledge), drops what was queued unacknowledged (the broker redelivers
-    /// it), then lets the source flush. Nothing is acknowledged that was not committed.
+    /// On shutdown it drains: the source stops fetching and hands over what it received, and
+    /// every message held is applied (or dead-lettered) and acknowledged, for at most
+    /// [`ConsumerConfig::drain_timeout`]. Then running handlers finish their current attempt,
+    /// whatever is left stays unacknowledged (the broker redelivers it), and the source
+    /// flushes. Nothing is acknowledged that was not committed.
     pub async fn run<S: Source>(
         &self,
         source: S,

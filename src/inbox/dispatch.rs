@@ -173,18 +173,17 @@ pub(crate) async fn run<H: Handler, S: Source>(
     let config = shared.config.clone();
     let broker = source.broker();
     let (tx, mut rx) = mpsc::channel(config.concurrency);
-    let source_stop = CancellationToken::new();
-    let ctx = SourceContext {
-        deliveries: tx,
-        shutdown: source_stop.clone(),
-        consumer: shared.name.clone(),
-    };
+    let ctx = SourceContext::new(tx, shared.name.clone());
+    let (source_stop, source_flush, handed) =
+        (ctx.stop.clone(), ctx.shutdown.clone(), ctx.handed.clone());
     let mut source_task = tokio::spawn(source.run(ctx));
     let mut source_result = None;
+    // Cancelled when the drain is over: retries under way give up, nothing new starts.
+    let hard_stop = CancellationToken::new();
     let mut d = Dispatcher {
         permits: Arc::new(Semaphore::new(config.concurrency)),
         shared,
-        shutdown: shutdown.clone(),
+        shutdown: hard_stop.clone(),
         waiting: HashMap::new(),
         running: JoinSet::new(),
         held: 0,
@@ -223,8 +222,43 @@ pub(crate) async fn run<H: Handler, S: Source>(
             ended = &mut source_task, if source_result.is_none() => source_result = Some(ended),
         }
     }
-    // Let running messages finish their attempt; whatever waits behind them stays
-    // unacknowledged for the broker to redeliver.
+    // The drain: the source hands over what it received, and everything held is applied and
+    // acknowledged, so the broker keeps nothing pending for the next start to replay.
+    source_stop.cancel();
+    if !config.drain_timeout.is_zero() {
+        let deadline = tokio::time::sleep(config.drain_timeout);
+        tokio::pin!(deadline);
+        let mut source_done = source_result.is_some();
+        loop {
+            if (source_done || handed.is_cancelled()) && d.held == 0 && rx.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = &mut deadline => {
+                    tracing::info!(consumer = %d.shared.name, held = d.held, "inbox: drain timed out; the rest stays unacknowledged");
+                    break;
+                }
+                Some(done) = d.running.join_next() => {
+                    if let Ok(key) = done {
+                        d.finished(key);
+                    }
+                }
+                next = rx.recv(), if d.held < config.max_in_flight => match next {
+                    Some(delivery) => d.accept(delivery),
+                    None => source_done = true,
+                },
+                _ = handed.cancelled(), if !handed.is_cancelled() => {}
+                ended = &mut source_task, if source_result.is_none() => {
+                    source_result = Some(ended);
+                    source_done = true;
+                }
+            }
+        }
+    }
+    // Running messages finish their attempt; whatever waits behind them stays unacknowledged
+    // for the broker to redeliver.
+    hard_stop.cancel();
     while let Some(done) = d.running.join_next().await {
         if let Ok(key) = done {
             d.waiting.remove(&key);
@@ -232,7 +266,7 @@ pub(crate) async fn run<H: Handler, S: Source>(
     }
     drop(d);
     drop(rx);
-    source_stop.cancel();
+    source_flush.cancel();
     if let Some(p) = purging {
         p.abort();
     }

@@ -21,8 +21,12 @@ use crate::publisher::BoxError;
 /// flight, and a crash would lose it. Offsets are committed every
 /// [`commit_interval`](Self::commit_interval) and once more, synchronously, on shutdown.
 ///
-/// After a rebalance the new owner starts from the last committed watermark; what this member
-/// finished after that is redelivered there and seen as a duplicate by the inbox.
+/// After a rebalance or a crash the next reader starts from the last committed watermark; what
+/// was finished past it is redelivered. Each commit carries, as its metadata, one past the
+/// highest offset finished, so the next reader flags everything below that
+/// [`redelivered`](super::Incoming::redelivered): the consumer finds it applied or
+/// dead-lettered with one read and acknowledges it without running the handler. A graceful
+/// stop applies everything received and commits it, so the next start replays nothing.
 pub struct KafkaSource {
     config: ClientConfig,
     topics: Vec<String>,
@@ -75,8 +79,16 @@ struct Partition {
     unfinished: BTreeSet<i64>,
     /// One past the highest offset received.
     next: i64,
+    /// One past the highest offset finished, committed beside the watermark as its metadata:
+    /// everything from the watermark up to it may have been finished already.
+    finished_next: i64,
     committed: i64,
+    /// Offsets below this were possibly finished by the partition's previous reader.
+    replay_end: i64,
 }
+
+/// The prefix of the offset metadata this source commits.
+const METADATA: &str = "seaorm-outbox:finished=";
 
 impl Partition {
     fn watermark(&self) -> i64 {
@@ -103,7 +115,25 @@ fn received(tracker: &Tracker, topic: &str, partition: i32, offset: i64) {
 fn finished(tracker: &Tracker, topic: &str, partition: i32, offset: i64) {
     if let Some(p) = lock(tracker).get_mut(&(topic.to_owned(), partition)) {
         p.unfinished.remove(&offset);
+        p.finished_next = p.finished_next.max(offset + 1);
     }
+}
+
+/// Whether this member has read from the partition before.
+fn known(tracker: &Tracker, topic: &str, partition: i32) -> bool {
+    lock(tracker).contains_key(&(topic.to_owned(), partition))
+}
+
+/// Starts tracking a partition whose previous reader committed `metadata`.
+fn start(tracker: &Tracker, topic: &str, partition: i32, metadata: &str) {
+    let replay_end = metadata
+        .strip_prefix(METADATA)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    lock(tracker)
+        .entry((topic.to_owned(), partition))
+        .or_default()
+        .replay_end = replay_end;
 }
 
 struct KafkaAck {
@@ -153,16 +183,22 @@ fn advanced(tracker: &Tracker) -> Option<TopicPartitionList> {
                 .add_partition_offset(topic, *partition, Offset::Offset(mark))
                 .is_ok()
         {
+            if let Some(mut e) = list.find_partition(topic, *partition) {
+                e.set_metadata(format!("{METADATA}{}", p.finished_next.max(mark)));
+            }
             p.committed = mark;
         }
     }
     (list.count() > 0).then_some(list)
 }
 
-fn delivery(m: &rdkafka::message::BorrowedMessage<'_>, tracker: &Tracker) -> Delivery {
+fn delivery(m: &impl rdkafka::message::Message, tracker: &Tracker) -> Delivery {
     let topic = m.topic().to_owned();
     let (partition, offset) = (m.partition(), m.offset());
     received(tracker, &topic, partition, offset);
+    let redelivered = lock(tracker)
+        .get(&(topic.clone(), partition))
+        .is_some_and(|p| offset < p.replay_end);
     let headers = m
         .headers()
         .map(|h| {
@@ -181,7 +217,8 @@ fn delivery(m: &rdkafka::message::BorrowedMessage<'_>, tracker: &Tracker) -> Del
         m.payload().unwrap_or_default().to_vec(),
     )
     .position(Some(format!("{partition}/{offset}")))
-    .broker_key(key);
+    .broker_key(key)
+    .redelivered(redelivered);
     Delivery {
         message,
         ack: Box::new(KafkaAck {
@@ -212,7 +249,7 @@ impl Source for KafkaSource {
         let mut lags = tokio::time::interval(LAG_EVERY);
         loop {
             tokio::select! {
-                _ = ctx.shutdown.cancelled() => break,
+                _ = ctx.stop.cancelled() => break,
                 _ = lags.tick() => {
                     let (c, t) = (Arc::clone(&consumer), Arc::clone(&tracker));
                     if let Ok(n) = tokio::task::spawn_blocking(move || lag(&c, &t)).await {
@@ -227,6 +264,27 @@ impl Source for KafkaSource {
                     }
                 }
                 received = consumer.recv() => match received {
+                    Ok(m) if !known(&tracker, m.topic(), m.partition()) => {
+                        // A partition new to this member: what did its previous reader finish
+                        // past the committed offset? (Asked once, off the runtime's threads.)
+                        let m = m.detach();
+                        let (c, topic, partition) = (Arc::clone(&consumer), m.topic().to_owned(), m.partition());
+                        let metadata = tokio::task::spawn_blocking(move || {
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition(&topic, partition);
+                            c.committed_offsets(tpl, Duration::from_secs(5))
+                                .ok()
+                                .and_then(|l| l.find_partition(&topic, partition).map(|e| e.metadata().to_owned()))
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                        start(&tracker, m.topic(), m.partition(), &metadata);
+                        if ctx.deliveries.send(delivery(&m, &tracker)).await.is_err() {
+                            break;
+                        }
+                    }
                     Ok(m) => {
                         let d = delivery(&m, &tracker);
                         drop(m);
@@ -240,6 +298,20 @@ impl Source for KafkaSource {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
+            }
+        }
+        // Nothing is received past this point; the consumer applies what it holds.
+        ctx.handed_over();
+        loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                _ = commits.tick() => {
+                    if let Some(list) = advanced(&tracker)
+                        && let Err(e) = consumer.commit(&list, CommitMode::Async)
+                    {
+                        tracing::warn!(error = %e, "kafka source: offset commit failed");
+                    }
+                }
             }
         }
         // The consumer has made every acknowledgement it will: commit the final watermarks.

@@ -38,6 +38,12 @@ pub struct Incoming {
     pub received_at: DateTime<Utc>,
     /// Set when this is a replay of an inbox dead letter: that dead letter's id.
     pub replay_of: Option<Uuid>,
+    /// The source knows this message was delivered before (NATS's delivery count, AMQP's
+    /// `redelivered`, a Redis entry read from the pending list, a NATS message inside the
+    /// window replayed after a crash). The consumer then first checks, with one read, whether
+    /// it finished the message already, so a redelivery never runs the handler or stores a
+    /// dead letter again.
+    pub redelivered: bool,
 }
 
 impl Incoming {
@@ -60,6 +66,7 @@ impl Incoming {
             attempt: 0,
             received_at: Utc::now(),
             replay_of: None,
+            redelivered: false,
         }
     }
 
@@ -70,6 +77,8 @@ impl Incoming {
         broker_id: Option<String>,
         /// Sets the broker's own key.
         broker_key: Option<String>,
+        /// Sets [`redelivered`](Self::redelivered).
+        redelivered: bool,
     }
 
     /// The first header named `name`, ignoring ASCII case.

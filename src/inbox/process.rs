@@ -55,14 +55,60 @@ fn message_id<H>(s: &Shared<H>, msg: &Incoming) -> Result<String, String> {
     Ok(id)
 }
 
+/// The id of the dead letter this message would become (a replay keeps its own).
+fn dead_letter_key<H>(s: &Shared<H>, m: &Incoming) -> Uuid {
+    m.replay_of.unwrap_or_else(|| {
+        store::dead_letter_id(
+            &s.name,
+            (!m.message_id.is_empty()).then_some(m.message_id.as_str()),
+            &m.source,
+            m.position.as_deref(),
+            &m.headers,
+            &m.payload,
+        )
+    })
+}
+
+/// A redelivery of a message this consumer already finished (applied, or dead-lettered):
+/// one indexed read instead of a transaction, and no handler attempts or dead letter again.
+/// Only redeliveries pay it; an error reads as "not finished", and the normal path decides.
+async fn finished_before<H>(s: &Shared<H>, m: &Incoming) -> bool {
+    if m.replay_of.is_some() {
+        return false;
+    }
+    if s.config.deduplicate
+        && !m.message_id.is_empty()
+        && Inbox::new(&s.db)
+            .is_processed(&s.name, &m.message_id)
+            .await
+            .unwrap_or(false)
+    {
+        return true;
+    }
+    store::dead_letter_exists(&s.db, dead_letter_key(s, m))
+        .await
+        .unwrap_or(false)
+}
+
 pub(crate) async fn handle<H: Handler>(
     s: &Shared<H>,
     mut d: Delivery,
     shutdown: &CancellationToken,
 ) {
-    match message_id(s, &d.message) {
-        Ok(id) => d.message.message_id = id,
-        Err(reason) => return dead_letter(s, d, 0, reason, shutdown).await,
+    let missing = match message_id(s, &d.message) {
+        Ok(id) => {
+            d.message.message_id = id;
+            None
+        }
+        Err(reason) => Some(reason),
+    };
+    if d.message.redelivered && finished_before(s, &d.message).await {
+        Counters::bump(&s.counters.duplicates);
+        m::inbox_outcome(&s.name, "duplicate");
+        return ack(s, d).await;
+    }
+    if let Some(reason) = missing {
+        return dead_letter(s, d, 0, reason, shutdown).await;
     }
     let mut failures = 0u32;
     let mut outages = 0u32;
@@ -170,7 +216,7 @@ async fn dead_letter<H>(
     let m = &d.message;
     let now = Utc::now();
     let row = InboxDeadLetter {
-        id: m.replay_of.unwrap_or_else(Uuid::now_v7),
+        id: dead_letter_key(s, m),
         consumer: s.name.clone(),
         message_id: (!m.message_id.is_empty()).then(|| m.message_id.clone()),
         ordering_key: m.ordering_key.clone(),
@@ -185,13 +231,15 @@ async fn dead_letter<H>(
         replay_requested_at: None,
     };
     let mut tries = 0u32;
-    loop {
+    let new = loop {
         let written = match m.replay_of {
-            Some(id) => store::refail_dead_letter(&s.db, id, &row.error, attempts, now).await,
+            Some(id) => store::refail_dead_letter(&s.db, id, &row.error, attempts, now)
+                .await
+                .map(|()| true),
             None => store::insert_dead_letter(&s.db, &row).await,
         };
         match written {
-            Ok(()) => break,
+            Ok(new) => break new,
             Err(e) => {
                 tries += 1;
                 tracing::warn!(consumer = %s.name, error = %e, "inbox: writing a dead letter failed; retrying");
@@ -202,10 +250,17 @@ async fn dead_letter<H>(
                 }
             }
         }
+    };
+    if new {
+        Counters::bump(&s.counters.dead_lettered);
+        m::inbox_outcome(&s.name, "dead_lettered");
+        tracing::warn!(consumer = %s.name, id = %row.message_id.as_deref().unwrap_or("-"), attempts, error = %row.error, "inbox: message dead-lettered");
+    } else {
+        // A redelivery of a message dead-lettered before: its dead letter stands as it was.
+        Counters::bump(&s.counters.duplicates);
+        m::inbox_outcome(&s.name, "duplicate");
+        tracing::debug!(consumer = %s.name, id = %row.message_id.as_deref().unwrap_or("-"), "inbox: redelivered message was dead-lettered already");
     }
-    Counters::bump(&s.counters.dead_lettered);
-    m::inbox_outcome(&s.name, "dead_lettered");
-    tracing::warn!(consumer = %s.name, id = %row.message_id.as_deref().unwrap_or("-"), attempts, error = %row.error, "inbox: message dead-lettered");
     if m.replay_of.is_none() {
         ack(s, d).await;
     }

@@ -3,7 +3,9 @@
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::Acker;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 
@@ -16,8 +18,13 @@ use crate::publisher::BoxError;
 /// [`prefetch`](Self::prefetch) unacknowledged messages, acking each after its transaction
 /// committed. Declare and bind the queue yourself (durable, for an outbox's events).
 ///
-/// After a lost connection it reconnects; the broker requeues whatever was unacknowledged on
-/// the old channel, and the inbox sees the redeliveries as duplicates.
+/// After a lost connection or a crash the broker requeues whatever was unacknowledged on the
+/// old channel, flagged `redelivered`: the consumer checks those against the inbox and the dead
+/// letters with one read each, and applies only what it had not finished. Nothing acknowledged
+/// comes again. A graceful stop cancels the subscription and applies what was already sent.
+///
+/// AMQP gives a message no stable position, so a message with no id that is dead-lettered is
+/// recognised on redelivery by its bytes (source, headers and body).
 #[derive(Clone, Debug)]
 pub struct RabbitMqSource {
     uri: String,
@@ -47,18 +54,29 @@ impl RabbitMqSource {
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
+        let tag = ShortString::from(format!("{}-{}", ctx.consumer, std::process::id()));
         let mut deliveries = channel
             .basic_consume(
                 ShortString::from(self.queue.clone()),
-                ShortString::from(format!("{}-{}", ctx.consumer, std::process::id())),
+                tag.clone(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         let mut lags = tokio::time::interval(LAG_EVERY);
+        let mut stopping = false;
         loop {
             let next = tokio::select! {
                 _ = ctx.shutdown.cancelled() => return Ok(false),
+                // A graceful stop: the broker sends nothing new after the cancel, and what it
+                // already sent (up to the prefetch) is handed over to be applied and acked.
+                _ = ctx.stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    if channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 _ = lags.tick() => {
                     // A passive declare reports the messages ready in the queue.
                     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
@@ -72,10 +90,13 @@ impl RabbitMqSource {
                 }
                 next = deliveries.next() => next,
             };
-            let d = match next {
-                Some(d) => d?,
-                None => return Ok(true),
+            let d = match (next, stopping) {
+                (Some(Ok(d)), _) => d,
+                (Some(Err(e)), false) => return Err(e),
+                (None, false) => return Ok(true),
+                (Some(Err(_)) | None, true) => break,
             };
+            let redelivered = d.redelivered;
             let headers = d
                 .properties
                 .headers()
@@ -88,7 +109,9 @@ impl RabbitMqSource {
                 })
                 .unwrap_or_default();
             let broker_id = d.properties.message_id().as_ref().map(|s| s.to_string());
-            let message = Incoming::new(self.queue.clone(), headers, d.data).broker_id(broker_id);
+            let message = Incoming::new(self.queue.clone(), headers, d.data)
+                .broker_id(broker_id)
+                .redelivered(redelivered);
             let delivery = Delivery {
                 message,
                 ack: Box::new(RabbitAck(d.acker)),
@@ -97,6 +120,10 @@ impl RabbitMqSource {
                 return Ok(false);
             }
         }
+        // The channel stays open until shutdown: the acknowledgements go over it.
+        ctx.handed_over();
+        ctx.shutdown.cancelled().await;
+        Ok(false)
     }
 }
 
@@ -138,7 +165,7 @@ impl Source for RabbitMqSource {
                     tracing::warn!(queue = %self.queue, error = %e, "rabbitmq source: connection failed; reconnecting")
                 }
             }
-            if !pause(&ctx.shutdown, RECONNECT_DELAY).await {
+            if !pause(&ctx.stop, RECONNECT_DELAY).await {
                 return Ok(());
             }
         }

@@ -153,7 +153,7 @@ impl RedisSource {
         u64::from_redis_value(ours.get("lag")?.clone()).ok()
     }
 
-    fn delivery(&self, entry: StreamId, acks: &ConnectionManager) -> Delivery {
+    fn delivery(&self, entry: StreamId, redelivered: bool, acks: &ConnectionManager) -> Delivery {
         let mut headers = Vec::with_capacity(entry.map.len());
         let mut payload = Vec::new();
         for (field, value) in entry.map {
@@ -167,7 +167,8 @@ impl RedisSource {
         headers.sort();
         Delivery {
             message: Incoming::new(self.stream.clone(), headers, payload)
-                .position(Some(entry.id.clone())),
+                .position(Some(entry.id.clone()))
+                .redelivered(redelivered),
             ack: Box::new(self.ack_for(entry.id, acks)),
         }
     }
@@ -186,6 +187,7 @@ impl RedisSource {
     async fn push(
         &self,
         entries: Vec<StreamId>,
+        redelivered: bool,
         ctx: &SourceContext,
         acks: &ConnectionManager,
     ) -> bool {
@@ -199,7 +201,7 @@ impl RedisSource {
             }
             if ctx
                 .deliveries
-                .send(self.delivery(entry, acks))
+                .send(self.delivery(entry, redelivered, acks))
                 .await
                 .is_err()
             {
@@ -253,13 +255,13 @@ impl Source for RedisSource {
                 Ok(entries) if entries.is_empty() => break,
                 Ok(entries) => {
                     from = entries.last().map(|e| e.id.clone()).unwrap_or(from);
-                    if !self.push(entries, &ctx, &acks).await {
+                    if !self.push(entries, true, &ctx, &acks).await {
                         return Ok(());
                     }
                 }
                 Err(e) => {
                     tracing::warn!(stream = %self.stream, error = %e, "redis source: reading own pending entries failed; retrying");
-                    if !pause(&ctx.shutdown, RECONNECT_DELAY).await {
+                    if !pause(&ctx.stop, RECONNECT_DELAY).await {
                         return Ok(());
                     }
                 }
@@ -270,7 +272,11 @@ impl Source for RedisSource {
         let mut lag_at = tokio::time::Instant::now();
         let mut claim_from = "0-0".to_owned();
         loop {
-            if ctx.shutdown.is_cancelled() {
+            if ctx.stop.is_cancelled() {
+                // Entries read and not yet applied stay in our pending list, which the next
+                // start reads first: nothing acknowledged is read again.
+                ctx.handed_over();
+                ctx.shutdown.cancelled().await;
                 return Ok(());
             }
             if tokio::time::Instant::now() >= lag_at {
@@ -287,7 +293,7 @@ impl Source for RedisSource {
                             claim_at = tokio::time::Instant::now() + self.claim_idle / 2;
                         }
                         claim_from = reply.next_stream_id;
-                        if !self.push(reply.claimed, &ctx, &acks).await {
+                        if !self.push(reply.claimed, true, &ctx, &acks).await {
                             return Ok(());
                         }
                     }
@@ -298,18 +304,18 @@ impl Source for RedisSource {
                 }
             }
             let read = tokio::select! {
-                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = ctx.stop.cancelled() => continue,
                 read = self.read(&mut reads, ">", true) => read,
             };
             match read {
                 Ok(entries) => {
-                    if !self.push(entries, &ctx, &acks).await {
+                    if !self.push(entries, false, &ctx, &acks).await {
                         return Ok(());
                     }
                 }
                 Err(e) => {
                     tracing::warn!(stream = %self.stream, error = %e, "redis source: read failed; retrying");
-                    if !pause(&ctx.shutdown, RECONNECT_DELAY).await {
+                    if !pause(&ctx.stop, RECONNECT_DELAY).await {
                         return Ok(());
                     }
                     // The stream (and its group) was deleted under us: start it again.

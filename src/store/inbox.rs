@@ -209,13 +209,77 @@ async fn count(db: &impl ConnectionTrait, table: &str, consumer: Option<&str>) -
 const DEAD_LETTER_COLUMNS: &str = "id, consumer, message_id, ordering_key, source, position, \
      headers, payload, error, attempts, received_at, failed_at, replay_requested_at";
 
-/// Stores a new dead letter.
+/// The most bytes of headers JSON kept: MySQL's `TEXT` holds 65,535.
+const MAX_HEADERS_JSON: usize = 60_000;
+
+/// The headers as JSON, the leading ones that fit [`MAX_HEADERS_JSON`]: like the other
+/// metadata, they describe the message and are cut rather than refused, and `INSERT IGNORE`
+/// must never meet a value its column would truncate.
+fn headers_json(headers: &[(String, String)]) -> String {
+    let mut keep = headers.len();
+    loop {
+        let json = serde_json::to_string(&headers[..keep]).unwrap_or_else(|_| "[]".into());
+        if json.len() <= MAX_HEADERS_JSON || keep == 0 {
+            return json;
+        }
+        keep -= 1;
+    }
+}
+
+/// The namespace of [`dead_letter_id`]'s UUIDv5s.
+const DEAD_LETTER_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2a54_8e0b_4d6e_9a3f_51c7_d2e8_b401);
+
+/// A dead letter's id, derived from what identifies the message to its consumer, so a message
+/// the broker redelivers after it was dead-lettered maps to the same row: its message id; else
+/// where it sat in its source (a stream sequence, an entry id, a partition and offset); else,
+/// for a broker with no stable position, its bytes. UUIDv5 (SHA-1), stable across versions and
+/// processes.
+pub(crate) fn dead_letter_id(
+    consumer: &str,
+    message_id: Option<&str>,
+    source: &str,
+    position: Option<&str>,
+    headers: &[(String, String)],
+    payload: &[u8],
+) -> Uuid {
+    let mut name = Vec::with_capacity(64 + payload.len());
+    name.extend_from_slice(consumer.as_bytes());
+    name.push(0);
+    match (message_id, position) {
+        (Some(id), _) => {
+            name.extend_from_slice(b"id\0");
+            name.extend_from_slice(id.as_bytes());
+        }
+        (None, Some(position)) => {
+            name.extend_from_slice(b"at\0");
+            name.extend_from_slice(source.as_bytes());
+            name.push(0);
+            name.extend_from_slice(position.as_bytes());
+        }
+        (None, None) => {
+            name.extend_from_slice(b"bytes\0");
+            name.extend_from_slice(source.as_bytes());
+            for (k, v) in headers {
+                name.push(0);
+                name.extend_from_slice(k.as_bytes());
+                name.push(0);
+                name.extend_from_slice(v.as_bytes());
+            }
+            name.push(0);
+            name.extend_from_slice(payload);
+        }
+    }
+    Uuid::new_v5(&DEAD_LETTER_NAMESPACE, &name)
+}
+
+/// Stores a dead letter unless one with its id exists; `true` when it was new. With ids from
+/// [`dead_letter_id`], a redelivered message that was dead-lettered already adds nothing.
 pub(crate) async fn insert_dead_letter(
     db: &impl ConnectionTrait,
     d: &InboxDeadLetter,
-) -> Result<()> {
+) -> Result<bool> {
     let backend = db.get_database_backend();
-    let headers = serde_json::to_string(&d.headers).unwrap_or_else(|_| "[]".into());
+    let headers = headers_json(&d.headers);
     let values: Vec<Value> = vec![
         d.id.into(),
         d.consumer.clone().into(),
@@ -231,12 +295,32 @@ pub(crate) async fn insert_dead_letter(
         d.failed_at.into(),
         d.replay_requested_at.into(),
     ];
-    let sql = format!(
-        "INSERT INTO inbox_dead_letters ({DEAD_LETTER_COLUMNS}) VALUES ({})",
-        super::sql::placeholders(values.len())
-    );
-    db.execute_raw(stmt(backend, &sql, values)).await?;
-    Ok(())
+    let marks = super::sql::placeholders(values.len());
+    let sql = match backend {
+        // Every value was fitted to its column above, so IGNORE only skips the duplicate key.
+        DbBackend::MySql => {
+            format!("INSERT IGNORE INTO inbox_dead_letters ({DEAD_LETTER_COLUMNS}) VALUES ({marks})")
+        }
+        _ => format!(
+            "INSERT INTO inbox_dead_letters ({DEAD_LETTER_COLUMNS}) VALUES ({marks}) \
+             ON CONFLICT (id) DO NOTHING"
+        ),
+    };
+    let res = db.execute_raw(stmt(backend, &sql, values)).await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// Whether a dead letter with this id exists.
+pub(crate) async fn dead_letter_exists(db: &impl ConnectionTrait, id: Uuid) -> Result<bool> {
+    let backend = db.get_database_backend();
+    let row = db
+        .query_one_raw(stmt(
+            backend,
+            "SELECT 1 AS hit FROM inbox_dead_letters WHERE id = ?",
+            vec![id.into()],
+        ))
+        .await?;
+    Ok(row.is_some())
 }
 
 /// A replayed dead letter failed again: its row takes the new error and attempt count.
