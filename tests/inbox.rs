@@ -166,6 +166,17 @@ impl Source for TestSource {
         loop {
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => return Ok(()),
+                // A graceful stop: hand over what was already "received".
+                _ = ctx.stop.cancelled() => {
+                    while let Ok(d) = self.0.try_recv() {
+                        if ctx.deliveries.send(d).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    ctx.handed_over();
+                    ctx.shutdown.cancelled().await;
+                    return Ok(());
+                }
                 d = self.0.recv() => match d {
                     Some(d) => if ctx.deliveries.send(d).await.is_err() { return Ok(()) },
                     None => { ctx.shutdown.cancelled().await; return Ok(()) }
@@ -535,20 +546,27 @@ async fn parallel_copies_of_one_message_apply_once(t: &TestDb) {
 
 async fn shutdown_acknowledges_only_what_committed(t: &TestDb) {
     create_effects(t).await;
-    let handler = Effects {
-        delay: Duration::from_millis(200),
+    let handler = || Effects {
+        delay: Duration::from_millis(100),
         ..Effects::default()
     };
     // One key: one message runs, the rest wait behind it.
-    let h = Harness::start(t, "graceful", handler, fast());
-    for i in 0..20 {
-        h.send(message(Some(&format!("m-{i}")), "a", i, i as u64))
-            .await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let acks = Arc::clone(&h.acks);
-    let stats = h.stop().await;
-    let acked = acks.lock().expect("acks").clone();
+    let run = |name: &'static str, config: ConsumerConfig, first: usize| {
+        let h = Harness::start(t, name, handler(), config);
+        async move {
+            for i in first..first + 20 {
+                h.send(message(Some(&format!("m-{i}")), "a", i as i64, i as u64))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let acks = Arc::clone(&h.acks);
+            let stats = h.stop().await;
+            let acked = acks.lock().expect("acks").clone();
+            (stats, acked)
+        }
+    };
+    // No drain: the stop waits only for the running attempt; the queue stays unacknowledged.
+    let (stats, acked) = run("abrupt", fast().drain_timeout(Duration::ZERO), 0).await;
     let applied: Vec<String> = effects(t).await.into_iter().map(|e| e.0).collect();
     assert!(acked.len() < 20, "shutdown waited for the whole queue");
     assert_eq!(
@@ -557,6 +575,35 @@ async fn shutdown_acknowledges_only_what_committed(t: &TestDb) {
     );
     assert_eq!(stats.applied as usize, applied.len());
     assert!(!applied.is_empty());
+
+    // A drain long enough: everything received is applied and acknowledged before it returns.
+    let (stats, acked) = run("graceful", fast(), 100).await;
+    let drained: Vec<String> = effects(t)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .filter(|id| !applied.contains(id))
+        .collect();
+    assert_eq!(acked.len(), 20, "a graceful stop drains what it received");
+    assert_eq!(
+        acked, drained,
+        "acknowledged exactly what committed, in order"
+    );
+    assert_eq!(stats.applied, 20);
+
+    // A drain shorter than the queue: what it reached is acknowledged, the rest is not.
+    let (stats, acked) = run(
+        "hurried",
+        fast().drain_timeout(Duration::from_millis(400)),
+        200,
+    )
+    .await;
+    assert!(acked.len() < 20, "the drain is bounded by drain_timeout");
+    assert!(
+        acked.len() > 3,
+        "the drain went on past the running attempt"
+    );
+    assert_eq!(stats.applied as usize, acked.len());
 }
 
 async fn a_running_consumer_purges_ids_past_its_retention(t: &TestDb) {

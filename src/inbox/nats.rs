@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
-use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures_util::StreamExt;

@@ -299,7 +299,9 @@ pub(crate) async fn insert_dead_letter(
     let sql = match backend {
         // Every value was fitted to its column above, so IGNORE only skips the duplicate key.
         DbBackend::MySql => {
-            format!("INSERT IGNORE INTO inbox_dead_letters ({DEAD_LETTER_COLUMNS}) VALUES ({marks})")
+            format!(
+                "INSERT IGNORE INTO inbox_dead_letters ({DEAD_LETTER_COLUMNS}) VALUES ({marks})"
+            )
         }
         _ => format!(
             "INSERT INTO inbox_dead_letters ({DEAD_LETTER_COLUMNS}) VALUES ({marks}) \

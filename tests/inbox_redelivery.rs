@@ -1,0 +1,795 @@
+//! What a consumer's restarts replay, on each real broker, with the consumer in a child process:
+//! - **a graceful stop** (SIGTERM) replays nothing: no message it acknowledged comes again;
+//! - **a crash** (SIGKILL, six times, twice right after a dead letter) replays at most what was
+//!   in flight (NATS: one batch, the channel and the consumer's held messages; RabbitMQ and
+//!   Redis: nothing acknowledged at all; Kafka: what finished since the last offset commit), and
+//!   a replayed message never runs the handler again;
+//! - two bad messages (one without an `event-id`, one whose body is not JSON) leave exactly one
+//!   dead letter each, beside exactly one effect per good message, in per-aggregate order.
+//!
+//! Each run prints its figures.
+#![cfg(all(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::{Backend, TestDb};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
+use seaorm_outbox::inbox::{
+    Consumer, ConsumerConfig, Handler, HandlerError, Incoming, KafkaSource, NatsSource,
+    RabbitMqSource, RedisSource,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const CONSUMER: &str = "redelivery";
+const AGGREGATES: usize = 20;
+/// Messages before the graceful-stop phase's SIGTERM and after it.
+const GRACEFUL: usize = 400;
+/// Messages of the crash phase, with the two bad ones among them.
+const CRASHING: usize = 1000;
+const KILLS: usize = 6;
+/// The consumer's and the sources' windows, so the crash bound is small against the stream.
+const CONCURRENCY: usize = 8;
+const MAX_IN_FLIGHT: usize = 64;
+const PREFETCH: usize = 64;
+const KAFKA_COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+enum Broker {
+    Nats { url: String, stream: String },
+    RabbitMq { uri: String, queue: String },
+    Redis { url: String, stream: String },
+    Kafka { bootstrap: String, topic: String },
+}
+
+impl Broker {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Nats { .. } => "nats",
+            Self::RabbitMq { .. } => "rabbitmq",
+            Self::Redis { .. } => "redis",
+            Self::Kafka { .. } => "kafka",
+        }
+    }
+
+    /// Sends `count` messages, `bad` among them at their positions: good ones carry an
+    /// `event-id` and an `aggregate-id` and a JSON body with their sequence in the aggregate.
+    async fn send(&self, first: usize, count: usize, bad: &[(usize, Bad)]) -> Vec<String> {
+        let mut good = Vec::new();
+        let mut messages = Vec::new();
+        for i in first..first + count {
+            if let Some((_, b)) = bad.iter().find(|(at, _)| *at == i) {
+                let aggregate = format!("a{}", i % AGGREGATES);
+                messages.push(match b {
+                    Bad::NoId => (vec![("aggregate-id".to_owned(), aggregate)], b"{}".to_vec()),
+                    Bad::NotJson => (
+                        vec![
+                            ("event-id".to_owned(), Uuid::now_v7().to_string()),
+                            ("aggregate-id".to_owned(), aggregate),
+                        ],
+                        b"not json".to_vec(),
+                    ),
+                });
+                continue;
+            }
+            let id = Uuid::now_v7().to_string();
+            let aggregate = format!("a{}", i % AGGREGATES);
+            let body = serde_json::json!({ "aggregate": aggregate, "seq": i }).to_string();
+            good.push(id.clone());
+            messages.push((
+                vec![
+                    ("event-id".to_owned(), id),
+                    ("aggregate-id".to_owned(), aggregate),
+                ],
+                body.into_bytes(),
+            ));
+        }
+        match self {
+            Self::Nats { url, stream } => {
+                let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("nats"));
+                for (headers, body) in messages {
+                    let mut map = async_nats::HeaderMap::new();
+                    for (k, v) in headers {
+                        map.insert(k.as_str(), v.as_str());
+                    }
+                    js.publish_with_headers(format!("{stream}.e"), map, body.into())
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("stored");
+                }
+            }
+            Self::RabbitMq { uri, queue } => {
+                use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+                use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+                let conn = lapin::Connection::connect(uri, Default::default())
+                    .await
+                    .expect("rabbitmq");
+                let ch = conn.create_channel().await.expect("channel");
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .expect("confirms");
+                for (headers, body) in messages {
+                    let mut table = FieldTable::default();
+                    for (k, v) in headers {
+                        table.insert(
+                            ShortString::from(k),
+                            AMQPValue::LongString(LongString::from(v)),
+                        );
+                    }
+                    let props = lapin::BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_headers(table);
+                    ch.basic_publish(
+                        ShortString::from(""),
+                        ShortString::from(queue.clone()),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirmed");
+                }
+            }
+            Self::Redis { url, stream } => {
+                let client = redis::Client::open(url.as_str()).expect("redis");
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis");
+                for (headers, body) in messages {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(stream).arg("*").arg("payload").arg(body);
+                    for (k, v) in headers {
+                        cmd.arg(k).arg(v);
+                    }
+                    let _: String = cmd.query_async(&mut conn).await.expect("xadd");
+                }
+            }
+            Self::Kafka { bootstrap, topic } => {
+                use rdkafka::message::{Header, OwnedHeaders};
+                use rdkafka::producer::{FutureProducer, FutureRecord};
+                let producer: FutureProducer = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .create()
+                    .expect("producer");
+                for (headers, body) in messages {
+                    let key = headers
+                        .iter()
+                        .find(|(k, _)| k == "aggregate-id")
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                    let mut h = OwnedHeaders::new();
+                    for (k, v) in &headers {
+                        h = h.insert(Header {
+                            key: k,
+                            value: Some(v.as_bytes()),
+                        });
+                    }
+                    producer
+                        .send(
+                            FutureRecord::to(topic).key(&key).payload(&body).headers(h),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .expect("produced");
+                }
+            }
+        }
+        good
+    }
+
+    /// The most a crash may replay of what the consumer had acknowledged, where the source
+    /// bounds it by a window (Kafka is bounded by time instead: see `assert_crash`).
+    fn crash_bound(&self) -> Option<usize> {
+        match self {
+            // Recreated from the ack floor: the batch in hand, the channel, the held messages.
+            Self::Nats { .. } => Some(PREFETCH + CONCURRENCY + MAX_IN_FLIGHT),
+            // Only unacknowledged messages come again.
+            Self::RabbitMq { .. } | Self::Redis { .. } => Some(0),
+            Self::Kafka { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Bad {
+    NoId,
+    NotJson,
+}
+
+// ---- the child ----
+
+/// Writes one effect row per message, logging each call.
+struct Effects {
+    log: Log,
+}
+
+#[async_trait]
+impl Handler for Effects {
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Incoming) -> Result<(), HandlerError> {
+        self.log.line('H', &msg.message_id);
+        let body: serde_json::Value = msg.json()?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "INSERT INTO effects (event_id, aggregate, seq) VALUES ($1, $2, $3)",
+            [
+                msg.message_id.clone().into(),
+                body["aggregate"].as_str().unwrap_or_default().into(),
+                body["seq"].as_i64().unwrap_or_default().into(),
+            ],
+        ))
+        .await
+        .map_err(HandlerError::retry)?;
+        Ok(())
+    }
+}
+
+/// A line per event: `D` delivered to the consumer, `H` handler called, `A` acknowledged, with
+/// milliseconds since the epoch.
+#[derive(Clone)]
+struct Log(std::sync::Arc<std::sync::Mutex<std::fs::File>>);
+
+impl Log {
+    fn open(path: &Path) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("log");
+        Self(std::sync::Arc::new(std::sync::Mutex::new(f)))
+    }
+
+    fn line(&self, kind: char, id: &str) {
+        let ms = chrono::Utc::now().timestamp_millis();
+        let mut f = self.0.lock().expect("log lock");
+        writeln!(f, "{kind} {id} {ms}").expect("log line");
+    }
+}
+
+mod logged {
+    //! A source wrapper that logs deliveries and acknowledgements.
+    use super::Log;
+    use async_trait::async_trait;
+    use seaorm_outbox::inbox::{Acknowledge, Delivery, Source, SourceContext};
+    use seaorm_outbox::publisher::BoxError;
+    use tokio::sync::mpsc;
+
+    pub(super) struct Logged<S> {
+        pub(super) inner: S,
+        pub(super) log: Log,
+    }
+
+    struct LoggedAck {
+        inner: Box<dyn Acknowledge>,
+        log: Log,
+        id: String,
+    }
+
+    #[async_trait]
+    impl Acknowledge for LoggedAck {
+        async fn ack(self: Box<Self>) -> Result<(), BoxError> {
+            self.inner.ack().await?;
+            self.log.line('A', &self.id);
+            Ok(())
+        }
+
+        async fn in_progress(&self) {
+            self.inner.in_progress().await;
+        }
+    }
+
+    #[async_trait]
+    impl<S: Source> Source for Logged<S> {
+        fn broker(&self) -> &'static str {
+            self.inner.broker()
+        }
+
+        async fn run(self, ctx: SourceContext) -> seaorm_outbox::Result<()> {
+            let (tx, mut rx) = mpsc::channel(16);
+            let mut inner_ctx = SourceContext::new(tx, ctx.consumer.clone());
+            inner_ctx.stop = ctx.stop.clone();
+            inner_ctx.shutdown = ctx.shutdown.clone();
+            let inner_handed = inner_ctx.handed.clone();
+            let inner = tokio::spawn(self.inner.run(inner_ctx));
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    d = rx.recv() => d,
+                    _ = inner_handed.cancelled() => match rx.try_recv() {
+                        Ok(d) => Some(d),
+                        Err(_) => {
+                            ctx.handed_over();
+                            rx.recv().await
+                        }
+                    },
+                };
+                let Some(d) = next else { break };
+                let id = d.message.header("event-id").unwrap_or("-").to_owned();
+                self.log.line('D', &id);
+                let ack = Box::new(LoggedAck {
+                    inner: d.ack,
+                    log: self.log.clone(),
+                    id,
+                });
+                let d = Delivery {
+                    message: d.message,
+                    ack,
+                };
+                if ctx.deliveries.send(d).await.is_err() {
+                    break;
+                }
+            }
+            drop(rx);
+            inner.await.expect("inner source")
+        }
+    }
+}
+
+/// Not a test on its own: the consumer process. SIGTERM stops it gracefully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the redelivery tests"]
+async fn redelivery_consumer_child() {
+    let Some(db) = TestDb::from_child_env().await else {
+        return;
+    };
+    let broker: Broker =
+        serde_json::from_str(&std::env::var("REDELIVERY_BROKER").expect("broker")).expect("json");
+    let log = Log::open(Path::new(&std::env::var("REDELIVERY_LOG").expect("log")));
+    let config = ConsumerConfig::default()
+        .concurrency(CONCURRENCY)
+        .max_in_flight(MAX_IN_FLIGHT)
+        .retry_backoff(Duration::from_millis(5))
+        .max_retry_backoff(Duration::from_millis(50));
+    let consumer = Consumer::with_config(db, CONSUMER, Effects { log: log.clone() }, config)
+        .expect("consumer");
+    let stop = CancellationToken::new();
+    let on_term = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal");
+        term.recv().await;
+        on_term.cancel();
+    });
+    fn logged<S>(inner: S, log: &Log) -> logged::Logged<S> {
+        logged::Logged {
+            inner,
+            log: log.clone(),
+        }
+    }
+    let result = match broker {
+        Broker::Nats { url, stream } => {
+            let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("nats"));
+            let source = NatsSource::new(js, stream, CONSUMER).batch(PREFETCH);
+            consumer.run(logged(source, &log), stop).await
+        }
+        Broker::RabbitMq { uri, queue } => {
+            let source = RabbitMqSource::new(uri, queue).prefetch(PREFETCH as u16);
+            consumer.run(logged(source, &log), stop).await
+        }
+        Broker::Redis { url, stream } => {
+            let client = redis::Client::open(url).expect("redis");
+            let source = RedisSource::new(client, stream, CONSUMER)
+                .instance("only")
+                .count(PREFETCH);
+            consumer.run(logged(source, &log), stop).await
+        }
+        Broker::Kafka { bootstrap, topic } => {
+            let mut config = rdkafka::ClientConfig::new();
+            config
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", CONSUMER)
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "500");
+            let source =
+                KafkaSource::from_config(config, &[&topic]).commit_interval(KAFKA_COMMIT_EVERY);
+            consumer.run(logged(source, &log), stop).await
+        }
+    };
+    result.expect("consumer ran");
+}
+
+// ---- the parent ----
+
+/// One run of the child: its log and how it ended.
+struct Run {
+    log: PathBuf,
+    ended_at_ms: i64,
+    graceful: bool,
+}
+
+#[derive(Default)]
+struct Seen {
+    delivered: Vec<String>,
+    handled: HashSet<String>,
+    acked: HashMap<String, i64>,
+}
+
+fn read_run(path: &Path) -> Seen {
+    let mut seen = Seen::default();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let mut parts = line.split(' ');
+        let (Some(kind), Some(id), Some(ms)) = (parts.next(), parts.next(), parts.next()) else {
+            continue; // a line cut by SIGKILL
+        };
+        let ms: i64 = ms.parse().unwrap_or(0);
+        match kind {
+            "D" => seen.delivered.push(id.to_owned()),
+            "H" => {
+                seen.handled.insert(id.to_owned());
+            }
+            "A" => {
+                seen.acked.insert(id.to_owned(), ms);
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+struct Harness {
+    t: TestDb,
+    broker: Broker,
+    dir: tempfile::TempDir,
+    runs: Vec<Run>,
+}
+
+impl Harness {
+    fn start(&mut self) -> Child {
+        let log = self.dir.path().join(format!("run{}.log", self.runs.len()));
+        let mut env = self.t.child_env();
+        env.push((
+            "REDELIVERY_BROKER",
+            serde_json::to_string(&self.broker).expect("json"),
+        ));
+        env.push(("REDELIVERY_LOG", log.display().to_string()));
+        let stderr = std::fs::File::create(self.dir.path().join("stderr.log")).expect("stderr");
+        let child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "redelivery_consumer_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn child");
+        self.runs.push(Run {
+            log,
+            ended_at_ms: 0,
+            graceful: false,
+        });
+        child
+    }
+
+    fn end(&mut self, mut child: Child, graceful: bool) {
+        if graceful {
+            // SIGTERM, through the shell's kill: std has no portable signal call.
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("kill -TERM");
+            assert!(status.success());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().expect("wait").is_none() {
+                assert!(Instant::now() < deadline, "graceful stop took over 30 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let run = self.runs.last_mut().expect("a run");
+        run.ended_at_ms = chrono::Utc::now().timestamp_millis();
+        run.graceful = graceful;
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let row = self
+            .t
+            .db
+            .query_one_raw(Statement::from_string(
+                self.t.db.get_database_backend(),
+                sql,
+            ))
+            .await
+            .expect("query")
+            .expect("row");
+        row.try_get_by_index(0).expect("value")
+    }
+
+    async fn effects(&self) -> usize {
+        self.count("SELECT COUNT(*) FROM effects").await as usize
+    }
+
+    async fn dead_letters(&self) -> usize {
+        self.count("SELECT COUNT(*) FROM inbox_dead_letters").await as usize
+    }
+
+    /// Waits until `effects` reach `n` (and the dead letters `dead`), or fails with the child's
+    /// stderr.
+    async fn wait_for(&self, child: &mut Child, n: usize, dead: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if self.effects().await >= n && self.dead_letters().await >= dead {
+                return;
+            }
+            assert!(
+                child.try_wait().expect("status").is_none(),
+                "{}: the consumer exited: {}",
+                self.broker.name(),
+                std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{}: {} of {n} effects after 120 s",
+                self.broker.name(),
+                self.effects().await
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+async fn redelivery(broker: Broker) {
+    let t = TestDb::new(Backend::Postgres).await;
+    t.exec(
+        "effects table",
+        "CREATE TABLE effects (n BIGSERIAL, event_id VARCHAR(64) PRIMARY KEY, \
+         aggregate VARCHAR(32) NOT NULL, seq BIGINT NOT NULL)",
+        vec![],
+    )
+    .await;
+    let name = broker.name();
+    let mut h = Harness {
+        t,
+        broker,
+        dir: tempfile::tempdir().expect("temp dir"),
+        runs: Vec::new(),
+    };
+
+    // Phase 1: a graceful stop part way, then a second run to the end.
+    let mut good = h.broker.send(0, GRACEFUL, &[]).await;
+    let mut c = h.start();
+    h.wait_for(&mut c, GRACEFUL / 3, 0).await;
+    h.end(c, true);
+    let stopped_at = h.effects().await;
+    let mut c = h.start();
+    h.wait_for(&mut c, GRACEFUL, 0).await;
+
+    // Phase 2: more messages with two bad ones, and SIGKILLs: every 120 effects, and as soon
+    // as a dead letter appears (the redelivered-dead-letter case).
+    let bad = [
+        (GRACEFUL + CRASHING / 3, Bad::NoId),
+        (GRACEFUL + 2 * CRASHING / 3, Bad::NotJson),
+    ];
+    good.extend(h.broker.send(GRACEFUL, CRASHING, &bad).await);
+    let mut kills = 0;
+    let mut last_dead = 0;
+    let mut mark = h.effects().await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while kills < KILLS {
+        assert!(Instant::now() < deadline, "{name}: kills not done in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (effects, dead) = (h.effects().await, h.dead_letters().await);
+        let done = effects >= good.len() && dead >= bad.len();
+        if dead > last_dead || effects >= mark + 120 || (done && kills < KILLS) {
+            h.end(c, false);
+            kills += 1;
+            last_dead = dead;
+            mark = effects;
+            c = h.start();
+            if done {
+                // Nothing left to interrupt: let this run see what the last crash left.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    h.wait_for(&mut c, good.len(), bad.len()).await;
+    h.end(c, true);
+
+    // Every good message applied once, in per-aggregate order; one dead letter per bad one.
+    let effects = h.effects().await;
+    let dead = h.dead_letters().await;
+    let rows =
+        h.t.db
+            .query_all_raw(Statement::from_string(
+                h.t.db.get_database_backend(),
+                "SELECT aggregate, seq FROM effects ORDER BY n",
+            ))
+            .await
+            .expect("effects");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for r in rows {
+        let (agg, seq): (String, i64) = (
+            r.try_get("", "aggregate").expect("a"),
+            r.try_get("", "seq").expect("s"),
+        );
+        let prev = last.insert(agg.clone(), seq);
+        assert!(
+            prev.is_none_or(|p| p < seq),
+            "{name}: aggregate {agg} applied {seq} after {prev:?}"
+        );
+    }
+    assert_eq!(effects, good.len(), "{name}: one effect per good message");
+    assert_eq!(dead, bad.len(), "{name}: one dead letter per bad message");
+
+    // What each restart replayed: deliveries of messages an earlier run had acknowledged.
+    let seen: Vec<Seen> = h.runs.iter().map(|r| read_run(&r.log)).collect();
+    let mut acked_before: HashMap<String, i64> = HashMap::new();
+    let mut figures = Vec::new();
+    for (k, run) in seen.iter().enumerate() {
+        if k > 0 {
+            let prev = &h.runs[k - 1];
+            let replayed: Vec<&String> = run
+                .delivered
+                .iter()
+                .filter(|id| acked_before.contains_key(*id))
+                .collect();
+            // Kafka flags what finished up to its last commit, so a message dead-lettered after
+            // that commit may run its handler once more (its dead letter is still not doubled).
+            let kafka_window = KAFKA_COMMIT_EVERY.as_millis() as i64 + 800;
+            let rerun = replayed
+                .iter()
+                .filter(|id| run.handled.contains(**id))
+                .filter(|id| {
+                    !(matches!(h.broker, Broker::Kafka { .. })
+                        && acked_before[**id] > prev.ended_at_ms - kafka_window)
+                })
+                .count();
+            assert_eq!(
+                rerun, 0,
+                "{name}: run {k} ran the handler again for a replayed message"
+            );
+            if prev.graceful {
+                assert!(
+                    replayed.is_empty(),
+                    "{name}: run {k} replayed {} acknowledged messages after a graceful stop",
+                    replayed.len()
+                );
+            } else if let Some(bound) = h.broker.crash_bound() {
+                assert!(
+                    replayed.len() <= bound,
+                    "{name}: run {k} replayed {} acknowledged messages after a crash (bound {bound})",
+                    replayed.len()
+                );
+            } else {
+                // Kafka: only what finished after the last commit before the kill.
+                for id in &replayed {
+                    let acked = acked_before[*id];
+                    assert!(
+                        acked > prev.ended_at_ms - kafka_window,
+                        "{name}: run {k} replayed {id}, acknowledged {} ms before the kill",
+                        prev.ended_at_ms - acked
+                    );
+                }
+            }
+            figures.push(format!(
+                "{}{}",
+                if prev.graceful { "stop→" } else { "kill→" },
+                replayed.len()
+            ));
+        }
+        acked_before.extend(run.acked.iter().map(|(k, v)| (k.clone(), *v)));
+    }
+    println!(
+        "{name}: {effects} effects, {dead} dead letters; stopped gracefully at {stopped_at}; acknowledged messages replayed per restart: {}",
+        figures.join(" ")
+    );
+    h.t.cleanup().await;
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", Uuid::now_v7().simple())
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarts_replay_only_what_was_in_flight() {
+    let url = format!(
+        "nats://{}",
+        env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222")
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let stream = unique("redeliv_");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{stream}.>")],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    redelivery(Broker::Nats {
+        url,
+        stream: stream.clone(),
+    })
+    .await;
+    js.delete_stream(&stream).await.expect("delete stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restarts_replay_only_what_was_in_flight() {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+    let addr = env_or("OUTBOX_TEST_AMQP_ADDR", "127.0.0.1:5672");
+    let uri = format!("amqp://guest:guest@{addr}/%2f");
+    let conn = lapin::Connection::connect(&uri, Default::default())
+        .await
+        .expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    let queue = unique("redeliv_");
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    redelivery(Broker::RabbitMq {
+        uri,
+        queue: queue.clone(),
+    })
+    .await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarts_replay_only_what_was_in_flight() {
+    let url = format!(
+        "redis://{}",
+        env_or("OUTBOX_TEST_REDIS_ADDR", "127.0.0.1:6379")
+    );
+    let stream = unique("redeliv_");
+    redelivery(Broker::Redis {
+        url: url.clone(),
+        stream: stream.clone(),
+    })
+    .await;
+    let client = redis::Client::open(url).expect("redis");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_restarts_replay_only_what_finished_since_the_last_commit() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let topic = "redelivery";
+    cluster.create_topic(topic, 1, 1).expect("topic");
+    redelivery(Broker::Kafka {
+        bootstrap: cluster.bootstrap_servers(),
+        topic: topic.to_owned(),
+    })
+    .await;
+}
