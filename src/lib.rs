@@ -78,6 +78,18 @@ pub use repository::{Outbox, OutboxConfig, OutboxRepository, WriteMode};
 pub use seaorm_outbox_entity::OutboxStatus;
 pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats, RelayHeartbeat};
 
+// The broker client crates, re-exported so an app names exactly the versions whose types the
+// publishers and sources take (`seaorm_outbox::async_nats::jetstream::Context`, …), with no
+// version pin of its own to keep in step.
+#[cfg(feature = "nats")]
+pub use async_nats;
+#[cfg(feature = "rabbitmq")]
+pub use lapin;
+#[cfg(feature = "kafka")]
+pub use rdkafka;
+#[cfg(feature = "redis")]
+pub use redis;
+
 /// The README's code blocks, compiled as doctests so they cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

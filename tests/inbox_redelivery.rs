@@ -793,3 +793,143 @@ async fn kafka_restarts_replay_only_what_finished_since_the_last_commit() {
     })
     .await;
 }
+
+/// Records each message's stream position and whether the source flagged it redelivered.
+#[derive(Clone, Default)]
+struct Positions(std::sync::Arc<std::sync::Mutex<Vec<(u64, bool)>>>);
+
+#[async_trait]
+impl Handler for Positions {
+    async fn handle(&self, _: &DatabaseTransaction, msg: &Incoming) -> Result<(), HandlerError> {
+        let at = msg
+            .position
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        self.0
+            .lock()
+            .expect("positions")
+            .push((at, msg.redelivered));
+        Ok(())
+    }
+}
+
+/// The NATS source's recreation from the ack floor deletes the durable and creates it again. A
+/// crash between the two must not leave the next start reading the whole stream: the bookmark
+/// written before the delete says where to resume. Also: a bookmark left beside a live durable
+/// (a crash after the recreation) is removed and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_recreation_survives_a_crash_between_delete_and_create() {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+    let t = TestDb::new(Backend::Postgres).await;
+    let url = format!(
+        "nats://{}",
+        env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222")
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
+    let name = unique("bookmark_");
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{name}.>")],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    let broker = Broker::Nats {
+        url,
+        stream: name.clone(),
+    };
+    broker.send(0, 50, &[]).await;
+    // The state a crash leaves between the delete and the create: no durable, a bookmark that
+    // resumes at 31 and replays up to 40.
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("billing-resume".into()),
+            description: Some(
+                "seaorm-outbox: resume bookmark of durable billing; replays up to 40".into(),
+            ),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: 31 },
+            ..Default::default()
+        })
+        .await
+        .expect("bookmark");
+
+    let run = |handler: Positions| {
+        let (db, js, name) = (t.db.clone(), js.clone(), name.clone());
+        async move {
+            let consumer = Consumer::new(db, "billing", handler).expect("consumer");
+            let stop = CancellationToken::new();
+            let source = NatsSource::new(js, name, "billing");
+            let task = tokio::spawn({
+                let stop = stop.clone();
+                async move { consumer.run(source, stop).await }
+            });
+            (stop, task)
+        }
+    };
+    let seen = Positions::default();
+    let (stop, task) = run(seen.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.0.lock().expect("positions").len() < 20 {
+        assert!(Instant::now() < deadline, "not resumed in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    // Keys run in parallel: compare the set.
+    let mut got = seen.0.lock().expect("positions").clone();
+    got.sort_unstable();
+    let positions: Vec<u64> = got.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        positions,
+        (31..=50).collect::<Vec<_>>(),
+        "resumed at the bookmark"
+    );
+    for (p, redelivered) in &got {
+        assert_eq!(
+            *redelivered,
+            *p <= 40,
+            "position {p}: flagged up to the bookmark's end"
+        );
+    }
+    let info = |n: &'static str| {
+        let stream = stream.clone();
+        async move { stream.consumer_info(n).await.is_ok() }
+    };
+    assert!(
+        !info("billing-resume").await,
+        "the bookmark is removed once used"
+    );
+    assert!(info("billing").await, "the durable exists again");
+
+    // A stale bookmark beside a live, fully acknowledged durable: removed, and nothing replays.
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("billing-resume".into()),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: 1 },
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("stale bookmark");
+    broker.send(50, 5, &[]).await;
+    let seen = Positions::default();
+    let (stop, task) = run(seen.clone()).await;
+    while seen.0.lock().expect("positions").len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "new messages not received in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await.expect("join").expect("consumer");
+    let mut got = seen.0.lock().expect("positions").clone();
+    got.sort_unstable();
+    assert_eq!(got, (51..=55).map(|p| (p, false)).collect::<Vec<_>>());
+    assert!(!info("billing-resume").await, "a stale bookmark is removed");
+    js.delete_stream(&name).await.expect("delete stream");
+    t.cleanup().await;
+}
