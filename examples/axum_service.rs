@@ -11,7 +11,7 @@
 //!
 //! `DATABASE_URL` picks the database (default: `sqlite://axum_service.db?mode=rwc`, no server
 //! needed), `OUTBOX_ADMIN_TOKEN` the admin token (default: a random one, printed), `ADDR` the
-//! address (default `127.0.0.1:3000`). The relay prints each event; swap `LogPublisher` for
+//! address (default `127.0.0.1:3000`). The relay prints each event; swap `StdoutPublisher` for
 //! `NatsPublisher`, `KafkaPublisher`, … in a real service.
 
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ use sea_orm::entity::prelude::*;
 use sea_orm::{ActiveValue::Set, Database, DatabaseConnection, Schema, TransactionTrait};
 use sea_orm_migration::prelude::*;
 use seaorm_outbox::admin::{Admin, BearerTokens};
-use seaorm_outbox::publisher::LogPublisher;
+use seaorm_outbox::publisher::StdoutPublisher;
 use seaorm_outbox::relay::{Relay, RelayConfig};
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
 use serde::Deserialize;
@@ -141,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
     Migrator::up(&db, None).await?;
 
     let stop = CancellationToken::new();
-    let relay = Relay::builder(db.clone(), LogPublisher::stdout())
+    let relay = Relay::builder(db.clone(), StdoutPublisher::stdout())
         .config(RelayConfig::default().idle_poll_interval(Duration::from_millis(200)))
         .build()?;
     let relay_task = tokio::spawn({

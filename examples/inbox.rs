@@ -17,13 +17,12 @@ use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
 use sea_orm_migration::MigratorTrait;
-use seaorm_outbox::inbox::{
-    Consumer, ConsumerStats, Handler, HandlerError, Incoming, KafkaSource, NatsSource,
-    RabbitMqSource, RedisSource, Source,
-};
-use seaorm_outbox::publisher::{
-    KafkaPublisher, NatsPublisher, RabbitMqPublisher, RedisPublisher, Router,
-};
+use seaorm_outbox::broker::kafka::{KafkaPublisher, KafkaSource};
+use seaorm_outbox::broker::nats::{NatsPublisher, NatsSource};
+use seaorm_outbox::broker::rabbitmq::{RabbitMqPublisher, RabbitMqSource};
+use seaorm_outbox::broker::redis::{RedisPublisher, RedisSource};
+use seaorm_outbox::inbox::{Consumer, ConsumerStats, Handler, HandlerError, Incoming, Source};
+use seaorm_outbox::wire::Router;
 use seaorm_outbox::{Outbox, OutboxRepository, Publisher};
 use tokio_util::sync::CancellationToken;
 

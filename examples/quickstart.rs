@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
 use sea_orm_migration::MigratorTrait;
-use seaorm_outbox::publisher::LogPublisher;
+use seaorm_outbox::publisher::StdoutPublisher;
 use seaorm_outbox::relay::{Relay, RelayConfig};
 use seaorm_outbox::{DomainEvent, Outbox, OutboxRepository};
 use serde::Serialize;
@@ -120,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
     counts(&db, "before the relay").await?;
 
     println!("running a relay with the log publisher:");
-    let relay = Relay::builder(db.clone(), LogPublisher::stdout())
+    let relay = Relay::builder(db.clone(), StdoutPublisher::stdout())
         .config(RelayConfig::default().idle_poll_interval(Duration::from_millis(100)))
         .build()?;
     let stop = CancellationToken::new();
@@ -141,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!("replaying the dead letter:");
     outbox.requeue(pending[1].id).await?;
-    let relay = Relay::builder(db.clone(), LogPublisher::stdout()).build()?;
+    let relay = Relay::builder(db.clone(), StdoutPublisher::stdout()).build()?;
     relay.drain().await?;
     counts(&db, "after replay").await?;
     Ok(())

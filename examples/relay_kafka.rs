@@ -15,7 +15,8 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use seaorm_outbox::publisher::{KafkaPublisher, Router};
+use seaorm_outbox::broker::kafka::KafkaPublisher;
+use seaorm_outbox::wire::Router;
 
 const TOPIC: &str = "outbox-example";
 

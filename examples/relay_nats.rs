@@ -7,7 +7,8 @@
 mod support;
 
 use async_nats::jetstream;
-use seaorm_outbox::publisher::{NatsPublisher, Router};
+use seaorm_outbox::broker::nats::NatsPublisher;
+use seaorm_outbox::wire::Router;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

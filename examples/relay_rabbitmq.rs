@@ -9,7 +9,8 @@ mod support;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use seaorm_outbox::publisher::{RabbitMqPublisher, Router};
+use seaorm_outbox::broker::rabbitmq::RabbitMqPublisher;
+use seaorm_outbox::wire::Router;
 
 const QUEUE: &str = "outbox_example";
 

@@ -6,7 +6,8 @@
 
 mod support;
 
-use seaorm_outbox::publisher::{RedisPublisher, Router};
+use seaorm_outbox::broker::redis::RedisPublisher;
+use seaorm_outbox::wire::Router;
 
 const STREAM: &str = "outbox_example:orders";
 

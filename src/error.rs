@@ -6,6 +6,11 @@ use uuid::Uuid;
 /// A `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A boxed error from a broker client, a publisher or a handler: what crosses the
+/// [`Publisher`](crate::Publisher), [`Acknowledge`](crate::inbox::Acknowledge) and
+/// [`Handler`](crate::inbox::Handler) boundaries, keeping its source chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything the repository and the relay can fail with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

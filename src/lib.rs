@@ -60,6 +60,7 @@ macro_rules! setters {
 #[cfg(feature = "admin")]
 pub mod admin;
 mod backoff;
+pub mod broker;
 pub mod error;
 pub mod event;
 pub mod inbox;
@@ -69,26 +70,15 @@ pub mod repository;
 pub mod stats;
 mod store;
 pub mod telemetry;
+pub mod wire;
 
-pub use error::{Error, InvalidEvent, Result};
+pub use error::{BoxError, Error, InvalidEvent, Result};
 pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
 pub use publisher::{PublishOutcome, Publisher};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use repository::{Outbox, OutboxConfig, OutboxRepository, WriteMode};
 pub use seaorm_outbox_entity::OutboxStatus;
 pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats, RelayHeartbeat};
-
-// The broker client crates, re-exported so an app names exactly the versions whose types the
-// publishers and sources take (`seaorm_outbox::async_nats::jetstream::Context`, …), with no
-// version pin of its own to keep in step.
-#[cfg(feature = "nats")]
-pub use async_nats;
-#[cfg(feature = "rabbitmq")]
-pub use lapin;
-#[cfg(feature = "kafka")]
-pub use rdkafka;
-#[cfg(feature = "redis")]
-pub use redis;
 
 /// The README's code blocks, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

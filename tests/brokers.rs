@@ -257,7 +257,8 @@ fn unique(prefix: &str) -> String {
 mod nats {
     use super::*;
     use async_nats::jetstream;
-    use seaorm_outbox::publisher::{NatsPublisher, Router};
+    use seaorm_outbox::broker::nats::NatsPublisher;
+    use seaorm_outbox::wire::Router;
 
     on_backends!(
         [postgres: Postgres] =>
@@ -449,7 +450,7 @@ mod nats {
     }
 
     async fn cloudevents_binary_mode_uses_ce_headers(t: &TestDb) {
-        use seaorm_outbox::publisher::Envelope;
+        use seaorm_outbox::wire::Envelope;
         let c = client(&addr()).await;
         let (name, stream) = stream(&c).await;
         let id = Outbox::new(&t.db)
@@ -500,7 +501,8 @@ mod nats {
 #[cfg(feature = "redis")]
 mod redis_streams {
     use super::*;
-    use seaorm_outbox::publisher::{RedisPublisher, Router};
+    use seaorm_outbox::broker::redis::RedisPublisher;
+    use seaorm_outbox::wire::Router;
 
     on_backends!(
         [postgres: Postgres] =>
@@ -615,7 +617,7 @@ mod redis_streams {
     }
 
     async fn cloudevents_structured_mode_wraps_the_body(t: &TestDb) {
-        use seaorm_outbox::publisher::Envelope;
+        use seaorm_outbox::wire::Envelope;
         let key = unique("outbox:");
         let id = Outbox::new(&t.db)
             .add_event(
@@ -677,7 +679,8 @@ mod rabbitmq {
     use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
     use lapin::types::{AMQPValue, FieldTable};
     use lapin::{Connection, ConnectionProperties};
-    use seaorm_outbox::publisher::{RabbitMqPublisher, Router};
+    use seaorm_outbox::broker::rabbitmq::RabbitMqPublisher;
+    use seaorm_outbox::wire::Router;
 
     on_backends!(
         [postgres: Postgres] =>
@@ -833,7 +836,8 @@ mod kafka {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::{Headers, Message};
     use rdkafka::mocking::MockCluster;
-    use seaorm_outbox::publisher::{KafkaPublisher, Router};
+    use seaorm_outbox::broker::kafka::KafkaPublisher;
+    use seaorm_outbox::wire::Router;
     use std::sync::Arc;
 
     on_backends!(

@@ -101,7 +101,7 @@ impl seaorm_outbox::Publisher for Down {
     async fn publish(
         &self,
         events: &[seaorm_outbox::OutboxEvent],
-    ) -> Result<Vec<seaorm_outbox::PublishOutcome>, seaorm_outbox::publisher::BoxError> {
+    ) -> Result<Vec<seaorm_outbox::PublishOutcome>, seaorm_outbox::BoxError> {
         Ok(vec![
             seaorm_outbox::PublishOutcome::Unavailable(
                 "connection refused".into()

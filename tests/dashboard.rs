@@ -40,7 +40,7 @@ impl seaorm_outbox::Publisher for Down {
     async fn publish(
         &self,
         events: &[OutboxEvent],
-    ) -> Result<Vec<PublishOutcome>, seaorm_outbox::publisher::BoxError> {
+    ) -> Result<Vec<PublishOutcome>, seaorm_outbox::BoxError> {
         Ok(vec![
             PublishOutcome::Unavailable("connection refused".into());
             events.len()

@@ -147,7 +147,7 @@ struct RecordAck {
 
 #[async_trait]
 impl Acknowledge for RecordAck {
-    async fn ack(self: Box<Self>) -> Result<(), seaorm_outbox::publisher::BoxError> {
+    async fn ack(self: Box<Self>) -> Result<(), seaorm_outbox::BoxError> {
         self.acks.lock().expect("acks").push(self.id);
         Ok(())
     }

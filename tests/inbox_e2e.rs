@@ -28,14 +28,17 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::{Backend, TestDb};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
+use seaorm_outbox::BoxError;
+use seaorm_outbox::broker::kafka::{KafkaPublisher, KafkaSource};
+use seaorm_outbox::broker::nats::{NatsPublisher, NatsSource};
+use seaorm_outbox::broker::rabbitmq::{RabbitMqPublisher, RabbitMqSource};
+use seaorm_outbox::broker::redis::{RedisPublisher, RedisSource};
 use seaorm_outbox::inbox::{
-    Acknowledge, Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Incoming, KafkaSource,
-    NatsSource, RabbitMqSource, RedisSource, Source, SourceContext,
-};
-use seaorm_outbox::publisher::{
-    BoxError, KafkaPublisher, NatsPublisher, RabbitMqPublisher, RedisPublisher, Router,
+    Acknowledge, Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Incoming, Source,
+    SourceContext,
 };
 use seaorm_outbox::relay::RelayConfig;
+use seaorm_outbox::wire::Router;
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, Publisher, Relay};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::{Backend, TestDb};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
-use seaorm_outbox::inbox::{
-    Consumer, ConsumerConfig, Handler, HandlerError, Incoming, KafkaSource, NatsSource,
-    RabbitMqSource, RedisSource,
-};
+use seaorm_outbox::broker::kafka::KafkaSource;
+use seaorm_outbox::broker::nats::NatsSource;
+use seaorm_outbox::broker::rabbitmq::RabbitMqSource;
+use seaorm_outbox::broker::redis::RedisSource;
+use seaorm_outbox::inbox::{Consumer, ConsumerConfig, Handler, HandlerError, Incoming};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -265,8 +266,8 @@ mod logged {
     //! A source wrapper that logs deliveries and acknowledgements.
     use super::Log;
     use async_trait::async_trait;
+    use seaorm_outbox::BoxError;
     use seaorm_outbox::inbox::{Acknowledge, Delivery, Source, SourceContext};
-    use seaorm_outbox::publisher::BoxError;
     use tokio::sync::mpsc;
 
     pub(super) struct Logged<S> {

@@ -11,14 +11,16 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
     ("backoff", 0),
     ("event", 1),
-    ("store", 2),
-    ("publisher", 2),
-    ("stats", 3),
-    ("telemetry", 4),
-    ("repository", 5),
-    ("inbox", 5),
-    ("relay", 6),
-    ("admin", 7),
+    ("wire", 2),
+    ("store", 3),
+    ("publisher", 3),
+    ("stats", 4),
+    ("telemetry", 5),
+    ("repository", 6),
+    ("inbox", 6),
+    ("broker", 7),
+    ("relay", 7),
+    ("admin", 8),
 ];
 
 const MAX_LINES: usize = 500;
@@ -121,7 +123,15 @@ fn imports_point_down_the_layers() {
             .get(module.as_str())
             .unwrap_or_else(|| panic!("module `{module}` has no layer in LAYERS"));
         let text = fs::read_to_string(path).expect("source file");
+        let mut hidden = false;
         for (n, line) in code_lines(&text) {
+            // An old public path kept for compatibility (`#[doc(hidden)] pub use …`) points
+            // wherever the type moved; it is a name, not a dependency.
+            let compat = hidden && line.starts_with("pub use ");
+            hidden = line == "#[doc(hidden)]" || (hidden && line.starts_with("#["));
+            if compat {
+                continue;
+            }
             for target in referenced(line, &reexports) {
                 if target == module {
                     continue;
@@ -199,6 +209,206 @@ fn no_source_file_is_over_the_limit() {
     );
 }
 
+/// A library file's module path: `src/inbox/process.rs` is `inbox::process`, `src/inbox/mod.rs`
+/// is `inbox`, `lib.rs` is the root.
+fn module_path(path: &Path) -> Vec<String> {
+    let rel = path.strip_prefix(src()).expect("under src");
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let file = parts.pop().unwrap_or_default();
+    match file.as_str() {
+        "mod.rs" | "lib.rs" => {}
+        f => parts.push(f.trim_end_matches(".rs").to_owned()),
+    }
+    parts
+}
+
+/// Every path `line` names through `crate::`, `super::` or `self::`, made absolute from
+/// `own` (the file's module path; `dir` is the folder a `mod.rs` stands for).
+fn paths_named(line: &str, own: &[String], is_mod_rs: bool) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
+    // `self` of a plain file is the file; its `super` the folder. For `mod.rs`, `self` is the
+    // folder and `super` its parent.
+    let base_self: Vec<String> = own.to_vec();
+    let base_super: Vec<String> = own[..own.len().saturating_sub(1)].to_vec();
+    let _ = is_mod_rs;
+    for (prefix, base) in [
+        ("crate::", Vec::new()),
+        ("super::", base_super),
+        ("self::", base_self),
+    ] {
+        let mut rest = line;
+        while let Some(at) = rest.find(prefix) {
+            // `$crate::` and `crate::` alike; skip `foo_crate::`-like identifiers.
+            let before = rest[..at].chars().last();
+            let after = &rest[at + prefix.len()..];
+            rest = after;
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                continue;
+            }
+            let (head, braced) =
+                match after.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')) {
+                    Some(i) if after[i..].starts_with('{') => (&after[..i], Some(&after[i + 1..])),
+                    Some(i) => (&after[..i], None),
+                    None => (after, None),
+                };
+            let segments: Vec<String> = head
+                .split("::")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let mut stem = base.clone();
+            stem.extend(segments);
+            match braced {
+                Some(inner) => {
+                    for part in inner.split('}').next().unwrap_or("").split(',') {
+                        let mut p = stem.clone();
+                        p.extend(
+                            part.trim()
+                                .split("::")
+                                .filter(|s| !s.is_empty() && *s != "self")
+                                .map(|s| s.split(' ').next().unwrap_or("").to_owned()),
+                        );
+                        found.push(p);
+                    }
+                }
+                None => found.push(stem),
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_file_imports_form_a_circle() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let files: Vec<PathBuf> = files
+        .into_iter()
+        .filter(|p| !p.strip_prefix(src()).is_ok_and(|r| r.starts_with("bin")))
+        .collect();
+    let by_module: BTreeMap<Vec<String>, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (module_path(p), i))
+        .collect();
+    // What each module file re-exports from its children: `pub use self::child::{A, B}`.
+    let mut reexported: BTreeMap<(usize, String), usize> = BTreeMap::new();
+    for (i, path) in files.iter().enumerate() {
+        let own = module_path(path);
+        let text = fs::read_to_string(path).expect("source file");
+        for (_, line) in code_lines(&text) {
+            let Some(rest) = line
+                .strip_prefix("pub use self::")
+                .or_else(|| line.strip_prefix("pub(crate) use self::"))
+            else {
+                continue;
+            };
+            let (child, names) = rest.split_once("::").unwrap_or((rest, ""));
+            let mut target = own.clone();
+            target.push(child.to_owned());
+            if let Some(&c) = by_module.get(&target) {
+                for name in names
+                    .trim_end_matches(';')
+                    .trim_matches(|c| c == '{' || c == '}')
+                    .split(',')
+                {
+                    reexported.insert((i, name.trim().to_owned()), c);
+                }
+            }
+        }
+    }
+    // Edges: the file each named path lands in (the longest module prefix, then through
+    // that module's re-exports). `pub use` re-exports and `mod` lines are names, not uses.
+    let mut edges: Vec<std::collections::BTreeSet<usize>> = vec![Default::default(); files.len()];
+    for (i, path) in files.iter().enumerate() {
+        let own = module_path(path);
+        let is_mod = path
+            .file_name()
+            .is_some_and(|f| f == "mod.rs" || f == "lib.rs");
+        let text = fs::read_to_string(path).expect("source file");
+        for (_, line) in code_lines(&text) {
+            if line.starts_with("mod tests") {
+                break; // `super::` inside a test module means the file itself
+            }
+            if line.starts_with("pub use ")
+                || line.starts_with("pub(crate) use ")
+                || line.starts_with("mod ")
+                || line.starts_with("pub mod ")
+            {
+                continue;
+            }
+            for named in paths_named(line, &own, is_mod) {
+                let Some(len) = (0..=named.len())
+                    .rev()
+                    .find(|n| by_module.contains_key(&named[..*n]))
+                else {
+                    continue;
+                };
+                let mut target = by_module[&named[..len]];
+                if let Some(next) = named.get(len)
+                    && let Some(&c) = reexported.get(&(target, next.clone()))
+                {
+                    target = c;
+                }
+                if target != i {
+                    edges[i].insert(target);
+                }
+            }
+        }
+    }
+    // Depth-first search for a back edge.
+    fn visit(
+        n: usize,
+        edges: &[std::collections::BTreeSet<usize>],
+        state: &mut [u8],
+        stack: &mut Vec<usize>,
+        cycles: &mut Vec<Vec<usize>>,
+    ) {
+        state[n] = 1;
+        stack.push(n);
+        for &m in &edges[n] {
+            match state[m] {
+                0 => visit(m, edges, state, stack, cycles),
+                1 => {
+                    let from = stack.iter().position(|&x| x == m).unwrap_or(0);
+                    cycles.push(stack[from..].to_vec());
+                }
+                _ => {}
+            }
+        }
+        stack.pop();
+        state[n] = 2;
+    }
+    let mut state = vec![0u8; files.len()];
+    let mut cycles = Vec::new();
+    for n in 0..files.len() {
+        if state[n] == 0 {
+            visit(n, &edges, &mut state, &mut Vec::new(), &mut cycles);
+        }
+    }
+    let show = |c: &Vec<usize>| {
+        c.iter()
+            .chain(c.first())
+            .map(|&i| {
+                files[i]
+                    .strip_prefix(src())
+                    .unwrap_or(&files[i])
+                    .display()
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(" → ")
+    };
+    assert!(
+        cycles.is_empty(),
+        "file imports in a circle:\n{}",
+        cycles.iter().map(show).collect::<Vec<_>>().join("\n")
+    );
+}
+
 #[test]
 fn the_checks_see_what_they_look_for() {
     // A checker that finds nothing proves nothing: make sure each one would fire.
@@ -218,6 +428,18 @@ fn the_checks_see_what_they_look_for() {
     assert_eq!(
         referenced("$crate::event::OutboxEvent {", &reexports),
         ["event"]
+    );
+    let own = vec!["inbox".to_owned(), "process".to_owned()];
+    assert_eq!(
+        paths_named("use super::consumer::{Counters, Delivery};", &own, false),
+        [
+            vec!["inbox", "consumer", "Counters"],
+            vec!["inbox", "consumer", "Delivery"]
+        ]
+    );
+    assert_eq!(
+        paths_named("let x = crate::store::inbox::check_len(a);", &own, false),
+        [vec!["store", "inbox", "check_len"]]
     );
     let store = fs::read_to_string(src().join("store/postgres.rs")).expect("postgres.rs");
     assert!(

@@ -775,7 +775,8 @@ async fn the_slot_advances_on_an_idle_database(transport: Transport) {
 
 async fn jetstream(mode_table: bool) {
     use async_nats::jetstream;
-    use seaorm_outbox::publisher::{NatsPublisher, Router};
+    use seaorm_outbox::broker::nats::NatsPublisher;
+    use seaorm_outbox::wire::Router;
     let l = LogDb::new(Transport::Stream).await;
     let addr = std::env::var("OUTBOX_TEST_NATS_ADDR").unwrap_or_else(|_| "127.0.0.1:4222".into());
     let client = async_nats::connect(format!("nats://{addr}"))

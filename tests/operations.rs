@@ -231,7 +231,8 @@ mod otel {
     mod through_nats {
         use super::super::*;
         use async_nats::jetstream;
-        use seaorm_outbox::publisher::{NatsPublisher, Router};
+        use seaorm_outbox::broker::nats::NatsPublisher;
+        use seaorm_outbox::wire::Router;
 
         on_backends!([postgres: Postgres] => the_trace_id_reaches_the_broker_headers);
 

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use common::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
-use seaorm_outbox::publisher::{BoxError, InMemoryPublisher, LogPublisher};
+use seaorm_outbox::publisher::{BoxError, InMemoryPublisher, StdoutPublisher};
 use seaorm_outbox::relay::{
     Backoff, DeadLetterPolicy, Jitter, OnPublish, Ordering, Relay, RelayConfig,
 };
@@ -905,7 +905,7 @@ async fn invalid_relay_config_is_rejected(t: &TestDb) {
             .publish_timeout(Duration::from_secs(2)),
     ];
     for config in bad {
-        let res = Relay::builder(t.db.clone(), LogPublisher::stdout())
+        let res = Relay::builder(t.db.clone(), StdoutPublisher::stdout())
             .config(config)
             .build();
         assert!(matches!(res, Err(Error::Config(_))));

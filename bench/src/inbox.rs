@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use async_trait::async_trait;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
-use seaorm_outbox::inbox::{Consumer, ConsumerConfig, Handler, HandlerError, Incoming, NatsSource};
+use seaorm_outbox::broker::nats::NatsSource;
+use seaorm_outbox::inbox::{Consumer, ConsumerConfig, Handler, HandlerError, Incoming};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{BenchDb, Kind};

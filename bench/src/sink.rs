@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use seaorm_outbox::publisher::BoxError;
+use seaorm_outbox::BoxError;
 use seaorm_outbox::{OutboxEvent, PublishOutcome, Publisher};
 use uuid::Uuid;
 

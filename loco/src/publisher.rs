@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use seaorm_outbox::Publisher;
-use seaorm_outbox::publisher::LogPublisher;
+use seaorm_outbox::publisher::StdoutPublisher;
 
 use crate::settings::{OutboxSettings, PublisherKind, SettingsError};
 
@@ -22,11 +22,9 @@ pub(crate) async fn connect(
     settings: &OutboxSettings,
 ) -> Result<Arc<dyn Publisher>, SettingsError> {
     let router = match &settings.destination {
-        Some(d) => seaorm_outbox::publisher::Router::fixed(d.clone()),
-        None if settings.route_prefix.is_empty() => {
-            seaorm_outbox::publisher::Router::aggregate_type()
-        }
-        None => seaorm_outbox::publisher::Router::prefixed(settings.route_prefix.clone()),
+        Some(d) => seaorm_outbox::wire::Router::fixed(d.clone()),
+        None if settings.route_prefix.is_empty() => seaorm_outbox::wire::Router::aggregate_type(),
+        None => seaorm_outbox::wire::Router::prefixed(settings.route_prefix.clone()),
     };
     let url = || {
         settings.broker_url.clone().ok_or(SettingsError::Invalid {
@@ -39,23 +37,23 @@ pub(crate) async fn connect(
         reason: format!("cannot connect: {e}"),
     };
     Ok(match settings.publisher {
-        PublisherKind::Stdout => Arc::new(LogPublisher::stdout()),
+        PublisherKind::Stdout => Arc::new(StdoutPublisher::stdout()),
         #[cfg(feature = "nats")]
         PublisherKind::Nats => {
-            let p = seaorm_outbox::publisher::NatsPublisher::connect(&url()?)
+            let p = seaorm_outbox::broker::nats::NatsPublisher::connect(&url()?)
                 .await
                 .map_err(|e| unreachable(&e))?;
             Arc::new(p.router(router))
         }
         #[cfg(feature = "kafka")]
         PublisherKind::Kafka => {
-            let p = seaorm_outbox::publisher::KafkaPublisher::new(&url()?)
+            let p = seaorm_outbox::broker::kafka::KafkaPublisher::new(&url()?)
                 .map_err(|e| unreachable(&e))?;
             Arc::new(p.router(router))
         }
         #[cfg(feature = "rabbitmq")]
         PublisherKind::Rabbitmq => {
-            let p = seaorm_outbox::publisher::RabbitMqPublisher::new(url()?)
+            let p = seaorm_outbox::broker::rabbitmq::RabbitMqPublisher::new(url()?)
                 .exchange(settings.exchange.clone())
                 .router(router)
                 .connect()
@@ -65,7 +63,7 @@ pub(crate) async fn connect(
         }
         #[cfg(feature = "redis")]
         PublisherKind::Redis => {
-            let p = seaorm_outbox::publisher::RedisPublisher::connect(&url()?)
+            let p = seaorm_outbox::broker::redis::RedisPublisher::connect(&url()?)
                 .await
                 .map_err(|e| unreachable(&e))?;
             Arc::new(p.router(router))

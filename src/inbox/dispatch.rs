@@ -11,12 +11,13 @@ use tokio::time::{MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::consumer::{Acknowledge, Delivery, Shared, Source, SourceContext};
 use super::handler::Handler;
 use super::message::Incoming;
 use super::process;
+use super::source::{Acknowledge, Delivery, Source, SourceContext};
+use super::state::Shared;
+use crate::error::BoxError;
 use crate::error::{Error, Result};
-use crate::publisher::BoxError;
 use crate::store::inbox as store;
 
 /// Replay requests taken per look.

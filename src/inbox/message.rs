@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use super::handler::HandlerError;
-use crate::publisher::message::header;
+use super::handler_error::HandlerError;
+use crate::wire::header;
 
 /// One message as the handler sees it.
 #[derive(Clone, Debug)]

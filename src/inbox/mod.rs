@@ -8,17 +8,20 @@
 //!
 //! A [`Consumer`] does this around a [`Handler`] for a broker [`Source`]: receive, begin,
 //! record, handle, commit, and only then acknowledge. Sources for Kafka, NATS JetStream,
-//! RabbitMQ and Redis Streams sit behind their features.
+//! RabbitMQ and Redis Streams sit with their publishers in [`crate::broker`], behind their
+//! features.
 //!
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | [`Inbox`]: the record, dead letters, retention, on any `ConnectionTrait` |
 //! | `message.rs` | [`Incoming`], and where its id ([`MessageId`]) and key ([`OrderingKey`]) come from |
-//! | `handler.rs` | the [`Handler`] trait and [`HandlerError`] |
-//! | `consumer.rs` | [`Consumer`], its config and the [`Source`] trait brokers implement |
+//! | `handler.rs`, `handler_error.rs` | the [`Handler`] trait; [`HandlerError`] |
+//! | `source.rs` | the [`Source`] contract brokers implement: [`Delivery`], [`Acknowledge`], [`SourceContext`] |
+//! | `config.rs` | [`ConsumerConfig`] |
+//! | `state.rs` | what a running consumer shares: counters ([`ConsumerStats`]), handler, config |
+//! | `consumer.rs` | [`Consumer`] |
 //! | `dispatch.rs` | per-key queues: one message per key at a time, keys in parallel |
 //! | `process.rs` | one message: attempts, backoff, dead letter, acknowledgement |
-//! | `kafka.rs`, `nats.rs`, `rabbitmq.rs`, `redis.rs` | the broker sources |
 //!
 //! ```
 //! use seaorm_outbox::inbox::{Inbox, Recorded};
@@ -33,37 +36,47 @@
 //! # Ok(()) }
 //! ```
 
+mod config;
 mod consumer;
 mod dispatch;
 mod handler;
+mod handler_error;
 mod message;
 mod process;
-
-#[cfg(feature = "kafka")]
-mod kafka;
-#[cfg(feature = "nats")]
-mod nats;
-#[cfg(feature = "rabbitmq")]
-mod rabbitmq;
-#[cfg(feature = "redis")]
-mod redis;
+mod source;
+mod state;
 
 use chrono::{DateTime, Utc};
 use sea_orm::ConnectionTrait;
 
-pub use self::consumer::{
-    Acknowledge, Consumer, ConsumerConfig, ConsumerStats, Delivery, Source, SourceContext,
-};
-pub use self::handler::{Handler, HandlerError};
-#[cfg(feature = "kafka")]
-pub use self::kafka::KafkaSource;
+pub use self::config::ConsumerConfig;
+pub use self::consumer::Consumer;
+pub use self::handler::Handler;
+pub use self::handler_error::HandlerError;
 pub use self::message::{Incoming, MessageId, MissingId, OrderingKey};
+pub use self::source::{Acknowledge, Delivery, Source, SourceContext};
+#[cfg(any(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
+pub(crate) use self::source::{RECONNECT_DELAY, pause};
+pub use self::state::ConsumerStats;
+
+// The broker sources' old paths; they live in `crate::broker` now.
+#[cfg(feature = "kafka")]
+#[doc(hidden)]
+pub use crate::broker::kafka::KafkaSource;
 #[cfg(feature = "nats")]
-pub use self::nats::NatsSource;
+#[doc(hidden)]
+pub use crate::broker::nats::NatsSource;
 #[cfg(feature = "rabbitmq")]
-pub use self::rabbitmq::RabbitMqSource;
+#[doc(hidden)]
+pub use crate::broker::rabbitmq::RabbitMqSource;
 #[cfg(feature = "redis")]
-pub use self::redis::RedisSource;
+#[doc(hidden)]
+pub use crate::broker::redis::RedisSource;
 pub use crate::store::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 
 use crate::error::Result;

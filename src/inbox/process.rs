@@ -11,9 +11,11 @@ use sea_orm::TransactionTrait;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::consumer::{Counters, Delivery, Shared};
-use super::handler::{Handler, HandlerError};
+use super::handler::Handler;
+use super::handler_error::HandlerError;
 use super::message::{Incoming, MissingId};
+use super::source::Delivery;
+use super::state::{Counters, Shared};
 use super::{Inbox, Recorded};
 use crate::backoff::{Backoff, Jitter};
 use crate::error::Error;

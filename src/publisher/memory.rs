@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{BoxError, PublishOutcome, Publisher};
+use super::{PublishOutcome, Publisher};
+use crate::error::BoxError;
 use crate::event::OutboxEvent;
 
 /// Records every delivered event, in delivery order; optionally forwards each to a channel.

@@ -2,50 +2,54 @@
 //!
 //! * [`InMemoryPublisher`]: records every delivery (and can stream them to a channel), for tests
 //!   and for apps that consume in-process.
-//! * [`LogPublisher`]: prints each event as a line, for the quick start and for debugging.
-//! * Brokers, each behind its feature: `KafkaPublisher` (`kafka`), `NatsPublisher` (`nats`,
-//!   JetStream), `RabbitMqPublisher` (`rabbitmq`) and `RedisPublisher` (`redis`, Streams). They
-//!   share one wire format, [`message`], with an optional CloudEvents 1.0 envelope.
+//! * [`StdoutPublisher`]: prints each event as a line, for the quick start and for debugging.
+//! * The brokers' publishers live with their sources in [`crate::broker`], each behind its
+//!   feature; they share one wire format, [`crate::wire`].
 
-#[cfg(feature = "kafka")]
-mod kafka;
-mod log;
 mod memory;
-pub mod message;
-#[cfg(feature = "nats")]
-mod nats;
-#[cfg(feature = "rabbitmq")]
-mod rabbitmq;
-#[cfg(feature = "redis")]
-pub mod redis;
-#[cfg(any(
-    feature = "kafka",
-    feature = "nats",
-    feature = "rabbitmq",
-    feature = "redis"
-))]
-mod wire;
+mod stdout;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+#[doc(hidden)]
+pub use crate::error::BoxError;
 use crate::event::OutboxEvent;
 
-#[cfg(feature = "kafka")]
-pub use self::kafka::KafkaPublisher;
-pub use self::log::LogPublisher;
 pub use self::memory::InMemoryPublisher;
-pub use self::message::{Envelope, Message, Router};
-#[cfg(feature = "nats")]
-pub use self::nats::NatsPublisher;
-#[cfg(feature = "rabbitmq")]
-pub use self::rabbitmq::RabbitMqPublisher;
-#[cfg(feature = "redis")]
-pub use self::redis::RedisPublisher;
+#[allow(deprecated)]
+pub use self::stdout::{LogPublisher, StdoutPublisher};
 
-/// A boxed error from a publisher.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The wire format's old home: now [`crate::wire`].
+#[doc(hidden)]
+pub mod message {
+    #[doc(hidden)]
+    pub use crate::wire::{Envelope, Message, Router, header};
+}
+#[doc(hidden)]
+pub use crate::wire::{Envelope, Message, Router};
+
+// The broker publishers' old paths; they live in `crate::broker` now.
+#[cfg(feature = "kafka")]
+#[doc(hidden)]
+pub use crate::broker::kafka::KafkaPublisher;
+#[cfg(feature = "nats")]
+#[doc(hidden)]
+pub use crate::broker::nats::NatsPublisher;
+#[cfg(feature = "rabbitmq")]
+#[doc(hidden)]
+pub use crate::broker::rabbitmq::RabbitMqPublisher;
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use crate::broker::redis::RedisPublisher;
+/// The Redis publisher's old module: now [`crate::broker::redis`].
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub mod redis {
+    #[doc(hidden)]
+    pub use crate::broker::redis::{BODY_FIELD, RedisPublisher};
+}
 
 /// What happened to one event of a batch.
 ///

@@ -124,13 +124,13 @@ impl<P: Publisher> RelayBuilder<P> {
 ///
 /// ```no_run
 /// use sea_orm::Database;
-/// use seaorm_outbox::publisher::LogPublisher;
+/// use seaorm_outbox::publisher::StdoutPublisher;
 /// use seaorm_outbox::relay::{Relay, RelayConfig};
 /// use tokio_util::sync::CancellationToken;
 ///
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 /// let db = Database::connect("sqlite://outbox.db?mode=rwc").await?;
-/// let relay = Relay::builder(db, LogPublisher::stdout())
+/// let relay = Relay::builder(db, StdoutPublisher::stdout())
 ///     .config(RelayConfig::default().batch_size(200))
 ///     .build()?;
 /// let stop = CancellationToken::new();

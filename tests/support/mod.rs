@@ -154,7 +154,7 @@ impl Publisher for FileRecorder {
     async fn publish(
         &self,
         events: &[seaorm_outbox::OutboxEvent],
-    ) -> Result<Vec<seaorm_outbox::PublishOutcome>, seaorm_outbox::publisher::BoxError> {
+    ) -> Result<Vec<seaorm_outbox::PublishOutcome>, seaorm_outbox::BoxError> {
         use std::io::Write;
         let mut lines = String::new();
         for e in events {

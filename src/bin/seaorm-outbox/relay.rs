@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use sea_orm::DatabaseConnection;
-use seaorm_outbox::publisher::{LogPublisher, Router};
+use seaorm_outbox::publisher::StdoutPublisher;
 use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig, Transport};
 use seaorm_outbox::relay::{OnPublish, Ordering, Relay, RelayConfig};
+use seaorm_outbox::wire::Router;
 use seaorm_outbox::{HealthThresholds, Publisher};
 use tokio_util::sync::CancellationToken;
 
@@ -167,12 +168,12 @@ async fn publisher(args: &RelayArgs) -> CliResult<Box<dyn Publisher>> {
         None => Router::prefixed(args.route_prefix.clone()),
     };
     Ok(match args.publisher {
-        PublisherKind::Stdout => Box::new(LogPublisher::stdout()),
+        PublisherKind::Stdout => Box::new(StdoutPublisher::stdout()),
         PublisherKind::Kafka => {
             #[cfg(feature = "kafka")]
             {
                 let url = needs_url(args, "kafka")?;
-                Box::new(seaorm_outbox::publisher::KafkaPublisher::new(&url)?.router(router))
+                Box::new(seaorm_outbox::broker::kafka::KafkaPublisher::new(&url)?.router(router))
             }
             #[cfg(not(feature = "kafka"))]
             return Err(not_built("kafka"));
@@ -181,7 +182,7 @@ async fn publisher(args: &RelayArgs) -> CliResult<Box<dyn Publisher>> {
             #[cfg(feature = "nats")]
             {
                 let url = needs_url(args, "nats")?;
-                let p = seaorm_outbox::publisher::NatsPublisher::connect(&url)
+                let p = seaorm_outbox::broker::nats::NatsPublisher::connect(&url)
                     .await
                     .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
                 Box::new(p.router(router))
@@ -193,7 +194,7 @@ async fn publisher(args: &RelayArgs) -> CliResult<Box<dyn Publisher>> {
             #[cfg(feature = "rabbitmq")]
             {
                 let url = needs_url(args, "rabbitmq")?;
-                let p = seaorm_outbox::publisher::RabbitMqPublisher::new(url.clone())
+                let p = seaorm_outbox::broker::rabbitmq::RabbitMqPublisher::new(url.clone())
                     .exchange(args.exchange.clone())
                     .router(router)
                     .connect()
@@ -208,7 +209,7 @@ async fn publisher(args: &RelayArgs) -> CliResult<Box<dyn Publisher>> {
             #[cfg(feature = "redis")]
             {
                 let url = needs_url(args, "redis")?;
-                let p = seaorm_outbox::publisher::RedisPublisher::connect(&url)
+                let p = seaorm_outbox::broker::redis::RedisPublisher::connect(&url)
                     .await
                     .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
                 Box::new(p.router(router))

@@ -63,7 +63,6 @@ pub use self::config::{LogRelayConfig, Transport};
 pub use self::dead_letters::LogDeadLetters;
 pub use crate::store::{LogDeadLetter, SlotStatus};
 
-use self::session::Session;
 use super::breaker::{Breaker, BreakerStatus};
 use super::lock;
 use crate::error::{Error, Result};
@@ -184,13 +183,13 @@ struct State {
 ///
 /// ```no_run
 /// use sea_orm::Database;
-/// use seaorm_outbox::publisher::LogPublisher;
+/// use seaorm_outbox::publisher::StdoutPublisher;
 /// use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig};
 /// use tokio_util::sync::CancellationToken;
 ///
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 /// let db = Database::connect("postgres://postgres@127.0.0.1/app").await?;
-/// let relay = LogRelay::builder(db, LogPublisher::stdout())
+/// let relay = LogRelay::builder(db, StdoutPublisher::stdout())
 ///     .config(LogRelayConfig::default().slot("app_outbox"))
 ///     .build()?;
 /// relay.prepare().await?; // refuses wal_level != logical; creates the slot and publication
@@ -329,44 +328,8 @@ impl<P: Publisher> LogRelay<P> {
         stats
     }
 
-    /// Reads and publishes until the slot has caught up with the server's position at the
-    /// time of each read, then returns. Fails at once if another relay holds the slot. For
-    /// tests, scripts and benchmarks.
-    pub async fn drain(&self) -> Result<LogRelayStats> {
-        let never = CancellationToken::new();
-        let mut conn = self.connect().await?;
-        self.set_up(&mut conn).await?;
-        if !logical::try_lead(&mut conn, &self.config.slot).await? {
-            return Err(Error::LogRelay {
-                slot: self.config.slot.clone(),
-                reason: "another relay holds the slot".into(),
-            });
-        }
-        let mut session = self.session(conn).await?;
-        let mut stats = LogRelayStats::default();
-        let until = logical::current_lsn(&mut session.conn).await?;
-        match self.config.transport {
-            Transport::Sql => loop {
-                let step = self
-                    .sql_step(&mut session, &never, &mut stats, true)
-                    .await?;
-                self.unavailable()?;
-                if step.events == 0 && !step.full {
-                    break;
-                }
-            },
-            _ => {
-                self.stream(&mut session, &never, &mut stats, Some(until))
-                    .await?;
-                self.unavailable()?;
-            }
-        }
-        session.end(&self.config.slot).await;
-        Ok(stats)
-    }
-
     /// [`Error::PublisherUnavailable`] while the breaker is open.
-    fn unavailable(&self) -> Result<()> {
+    pub(super) fn unavailable(&self) -> Result<()> {
         match self.breaker().last_error {
             Some(reason) => Err(Error::PublisherUnavailable {
                 publisher: self.publisher.name().to_owned(),

@@ -4,7 +4,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::{LogRelay, LogRelayStats, Session};
+use super::session::Session;
+use super::{LogRelay, LogRelayStats};
 use crate::error::Result;
 use crate::publisher::Publisher;
 use crate::store::logical;

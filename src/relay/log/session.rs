@@ -48,6 +48,42 @@ pub(super) struct Settled {
 }
 
 impl<P: Publisher> LogRelay<P> {
+    /// Reads and publishes until the slot has caught up with the server's position at the
+    /// time of each read, then returns. Fails at once if another relay holds the slot. For
+    /// tests, scripts and benchmarks.
+    pub async fn drain(&self) -> Result<LogRelayStats> {
+        let never = CancellationToken::new();
+        let mut conn = self.connect().await?;
+        self.set_up(&mut conn).await?;
+        if !logical::try_lead(&mut conn, &self.config.slot).await? {
+            return Err(Error::LogRelay {
+                slot: self.config.slot.clone(),
+                reason: "another relay holds the slot".into(),
+            });
+        }
+        let mut session = self.session(conn).await?;
+        let mut stats = LogRelayStats::default();
+        let until = logical::current_lsn(&mut session.conn).await?;
+        match self.config.transport {
+            Transport::Sql => loop {
+                let step = self
+                    .sql_step(&mut session, &never, &mut stats, true)
+                    .await?;
+                self.unavailable()?;
+                if step.events == 0 && !step.full {
+                    break;
+                }
+            },
+            _ => {
+                self.stream(&mut session, &never, &mut stats, Some(until))
+                    .await?;
+                self.unavailable()?;
+            }
+        }
+        session.end(&self.config.slot).await;
+        Ok(stats)
+    }
+
     pub(super) async fn connect(&self) -> Result<PgConnection> {
         let pool = store::pg_pool(&self.db)
             .ok_or_else(|| Error::Config("the log relay needs a PostgreSQL pool".into()))?;

@@ -11,7 +11,8 @@ use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig, R
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{LogRelay, LogRelayStats, Session};
+use super::session::Session;
+use super::{LogRelay, LogRelayStats};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 use crate::store::{self, Lsn, Record, logical};

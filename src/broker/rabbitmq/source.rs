@@ -9,10 +9,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 
-use super::consumer::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
-use super::message::Incoming;
+use crate::error::BoxError;
 use crate::error::Result;
-use crate::publisher::BoxError;
+use crate::inbox::Incoming;
+use crate::inbox::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
 
 /// Consumes an existing queue with manual acknowledgements and at most
 /// [`prefetch`](Self::prefetch) unacknowledged messages, acking each after its transaction

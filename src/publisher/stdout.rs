@@ -4,18 +4,19 @@ use std::io::Write;
 
 use async_trait::async_trait;
 
-use super::{BoxError, PublishOutcome, Publisher};
+use super::{PublishOutcome, Publisher};
+use crate::error::BoxError;
 use crate::event::OutboxEvent;
 
 /// Writes one line per event to standard output and reports it delivered.
 ///
 /// For the quick start and for watching what a relay would send; not a broker.
 #[derive(Clone, Debug, Default)]
-pub struct LogPublisher {
+pub struct StdoutPublisher {
     _private: (),
 }
 
-impl LogPublisher {
+impl StdoutPublisher {
     /// A publisher that prints to standard output.
     pub fn stdout() -> Self {
         Self::default()
@@ -23,7 +24,7 @@ impl LogPublisher {
 }
 
 #[async_trait]
-impl Publisher for LogPublisher {
+impl Publisher for StdoutPublisher {
     async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
         let mut out = std::io::stdout().lock();
         for e in events {
@@ -41,3 +42,10 @@ impl Publisher for LogPublisher {
         "log"
     }
 }
+
+/// The stdout publisher's old name.
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed `StdoutPublisher`: \"log\" now means the WAL relay only"
+)]
+pub type LogPublisher = StdoutPublisher;

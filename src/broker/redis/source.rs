@@ -8,11 +8,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{FromRedisValue, Value};
 
-use super::consumer::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
-use super::message::Incoming;
+use super::BODY_FIELD;
+use crate::error::BoxError;
 use crate::error::{Error, Result};
-use crate::publisher::BoxError;
-use crate::publisher::redis::BODY_FIELD;
+use crate::inbox::Incoming;
+use crate::inbox::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
 
 /// Reads a stream through a consumer group: the group is created when missing (from the
 /// stream's start, so events relayed before the consumer first ran are not skipped), and each

@@ -9,10 +9,10 @@ use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 
-use super::consumer::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
-use super::message::Incoming;
+use crate::error::BoxError;
 use crate::error::{Error, Result};
-use crate::publisher::BoxError;
+use crate::inbox::Incoming;
+use crate::inbox::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
 
 /// Receives from a durable pull consumer on a JetStream stream, created when missing, with
 /// explicit acks. Each ack is a double ack: it waits for the server to confirm it.
@@ -30,7 +30,7 @@ use crate::publisher::BoxError;
 /// next instance. So on start, when the durable holds messages delivered and never
 /// acknowledged, this source recreates it from its ack floor: they come again first, in stream
 /// order. What was acknowledged after the floor comes again too, flagged
-/// [`redelivered`](super::Incoming::redelivered): the consumer finds it applied or
+/// [`redelivered`](crate::inbox::Incoming::redelivered): the consumer finds it applied or
 /// dead-lettered with one read and acknowledges it without running the handler. The replayed
 /// window is the messages delivered since the oldest one left unacknowledged, which is what was
 /// in flight unless one key's message was held in retries while others went on.
@@ -262,7 +262,7 @@ fn delivery(msg: jetstream::Message, ctx: &SourceContext, replay_end: u64) -> De
         }
     }
     let message = Incoming::new(m.subject.as_str(), headers, m.payload.to_vec());
-    let broker_id = message.header("Nats-Msg-Id").map(str::to_owned);
+    let broker_id = message.header(super::MSG_ID_HEADER).map(str::to_owned);
     Delivery {
         message: message
             .position(sequence.map(|s| s.to_string()))

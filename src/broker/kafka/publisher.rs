@@ -8,9 +8,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::wire::{Wire, wire_setters};
-use super::{BoxError, PublishOutcome, Publisher};
+use crate::error::BoxError;
 use crate::event::OutboxEvent;
+use crate::publisher::{PublishOutcome, Publisher};
+use crate::wire::state::{Wire, wire_setters};
 
 /// Publishes with an idempotent producer (`enable.idempotence=true`, `acks=all`), keyed by the
 /// aggregate id so each aggregate stays on one partition, in order. Every event of a batch is
@@ -18,7 +19,7 @@ use crate::event::OutboxEvent;
 /// relay hands over a whole call at once and waits for it, and lingering only added 5 ms to
 /// each call (per-aggregate order sends a batch in several calls; BENCHMARKS.md).
 ///
-/// The topic comes from the [`Router`](super::Router) (default: the aggregate type). librdkafka reconnects and
+/// The topic comes from the [`Router`](crate::wire::Router) (default: the aggregate type). librdkafka reconnects and
 /// retries by itself within `message.timeout.ms` (default here 8 s: keep it below the relay's
 /// `publish_timeout`); after that the event is retried by the relay.
 ///

@@ -7,16 +7,17 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use super::wire::{Wire, wire_setters};
-use super::{BoxError, PublishOutcome, Publisher};
+use crate::error::BoxError;
 use crate::event::OutboxEvent;
+use crate::publisher::{PublishOutcome, Publisher};
+use crate::wire::state::{Wire, wire_setters};
 
 /// Publishes persistent messages (`delivery_mode` 2) with `message_id` set to the event id,
 /// `mandatory` set, and publisher confirms on. Every event of a batch is published before any
 /// confirm is awaited.
 ///
 /// The exchange is fixed per publisher (default `""`, the default exchange); the routing key
-/// comes from the [`Router`](super::Router) (default: the aggregate type). If the connection or channel fails,
+/// comes from the [`Router`](crate::wire::Router) (default: the aggregate type). If the connection or channel fails,
 /// the next batch reconnects.
 ///
 /// Errors: a message returned as unroutable, one over [`max_message_bytes`](Self::max_message_bytes)

@@ -5,14 +5,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Value};
 use std::time::Duration;
 
-use super::wire::{Wire, wire_setters};
-use super::{BoxError, PublishOutcome, Publisher};
+use super::BODY_FIELD;
+use crate::error::BoxError;
 use crate::event::OutboxEvent;
+use crate::publisher::{PublishOutcome, Publisher};
+use crate::wire::state::{Wire, wire_setters};
 
-/// The stream field that holds the body. Headers become fields of their own.
-pub const BODY_FIELD: &str = "payload";
-
-/// `XADD`s each event to a stream whose key comes from the [`Router`](super::Router) (default: the aggregate
+/// `XADD`s each event to a stream whose key comes from the [`Router`](crate::wire::Router) (default: the aggregate
 /// type), with the body in the [`BODY_FIELD`] field and every header as a field, since streams
 /// have no headers. A whole batch goes out as one pipeline: one round trip.
 ///

@@ -1,6 +1,6 @@
 //! The routing and encoding state every broker publisher carries, with its setters written once.
 
-use super::message::{Envelope, Message, Router};
+use super::{Envelope, Message, Router};
 use crate::event::OutboxEvent;
 
 /// Where each event goes ([`Router`]) and how it is wrapped ([`Envelope`]).
@@ -26,13 +26,13 @@ impl Wire {
 macro_rules! wire_setters {
     ($what:literal) => {
         #[doc = concat!("Sets how events map to ", $what, " (default: the aggregate type).")]
-        pub fn router(mut self, router: $crate::publisher::Router) -> Self {
+        pub fn router(mut self, router: $crate::wire::Router) -> Self {
             self.wire.router = router;
             self
         }
 
-        /// Sets the envelope (default: [`Envelope::Plain`](crate::publisher::Envelope::Plain)).
-        pub fn envelope(mut self, envelope: $crate::publisher::Envelope) -> Self {
+        /// Sets the envelope (default: [`Envelope::Plain`](crate::wire::Envelope::Plain)).
+        pub fn envelope(mut self, envelope: $crate::wire::Envelope) -> Self {
             self.wire.envelope = envelope;
             self
         }

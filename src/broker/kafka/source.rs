@@ -10,10 +10,10 @@ use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::consumer::{Acknowledge, Delivery, Source, SourceContext};
-use super::message::Incoming;
+use crate::error::BoxError;
 use crate::error::{Error, Result};
-use crate::publisher::BoxError;
+use crate::inbox::Incoming;
+use crate::inbox::{Acknowledge, Delivery, Source, SourceContext};
 
 /// A consumer group member with auto-commit off. Handlers finish out of order, so the offset
 /// committed for a partition is the lowest offset received and not yet finished (or one past
@@ -24,7 +24,7 @@ use crate::publisher::BoxError;
 /// After a rebalance or a crash the next reader starts from the last committed watermark; what
 /// was finished past it is redelivered. Each commit carries, as its metadata, one past the
 /// highest offset finished, so the next reader flags everything below that
-/// [`redelivered`](super::Incoming::redelivered): the consumer finds it applied or
+/// [`redelivered`](crate::inbox::Incoming::redelivered): the consumer finds it applied or
 /// dead-lettered with one read and acknowledges it without running the handler. A graceful
 /// stop applies everything received and commits it, so the next start replays nothing.
 pub struct KafkaSource {

@@ -1,5 +1,14 @@
 //! How an outbox event becomes a broker message: routing, headers, body and the optional
-//! CloudEvents 1.0 envelope. Shared by every broker publisher so they all agree on the format.
+//! CloudEvents 1.0 envelope. Shared by every broker publisher so they all agree on the format,
+//! and by the inbox, which reads the same header names back.
+
+#[cfg(any(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
+pub(crate) mod state;
 
 use std::fmt;
 use std::sync::Arc;

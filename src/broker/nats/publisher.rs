@@ -7,15 +7,16 @@ use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use async_trait::async_trait;
 
-use super::wire::{Wire, wire_setters};
-use super::{BoxError, PublishOutcome, Publisher};
+use crate::error::BoxError;
 use crate::event::OutboxEvent;
+use crate::publisher::{PublishOutcome, Publisher};
+use crate::wire::state::{Wire, wire_setters};
 
 /// Publishes to JetStream with the event id as `Nats-Msg-Id`, so the server drops a
 /// redelivered event within the stream's duplicate window.
 ///
 /// Every event of a batch is sent before any acknowledgement is awaited. The subject comes from
-/// the [`Router`](super::Router) (default: the aggregate type) and must be covered by a stream you created.
+/// the [`Router`](crate::wire::Router) (default: the aggregate type) and must be covered by a stream you created.
 /// The client reconnects by itself; sends during an outage time out and are retried by the relay.
 ///
 /// Errors: a message over the server's `max_payload`, an invalid subject or header are

@@ -1,0 +1,125 @@
+//! [`ConsumerConfig`]: how a consumer runs.
+
+use std::time::Duration;
+
+use super::DEFAULT_RETENTION;
+use super::message::{MessageId, MissingId, OrderingKey};
+use crate::error::{Error, Result};
+
+/// How a [`Consumer`] runs. `Default` and chained setters.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ConsumerConfig {
+    /// Handlers running at once, each in its own transaction (default 16).
+    pub concurrency: usize,
+    /// Messages held (running or queued behind their key) before receiving pauses (default 256).
+    pub max_in_flight: usize,
+    /// Handler attempts before a message is dead-lettered (default 5). A duplicate never counts,
+    /// nor does a failure of the inbox's own statements (begin, record, commit): those are the
+    /// database being away, and are retried until it is back.
+    pub max_attempts: u32,
+    /// Delay before the first retry, doubled per attempt, jittered (default 200 ms).
+    pub retry_backoff: Duration,
+    /// The longest retry delay (default 10 s).
+    pub max_retry_backoff: Duration,
+    /// Where the dedup id comes from (default: the outbox's event id).
+    pub message_id: MessageId,
+    /// What to do with a message without an id (default: dead-letter it).
+    pub on_missing_id: MissingId,
+    /// What serialises handling (default: the aggregate id).
+    pub ordering: OrderingKey,
+    /// Record each message in the inbox (default `true`). `false` runs the handler on every
+    /// delivery, duplicates included: only for handlers that are idempotent by themselves.
+    pub deduplicate: bool,
+    /// Purge processed ids older than this (default [`DEFAULT_RETENTION`], 7 days); `None`
+    /// keeps them forever.
+    pub retention: Option<Duration>,
+    /// How often the retention purge runs (default 10 min).
+    pub purge_interval: Duration,
+    /// Rows per purge statement (default 1000).
+    pub purge_batch: u64,
+    /// How often replay requests for this consumer's dead letters are looked for (default 5 s).
+    pub replay_interval: Duration,
+    /// How long a graceful stop may take to apply and acknowledge what was already received
+    /// (default 10 s): the source's batch in hand, the messages queued behind their keys, and
+    /// retries under way. What is left after it stays unacknowledged for the broker to
+    /// redeliver. Zero stops at once, as a crash would, but without losing anything.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_in_flight: 256,
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(200),
+            max_retry_backoff: Duration::from_secs(10),
+            message_id: MessageId::default(),
+            on_missing_id: MissingId::default(),
+            ordering: OrderingKey::default(),
+            deduplicate: true,
+            retention: Some(DEFAULT_RETENTION),
+            purge_interval: Duration::from_secs(600),
+            purge_batch: 1000,
+            replay_interval: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ConsumerConfig {
+    setters! {
+        /// Sets [`concurrency`](Self::concurrency).
+        concurrency: usize,
+        /// Sets [`max_in_flight`](Self::max_in_flight).
+        max_in_flight: usize,
+        /// Sets [`max_attempts`](Self::max_attempts).
+        max_attempts: u32,
+        /// Sets [`retry_backoff`](Self::retry_backoff).
+        retry_backoff: Duration,
+        /// Sets [`max_retry_backoff`](Self::max_retry_backoff).
+        max_retry_backoff: Duration,
+        /// Sets [`message_id`](Self::message_id).
+        message_id: MessageId,
+        /// Sets [`on_missing_id`](Self::on_missing_id).
+        on_missing_id: MissingId,
+        /// Sets [`ordering`](Self::ordering).
+        ordering: OrderingKey,
+        /// Sets [`deduplicate`](Self::deduplicate).
+        deduplicate: bool,
+        /// Sets [`retention`](Self::retention).
+        retention: Option<Duration>,
+        /// Sets [`purge_interval`](Self::purge_interval).
+        purge_interval: Duration,
+        /// Sets [`purge_batch`](Self::purge_batch).
+        purge_batch: u64,
+        /// Sets [`replay_interval`](Self::replay_interval).
+        replay_interval: Duration,
+        /// Sets [`drain_timeout`](Self::drain_timeout).
+        drain_timeout: Duration,
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::Config(what.to_owned()));
+        if self.concurrency == 0 {
+            return bad("concurrency must be at least 1");
+        }
+        if self.max_in_flight < self.concurrency {
+            return bad("max_in_flight must be at least concurrency");
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be at least 1");
+        }
+        if self.purge_batch == 0 || self.purge_batch > crate::store::MAX_PAGE_SIZE {
+            return bad("purge_batch must be between 1 and 10000");
+        }
+        if self.purge_interval.is_zero() || self.replay_interval.is_zero() {
+            return bad("purge_interval and replay_interval must be positive");
+        }
+        if self.retention.is_some_and(|r| r < Duration::from_secs(60)) {
+            return bad("retention under a minute would forget ids of messages still in flight");
+        }
+        Ok(())
+    }
+}

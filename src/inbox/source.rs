@@ -1,0 +1,126 @@
+//! The contract between a broker and a consumer: a [`Source`] feeds [`Delivery`]s, each with its
+//! [`Acknowledge`], and takes part in the two-step stop through its [`SourceContext`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::message::Incoming;
+use crate::error::{BoxError, Result};
+
+/// Acknowledges one delivery to its broker: the ack, `XACK`, or Kafka offset. Called only after
+/// the message's transaction committed (or it was dead-lettered, or found a duplicate).
+#[async_trait]
+pub trait Acknowledge: Send + Sync + 'static {
+    /// Acknowledges. A failure is logged and counted; the broker redelivers, and the inbox
+    /// sees a duplicate.
+    async fn ack(self: Box<Self>) -> std::result::Result<(), BoxError>;
+
+    /// Tells the broker the message is still being worked on (NATS `+WPI`), before each retry
+    /// delay. Default: nothing.
+    async fn in_progress(&self) {}
+}
+
+/// A received message and how to acknowledge it.
+pub struct Delivery {
+    /// The message.
+    pub message: Incoming,
+    /// Its acknowledgement.
+    pub ack: Box<dyn Acknowledge>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a [`Source`] gets to run with.
+///
+/// A graceful stop comes in two steps: [`stop`](Self::stop) (take no new messages, hand over
+/// what was received, then call [`handed_over`](Self::handed_over)), and once the consumer
+/// has applied and acknowledged what it holds, [`shutdown`](Self::shutdown) (flush, return).
+#[derive(Debug)]
+pub struct SourceContext {
+    /// Push each received message here; the bound is the consumer's backpressure. A send error
+    /// means the consumer stopped: return.
+    pub deliveries: mpsc::Sender<Delivery>,
+    /// Cancelled when a graceful stop begins: fetch nothing new, send what was already
+    /// received from the broker (it is applied and acknowledged before the stop completes),
+    /// then call [`handed_over`](Self::handed_over) and wait for `shutdown`. A source that
+    /// ignores it is stopped all the same, after [`ConsumerConfig::drain_timeout`](super::ConsumerConfig::drain_timeout).
+    pub stop: CancellationToken,
+    /// Cancelled when the source should stop, after every acknowledgement the consumer will
+    /// make has been made: flush (e.g. commit Kafka offsets) and return.
+    pub shutdown: CancellationToken,
+    /// The consumer's name.
+    pub consumer: String,
+    /// Cancelled by [`handed_over`](Self::handed_over).
+    pub handed: CancellationToken,
+}
+
+impl SourceContext {
+    /// A context for a source that feeds `deliveries` on behalf of `consumer`, with fresh
+    /// tokens; for wrappers that run an inner source (link its tokens to the outer ones).
+    pub fn new(deliveries: mpsc::Sender<Delivery>, consumer: impl Into<String>) -> Self {
+        Self {
+            deliveries,
+            stop: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            consumer: consumer.into(),
+            handed: CancellationToken::new(),
+        }
+    }
+
+    /// Reports the consumer's lag (messages not yet delivered to it) where the broker says.
+    pub fn report_lag(&self, messages: u64) {
+        crate::telemetry::metrics::inbox_lag(&self.consumer, messages);
+    }
+
+    /// After [`stop`](Self::stop): everything received has been sent to
+    /// [`deliveries`](Self::deliveries).
+    pub fn handed_over(&self) {
+        self.handed.cancel();
+    }
+}
+
+/// A broker subscription that feeds a [`Consumer`](super::Consumer). Implemented for Kafka, NATS JetStream,
+/// RabbitMQ and Redis Streams behind their features; implement it for anything else.
+#[async_trait]
+pub trait Source: Send + 'static {
+    /// The broker's name, for logs and metrics.
+    fn broker(&self) -> &'static str;
+
+    /// Receives until `ctx.shutdown`, reconnecting on its own after transient failures;
+    /// returns `Err` only for what will not heal (a missing stream, refused credentials).
+    async fn run(self, ctx: SourceContext) -> Result<()>
+    where
+        Self: Sized;
+}
+
+/// Waits `delay`, or until `shutdown`; `false` when shut down. For sources' reconnect loops.
+#[cfg(any(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
+pub(crate) async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// How long a source waits before reconnecting after a broken subscription.
+#[cfg(any(
+    feature = "kafka",
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis"
+))]
+pub(crate) const RECONNECT_DELAY: Duration = Duration::from_secs(1);

@@ -1,0 +1,59 @@
+//! What a running consumer shares between its messages: the database, the handler, the config
+//! and the counters behind [`ConsumerStats`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sea_orm::DatabaseConnection;
+
+use super::config::ConsumerConfig;
+
+/// Counts since the consumer started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerStats {
+    /// Messages whose effect was applied and committed.
+    pub applied: u64,
+    /// Messages skipped because the inbox had them.
+    pub duplicates: u64,
+    /// Messages moved to the inbox dead letter.
+    pub dead_lettered: u64,
+    /// Handler attempts that failed and were retried.
+    pub retries: u64,
+    /// Acknowledgements the broker refused or lost.
+    pub ack_failures: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) applied: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) ack_failures: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> ConsumerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ConsumerStats {
+            applied: get(&self.applied),
+            duplicates: get(&self.duplicates),
+            dead_lettered: get(&self.dead_lettered),
+            retries: get(&self.retries),
+            ack_failures: get(&self.ack_failures),
+        }
+    }
+}
+
+/// What every message's task shares.
+pub(crate) struct Shared<H> {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) name: String,
+    pub(crate) handler: H,
+    pub(crate) config: ConsumerConfig,
+    pub(crate) counters: Counters,
+}
