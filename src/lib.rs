@@ -14,14 +14,15 @@
 //! backoff      exponential backoff with jitter (re-exported as relay::Backoff)
 //! event        what goes in and comes out, and its validation; no SQL, no telemetry
 //! store        every SQL statement, one file per backend, and row decoding
-//! publisher    the Publisher trait and the brokers (uses event only)
+//! wire         the broker message format: routing, headers, CloudEvents envelope
+//! publisher    the Publisher trait, the in-memory and stdout publishers
 //! stats        backlog snapshots, health verdicts, relay heartbeats
 //! telemetry    metrics the relay records; trace context the repository captures
 //! repository   the OutboxRepository contract on any ConnectionTrait
 //! inbox        the consumer side: the inbox record, consumers for each broker
 //! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config;
 //!              relay::log reads a logical replication slot instead
-//! admin        the HTTP API and dashboard an axum app mounts (feature `admin`)
+//! broker       each broker's publisher and source, side by side (a feature each)
 //! ```
 //!
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
@@ -39,8 +40,13 @@
 //!   consumer's transaction; [`inbox::Consumer`] runs a handler per message from a broker
 //!   source, committing before it acknowledges.
 //! * [`telemetry`]: metric names; the metrics themselves and trace-context capture.
-//! * `admin` (feature `admin`): an axum router with the JSON admin API and the dashboard,
-//!   behind an authorizer that fails closed.
+//! * [`broker`]: one folder per broker (Kafka, NATS JetStream, RabbitMQ, Redis Streams), each
+//!   with its publisher, its inbox source and what the two share, behind its feature.
+//! * [`wire`]: the wire format every broker publisher encodes with (routing, headers,
+//!   CloudEvents).
+//!
+//! The admin HTTP API and dashboard are the `seaorm-outbox-admin` crate, and the
+//! `seaorm-outbox` binary is the `seaorm-outbox-cli` crate: both use this crate's public API only.
 //! * [`error`]: the one [`Error`] type.
 //!
 //! The table lives in the `seaorm-outbox-entity` crate and is created by the
@@ -57,8 +63,6 @@ macro_rules! setters {
     )*};
 }
 
-#[cfg(feature = "admin")]
-pub mod admin;
 mod backoff;
 pub mod broker;
 pub mod error;

@@ -357,7 +357,9 @@ impl Health {
         }
     }
 
-    pub(crate) fn degraded(&mut self, reason: String) {
+    /// Lowers a healthy verdict to degraded and adds `reason`: for a caller that knows more
+    /// than the table shows (the admin API, seeing a relay's open breaker in its heartbeat).
+    pub fn degraded(&mut self, reason: String) {
         if self.status == HealthStatus::Healthy {
             self.status = HealthStatus::Degraded;
         }

@@ -20,7 +20,6 @@ const LAYERS: &[(&str, u8)] = &[
     ("inbox", 6),
     ("broker", 7),
     ("relay", 7),
-    ("admin", 8),
 ];
 
 const MAX_LINES: usize = 500;

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use axum::http::request::Parts;
 use loco_rs::app::AppContext;
 use loco_rs::controller::extractor::auth::extract_jwt_from_request_parts;
-use seaorm_outbox::admin::{Authorizer, Principal};
+use seaorm_outbox_admin::{Authorizer, Principal};
 
 use crate::settings::AdminSettings;
 

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use axum::Router as AxumRouter;
 use loco_rs::app::{AppContext, Initializer};
-use seaorm_outbox::admin::Admin;
 use seaorm_outbox::{Publisher, Relay, RelayStats};
+use seaorm_outbox_admin::Admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -22,8 +22,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::Health;
-use seaorm_outbox::admin::{Admin, BearerTokens};
 use seaorm_outbox::inbox::Inbox;
+use seaorm_outbox_admin::{Admin, BearerTokens};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 

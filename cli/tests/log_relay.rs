@@ -1,10 +1,13 @@
 //! The log relay against a real PostgreSQL with `wal_level=logical`: a server of these tests'
 //! own (initdb into a temporary directory, a free port), shared by the tests running at once,
 //! each in its own schema, slot and publication. The refusal test uses the shared server, which
-//! runs `wal_level=replica`.
-#![cfg(all(feature = "postgres", feature = "cli", feature = "nats"))]
+//! runs `wal_level=replica`. It lives with the binary because half of it drives the log relay
+//! through `seaorm-outbox relay --mode log` and `log failed …`.
+#![cfg(feature = "nats")]
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::{HashMap, HashSet};
@@ -774,8 +777,8 @@ async fn the_slot_advances_on_an_idle_database(transport: Transport) {
 }
 
 async fn jetstream(mode_table: bool) {
-    use async_nats::jetstream;
     use seaorm_outbox::broker::nats::NatsPublisher;
+    use seaorm_outbox::broker::nats::async_nats::{self, jetstream};
     use seaorm_outbox::wire::Router;
     let l = LogDb::new(Transport::Stream).await;
     let addr = std::env::var("OUTBOX_TEST_NATS_ADDR").unwrap_or_else(|_| "127.0.0.1:4222".into());

@@ -24,10 +24,10 @@ use axum::{Json, Router};
 use sea_orm::entity::prelude::*;
 use sea_orm::{ActiveValue::Set, Database, DatabaseConnection, Schema, TransactionTrait};
 use sea_orm_migration::prelude::*;
-use seaorm_outbox::admin::{Admin, BearerTokens};
 use seaorm_outbox::publisher::StdoutPublisher;
 use seaorm_outbox::relay::{Relay, RelayConfig};
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
+use seaorm_outbox_admin::{Admin, BearerTokens};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 

@@ -1,8 +1,8 @@
 //! The `seaorm-outbox` binary as a subprocess against PostgreSQL: status numbers, dead-letter
 //! replay and discard, purge, every bad-input path, and the relay process with its `/metrics`
 //! and `/healthz` scraped over HTTP.
-#![cfg(feature = "cli")]
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::io::{Read, Write};

@@ -1,5 +1,6 @@
-//! The admin HTTP API and dashboard (feature `admin`): an axum [`Router`] the host app mounts
-//! under a prefix of its choosing.
+//! The admin HTTP API and dashboard of [seaorm-outbox](seaorm_outbox): an axum 0.8 [`Router`]
+//! the host app mounts under a prefix of its choosing. A crate of its own, so axum stays out of
+//! the core's semver; it uses the core's public API only.
 //!
 //! Building it takes an authorization decision, and the router fails closed: without an
 //! [`Authorizer`] it does not build, unless [`AdminBuilder::allow_unauthenticated`] is called,
@@ -27,16 +28,23 @@
 //! them with an operator's cookie) and are logged through `tracing` with who, what and how many
 //! rows. Bad input is a JSON `{"error", "message"}` with a 4xx status.
 //!
-//! ```
-//! use axum::Router;
-//! use seaorm_outbox::admin::{Admin, BearerTokens};
+//! ```no_run
+//! use std::net::SocketAddr;
 //!
-//! # fn example(db: sea_orm::DatabaseConnection) {
+//! use axum::Router;
+//! use seaorm_outbox_admin::{Admin, BearerTokens};
+//!
+//! # async fn example(db: sea_orm::DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
 //! let tokens = BearerTokens::new()
-//!     .reader("viewer", std::env::var("OUTBOX_VIEW_TOKEN").unwrap_or_default())
-//!     .writer("ops", std::env::var("OUTBOX_ADMIN_TOKEN").unwrap_or_default());
-//! let app: Router = Router::new().nest("/outbox", Admin::builder(db).authorizer(tokens).build());
-//! # }
+//!     .writer("ops", std::env::var("OUTBOX_ADMIN_TOKEN")?)        // replay, discard, purge
+//!     .reader("viewer", std::env::var("OUTBOX_VIEW_TOKEN")?);     // read only
+//! let app = Router::new()
+//!     // … your routes …
+//!     .nest("/outbox", Admin::builder(db).authorizer(tokens).build());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! // Connect info lets allow_unauthenticated() check for loopback clients.
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+//! # Ok(()) }
 //! ```
 
 mod api;
@@ -56,7 +64,7 @@ use sea_orm::DatabaseConnection;
 use self::auth::Gate;
 pub use self::auth::{Authorizer, BearerTokens, Principal, Role};
 use self::error::ApiError;
-use crate::stats::HealthThresholds;
+use seaorm_outbox::stats::HealthThresholds;
 
 /// Request bodies are small JSON objects; anything bigger is refused (413).
 const MAX_BODY_BYTES: usize = 16 * 1024;

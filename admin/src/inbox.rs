@@ -14,7 +14,7 @@ use super::AdminState;
 use super::api::{ApiResult, Page, audit};
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::inbox::{DeadLetters, Inbox, InboxDeadLetter};
+use seaorm_outbox::inbox::{DeadLetters, Inbox, InboxDeadLetter};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -6,8 +6,9 @@
 //!
 //! `OUTBOX_SCREENSHOT=docs/dashboard.png` saves the screenshot the README shows.
 
-#[path = "common/admin.rs"]
+#[path = "support/http.rs"]
 mod admin_http;
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
@@ -19,11 +20,11 @@ use axum::Router;
 use chrono::Utc;
 use common::{Backend, TestDb};
 use fantoccini::{Client, ClientBuilder, Locator};
-use seaorm_outbox::admin::{Admin, BearerTokens};
 use seaorm_outbox::relay::{BreakerConfig, Relay, RelayConfig};
 use seaorm_outbox::{
     NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome,
 };
+use seaorm_outbox_admin::{Admin, BearerTokens};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -1,6 +1,6 @@
 //! The outbox's JSON endpoints: statistics with health and relays, the per-minute history,
 //! events browsed by filter, one event, dead letters (list, replay, discard) and the purge.
-//! Every write action is logged through `tracing` (target `seaorm_outbox::admin`) with who did
+//! Every write action is logged through `tracing` (target `seaorm_outbox::admin`, unchanged by the move to its own crate) with who did
 //! it, what, and how many rows.
 
 use std::sync::Arc;
@@ -18,10 +18,9 @@ use uuid::Uuid;
 use super::AdminState;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::OutboxStatus;
-use crate::event::now;
-use crate::repository::{EventQuery, Outbox};
-use crate::stats::BreakerState;
+use seaorm_outbox::OutboxStatus;
+use seaorm_outbox::repository::{EventQuery, Outbox};
+use seaorm_outbox::stats::BreakerState;
 
 /// The largest page the API serves: a dashboard never needs more, and a bigger one is a
 /// mistake or an attempt to load the database.
@@ -75,7 +74,7 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
     let outbox = Outbox::new(&s.db);
     let mut health = outbox.health(&s.thresholds).await;
     let Some(stats) = health.stats.take() else {
-        return Err(ApiError::from(crate::Error::Database(
+        return Err(ApiError::from(seaorm_outbox::Error::Database(
             sea_orm::DbErr::Custom(health.reasons.join("; ")),
         )));
     };
@@ -94,7 +93,7 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
         }
     }
     let inbox = if s.inbox {
-        let n = crate::inbox::Inbox::new(&s.db)
+        let n = seaorm_outbox::inbox::Inbox::new(&s.db)
             .count_dead_letters(None)
             .await?;
         json!({ "dead_letters": n })
@@ -320,7 +319,7 @@ pub(crate) async fn purge(
         .ok()
         .and_then(chrono::Duration::try_seconds)
         .ok_or_else(|| ApiError::bad_request("older_than_secs is too large"))?;
-    let cutoff = now()
+    let cutoff = chrono::Utc::now()
         .checked_sub_signed(age)
         .ok_or_else(|| ApiError::bad_request("older_than_secs is too large"))?;
     let n = Outbox::new(&s.db).purge_published(cutoff, 1000).await?;

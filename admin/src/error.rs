@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::error::Error;
+use seaorm_outbox::error::Error;
 
 /// A refused or failed admin request.
 #[derive(Debug)]

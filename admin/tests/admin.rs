@@ -1,8 +1,9 @@
 //! The admin HTTP API through its router: what it reports on every backend, each write action
 //! and its audit line, every refusal of the authorizer, and bad input answered with a JSON 4xx.
 
-#[path = "common/admin.rs"]
+#[path = "support/http.rs"]
 mod admin_http;
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::sync::{Arc, Mutex};
@@ -12,9 +13,9 @@ use admin_http::{Call, seed};
 use axum::Router;
 use axum::http::StatusCode;
 use common::TestDb;
-use seaorm_outbox::admin::{Admin, BearerTokens, Principal};
 use seaorm_outbox::publisher::InMemoryPublisher;
 use seaorm_outbox::{Outbox, OutboxRepository, OutboxStatus, Relay, RelayConfig};
+use seaorm_outbox_admin::{Admin, BearerTokens, Principal};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
