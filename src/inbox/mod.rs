@@ -55,12 +55,7 @@ pub use self::handler::Handler;
 pub use self::handler_error::HandlerError;
 pub use self::message::{Incoming, MessageId, MissingId, OrderingKey};
 pub use self::source::{Acknowledge, Delivery, Source, SourceContext};
-#[cfg(any(
-    feature = "kafka",
-    feature = "nats",
-    feature = "rabbitmq",
-    feature = "redis"
-))]
+#[cfg(any(feature = "nats", feature = "rabbitmq", feature = "redis"))]
 pub(crate) use self::source::{RECONNECT_DELAY, pause};
 pub use self::state::ConsumerStats;
 

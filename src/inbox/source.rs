@@ -1,8 +1,6 @@
 //! The contract between a broker and a consumer: a [`Source`] feeds [`Delivery`]s, each with its
 //! [`Acknowledge`], and takes part in the two-step stop through its [`SourceContext`].
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -103,13 +101,8 @@ pub trait Source: Send + 'static {
 }
 
 /// Waits `delay`, or until `shutdown`; `false` when shut down. For sources' reconnect loops.
-#[cfg(any(
-    feature = "kafka",
-    feature = "nats",
-    feature = "rabbitmq",
-    feature = "redis"
-))]
-pub(crate) async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
+#[cfg(any(feature = "nats", feature = "rabbitmq", feature = "redis"))]
+pub(crate) async fn pause(shutdown: &CancellationToken, delay: std::time::Duration) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
@@ -117,10 +110,5 @@ pub(crate) async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool
 }
 
 /// How long a source waits before reconnecting after a broken subscription.
-#[cfg(any(
-    feature = "kafka",
-    feature = "nats",
-    feature = "rabbitmq",
-    feature = "redis"
-))]
-pub(crate) const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+#[cfg(any(feature = "nats", feature = "rabbitmq", feature = "redis"))]
+pub(crate) const RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
