@@ -100,6 +100,14 @@ pub enum Error {
     /// The relay or repository was configured with values that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// An operation this kind of thing does not offer, e.g. discarding the inbox's dead letters
+    /// by aggregate.
+    #[error("not supported: {what}")]
+    Unsupported {
+        /// What was asked.
+        what: String,
+    },
 }
 
 /// Why an event was rejected. Nothing is written when any of these is returned.

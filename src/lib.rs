@@ -65,6 +65,7 @@ macro_rules! setters {
 
 mod backoff;
 pub mod broker;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod inbox;

@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("inbox", 6),
     ("broker", 7),
     ("relay", 7),
+    ("dead_letter", 8),
 ];
 
 const MAX_LINES: usize = 500;

@@ -31,30 +31,21 @@ pub(crate) const MAX_OFFSET: u64 = 100_000;
 
 pub(crate) type ApiResult = Result<Response, ApiError>;
 
-/// `limit` and `offset`, checked.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct Page {
-    limit: Option<u64>,
-    offset: Option<u64>,
-}
-
-impl Page {
-    pub(crate) fn checked(limit: Option<u64>, offset: Option<u64>) -> Result<(u64, u64), ApiError> {
-        let limit = limit.unwrap_or(50);
-        let offset = offset.unwrap_or(0);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(ApiError::bad_request(format!(
-                "limit must be between 1 and {MAX_PAGE}, not {limit}"
-            )));
-        }
-        if offset > MAX_OFFSET {
-            return Err(ApiError::bad_request(format!(
-                "offset must be at most {MAX_OFFSET}, not {offset}; narrow the query by time"
-            )));
-        }
-        Ok((limit, offset))
+/// `limit` (default 50) and `offset` (default 0), checked against the caps.
+pub(crate) fn page(limit: Option<u64>, offset: Option<u64>) -> Result<(u64, u64), ApiError> {
+    let limit = limit.unwrap_or(50);
+    let offset = offset.unwrap_or(0);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}, not {limit}"
+        )));
     }
+    if offset > MAX_OFFSET {
+        return Err(ApiError::bad_request(format!(
+            "offset must be at most {MAX_OFFSET}, not {offset}; narrow the query by time"
+        )));
+    }
+    Ok((limit, offset))
 }
 
 /// `GET /health`, outside auth: the outbox's verdict, 503 when unhealthy.
@@ -177,7 +168,7 @@ pub(crate) async fn events(
     params: Result<Query<EventsParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(p) = params?;
-    let (limit, offset) = Page::checked(p.limit, p.offset)?;
+    let (limit, offset) = page(p.limit, p.offset)?;
     let status = given(p.status).as_deref().map(parse_status).transpose()?;
     let oldest_first = match given(p.order).as_deref() {
         None | Some("newest") => false,
@@ -223,82 +214,6 @@ pub(crate) async fn event(
     let Path(id) = id?;
     let e = Outbox::new(&s.db).get(id).await?;
     Ok(Json(e).into_response())
-}
-
-/// `GET /api/dead-letters`: the outbox's dead letters, most recent failure first, with the
-/// total.
-pub(crate) async fn dead_letters(
-    State(s): State<Arc<AdminState>>,
-    params: Result<Query<Page>, QueryRejection>,
-) -> ApiResult {
-    let Query(p) = params?;
-    let (limit, offset) = Page::checked(p.limit, p.offset)?;
-    let outbox = Outbox::new(&s.db);
-    let total = outbox.count_failed().await?;
-    let events = outbox.list_failed(limit, offset).await?;
-    let next = (offset + limit < total).then_some(offset + limit);
-    Ok(
-        Json(json!({ "dead_letters": events, "total": total, "next_offset": next }))
-            .into_response(),
-    )
-}
-
-/// `POST /api/dead-letters/{id}/replay`: back to pending, attempts reset.
-pub(crate) async fn replay_one(
-    State(s): State<Arc<AdminState>>,
-    Caller(who): Caller,
-    id: Result<Path<Uuid>, PathRejection>,
-) -> ApiResult {
-    let Path(id) = id?;
-    Outbox::new(&s.db).requeue(id).await?;
-    audit(&who.name, "replay", &id.to_string(), 1);
-    Ok(Json(json!({ "replayed": 1 })).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ReplayMany {
-    #[serde(default)]
-    all: bool,
-    aggregate_type: Option<String>,
-    aggregate_id: Option<String>,
-}
-
-/// `POST /api/dead-letters/replay` with `{"all": true}` or
-/// `{"aggregate_type": …, "aggregate_id": …}`.
-pub(crate) async fn replay_many(
-    State(s): State<Arc<AdminState>>,
-    Caller(who): Caller,
-    body: Result<Json<ReplayMany>, JsonRejection>,
-) -> ApiResult {
-    let Json(b) = body?;
-    let outbox = Outbox::new(&s.db);
-    let (what, n) = match (b.all, given(b.aggregate_type), given(b.aggregate_id)) {
-        (true, None, None) => ("all".to_owned(), outbox.requeue_all().await?),
-        (false, Some(t), Some(id)) => {
-            let n = outbox.requeue_aggregate(&t, &id).await?;
-            (format!("aggregate {t}/{id}"), n)
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "give either {\"all\": true} or both aggregate_type and aggregate_id",
-            ));
-        }
-    };
-    audit(&who.name, "replay", &what, n);
-    Ok(Json(json!({ "replayed": n })).into_response())
-}
-
-/// `DELETE /api/dead-letters/{id}`: gone for good.
-pub(crate) async fn discard(
-    State(s): State<Arc<AdminState>>,
-    Caller(who): Caller,
-    id: Result<Path<Uuid>, PathRejection>,
-) -> ApiResult {
-    let Path(id) = id?;
-    Outbox::new(&s.db).discard(id).await?;
-    audit(&who.name, "discard", &id.to_string(), 1);
-    Ok(Json(json!({ "discarded": 1 })).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -72,9 +72,9 @@ impl From<Error> for ApiError {
         match e {
             Error::NotFound { .. } => Self::not_found(message),
             Error::InvalidState { .. } => Self::new(StatusCode::CONFLICT, "conflict", message),
-            Error::LimitTooLarge { .. } | Error::InvalidInboxKey { .. } => {
-                Self::bad_request(message)
-            }
+            Error::LimitTooLarge { .. }
+            | Error::InvalidInboxKey { .. }
+            | Error::Unsupported { .. } => Self::bad_request(message),
             Error::CorruptRow { .. } => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "corrupt_row", message)
             }

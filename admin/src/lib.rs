@@ -50,8 +50,8 @@
 mod api;
 mod auth;
 mod dashboard;
+mod dead_letters;
 mod error;
-mod inbox;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,6 +179,23 @@ impl AdminBuilder<NoAuth> {
     }
 }
 
+/// The four routes of one kind of dead letter under `at`.
+fn dead_letter_routes<K: dead_letters::Kind>(
+    api: Router<Arc<AdminState>>,
+    at: &str,
+) -> Router<Arc<AdminState>> {
+    api.route(at, get(dead_letters::list::<K>))
+        .route(
+            &format!("{at}/replay"),
+            post(dead_letters::replay_many::<K>),
+        )
+        .route(
+            &format!("{at}/{{id}}/replay"),
+            post(dead_letters::replay_one::<K>),
+        )
+        .route(&format!("{at}/{{id}}"), delete(dead_letters::discard::<K>))
+}
+
 impl AdminBuilder<WithAuth> {
     /// The router, to [`nest`](Router::nest) under a prefix.
     pub fn build(self) -> Router {
@@ -195,17 +212,10 @@ impl AdminBuilder<WithAuth> {
             .route("/history", get(api::history))
             .route("/events", get(api::events))
             .route("/events/{id}", get(api::event))
-            .route("/dead-letters", get(api::dead_letters))
-            .route("/dead-letters/replay", post(api::replay_many))
-            .route("/dead-letters/{id}/replay", post(api::replay_one))
-            .route("/dead-letters/{id}", delete(api::discard))
             .route("/purge", post(api::purge));
+        api = dead_letter_routes::<dead_letters::Outbox>(api, "/dead-letters");
         if state.inbox {
-            api = api
-                .route("/inbox/dead-letters", get(inbox::list))
-                .route("/inbox/dead-letters/replay", post(inbox::replay_many))
-                .route("/inbox/dead-letters/{id}/replay", post(inbox::replay_one))
-                .route("/inbox/dead-letters/{id}", delete(inbox::discard));
+            api = dead_letter_routes::<dead_letters::Inbox>(api, "/inbox/dead-letters");
         }
         let api = api
             .route_layer(axum::middleware::from_fn_with_state(

@@ -148,13 +148,21 @@ async fn wait_for(c: &Client, what: &str, script: &str) -> Value {
 /// Whether the confirmation dialog is showing.
 const DIALOG_OPEN: &str = "document.getElementById('confirm').classList.contains('open')";
 
+/// Finds and clicks `css`. The page re-renders its tables on every refresh, so an element
+/// found just before one goes stale: find it again, a few times.
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("no {css}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    let mut last = String::new();
+    for _ in 0..5 {
+        match c.find(Locator::Css(css)).await {
+            Ok(el) => match el.click().await {
+                Ok(()) => return,
+                Err(e) => last = format!("click {css}: {e}"),
+            },
+            Err(e) => last = format!("no {css}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{last}");
 }
 
 /// Waits for the confirmation dialog and confirms.

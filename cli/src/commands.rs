@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use sea_orm::DatabaseConnection;
+use seaorm_outbox::dead_letter::{OutboxDeadLetters, Selection};
 use seaorm_outbox::relay::BreakerState;
-use seaorm_outbox::{Outbox, OutboxEvent, RelayHeartbeat};
+use seaorm_outbox::{Outbox, RelayHeartbeat};
 
-use crate::{CliResult, Failure, parse_count, parse_id, parse_offset};
+use crate::{CliResult, Failure, dead_letters, parse_count, parse_id, parse_offset};
 
 #[derive(Subcommand)]
 pub(crate) enum Failed {
@@ -20,7 +21,7 @@ pub(crate) enum Failed {
         #[arg(long)]
         json: bool,
     },
-    /// Show one dead letter (any event, in fact) in full.
+    /// Show one dead letter in full.
     Show {
         id: String,
         #[arg(long)]
@@ -137,86 +138,40 @@ fn breaker(r: &RelayHeartbeat, now: chrono::DateTime<chrono::Utc>) -> String {
     )
 }
 
-fn row(e: &OutboxEvent) -> String {
-    let error: String = e
-        .last_error
-        .as_deref()
-        .unwrap_or("")
-        .chars()
-        .take(60)
-        .collect();
-    format!(
-        "{}  {}  {:>3}  {:<24} {}/{}  {}",
-        e.id,
-        e.failed_at.map_or_else(
-            || "-".to_owned(),
-            |t| t.format("%Y-%m-%d %H:%M:%S").to_string()
-        ),
-        e.attempts,
-        e.event_type,
-        e.aggregate_type,
-        e.aggregate_id,
-        error.replace('\n', " ")
-    )
-}
-
 pub(crate) async fn failed(db: &DatabaseConnection, cmd: Failed) -> CliResult {
-    let outbox = Outbox::new(db);
+    let store = OutboxDeadLetters::new(db);
     match cmd {
         Failed::List {
             limit,
             offset,
             json,
         } => {
-            let limit = parse_count("--limit", &limit)?;
-            let offset = parse_offset(&offset)?;
-            let events = outbox.list_failed(limit, offset).await?;
-            if json {
-                println!("{}", serde_json::to_string(&events)?);
-            } else {
-                for e in &events {
-                    println!("{}", row(e));
-                }
-                println!(
-                    "{} dead letters shown of {}",
-                    events.len(),
-                    outbox.count_failed().await?
-                );
-            }
+            let (limit, offset) = (parse_count("--limit", &limit)?, parse_offset(&offset)?);
+            dead_letters::list(&store, Selection::All, limit, offset, json).await
         }
-        Failed::Show { id, json } => {
-            let e = outbox.get(parse_id(&id)?).await?;
-            if json {
-                println!("{}", serde_json::to_string(&e)?);
-            } else {
-                println!("{}", serde_json::to_string_pretty(&e)?);
-            }
-        }
+        Failed::Show { id, json } => dead_letters::show(&store, parse_id(&id)?, json).await,
         Failed::Replay(r) => {
-            let n = if let Some(id) = r.id {
-                outbox.requeue(parse_id(&id)?).await?;
-                1
-            } else if r.all {
-                outbox.requeue_all().await?
-            } else if let Some(agg) = r.aggregate {
-                let (ty, id) = agg
-                    .split_once(':')
-                    .filter(|(t, i)| !t.is_empty() && !i.is_empty())
-                    .ok_or_else(|| {
-                        Failure::input(format!("invalid aggregate `{agg}`: expected TYPE:ID"))
-                    })?;
-                outbox.requeue_aggregate(ty, id).await?
-            } else {
-                0
+            let aggregate = match &r.aggregate {
+                Some(agg) => Some(
+                    agg.split_once(':')
+                        .filter(|(t, i)| !t.is_empty() && !i.is_empty())
+                        .ok_or_else(|| {
+                            Failure::input(format!("invalid aggregate `{agg}`: expected TYPE:ID"))
+                        })?,
+                ),
+                None => None,
             };
-            println!("requeued {n} dead letter{}", if n == 1 { "" } else { "s" });
+            let which = match (r.id, aggregate) {
+                (Some(id), _) => Selection::One(parse_id(&id)?),
+                (None, Some((t, id))) => Selection::Aggregate(t, id),
+                (None, None) => Selection::All,
+            };
+            dead_letters::replay(&store, which).await
         }
         Failed::Discard { id } => {
-            outbox.discard(parse_id(&id)?).await?;
-            println!("discarded 1 dead letter");
+            dead_letters::discard(&store, Selection::One(parse_id(&id)?)).await
         }
     }
-    Ok(())
 }
 
 pub(crate) async fn purge(db: &DatabaseConnection, age: Duration, batch: u64) -> CliResult {

@@ -2,9 +2,12 @@
 
 use clap::{Args, Subcommand};
 use sea_orm::DatabaseConnection;
-use seaorm_outbox::inbox::{DeadLetters, Inbox, InboxDeadLetter};
+use seaorm_outbox::dead_letter::{InboxDeadLetters, Selection};
+use seaorm_outbox::inbox::Inbox;
 
-use crate::{CliResult, Failure, parse_count, parse_duration, parse_id, parse_offset};
+use crate::{
+    CliResult, Failure, dead_letters, parse_count, parse_duration, parse_id, parse_offset,
+};
 
 #[derive(Subcommand)]
 pub(crate) enum InboxCommand {
@@ -67,31 +70,13 @@ pub(crate) struct Which {
 }
 
 impl Which {
-    fn selector(&self) -> CliResult<DeadLetters<'_>> {
+    fn selection(&self) -> CliResult<Selection<'_>> {
         Ok(match (&self.id, &self.consumer) {
-            (Some(id), _) => DeadLetters::Id(parse_id(id)?),
-            (None, Some(c)) => DeadLetters::Consumer(c),
-            (None, None) => DeadLetters::All,
+            (Some(id), _) => Selection::One(parse_id(id)?),
+            (None, Some(c)) => Selection::Consumer(c),
+            (None, None) => Selection::All,
         })
     }
-}
-
-fn json(d: &InboxDeadLetter) -> serde_json::Value {
-    serde_json::json!({
-        "id": d.id,
-        "consumer": d.consumer,
-        "message_id": d.message_id,
-        "ordering_key": d.ordering_key,
-        "source": d.source,
-        "position": d.position,
-        "headers": d.headers,
-        "payload": String::from_utf8_lossy(&d.payload),
-        "error": d.error,
-        "attempts": d.attempts,
-        "received_at": d.received_at,
-        "failed_at": d.failed_at,
-        "replay_requested_at": d.replay_requested_at,
-    })
 }
 
 fn plural(n: u64) -> &'static str {
@@ -100,6 +85,7 @@ fn plural(n: u64) -> &'static str {
 
 pub(crate) async fn run(db: &DatabaseConnection, cmd: InboxCommand) -> CliResult {
     let inbox = Inbox::new(db);
+    let store = InboxDeadLetters::new(db);
     match cmd {
         InboxCommand::Status { consumer } => {
             let c = consumer.as_deref();
@@ -113,57 +99,22 @@ pub(crate) async fn run(db: &DatabaseConnection, cmd: InboxCommand) -> CliResult
             consumer,
             limit,
             offset,
-            json: as_json,
+            json,
         }) => {
-            let limit = parse_count("--limit", &limit)?;
-            let offset = parse_offset(&offset)?;
+            let (limit, offset) = (parse_count("--limit", &limit)?, parse_offset(&offset)?);
             let which = consumer
                 .as_deref()
-                .map_or(DeadLetters::All, DeadLetters::Consumer);
-            let dead = inbox.dead_letters(which, limit, offset).await?;
-            if as_json {
-                let all: Vec<_> = dead.iter().map(json).collect();
-                println!("{}", serde_json::Value::Array(all));
-                return Ok(());
-            }
-            for d in &dead {
-                let error: String = d.error.chars().take(60).collect();
-                println!(
-                    "{}  {}  {:>3}  {:<16} {:<38} {}{}",
-                    d.id,
-                    d.failed_at.format("%Y-%m-%d %H:%M:%S"),
-                    d.attempts,
-                    d.consumer,
-                    d.message_id.as_deref().unwrap_or("(no id)"),
-                    error.replace('\n', " "),
-                    if d.replay_requested_at.is_some() {
-                        "  [replay requested]"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            println!(
-                "{} dead letters shown of {}",
-                dead.len(),
-                inbox.count_dead_letters(consumer.as_deref()).await?
-            );
+                .map_or(Selection::All, Selection::Consumer);
+            dead_letters::list(&store, which, limit, offset, json).await?;
         }
         InboxCommand::Failed(InboxFailed::Show { id }) => {
-            let id = parse_id(&id)?;
-            let found = inbox.dead_letters(DeadLetters::Id(id), 1, 0).await?;
-            let d = found
-                .first()
-                .ok_or_else(|| Failure::from(format!("inbox dead letter {id} not found")))?;
-            println!("{}", serde_json::to_string_pretty(&json(d))?);
+            dead_letters::show(&store, parse_id(&id)?, false).await?;
         }
         InboxCommand::Failed(InboxFailed::Replay(which)) => {
-            let n = inbox.replay(which.selector()?).await?;
-            println!("replay requested for {n} inbox dead letter{}", plural(n));
+            dead_letters::replay(&store, which.selection()?).await?;
         }
         InboxCommand::Failed(InboxFailed::Discard(which)) => {
-            let n = inbox.discard(which.selector()?).await?;
-            println!("discarded {n} inbox dead letter{}", plural(n));
+            dead_letters::discard(&store, which.selection()?).await?;
         }
         InboxCommand::Purge {
             processed_older_than,

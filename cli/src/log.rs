@@ -3,9 +3,10 @@
 
 use clap::{Args, Subcommand};
 use sea_orm::DatabaseConnection;
-use seaorm_outbox::relay::log::{LogDeadLetter, LogDeadLetters};
+use seaorm_outbox::dead_letter::Selection;
+use seaorm_outbox::relay::log::LogDeadLetters;
 
-use crate::{CliResult, parse_count, parse_id, parse_offset};
+use crate::{CliResult, dead_letters, parse_count, parse_id, parse_offset};
 
 #[derive(Subcommand)]
 pub(crate) enum LogCommand {
@@ -44,24 +45,6 @@ pub(crate) struct LogReplay {
     message_prefix: String,
 }
 
-fn row(d: &LogDeadLetter) -> String {
-    let what = match &d.event {
-        Some(e) => format!(
-            "{:<24} {}/{}",
-            e.event_type, e.aggregate_type, e.aggregate_id
-        ),
-        None => "(unreadable record)".to_owned(),
-    };
-    let error: String = d.error.chars().take(60).collect();
-    format!(
-        "{}  {}  {:>3}  {what}  {}",
-        d.id,
-        d.failed_at.format("%Y-%m-%d %H:%M:%S"),
-        d.attempts,
-        error.replace('\n', " ")
-    )
-}
-
 pub(crate) async fn run(db: &DatabaseConnection, cmd: LogCommand) -> CliResult {
     let LogCommand::Failed(cmd) = cmd;
     match cmd {
@@ -70,41 +53,21 @@ pub(crate) async fn run(db: &DatabaseConnection, cmd: LogCommand) -> CliResult {
             offset,
             json,
         } => {
-            let dead = LogDeadLetters::new(db);
-            let list = dead
-                .list(parse_count("--limit", &limit)?, parse_offset(&offset)?)
-                .await?;
-            if json {
-                println!("{}", serde_json::to_string(&list)?);
-            } else {
-                for d in &list {
-                    println!("{}", row(d));
-                }
-                println!(
-                    "{} log dead letters shown of {}",
-                    list.len(),
-                    dead.count().await?
-                );
-            }
+            let (limit, offset) = (parse_count("--limit", &limit)?, parse_offset(&offset)?);
+            let store = LogDeadLetters::new(db);
+            dead_letters::list(&store, Selection::All, limit, offset, json).await
         }
         LogFailed::Replay(r) => {
-            let dead = LogDeadLetters::new(db).with_prefix(r.message_prefix);
-            let n = match r.id {
-                Some(id) => {
-                    dead.replay(parse_id(&id)?).await?;
-                    1
-                }
-                None => dead.replay_all().await?,
+            let store = LogDeadLetters::new(db).with_prefix(r.message_prefix);
+            let which = match r.id {
+                Some(id) => Selection::One(parse_id(&id)?),
+                None => Selection::All,
             };
-            println!(
-                "replayed {n} log dead letter{}",
-                if n == 1 { "" } else { "s" }
-            );
+            dead_letters::replay(&store, which).await
         }
         LogFailed::Discard { id } => {
-            LogDeadLetters::new(db).discard(parse_id(&id)?).await?;
-            println!("discarded 1 log dead letter");
+            let store = LogDeadLetters::new(db);
+            dead_letters::discard(&store, Selection::One(parse_id(&id)?)).await
         }
     }
-    Ok(())
 }

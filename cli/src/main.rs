@@ -13,6 +13,7 @@
 //! on stderr and a non-zero exit: 1 for a runtime failure, 2 for bad input.
 
 mod commands;
+mod dead_letters;
 mod http;
 mod inbox;
 mod log;

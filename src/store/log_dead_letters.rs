@@ -137,6 +137,16 @@ pub(crate) async fn dead_letters(
     rows.iter().map(read_dead).collect()
 }
 
+/// One dead letter by id.
+pub(crate) async fn dead_letter_by_id(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Option<LogDeadLetter>> {
+    let sql = format!("SELECT {DEAD_COLUMNS} FROM outbox_log_dead_letters WHERE id = ?");
+    let row = db.query_one_raw(stmt(PG, &sql, vec![id.into()])).await?;
+    row.as_ref().map(read_dead).transpose()
+}
+
 pub(crate) async fn count_dead_letters(db: &impl ConnectionTrait) -> Result<u64> {
     let row = db
         .query_one_raw(Statement::from_string(

@@ -55,6 +55,11 @@ impl<'c, C: ConnectionTrait> LogDeadLetters<'c, C> {
         log_dead_letters::dead_letters(self.db, limit, offset).await
     }
 
+    /// One, or `None`.
+    pub async fn get(&self, id: Uuid) -> Result<Option<LogDeadLetter>> {
+        log_dead_letters::dead_letter_by_id(self.db, id).await
+    }
+
     /// How many there are.
     pub async fn count(&self) -> Result<u64> {
         log_dead_letters::count_dead_letters(self.db).await
