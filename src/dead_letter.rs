@@ -158,7 +158,7 @@ fn from_event(e: OutboxEvent) -> DeadLetter {
         kind: DeadLetterKind::Outbox,
         id: e.id,
         failed_at: e.failed_at,
-        attempts: u32::try_from(e.attempts).unwrap_or(0),
+        attempts: e.attempts,
         error: e.last_error.clone().unwrap_or_default(),
         summary: format!("{} {}/{}", e.event_type, e.aggregate_type, e.aggregate_id),
         replay_pending: false,

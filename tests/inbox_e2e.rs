@@ -15,6 +15,8 @@
 ))]
 
 mod common;
+#[path = "support/scratch.rs"]
+mod scratch;
 mod support;
 
 use std::collections::{HashMap, HashSet};
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{Backend, TestDb};
+use scratch::{RabbitQueue, env_or, nats_stream, redis_delete, redis_stream};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
 use seaorm_outbox::BoxError;
 use seaorm_outbox::broker::kafka::{KafkaPublisher, KafkaSource};
@@ -55,10 +58,6 @@ enum Broker {
     RabbitMq { uri: String, queue: String },
     Redis { url: String, stream: String },
     Kafka { bootstrap: String, topic: String },
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
 impl Broker {
@@ -510,29 +509,6 @@ fn read_lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", Uuid::now_v7().simple())
-}
-
-/// The local NATS's URL, a JetStream context, and a fresh stream over `<name>.>`.
-async fn nats_stream(prefix: &str) -> (String, async_nats::jetstream::Context, String) {
-    let url = format!(
-        "nats://{}",
-        env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222")
-    );
-    let client = async_nats::connect(&url).await.expect("nats reachable");
-    let js = async_nats::jetstream::new(client);
-    let stream = unique(prefix);
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{stream}.>")],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-    (url, js, stream)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_nats_jetstream() {
     let (url, js, stream) = nats_stream("e2e_").await;
@@ -546,57 +522,24 @@ async fn end_to_end_through_nats_jetstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_rabbitmq() {
-    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::FieldTable;
-    let addr = env_or("OUTBOX_TEST_AMQP_ADDR", "127.0.0.1:5672");
-    let uri = format!("amqp://guest:guest@{addr}/%2f");
-    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
-        .await
-        .expect("rabbitmq reachable");
-    let ch = conn.create_channel().await.expect("channel");
-    let queue = unique("e2e_");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue");
+    let q = RabbitQueue::create("e2e_").await;
     end_to_end(Broker::RabbitMq {
-        uri,
-        queue: queue.clone(),
+        uri: q.uri.clone(),
+        queue: q.queue.clone(),
     })
     .await;
-    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .expect("delete queue");
+    q.delete().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_redis_streams() {
-    let url = format!(
-        "redis://{}",
-        env_or("OUTBOX_TEST_REDIS_ADDR", "127.0.0.1:6379")
-    );
-    let stream = unique("e2e_");
+    let (url, stream) = redis_stream("e2e_");
     end_to_end(Broker::Redis {
         url: url.clone(),
         stream: stream.clone(),
     })
     .await;
-    let client = redis::Client::open(url).expect("redis");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let _: i64 = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut conn)
-        .await
-        .expect("del");
+    redis_delete(&url, &stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,6 +16,8 @@
 ))]
 
 mod common;
+#[path = "support/scratch.rs"]
+mod scratch;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{Backend, TestDb};
+use scratch::{RabbitQueue, env_or, nats_stream, redis_delete, redis_stream, unique};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
 use seaorm_outbox::broker::kafka::KafkaSource;
 use seaorm_outbox::broker::nats::NatsSource;
@@ -697,29 +700,9 @@ async fn redelivery(broker: Broker) {
     h.t.cleanup().await;
 }
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", Uuid::now_v7().simple())
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarts_replay_only_what_was_in_flight() {
-    let url = format!(
-        "nats://{}",
-        env_or("OUTBOX_TEST_NATS_ADDR", "127.0.0.1:4222")
-    );
-    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("nats"));
-    let stream = unique("redeliv_");
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: stream.clone(),
-        subjects: vec![format!("{stream}.>")],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
+    let (url, js, stream) = nats_stream("redeliv_").await;
     redelivery(Broker::Nats {
         url,
         stream: stream.clone(),
@@ -730,57 +713,24 @@ async fn nats_restarts_replay_only_what_was_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_restarts_replay_only_what_was_in_flight() {
-    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::FieldTable;
-    let addr = env_or("OUTBOX_TEST_AMQP_ADDR", "127.0.0.1:5672");
-    let uri = format!("amqp://guest:guest@{addr}/%2f");
-    let conn = lapin::Connection::connect(&uri, Default::default())
-        .await
-        .expect("rabbitmq");
-    let ch = conn.create_channel().await.expect("channel");
-    let queue = unique("redeliv_");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue");
+    let q = RabbitQueue::create("redeliv_").await;
     redelivery(Broker::RabbitMq {
-        uri,
-        queue: queue.clone(),
+        uri: q.uri.clone(),
+        queue: q.queue.clone(),
     })
     .await;
-    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .expect("delete queue");
+    q.delete().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarts_replay_only_what_was_in_flight() {
-    let url = format!(
-        "redis://{}",
-        env_or("OUTBOX_TEST_REDIS_ADDR", "127.0.0.1:6379")
-    );
-    let stream = unique("redeliv_");
+    let (url, stream) = redis_stream("redeliv_");
     redelivery(Broker::Redis {
         url: url.clone(),
         stream: stream.clone(),
     })
     .await;
-    let client = redis::Client::open(url).expect("redis");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let _: i64 = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut conn)
-        .await
-        .expect("del");
+    redis_delete(&url, &stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::publisher::StdoutPublisher;
 use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig, Transport};
-use seaorm_outbox::relay::{OnPublish, Ordering, Relay, RelayConfig};
+use seaorm_outbox::relay::{AnyRelay, OnPublish, Ordering, Relay, RelayConfig};
 use seaorm_outbox::wire::Router;
 use seaorm_outbox::{HealthThresholds, Publisher};
 use tokio_util::sync::CancellationToken;
@@ -334,54 +334,22 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
     // The admin API shares the pool: its reads are a few indexed queries per refresh.
     let admin_db = db.clone();
 
-    if let Some(config) = log {
-        let relay = Arc::new(
+    let relay: Arc<dyn AnyRelay> = match log {
+        Some(config) => Arc::new(
             LogRelay::builder(db, publisher)
                 .config(config)
                 .build()
                 .map_err(|e| Failure::input(e.to_string()))?,
-        );
-        // A server or role that cannot decode is refused here, with the fix, not retried.
-        relay.prepare().await?;
-        let server = http::serve(
-            listener,
-            http_stop.clone(),
-            metrics,
-            admin_db,
-            (*thresholds).clone(),
-            {
-                let relay = relay.clone();
-                move || {
-                    let (relay, thresholds) = (relay.clone(), thresholds.clone());
-                    async move { relay.health(&thresholds).await }
-                }
-            },
-        )
-        .await;
-        tokio::spawn(shutdown_on_signal(stop.clone()));
-        eprintln!(
-            "log relay {} reading slot {} and publishing to {}; /metrics, /healthz and /admin ({}) on http://{addr}",
-            relay.name(),
-            relay.config().slot,
-            relay.publisher().name(),
-            http::admin_access(),
-        );
-        let stats = relay.run(stop).await;
-        http_stop.cancel();
-        let _ = server.await;
-        eprintln!(
-            "log relay stopped: published={} retried={} dead_lettered={} unreadable={}",
-            stats.published, stats.retried, stats.dead_lettered, stats.unreadable
-        );
-        return Ok(());
-    }
-
-    let relay = Arc::new(
-        Relay::builder(db, publisher)
-            .config(poll.unwrap_or_default())
-            .build()
-            .map_err(|e| Failure::input(e.to_string()))?,
-    );
+        ),
+        None => Arc::new(
+            Relay::builder(db, publisher)
+                .config(poll.unwrap_or_default())
+                .build()
+                .map_err(|e| Failure::input(e.to_string()))?,
+        ),
+    };
+    // A server or role that cannot decode the log is refused here, with the fix, not retried.
+    relay.prepare().await?;
     let server = http::serve(
         listener,
         http_stop.clone(),
@@ -399,17 +367,27 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
     .await;
     tokio::spawn(shutdown_on_signal(stop.clone()));
     eprintln!(
-        "relay {} publishing to {}; /metrics, /healthz and /admin ({}) on http://{addr}",
-        relay.name(),
-        relay.publisher().name(),
+        "{}; /metrics, /healthz and /admin ({}) on http://{addr}",
+        relay.describe(),
         http::admin_access(),
     );
-    let stats = relay.run(stop).await;
+    let t = relay.run_until(stop).await;
     http_stop.cancel();
     let _ = server.await;
+    let last = match args.mode {
+        Mode::Poll => "released",
+        Mode::Log => "unreadable",
+    };
     eprintln!(
-        "relay stopped: published={} retried={} dead_lettered={} released={}",
-        stats.published, stats.retried, stats.dead_lettered, stats.released
+        "{} stopped: published={} retried={} dead_lettered={} {last}={}",
+        match args.mode {
+            Mode::Poll => "relay",
+            Mode::Log => "log relay",
+        },
+        t.published,
+        t.retried,
+        t.dead_lettered,
+        t.released_or_unreadable
     );
     Ok(())
 }

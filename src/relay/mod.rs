@@ -23,6 +23,7 @@
 //!   an event whose predecessor was in flight when the scan passed it) is found by the next
 //!   full scan: a short claim, or at most a second later.
 
+mod any;
 mod batch;
 mod breaker;
 mod config;
@@ -39,6 +40,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering as AtomicOrdering};
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
+pub use any::{AnyRelay, RelayTotals};
 pub use breaker::{BreakerState, BreakerStatus};
 pub use config::{
     Backoff, BreakerConfig, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish, Ordering,
