@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{Backend, TestDb};
-use scratch::{RabbitQueue, env_or, nats_stream, redis_delete, redis_stream};
+use scratch::{Broker, Scratch, env_or, nats_stream};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
 use seaorm_outbox::BoxError;
 use seaorm_outbox::broker::kafka::{KafkaPublisher, KafkaSource};
@@ -51,25 +51,7 @@ const EVENTS: usize = 1500;
 const AGGREGATES: usize = 30;
 const CONSUMER: &str = "e2e";
 
-/// Where the events go; passed to the child processes as `OUTBOX_E2E_BROKER`.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-enum Broker {
-    Nats { url: String, stream: String },
-    RabbitMq { uri: String, queue: String },
-    Redis { url: String, stream: String },
-    Kafka { bootstrap: String, topic: String },
-}
-
 impl Broker {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Nats { .. } => "nats",
-            Self::RabbitMq { .. } => "rabbitmq",
-            Self::Redis { .. } => "redis",
-            Self::Kafka { .. } => "kafka",
-        }
-    }
-
     async fn publisher(&self) -> Arc<dyn Publisher> {
         match self {
             Self::Nats { url, stream } => Arc::new(
@@ -511,47 +493,30 @@ fn read_lines(path: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_nats_jetstream() {
-    let (url, js, stream) = nats_stream("e2e_").await;
-    end_to_end(Broker::Nats {
-        url,
-        stream: stream.clone(),
-    })
-    .await;
-    js.delete_stream(&stream).await.expect("delete stream");
+    let (broker, scratch) = Scratch::nats("e2e_").await;
+    end_to_end(broker).await;
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_rabbitmq() {
-    let q = RabbitQueue::create("e2e_").await;
-    end_to_end(Broker::RabbitMq {
-        uri: q.uri.clone(),
-        queue: q.queue.clone(),
-    })
-    .await;
-    q.delete().await;
+    let (broker, scratch) = Scratch::rabbitmq("e2e_").await;
+    end_to_end(broker).await;
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_redis_streams() {
-    let (url, stream) = redis_stream("e2e_");
-    end_to_end(Broker::Redis {
-        url: url.clone(),
-        stream: stream.clone(),
-    })
-    .await;
-    redis_delete(&url, &stream).await;
+    let (broker, scratch) = Scratch::redis("e2e_");
+    end_to_end(broker).await;
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_kafka() {
-    let cluster = rdkafka::mocking::MockCluster::new(3).expect("mock cluster");
-    let topic = "e2e-events";
-    cluster.create_topic(topic, 4, 3).expect("topic");
-    end_to_end(Broker::Kafka {
-        bootstrap: cluster.bootstrap_servers(),
-        topic: topic.to_owned(),
-    })
-    .await;
+    let (broker, scratch) = Scratch::kafka(3, "e2e-events", 4);
+    end_to_end(broker).await;
+    scratch.remove().await;
 }
 
 /// Two instances of one logical consumer, each on its own durable of the same stream, so each

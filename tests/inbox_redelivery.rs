@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{Backend, TestDb};
-use scratch::{RabbitQueue, env_or, nats_stream, redis_delete, redis_stream, unique};
+use scratch::{Broker, Scratch, env_or, unique};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
 use seaorm_outbox::broker::kafka::KafkaSource;
 use seaorm_outbox::broker::nats::NatsSource;
@@ -50,24 +50,7 @@ const MAX_IN_FLIGHT: usize = 64;
 const PREFETCH: usize = 64;
 const KAFKA_COMMIT_EVERY: Duration = Duration::from_millis(200);
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-enum Broker {
-    Nats { url: String, stream: String },
-    RabbitMq { uri: String, queue: String },
-    Redis { url: String, stream: String },
-    Kafka { bootstrap: String, topic: String },
-}
-
 impl Broker {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Nats { .. } => "nats",
-            Self::RabbitMq { .. } => "rabbitmq",
-            Self::Redis { .. } => "redis",
-            Self::Kafka { .. } => "kafka",
-        }
-    }
-
     /// Sends `count` messages, `bad` among them at their positions: good ones carry an
     /// `event-id` and an `aggregate-id` and a JSON body with their sequence in the aggregate.
     async fn send(&self, first: usize, count: usize, bad: &[(usize, Bad)]) -> Vec<String> {
@@ -702,47 +685,31 @@ async fn redelivery(broker: Broker) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarts_replay_only_what_was_in_flight() {
-    let (url, js, stream) = nats_stream("redeliv_").await;
-    redelivery(Broker::Nats {
-        url,
-        stream: stream.clone(),
-    })
-    .await;
-    js.delete_stream(&stream).await.expect("delete stream");
+    let (broker, scratch) = Scratch::nats("redeliv_").await;
+    redelivery(broker).await;
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_restarts_replay_only_what_was_in_flight() {
-    let q = RabbitQueue::create("redeliv_").await;
-    redelivery(Broker::RabbitMq {
-        uri: q.uri.clone(),
-        queue: q.queue.clone(),
-    })
-    .await;
-    q.delete().await;
+    let (broker, scratch) = Scratch::rabbitmq("redeliv_").await;
+    redelivery(broker).await;
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarts_replay_only_what_was_in_flight() {
-    let (url, stream) = redis_stream("redeliv_");
-    redelivery(Broker::Redis {
-        url: url.clone(),
-        stream: stream.clone(),
-    })
-    .await;
-    redis_delete(&url, &stream).await;
+    let (broker, scratch) = Scratch::redis("redeliv_");
+    redelivery(broker).await;
+    scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_restarts_replay_only_what_finished_since_the_last_commit() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    let topic = "redelivery";
-    cluster.create_topic(topic, 1, 1).expect("topic");
-    redelivery(Broker::Kafka {
-        bootstrap: cluster.bootstrap_servers(),
-        topic: topic.to_owned(),
-    })
-    .await;
+    // One partition, so per-aggregate order holds across the restarts.
+    let (broker, scratch) = Scratch::kafka(1, "redelivery", 1);
+    redelivery(broker).await;
+    scratch.remove().await;
 }
 
 /// Records each message's stream position and whether the source flagged it redelivered.

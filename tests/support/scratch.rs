@@ -99,3 +99,84 @@ pub async fn redis_delete(url: &str, key: &str) {
         .await
         .expect("del");
 }
+
+/// Where a test's messages go; passed to child processes as JSON.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Broker {
+    Nats { url: String, stream: String },
+    RabbitMq { uri: String, queue: String },
+    Redis { url: String, stream: String },
+    Kafka { bootstrap: String, topic: String },
+}
+
+impl Broker {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Nats { .. } => "nats",
+            Self::RabbitMq { .. } => "rabbitmq",
+            Self::Redis { .. } => "redis",
+            Self::Kafka { .. } => "kafka",
+        }
+    }
+}
+
+/// What a [`Broker`] of a test's own holds, removed by [`remove`](Self::remove).
+pub enum Scratch {
+    Nats(async_nats::jetstream::Context, String),
+    RabbitMq(RabbitQueue),
+    Redis(String, String),
+    Kafka(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+impl Scratch {
+    pub async fn nats(prefix: &str) -> (Broker, Self) {
+        let (url, js, stream) = nats_stream(prefix).await;
+        let broker = Broker::Nats {
+            url,
+            stream: stream.clone(),
+        };
+        (broker, Self::Nats(js, stream))
+    }
+
+    pub async fn rabbitmq(prefix: &str) -> (Broker, Self) {
+        let q = RabbitQueue::create(prefix).await;
+        let broker = Broker::RabbitMq {
+            uri: q.uri.clone(),
+            queue: q.queue.clone(),
+        };
+        (broker, Self::RabbitMq(q))
+    }
+
+    pub fn redis(prefix: &str) -> (Broker, Self) {
+        let (url, stream) = redis_stream(prefix);
+        let broker = Broker::Redis {
+            url: url.clone(),
+            stream: stream.clone(),
+        };
+        (broker, Self::Redis(url, stream))
+    }
+
+    /// librdkafka's in-process mock cluster of `brokers`, with `topic` over `partitions`.
+    pub fn kafka(brokers: i32, topic: &str, partitions: i32) -> (Broker, Self) {
+        let cluster = rdkafka::mocking::MockCluster::new(brokers).expect("mock cluster");
+        cluster
+            .create_topic(topic, partitions, brokers)
+            .expect("topic");
+        let broker = Broker::Kafka {
+            bootstrap: cluster.bootstrap_servers(),
+            topic: topic.to_owned(),
+        };
+        (broker, Self::Kafka(cluster))
+    }
+
+    pub async fn remove(self) {
+        match self {
+            Self::Nats(js, stream) => {
+                js.delete_stream(&stream).await.expect("delete stream");
+            }
+            Self::RabbitMq(q) => q.delete().await,
+            Self::Redis(url, key) => redis_delete(&url, &key).await,
+            Self::Kafka(cluster) => drop(cluster),
+        }
+    }
+}
