@@ -53,6 +53,7 @@ impl Backoff {
     }
 
     /// Sets the jitter.
+    #[must_use]
     pub fn jitter(mut self, jitter: Jitter) -> Self {
         self.jitter = jitter;
         self

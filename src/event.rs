@@ -113,18 +113,21 @@ impl NewEvent {
     }
 
     /// Sets the payload by serialising `value` to JSON.
+    #[must_use]
     pub fn payload<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
         self.payload = serde_json::to_value(value).map_err(InvalidEvent::Payload);
         self
     }
 
     /// Sets an already-built JSON payload.
+    #[must_use]
     pub fn json_payload(mut self, value: Value) -> Self {
         self.payload = Ok(value);
         self
     }
 
     /// Adds one header, replacing any earlier value for the key.
+    #[must_use]
     pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         if let Ok(headers) = &mut self.headers {
             headers.insert(key.into(), value.into());
@@ -133,6 +136,7 @@ impl NewEvent {
     }
 
     /// Adds headers, replacing earlier values for the same keys.
+    #[must_use]
     pub fn headers(mut self, more: Headers) -> Self {
         if let Ok(headers) = &mut self.headers {
             headers.extend(more);
@@ -141,6 +145,7 @@ impl NewEvent {
     }
 
     /// Adds headers from untyped JSON, which must be an object whose values are all strings.
+    #[must_use]
     pub fn headers_json(mut self, value: Value) -> Self {
         let parsed = headers_from_json(value);
         match (&mut self.headers, parsed) {
@@ -152,12 +157,14 @@ impl NewEvent {
     }
 
     /// Overrides the generated id, e.g. to make a retried request write the same event id.
+    #[must_use]
     pub fn id(mut self, id: Uuid) -> Self {
         self.id = id;
         self
     }
 
     /// Sets when the event happened (default: when it was built). Stored to the microsecond.
+    #[must_use]
     pub fn occurred_at(mut self, at: DateTime<Utc>) -> Self {
         self.occurred_at = at.trunc_subsecs(6);
         self

@@ -52,10 +52,13 @@
 //! The table lives in the `seaorm-outbox-entity` crate and is created by the
 //! `seaorm-outbox-migration` crate.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 /// Chained setters for a config struct's public fields: `self.field = value; self`.
 macro_rules! setters {
     ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {$(
         $(#[$doc])*
+        #[must_use]
         pub fn $field(mut self, value: $ty) -> Self {
             self.$field = value;
             self

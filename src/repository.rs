@@ -64,6 +64,7 @@ impl OutboxConfig {
     }
 
     /// Sets [`message_prefix`](Self::message_prefix).
+    #[must_use]
     pub fn message_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.message_prefix = prefix.into();
         self

@@ -209,8 +209,10 @@ struct Harness {
 impl Harness {
     fn start(t: &TestDb, name: &str, handler: Effects, config: ConsumerConfig) -> Self {
         let (tx, rx) = mpsc::channel(1024);
-        let consumer =
-            Consumer::with_config(t.db.clone(), name, handler, config).expect("consumer");
+        let consumer = Consumer::builder(t.db.clone(), name, handler)
+            .config(config)
+            .build()
+            .expect("consumer");
         let stop = CancellationToken::new();
         let token = stop.clone();
         let run = tokio::spawn(async move { consumer.run(TestSource(rx), token).await });
@@ -640,12 +642,9 @@ async fn a_running_consumer_purges_ids_past_its_retention(t: &TestDb) {
     assert!(inbox.is_processed("keeper", "fresh").await.expect("lookup"));
     assert!(!inbox.is_processed("keeper", "old-0").await.expect("lookup"));
     // A retention that would forget messages still in flight is refused.
-    let err = Consumer::with_config(
-        t.db.clone(),
-        "keeper",
-        Effects::default(),
-        fast().retention(Some(Duration::from_secs(5))),
-    )
-    .expect_err("refused");
+    let err = Consumer::builder(t.db.clone(), "keeper", Effects::default())
+        .config(fast().retention(Some(Duration::from_secs(5))))
+        .build()
+        .expect_err("refused");
     assert!(matches!(err, Error::Config(_)), "{err}");
 }

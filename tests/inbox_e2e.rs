@@ -238,7 +238,10 @@ async fn e2e_consumer_child() {
         .max_attempts(30)
         .retry_backoff(Duration::from_millis(5))
         .max_retry_backoff(Duration::from_millis(50));
-    let consumer = Consumer::with_config(db, CONSUMER, Effects, config).expect("consumer");
+    let consumer = Consumer::builder(db, CONSUMER, Effects)
+        .config(config)
+        .build()
+        .expect("consumer");
     let stop = CancellationToken::new();
     fn faulty<S>(inner: S, log: &Path, crash_at: Option<usize>) -> Faulty<S> {
         Faulty {
@@ -554,10 +557,16 @@ async fn two_instances_given_the_same_messages_in_parallel_apply_each_once() {
         .retry_backoff(Duration::from_millis(5))
         .max_retry_backoff(Duration::from_millis(50));
     let a = Arc::new(
-        Consumer::with_config(t.db.clone(), "ledger", Effects, config.clone()).expect("a"),
+        Consumer::builder(t.db.clone(), "ledger", Effects)
+            .config(config.clone())
+            .build()
+            .expect("a"),
     );
     let b = Arc::new(
-        Consumer::with_config(t.connect_again().await, "ledger", Effects, config).expect("b"),
+        Consumer::builder(t.connect_again().await, "ledger", Effects)
+            .config(config)
+            .build()
+            .expect("b"),
     );
     let stop = CancellationToken::new();
     let run = |c: Arc<Consumer<Effects>>, durable: &str| {

@@ -342,7 +342,9 @@ async fn redelivery_consumer_child() {
         .max_in_flight(MAX_IN_FLIGHT)
         .retry_backoff(Duration::from_millis(5))
         .max_retry_backoff(Duration::from_millis(50));
-    let consumer = Consumer::with_config(db, CONSUMER, Effects { log: log.clone() }, config)
+    let consumer = Consumer::builder(db, CONSUMER, Effects { log: log.clone() })
+        .config(config)
+        .build()
         .expect("consumer");
     let stop = CancellationToken::new();
     let on_term = stop.clone();

@@ -96,11 +96,13 @@ impl BearerTokens {
     }
 
     /// Accepts `token` for a reader named `name`. An empty token is ignored.
+    #[must_use]
     pub fn reader(self, name: impl Into<String>, token: impl Into<String>) -> Self {
         self.with(token.into(), Principal::reader(name))
     }
 
     /// Accepts `token` for a writer named `name`. An empty token is ignored.
+    #[must_use]
     pub fn writer(self, name: impl Into<String>, token: impl Into<String>) -> Self {
         self.with(token.into(), Principal::writer(name))
     }

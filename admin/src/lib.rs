@@ -128,12 +128,14 @@ pub struct AdminBuilder<A> {
 impl<A> AdminBuilder<A> {
     /// The thresholds behind the health colour and `/health`. Default
     /// [`HealthThresholds::default`].
+    #[must_use]
     pub fn thresholds(mut self, thresholds: HealthThresholds) -> Self {
         self.thresholds = thresholds;
         self
     }
 
     /// Relays whose last heartbeat is older than this are not shown. Default 60 s.
+    #[must_use]
     pub fn relays_within(mut self, within: Duration) -> Self {
         self.relays_within = within;
         self
@@ -141,12 +143,14 @@ impl<A> AdminBuilder<A> {
 
     /// Whether to serve the inbox's dead letters (`inbox_dead_letters` must exist). Default
     /// on; turn it off in a producer that ran only the outbox's migrations.
+    #[must_use]
     pub fn inbox(mut self, on: bool) -> Self {
         self.inbox = on;
         self
     }
 
     /// How often the dashboard refreshes itself. Default 5 s.
+    #[must_use]
     pub fn refresh_interval(mut self, every: Duration) -> Self {
         self.refresh = every;
         self

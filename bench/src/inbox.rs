@@ -113,12 +113,12 @@ async fn drain(
         .concurrency(concurrency())
         .max_in_flight(concurrency().max(256))
         .deduplicate(inbox);
-    let consumer = Arc::new(Consumer::with_config(
-        db.pool(concurrency() as u32 + 1).await?,
-        "bench",
-        WriteRow { kind: db.kind },
-        config,
-    )?);
+    let pool = db.pool(concurrency() as u32 + 1).await?;
+    let consumer = Arc::new(
+        Consumer::builder(pool, "bench", WriteRow { kind: db.kind })
+            .config(config)
+            .build()?,
+    );
     let stop = CancellationToken::new();
     let source = NatsSource::new(js.clone(), stream, durable.clone());
     let start = Instant::now();

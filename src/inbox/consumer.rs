@@ -59,31 +59,47 @@ impl<H> std::fmt::Debug for Consumer<H> {
 }
 
 impl<H: Handler> Consumer<H> {
-    /// A consumer named `name` (the inbox's dedup scope: two consumers of one event must have
-    /// different names) with the default config.
+    /// Starts a consumer named `name` (the inbox's dedup scope: two consumers of one event
+    /// must have different names) on `db`, running `handler`; set its
+    /// [`config`](ConsumerBuilder::config), then [`build`](ConsumerBuilder::build). The same
+    /// idiom as [`Relay::builder`](crate::Relay::builder).
+    #[must_use]
+    pub fn builder(
+        db: DatabaseConnection,
+        name: impl Into<String>,
+        handler: H,
+    ) -> ConsumerBuilder<H> {
+        ConsumerBuilder {
+            db,
+            name: name.into(),
+            handler,
+            config: ConsumerConfig::default(),
+        }
+    }
+
+    /// A consumer with the default config: `Consumer::builder(db, name, handler).build()`.
+    ///
+    /// # Errors
+    /// As [`ConsumerBuilder::build`].
     pub fn new(db: DatabaseConnection, name: impl Into<String>, handler: H) -> Result<Self> {
-        Self::with_config(db, name, handler, ConsumerConfig::default())
+        Self::builder(db, name, handler).build()
     }
 
     /// A consumer with `config`.
+    ///
+    /// # Errors
+    /// As [`ConsumerBuilder::build`].
+    #[deprecated(
+        since = "0.2.0",
+        note = "use `Consumer::builder(db, name, handler).config(config).build()`"
+    )]
     pub fn with_config(
         db: DatabaseConnection,
         name: impl Into<String>,
         handler: H,
         config: ConsumerConfig,
     ) -> Result<Self> {
-        let name = name.into();
-        check_len("consumer", &name)?;
-        config.validate()?;
-        Ok(Self {
-            shared: Arc::new(Shared {
-                db,
-                name,
-                handler,
-                config,
-                counters: Counters::default(),
-            }),
-        })
+        Self::builder(db, name, handler).config(config).build()
     }
 
     /// The consumer's name.
@@ -111,5 +127,42 @@ impl<H: Handler> Consumer<H> {
     ) -> Result<ConsumerStats> {
         super::dispatch::run(Arc::clone(&self.shared), source, shutdown).await?;
         Ok(self.stats())
+    }
+}
+
+/// A [`Consumer`] being set up: [`Consumer::builder`].
+#[derive(Debug)]
+pub struct ConsumerBuilder<H> {
+    db: DatabaseConnection,
+    name: String,
+    handler: H,
+    config: ConsumerConfig,
+}
+
+impl<H: Handler> ConsumerBuilder<H> {
+    /// How it runs (default [`ConsumerConfig::default`]).
+    #[must_use]
+    pub fn config(mut self, config: ConsumerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The consumer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInboxKey`](crate::Error::InvalidInboxKey) for a bad name;
+    /// [`Error::Config`](crate::Error::Config) for a config that cannot work.
+    pub fn build(self) -> Result<Consumer<H>> {
+        check_len("consumer", &self.name)?;
+        self.config.validate()?;
+        Ok(Consumer {
+            shared: Arc::new(Shared {
+                db: self.db,
+                name: self.name,
+                handler: self.handler,
+                config: self.config,
+                counters: Counters::default(),
+            }),
+        })
     }
 }

@@ -50,7 +50,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::ConnectionTrait;
 
 pub use self::config::ConsumerConfig;
-pub use self::consumer::Consumer;
+pub use self::consumer::{Consumer, ConsumerBuilder};
 pub use self::handler::Handler;
 pub use self::handler_error::HandlerError;
 pub use self::message::{Incoming, MessageId, MissingId, OrderingKey};

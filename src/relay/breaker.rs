@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::config::BreakerConfig;
+#[doc(hidden)]
 pub use crate::stats::BreakerState;
 use crate::telemetry::metrics;
 

@@ -229,6 +229,7 @@ impl RelayConfig {
     }
 
     /// Sets [`name`](Self::name).
+    #[must_use]
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self

@@ -41,7 +41,9 @@ use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 
 pub use any::{AnyRelay, RelayTotals};
-pub use breaker::{BreakerState, BreakerStatus};
+#[doc(hidden)]
+pub use breaker::BreakerState;
+pub use breaker::BreakerStatus;
 pub use config::{
     Backoff, BreakerConfig, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish, Ordering,
     RelayConfig,
@@ -95,6 +97,7 @@ pub struct RelayBuilder<P> {
 
 impl<P: Publisher> RelayBuilder<P> {
     /// Sets the configuration.
+    #[must_use]
     pub fn config(mut self, config: RelayConfig) -> Self {
         self.config = config;
         self

@@ -26,12 +26,14 @@ impl Wire {
 macro_rules! wire_setters {
     ($what:literal) => {
         #[doc = concat!("Sets how events map to ", $what, " (default: the aggregate type).")]
+        #[must_use]
         pub fn router(mut self, router: $crate::wire::Router) -> Self {
             self.wire.router = router;
             self
         }
 
         /// Sets the envelope (default: [`Envelope::Plain`](crate::wire::Envelope::Plain)).
+        #[must_use]
         pub fn envelope(mut self, envelope: $crate::wire::Envelope) -> Self {
             self.wire.envelope = envelope;
             self

@@ -67,6 +67,7 @@ impl KafkaSource {
     }
 
     /// How often the watermarks are committed (default 500 ms).
+    #[must_use]
     pub fn commit_interval(mut self, every: Duration) -> Self {
         self.commit_interval = every;
         self

@@ -47,6 +47,7 @@ impl RabbitMqPublisher {
     }
 
     /// Publishes to `exchange` instead of the default exchange.
+    #[must_use]
     pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
         self.exchange = exchange.into();
         self
@@ -56,6 +57,7 @@ impl RabbitMqPublisher {
 
     /// Bodies larger than this are rejected before sending, matching the broker's
     /// `max_message_size` (RabbitMQ 4's default, 16 MiB, unless set).
+    #[must_use]
     pub fn max_message_bytes(mut self, bytes: usize) -> Self {
         self.max_message_bytes = bytes;
         self

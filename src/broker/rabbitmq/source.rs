@@ -43,6 +43,7 @@ impl RabbitMqSource {
     }
 
     /// Unacknowledged messages the broker may send ahead (default 256).
+    #[must_use]
     pub fn prefetch(mut self, n: u16) -> Self {
         self.prefetch = n.max(1);
         self

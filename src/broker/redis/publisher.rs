@@ -63,6 +63,7 @@ impl RedisPublisher {
     wire_setters!("stream keys");
 
     /// Caps each stream at about `max_len` entries (`XADD … MAXLEN ~ n`). Default: no cap.
+    #[must_use]
     pub fn max_len(mut self, max_len: Option<usize>) -> Self {
         self.max_len = max_len;
         self

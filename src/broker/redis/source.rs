@@ -49,12 +49,14 @@ impl RedisSource {
     }
 
     /// This instance's consumer name in the group (default `"{group}-1"`).
+    #[must_use]
     pub fn instance(mut self, name: impl Into<String>) -> Self {
         self.instance = name.into();
         self
     }
 
     /// Entries per read (default 100).
+    #[must_use]
     pub fn count(mut self, n: usize) -> Self {
         self.count = n.max(1);
         self
@@ -62,6 +64,7 @@ impl RedisSource {
 
     /// How long another instance's entry may sit unacknowledged before this one takes it
     /// (default 60 s). Keep it above the longest handling time, retries included.
+    #[must_use]
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
         self

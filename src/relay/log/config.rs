@@ -151,24 +151,28 @@ impl LogRelayConfig {
     }
 
     /// Sets [`slot`](Self::slot).
+    #[must_use]
     pub fn slot(mut self, name: impl Into<String>) -> Self {
         self.slot = name.into();
         self
     }
 
     /// Sets [`publication`](Self::publication).
+    #[must_use]
     pub fn publication(mut self, name: impl Into<String>) -> Self {
         self.publication = name.into();
         self
     }
 
     /// Sets [`replication_url`](Self::replication_url).
+    #[must_use]
     pub fn replication_url(mut self, url: impl Into<String>) -> Self {
         self.replication_url = Some(url.into());
         self
     }
 
     /// Sets [`message_prefix`](Self::message_prefix).
+    #[must_use]
     pub fn message_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.message_prefix = prefix.into();
         self

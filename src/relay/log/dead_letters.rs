@@ -43,6 +43,7 @@ impl<'c, C: ConnectionTrait> LogDeadLetters<'c, C> {
     /// Replays write under `prefix` (the relay's [`message_prefix`]).
     ///
     /// [`message_prefix`]: super::LogRelayConfig::message_prefix
+    #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self

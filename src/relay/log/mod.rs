@@ -130,12 +130,14 @@ pub struct LogRelayBuilder<P> {
 
 impl<P: Publisher> LogRelayBuilder<P> {
     /// Sets the configuration.
+    #[must_use]
     pub fn config(mut self, config: LogRelayConfig) -> Self {
         self.config = config;
         self
     }
 
     /// Names the relay in logs (default: `log-<pid>-<random>`).
+    #[must_use]
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
