@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
     counts(&db, "after the relay").await?;
 
     println!("replaying the dead letter:");
-    outbox.requeue(pending[1].id).await?;
+    outbox.replay(pending[1].id).await?;
     let relay = Relay::builder(db.clone(), StdoutPublisher::stdout()).build()?;
     relay.drain().await?;
     counts(&db, "after replay").await?;

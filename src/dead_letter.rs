@@ -200,9 +200,9 @@ impl<C: ConnectionTrait + Send + Sync> DeadLetterStore for OutboxDeadLetters<'_,
     async fn replay(&self, which: Selection<'_>) -> Result<u64> {
         let outbox = Outbox::new(self.db);
         match which {
-            Selection::One(id) => outbox.requeue(id).await.map(|()| 1),
-            Selection::Aggregate(t, id) => outbox.requeue_aggregate(t, id).await,
-            Selection::All => outbox.requeue_all().await,
+            Selection::One(id) => outbox.replay(id).await.map(|()| 1),
+            Selection::Aggregate(t, id) => outbox.replay_aggregate(t, id).await,
+            Selection::All => outbox.replay_all().await,
             other => Err(unsupported(self.kind(), "replay", other)),
         }
     }

@@ -90,7 +90,7 @@ pub trait OutboxRepository: Send + Sync {
     async fn get_unpublished(&self, limit: u64, offset: u64) -> Result<Vec<OutboxEvent>>;
 
     /// Marks a pending event published. Idempotent on a published event; an unknown id is
-    /// [`Error::NotFound`]; a dead letter is [`Error::InvalidState`] (requeue it first).
+    /// [`Error::NotFound`]; a dead letter is [`Error::InvalidState`] (replay it first).
     async fn mark_published(&self, id: Uuid) -> Result<()>;
 
     /// Marks many pending events published in one statement and returns how many changed.
@@ -247,23 +247,63 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
         store::count(self.db, OutboxStatus::Failed).await
     }
 
-    /// Puts a dead letter back to pending with attempts reset (replay). The last error is kept
-    /// for the record. A pending or published event is [`Error::InvalidState`].
-    pub async fn requeue(&self, id: Uuid) -> Result<()> {
+    /// Replays a dead letter: back to pending with attempts reset. The last error is kept for
+    /// the record.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown id; [`Error::InvalidState`] for a pending or
+    /// published event; database errors.
+    pub async fn replay(&self, id: Uuid) -> Result<()> {
         let n = store::requeue(self.db, Requeue::Id(id), now()).await?;
-        self.expect_one(n, id, "requeue", &[OutboxStatus::Failed])
+        self.expect_one(n, id, "replay", &[OutboxStatus::Failed])
             .await
     }
 
-    /// Requeues every dead letter; returns how many.
-    pub async fn requeue_all(&self) -> Result<u64> {
+    /// Replays every dead letter; returns how many.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn replay_all(&self) -> Result<u64> {
         store::requeue(self.db, Requeue::All, now()).await
     }
 
-    /// Requeues the dead letters of one aggregate; returns how many.
-    pub async fn requeue_aggregate(&self, aggregate_type: &str, aggregate_id: &str) -> Result<u64> {
+    /// Replays the dead letters of one aggregate; returns how many.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn replay_aggregate(&self, aggregate_type: &str, aggregate_id: &str) -> Result<u64> {
         let which = Requeue::Aggregate(aggregate_type, aggregate_id);
         store::requeue(self.db, which, now()).await
+    }
+
+    /// The old name of [`replay`](Self::replay).
+    ///
+    /// # Errors
+    /// As [`replay`](Self::replay).
+    #[deprecated(
+        since = "0.2.0",
+        note = "renamed `replay`: one verb for every kind of dead letter"
+    )]
+    pub async fn requeue(&self, id: Uuid) -> Result<()> {
+        self.replay(id).await
+    }
+
+    /// The old name of [`replay_all`](Self::replay_all).
+    ///
+    /// # Errors
+    /// As [`replay_all`](Self::replay_all).
+    #[deprecated(since = "0.2.0", note = "renamed `replay_all`")]
+    pub async fn requeue_all(&self) -> Result<u64> {
+        self.replay_all().await
+    }
+
+    /// The old name of [`replay_aggregate`](Self::replay_aggregate).
+    ///
+    /// # Errors
+    /// As [`replay_aggregate`](Self::replay_aggregate).
+    #[deprecated(since = "0.2.0", note = "renamed `replay_aggregate`")]
+    pub async fn requeue_aggregate(&self, aggregate_type: &str, aggregate_id: &str) -> Result<u64> {
+        self.replay_aggregate(aggregate_type, aggregate_id).await
     }
 
     /// Deletes a dead letter for good. Only dead letters can be discarded.

@@ -615,7 +615,7 @@ async fn hold_policy_waits_for_replay(t: &TestDb) {
 
     // Fix the cause, replay the dead letter: a-1 then a-2 go out, in order.
     p.on.store(false, AtomicOrdering::SeqCst);
-    outbox.requeue(a[0]).await.expect("requeue");
+    outbox.replay(a[0]).await.expect("requeue");
     drain_until(&relay, async || {
         outbox.count_unpublished().await.expect("count") == 0
     })
@@ -877,7 +877,7 @@ async fn delete_on_publish_keeps_dead_letters_retries_and_the_hours_count(t: &Te
 
     // Replayed, it is delivered and deleted like the others, and counted once more.
     p.on.store(false, AtomicOrdering::SeqCst);
-    outbox.requeue(a[0]).await.expect("replay");
+    outbox.replay(a[0]).await.expect("replay");
     drain_until(&relay, async || {
         outbox.count_unpublished().await.expect("count") == 0
     })

@@ -270,7 +270,7 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
     ));
 
     // Replay a: back to pending, attempts reset, failed_at cleared, error kept for the record.
-    outbox.requeue(a).await.expect("requeue");
+    outbox.replay(a).await.expect("requeue");
     let ra = outbox.get(a).await.expect("get");
     assert_eq!(ra.status, OutboxStatus::Pending);
     assert_eq!(ra.attempts, 0);
@@ -278,7 +278,7 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
     assert_eq!(outbox.count_unpublished().await.expect("count"), 1);
     // Only dead letters can be requeued or discarded.
     assert!(matches!(
-        outbox.requeue(a).await,
+        outbox.replay(a).await,
         Err(Error::InvalidState { .. })
     ));
     assert!(matches!(
@@ -286,7 +286,7 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
         Err(Error::InvalidState { .. })
     ));
     assert!(matches!(
-        outbox.requeue(Uuid::now_v7()).await,
+        outbox.replay(Uuid::now_v7()).await,
         Err(Error::NotFound { .. })
     ));
 
@@ -302,19 +302,19 @@ async fn dead_letter_round_trip_with_replay_and_discard(t: &TestDb) {
     outbox.mark_failed(e, "x").await.expect("fail");
     assert_eq!(
         outbox
-            .requeue_aggregate("order", "d")
+            .replay_aggregate("order", "d")
             .await
             .expect("by aggregate"),
         1
     );
     assert_eq!(
         outbox
-            .requeue_aggregate("order", "D")
+            .replay_aggregate("order", "D")
             .await
             .expect("case matters"),
         0
     );
-    assert_eq!(outbox.requeue_all().await.expect("all"), 1);
+    assert_eq!(outbox.replay_all().await.expect("all"), 1);
     assert_eq!(outbox.count_unpublished().await.expect("count"), 3);
 }
 

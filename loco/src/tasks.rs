@@ -88,11 +88,11 @@ impl Task for Replay {
                 let id = id
                     .parse()
                     .map_err(|e| fail(format!("id:{id} is not a UUID: {e}")))?;
-                outbox.requeue(id).await.map_err(fail)?;
+                outbox.replay(id).await.map_err(fail)?;
                 1
             }
-            (None, Some(t), Some(a), None) => outbox.requeue_aggregate(t, a).await.map_err(fail)?,
-            (None, None, None, Some("true")) => outbox.requeue_all().await.map_err(fail)?,
+            (None, Some(t), Some(a), None) => outbox.replay_aggregate(t, a).await.map_err(fail)?,
+            (None, None, None, Some("true")) => outbox.replay_all().await.map_err(fail)?,
             _ => {
                 return Err(fail(
                     "give id:<uuid>, or aggregate_type:<t> aggregate_id:<id>, or all:true",

@@ -81,7 +81,7 @@ use crate::store::inbox as store;
 ///
 /// An id purged from the inbox is a message the inbox no longer recognises: if the same message
 /// arrives after its id was purged (a replay from a broker's DLQ, an outbox dead letter
-/// requeued days later, a consumer group reset to an old offset), it is applied again. Keep the
+/// replayed days later, a consumer group reset to an old offset), it is applied again. Keep the
 /// window longer than the oldest redelivery you can get.
 pub const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 

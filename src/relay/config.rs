@@ -32,7 +32,7 @@ pub enum DeadLetterPolicy {
     /// Carry on with the next event; the dead letter leaves the sequence.
     #[default]
     Continue,
-    /// Hold the aggregate's later events until the dead letter is requeued or discarded.
+    /// Hold the aggregate's later events until the dead letter is replayed or discarded.
     Hold,
 }
 
