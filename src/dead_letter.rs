@@ -324,7 +324,7 @@ mod log {
 
     use super::{DeadLetter, DeadLetterKind, DeadLetterStore, Selection, unsupported};
     use crate::error::Result;
-    use crate::relay::log::{LogDeadLetter, LogDeadLetters};
+    use crate::relay::wal::{LogDeadLetter, LogDeadLetters};
 
     fn from_log(d: LogDeadLetter) -> DeadLetter {
         let summary = match &d.event {

@@ -21,7 +21,7 @@
 //! repository   the OutboxRepository contract on any ConnectionTrait
 //! inbox        the consumer side: the inbox record, consumers for each broker
 //! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config;
-//!              relay::log reads a logical replication slot instead
+//!              relay::wal reads a logical replication slot instead
 //! broker       each broker's publisher and source, side by side (a feature each)
 //! ```
 //!
@@ -35,7 +35,7 @@
 //!   logging publisher and, behind features, Kafka, NATS JetStream, RabbitMQ and Redis Streams.
 //! * [`relay`]: the [`Relay`]: claim under a lease, publish, write back, retry with backoff,
 //!   dead-letter, keep per-aggregate order, purge old rows. On PostgreSQL (feature `postgres`)
-//!   `relay::log` reads events from the write-ahead log instead, in commit order.
+//!   `relay::wal` reads events from the write-ahead log instead, in commit order.
 //! * [`inbox`]: the consumer side. [`inbox::Inbox::record`] deduplicates a message inside the
 //!   consumer's transaction; [`inbox::Consumer`] runs a handler per message from a broker
 //!   source, committing before it acknowledges.

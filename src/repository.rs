@@ -23,7 +23,7 @@ pub struct OutboxConfig {
     /// Largest serialised payload accepted, in bytes. Default 1 MiB.
     pub max_payload_bytes: usize,
     /// Where `add_event` writes: the outbox table (default) or, on PostgreSQL, the
-    /// write-ahead log for the [log relay](crate::relay::log).
+    /// write-ahead log for the [log relay](crate::relay::wal).
     pub write_mode: WriteMode,
     /// The logical-message prefix that message mode writes under and the log relay reads.
     /// Default [`MESSAGE_PREFIX`].
@@ -41,7 +41,7 @@ pub enum WriteMode {
     #[default]
     Table,
     /// PostgreSQL only: a transactional logical message (`pg_logical_emit_message`), no row
-    /// at all, for the [log relay](crate::relay::log). Needs the `postgres` feature.
+    /// at all, for the [log relay](crate::relay::wal). Needs the `postgres` feature.
     Message,
 }
 
@@ -142,7 +142,7 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
 
     /// Message mode, whatever [`OutboxConfig::write_mode`] says: writes the event to
     /// PostgreSQL's write-ahead log as a transactional logical message, in the caller's
-    /// transaction, and no table row. The [log relay](crate::relay::log) delivers it once the
+    /// transaction, and no table row. The [log relay](crate::relay::wal) delivers it once the
     /// transaction commits; a rolled-back transaction's message is never seen. Validated exactly
     /// like [`add_event`](OutboxRepository::add_event). Never commits.
     ///

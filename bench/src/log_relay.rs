@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
-use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig, Transport};
+use seaorm_outbox::relay::wal::{LogRelay, LogRelayConfig, Transport};
 use seaorm_outbox::{NewEvent, Outbox};
 use tokio_util::sync::CancellationToken;
 

@@ -61,8 +61,8 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
     // The log relay's slots and dead letters, on PostgreSQL.
     let (slots, log_dead) = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
         (
-            seaorm_outbox::relay::log::slots(db).await.ok(),
-            seaorm_outbox::relay::log::LogDeadLetters::new(db)
+            seaorm_outbox::relay::wal::slots(db).await.ok(),
+            seaorm_outbox::relay::wal::LogDeadLetters::new(db)
                 .count()
                 .await
                 .ok(),

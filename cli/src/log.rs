@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::dead_letter::Selection;
-use seaorm_outbox::relay::log::LogDeadLetters;
+use seaorm_outbox::relay::wal::LogDeadLetters;
 
 use crate::{CliResult, dead_letters, parse_count, parse_id, parse_offset};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::publisher::StdoutPublisher;
-use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig, Transport};
+use seaorm_outbox::relay::wal::{LogRelay, LogRelayConfig, Transport};
 use seaorm_outbox::relay::{AnyRelay, OnPublish, Ordering, Relay, RelayConfig};
 use seaorm_outbox::wire::Router;
 use seaorm_outbox::{HealthThresholds, Publisher};

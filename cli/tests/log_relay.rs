@@ -23,7 +23,7 @@ use sea_orm::{
     ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait,
 };
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
-use seaorm_outbox::relay::log::{LogDeadLetters, LogRelay, LogRelayConfig, LogRole, Transport};
+use seaorm_outbox::relay::wal::{LogDeadLetters, LogRelay, LogRelayConfig, LogRole, Transport};
 use seaorm_outbox::relay::{Backoff, BreakerConfig, OnPublish};
 use seaorm_outbox::{
     Error, HealthStatus, HealthThresholds, InvalidEvent, NewEvent, Outbox, OutboxConfig,

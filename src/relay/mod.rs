@@ -30,7 +30,19 @@ mod config;
 mod cursor;
 mod delivery;
 #[cfg(feature = "postgres")]
-pub mod log;
+pub mod wal;
+
+/// The WAL relay's old path: now [`wal`].
+#[cfg(feature = "postgres")]
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed `relay::wal`: \"log\" meant three things"
+)]
+#[doc(hidden)]
+pub mod log {
+    #[doc(hidden)]
+    pub use super::wal::*;
+}
 mod run;
 mod wake;
 

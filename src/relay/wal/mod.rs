@@ -186,7 +186,7 @@ struct State {
 /// ```no_run
 /// use sea_orm::Database;
 /// use seaorm_outbox::publisher::StdoutPublisher;
-/// use seaorm_outbox::relay::log::{LogRelay, LogRelayConfig};
+/// use seaorm_outbox::relay::wal::{LogRelay, LogRelayConfig};
 /// use tokio_util::sync::CancellationToken;
 ///
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {

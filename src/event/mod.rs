@@ -12,6 +12,9 @@ use uuid::Uuid;
 
 use crate::error::InvalidEvent;
 
+#[cfg(feature = "postgres")]
+mod envelope;
+
 /// Free-form string headers: correlation id, causation id, W3C trace context, …
 pub type Headers = BTreeMap<String, String>;
 
@@ -261,91 +264,6 @@ pub(crate) struct ValidEvent {
     pub(crate) payload: Value,
     pub(crate) headers: Value,
     pub(crate) occurred_at: DateTime<Utc>,
-}
-
-/// A message-mode event as written to the log: the event's fields in one JSON object, with a
-/// version so the format can grow. Written borrowed (`&str`, `&Value`, the headers as a
-/// validated object or [`Headers`]), read back owned.
-#[cfg(feature = "postgres")]
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Envelope<S, P, H> {
-    v: u32,
-    id: Uuid,
-    event_type: S,
-    aggregate_type: S,
-    aggregate_id: S,
-    payload: P,
-    headers: H,
-    occurred_at: DateTime<Utc>,
-}
-
-/// The envelope version this library writes and reads.
-#[cfg(feature = "postgres")]
-const ENVELOPE_VERSION: u32 = 1;
-
-#[cfg(feature = "postgres")]
-impl ValidEvent {
-    /// The event as the JSON text that message mode writes.
-    pub(crate) fn to_envelope(&self) -> Result<String, InvalidEvent> {
-        let e = Envelope {
-            v: ENVELOPE_VERSION,
-            id: self.id,
-            event_type: &self.event_type,
-            aggregate_type: &self.aggregate_type,
-            aggregate_id: &self.aggregate_id,
-            payload: &self.payload,
-            headers: &self.headers,
-            occurred_at: self.occurred_at,
-        };
-        serde_json::to_string(&e).map_err(InvalidEvent::Payload)
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl OutboxEvent {
-    /// The event as message mode writes it (to replay a log dead letter).
-    pub(crate) fn to_envelope(&self) -> serde_json::Result<String> {
-        serde_json::to_string(&Envelope {
-            v: ENVELOPE_VERSION,
-            id: self.id,
-            event_type: &self.event_type,
-            aggregate_type: &self.aggregate_type,
-            aggregate_id: &self.aggregate_id,
-            payload: &self.payload,
-            headers: &self.headers,
-            occurred_at: self.occurred_at,
-        })
-    }
-
-    /// Reads a message-mode envelope back, committed at `created_at`; the reason if it is not
-    /// one this library wrote.
-    pub(crate) fn from_envelope(content: &[u8], created_at: DateTime<Utc>) -> Result<Self, String> {
-        let e: Envelope<String, Value, Headers> =
-            serde_json::from_slice(content).map_err(|e| format!("not an outbox envelope: {e}"))?;
-        if e.v != ENVELOPE_VERSION {
-            return Err(format!(
-                "envelope version {} (this build reads {ENVELOPE_VERSION})",
-                e.v
-            ));
-        }
-        Ok(Self {
-            id: e.id,
-            event_type: e.event_type,
-            aggregate_type: e.aggregate_type,
-            aggregate_id: e.aggregate_id,
-            payload: e.payload,
-            headers: e.headers,
-            occurred_at: e.occurred_at,
-            created_at,
-            status: OutboxStatus::Pending,
-            attempts: 0,
-            last_error: None,
-            next_attempt_at: created_at,
-            published_at: None,
-            failed_at: None,
-            locked_by: None,
-        })
-    }
 }
 
 /// An event as stored in the outbox.

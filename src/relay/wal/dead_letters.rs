@@ -15,7 +15,7 @@ use crate::store::{self, LogDeadLetter, log_dead_letters};
 /// never readable has no event: it can be read here and discarded, not replayed.
 ///
 /// ```no_run
-/// use seaorm_outbox::relay::log::LogDeadLetters;
+/// use seaorm_outbox::relay::wal::LogDeadLetters;
 ///
 /// # async fn f(db: sea_orm::DatabaseConnection) -> seaorm_outbox::Result<()> {
 /// let dead = LogDeadLetters::new(&db);

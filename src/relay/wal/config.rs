@@ -28,7 +28,7 @@ pub enum Transport {
 ///
 /// ```
 /// use std::time::Duration;
-/// use seaorm_outbox::relay::log::LogRelayConfig;
+/// use seaorm_outbox::relay::wal::LogRelayConfig;
 ///
 /// let config = LogRelayConfig::default()
 ///     .slot("orders_outbox")
