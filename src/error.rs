@@ -57,6 +57,9 @@ pub enum Error {
         id: Uuid,
         /// What is wrong with it.
         reason: String,
+        /// The decoding error behind it, when there is one.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The relay's publisher could not reach its broker ([`Relay::drain`](crate::Relay::drain));
@@ -85,6 +88,9 @@ pub enum Error {
         broker: &'static str,
         /// What failed.
         reason: String,
+        /// The client's own error, when there is one.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The log relay cannot read its replication slot: the server or role cannot decode
@@ -95,6 +101,9 @@ pub enum Error {
         slot: String,
         /// What is missing, and how to fix it.
         reason: String,
+        /// The error behind it, when there is one.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The relay or repository was configured with values that cannot work.

@@ -280,6 +280,7 @@ pub(crate) async fn run<H: Handler, S: Source>(
         Err(e) => Err(Error::Broker {
             broker,
             reason: format!("source task failed: {e}"),
+            source: Some(Box::new(e)),
         }),
     }
 }

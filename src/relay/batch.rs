@@ -136,7 +136,12 @@ impl<P: Publisher> Relay<P> {
                 Err((Some(id), reason)) => corrupt.push((
                     id,
                     Fate::Dead {
-                        error: Error::CorruptRow { id, reason }.to_string(),
+                        error: Error::CorruptRow {
+                            id,
+                            reason,
+                            source: None,
+                        }
+                        .to_string(),
                     },
                 )),
                 // Without its id there is nothing to write back; its lease runs out.

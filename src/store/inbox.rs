@@ -449,6 +449,7 @@ fn dead_letter(r: &QueryResult) -> Result<InboxDeadLetter> {
     let headers = serde_json::from_str(&headers).map_err(|e| Error::CorruptRow {
         id,
         reason: format!("inbox dead letter headers: {e}"),
+        source: Some(Box::new(e)),
     })?;
     Ok(InboxDeadLetter {
         id,

@@ -91,6 +91,7 @@ fn read_dead(r: &sea_orm::QueryResult) -> Result<LogDeadLetter> {
                     .map_err(|e| Error::CorruptRow {
                         id,
                         reason: e.to_string(),
+                        source: Some(Box::new(e)),
                     })?,
                 occurred_at: r.try_get("", "occurred_at")?,
                 created_at,
@@ -219,11 +220,13 @@ pub(crate) async fn replay_dead_letters<C: ConnectionTrait + TransactionTrait>(
                     "it was never readable ({}); there is no event to replay, discard it instead",
                     d.error
                 ),
+                source: None,
             });
         };
         let content = e.to_envelope().map_err(|err| Error::CorruptRow {
             id: d.id,
             reason: err.to_string(),
+            source: Some(Box::new(err)),
         })?;
         emit(&txn, prefix, vec![content]).await?;
         discard_dead_letter(&txn, d.id).await?;

@@ -36,6 +36,7 @@ fn refuse(slot: &str, reason: impl Into<String>) -> Error {
     Error::LogRelay {
         slot: slot.to_owned(),
         reason: reason.into(),
+        source: None,
     }
 }
 

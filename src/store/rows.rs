@@ -86,6 +86,7 @@ impl TryFrom<OutboxEventModel> for OutboxEvent {
         let headers = headers_from_json(m.headers).map_err(|e| Error::CorruptRow {
             id: m.id,
             reason: e.to_string(),
+            source: Some(Box::new(e)),
         })?;
         Ok(Self {
             id: m.id,

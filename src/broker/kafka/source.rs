@@ -241,6 +241,7 @@ impl Source for KafkaSource {
         let fatal = |e: rdkafka::error::KafkaError| Error::Broker {
             broker: "kafka",
             reason: e.to_string(),
+            source: Some(Box::new(e)),
         };
         let consumer: Arc<StreamConsumer> = Arc::new(self.config.create().map_err(fatal)?);
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();

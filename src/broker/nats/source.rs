@@ -134,10 +134,12 @@ impl NatsSource {
         format!("{}-resume", self.durable)
     }
 
-    fn fatal(&self, what: &str, e: &dyn std::fmt::Display) -> Error {
+    fn fatal(&self, what: &str, e: impl Into<BoxError>) -> Error {
+        let e = e.into();
         Error::Broker {
             broker: "nats",
             reason: format!("{what} `{}` / durable `{}`: {e}", self.stream, self.durable),
+            source: Some(e),
         }
     }
 
@@ -148,16 +150,16 @@ impl NatsSource {
             .js
             .get_stream(&self.stream)
             .await
-            .map_err(|e| self.fatal("stream", &e))?;
+            .map_err(|e| self.fatal("stream", e))?;
         let bookmark = match stream.consumer_info(self.bookmark()).await {
             Ok(info) => Some(info.config),
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => None,
-            Err(e) => return Err(self.fatal("bookmark info on stream", &e)),
+            Err(e) => return Err(self.fatal("bookmark info on stream", e)),
         };
         let existing = match stream.consumer_info(&self.durable).await {
             Ok(info) => Some(info),
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => None,
-            Err(e) => return Err(self.fatal("consumer info on stream", &e)),
+            Err(e) => return Err(self.fatal("consumer info on stream", e)),
         };
         let Some(info) = existing else {
             // First start, or a crash between deleting and recreating the durable: the
@@ -178,7 +180,7 @@ impl NatsSource {
             let consumer = stream
                 .create_consumer(self.config(policy))
                 .await
-                .map_err(|e| self.fatal("creating consumer on stream", &e))?;
+                .map_err(|e| self.fatal("creating consumer on stream", e))?;
             self.drop_bookmark(&stream, bookmark.is_some()).await;
             return Ok((consumer, replay_end));
         };
@@ -187,7 +189,7 @@ impl NatsSource {
         let consumer: PullConsumer = stream
             .get_consumer(&self.durable)
             .await
-            .map_err(|e| self.fatal("consumer on stream", &e))?;
+            .map_err(|e| self.fatal("consumer on stream", e))?;
         if !self.resume_in_order || info.num_ack_pending == 0 {
             return Ok((consumer, 0));
         }
@@ -206,15 +208,15 @@ impl NatsSource {
         stream
             .create_consumer(mark)
             .await
-            .map_err(|e| self.fatal("creating the resume bookmark on stream", &e))?;
+            .map_err(|e| self.fatal("creating the resume bookmark on stream", e))?;
         stream
             .delete_consumer(&self.durable)
             .await
-            .map_err(|e| self.fatal("deleting consumer on stream", &e))?;
+            .map_err(|e| self.fatal("deleting consumer on stream", e))?;
         let consumer = stream
             .create_consumer(self.config(from))
             .await
-            .map_err(|e| self.fatal("recreating consumer on stream", &e))?;
+            .map_err(|e| self.fatal("recreating consumer on stream", e))?;
         self.drop_bookmark(&stream, true).await;
         Ok((consumer, replay_end))
     }

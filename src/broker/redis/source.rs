@@ -93,6 +93,7 @@ impl RedisSource {
             Err(e) => Err(Error::Broker {
                 broker: "redis",
                 reason: format!("creating group `{}` on `{}`: {e}", self.group, self.stream),
+                source: Some(Box::new(e)),
             }),
         }
     }
@@ -246,6 +247,7 @@ impl Source for RedisSource {
         let connect_err = |e: redis::RedisError| Error::Broker {
             broker: "redis",
             reason: format!("connecting: {e}"),
+            source: Some(Box::new(e)),
         };
         let mut reads = self.connection().await.map_err(connect_err)?;
         let acks = self.connection().await.map_err(connect_err)?;

@@ -59,6 +59,7 @@ impl<P: Publisher> LogRelay<P> {
             return Err(Error::LogRelay {
                 slot: self.config.slot.clone(),
                 reason: "another relay holds the slot".into(),
+                source: None,
             });
         }
         let mut session = self.session(conn).await?;

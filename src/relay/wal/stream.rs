@@ -25,10 +25,12 @@ fn pg_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
 }
 
 impl<P: Publisher> LogRelay<P> {
-    fn stream_error(&self, what: &str, e: impl std::fmt::Display) -> Error {
+    fn stream_error(&self, what: &str, e: impl Into<crate::error::BoxError>) -> Error {
+        let e = e.into();
         Error::LogRelay {
             slot: self.config.slot.clone(),
             reason: format!("replication stream {what}: {e}"),
+            source: Some(e),
         }
     }
 
