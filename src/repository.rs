@@ -157,6 +157,10 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// txn.commit().await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidEvent`] before anything is written; [`Error::Config`] off PostgreSQL;
+    /// database errors.
     #[cfg(feature = "postgres")]
     pub async fn emit(&self, event: NewEvent) -> Result<Uuid> {
         let mut ids = self.emit_events(vec![event]).await?;
@@ -164,6 +168,9 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     }
 
     /// [`emit`](Self::emit) for many events, in order; all are validated before any is written.
+    ///
+    /// # Errors
+    /// As [`emit`](Self::emit); one invalid event writes none.
     #[cfg(feature = "postgres")]
     pub async fn emit_events(&self, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
         let valid = self.validate(events)?;
@@ -186,12 +193,18 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     }
 
     /// Stores a typed [`DomainEvent`]. Never commits.
+    ///
+    /// # Errors
+    /// As [`add_event`](OutboxRepository::add_event).
     pub async fn add<E: DomainEvent + Sync>(&self, event: &E) -> Result<Uuid> {
         self.add_event(NewEvent::from_domain(event)).await
     }
 
     /// A snapshot of the backlog: pending split into due / backoff / leased, dead letters, the
     /// oldest pending event, and what was published in the last hour.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn stats(&self) -> Result<OutboxStats> {
         OutboxStats::read(self.db).await
     }
@@ -206,6 +219,9 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// breaker), by name. A relay refreshes its row every
     /// [`heartbeat_interval`](crate::RelayConfig::heartbeat_interval) and removes it when it
     /// stops; a crashed relay's row ages out.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn relays(&self, within: std::time::Duration) -> Result<Vec<RelayHeartbeat>> {
         let since = chrono::Duration::from_std(within)
             .ok()
@@ -219,12 +235,18 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     }
 
     /// One event by id, in any status.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown id; [`Error::CorruptRow`]; database errors.
     pub async fn get(&self, id: Uuid) -> Result<OutboxEvent> {
         store::get(self.db, id).await?.ok_or(Error::NotFound { id })
     }
 
     /// The events `query` picks, in any status, a page of them: what an operator browses.
     /// A `limit` over [`MAX_PAGE_SIZE`] is [`Error::LimitTooLarge`].
+    ///
+    /// # Errors
+    /// [`Error::LimitTooLarge`]; database errors.
     pub async fn events(&self, query: &EventQuery) -> Result<Vec<OutboxEvent>> {
         store::events(self.db, query).await
     }
@@ -232,17 +254,26 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// The last `minutes` minutes (at most a day), oldest first: events published each minute,
     /// and the backlog a relay sampled then (see
     /// [`RelayConfig::metrics_interval`](crate::RelayConfig::metrics_interval)).
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn history(&self, minutes: u32) -> Result<Vec<MinuteStats>> {
         store::history(self.db, now(), minutes.clamp(1, 24 * 60)).await
     }
 
     /// Dead letters, most recently failed first.
+    ///
+    /// # Errors
+    /// [`Error::LimitTooLarge`]; database errors.
     pub async fn list_failed(&self, limit: u64, offset: u64) -> Result<Vec<OutboxEvent>> {
         store::check_page(limit)?;
         store::failed(self.db, limit, offset).await
     }
 
     /// How many dead letters there are.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn count_failed(&self) -> Result<u64> {
         store::count(self.db, OutboxStatus::Failed).await
     }
@@ -307,6 +338,10 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     }
 
     /// Deletes a dead letter for good. Only dead letters can be discarded.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::InvalidState`] for an event that is not a dead letter;
+    /// database errors.
     pub async fn discard(&self, id: Uuid) -> Result<()> {
         let n = store::discard(self.db, id).await?;
         self.expect_one(n, id, "discard", &[]).await
@@ -317,6 +352,9 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     ///
     /// Run it on a connection, not inside a transaction: each batch then commits on its own,
     /// so a purge of millions of rows never holds one huge transaction or long locks.
+    ///
+    /// # Errors
+    /// [`Error::LimitTooLarge`] for a batch over the page size; database errors.
     pub async fn purge_published(&self, older_than: DateTime<Utc>, batch_size: u64) -> Result<u64> {
         let mut total = 0;
         loop {
@@ -331,6 +369,9 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// One statement of [`purge_published`](Self::purge_published): deletes at most
     /// `batch_size` published events older than `older_than`, oldest first, and returns how many.
     /// A `batch_size` of 0 or above [`MAX_PAGE_SIZE`] is [`Error::LimitTooLarge`].
+    ///
+    /// # Errors
+    /// As [`purge_published`](Self::purge_published).
     pub async fn purge_published_batch(
         &self,
         older_than: DateTime<Utc>,
@@ -340,6 +381,9 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     }
 
     /// How many published events are older than `older_than` (what a purge would delete).
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn count_published_before(&self, older_than: DateTime<Utc>) -> Result<u64> {
         store::count_published_before(self.db, older_than).await
     }

@@ -154,6 +154,10 @@ pub enum SettingsError {
 
 impl OutboxSettings {
     /// Reads `initializers: outbox:` from `config`.
+    ///
+    /// # Errors
+    /// [`SettingsError::Missing`] without the block; an unknown key, a bad value or a setting
+    /// that cannot work, naming it.
     pub fn from_config(config: &Config) -> Result<Self, SettingsError> {
         let block = config
             .initializers
@@ -177,6 +181,9 @@ impl OutboxSettings {
     }
 
     /// The relay's configuration these settings describe.
+    ///
+    /// # Errors
+    /// A setting that cannot work (a zero batch, an unparsable duration), naming it.
     pub fn relay_config(&self) -> Result<RelayConfig, SettingsError> {
         let mut c = RelayConfig::default().metrics_interval(Some(Duration::from_secs(15)));
         if let Some(n) = self.batch_size {

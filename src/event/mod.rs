@@ -306,6 +306,9 @@ pub struct OutboxEvent {
 
 impl OutboxEvent {
     /// Deserialises the payload into a typed value.
+    ///
+    /// # Errors
+    /// serde's, when the payload does not deserialise into `T`.
     pub fn payload_as<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
         T::deserialize(&self.payload)
     }

@@ -6,7 +6,7 @@ use super::DEFAULT_RETENTION;
 use super::message::{MessageId, MissingId, OrderingKey};
 use crate::error::{Error, Result};
 
-/// How a [`Consumer`] runs. `Default` and chained setters.
+/// How a [`Consumer`](super::Consumer) runs. `Default` and chained setters.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ConsumerConfig {

@@ -120,6 +120,10 @@ impl<H: Handler> Consumer<H> {
     /// [`ConsumerConfig::drain_timeout`]. Then running handlers finish their current attempt,
     /// whatever is left stays unacknowledged (the broker redelivers it), and the source
     /// flushes. Nothing is acknowledged that was not committed.
+    ///
+    /// # Errors
+    /// [`Error::Broker`](crate::Error::Broker) when the source fails for good (a missing stream,
+    /// refused credentials); the database being away is retried, not returned.
     pub async fn run<S: Source>(
         &self,
         source: S,

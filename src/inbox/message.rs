@@ -98,6 +98,9 @@ impl Incoming {
 
     /// The body deserialised as JSON into `T`. A body that does not fit `T` will never fit, so
     /// the error is permanent: the message is dead-lettered at once, not retried.
+    ///
+    /// # Errors
+    /// A permanent [`HandlerError`] when the body does not fit `T`: it will never fit.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         serde_json::from_slice(&self.payload).map_err(|e| {
             HandlerError::permanent(format!(

@@ -113,6 +113,9 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     ///
     /// Errors: [`Error::InvalidInboxKey`](crate::Error::InvalidInboxKey) for an empty key, one
     /// over [`MAX_INBOX_KEY_CHARS`] or one holding NUL; database errors.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInboxKey`](crate::Error::InvalidInboxKey) for a bad key; database errors.
     pub async fn record(&self, consumer: &str, message_id: &str) -> Result<Recorded> {
         let now = Utc::now();
         self.record_from(consumer, message_id, None, None, now)
@@ -120,6 +123,9 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     }
 
     /// [`record`](Self::record) with where the message came from and when it was received.
+    ///
+    /// # Errors
+    /// As [`record`](Self::record).
     pub async fn record_from(
         &self,
         consumer: &str,
@@ -144,6 +150,9 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     }
 
     /// Whether `consumer` has applied (and committed) `message_id`.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn is_processed(&self, consumer: &str, message_id: &str) -> Result<bool> {
         store::processed(self.db, consumer, message_id).await
     }
@@ -152,16 +161,27 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     /// processed before `older_than`, oldest first, in one short statement on an index; returns
     /// how many. Call it in a loop until it returns less than `batch`; a running [`Consumer`]
     /// does so by itself ([`ConsumerConfig::retention`]).
+    ///
+    /// # Errors
+    /// [`Error::LimitTooLarge`](crate::Error::LimitTooLarge) for a `batch` over the page size;
+    /// database errors.
     pub async fn purge_processed(&self, older_than: DateTime<Utc>, batch: u64) -> Result<u64> {
         store::purge_processed(self.db, older_than, batch).await
     }
 
     /// How many ids `consumer` (or every consumer) has recorded.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn count_processed(&self, consumer: Option<&str>) -> Result<u64> {
         store::count_processed(self.db, consumer).await
     }
 
     /// Dead letters, oldest failure first, at most `limit` (≤ `MAX_PAGE_SIZE`).
+    ///
+    /// # Errors
+    /// [`Error::LimitTooLarge`](crate::Error::LimitTooLarge); database errors; a stored row whose
+    /// headers are not readable is [`Error::CorruptRow`](crate::Error::CorruptRow).
     pub async fn dead_letters(
         &self,
         which: DeadLetters<'_>,
@@ -172,6 +192,9 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     }
 
     /// How many dead letters `consumer` (or every consumer) has.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn count_dead_letters(&self, consumer: Option<&str>) -> Result<u64> {
         store::count_dead_letters(self.db, consumer).await
     }
@@ -180,11 +203,17 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     /// consumer picks them up within [`ConsumerConfig::replay_interval`], runs each through the
     /// inbox and its handler like a new delivery, and deletes the dead letter once applied (or
     /// found a duplicate). One that fails again stays, with the new error.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn replay(&self, which: DeadLetters<'_>) -> Result<u64> {
         store::request_replay(self.db, which, Utc::now()).await
     }
 
     /// Deletes these dead letters without applying them; returns how many.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn discard(&self, which: DeadLetters<'_>) -> Result<u64> {
         store::discard(self.db, which).await
     }

@@ -116,6 +116,9 @@ impl<P: Publisher> RelayBuilder<P> {
     }
 
     /// Validates the configuration and builds the relay.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) for a config that cannot work.
     pub fn build(self) -> Result<Relay<P>> {
         self.config.validate()?;
         let name = self.config.name.clone().unwrap_or_else(|| {

@@ -186,6 +186,10 @@ impl<P: Publisher> Relay<P> {
     ///
     /// If the publisher is unavailable, the batch goes back unattempted and this returns
     /// [`Error::PublisherUnavailable`](crate::Error::PublisherUnavailable).
+    ///
+    /// # Errors
+    /// [`Error::PublisherUnavailable`](crate::Error::PublisherUnavailable) while the broker is down (the batch is handed back with
+    /// no attempt spent); database errors.
     pub async fn drain(&self) -> Result<RelayStats> {
         let never = CancellationToken::new();
         let mut stats = RelayStats::default();

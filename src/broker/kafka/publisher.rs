@@ -42,6 +42,9 @@ impl std::fmt::Debug for KafkaPublisher {
 
 impl KafkaPublisher {
     /// A publisher for `bootstrap_servers` with the defaults above.
+    ///
+    /// # Errors
+    /// librdkafka's, when the producer cannot be created from the config (a bad setting).
     pub fn new(bootstrap_servers: &str) -> Result<Self, KafkaError> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", bootstrap_servers);
@@ -50,6 +53,9 @@ impl KafkaPublisher {
 
     /// A publisher from your own config. Idempotence and `acks=all` are set unless you set them;
     /// `message.timeout.ms` defaults to 8000 and `linger.ms` to 0.
+    ///
+    /// # Errors
+    /// librdkafka's, when the producer cannot be created from `config`.
     pub fn from_config(mut config: ClientConfig) -> Result<Self, KafkaError> {
         for (k, v) in [
             ("enable.idempotence", "true"),

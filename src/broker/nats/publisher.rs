@@ -46,6 +46,9 @@ impl NatsPublisher {
     }
 
     /// Connects to `url` with the client's defaults.
+    ///
+    /// # Errors
+    /// The client's, when the first connection to `url` fails.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
         Ok(Self::new(async_nats::connect(url).await?))
     }

@@ -64,6 +64,9 @@ impl RabbitMqPublisher {
     }
 
     /// Connects now, so a bad URI or unreachable broker shows at start-up.
+    ///
+    /// # Errors
+    /// lapin's, when the connection or its confirming channel cannot be opened.
     pub async fn connect(self) -> Result<Self, BoxError> {
         let mut slot = self.channel.lock().await;
         *slot = Some(open(&self.uri).await?);

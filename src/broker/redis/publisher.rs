@@ -49,6 +49,9 @@ impl RedisPublisher {
 
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`), with 5 s connection and response
     /// timeouts so an unreachable server fails fast and the relay retries.
+    ///
+    /// # Errors
+    /// The client's, when `url` is invalid or the first connection fails.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()

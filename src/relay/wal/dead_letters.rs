@@ -51,22 +51,34 @@ impl<'c, C: ConnectionTrait> LogDeadLetters<'c, C> {
 
     /// Oldest first. `limit` above [`MAX_PAGE_SIZE`](crate::repository::MAX_PAGE_SIZE) is
     /// [`Error::LimitTooLarge`].
+    ///
+    /// # Errors
+    /// [`Error::LimitTooLarge`]; database errors.
     pub async fn list(&self, limit: u64, offset: u64) -> Result<Vec<LogDeadLetter>> {
         store::check_page(limit)?;
         log_dead_letters::dead_letters(self.db, limit, offset).await
     }
 
     /// One, or `None`.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn get(&self, id: Uuid) -> Result<Option<LogDeadLetter>> {
         log_dead_letters::dead_letter_by_id(self.db, id).await
     }
 
     /// How many there are.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn count(&self) -> Result<u64> {
         log_dead_letters::count_dead_letters(self.db).await
     }
 
     /// Deletes one; an unknown id is [`Error::NotFound`].
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown id; database errors.
     pub async fn discard(&self, id: Uuid) -> Result<()> {
         if log_dead_letters::discard_dead_letter(self.db, id).await? {
             Ok(())
@@ -79,12 +91,19 @@ impl<'c, C: ConnectionTrait> LogDeadLetters<'c, C> {
 impl<C: ConnectionTrait + TransactionTrait> LogDeadLetters<'_, C> {
     /// Sends one back through the log. [`Error::NotFound`] for an unknown id;
     /// [`Error::CorruptRow`] for a record that was never readable.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::CorruptRow`] for a record that was never readable; database
+    /// errors.
     pub async fn replay(&self, id: Uuid) -> Result<()> {
         log_dead_letters::replay_dead_letters(self.db, &self.prefix, Some(id)).await?;
         Ok(())
     }
 
     /// Sends every readable one back through the log, oldest first; how many.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn replay_all(&self) -> Result<u64> {
         log_dead_letters::replay_dead_letters(self.db, &self.prefix, None).await
     }

@@ -145,6 +145,9 @@ impl<P: Publisher> LogRelayBuilder<P> {
 
     /// Validates the configuration and builds the relay. Nothing is checked on the server
     /// yet: [`LogRelay::prepare`] does that.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a config that cannot work.
     pub fn build(self) -> Result<LogRelay<P>> {
         self.config.validate()?;
         if store::pg_pool(&self.db).is_none() {
@@ -168,6 +171,9 @@ impl<P: Publisher> LogRelayBuilder<P> {
 
 /// The logical replication slots (pgoutput) of `db`'s database, with their lag and retained
 /// WAL: for status pages and the `status` command.
+///
+/// # Errors
+/// Database errors.
 pub async fn slots(db: &impl sea_orm::ConnectionTrait) -> Result<Vec<SlotStatus>> {
     logical::slots(db, None).await
 }
@@ -260,6 +266,10 @@ impl<P: Publisher> LogRelay<P> {
     ///
     /// Events written before the slot exists are not in its log: prepare the relay before
     /// writers switch to message mode.
+    ///
+    /// # Errors
+    /// [`Error::LogRelay`] when `wal_level` is not `logical`, the role lacks `REPLICATION`, the
+    /// server is older than 14, or the slot is of another plugin or database; database errors.
     pub async fn prepare(&self) -> Result<()> {
         let mut conn = self.connect().await?;
         self.set_up(&mut conn).await?;
@@ -267,6 +277,9 @@ impl<P: Publisher> LogRelay<P> {
     }
 
     /// The slot as the server shows it; `None` if it does not exist.
+    ///
+    /// # Errors
+    /// Database errors.
     pub async fn slot(&self) -> Result<Option<SlotStatus>> {
         Ok(logical::slots(&self.db, Some(&self.config.slot))
             .await?

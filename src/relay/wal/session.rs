@@ -51,6 +51,10 @@ impl<P: Publisher> LogRelay<P> {
     /// Reads and publishes until the slot has caught up with the server's position at the
     /// time of each read, then returns. Fails at once if another relay holds the slot. For
     /// tests, scripts and benchmarks.
+    ///
+    /// # Errors
+    /// [`Error::LogRelay`] when another relay holds the slot or the server cannot decode;
+    /// [`Error::PublisherUnavailable`] while the broker is down; database errors.
     pub async fn drain(&self) -> Result<LogRelayStats> {
         let never = CancellationToken::new();
         let mut conn = self.connect().await?;
