@@ -81,6 +81,7 @@ impl EventQuery {
 }
 
 /// The events `q` picks, a page of them, ordered by `occurred_at` then id.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn events(db: &impl ConnectionTrait, q: &EventQuery) -> Result<Vec<OutboxEvent>> {
     super::check_page(q.limit)?;
     let mut query = OutboxEvents::find();
@@ -138,6 +139,7 @@ pub struct MinuteStats {
 /// The `minutes` whole minutes up to and including `now`'s, oldest first. Reads one range
 /// count of the published index per minute, and the tally's and the samples' rows of those
 /// minutes.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn history(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
@@ -224,6 +226,7 @@ const SAMPLE_UPSERT: &str = "INSERT INTO outbox_backlog_samples (minute, pending
      failed = excluded.failed";
 
 /// Writes `at`'s minute's backlog sample and drops samples from before `forget_before`.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn record_sample(
     db: &impl ConnectionTrait,
     at: DateTime<Utc>,

@@ -33,6 +33,7 @@ const UPSERT: &str = "INSERT INTO outbox_relays (name, publisher, started_at, he
 
 /// Writes `h`, and drops the rows of relays silent since before `forget_before` (crashed
 /// relays never delete their own).
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn beat(
     db: &impl ConnectionTrait,
     h: &Heartbeat,
@@ -57,6 +58,7 @@ pub(crate) async fn beat(
 }
 
 /// Removes relay `name`'s row, when it stops.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn forget(db: &impl ConnectionTrait, name: &str) -> Result<()> {
     delete(db, "name = ?", name.into()).await
 }
@@ -70,6 +72,7 @@ async fn delete(db: &impl ConnectionTrait, condition: &str, value: Value) -> Res
 }
 
 /// The relays heard from since `since`, by name.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn heard_since(
     db: &impl ConnectionTrait,
     since: DateTime<Utc>,

@@ -108,6 +108,7 @@ fn fit(value: Option<&str>) -> Option<String> {
 
 /// Inserts `r` unless its key exists; `true` when it was new. Inside the caller's transaction,
 /// a concurrent insert of the same key waits for that transaction and then counts as existing.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn record(db: &impl ConnectionTrait, r: &Received<'_>) -> Result<bool> {
     check_len("consumer", r.consumer)?;
     check_len("message_id", r.message_id)?;
@@ -135,6 +136,7 @@ pub(crate) async fn record(db: &impl ConnectionTrait, r: &Received<'_>) -> Resul
 }
 
 /// Whether `consumer` has applied `message_id`.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn processed(
     db: &impl ConnectionTrait,
     consumer: &str,
@@ -153,6 +155,7 @@ pub(crate) async fn processed(
 
 /// Deletes at most `batch` rows processed before `older_than`, oldest first, in one statement
 /// on the `processed_at` index; returns how many.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn purge_processed(
     db: &impl ConnectionTrait,
     older_than: DateTime<Utc>,
@@ -177,6 +180,7 @@ pub(crate) async fn purge_processed(
 }
 
 /// How many messages `consumer` (or every consumer) has recorded.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn count_processed(
     db: &impl ConnectionTrait,
     consumer: Option<&str>,
@@ -185,6 +189,7 @@ pub(crate) async fn count_processed(
 }
 
 /// How many dead letters `consumer` (or every consumer) has.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn count_dead_letters(
     db: &impl ConnectionTrait,
     consumer: Option<&str>,
@@ -274,6 +279,7 @@ pub(crate) fn dead_letter_id(
 
 /// Stores a dead letter unless one with its id exists; `true` when it was new. With ids from
 /// [`dead_letter_id`], a redelivered message that was dead-lettered already adds nothing.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn insert_dead_letter(
     db: &impl ConnectionTrait,
     d: &InboxDeadLetter,
@@ -313,6 +319,7 @@ pub(crate) async fn insert_dead_letter(
 }
 
 /// Whether a dead letter with this id exists.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn dead_letter_exists(db: &impl ConnectionTrait, id: Uuid) -> Result<bool> {
     let backend = db.get_database_backend();
     let row = db
@@ -326,6 +333,7 @@ pub(crate) async fn dead_letter_exists(db: &impl ConnectionTrait, id: Uuid) -> R
 }
 
 /// A replayed dead letter failed again: its row takes the new error and attempt count.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn refail_dead_letter(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -358,6 +366,7 @@ fn selector(which: DeadLetters<'_>) -> (&'static str, Vec<Value>) {
 }
 
 /// Dead letters, oldest failure first, optionally one consumer's.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn dead_letters(
     db: &impl ConnectionTrait,
     which: DeadLetters<'_>,
@@ -378,6 +387,7 @@ pub(crate) async fn dead_letters(
 }
 
 /// Asks the running consumers to apply these dead letters again; returns how many were marked.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn request_replay(
     db: &impl ConnectionTrait,
     which: DeadLetters<'_>,
@@ -395,6 +405,7 @@ pub(crate) async fn request_replay(
 }
 
 /// Deletes these dead letters; returns how many.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn discard(db: &impl ConnectionTrait, which: DeadLetters<'_>) -> Result<u64> {
     let backend = db.get_database_backend();
     let (filter, values) = selector(which);
@@ -407,6 +418,7 @@ pub(crate) async fn discard(db: &impl ConnectionTrait, which: DeadLetters<'_>) -
 
 /// Takes up to `limit` of `consumer`'s replay requests. Each is taken by clearing its request
 /// with a conditional `UPDATE`, so of several consumers polling at once exactly one takes it.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn take_replays(
     db: &impl ConnectionTrait,
     consumer: &str,

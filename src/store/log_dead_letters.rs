@@ -37,6 +37,7 @@ pub struct LogDeadLetter {
 const DEAD_COLUMNS: &str = "id, slot, event_type, aggregate_type, aggregate_id, payload, headers, \
      occurred_at, committed_at, raw, error, attempts, failed_at";
 
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn dead_letter(db: &impl ConnectionTrait, d: &LogDeadLetter) -> Result<()> {
     let e = d.event.as_ref();
     let headers = e.map(|e| {
@@ -124,6 +125,7 @@ fn read_dead(r: &sea_orm::QueryResult) -> Result<LogDeadLetter> {
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn dead_letters(
     db: &impl ConnectionTrait,
     limit: u64,
@@ -139,6 +141,7 @@ pub(crate) async fn dead_letters(
 }
 
 /// One dead letter by id.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn dead_letter_by_id(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -148,6 +151,7 @@ pub(crate) async fn dead_letter_by_id(
     row.as_ref().map(read_dead).transpose()
 }
 
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn count_dead_letters(db: &impl ConnectionTrait) -> Result<u64> {
     let row = db
         .query_one_raw(Statement::from_string(
@@ -163,6 +167,7 @@ pub(crate) async fn count_dead_letters(db: &impl ConnectionTrait) -> Result<u64>
 }
 
 /// Removes one dead letter; whether it existed.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn discard_dead_letter(db: &impl ConnectionTrait, id: Uuid) -> Result<bool> {
     let r = db
         .execute_raw(stmt(
@@ -177,6 +182,7 @@ pub(crate) async fn discard_dead_letter(db: &impl ConnectionTrait, id: Uuid) -> 
 /// Sends dead letters back through the log: in one transaction each row is deleted and its
 /// event written again as a message, so the relay delivers it as new; `None` replays all.
 /// A message that could not be read has no event to send, and is refused by id.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn replay_dead_letters<C: ConnectionTrait + TransactionTrait>(
     db: &C,
     prefix: &str,

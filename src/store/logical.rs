@@ -42,6 +42,7 @@ fn refuse(slot: &str, reason: impl Into<String>) -> Error {
 
 /// Writes each of `contents` to the log, in order, in the caller's transaction
 /// (`transactional = true`: decoded only if the transaction commits). One statement.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn emit(
     db: &impl ConnectionTrait,
     prefix: &str,
@@ -77,12 +78,14 @@ pub(crate) async fn emit(
 
 /// A connection of the pool's (its search path set), detached so that the pool opens a
 /// replacement: the leader's session lock must not take a pooled connection from the app.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn connect(pool: &PgPool) -> Result<PgConnection> {
     Ok(pool.acquire().await.map_err(sqlx_err)?.detach())
 }
 
 /// Refuses, with the reason, a server or role that cannot decode: `wal_level` below
 /// `logical`, a role without `REPLICATION`, or a server older than 14 (no `messages` option).
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn check_prerequisites(conn: &mut PgConnection, slot: &str) -> Result<()> {
     let (wal_level, version, may): (String, i32, bool) = sqlx::query_as(
         "SELECT current_setting('wal_level'), current_setting('server_version_num')::int, \
@@ -117,6 +120,7 @@ pub(crate) async fn check_prerequisites(conn: &mut PgConnection, slot: &str) -> 
 }
 
 /// Takes the slot's leader lock if it is free; held until this session ends.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn try_lead(conn: &mut PgConnection, slot: &str) -> Result<bool> {
     sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
         .bind(LEADER_LOCK_CLASS)
@@ -128,6 +132,7 @@ pub(crate) async fn try_lead(conn: &mut PgConnection, slot: &str) -> Result<bool
 
 /// Gives the leader lock up now (closing the connection frees it too, but only once the
 /// server process has exited).
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn stop_leading(conn: &mut PgConnection, slot: &str) -> Result<()> {
     sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
         .bind(LEADER_LOCK_CLASS)
@@ -140,6 +145,7 @@ pub(crate) async fn stop_leading(conn: &mut PgConnection, slot: &str) -> Result<
 
 /// Creates the publication if it is missing; with `table`, makes sure it publishes the outbox
 /// table's inserts (only inserts: the relay's own write-back must not come back to it).
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn ensure_publication(
     conn: &mut PgConnection,
     slot: &str,
@@ -194,6 +200,7 @@ pub(crate) async fn ensure_publication(
 
 /// Creates the slot if it is missing, and refuses one that belongs to another database or
 /// plugin. Creating waits for the transactions running at that moment to end.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn ensure_slot(conn: &mut PgConnection, slot: &str) -> Result<bool> {
     let found: Option<(Option<String>, Option<String>, String)> = sqlx::query_as(
         "SELECT plugin::text, database::text, current_database()::text \
@@ -228,6 +235,7 @@ pub(crate) async fn ensure_slot(conn: &mut PgConnection, slot: &str) -> Result<b
 
 /// The schema `outbox_events` resolves to on this connection: table mode's events are the
 /// inserts into that one table.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn current_schema(conn: &mut PgConnection) -> Result<String> {
     sqlx::query_scalar(
         "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -239,6 +247,7 @@ pub(crate) async fn current_schema(conn: &mut PgConnection) -> Result<String> {
 }
 
 /// The server's flushed write position: a read up to it decodes every commit before it.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn current_lsn(conn: &mut PgConnection) -> Result<Lsn> {
     let n: i64 = sqlx::query_scalar("SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::int8")
         .fetch_one(&mut *conn)
@@ -248,6 +257,7 @@ pub(crate) async fn current_lsn(conn: &mut PgConnection) -> Result<Lsn> {
 }
 
 /// The slot's confirmed position: where its next read starts.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn confirmed_lsn(conn: &mut PgConnection, slot: &str) -> Result<Lsn> {
     let n: Option<i64> = sqlx::query_scalar(
         "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots \
@@ -264,6 +274,7 @@ pub(crate) async fn confirmed_lsn(conn: &mut PgConnection, slot: &str) -> Result
 
 /// The committed changes after the slot's position and before `upto`, stopping at the first
 /// transaction end after `max_changes` records; nothing is consumed.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn peek(
     conn: &mut PgConnection,
     slot: &str,
@@ -287,6 +298,7 @@ pub(crate) async fn peek(
 
 /// Confirms everything before `lsn`: the slot's next read starts there and the server may
 /// recycle the WAL before it.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn advance(conn: &mut PgConnection, slot: &str, lsn: Lsn) -> Result<()> {
     // A replication stream that just ended may hold the slot for a moment longer
     // (`object_in_use`, 55006) while its server process exits.
@@ -311,6 +323,7 @@ pub(crate) async fn advance(conn: &mut PgConnection, slot: &str, lsn: Lsn) -> Re
 }
 
 /// A non-transactional message, so that an idle database's slot has a record to move to.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn heartbeat(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("SELECT pg_logical_emit_message(false, $1::text, ''::text)")
         .bind(HEARTBEAT_PREFIX)
@@ -340,6 +353,7 @@ pub struct SlotStatus {
 }
 
 /// The logical pgoutput slots of the current database, or just `only`.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn slots(
     db: &impl ConnectionTrait,
     only: Option<&str>,
@@ -376,6 +390,7 @@ pub(crate) async fn slots(
 ///
 /// A transaction's commit is in the WAL, and so decoded and delivered, a moment before other
 /// sessions see it: a row not found yet is looked for again, for up to a second.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn settle_rows(
     db: &impl ConnectionTrait,
     ids: &[Uuid],

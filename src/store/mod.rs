@@ -140,6 +140,7 @@ pub(crate) fn truncate_error(message: &str) -> String {
 
 /// Deletes at most `batch_size` published events older than `older_than`, oldest first, in one
 /// statement, and the deleted-on-publish tally's minutes before then; returns how many events.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn purge_published_batch(
     db: &impl ConnectionTrait,
     older_than: DateTime<Utc>,
@@ -169,6 +170,7 @@ pub(crate) async fn purge_published_batch(
 /// The counts for a snapshot at `at`, with three indexed queries (pending rows; dead letters and
 /// the published rows since `published_since`; the deleted-on-publish tally since then);
 /// published history is never scanned.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn counts(
     db: &impl ConnectionTrait,
     at: DateTime<Utc>,
@@ -232,6 +234,7 @@ pub(crate) async fn counts(
 /// followers while their head is pending, so the prefix is ours to send in order. On PostgreSQL
 /// each head adds at most `claim.share` events and heads are looked for only until the batch is
 /// full; elsewhere each head's share is an even split of the batch.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Claimed> {
     match db.get_database_backend() {
         DbBackend::Postgres => postgres::claim(db, c).await,
@@ -242,6 +245,7 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Clai
 
 /// Writes every fate back with at most one statement per kind, all conditional on the batch's
 /// lease still being `token`'s.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn write_back(
     db: &DatabaseConnection,
     token: &str,

@@ -42,6 +42,7 @@ pub(super) const FAILED_AND_RECENT: &str = "SELECT \
 /// Inserts validated events with one hand-written `INSERT` per [`INSERT_CHUNK`]: the statement
 /// a raw-SQL outbox would send, cached per backend for the common single-event case, so the
 /// write path costs no more than one.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn insert(
     db: &impl ConnectionTrait,
     events: Vec<ValidEvent>,
@@ -125,6 +126,7 @@ async fn list(
 }
 
 /// Pending events, oldest `occurred_at` first, id breaking ties.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn pending(
     db: &impl ConnectionTrait,
     limit: u64,
@@ -136,6 +138,7 @@ pub(crate) async fn pending(
 }
 
 /// Dead letters, most recently failed first.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn failed(
     db: &impl ConnectionTrait,
     limit: u64,
@@ -147,6 +150,7 @@ pub(crate) async fn failed(
 }
 
 /// One event by id, in any status.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn get(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<OutboxEvent>> {
     OutboxEvents::find_by_id(id)
         .one(db)
@@ -156,6 +160,7 @@ pub(crate) async fn get(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Ou
 }
 
 /// How many events are in `status`.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn count(db: &impl ConnectionTrait, status: OutboxStatus) -> Result<u64> {
     Ok(OutboxEvents::find()
         .filter(Col::Status.eq(status))
@@ -164,6 +169,7 @@ pub(crate) async fn count(db: &impl ConnectionTrait, status: OutboxStatus) -> Re
 }
 
 /// How many published events are older than `older_than`.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn count_published_before(
     db: &impl ConnectionTrait,
     older_than: DateTime<Utc>,
@@ -176,6 +182,7 @@ pub(crate) async fn count_published_before(
 }
 
 /// The statuses of those of `ids` that exist.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn statuses(
     db: &impl ConnectionTrait,
     ids: &[Uuid],
@@ -213,6 +220,7 @@ async fn transition(
 }
 
 /// Marks those of `ids` that are pending published; returns how many.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn mark_published(
     db: &impl ConnectionTrait,
     ids: &[Uuid],
@@ -232,6 +240,7 @@ pub(crate) async fn mark_published(
 }
 
 /// Dead-letters `id` if it is pending, keeping `error`; returns how many changed.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn mark_failed(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -248,6 +257,7 @@ pub(crate) async fn mark_failed(
 
 /// Puts the dead letters `which` picks back to pending, due `now`, attempts reset; the last
 /// error stays for the record. Returns how many.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn requeue(
     db: &impl ConnectionTrait,
     which: Requeue<'_>,
@@ -270,6 +280,7 @@ pub(crate) async fn requeue(
 }
 
 /// Deletes `id` if it is a dead letter; returns how many.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn discard(db: &impl ConnectionTrait, id: Uuid) -> Result<u64> {
     let res = OutboxEvents::delete_many()
         .filter(Col::Id.eq(id))

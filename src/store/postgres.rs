@@ -63,6 +63,7 @@ pub(crate) fn pool(db: &DatabaseConnection) -> Option<&sea_orm::sqlx::PgPool> {
 /// The schema this pool's connections write to: the insert trigger's NOTIFY payload, so a
 /// listener can tell its own outbox's wake-ups from other schemas'.
 #[cfg(feature = "postgres")]
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn current_schema(
     pool: &sea_orm::sqlx::PgPool,
 ) -> Result<String, sea_orm::sqlx::Error> {
