@@ -43,7 +43,6 @@ use seaorm_outbox::inbox::{
 use seaorm_outbox::relay::RelayConfig;
 use seaorm_outbox::wire::Router;
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, Publisher, Relay};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -171,53 +170,27 @@ impl<S: Source> Source for Faulty<S> {
     }
 
     async fn run(self, ctx: SourceContext) -> seaorm_outbox::Result<()> {
-        let (tx, mut rx) = mpsc::channel(64);
-        let mut inner_ctx = SourceContext::new(tx, ctx.consumer.clone());
-        inner_ctx.stop = ctx.stop.clone();
-        inner_ctx.shutdown = ctx.shutdown.clone();
-        let inner_handed = inner_ctx.handed.clone();
-        let inner = tokio::spawn(self.inner.run(inner_ctx));
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("delivery log");
         let count = Arc::new(AtomicUsize::new(0));
-        loop {
-            // Once the inner source has handed over, what it sent is all in `rx`.
-            let next = tokio::select! {
-                biased;
-                d = rx.recv() => d,
-                _ = inner_handed.cancelled() => match rx.try_recv() {
-                    Ok(d) => Some(d),
-                    Err(_) => {
-                        ctx.handed_over();
-                        rx.recv().await
-                    }
-                },
-            };
-            let Some(d) = next else { break };
+        let crash_at = self.crash_at;
+        ctx.run_inner(self.inner, move |d| {
             let id = d.message.header("event-id").unwrap_or("-").to_owned();
             writeln!(log, "{id}").expect("log delivery");
             let ack = Box::new(CrashingAck {
                 inner: d.ack,
                 count: Arc::clone(&count),
-                crash_at: self.crash_at,
+                crash_at,
             });
-            if ctx
-                .deliveries
-                .send(Delivery {
-                    message: d.message,
-                    ack,
-                })
-                .await
-                .is_err()
-            {
-                break;
+            Delivery {
+                message: d.message,
+                ack,
             }
-        }
-        drop(rx);
-        inner.await.expect("inner source")
+        })
+        .await
     }
 }
 

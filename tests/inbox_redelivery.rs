@@ -254,7 +254,6 @@ mod logged {
     use async_trait::async_trait;
     use seaorm_outbox::BoxError;
     use seaorm_outbox::inbox::{Acknowledge, Delivery, Source, SourceContext};
-    use tokio::sync::mpsc;
 
     pub(super) struct Logged<S> {
         pub(super) inner: S,
@@ -287,42 +286,21 @@ mod logged {
         }
 
         async fn run(self, ctx: SourceContext) -> seaorm_outbox::Result<()> {
-            let (tx, mut rx) = mpsc::channel(16);
-            let mut inner_ctx = SourceContext::new(tx, ctx.consumer.clone());
-            inner_ctx.stop = ctx.stop.clone();
-            inner_ctx.shutdown = ctx.shutdown.clone();
-            let inner_handed = inner_ctx.handed.clone();
-            let inner = tokio::spawn(self.inner.run(inner_ctx));
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    d = rx.recv() => d,
-                    _ = inner_handed.cancelled() => match rx.try_recv() {
-                        Ok(d) => Some(d),
-                        Err(_) => {
-                            ctx.handed_over();
-                            rx.recv().await
-                        }
-                    },
-                };
-                let Some(d) = next else { break };
+            let log = self.log;
+            ctx.run_inner(self.inner, move |d| {
                 let id = d.message.header("event-id").unwrap_or("-").to_owned();
-                self.log.line('D', &id);
+                log.line('D', &id);
                 let ack = Box::new(LoggedAck {
                     inner: d.ack,
-                    log: self.log.clone(),
+                    log: log.clone(),
                     id,
                 });
-                let d = Delivery {
+                Delivery {
                     message: d.message,
                     ack,
-                };
-                if ctx.deliveries.send(d).await.is_err() {
-                    break;
                 }
-            }
-            drop(rx);
-            inner.await.expect("inner source")
+            })
+            .await
         }
     }
 }

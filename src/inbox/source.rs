@@ -84,6 +84,54 @@ impl SourceContext {
     pub fn handed_over(&self) {
         self.handed.cancel();
     }
+
+    /// Runs `inner` as this context's source, passing each of its deliveries through `map` on
+    /// the way (to log, count, delay or wrap its acknowledgement): the body of a [`Source`]
+    /// that wraps another. The two-step stop goes through: `inner` is told to stop, and what it
+    /// handed over is forwarded before this context is handed over in turn.
+    ///
+    /// # Errors
+    /// `inner`'s own, or [`Error::Broker`](crate::Error::Broker) if its task panicked.
+    pub async fn run_inner<S: Source>(
+        self,
+        inner: S,
+        mut map: impl FnMut(Delivery) -> Delivery + Send,
+    ) -> Result<()> {
+        let broker = inner.broker();
+        let (tx, mut rx) = mpsc::channel(self.deliveries.max_capacity());
+        let mut inner_ctx = SourceContext::new(tx, self.consumer.clone());
+        inner_ctx.stop = self.stop.clone();
+        inner_ctx.shutdown = self.shutdown.clone();
+        let inner_handed = inner_ctx.handed.clone();
+        let task = tokio::spawn(inner.run(inner_ctx));
+        loop {
+            let next = tokio::select! {
+                biased;
+                d = rx.recv() => d,
+                // Once the inner source has handed over, what it sent is all in `rx`.
+                _ = inner_handed.cancelled(), if !self.handed.is_cancelled() => match rx.try_recv() {
+                    Ok(d) => Some(d),
+                    Err(_) => {
+                        self.handed_over();
+                        continue;
+                    }
+                },
+            };
+            let Some(d) = next else { break };
+            if self.deliveries.send(map(d)).await.is_err() {
+                break;
+            }
+        }
+        drop(rx);
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(crate::error::Error::Broker {
+                broker,
+                reason: format!("source task failed: {e}"),
+                source: Some(Box::new(e)),
+            }),
+        }
+    }
 }
 
 /// A broker subscription that feeds a [`Consumer`](super::Consumer). Implemented for Kafka, NATS JetStream,
