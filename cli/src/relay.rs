@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use sea_orm::DatabaseConnection;
-use seaorm_outbox::publisher::StdoutPublisher;
+use seaorm_outbox::broker::{PublisherKind as BrokerKind, PublisherSpec};
 use seaorm_outbox::relay::wal::{LogRelay, LogRelayConfig, Transport};
 use seaorm_outbox::relay::{AnyRelay, OnPublish, Ordering, Relay, RelayConfig};
-use seaorm_outbox::wire::Router;
 use seaorm_outbox::{HealthThresholds, Publisher};
 use tokio_util::sync::CancellationToken;
 
@@ -129,94 +128,30 @@ pub(crate) struct RelayArgs {
     )),
     allow(dead_code)
 )]
-fn needs_url(args: &RelayArgs, what: &str) -> CliResult<String> {
-    args.broker_url.clone().ok_or_else(|| {
-        Failure::input(format!(
-            "--publisher {what} needs --broker-url (or OUTBOX_BROKER_URL)"
-        ))
-    })
-}
-
-#[cfg_attr(
-    all(
-        feature = "kafka",
-        feature = "nats",
-        feature = "rabbitmq",
-        feature = "redis"
-    ),
-    allow(dead_code)
-)]
-fn not_built(feature: &str) -> Failure {
-    Failure::input(format!(
-        "this binary was built without the `{feature}` feature"
-    ))
-}
-
-async fn publisher(args: &RelayArgs) -> CliResult<Box<dyn Publisher>> {
-    #[cfg_attr(
-        not(any(
-            feature = "kafka",
-            feature = "nats",
-            feature = "rabbitmq",
-            feature = "redis"
-        )),
-        allow(unused_variables)
-    )]
-    let router = match &args.destination {
-        Some(d) => Router::fixed(d.clone()),
-        None if args.route_prefix.is_empty() => Router::aggregate_type(),
-        None => Router::prefixed(args.route_prefix.clone()),
+async fn publisher(args: &RelayArgs) -> CliResult<Arc<dyn Publisher>> {
+    let kind = match args.publisher {
+        PublisherKind::Stdout => BrokerKind::Stdout,
+        PublisherKind::Kafka => BrokerKind::Kafka,
+        PublisherKind::Nats => BrokerKind::Nats,
+        PublisherKind::Rabbitmq => BrokerKind::Rabbitmq,
+        PublisherKind::Redis => BrokerKind::Redis,
     };
-    Ok(match args.publisher {
-        PublisherKind::Stdout => Box::new(StdoutPublisher::stdout()),
-        PublisherKind::Kafka => {
-            #[cfg(feature = "kafka")]
-            {
-                let url = needs_url(args, "kafka")?;
-                Box::new(seaorm_outbox::broker::kafka::KafkaPublisher::new(&url)?.router(router))
-            }
-            #[cfg(not(feature = "kafka"))]
-            return Err(not_built("kafka"));
-        }
-        PublisherKind::Nats => {
-            #[cfg(feature = "nats")]
-            {
-                let url = needs_url(args, "nats")?;
-                let p = seaorm_outbox::broker::nats::NatsPublisher::connect(&url)
-                    .await
-                    .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
-                Box::new(p.router(router))
-            }
-            #[cfg(not(feature = "nats"))]
-            return Err(not_built("nats"));
-        }
-        PublisherKind::Rabbitmq => {
-            #[cfg(feature = "rabbitmq")]
-            {
-                let url = needs_url(args, "rabbitmq")?;
-                let p = seaorm_outbox::broker::rabbitmq::RabbitMqPublisher::new(url.clone())
-                    .exchange(args.exchange.clone())
-                    .router(router)
-                    .connect()
-                    .await
-                    .map_err(|e| format!("cannot connect to RabbitMQ: {e}"))?;
-                Box::new(p)
-            }
-            #[cfg(not(feature = "rabbitmq"))]
-            return Err(not_built("rabbitmq"));
-        }
-        PublisherKind::Redis => {
-            #[cfg(feature = "redis")]
-            {
-                let url = needs_url(args, "redis")?;
-                let p = seaorm_outbox::broker::redis::RedisPublisher::connect(&url)
-                    .await
-                    .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-                Box::new(p.router(router))
-            }
-            #[cfg(not(feature = "redis"))]
-            return Err(not_built("redis"));
-        }
+    if kind != BrokerKind::Stdout && args.broker_url.is_none() {
+        return Err(Failure::input(format!(
+            "--publisher {} needs --broker-url (or OUTBOX_BROKER_URL)",
+            kind.name()
+        )));
+    }
+    let spec = PublisherSpec::default()
+        .kind(kind)
+        .url(args.broker_url.clone())
+        .destination(args.destination.clone())
+        .route_prefix(args.route_prefix.clone())
+        .exchange(args.exchange.clone());
+    spec.connect().await.map_err(|e| match e {
+        // A broker this binary was built without is the caller's input.
+        seaorm_outbox::Error::Config(m) => Failure::input(m),
+        other => Failure::from(other),
     })
 }
 

@@ -64,22 +64,9 @@ pub struct OutboxSettings {
     pub admin: Option<AdminSettings>,
 }
 
-/// `publisher:` in the settings.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum PublisherKind {
-    /// Print each event (development).
-    Stdout,
-    /// NATS JetStream (feature `nats`).
-    Nats,
-    /// Kafka (feature `kafka`).
-    Kafka,
-    /// RabbitMQ (feature `rabbitmq`).
-    Rabbitmq,
-    /// Redis Streams (feature `redis`).
-    Redis,
-}
+/// `publisher:` in the settings: the core's kinds (`stdout`, `nats`, `kafka`, `rabbitmq`,
+/// `redis`).
+pub use seaorm_outbox::broker::PublisherKind;
 
 /// `ordering:` in the settings.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

@@ -10,11 +10,17 @@
 //! | `rabbitmq/` | `rabbitmq` | lapin | [`rabbitmq::RabbitMqPublisher`] | [`rabbitmq::RabbitMqSource`] |
 //! | `redis/` | `redis` | redis | [`redis::RedisPublisher`] | [`redis::RedisSource`] |
 //!
+//! [`PublisherSpec`] connects whichever one a configuration names.
+//!
 //! Every publisher encodes through the shared wire format ([`crate::wire`]). Each folder uses
 //! the core's layers below it only, so it could become a crate of its own unchanged.
 //!
 //! [`Publisher`]: crate::Publisher
 //! [`Source`]: crate::inbox::Source
+
+mod spec;
+
+pub use self::spec::{PublisherKind, PublisherSpec};
 
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
