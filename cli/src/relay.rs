@@ -119,15 +119,6 @@ pub(crate) struct RelayArgs {
     health_max_broker_outage: String,
 }
 
-#[cfg_attr(
-    not(any(
-        feature = "kafka",
-        feature = "nats",
-        feature = "rabbitmq",
-        feature = "redis"
-    )),
-    allow(dead_code)
-)]
 async fn publisher(args: &RelayArgs) -> CliResult<Arc<dyn Publisher>> {
     let kind = match args.publisher {
         PublisherKind::Stdout => BrokerKind::Stdout,
