@@ -91,8 +91,11 @@ async fn stats_events_and_history_report_the_outbox(t: &TestDb) {
     let since = (chrono::Utc::now() - chrono::Duration::minutes(30)
         + chrono::Duration::seconds(90))
     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let until = (chrono::Utc::now() - chrono::Duration::minutes(30) + chrono::Duration::minutes(6))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // Bounds between the seeded minutes, not on one: the seed ran a moment before this
+    // `now()` (seconds on a loaded machine), and `until` is cut to whole seconds.
+    let until = (chrono::Utc::now() - chrono::Duration::minutes(30)
+        + chrono::Duration::seconds(330))
+    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let (status, v) = Call::get(&format!(
         "/api/events?since={since}&until={until}&order=oldest"
     ))
@@ -100,7 +103,7 @@ async fn stats_events_and_history_report_the_outbox(t: &TestDb) {
     .send(&r)
     .await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    // Minutes 2 (pending p-2) and 5 (published s-0) fall in [1.5 min, 6 min).
+    // Minutes 2 (pending p-2) and 5 (published s-0) fall in [1.5 min, 5.5 min).
     assert_eq!(
         ids(&v, "events"),
         vec![s.pending[2].to_string(), s.published[0].to_string()]
