@@ -126,6 +126,9 @@ pub struct RelayHeartbeat {
     pub unavailable_since: Option<DateTime<Utc>>,
     /// What its publisher said last while unavailable.
     pub last_error: Option<String>,
+    /// How many of the 256 hash partitions it owns (per-aggregate order on owned partitions;
+    /// 0 for a relay claiming under leases, or one that holds none yet).
+    pub partitions: u64,
 }
 
 impl From<store::Heartbeat> for RelayHeartbeat {
@@ -138,6 +141,7 @@ impl From<store::Heartbeat> for RelayHeartbeat {
             breaker: BreakerState::parse(&h.breaker),
             unavailable_since: h.unavailable_since,
             last_error: h.last_error,
+            partitions: 0,
         }
     }
 }

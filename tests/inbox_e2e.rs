@@ -325,15 +325,6 @@ async fn write_events(t: &TestDb) -> Vec<Uuid> {
     ids
 }
 
-async fn scalar(t: &TestDb, sql: &str) -> i64 {
-    let row =
-        t.db.query_one_raw(Statement::from_string(t.db.get_database_backend(), sql))
-            .await
-            .expect("query")
-            .expect("row");
-    row.try_get_by_index(0).expect("value")
-}
-
 async fn end_to_end(broker: Broker) {
     let t = TestDb::new(Backend::Postgres).await;
     let all = write_events(&t).await;
@@ -364,7 +355,7 @@ async fn end_to_end(broker: Broker) {
             Instant::now() < limit,
             "{}: not done in time: {} of {EVENTS} applied, {} pending; children said: {}",
             broker.name(),
-            scalar(&t, "SELECT COUNT(*) FROM effects").await,
+            t.scalar("SELECT COUNT(*) FROM effects").await,
             support::pending(&t.db).await,
             std::fs::read_to_string(format!("{}.stderr", log.display())).unwrap_or_default()
         );
@@ -388,7 +379,7 @@ async fn end_to_end(broker: Broker) {
             }
             consumer = child("e2e_consumer_child", &e);
         }
-        let distinct = scalar(&t, "SELECT COUNT(DISTINCT message_id) FROM effects").await;
+        let distinct = t.scalar("SELECT COUNT(DISTINCT message_id) FROM effects").await;
         if distinct as usize >= EVENTS && consumer_runs == crash_points.len() {
             break;
         }
@@ -436,7 +427,7 @@ async fn end_to_end(broker: Broker) {
         broker.name()
     );
     assert_eq!(
-        scalar(&t, "SELECT COUNT(*) FROM inbox_dead_letters").await,
+        t.scalar("SELECT COUNT(*) FROM inbox_dead_letters").await,
         0,
         "{}: nothing dead-lettered",
         broker.name()
@@ -568,9 +559,9 @@ async fn two_instances_given_the_same_messages_in_parallel_apply_each_once() {
     assert_eq!(sa.applied + sb.applied, n, "{sa:?} {sb:?}");
     assert_eq!(sa.duplicates + sb.duplicates, n, "{sa:?} {sb:?}");
     eprintln!("parallel copies: instance a {sa:?}, instance b {sb:?}");
-    assert_eq!(scalar(&t, "SELECT COUNT(*) FROM effects").await, n as i64);
+    assert_eq!(t.scalar("SELECT COUNT(*) FROM effects").await, n as i64);
     assert_eq!(
-        scalar(&t, "SELECT COUNT(DISTINCT message_id) FROM effects").await,
+        t.scalar("SELECT COUNT(DISTINCT message_id) FROM effects").await,
         n as i64
     );
     js.delete_stream(&stream).await.expect("delete stream");

@@ -315,6 +315,12 @@ async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
         relay_row.contains("nats") && relay_row.contains("connection refused"),
         "{relay_row}"
     );
+    // The only relay owns every partition (the database says so too).
+    assert!(relay_row.contains("256 / 256"), "{relay_row}");
+    let owned = t
+        .scalar("SELECT COUNT(*) FROM outbox_partitions WHERE owner LIKE 'orders-relay:%'")
+        .await;
+    assert_eq!(owned, 256);
     let reasons = text(&c, "#reasons").await;
     assert!(reasons.contains("3 dead letters"), "{reasons}");
     assert!(reasons.contains("relay orders-relay"), "{reasons}");

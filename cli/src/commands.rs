@@ -114,7 +114,11 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
         Some(relays) => {
             println!("relays (last 1m)   {:>10}", relays.len());
             for r in relays {
-                println!("  {}  {}  {}", r.name, r.publisher, breaker(&r, s.at));
+                let owns = match r.partitions {
+                    0 => String::new(),
+                    n => format!("  owns {n}/256 partitions"),
+                };
+                println!("  {}  {}  {}{owns}", r.name, r.publisher, breaker(&r, s.at));
             }
         }
     }

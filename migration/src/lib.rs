@@ -38,6 +38,7 @@ mod m20261202_000008_inbox;
 mod m20261202_000009_published_tally;
 mod m20261202_000010_log_dead_letters;
 mod m20261202_000011_backlog_samples;
+mod m20261203_000012_partitions;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -50,6 +51,7 @@ pub use m20261202_000008_inbox::Migration as Inbox;
 pub use m20261202_000009_published_tally::Migration as PublishedTally;
 pub use m20261202_000010_log_dead_letters::Migration as LogDeadLetters;
 pub use m20261202_000011_backlog_samples::Migration as BacklogSamples;
+pub use m20261203_000012_partitions::Migration as Partitions;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -82,6 +84,7 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(PublishedTally),
         Box::new(LogDeadLetters),
         Box::new(BacklogSamples),
+        Box::new(Partitions),
     ]
 }
 

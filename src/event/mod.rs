@@ -14,6 +14,9 @@ use crate::error::InvalidEvent;
 
 #[cfg(feature = "postgres")]
 mod envelope;
+mod partition;
+
+pub use partition::{PARTITIONS, partition_of};
 
 /// Free-form string headers: correlation id, causation id, W3C trace context, …
 pub type Headers = BTreeMap<String, String>;

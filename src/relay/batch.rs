@@ -28,7 +28,10 @@ pub(super) struct Cycle {
 
 /// A batch that was claimed and offered to the publisher, awaiting its write-back.
 pub(super) struct Offered {
+    /// The lease token, or under owned partitions the owner token.
     token: String,
+    /// Owned partitions: the highest epoch held at the claim (the write-back's fence).
+    epoch: Option<i64>,
     lease_end: DateTime<Utc>,
     started: Instant,
     events: Vec<OutboxEvent>,
@@ -54,10 +57,48 @@ pub(super) struct Round {
     pub(super) paused_until: Option<tokio::time::Instant>,
 }
 
+/// What a claim got, either way.
+struct Claimed {
+    token: String,
+    epoch: Option<i64>,
+    lease_end: DateTime<Utc>,
+    /// Where its scan started (a cursor), if not at the oldest due row.
+    from: Option<store::DueKey>,
+    rows: Vec<store::ClaimedRow>,
+    walked: bool,
+}
+
+impl Round {
+    /// Nothing claimed of `limit`.
+    fn empty(limit: u32) -> Self {
+        Self {
+            limit,
+            claimed: 0,
+            partial: false,
+            claim_cost: Duration::ZERO,
+            walked: false,
+            next_retry: None,
+            offered: None,
+            paused_until: None,
+        }
+    }
+}
+
+impl Offered {
+    /// The batch's last key in due order: a claim made while it is written back starts after
+    /// it (owned partitions take no lease, so nothing else keeps the claim off its rows).
+    pub(super) fn last_key(&self) -> Option<store::DueKey> {
+        self.events
+            .iter()
+            .map(|e| (e.next_attempt_at, e.id))
+            .max()
+    }
+}
+
 impl<P: Publisher> Relay<P> {
     /// One claim → publish → write-back round.
     pub(super) async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
-        let round = self.claim_and_publish(cancel, false).await?;
+        let round = self.claim_and_publish(cancel, false, None).await?;
         Ok(Cycle {
             stats: self.finish(round.offered).await,
             claimed: round.claimed,
@@ -66,18 +107,16 @@ impl<P: Publisher> Relay<P> {
     }
 
     /// Claims a batch and offers it to the publisher; the write-back is left to [`Self::finish`],
-    /// so [`Self::run`] can overlap it with the next claim.
+    /// so [`Self::run`] can overlap it with the next claim, whose scan then starts after
+    /// `in_flight`, the batch still being written back.
     pub(super) async fn claim_and_publish(
         &self,
         cancel: &CancellationToken,
         opportunistic: bool,
+        in_flight: Option<store::DueKey>,
     ) -> Result<Round> {
         let started = Instant::now();
-        let token = format!("{}:{}", self.name, Uuid::now_v7().simple());
         let claimed_at = now();
-        let lease_end = claimed_at
-            + chrono::Duration::from_std(self.config.lease_duration)
-                .unwrap_or(chrono::Duration::MAX);
         // A relay waiting out an outage is still alive: it counts as polling.
         self.last_poll
             .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
@@ -88,21 +127,178 @@ impl<P: Publisher> Relay<P> {
         ) {
             Permit::Claim(limit) => limit,
             Permit::Wait(until) => {
-                return Ok(Round {
-                    limit: 0,
-                    claimed: 0,
-                    partial: false,
-                    claim_cost: Duration::ZERO,
-                    walked: false,
-                    next_retry: None,
-                    offered: None,
-                    paused_until: Some(until),
-                });
+                let mut round = Round::empty(0);
+                round.paused_until = Some(until);
+                return Ok(round);
             }
         };
         // The run this batch is claimed with is what its outcome adjusts: a pipelined claim
         // may have moved `self.share` meanwhile.
         let share = self.share.load(AtomicOrdering::Relaxed);
+        let owned = self.config.owns_partitions();
+        let claim = if owned {
+            match self.claim_owned(claimed_at, started, limit, in_flight).await? {
+                Some(c) => c,
+                None => return Ok(Round::empty(limit)),
+            }
+        } else {
+            self.claim_leased(claimed_at, started, limit, opportunistic, share)
+                .await?
+        };
+        let claim_cost = started.elapsed();
+        let claimed = claim.rows.len();
+        let mut corrupt = Vec::new();
+        let mut events = Vec::with_capacity(claimed);
+        for row in claim.rows {
+            match row {
+                Ok(e) => events.push(e),
+                // A row this library cannot read would fail forever: dead-letter it now.
+                Err((Some(id), reason)) => corrupt.push((
+                    id,
+                    Fate::Dead {
+                        error: Error::CorruptRow {
+                            id,
+                            reason,
+                            source: None,
+                        }
+                        .to_string(),
+                    },
+                )),
+                // Without its id there is nothing to write back; its lease runs out.
+                Err((None, reason)) => {
+                    tracing::error!(relay = %self.name, %reason, "outbox row without a readable id")
+                }
+            }
+        }
+        // Owned partitions scan on like an unordered claim: everything before the batch's last
+        // key was taken, held back or not due.
+        let cursor_order = if owned {
+            Ordering::Unordered
+        } else {
+            self.config.ordering
+        };
+        self.cursor()
+            .claimed(started, claim.from, cursor_order, &events, limit as usize);
+        let mut round = Round {
+            limit,
+            claimed,
+            partial: claim.from.is_some(),
+            claim_cost,
+            walked: claim.walked,
+            next_retry: None,
+            offered: None,
+            paused_until: None,
+        };
+        if claimed == 0 {
+            return Ok(round);
+        }
+        let publish_span =
+            tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
+        let (events, fates) = match self.config.ordering {
+            Ordering::Unordered => {
+                let fates = self
+                    .deliver_all(&mut events, cancel)
+                    .instrument(publish_span)
+                    .await;
+                (events, fates)
+            }
+            Ordering::PerAggregate if owned => {
+                self.deliver_owned(events, share, cancel)
+                    .instrument(publish_span)
+                    .await
+            }
+            Ordering::PerAggregate => {
+                let fates = self
+                    .deliver_in_order(&mut events, share, cancel)
+                    .instrument(publish_span)
+                    .await;
+                (events, fates)
+            }
+        };
+        round.next_retry = fates
+            .iter()
+            .filter_map(|f| match f {
+                Fate::Retry { at, .. } => Some(*at),
+                _ => None,
+            })
+            .min();
+        let by_id: Vec<(Uuid, Fate)> = events
+            .iter()
+            .map(|e| e.id)
+            .zip(fates.iter().cloned())
+            .chain(corrupt)
+            .collect();
+        round.offered = Some(Offered {
+            token: claim.token,
+            epoch: claim.epoch,
+            lease_end: claim.lease_end,
+            started,
+            events,
+            fates,
+            by_id,
+        });
+        Ok(round)
+    }
+
+    /// Owned partitions: reads this relay's due events; `None` when it holds nothing it may
+    /// read now.
+    async fn claim_owned(
+        &self,
+        claimed_at: DateTime<Utc>,
+        started: Instant,
+        limit: u32,
+        in_flight: Option<store::DueKey>,
+    ) -> Result<Option<Claimed>> {
+        let (snapshot, token) = {
+            let o = lock(&self.ownership);
+            (o.snapshot(tokio::time::Instant::now()), o.token.clone())
+        };
+        let Some(snapshot) = snapshot else {
+            return Ok(None);
+        };
+        // Where PostgreSQL's dead index entries make a cursor worth it, or, whatever the
+        // backend, after the batch in flight (no lease keeps this claim off its rows).
+        let from = in_flight.or_else(|| match self.db.get_database_backend() {
+            sea_orm::DbBackend::Postgres => self.cursor().start(started),
+            _ => None,
+        });
+        let rows = store::partitions::claim(
+            &self.db,
+            &store::partitions::OwnedClaim {
+                owner: &token,
+                now: claimed_at,
+                limit,
+                partitions: snapshot.partitions.as_deref(),
+                after: from,
+            },
+        )
+        .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
+        .await?;
+        let lease = chrono::Duration::from_std(self.config.partition_lease)
+            .unwrap_or(chrono::Duration::MAX);
+        Ok(Some(Claimed {
+            token,
+            epoch: Some(snapshot.epoch),
+            lease_end: claimed_at + lease,
+            from,
+            rows,
+            walked: false,
+        }))
+    }
+
+    /// Leases: claims due events under a new lease token.
+    async fn claim_leased(
+        &self,
+        claimed_at: DateTime<Utc>,
+        started: Instant,
+        limit: u32,
+        opportunistic: bool,
+        share: u32,
+    ) -> Result<Claimed> {
+        let token = format!("{}:{}", self.name, Uuid::now_v7().simple());
+        let lease_end = claimed_at
+            + chrono::Duration::from_std(self.config.lease_duration)
+                .unwrap_or(chrono::Duration::MAX);
         // Only PostgreSQL leaves published rows' entries in the due index (MySQL purges them,
         // SQLite deletes them at once), so elsewhere every claim is a full scan.
         let from = match self.db.get_database_backend() {
@@ -125,82 +321,40 @@ impl<P: Publisher> Relay<P> {
         )
         .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
         .await?;
-        let claim_cost = started.elapsed();
-        let claimed = rows.len();
-        let mut corrupt = Vec::new();
-        let mut events = Vec::with_capacity(claimed);
-        for row in rows {
-            match row {
-                Ok(e) => events.push(e),
-                // A row this library cannot read would fail forever: dead-letter it now.
-                Err((Some(id), reason)) => corrupt.push((
-                    id,
-                    Fate::Dead {
-                        error: Error::CorruptRow {
-                            id,
-                            reason,
-                            source: None,
-                        }
-                        .to_string(),
-                    },
-                )),
-                // Without its id there is nothing to write back; its lease runs out.
-                Err((None, reason)) => {
-                    tracing::error!(relay = %self.name, %reason, "outbox row without a readable id")
-                }
-            }
-        }
-        self.cursor()
-            .claimed(started, from, self.config.ordering, &events, limit as usize);
-        let mut round = Round {
-            limit,
-            claimed,
-            partial: from.is_some(),
-            claim_cost,
-            walked,
-            next_retry: None,
-            offered: None,
-            paused_until: None,
-        };
-        if claimed == 0 {
-            return Ok(round);
-        }
-        let publish_span =
-            tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
-        let fates = match self.config.ordering {
-            Ordering::Unordered => {
-                self.deliver_all(&mut events, cancel)
-                    .instrument(publish_span)
-                    .await
-            }
-            Ordering::PerAggregate => {
-                self.deliver_in_order(&mut events, share, cancel)
-                    .instrument(publish_span)
-                    .await
-            }
-        };
-        round.next_retry = fates
-            .iter()
-            .filter_map(|f| match f {
-                Fate::Retry { at, .. } => Some(*at),
-                _ => None,
-            })
-            .min();
-        let by_id: Vec<(Uuid, Fate)> = events
-            .iter()
-            .map(|e| e.id)
-            .zip(fates.iter().cloned())
-            .chain(corrupt)
-            .collect();
-        round.offered = Some(Offered {
+        Ok(Claimed {
             token,
+            epoch: None,
             lease_end,
-            started,
-            events,
-            fates,
-            by_id,
-        });
-        Ok(round)
+            from,
+            rows,
+            walked,
+        })
+    }
+
+    /// Owned partitions: holds back the events of aggregates waiting on an earlier one, delivers
+    /// the rest in per-aggregate waves, and learns from the fates which aggregates now wait.
+    async fn deliver_owned(
+        &self,
+        events: Vec<OutboxEvent>,
+        share: u32,
+        cancel: &CancellationToken,
+    ) -> (Vec<OutboxEvent>, Vec<Fate>) {
+        let recheck = chrono::Duration::from_std(self.config.partition_lease)
+            .unwrap_or(chrono::Duration::MAX);
+        let (mut go, held) = lock(&self.holds).split(events, now(), recheck);
+        let mut fates = if go.is_empty() {
+            Vec::new()
+        } else {
+            self.deliver_in_order(&mut go, share, cancel).await
+        };
+        for (e, fate) in held {
+            go.push(e);
+            fates.push(fate);
+        }
+        // Held events count too: written back behind their blocker, they hold what follows.
+        let hold_dead = self.config.dead_letter_policy == DeadLetterPolicy::Hold;
+        lock(&self.holds).record(&go, &fates, hold_dead);
+        (go, fates)
     }
 
     /// Writes an offered batch's fates back and accounts for them; nothing without a batch.
@@ -213,7 +367,7 @@ impl<P: Publisher> Relay<P> {
             ..RelayStats::default()
         };
         let written = self
-            .write_back(&o.token, &o.by_id, o.lease_end)
+            .write_back(&o.token, o.epoch, &o.by_id, o.lease_end)
             .instrument(
                 tracing::debug_span!("outbox.write_back", relay = %self.name, events = o.by_id.len()),
             )
@@ -244,12 +398,21 @@ impl<P: Publisher> Relay<P> {
     async fn write_back(
         &self,
         token: &str,
+        epoch: Option<i64>,
         fates: &[(Uuid, Fate)],
         lease_end: DateTime<Utc>,
     ) -> Option<store::WriteBack> {
         let mut delay = Duration::from_millis(50);
+        let on_publish = self.config.on_publish;
         loop {
-            match store::write_back(&self.db, token, now(), fates, self.config.on_publish).await {
+            let written = match epoch {
+                Some(epoch) => {
+                    store::partitions::write_back(&self.db, token, epoch, now(), fates, on_publish)
+                        .await
+                }
+                None => store::write_back(&self.db, token, now(), fates, on_publish).await,
+            };
+            match written {
                 Ok(w) => return Some(w),
                 Err(e) => {
                     let retry_at = now() + chrono::Duration::from_std(delay).unwrap_or_default();

@@ -24,6 +24,24 @@ pub enum Ordering {
     Unordered,
 }
 
+/// How relays under per-aggregate order divide the events between them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claiming {
+    /// Relays divide the 256 hash partitions of `(aggregate_type, aggregate_id)` among
+    /// themselves ([`partition_of`](crate::event::partition_of)); each reads only its own, so it
+    /// delivers every aggregate in order with a plain read of due rows, no per-row proof and no
+    /// lease written at claim time. Ownership is renewed, rebalanced as relays come and go, and
+    /// fenced: a write-back after the partition changed hands changes nothing. See the relay's
+    /// module docs for what a pause longer than the lease can still cause.
+    #[default]
+    OwnedPartitions,
+    /// Every relay claims from the whole table under a lease, proving per claimed event that it
+    /// is its aggregate's head (the design before 0.2): any relay can take any event, at the
+    /// cost of an index probe per event. Unordered relays always claim this way.
+    Leases,
+}
+
 /// What happens to an aggregate's later events once one of its events is dead-lettered
 /// (only with [`Ordering::PerAggregate`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -122,6 +140,13 @@ pub struct RelayConfig {
     pub breaker: BreakerConfig,
     /// Per-aggregate order (default) or none.
     pub ordering: Ordering,
+    /// Under per-aggregate order: owned partitions (default) or leases. Every relay on one
+    /// table must claim the same way.
+    pub claiming: Claiming,
+    /// Owned partitions: how long a relay's hold on its partitions lasts without renewal,
+    /// which is how long a dead relay's partitions wait before others take them over. Renewed
+    /// every tenth of it; must exceed `publish_timeout` by half again. Default 20 s.
+    pub partition_lease: Duration,
     /// What follows a dead letter under per-aggregate order. Default continue.
     pub dead_letter_policy: DeadLetterPolicy,
     /// Per-aggregate order on PostgreSQL: how many consecutive events of one aggregate a batch
@@ -173,6 +198,8 @@ impl Default for RelayConfig {
             backoff: Backoff::default(),
             breaker: BreakerConfig::default(),
             ordering: Ordering::default(),
+            claiming: Claiming::default(),
+            partition_lease: Duration::from_secs(20),
             dead_letter_policy: DeadLetterPolicy::default(),
             events_per_aggregate: 8,
             on_publish: OnPublish::default(),
@@ -206,6 +233,10 @@ impl RelayConfig {
         breaker: BreakerConfig,
         /// Sets [`ordering`](Self::ordering).
         ordering: Ordering,
+        /// Sets [`claiming`](Self::claiming).
+        claiming: Claiming,
+        /// Sets [`partition_lease`](Self::partition_lease).
+        partition_lease: Duration,
         /// Sets [`dead_letter_policy`](Self::dead_letter_policy).
         dead_letter_policy: DeadLetterPolicy,
         /// Sets [`events_per_aggregate`](Self::events_per_aggregate).
@@ -235,6 +266,19 @@ impl RelayConfig {
         self
     }
 
+    /// Whether this relay claims through owned partitions.
+    pub(crate) fn owns_partitions(&self) -> bool {
+        self.ordering == Ordering::PerAggregate && self.claiming == Claiming::OwnedPartitions
+    }
+
+    /// Owned partitions: how long after a renewal is sent the relay may still start a publish
+    /// (see [`ownership`](super::ownership)).
+    pub(crate) fn usable_partition_lease(&self) -> Duration {
+        self.partition_lease
+            .saturating_sub(self.partition_lease / 5)
+            .saturating_sub(self.publish_timeout)
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
         if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
@@ -257,6 +301,13 @@ impl RelayConfig {
                 "lease_duration ({:?}) must exceed publish_timeout ({:?}), or a slow publish \
                  would let a second relay claim the same events",
                 self.lease_duration, self.publish_timeout
+            ));
+        }
+        if self.owns_partitions() && self.partition_lease.mul_f64(0.7) <= self.publish_timeout {
+            return fail(format!(
+                "partition_lease ({:?}) must exceed publish_timeout ({:?}) by half again: a \
+                 publish must end before the lease it started under",
+                self.partition_lease, self.publish_timeout
             ));
         }
         if self.backoff.base > self.backoff.cap {

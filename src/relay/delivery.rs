@@ -138,12 +138,19 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
-    /// One publisher call, bounded by `publish_timeout` ([`call_publisher`]).
+    /// One publisher call, bounded by `publish_timeout` ([`call_publisher`]); `None`, with
+    /// nothing sent, once this relay may no longer publish these events (owned partitions
+    /// lapsed or taken over).
     async fn publish(
         &self,
         events: &[OutboxEvent],
         cancel: &CancellationToken,
     ) -> Option<Vec<PublishOutcome>> {
+        if !self.may_publish(events) {
+            tracing::warn!(relay = %self.name, events = events.len(),
+                "outbox partitions no longer held; events handed back unsent");
+            return None;
+        }
         call_publisher(
             &self.publisher,
             events,

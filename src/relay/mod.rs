@@ -29,6 +29,7 @@ mod breaker;
 mod config;
 mod cursor;
 mod delivery;
+mod holds;
 #[cfg(feature = "postgres")]
 pub mod wal;
 
@@ -43,6 +44,8 @@ pub mod log {
     #[doc(hidden)]
     pub use super::wal::*;
 }
+mod ownership;
+mod rebalance;
 mod run;
 mod wake;
 
@@ -57,7 +60,7 @@ pub use any::{AnyRelay, RelayTotals};
 pub use breaker::BreakerState;
 pub use breaker::BreakerStatus;
 pub use config::{
-    Backoff, BreakerConfig, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish, Ordering,
+    Backoff, BreakerConfig, Claiming, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish, Ordering,
     RelayConfig,
 };
 pub use wake::NOTIFY_CHANNEL;
@@ -124,12 +127,16 @@ impl<P: Publisher> RelayBuilder<P> {
         let name = self.config.name.clone().unwrap_or_else(|| {
             format!("relay-{}-{:04x}", std::process::id(), rand::random::<u16>())
         });
+        // Leave room for `:` and a 32-character batch or run id within 64-character tokens.
+        let name: String = name.chars().take(31).collect();
+        let owner = ownership::Ownership::new(&name);
         Ok(Relay {
             db: self.db,
             publisher: self.publisher,
-            // Leave room for `:` and a 32-character batch id within the 64-character token.
-            name: name.chars().take(31).collect(),
+            name,
             share: AtomicU32::new(self.config.events_per_aggregate),
+            ownership: std::sync::Mutex::new(owner),
+            holds: std::sync::Mutex::default(),
             cursor: std::sync::Mutex::default(),
             breaker: std::sync::Mutex::default(),
             config: self.config,
@@ -177,6 +184,10 @@ pub struct Relay<P> {
     cursor: std::sync::Mutex<cursor::Cursor>,
     /// Whether the publisher answers ([`breaker`]).
     breaker: std::sync::Mutex<breaker::Breaker>,
+    /// Owned partitions: what this relay holds ([`ownership`]).
+    ownership: std::sync::Mutex<ownership::Ownership>,
+    /// Owned partitions: the aggregates held back ([`holds`]).
+    holds: std::sync::Mutex<holds::Holds>,
 }
 
 impl<P: Publisher> Relay<P> {

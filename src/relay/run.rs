@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Round;
-use super::{Relay, RelayStats, wake};
+use super::{Relay, RelayStats, lock, wake};
 use crate::error::Result;
 use crate::event::now;
 use crate::publisher::Publisher;
@@ -17,7 +17,7 @@ use crate::repository::Outbox;
 use crate::{store, telemetry};
 
 /// The state of a relay's heartbeat.
-struct Beat {
+pub(super) struct Beat {
     started_at: chrono::DateTime<chrono::Utc>,
     next: Instant,
     /// The breaker state at the last write; `None` before the first.
@@ -36,6 +36,17 @@ struct Next {
     throttle_until: Option<Instant>,
 }
 
+impl Beat {
+    fn new() -> Self {
+        Self {
+            started_at: now(),
+            next: Instant::now(),
+            state: None,
+            wrote: false,
+        }
+    }
+}
+
 impl<P: Publisher> Relay<P> {
     /// Runs until `cancel` is cancelled, then finishes (within
     /// [`shutdown_grace`](super::RelayConfig::shutdown_grace)) or releases its in-flight batch
@@ -51,17 +62,54 @@ impl<P: Publisher> Relay<P> {
         } else {
             None
         };
+        let owned = self.config.owns_partitions();
+        // Owned partitions: the heartbeat and the ownership rounds run beside the loop, never
+        // starved by a slow publish; the loop only reads what they decided.
+        let side_stop = CancellationToken::new();
+        let mut side_beat = Beat::new();
+        if owned {
+            self.first_round(&mut side_beat).await;
+        }
+        let side = async {
+            if owned {
+                self.keep_partitions(&side_stop, &mut side_beat).await;
+            }
+        };
+        let mut beat = Beat::new();
+        let main = async {
+            let stats = self.poll_loop(&cancel, &wake, &mut beat, owned).await;
+            side_stop.cancel();
+            stats
+        };
+        let (stats, ()) = tokio::join!(main, side);
+        if owned {
+            self.release_all().await;
+        }
+        if (beat.wrote || side_beat.wrote)
+            && let Err(e) = store::forget(&self.db, &self.name).await
+        {
+            tracing::debug!(relay = %self.name, error = %e, "outbox relay row not removed");
+        }
+        listener_stop.cancel();
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
+        stats
+    }
+
+    /// The claim loop of [`Self::run`], until `cancel`; its batch in flight written back.
+    async fn poll_loop(
+        &self,
+        cancel: &CancellationToken,
+        wake: &Notify,
+        beat: &mut Beat,
+        owned: bool,
+    ) -> RelayStats {
         let mut stats = RelayStats::default();
         let mut db_backoff = Duration::ZERO;
         let mut next_purge = Instant::now();
         let mut next_gauges = Instant::now();
-        let mut beat = Beat {
-            started_at: now(),
-            next: Instant::now(),
-            state: None,
-            wrote: false,
-        };
-        let mut offered = None;
+        let mut offered: Option<super::batch::Offered> = None;
 
         while !cancel.is_cancelled() {
             if let Some(every) = self.config.metrics_interval
@@ -70,7 +118,15 @@ impl<P: Publisher> Relay<P> {
                 self.refresh_gauges().await;
                 next_gauges = Instant::now() + every;
             }
-            self.heartbeat(&mut beat).await;
+            if owned {
+                if !lock(&self.ownership).releasing().is_empty() {
+                    // Released partitions must have nothing of ours in flight.
+                    stats += self.finish(offered.take()).await;
+                    self.release_surplus().await;
+                }
+            } else {
+                self.heartbeat(beat, self.config.heartbeat_interval).await;
+            }
             if self.config.retention.is_some() && Instant::now() >= next_purge {
                 stats.purged += self.purge().await;
                 next_purge = Instant::now() + self.config.purge_interval;
@@ -81,9 +137,10 @@ impl<P: Publisher> Relay<P> {
             // until the write-back commits).
             let previous = offered.take();
             let overlapped = previous.is_some();
+            let in_flight = previous.as_ref().and_then(super::batch::Offered::last_key);
             let (written, round) = tokio::join!(
                 self.finish(previous),
-                self.claim_and_publish(&cancel, overlapped)
+                self.claim_and_publish(cancel, overlapped, in_flight)
             );
             stats += written;
             let next = match round {
@@ -123,15 +180,6 @@ impl<P: Publisher> Relay<P> {
             }
         }
         stats += self.finish(offered.take()).await;
-        if beat.wrote
-            && let Err(e) = store::forget(&self.db, &self.name).await
-        {
-            tracing::debug!(relay = %self.name, error = %e, "outbox relay row not removed");
-        }
-        listener_stop.cancel();
-        if let Some(listener) = listener {
-            let _ = listener.await;
-        }
         stats
     }
 
@@ -191,9 +239,22 @@ impl<P: Publisher> Relay<P> {
     /// [`Error::PublisherUnavailable`](crate::Error::PublisherUnavailable) while the broker is down (the batch is handed back with
     /// no attempt spent); database errors.
     pub async fn drain(&self) -> Result<RelayStats> {
+        let result = self.drain_owned().await;
+        if self.config.owns_partitions() {
+            self.release_all().await;
+        }
+        result
+    }
+
+    async fn drain_owned(&self) -> Result<RelayStats> {
         let never = CancellationToken::new();
         let mut stats = RelayStats::default();
+        let owned = self.config.owns_partitions();
+        let margin = self.config.usable_partition_lease() / 2;
         loop {
+            if owned && lock(&self.ownership).ends_within(Instant::now(), margin) {
+                self.ownership_round(true).await;
+            }
             let cycle = self.cycle(&never).await?;
             stats += cycle.stats;
             let breaker = self.breaker();
@@ -210,8 +271,8 @@ impl<P: Publisher> Relay<P> {
     }
 
     /// Refreshes this relay's `outbox_relays` row when it is due or the breaker has changed.
-    async fn heartbeat(&self, beat: &mut Beat) {
-        let Some(every) = self.config.heartbeat_interval else {
+    pub(super) async fn heartbeat(&self, beat: &mut Beat, every: Option<Duration>) {
+        let Some(every) = every else {
             return;
         };
         let breaker = self.breaker();

@@ -17,6 +17,7 @@
 //! | [`logical`] | message mode's write; the log relay's slot, publication, peek, advance |
 //! | [`log_dead_letters`] | the log relay's dead letters |
 //! | [`pgoutput`] | decoding the records a logical slot returns |
+//! | [`partitions`] | owned partitions: `outbox_partitions`, the owner's claim and write-back |
 //! | [`postgres`] | batch lease rows, the claim cursor's scan, the sqlx row decoder |
 //! | [`mysql`] | `FOR UPDATE SKIP LOCKED` row leases, `DELETE … LIMIT` |
 //! | [`sqlite`] | one `UPDATE … RETURNING` claim, timestamps stored as text |
@@ -34,6 +35,7 @@ pub(crate) mod log_dead_letters;
 #[cfg(feature = "postgres")]
 pub(crate) mod logical;
 mod mysql;
+pub(crate) mod partitions;
 #[cfg(feature = "postgres")]
 mod pgoutput;
 mod portable;
@@ -52,6 +54,7 @@ use crate::error::{Error, Result};
 pub use browse::{EventQuery, MinuteStats};
 pub(crate) use browse::{events, history, record_sample};
 pub(crate) use claim::{Claim, Claimed, DueKey};
+pub(crate) use rows::ClaimedRow;
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
 pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 #[cfg(feature = "postgres")]
@@ -255,7 +258,10 @@ pub(crate) async fn write_back(
 ) -> Result<WriteBack> {
     match db.get_database_backend() {
         DbBackend::Postgres => postgres::write_back(db, token, now, fates, on_publish).await,
-        _ => write_back::with_row_leases(db, token, now, fates, on_publish).await,
+        _ => {
+            let guard = write_back::Guard::RowLease(token);
+            write_back::guarded(db, guard, now, fates, on_publish).await
+        }
     }
 }
 

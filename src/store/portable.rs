@@ -14,10 +14,11 @@ use uuid::Uuid;
 use super::sql::{for_backend, placeholders};
 use super::{INSERT_CHUNK, Requeue};
 use crate::error::Result;
-use crate::event::{OutboxEvent, ValidEvent};
+use crate::event::{OutboxEvent, ValidEvent, partition_of};
 
-/// Bound values per inserted event.
-const INSERT_PARAMS: usize = 9;
+/// Bound values per inserted event, where the library computes the partition (PostgreSQL,
+/// SQLite); MySQL's generated column computes its own, one fewer.
+const INSERT_PARAMS: usize = 10;
 
 /// Deletes up to `?` published rows older than `?`, oldest first (MySQL has its own).
 pub(super) const PURGE_PUBLISHED: &str = "DELETE FROM outbox_events WHERE id IN (SELECT id \
@@ -55,6 +56,10 @@ pub(crate) async fn insert(
         let n = chunk.len();
         let mut values = Vec::with_capacity(n * INSERT_PARAMS);
         for e in chunk {
+            if backend != DbBackend::MySql {
+                let p = super::partitions::column_value(partition_of(&e.aggregate_type, &e.aggregate_id));
+                values.push(p.into());
+            }
             values.extend([
                 e.id.into(),
                 e.event_type.into(),
@@ -64,7 +69,10 @@ pub(crate) async fn insert(
                 sea_orm::Value::Json(Some(Box::new(e.headers))),
                 e.occurred_at.into(),
                 created_at.into(),
-                created_at.into(),
+                // Due at its place in its aggregate's order (`occurred_at`), or now if that is
+                // later: owned partitions read due rows in this order, so an aggregate's events
+                // written together or back-dated still come out in `occurred_at` order.
+                e.occurred_at.min(created_at).into(),
             ]);
         }
         let sql = insert_sql(backend, n);
@@ -83,10 +91,15 @@ fn insert_sql(backend: DbBackend, rows: usize) -> std::borrow::Cow<'static, str>
     use std::sync::OnceLock;
     static ONE: [OnceLock<String>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let build = |rows: usize| {
-        let row = format!("({}, 'pending', 0)", placeholders(INSERT_PARAMS));
+        let (column, params) = match backend {
+            DbBackend::MySql => ("", INSERT_PARAMS - 1),
+            _ => ("partition_no, ", INSERT_PARAMS),
+        };
+        let row = format!("({}, 'pending', 0)", placeholders(params));
         let sql = format!(
-            "INSERT INTO outbox_events (id, event_type, aggregate_type, aggregate_id, payload, \
-             headers, occurred_at, created_at, next_attempt_at, status, attempts) VALUES {}",
+            "INSERT INTO outbox_events ({column}id, event_type, aggregate_type, aggregate_id, \
+             payload, headers, occurred_at, created_at, next_attempt_at, status, attempts) \
+             VALUES {}",
             vec![row; rows].join(", ")
         );
         for_backend(backend, &sql).into_owned()

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::claim::{Claim, Claimed};
 use super::rows::{CLAIMED_COLUMNS, ClaimedRow, read_claimed};
 use super::sql::stmt;
-use super::write_back::{self, Fate, OnPublish, WriteBack};
+use super::write_back::{self, Fate, Guard, OnPublish, WriteBack};
 use crate::error::Result;
 
 const PG: DbBackend = DbBackend::Postgres;
@@ -287,7 +287,7 @@ pub(super) async fn write_back(
     let free_now = |f: &Fate| matches!(f, Fate::Release { at } if *at <= now);
     out.released = fates.iter().filter(|(_, f)| free_now(f)).count() as u64;
     let rest = write_back::sort_fates(fates.iter().filter(|(_, f)| !free_now(f)));
-    for (kind, s) in write_back::statements(PG, None, now, &rest, on_publish) {
+    for (kind, s) in write_back::statements(PG, Guard::Pending, now, &rest, on_publish) {
         *out.slot(kind) += txn.execute_raw(s).await?.rows_affected();
     }
     if on_publish == OnPublish::Delete && out.published > 0 {

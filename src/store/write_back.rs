@@ -114,26 +114,30 @@ pub(super) fn sort_fates<'a>(fates: impl IntoIterator<Item = &'a (Uuid, Fate)>) 
     s
 }
 
-/// MySQL and SQLite: every fate in at most one statement per kind, each conditional on the
-/// row lease, in one transaction when there is more than one.
-pub(super) async fn with_row_leases(
+/// Every fate in at most one statement per kind, each conditional on `guard`, in one
+/// transaction when there is more than one: MySQL's and SQLite's row leases, and owned
+/// partitions on every backend. Under owned partitions every event handed back is written,
+/// even one due again at once: its new time puts it behind the event it waits for, and the
+/// claim after this one may start past its old place.
+pub(super) async fn guarded(
     db: &DatabaseConnection,
-    token: &str,
+    guard: Guard<'_>,
     now: DateTime<Utc>,
     fates: &[(Uuid, Fate)],
     on_publish: OnPublish,
 ) -> Result<WriteBack> {
     let mut out = WriteBack::expecting(fates);
     let backend = db.get_database_backend();
-    let statements = statements(backend, Some(token), now, &sort_fates(fates), on_publish);
+    let sorted = sort_fates(fates);
+    let statements = statements(backend, guard, now, &sorted, on_publish);
     if statements.len() <= 1 && on_publish == OnPublish::Retain {
         for (kind, s) in statements {
-            *out.slot(kind) = db.execute_raw(s).await?.rows_affected();
+            *out.slot(kind) += db.execute_raw(s).await?.rows_affected();
         }
     } else {
         let txn = db.begin().await?;
         for (kind, s) in statements {
-            *out.slot(kind) = txn.execute_raw(s).await?.rows_affected();
+            *out.slot(kind) += txn.execute_raw(s).await?.rows_affected();
         }
         if on_publish == OnPublish::Delete && out.published > 0 {
             txn.execute_raw(tally(backend, now, out.published)).await?;
@@ -162,12 +166,23 @@ pub(super) fn tally(backend: DbBackend, now: DateTime<Utc>, n: u64) -> Statement
 const TALLY_UPSERT: &str = "INSERT INTO outbox_published_tally (minute, events) VALUES (?, ?) \
      ON CONFLICT (minute) DO UPDATE SET events = outbox_published_tally.events + excluded.events";
 
-/// One statement per non-empty kind. `row_lease`: `Some(token)` where rows carry the lease
-/// (each statement is conditional on it and clears it); `None` on PostgreSQL, where the caller
-/// holds the batch's lease row and the rows need only still be pending.
+/// What makes a write-back statement the batch owner's.
+#[derive(Clone, Copy)]
+pub(super) enum Guard<'a> {
+    /// Rows carry the lease (MySQL, SQLite): each statement is conditional on it and clears it.
+    RowLease(&'a str),
+    /// PostgreSQL's batch lease row, held by the caller's transaction: rows need only still be
+    /// pending.
+    Pending,
+    /// Owned partitions: the row's partition is still `owner`'s, taken no later than `epoch`
+    /// (a partition lost and taken back since has a higher epoch, and refuses).
+    Owned { owner: &'a str, epoch: i64 },
+}
+
+/// One statement per non-empty kind, each conditional on `guard`.
 pub(super) fn statements(
     backend: DbBackend,
-    row_lease: Option<&str>,
+    guard: Guard<'_>,
     now: DateTime<Utc>,
     sorted: &Sorted<'_>,
     on_publish: OnPublish,
@@ -183,23 +198,25 @@ pub(super) fn statements(
     // `set` marks an `UPDATE … SET`, which also clears the row lease; a `DELETE` has no
     // columns to clear.
     let finish = |sql: String, set: bool, mut values: Vec<Value>, ids: Vec<Uuid>| {
-        let clear = if set {
-            ", locked_by = NULL, locked_until = NULL"
-        } else {
-            ""
-        };
-        let sql = match row_lease {
-            Some(token) => {
+        let ids_in = placeholders(ids.len());
+        let sql = match guard {
+            Guard::RowLease(token) => {
+                let clear = if set {
+                    ", locked_by = NULL, locked_until = NULL"
+                } else {
+                    ""
+                };
                 values.push(token.into());
+                format!("{sql}{clear} WHERE locked_by = ? AND id IN ({ids_in})")
+            }
+            Guard::Pending => format!("{sql} WHERE status = 'pending' AND id IN ({ids_in})"),
+            Guard::Owned { owner, epoch } => {
+                values.extend([owner.into(), epoch.into()]);
                 format!(
-                    "{sql}{clear} WHERE locked_by = ? AND id IN ({})",
-                    placeholders(ids.len())
+                    "{sql} WHERE status = 'pending' AND partition_no IN (SELECT partition_no \
+                     FROM outbox_partitions WHERE owner = ? AND epoch <= ?) AND id IN ({ids_in})"
                 )
             }
-            None => format!(
-                "{sql} WHERE status = 'pending' AND id IN ({})",
-                placeholders(ids.len())
-            ),
         };
         values.extend(ids.into_iter().map(Value::from));
         stmt(backend, &sql, values)

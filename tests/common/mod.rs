@@ -235,6 +235,18 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 
+    /// The first column of the first row of `sql`, an integer (a count, say).
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(self.db_backend(), sql))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or_else(|| panic!("{sql}: no row"));
+        row.try_get_by_index::<i64>(0)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Drops the schema or database. Skipped when a test fails, which leaves it for inspection.
     pub async fn cleanup(self) {
         let Self {

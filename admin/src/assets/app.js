@@ -93,14 +93,15 @@
     const relays = $("relays");
     if (s.relays.length === 0) {
       const tr = el("tr"); const td = el("td", "No relay has sent a heartbeat recently.", "empty");
-      td.colSpan = 6; tr.append(td); relays.replaceChildren(tr);
+      td.colSpan = 7; tr.append(td); relays.replaceChildren(tr);
     } else {
       relays.replaceChildren(...s.relays.map((r) => {
         const tr = el("tr");
         tr.dataset.relay = r.name;
         const b = el("span", r.breaker.replace("_", "-"), "badge " + r.breaker);
         const breaker = el("td"); breaker.append(b);
-        tr.append(el("td", r.name, "mono"), el("td", r.publisher), breaker,
+        tr.append(el("td", r.name, "mono"), el("td", r.publisher),
+          el("td", r.partitions ? r.partitions + " / 256" : "–", "num"), breaker,
           el("td", when(r.unavailable_since)), el("td", when(r.heartbeat_at)), el("td", r.last_error || "", "err"));
         return tr;
       }));
