@@ -379,7 +379,9 @@ async fn end_to_end(broker: Broker) {
             }
             consumer = child("e2e_consumer_child", &e);
         }
-        let distinct = t.scalar("SELECT COUNT(DISTINCT message_id) FROM effects").await;
+        let distinct = t
+            .scalar("SELECT COUNT(DISTINCT message_id) FROM effects")
+            .await;
         if distinct as usize >= EVENTS && consumer_runs == crash_points.len() {
             break;
         }
@@ -561,7 +563,8 @@ async fn two_instances_given_the_same_messages_in_parallel_apply_each_once() {
     eprintln!("parallel copies: instance a {sa:?}, instance b {sb:?}");
     assert_eq!(t.scalar("SELECT COUNT(*) FROM effects").await, n as i64);
     assert_eq!(
-        t.scalar("SELECT COUNT(DISTINCT message_id) FROM effects").await,
+        t.scalar("SELECT COUNT(DISTINCT message_id) FROM effects")
+            .await,
         n as i64
     );
     js.delete_stream(&stream).await.expect("delete stream");

@@ -15,7 +15,7 @@ use common::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher, StdoutPublisher};
 use seaorm_outbox::relay::{
-    Backoff, DeadLetterPolicy, Jitter, OnPublish, Ordering, Relay, RelayConfig,
+    Backoff, Claiming, DeadLetterPolicy, Jitter, OnPublish, Ordering, Relay, RelayConfig,
 };
 use seaorm_outbox::{
     Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome, Publisher,
@@ -35,6 +35,8 @@ on_backends!(
     killed_relay_process_loses_nothing,
     stale_relay_cannot_overwrite_the_new_lease_owner,
     stale_relay_deleting_on_publish_cannot_delete_the_new_owners_dead_letters,
+    stale_partition_owner_cannot_overwrite_the_new_owner,
+    stale_partition_owner_deleting_cannot_delete_the_new_owners_dead_letters,
     four_relays_deleting_on_publish_deliver_each_event_once_in_order,
 );
 
@@ -45,6 +47,7 @@ on_all_backends!(
     hold_policy_waits_for_replay,
     rejected_event_is_dead_lettered_at_once,
     cancel_mid_publish_releases_the_batch,
+    cancel_mid_publish_releases_the_leased_batch,
     cancel_with_grace_finishes_the_batch,
     retention_purges_only_old_published_events,
     invalid_relay_config_is_rejected,
@@ -289,13 +292,13 @@ impl Publisher for RejectAll {
 }
 
 async fn stale_relay_cannot_overwrite_the_new_lease_owner(t: &TestDb) {
-    stale_write_back_changes_nothing(t, OnPublish::Retain).await;
+    stale_write_back_changes_nothing(t, OnPublish::Retain, Claiming::Leases).await;
 }
 
 /// A stale relay's delete is as conditional on its lease as its update: the rows the new
 /// owner dead-lettered stay.
 async fn stale_relay_deleting_on_publish_cannot_delete_the_new_owners_dead_letters(t: &TestDb) {
-    stale_write_back_changes_nothing(t, OnPublish::Delete).await;
+    stale_write_back_changes_nothing(t, OnPublish::Delete, Claiming::Leases).await;
     let stats = Outbox::new(&t.db).stats().await.expect("stats");
     assert_eq!(
         stats.published_last_hour, 0,
@@ -303,7 +306,22 @@ async fn stale_relay_deleting_on_publish_cannot_delete_the_new_owners_dead_lette
     );
 }
 
-async fn stale_write_back_changes_nothing(t: &TestDb, on_publish: OnPublish) {
+/// Owned partitions: a write-back after the partition changed hands is refused by the epoch
+/// fence, whether it updates or deletes.
+async fn stale_partition_owner_cannot_overwrite_the_new_owner(t: &TestDb) {
+    stale_write_back_changes_nothing(t, OnPublish::Retain, Claiming::OwnedPartitions).await;
+}
+
+async fn stale_partition_owner_deleting_cannot_delete_the_new_owners_dead_letters(t: &TestDb) {
+    stale_write_back_changes_nothing(t, OnPublish::Delete, Claiming::OwnedPartitions).await;
+    let stats = Outbox::new(&t.db).stats().await.expect("stats");
+    assert_eq!(
+        stats.published_last_hour, 0,
+        "nothing was tallied: {stats:?}"
+    );
+}
+
+async fn stale_write_back_changes_nothing(t: &TestDb, on_publish: OnPublish, claiming: Claiming) {
     // Ten aggregates, one event each: the stale relay claims them all in one batch.
     let ids = seed(
         &t.db,
@@ -313,8 +331,9 @@ async fn stale_write_back_changes_nothing(t: &TestDb, on_publish: OnPublish) {
     )
     .await;
     let gate = Gate::closed();
+    let config = RelayConfig::default().batch_size(10).claiming(claiming);
     let stale = Relay::builder(t.connect_again().await, gate.clone())
-        .config(RelayConfig::default().batch_size(10).on_publish(on_publish))
+        .config(config.clone().on_publish(on_publish))
         .build()
         .expect("relay");
     let (stop, task) = support::spawn(stale);
@@ -322,7 +341,14 @@ async fn stale_write_back_changes_nothing(t: &TestDb, on_publish: OnPublish) {
 
     // Time passes: the stale relay's lease runs out while it is still publishing.
     let past = Utc::now() - chrono::Duration::seconds(5);
-    let (sql, values) = if t.db_backend() == sea_orm::DbBackend::Postgres {
+    let (sql, values) = if claiming == Claiming::OwnedPartitions {
+        // Its partitions lapse and are no longer its own (as if it missed its renewals and
+        // another relay came and went): its renewals find nothing to renew.
+        (
+            "UPDATE outbox_partitions SET owner = 'gone', owned_until = ?",
+            vec![past.into()],
+        )
+    } else if t.db_backend() == sea_orm::DbBackend::Postgres {
         // PostgreSQL leases a batch with one `outbox_leases` row, not per row.
         (
             "UPDATE outbox_leases SET locked_until = ?",
@@ -338,7 +364,7 @@ async fn stale_write_back_changes_nothing(t: &TestDb, on_publish: OnPublish) {
 
     // A second relay takes the events over and dead-letters them.
     let owner = Relay::builder(t.connect_again().await, RejectAll)
-        .config(RelayConfig::default().batch_size(10))
+        .config(config)
         .build()
         .expect("relay");
     let taken = owner.drain().await.expect("drain");
@@ -667,6 +693,7 @@ async fn ordered_relays_take_runs_and_leave_other_aggregates_to_each_other(t: &T
     let config = || {
         fast(
             RelayConfig::default()
+                .claiming(Claiming::Leases)
                 .batch_size(40)
                 .events_per_aggregate(4)
                 .shutdown_grace(Duration::from_millis(100)),
@@ -717,12 +744,22 @@ async fn ordered_relays_take_runs_and_leave_other_aggregates_to_each_other(t: &T
 }
 
 async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
+    cancel_mid_publish(t, Claiming::OwnedPartitions).await;
+}
+
+async fn cancel_mid_publish_releases_the_leased_batch(t: &TestDb) {
+    cancel_mid_publish(t, Claiming::Leases).await;
+}
+
+async fn cancel_mid_publish(t: &TestDb, claiming: Claiming) {
     seed(&t.db, scattered_events(30, 5)).await;
     let gate = Gate::closed();
+    let leases = claiming == Claiming::Leases;
     // Runs long enough that one batch takes every event, however they fall per aggregate.
     let relay = Relay::builder(t.db.clone(), gate.clone())
         .config(fast(
             RelayConfig::default()
+                .claiming(claiming)
                 .shutdown_grace(Duration::from_millis(100))
                 .events_per_aggregate(30),
         ))
@@ -730,10 +767,17 @@ async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
         .expect("relay");
     let (stop, task) = support::spawn(relay);
     gate.entered.notified().await;
-    assert_eq!(locked_rows(&t.db).await, 30, "the batch is claimed");
-    // Health checks see the lease, whichever way the backend records it.
-    let s = Outbox::new(&t.db).stats().await.expect("stats");
-    assert_eq!((s.pending_leased, s.pending_due), (30, 0), "{s:?}");
+    if leases {
+        assert_eq!(locked_rows(&t.db).await, 30, "the batch is claimed");
+        // Health checks see the lease, whichever way the backend records it.
+        let s = Outbox::new(&t.db).stats().await.expect("stats");
+        assert_eq!((s.pending_leased, s.pending_due), (30, 0), "{s:?}");
+    } else {
+        let owned = t
+            .scalar("SELECT COUNT(*) FROM outbox_partitions WHERE owner IS NOT NULL")
+            .await;
+        assert_eq!(owned, 256, "the only relay owns every partition");
+    }
     let cancelled = Instant::now();
     stop.cancel();
     let stats = task.await.expect("relay");
@@ -745,12 +789,17 @@ async fn cancel_mid_publish_releases_the_batch(t: &TestDb) {
     assert_eq!(stats.published, 0);
     assert_eq!(stats.released, 30, "{stats:?}");
     assert_eq!(locked_rows(&t.db).await, 0, "nothing left claimed");
+    let owned = t
+        .scalar("SELECT COUNT(*) FROM outbox_partitions WHERE owner IS NOT NULL")
+        .await;
+    assert_eq!(owned, 0, "every partition given up at the stop");
     assert_eq!(pending(&t.db).await, 30);
     let s = Outbox::new(&t.db).stats().await.expect("stats");
     assert_eq!((s.pending_leased, s.pending_due), (0, 30), "{s:?}");
-    // Released events are due again at once.
+    // Released events are due again at once, to a relay started right after.
     let sink = InMemoryPublisher::new();
     let again = Relay::builder(t.db.clone(), sink.clone())
+        .config(RelayConfig::default().claiming(claiming))
         .build()
         .expect("relay");
     assert_eq!(again.drain().await.expect("drain").published, 30);
@@ -1264,9 +1313,10 @@ async fn claims_in_one_schema_never_wait_for_another_schemas(t: &TestDb) {
     )
     .await
     .expect("hold schema A's claim lock");
+    // The claim lock belongs to leases; owned partitions take no lock at all.
     let drain = |db: DatabaseConnection| async move {
         Relay::builder(db, InMemoryPublisher::new())
-            .config(fast(RelayConfig::default()))
+            .config(fast(RelayConfig::default().claiming(Claiming::Leases)))
             .build()
             .expect("relay")
             .drain()

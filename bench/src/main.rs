@@ -53,15 +53,17 @@ pub(crate) struct Sizes {
 impl Sizes {
     fn new(quick: bool) -> Self {
         if quick {
+            // Enough for every section to run end to end (the smoke test, in a debug build,
+            // in CI); far too small to judge anything.
             Self {
-                drain: 10_000,
-                drain_other: 5_000,
-                write_secs: 0.5,
-                latency_secs: 2,
-                backlog: 20_000,
-                retained: 50_000,
-                broker: 5_000,
-                inbox: 2_000,
+                drain: 2_000,
+                drain_other: 1_000,
+                write_secs: 0.3,
+                latency_secs: 1,
+                backlog: 4_000,
+                retained: 10_000,
+                broker: 1_000,
+                inbox: 500,
             }
         } else {
             Self {

@@ -167,12 +167,7 @@ impl MigrationTrait for Migration {
                             .primary_key(),
                     )
                     .col(ColumnDef::new(P::Owner).string_len(64).null())
-                    .col(
-                        ColumnDef::new(P::Epoch)
-                            .big_integer()
-                            .not_null()
-                            .default(0),
-                    )
+                    .col(ColumnDef::new(P::Epoch).big_integer().not_null().default(0))
                     .col(crate::timestamp(manager, P::OwnedUntil).null())
                     .to_owned(),
             )
@@ -180,9 +175,9 @@ impl MigrationTrait for Migration {
         let rows: Vec<String> = (0..PARTITIONS).map(|p| format!("({p}, 0)")).collect();
         let rows = rows.join(", ");
         let insert = match backend {
-            DatabaseBackend::MySql => format!(
-                "INSERT IGNORE INTO outbox_partitions (partition_no, epoch) VALUES {rows}"
-            ),
+            DatabaseBackend::MySql => {
+                format!("INSERT IGNORE INTO outbox_partitions (partition_no, epoch) VALUES {rows}")
+            }
             _ => format!(
                 "INSERT INTO outbox_partitions (partition_no, epoch) VALUES {rows} \
                  ON CONFLICT (partition_no) DO NOTHING"

@@ -49,8 +49,13 @@ mod tests {
         // ('x' || substr(md5('order:42'), 1, 8))::bit(32)::bigint % 256 and MariaDB's
         // CONV(SUBSTRING(MD5('order:42'), 1, 8), 16, 10) % 256 both say.
         assert_eq!(partition_of("order", "42"), 103);
-        let spread: std::collections::BTreeSet<u16> =
-            (0..4096).map(|i| partition_of("order", &i.to_string())).collect();
-        assert_eq!(spread.len(), usize::from(PARTITIONS), "every partition is used");
+        let spread: std::collections::BTreeSet<u16> = (0..4096)
+            .map(|i| partition_of("order", &i.to_string()))
+            .collect();
+        assert_eq!(
+            spread.len(),
+            usize::from(PARTITIONS),
+            "every partition is used"
+        );
     }
 }

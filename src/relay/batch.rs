@@ -88,10 +88,7 @@ impl Offered {
     /// The batch's last key in due order: a claim made while it is written back starts after
     /// it (owned partitions take no lease, so nothing else keeps the claim off its rows).
     pub(super) fn last_key(&self) -> Option<store::DueKey> {
-        self.events
-            .iter()
-            .map(|e| (e.next_attempt_at, e.id))
-            .max()
+        self.events.iter().map(|e| (e.next_attempt_at, e.id)).max()
     }
 }
 
@@ -137,7 +134,10 @@ impl<P: Publisher> Relay<P> {
         let share = self.share.load(AtomicOrdering::Relaxed);
         let owned = self.config.owns_partitions();
         let claim = if owned {
-            match self.claim_owned(claimed_at, started, limit, in_flight).await? {
+            match self
+                .claim_owned(claimed_at, started, limit, in_flight)
+                .await?
+            {
                 Some(c) => c,
                 None => return Ok(Round::empty(limit)),
             }

@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::event::{OutboxEvent, partition_of};
-use crate::store::partitions::{Blocker, BlockerState};
 use crate::store::Fate;
+use crate::store::partitions::{Blocker, BlockerState};
 
 /// `(aggregate_type, aggregate_id)`.
 type Aggregate = (String, String);
@@ -114,7 +114,12 @@ impl Holds {
     /// Learns from a batch's fates: an event that will be tried again (or was handed back)
     /// holds its aggregate; one published, or dead-lettered while dead letters do not hold, no
     /// longer does.
-    pub(crate) fn record(&mut self, events: &[OutboxEvent], fates: &[Fate], dead_letters_hold: bool) {
+    pub(crate) fn record(
+        &mut self,
+        events: &[OutboxEvent],
+        fates: &[Fate],
+        dead_letters_hold: bool,
+    ) {
         for (e, fate) in events.iter().zip(fates) {
             let aggregate = aggregate_of(e);
             match fate {
@@ -194,7 +199,11 @@ mod tests {
         let (go, wait) = holds.split(vec![e2.clone(), other.clone()], now, recheck);
         assert_eq!(go, vec![other.clone()], "other aggregates go on");
         assert_eq!(wait.len(), 1);
-        assert_eq!(wait[0].1, Fate::Release { at: later }, "held until the blocker's retry");
+        assert_eq!(
+            wait[0].1,
+            Fate::Release { at: later },
+            "held until the blocker's retry"
+        );
 
         // With its blocker in the batch, the aggregate goes (the waves keep it in order).
         let (go, wait) = holds.split(vec![e1.clone(), e2.clone()], now, recheck);
@@ -237,7 +246,11 @@ mod tests {
         let (go, wait) = holds.split(vec![e3.clone()], later, recheck);
         assert!(go.is_empty() && wait.len() == 1, "e2 is not done yet");
         let (go, _) = holds.split(vec![e2.clone(), e3.clone()], later, recheck);
-        assert_eq!(go.len(), 2, "with e2 in the batch, the waves keep the order");
+        assert_eq!(
+            go.len(),
+            2,
+            "with e2 in the batch, the waves keep the order"
+        );
         holds.record(std::slice::from_ref(&e2), &[Fate::Published], false);
         assert_eq!(holds.len(), 0);
     }
@@ -247,13 +260,24 @@ mod tests {
         let now = Utc::now();
         let mut holds = Holds::default();
         let (e1, e2) = (ev("x", 1), ev("x", 2));
-        let dead = [Fate::Dead { error: "bad".into() }];
+        let dead = [Fate::Dead {
+            error: "bad".into(),
+        }];
         holds.record(std::slice::from_ref(&e1), &dead, false);
-        assert_eq!(holds.len(), 0, "continue: the dead letter leaves the sequence");
+        assert_eq!(
+            holds.len(),
+            0,
+            "continue: the dead letter leaves the sequence"
+        );
         holds.record(std::slice::from_ref(&e1), &dead, true);
         let (go, wait) = holds.split(vec![e2], now, chrono::Duration::seconds(10));
         assert!(go.is_empty());
-        assert_eq!(wait[0].1, Fate::Release { at: now + chrono::Duration::seconds(10) });
+        assert_eq!(
+            wait[0].1,
+            Fate::Release {
+                at: now + chrono::Duration::seconds(10)
+            }
+        );
         assert_eq!(holds.stale(now, chrono::Duration::seconds(1)), vec![e1.id]);
         holds.refresh(&[(e1.id, BlockerState::Failed)], true);
         assert_eq!(holds.len(), 1, "still a dead letter");

@@ -60,8 +60,8 @@ pub use any::{AnyRelay, RelayTotals};
 pub use breaker::BreakerState;
 pub use breaker::BreakerStatus;
 pub use config::{
-    Backoff, BreakerConfig, Claiming, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish, Ordering,
-    RelayConfig,
+    Backoff, BreakerConfig, Claiming, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish,
+    Ordering, RelayConfig,
 };
 pub use wake::NOTIFY_CHANNEL;
 

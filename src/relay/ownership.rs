@@ -108,12 +108,7 @@ impl Ownership {
 
     /// Records a renewal sent at `sent` for `lease` (`margin` short of it): what it still holds.
     /// Returns the partitions it lost.
-    pub(crate) fn renewed(
-        &mut self,
-        still: &[Held],
-        sent: Instant,
-        usable: Duration,
-    ) -> Vec<u16> {
+    pub(crate) fn renewed(&mut self, still: &[Held], sent: Instant, usable: Duration) -> Vec<u16> {
         let still: BTreeMap<u16, i64> = still.iter().copied().collect();
         let lost: Vec<u16> = self
             .held

@@ -74,7 +74,10 @@ impl<P: Publisher> Relay<P> {
         let share = if greedy {
             usize::from(PARTITIONS)
         } else {
-            match self.live_relays(at - chrono::Duration::from_std(lease).unwrap_or_default()).await {
+            match self
+                .live_relays(at - chrono::Duration::from_std(lease).unwrap_or_default())
+                .await
+            {
                 Some(n) => fair_share(n),
                 None => return,
             }
@@ -162,7 +165,9 @@ impl<P: Publisher> Relay<P> {
                 tracing::info!(relay = %self.name, partitions = releasing.len(),
                     "outbox partitions released to other relays");
             }
-            Err(e) => tracing::warn!(relay = %self.name, error = %e, "outbox partitions not released"),
+            Err(e) => {
+                tracing::warn!(relay = %self.name, error = %e, "outbox partitions not released")
+            }
         }
     }
 

@@ -54,7 +54,6 @@ use crate::error::{Error, Result};
 pub use browse::{EventQuery, MinuteStats};
 pub(crate) use browse::{events, history, record_sample};
 pub(crate) use claim::{Claim, Claimed, DueKey};
-pub(crate) use rows::ClaimedRow;
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
 pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 #[cfg(feature = "postgres")]
@@ -69,6 +68,7 @@ pub(crate) use portable::{
 };
 #[cfg(feature = "postgres")]
 pub(crate) use postgres::{current_schema as pg_current_schema, pool as pg_pool};
+pub(crate) use rows::ClaimedRow;
 pub use write_back::OnPublish;
 pub(crate) use write_back::{Fate, WriteBack};
 

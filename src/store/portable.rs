@@ -57,7 +57,10 @@ pub(crate) async fn insert(
         let mut values = Vec::with_capacity(n * INSERT_PARAMS);
         for e in chunk {
             if backend != DbBackend::MySql {
-                let p = super::partitions::column_value(partition_of(&e.aggregate_type, &e.aggregate_id));
+                let p = super::partitions::column_value(partition_of(
+                    &e.aggregate_type,
+                    &e.aggregate_id,
+                ));
                 values.push(p.into());
             }
             values.extend([
