@@ -228,23 +228,8 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
             .and_then(|d| now().checked_sub_signed(d))
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let owners = store::partitions::owners(self.db, now()).await?;
-        Ok(store::heard_since(self.db, since)
-            .await?
-            .into_iter()
-            .map(|h| {
-                // Owner tokens are `<name>:<run id>`; a name reused by two runs adds up.
-                let prefix = format!("{}:", h.name);
-                let partitions = owners
-                    .iter()
-                    .filter(|(owner, _)| owner.starts_with(&prefix))
-                    .map(|(_, n)| n)
-                    .sum();
-                RelayHeartbeat {
-                    partitions,
-                    ..RelayHeartbeat::from(h)
-                }
-            })
-            .collect())
+        let beats = store::heard_since(self.db, since).await?;
+        Ok(RelayHeartbeat::with_partitions(beats, &owners))
     }
 
     /// One event by id, in any status.

@@ -131,6 +131,31 @@ pub struct RelayHeartbeat {
     pub partitions: u64,
 }
 
+impl RelayHeartbeat {
+    /// Each relay's row with how many partitions it owns, from `owners` (owner token, count).
+    /// Owner tokens are `<name>:<run id>`; a name reused by two runs adds up.
+    pub(crate) fn with_partitions(
+        beats: Vec<store::Heartbeat>,
+        owners: &[(String, u64)],
+    ) -> Vec<Self> {
+        beats
+            .into_iter()
+            .map(|h| {
+                let prefix = format!("{}:", h.name);
+                let partitions = owners
+                    .iter()
+                    .filter(|(owner, _)| owner.starts_with(&prefix))
+                    .map(|(_, n)| n)
+                    .sum();
+                Self {
+                    partitions,
+                    ..Self::from(h)
+                }
+            })
+            .collect()
+    }
+}
+
 impl From<store::Heartbeat> for RelayHeartbeat {
     fn from(h: store::Heartbeat) -> Self {
         Self {

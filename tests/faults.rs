@@ -83,6 +83,7 @@ async fn connection_lost_between_publish_and_write_back(t: &TestDb) {
             RelayConfig::default()
                 .batch_size(BATCH)
                 .lease_duration(Duration::from_secs(3))
+                .partition_lease(Duration::from_secs(3))
                 .publish_timeout(Duration::from_secs(2)),
         ))
         .build()

@@ -213,10 +213,15 @@ pub(crate) fn relay_config(ordering: Ordering) -> RelayConfig {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(RelayConfig::default().events_per_aggregate);
+    // Relays start together on a seeded backlog: a 2 s partition lease (a round every 200 ms)
+    // lets them divide the partitions within half a second of a drain that lasts several, as
+    // relays already running would have. Steady-state speed does not depend on it.
     RelayConfig::default()
         .events_per_aggregate(run)
         .batch_size(BATCH)
         .ordering(ordering)
+        .partition_lease(Duration::from_secs(2))
+        .publish_timeout(Duration::from_secs(1))
         .listen_notify(false)
         .metrics_interval(None)
         .idle_poll_interval(Duration::from_secs(1))

@@ -23,6 +23,10 @@
 //!   due index is rebuilt with it as its last column, online (`LOCK=NONE`: writers go on).
 //! * **SQLite:** a nullable column the library fills, and the same indexes as PostgreSQL.
 //!
+//! `outbox_relays.claims` (nullable, a catalog change) marks the heartbeats of relays that take
+//! a share of the partitions, so relays claiming under leases do not count when they divide
+//! them.
+//!
 //! `outbox_events_displaced_idx` (PostgreSQL, SQLite) lists the pending events whose next
 //! attempt was moved past their creation, retried or held behind their aggregate's failure: a
 //! relay that takes a partition over reads them to learn which aggregates must wait.
@@ -154,6 +158,25 @@ impl MigrationTrait for Migration {
             }
         }
 
+        // Which heartbeats count when relays divide the partitions: not those of relays that
+        // claim under leases.
+        let claims = match backend {
+            DatabaseBackend::MySql => {
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
+                 AND table_name = 'outbox_relays' AND column_name = 'claims'"
+            }
+            DatabaseBackend::Postgres => {
+                "SELECT COUNT(*) FROM information_schema.columns WHERE \
+                 table_schema = current_schema() AND table_name = 'outbox_relays' \
+                 AND column_name = 'claims'"
+            }
+            _ => "SELECT COUNT(*) FROM pragma_table_info('outbox_relays') WHERE name = 'claims'",
+        };
+        if count(manager, claims).await? == 0 {
+            db.execute_unprepared("ALTER TABLE outbox_relays ADD COLUMN claims VARCHAR(16) NULL")
+                .await?;
+        }
+
         use OutboxPartitions as P;
         manager
             .create_table(
@@ -196,6 +219,8 @@ impl MigrationTrait for Migration {
                     .if_exists()
                     .to_owned(),
             )
+            .await?;
+        db.execute_unprepared("ALTER TABLE outbox_relays DROP COLUMN claims")
             .await?;
         match manager.get_database_backend() {
             DatabaseBackend::Postgres => {

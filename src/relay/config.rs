@@ -183,7 +183,9 @@ pub struct RelayConfig {
     /// How often the relay refreshes its row in `outbox_relays` (name, publisher, breaker
     /// state), which `seaorm-outbox status` and [`Outbox::relays`](crate::Outbox::relays) read;
     /// it also writes at once when its breaker opens or closes, and removes the row when it
-    /// stops. `None` keeps the relay out of the table. Default 10 s.
+    /// stops. `None` keeps the relay out of the table. Default 10 s. A relay on owned
+    /// partitions writes its row every `partition_lease / 10` instead, whatever this says: the
+    /// rows are how relays count each other to divide the partitions.
     pub heartbeat_interval: Option<Duration>,
 }
 

@@ -91,12 +91,24 @@ impl<P: Publisher> Relay<P> {
         self.refresh_holds(lease).await;
     }
 
-    /// Relays heard from since `since`, this one included.
+    /// Gives every row without a partition its own, a thousand per statement, before a drain
+    /// takes partitions.
+    pub(super) async fn adopt_all_strays(&self) -> crate::error::Result<()> {
+        while !lock(&self.ownership).strays_checked {
+            if store::partitions::adopt_strays(&self.db, ADOPT_BATCH).await? < ADOPT_BATCH {
+                lock(&self.ownership).strays_checked = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Relays sharing the partitions heard from since `since`, this one included (relays that
+    /// claim under leases have heartbeats too, but take no share).
     async fn live_relays(&self, since: chrono::DateTime<chrono::Utc>) -> Option<u64> {
-        match store::heard_since(&self.db, since).await {
-            Ok(rows) => {
-                let me = rows.iter().any(|r| r.name == self.name);
-                Some(rows.len() as u64 + u64::from(!me))
+        match store::partition_relays_since(&self.db, since).await {
+            Ok(names) => {
+                let me = names.iter().any(|n| *n == self.name);
+                Some(names.len() as u64 + u64::from(!me))
             }
             Err(e) => {
                 tracing::warn!(relay = %self.name, error = %e, "outbox relays not counted");

@@ -251,6 +251,9 @@ impl<P: Publisher> Relay<P> {
         let mut stats = RelayStats::default();
         let owned = self.config.owns_partitions();
         let margin = self.config.usable_partition_lease() / 2;
+        if owned {
+            self.adopt_all_strays().await?;
+        }
         loop {
             if owned && lock(&self.ownership).ends_within(Instant::now(), margin) {
                 self.ownership_round(true).await;
@@ -292,6 +295,7 @@ impl<P: Publisher> Relay<P> {
             breaker: breaker.state.as_str().to_owned(),
             unavailable_since: breaker.unavailable_since,
             last_error: breaker.last_error,
+            claims: self.config.owns_partitions().then_some("partitions"),
         };
         // Rows of relays that died without removing theirs age out after a day.
         let forget_before = at - chrono::Duration::days(1);

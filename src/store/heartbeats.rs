@@ -19,6 +19,8 @@ pub(crate) struct Heartbeat {
     pub(crate) breaker: String,
     pub(crate) unavailable_since: Option<DateTime<Utc>>,
     pub(crate) last_error: Option<String>,
+    /// `partitions` for a relay that takes a share of the owned partitions; `None` otherwise.
+    pub(crate) claims: Option<&'static str>,
 }
 
 const COLUMNS: &str =
@@ -26,10 +28,11 @@ const COLUMNS: &str =
 
 /// PostgreSQL and SQLite; `started_at` stays as first written.
 const UPSERT: &str = "INSERT INTO outbox_relays (name, publisher, started_at, heartbeat_at, \
-     breaker, unavailable_since, last_error) VALUES (?, ?, ?, ?, ?, ?, ?) \
+     breaker, unavailable_since, last_error, claims) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
      ON CONFLICT (name) DO UPDATE SET publisher = excluded.publisher, \
      heartbeat_at = excluded.heartbeat_at, breaker = excluded.breaker, \
-     unavailable_since = excluded.unavailable_since, last_error = excluded.last_error";
+     unavailable_since = excluded.unavailable_since, last_error = excluded.last_error, \
+     claims = excluded.claims";
 
 /// Writes `h`, and drops the rows of relays silent since before `forget_before` (crashed
 /// relays never delete their own).
@@ -52,6 +55,7 @@ pub(crate) async fn beat(
         h.breaker.clone().into(),
         h.unavailable_since.into(),
         h.last_error.clone().into(),
+        h.claims.map(str::to_owned).into(),
     ];
     db.execute_raw(stmt(backend, upsert, values)).await?;
     delete(db, "heartbeat_at < ?", forget_before.into()).await
@@ -95,7 +99,25 @@ pub(crate) async fn heard_since(
                 breaker: r.try_get("", "breaker")?,
                 unavailable_since: r.try_get("", "unavailable_since")?,
                 last_error: r.try_get("", "last_error")?,
+                claims: None,
             })
         })
         .collect()
+}
+
+/// How many relays taking a share of the owned partitions were heard from since `since`.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
+pub(crate) async fn partition_relays_since(
+    db: &impl ConnectionTrait,
+    since: DateTime<Utc>,
+) -> Result<Vec<String>> {
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(stmt(
+            backend,
+            "SELECT name FROM outbox_relays WHERE heartbeat_at >= ? AND claims = 'partitions'",
+            vec![since.into()],
+        ))
+        .await?;
+    rows.iter().map(|r| Ok(r.try_get_by_index(0)?)).collect()
 }

@@ -54,7 +54,7 @@ use crate::error::{Error, Result};
 pub use browse::{EventQuery, MinuteStats};
 pub(crate) use browse::{events, history, record_sample};
 pub(crate) use claim::{Claim, Claimed, DueKey};
-pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since};
+pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since, partition_relays_since};
 pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 #[cfg(feature = "postgres")]
 pub use log_dead_letters::LogDeadLetter;

@@ -19,10 +19,11 @@ pub(super) const PURGE_PUBLISHED: &str = "DELETE FROM outbox_events WHERE status
 
 /// `ON DUPLICATE KEY UPDATE` in place of the portable `ON CONFLICT … DO UPDATE`.
 pub(super) const UPSERT_HEARTBEAT: &str = "INSERT INTO outbox_relays (name, publisher, \
-     started_at, heartbeat_at, breaker, unavailable_since, last_error) \
-     VALUES (?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE publisher = VALUES(publisher), \
+     started_at, heartbeat_at, breaker, unavailable_since, last_error, claims) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE publisher = VALUES(publisher), \
      heartbeat_at = VALUES(heartbeat_at), breaker = VALUES(breaker), \
-     unavailable_since = VALUES(unavailable_since), last_error = VALUES(last_error)";
+     unavailable_since = VALUES(unavailable_since), last_error = VALUES(last_error), \
+     claims = VALUES(claims)";
 
 /// `ON DUPLICATE KEY UPDATE` in place of the portable tally upsert: adds `?` events to minute
 /// `?`'s row of `outbox_published_tally`.

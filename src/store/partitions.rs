@@ -108,8 +108,8 @@ pub(crate) async fn renew(
     held(&rows)
 }
 
-/// Takes up to `want` partitions that are free or lapsed at `now`, for `owner` until `until`;
-/// returns the ones it got. Two relays taking at once never both get one: the update re-checks
+/// Takes up to `want` partitions that are free or lapsed at `now`, or held by an earlier run
+/// of the same relay name, for `owner` until `until`; returns the ones it got. Two relays taking at once never both get one: the update re-checks
 /// that each is still free.
 #[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn take(
@@ -123,7 +123,27 @@ pub(crate) async fn take(
         return Ok(Vec::new());
     }
     let b = db.get_database_backend();
-    let free = "(owner IS NULL OR owned_until IS NULL OR owned_until < ?)";
+    // Free, lapsed, or held by an earlier run of this relay's name (one that crashed: it is
+    // taken over at once instead of after its lease).
+    let prefix = match owner.rfind(':') {
+        Some(i) => &owner[..=i],
+        None => owner,
+    };
+    let free = "(owner IS NULL OR owned_until IS NULL OR owned_until < ? \
+         OR (SUBSTR(owner, 1, ?) = ? AND owner <> ?))";
+    let free_values = || -> Vec<Value> {
+        vec![
+            now.into(),
+            // An `int4`: PostgreSQL has no `substr(text, int, bigint)`.
+            i32::try_from(prefix.chars().count())
+                .unwrap_or(i32::MAX)
+                .into(),
+            prefix.into(),
+            owner.into(),
+        ]
+    };
+    let mut values = free_values();
+    values.push(i64::from(want).into());
     let candidates = db
         .query_all_raw(stmt(
             b,
@@ -131,7 +151,7 @@ pub(crate) async fn take(
                 "SELECT partition_no FROM outbox_partitions WHERE {free} \
                  ORDER BY partition_no LIMIT ?"
             ),
-            vec![now.into(), i64::from(want).into()],
+            values,
         ))
         .await?;
     let candidates: Vec<u16> = candidates
@@ -155,6 +175,8 @@ pub(crate) async fn take(
         Some(r) => r.try_get_by_index::<Option<i64>>(0)?.unwrap_or(0) + 1,
         None => 1,
     };
+    let mut values: Vec<Value> = vec![owner.into(), epoch.into(), until.into()];
+    values.extend(free_values());
     db.execute_raw(stmt(
         b,
         &format!(
@@ -162,7 +184,7 @@ pub(crate) async fn take(
              WHERE partition_no {} AND {free}",
             partition_list(&candidates)
         ),
-        vec![owner.into(), epoch.into(), until.into(), now.into()],
+        values,
     ))
     .await?;
     let rows = db

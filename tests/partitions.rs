@@ -1,0 +1,350 @@
+//! Owned partitions on real databases: the partition every writer gets, rows from before the
+//! migration, relays dividing and rebalancing the partitions under load, and a relay cut off
+//! from its database that stops publishing what it no longer holds.
+
+mod common;
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::TestDb;
+use common::proxy::Proxy;
+use seaorm_outbox::event::partition_of;
+use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
+use seaorm_outbox::relay::{Relay, RelayConfig};
+use seaorm_outbox::{NewEvent, Outbox, OutboxEvent, OutboxRepository, PublishOutcome, Publisher};
+use support::{all_rows, fast, pending, scattered_events, seed, wait_until};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+on_backends!(
+    [postgres: Postgres, mysql: MySql] =>
+    a_writer_outside_the_library_gets_the_documented_partition,
+);
+
+on_backends!(
+    [postgres: Postgres, sqlite_file: SqliteFile, sqlite_memory: SqliteMemory] =>
+    rows_without_a_partition_are_adopted_then_delivered_in_order,
+);
+
+on_backends!(
+    [postgres: Postgres, mysql: MySql, sqlite_file: SqliteFile] =>
+    relays_divide_the_partitions_and_rebalance_on_join_and_leave,
+);
+
+on_backends!(
+    [postgres: Postgres] =>
+    a_relay_cut_off_from_its_database_stops_publishing_its_partitions,
+);
+
+/// A short partition lease, so rebalancing and take-overs happen within a test.
+fn quick(config: RelayConfig) -> RelayConfig {
+    fast(config)
+        .partition_lease(Duration::from_secs(2))
+        .publish_timeout(Duration::from_millis(500))
+}
+
+/// Asserts each aggregate's first deliveries came in `seq` order, and every id once at least.
+fn assert_in_order(delivered: &[OutboxEvent], ids: &[Uuid]) {
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for e in delivered {
+        if !seen.insert(e.id) {
+            continue;
+        }
+        let seq = e.payload["seq"].as_u64().expect("seq");
+        let prev = last.insert(&e.aggregate_id, seq).unwrap_or(0);
+        assert_eq!(
+            seq,
+            prev + 1,
+            "aggregate {} got {seq} after {prev}",
+            e.aggregate_id
+        );
+    }
+    assert!(
+        ids.iter().all(|id| seen.contains(id)),
+        "every event delivered"
+    );
+}
+
+/// How many partitions each relay (by name) owns, from the database.
+async fn owned_by(t: &TestDb) -> HashMap<String, u64> {
+    Outbox::new(&t.db)
+        .relays(Duration::from_secs(60))
+        .await
+        .expect("relays")
+        .into_iter()
+        .map(|r| (r.name, r.partitions))
+        .collect()
+}
+
+async fn a_writer_outside_the_library_gets_the_documented_partition(t: &TestDb) {
+    // psql, another service, a data migration: an INSERT that knows nothing of partitions.
+    let keys = [
+        ("order", "42"),
+        ("order", "43"),
+        ("invoice", "ü-7"),
+        ("a:b", "c"),
+    ];
+    for (kind, id) in keys {
+        t.exec(
+            "raw insert",
+            "INSERT INTO outbox_events (id, event_type, aggregate_type, aggregate_id, payload, \
+             headers, occurred_at, created_at, next_attempt_at, status, attempts) \
+             VALUES (?, 'raw', ?, ?, '{}', '{}', ?, ?, ?, 'pending', 0)",
+            vec![
+                Uuid::now_v7().into(),
+                kind.into(),
+                id.into(),
+                chrono::Utc::now().into(),
+                chrono::Utc::now().into(),
+                chrono::Utc::now().into(),
+            ],
+        )
+        .await;
+    }
+    for (kind, id) in keys {
+        assert_eq!(
+            partition(t, kind, id).await,
+            i64::from(partition_of(kind, id)),
+            "{kind}/{id}"
+        );
+    }
+    // The library's own writes agree.
+    Outbox::new(&t.db)
+        .add_events(vec![NewEvent::new("t", "order", "99")])
+        .await
+        .expect("add");
+    assert_eq!(
+        partition(t, "order", "99").await,
+        i64::from(partition_of("order", "99"))
+    );
+}
+
+/// The stored partition of an aggregate's (first) row.
+async fn partition(t: &TestDb, kind: &str, id: &str) -> i64 {
+    let int = match t.db_backend() {
+        sea_orm::DbBackend::MySql => "SIGNED",
+        _ => "BIGINT",
+    };
+    t.scalar(&format!(
+        "SELECT CAST(partition_no AS {int}) FROM outbox_events \
+         WHERE aggregate_type = '{kind}' AND aggregate_id = '{id}' LIMIT 1"
+    ))
+    .await
+}
+
+async fn rows_without_a_partition_are_adopted_then_delivered_in_order(t: &TestDb) {
+    // Rows from before the partitions migration have none.
+    let ids = seed(&t.db, scattered_events(2_500, 40)).await;
+    t.exec(
+        "forget partitions",
+        "UPDATE outbox_events SET partition_no = NULL",
+        vec![],
+    )
+    .await;
+    let sink = InMemoryPublisher::new();
+    let relay = Relay::builder(t.db.clone(), sink.clone())
+        .config(quick(RelayConfig::default().batch_size(200)))
+        .build()
+        .expect("relay");
+    let stats = relay.drain().await.expect("drain");
+    assert_eq!(stats.published, 2_500, "{stats:?}");
+    assert_in_order(&sink.deliveries(), &ids);
+    let unassigned = t
+        .scalar("SELECT COUNT(*) FROM outbox_events WHERE partition_no IS NULL")
+        .await;
+    assert_eq!(unassigned, 0);
+    for e in all_rows(&t.db).await.iter().take(50) {
+        let got = partition(t, &e.aggregate_type, &e.aggregate_id).await;
+        assert_eq!(
+            got,
+            i64::from(partition_of(&e.aggregate_type, &e.aggregate_id))
+        );
+    }
+}
+
+async fn relays_divide_the_partitions_and_rebalance_on_join_and_leave(t: &TestDb) {
+    let stop_writer = CancellationToken::new();
+    // A writer commits small batches the whole time: 30 aggregates, numbered per aggregate.
+    let writer = tokio::spawn({
+        let db = t.connect_again().await;
+        let stop = stop_writer.clone();
+        async move {
+            let mut seqs: HashMap<u64, u64> = HashMap::new();
+            let mut ids = Vec::new();
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                let batch: Vec<NewEvent> = (0..20)
+                    .map(|_| {
+                        i += 1;
+                        let agg = (i * 7919) % 30;
+                        let seq = seqs.entry(agg).or_default();
+                        *seq += 1;
+                        NewEvent::new("t", "agg", agg.to_string())
+                            .payload(&serde_json::json!({ "seq": *seq }))
+                    })
+                    .collect();
+                ids.extend(Outbox::new(&db).add_events(batch).await.expect("write"));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ids
+        }
+    });
+    let sink = InMemoryPublisher::new();
+    let start = |name: &'static str| {
+        let sink = sink.clone();
+        let db = t.connect_again();
+        async move {
+            let relay = Relay::builder(db.await, sink)
+                .config(quick(RelayConfig::default().name(name).batch_size(50)))
+                .build()
+                .expect("relay");
+            support::spawn(relay)
+        }
+    };
+    let (stop_a, a) = start("a").await;
+    wait_until(Duration::from_secs(10), "a owns everything", || async {
+        owned_by(t).await.get("a") == Some(&256)
+    })
+    .await;
+    let (stop_b, b) = start("b").await;
+    let joined = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "a and b share the partitions",
+        || async {
+            let owned = owned_by(t).await;
+            owned.get("a") == Some(&128) && owned.get("b") == Some(&128)
+        },
+    )
+    .await;
+    // Never two owners at once: 256 rows, each owned once.
+    let owners = t
+        .scalar("SELECT COUNT(*) FROM outbox_partitions WHERE owner IS NOT NULL")
+        .await;
+    assert_eq!(owners, 256);
+    let shared_after = joined.elapsed();
+    // Both deliver for a while.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop_b.cancel();
+    let b_stats = b.await.expect("b");
+    let left = std::time::Instant::now();
+    assert!(b_stats.published > 0, "b took part: {b_stats:?}");
+    wait_until(
+        Duration::from_secs(10),
+        "a takes b's share back",
+        || async { owned_by(t).await.get("a") == Some(&256) },
+    )
+    .await;
+    let whole_after = left.elapsed();
+    stop_writer.cancel();
+    let ids = writer.await.expect("writer");
+    wait_until(Duration::from_secs(30), "the outbox to drain", || async {
+        pending(&t.db).await == 0
+    })
+    .await;
+    stop_a.cancel();
+    a.await.expect("a");
+    println!(
+        "rebalance ({:?}, 2 s partition lease): shared {shared_after:?} after b joined, whole \
+         again {whole_after:?} after b left; {} events delivered in order",
+        t.backend,
+        ids.len()
+    );
+    assert_in_order(&sink.deliveries(), &ids);
+}
+
+/// Lets the first call through only when told; records every call's events.
+#[derive(Clone, Default)]
+struct Held {
+    entered: Arc<tokio::sync::Notify>,
+    open: Arc<tokio::sync::Notify>,
+    calls: Arc<std::sync::Mutex<Vec<Vec<Uuid>>>>,
+}
+
+#[async_trait]
+impl Publisher for Held {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        let first = {
+            let mut calls = self.calls.lock().expect("calls");
+            calls.push(events.iter().map(|e| e.id).collect());
+            calls.len() == 1
+        };
+        if first {
+            self.entered.notify_one();
+            self.open.notified().await;
+        }
+        Ok(vec![PublishOutcome::Delivered; events.len()])
+    }
+}
+
+async fn a_relay_cut_off_from_its_database_stops_publishing_its_partitions(t: &TestDb) {
+    // One aggregate, two events: two waves, one publish each.
+    let ids = Outbox::new(&t.db)
+        .add_events(vec![
+            NewEvent::new("t", "agg", "1").payload(&serde_json::json!({ "seq": 1 })),
+            NewEvent::new("t", "agg", "1").payload(&serde_json::json!({ "seq": 2 })),
+        ])
+        .await
+        .expect("add");
+    let proxy = Proxy::start(&t.server_addr()).await;
+    let held = Held::default();
+    let config = RelayConfig::default()
+        .partition_lease(Duration::from_secs(2))
+        // Long enough that the first call outlives the lease.
+        .publish_timeout(Duration::from_millis(1_300))
+        .idle_poll_interval(Duration::from_millis(50));
+    let cut_off = Relay::builder(t.connect_via(proxy.addr).await, held.clone())
+        .config(config.clone().name("cut-off"))
+        .build()
+        .expect("relay");
+    let (stop, task) = support::spawn(cut_off);
+    held.entered.notified().await;
+    eprintln!("cut-off: first wave out");
+    // Its database goes away mid-publish; its lease runs out while the first wave is out.
+    proxy.cut();
+    // Past its own lease by its clock (a tenth of a second of it was left), but within the
+    // publish timeout: the first call then comes back delivered.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    held.open.notify_one();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        held.calls.lock().expect("calls").len(),
+        1,
+        "the second wave was not published: the partition is no longer surely its own"
+    );
+    // Another relay takes the partitions over once the lease has run out, and delivers both
+    // (the first again: a duplicate within the documented bound, never a gap or a reorder).
+    let sink = InMemoryPublisher::new();
+    let taker = Relay::builder(t.connect_again().await, sink.clone())
+        .config(config.name("taker"))
+        .build()
+        .expect("relay");
+    let (stop_taker, taker_task) = support::spawn(taker);
+    eprintln!("cut-off: taker started");
+    wait_until(Duration::from_secs(15), "the taker delivers", || async {
+        pending(&t.db).await == 0
+    })
+    .await;
+    assert_in_order(&sink.deliveries(), &ids);
+    eprintln!("cut-off: taker delivered");
+    proxy.restore();
+    stop.cancel();
+    let stats = task.await.expect("cut-off relay");
+    eprintln!("cut-off: stopped");
+    assert_eq!(
+        stats.published, 0,
+        "its write-back was refused or never made: {stats:?}"
+    );
+    stop_taker.cancel();
+    taker_task.await.expect("taker");
+    assert_eq!(
+        held.calls.lock().expect("calls").len(),
+        1,
+        "nothing more from the cut-off relay"
+    );
+}
