@@ -227,7 +227,7 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
             .ok()
             .and_then(|d| now().checked_sub_signed(d))
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let owners = store::partitions::owners(self.db, now()).await?;
+        let owners = store::partitions::owners(self.db, since).await?;
         let beats = store::heard_since(self.db, since).await?;
         Ok(RelayHeartbeat::with_partitions(beats, &owners))
     }

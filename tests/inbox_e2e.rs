@@ -92,6 +92,8 @@ async fn e2e_relay_child() {
             RelayConfig::default()
                 .batch_size(50)
                 .lease_duration(Duration::from_secs(2))
+                // Each restart has a new name: its predecessor's partitions wait out the lease.
+                .partition_lease(Duration::from_secs(2))
                 .publish_timeout(Duration::from_secs(1)),
         ))
         .build()

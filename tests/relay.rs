@@ -163,6 +163,7 @@ async fn aborted_relay_task_loses_nothing(t: &TestDb) {
         RelayConfig::default()
             .batch_size(BATCH)
             .lease_duration(Duration::from_secs(2))
+            .partition_lease(Duration::from_secs(2))
             .publish_timeout(Duration::from_secs(1)),
     );
     let first = Relay::builder(
@@ -345,8 +346,8 @@ async fn stale_write_back_changes_nothing(t: &TestDb, on_publish: OnPublish, cla
         // Its partitions lapse and are no longer its own (as if it missed its renewals and
         // another relay came and went): its renewals find nothing to renew.
         (
-            "UPDATE outbox_partitions SET owner = 'gone', owned_until = ?",
-            vec![past.into()],
+            "UPDATE outbox_partitions SET owner = 'gone' WHERE partition_no >= ?",
+            vec![0i32.into()],
         )
     } else if t.db_backend() == sea_orm::DbBackend::Postgres {
         // PostgreSQL leases a batch with one `outbox_leases` row, not per row.
@@ -952,6 +953,8 @@ async fn invalid_relay_config_is_rejected(t: &TestDb) {
         RelayConfig::default()
             .lease_duration(Duration::from_secs(1))
             .publish_timeout(Duration::from_secs(2)),
+        // A publish could outlast the partition lease it started under.
+        RelayConfig::default().partition_lease(Duration::from_secs(12)),
     ];
     for config in bad {
         let res = Relay::builder(t.db.clone(), StdoutPublisher::stdout())

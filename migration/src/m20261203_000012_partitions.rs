@@ -1,5 +1,6 @@
 //! Hash partitions for per-aggregate order: `outbox_events.partition_no`, the due index keyed by
-//! it, and `outbox_partitions`, the table through which relays divide the partitions.
+//! it, and `outbox_partitions` (partition, owner token, epoch), the table through which relays
+//! divide the partitions.
 //!
 //! Every event of one aggregate has the same partition, the first four bytes of
 //! `md5(aggregate_type || ':' || aggregate_id)` modulo 256 (`seaorm_outbox::event::partition_of`).
@@ -23,9 +24,10 @@
 //!   due index is rebuilt with it as its last column, online (`LOCK=NONE`: writers go on).
 //! * **SQLite:** a nullable column the library fills, and the same indexes as PostgreSQL.
 //!
-//! `outbox_relays.claims` (nullable, a catalog change) marks the heartbeats of relays that take
-//! a share of the partitions, so relays claiming under leases do not count when they divide
-//! them.
+//! `outbox_relays.claims` (nullable, a catalog change) holds the owner token of a relay that
+//! takes a share of the partitions: its heartbeat row is its ownership's lease, one row
+//! written per renewal however many partitions it holds, and relays claiming under leases do
+//! not count when the partitions are divided.
 //!
 //! `outbox_events_displaced_idx` (PostgreSQL, SQLite) lists the pending events whose next
 //! attempt was moved past their creation, retried or held behind their aggregate's failure: a
@@ -95,7 +97,6 @@ enum OutboxPartitions {
     PartitionNo,
     Owner,
     Epoch,
-    OwnedUntil,
 }
 
 #[async_trait::async_trait]
@@ -173,7 +174,7 @@ impl MigrationTrait for Migration {
             _ => "SELECT COUNT(*) FROM pragma_table_info('outbox_relays') WHERE name = 'claims'",
         };
         if count(manager, claims).await? == 0 {
-            db.execute_unprepared("ALTER TABLE outbox_relays ADD COLUMN claims VARCHAR(16) NULL")
+            db.execute_unprepared("ALTER TABLE outbox_relays ADD COLUMN claims VARCHAR(64) NULL")
                 .await?;
         }
 
@@ -191,7 +192,6 @@ impl MigrationTrait for Migration {
                     )
                     .col(ColumnDef::new(P::Owner).string_len(64).null())
                     .col(ColumnDef::new(P::Epoch).big_integer().not_null().default(0))
-                    .col(crate::timestamp(manager, P::OwnedUntil).null())
                     .to_owned(),
             )
             .await?;

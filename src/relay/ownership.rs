@@ -6,9 +6,11 @@
 //!
 //! 1. gives partitions to rows that have none (rows older than the partitions migration), a
 //!    thousand per round; nothing is taken until none are left;
-//! 2. writes the relay's heartbeat row, which is how relays count each other;
-//! 3. renews what it holds; a partition another relay took over is dropped, with its holds;
-//! 4. takes free or lapsed partitions up to its fair share, `ceil(256 / live relays)`, learning
+//! 2. writes the relay's heartbeat row with its owner token: the renewal of everything it
+//!    holds (one row, however many partitions), and how relays count each other;
+//! 3. reads what it holds; a partition another relay took over is dropped, with its holds;
+//! 4. takes free partitions (no owner, or an owner whose heartbeat is older than the lease)
+//!    up to its fair share, `ceil(256 / live relays)`, learning
 //!    each one's blocked aggregates from the table before it claims there;
 //! 5. marks what it holds beyond its share for release: the claim loop stops reading those at
 //!    once and releases them once its batch in flight is written back;

@@ -22,21 +22,18 @@ impl<P: Publisher> Relay<P> {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            self.heartbeat(beat, Some(every)).await;
-            self.ownership_round(false).await;
+            self.ownership_round(beat, false).await;
         }
     }
 
     /// The first heartbeat and round, before the claim loop starts, so its first claim has
     /// partitions to read.
     pub(super) async fn first_round(&self, beat: &mut Beat) {
-        let every = self.config.partition_lease / 10;
-        self.heartbeat(beat, Some(every)).await;
-        self.ownership_round(false).await;
+        self.ownership_round(beat, false).await;
     }
 
     /// One round. `greedy` (a drain) takes every free partition rather than a fair share.
-    pub(super) async fn ownership_round(&self, greedy: bool) {
+    pub(super) async fn ownership_round(&self, beat: &mut Beat, greedy: bool) {
         let lease = self.config.partition_lease;
         if !lock(&self.ownership).strays_checked {
             match store::partitions::adopt_strays(&self.db, ADOPT_BATCH).await {
@@ -51,9 +48,14 @@ impl<P: Publisher> Relay<P> {
             }
         }
         let token = lock(&self.ownership).token.clone();
-        let (at, sent) = (now(), Instant::now());
-        let until = at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        match store::partitions::renew(&self.db, &token, until).await {
+        // The heartbeat is the renewal: its send time starts the ownership's validity.
+        let sent = Instant::now();
+        if !self.beat_now(beat).await {
+            tracing::warn!(relay = %self.name, "outbox partition renewal (heartbeat) failed");
+            return;
+        }
+        let at = now();
+        match store::partitions::held_by(&self.db, &token).await {
             Ok(still) => {
                 let usable = self.config.usable_partition_lease();
                 let lost = lock(&self.ownership).renewed(&still, sent, usable);
@@ -64,27 +66,25 @@ impl<P: Publisher> Relay<P> {
                 }
             }
             Err(e) => {
-                tracing::warn!(relay = %self.name, error = %e, "outbox partition renewal failed");
+                tracing::warn!(relay = %self.name, error = %e, "outbox partitions not read");
                 return;
             }
         }
         if !lock(&self.ownership).strays_checked {
             return;
         }
+        let since = at - chrono::Duration::from_std(lease).unwrap_or_default();
         let share = if greedy {
             usize::from(PARTITIONS)
         } else {
-            match self
-                .live_relays(at - chrono::Duration::from_std(lease).unwrap_or_default())
-                .await
-            {
+            match self.live_relays(since).await {
                 Some(n) => fair_share(n),
                 None => return,
             }
         };
         let have = lock(&self.ownership).count();
         if have < share {
-            self.take(&token, share - have, until).await;
+            self.take(&token, share - have, since).await;
         } else if have > share {
             lock(&self.ownership).trim_to(share);
         }
@@ -107,7 +107,7 @@ impl<P: Publisher> Relay<P> {
     async fn live_relays(&self, since: chrono::DateTime<chrono::Utc>) -> Option<u64> {
         match store::partition_relays_since(&self.db, since).await {
             Ok(names) => {
-                let me = names.iter().any(|n| *n == self.name);
+                let me = names.contains(&self.name);
                 Some(names.len() as u64 + u64::from(!me))
             }
             Err(e) => {
@@ -118,9 +118,9 @@ impl<P: Publisher> Relay<P> {
     }
 
     /// Takes up to `want` partitions and learns their blocked aggregates before claiming there.
-    async fn take(&self, token: &str, want: usize, until: chrono::DateTime<chrono::Utc>) {
+    async fn take(&self, token: &str, want: usize, since: chrono::DateTime<chrono::Utc>) {
         let want = u16::try_from(want).unwrap_or(PARTITIONS);
-        let taken = match store::partitions::take(&self.db, token, now(), until, want).await {
+        let taken = match store::partitions::take(&self.db, token, since, want).await {
             Ok(t) if t.is_empty() => return,
             Ok(t) => t,
             Err(e) => {

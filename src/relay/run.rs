@@ -37,7 +37,7 @@ struct Next {
 }
 
 impl Beat {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             started_at: now(),
             next: Instant::now(),
@@ -242,6 +242,10 @@ impl<P: Publisher> Relay<P> {
         let result = self.drain_owned().await;
         if self.config.owns_partitions() {
             self.release_all().await;
+            // The heartbeat row was only the ownership's lease.
+            if let Err(e) = store::forget(&self.db, &self.name).await {
+                tracing::debug!(relay = %self.name, error = %e, "outbox relay row not removed");
+            }
         }
         result
     }
@@ -254,9 +258,10 @@ impl<P: Publisher> Relay<P> {
         if owned {
             self.adopt_all_strays().await?;
         }
+        let mut beat = Beat::new();
         loop {
             if owned && lock(&self.ownership).ends_within(Instant::now(), margin) {
-                self.ownership_round(true).await;
+                self.ownership_round(&mut beat, true).await;
             }
             let cycle = self.cycle(&never).await?;
             stats += cycle.stats;
@@ -284,9 +289,20 @@ impl<P: Publisher> Relay<P> {
         }
         // Once per interval or change, whether or not the write succeeds: a missing table
         // (migrations not run) must not turn into a statement per loop.
-        beat.state = Some(breaker.state);
         beat.next = Instant::now() + every;
+        self.beat_now(beat).await;
+    }
+
+    /// Writes this relay's `outbox_relays` row now; returns whether it was written. Under owned
+    /// partitions the row carries the run's owner token, and it is the ownership's lease.
+    pub(super) async fn beat_now(&self, beat: &mut Beat) -> bool {
+        let breaker = self.breaker();
+        beat.state = Some(breaker.state);
         let at = now();
+        let claims = self
+            .config
+            .owns_partitions()
+            .then(|| lock(&self.ownership).token.clone());
         let row = store::Heartbeat {
             name: self.name.clone(),
             publisher: self.publisher.name().to_owned(),
@@ -295,14 +311,18 @@ impl<P: Publisher> Relay<P> {
             breaker: breaker.state.as_str().to_owned(),
             unavailable_since: breaker.unavailable_since,
             last_error: breaker.last_error,
-            claims: self.config.owns_partitions().then_some("partitions"),
+            claims,
         };
         // Rows of relays that died without removing theirs age out after a day.
         let forget_before = at - chrono::Duration::days(1);
         match store::beat(&self.db, &row, forget_before).await {
-            Ok(()) => beat.wrote = true,
+            Ok(()) => {
+                beat.wrote = true;
+                true
+            }
             Err(e) => {
-                tracing::debug!(relay = %self.name, error = %e, "outbox relay heartbeat failed")
+                tracing::debug!(relay = %self.name, error = %e, "outbox relay heartbeat failed");
+                false
             }
         }
     }

@@ -19,8 +19,9 @@ pub(crate) struct Heartbeat {
     pub(crate) breaker: String,
     pub(crate) unavailable_since: Option<DateTime<Utc>>,
     pub(crate) last_error: Option<String>,
-    /// `partitions` for a relay that takes a share of the owned partitions; `None` otherwise.
-    pub(crate) claims: Option<&'static str>,
+    /// The owner token of a relay that takes a share of the owned partitions (this row is then
+    /// its ownership's lease); `None` otherwise.
+    pub(crate) claims: Option<String>,
 }
 
 const COLUMNS: &str =
@@ -55,7 +56,7 @@ pub(crate) async fn beat(
         h.breaker.clone().into(),
         h.unavailable_since.into(),
         h.last_error.clone().into(),
-        h.claims.map(str::to_owned).into(),
+        h.claims.clone().into(),
     ];
     db.execute_raw(stmt(backend, upsert, values)).await?;
     delete(db, "heartbeat_at < ?", forget_before.into()).await
@@ -115,7 +116,7 @@ pub(crate) async fn partition_relays_since(
     let rows = db
         .query_all_raw(stmt(
             backend,
-            "SELECT name FROM outbox_relays WHERE heartbeat_at >= ? AND claims = 'partitions'",
+            "SELECT name FROM outbox_relays WHERE heartbeat_at >= ? AND claims IS NOT NULL",
             vec![since.into()],
         ))
         .await?;

@@ -1,12 +1,14 @@
 //! Owned partitions: `outbox_partitions`, through which relays divide the [`PARTITIONS`] hash
 //! partitions, and the claim and write-back of a relay that owns some.
 //!
-//! A partition row names its owner (a relay's run token), an epoch and how long the ownership
-//! holds (`owned_until`, by the owner's clock). A relay renews what it owns, takes partitions
-//! that are free or whose owner let them lapse, and releases what it gives up. Each take
-//! stamps a new epoch, higher than any in the table, so a write-back fenced on "owner is me,
-//! epoch at most the one I claimed under" is refused once the partition has changed hands,
-//! even if it came back.
+//! A partition row names its owner (a relay's run token) and an epoch. The ownership's lease
+//! is the owner's heartbeat row in `outbox_relays`, whose `claims` column carries the token:
+//! one row written per renewal, however many partitions it holds. A partition is free when it
+//! has no owner or its owner's heartbeat is older than the lease (by the taker's clock), or was
+//! replaced by a later run of the same relay name. A relay takes free partitions and releases
+//! what it gives up; each take stamps a new epoch, higher than any in the table, so a
+//! write-back fenced on "owner is me, epoch at most the one I claimed under" is refused once
+//! the partition has changed hands, even if it came back.
 //!
 //! The claim is a plain read of the owner's due rows in due order: no lock, no lease written,
 //! no per-row proof of order. Only the owner reads those partitions.
@@ -82,21 +84,10 @@ fn held(rows: &[sea_orm::QueryResult]) -> Result<Vec<Held>> {
         .collect()
 }
 
-/// Extends `owner`'s partitions to `until`; returns what it still holds (a partition another
-/// relay took over is missing).
+/// What `owner` holds now (a partition another relay took over is missing).
 #[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
-pub(crate) async fn renew(
-    db: &impl ConnectionTrait,
-    owner: &str,
-    until: DateTime<Utc>,
-) -> Result<Vec<Held>> {
+pub(crate) async fn held_by(db: &impl ConnectionTrait, owner: &str) -> Result<Vec<Held>> {
     let b = db.get_database_backend();
-    db.execute_raw(stmt(
-        b,
-        "UPDATE outbox_partitions SET owned_until = ? WHERE owner = ?",
-        vec![until.into(), owner.into()],
-    ))
-    .await?;
     let rows = db
         .query_all_raw(stmt(
             b,
@@ -108,50 +99,33 @@ pub(crate) async fn renew(
     held(&rows)
 }
 
-/// Takes up to `want` partitions that are free or lapsed at `now`, or held by an earlier run
-/// of the same relay name, for `owner` until `until`; returns the ones it got. Two relays taking at once never both get one: the update re-checks
-/// that each is still free.
+/// A partition nobody holds: no owner, or one without a heartbeat since `?` (it lapsed, or a
+/// later run of its name replaced the token).
+const FREE: &str = "(owner IS NULL OR owner NOT IN (SELECT claims FROM outbox_relays \
+     WHERE claims IS NOT NULL AND heartbeat_at >= ?))";
+
+/// Takes up to `want` free partitions (see [`FREE`], live since `since`) for `owner`; returns
+/// the ones it got. Two relays taking at once never both get one: the update re-checks that
+/// each is still free.
 #[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn take(
     db: &impl ConnectionTrait,
     owner: &str,
-    now: DateTime<Utc>,
-    until: DateTime<Utc>,
+    since: DateTime<Utc>,
     want: u16,
 ) -> Result<Vec<Held>> {
     if want == 0 {
         return Ok(Vec::new());
     }
     let b = db.get_database_backend();
-    // Free, lapsed, or held by an earlier run of this relay's name (one that crashed: it is
-    // taken over at once instead of after its lease).
-    let prefix = match owner.rfind(':') {
-        Some(i) => &owner[..=i],
-        None => owner,
-    };
-    let free = "(owner IS NULL OR owned_until IS NULL OR owned_until < ? \
-         OR (SUBSTR(owner, 1, ?) = ? AND owner <> ?))";
-    let free_values = || -> Vec<Value> {
-        vec![
-            now.into(),
-            // An `int4`: PostgreSQL has no `substr(text, int, bigint)`.
-            i32::try_from(prefix.chars().count())
-                .unwrap_or(i32::MAX)
-                .into(),
-            prefix.into(),
-            owner.into(),
-        ]
-    };
-    let mut values = free_values();
-    values.push(i64::from(want).into());
     let candidates = db
         .query_all_raw(stmt(
             b,
             &format!(
-                "SELECT partition_no FROM outbox_partitions WHERE {free} \
+                "SELECT partition_no FROM outbox_partitions WHERE {FREE} \
                  ORDER BY partition_no LIMIT ?"
             ),
-            values,
+            vec![since.into(), i64::from(want).into()],
         ))
         .await?;
     let candidates: Vec<u16> = candidates
@@ -175,16 +149,14 @@ pub(crate) async fn take(
         Some(r) => r.try_get_by_index::<Option<i64>>(0)?.unwrap_or(0) + 1,
         None => 1,
     };
-    let mut values: Vec<Value> = vec![owner.into(), epoch.into(), until.into()];
-    values.extend(free_values());
     db.execute_raw(stmt(
         b,
         &format!(
-            "UPDATE outbox_partitions SET owner = ?, epoch = ?, owned_until = ? \
-             WHERE partition_no {} AND {free}",
+            "UPDATE outbox_partitions SET owner = ?, epoch = ? \
+             WHERE partition_no {} AND {FREE}",
             partition_list(&candidates)
         ),
-        values,
+        vec![owner.into(), epoch.into(), since.into()],
     ))
     .await?;
     let rows = db
@@ -213,28 +185,27 @@ pub(crate) async fn release(
     let b = db.get_database_backend();
     db.execute_raw(stmt(
         b,
-        &format!(
-            "UPDATE outbox_partitions SET owner = NULL, owned_until = NULL WHERE owner = ?{which}"
-        ),
+        &format!("UPDATE outbox_partitions SET owner = NULL WHERE owner = ?{which}"),
         vec![owner.into()],
     ))
     .await?;
     Ok(())
 }
 
-/// How many partitions each live owner holds at `now`, by owner token.
+/// How many partitions each owner with a heartbeat since `since` holds, by owner token.
 #[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn owners(
     db: &impl ConnectionTrait,
-    now: DateTime<Utc>,
+    since: DateTime<Utc>,
 ) -> Result<Vec<(String, u64)>> {
     let b = db.get_database_backend();
     let rows = db
         .query_all_raw(stmt(
             b,
-            "SELECT owner, COUNT(*) AS n FROM outbox_partitions \
-             WHERE owner IS NOT NULL AND owned_until >= ? GROUP BY owner ORDER BY owner",
-            vec![now.into()],
+            "SELECT owner, COUNT(*) AS n FROM outbox_partitions WHERE owner IN \
+             (SELECT claims FROM outbox_relays WHERE claims IS NOT NULL AND heartbeat_at >= ?) \
+             GROUP BY owner ORDER BY owner",
+            vec![since.into()],
         ))
         .await?;
     rows.iter()

@@ -212,9 +212,21 @@ pub(super) fn statements(
             Guard::Pending => format!("{sql} WHERE status = 'pending' AND id IN ({ids_in})"),
             Guard::Owned { owner, epoch } => {
                 values.extend([owner.into(), epoch.into()]);
+                // PostgreSQL joined `IN (subquery)` to every id of the batch per partition (300
+                // ms for 500 events); as an array it is read once.
+                let held = match backend {
+                    DbBackend::Postgres => "= ANY(ARRAY(SELECT partition_no",
+                    _ => "IN (SELECT partition_no",
+                };
+                let close = if backend == DbBackend::Postgres {
+                    "))"
+                } else {
+                    ")"
+                };
                 format!(
-                    "{sql} WHERE status = 'pending' AND partition_no IN (SELECT partition_no \
-                     FROM outbox_partitions WHERE owner = ? AND epoch <= ?) AND id IN ({ids_in})"
+                    "{sql} WHERE status = 'pending' AND partition_no {held} \
+                     FROM outbox_partitions WHERE owner = ? AND epoch <= ?{close} \
+                     AND id IN ({ids_in})"
                 )
             }
         };

@@ -253,6 +253,8 @@ pub async fn run_child_relay() {
             RelayConfig::default()
                 .batch_size(CHILD_BATCH)
                 .lease_duration(Duration::from_secs(2))
+                // Each child has a new name: a killed one's partitions wait out the lease.
+                .partition_lease(Duration::from_secs(2))
                 .publish_timeout(Duration::from_secs(1)),
         ))
         .build()
