@@ -16,7 +16,9 @@ use seaorm_outbox::event::partition_of;
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
 use seaorm_outbox::relay::{Relay, RelayConfig};
 use seaorm_outbox::{NewEvent, Outbox, OutboxEvent, OutboxRepository, PublishOutcome, Publisher};
-use support::{all_rows, fast, pending, scattered_events, seed, wait_until};
+use support::{
+    all_rows, assert_aggregate_order, fast, pending, scattered_events, seed, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -47,23 +49,10 @@ fn quick(config: RelayConfig) -> RelayConfig {
         .publish_timeout(Duration::from_millis(500))
 }
 
-/// Asserts each aggregate's first deliveries came in `seq` order, and every id once at least.
+/// Asserts each aggregate's first deliveries came in `seq` order, and every id at least once.
 fn assert_in_order(delivered: &[OutboxEvent], ids: &[Uuid]) {
-    let mut last: HashMap<&str, u64> = HashMap::new();
-    let mut seen = HashSet::new();
-    for e in delivered {
-        if !seen.insert(e.id) {
-            continue;
-        }
-        let seq = e.payload["seq"].as_u64().expect("seq");
-        let prev = last.insert(&e.aggregate_id, seq).unwrap_or(0);
-        assert_eq!(
-            seq,
-            prev + 1,
-            "aggregate {} got {seq} after {prev}",
-            e.aggregate_id
-        );
-    }
+    assert_aggregate_order(delivered);
+    let seen: HashSet<Uuid> = delivered.iter().map(|e| e.id).collect();
     assert!(
         ids.iter().all(|id| seen.contains(id)),
         "every event delivered"

@@ -21,8 +21,8 @@ use seaorm_outbox::{
     Error, NewEvent, Outbox, OutboxEvent, OutboxRepository, OutboxStatus, PublishOutcome, Publisher,
 };
 use support::{
-    all_rows, assert_crash_bounds, base, fast, locked_rows, pending, run_relays_until_empty,
-    scattered_events, seed, wait_until,
+    all_rows, assert_aggregate_order, assert_crash_bounds, base, fast, locked_rows, pending,
+    run_relays_until_empty, scattered_events, seed, wait_until,
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -75,25 +75,6 @@ fn assert_exactly_once(delivered: &[OutboxEvent], ids: &[Uuid]) {
     }
     assert_eq!(seen.len(), ids.len(), "every event delivered");
     assert!(ids.iter().all(|id| seen.contains(id)));
-}
-
-/// Asserts each aggregate's first deliveries arrive in `seq` order.
-fn assert_aggregate_order(delivered: &[OutboxEvent]) {
-    let mut last: HashMap<&str, u64> = HashMap::new();
-    let mut first = HashSet::new();
-    for e in delivered {
-        if !first.insert(e.id) {
-            continue;
-        }
-        let seq = e.payload["seq"].as_u64().expect("seq");
-        let prev = last.insert(&e.aggregate_id, seq).unwrap_or(0);
-        assert_eq!(
-            seq,
-            prev + 1,
-            "aggregate {} got seq {seq} after {prev}",
-            e.aggregate_id
-        );
-    }
 }
 
 async fn four_relays_deliver_20k_events_once_in_aggregate_order(t: &TestDb) {

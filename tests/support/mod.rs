@@ -261,3 +261,22 @@ pub async fn run_child_relay() {
         .expect("relay");
     relay.run(CancellationToken::new()).await;
 }
+
+/// Asserts each aggregate's first deliveries arrive in `seq` order.
+pub fn assert_aggregate_order(delivered: &[seaorm_outbox::OutboxEvent]) {
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    let mut first = std::collections::HashSet::new();
+    for e in delivered {
+        if !first.insert(e.id) {
+            continue;
+        }
+        let seq = e.payload["seq"].as_u64().expect("seq");
+        let prev = last.insert(&e.aggregate_id, seq).unwrap_or(0);
+        assert_eq!(
+            seq,
+            prev + 1,
+            "aggregate {} got seq {seq} after {prev}",
+            e.aggregate_id
+        );
+    }
+}
