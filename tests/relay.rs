@@ -84,7 +84,14 @@ async fn four_relays_deliver_20k_events_once_in_aggregate_order(t: &TestDb) {
         t,
         4,
         sink.clone(),
-        fast(RelayConfig::default().batch_size(200)),
+        // The first relay up takes every partition and gives the others theirs at its next
+        // round, a tenth of the partition lease later: short enough for a drain of seconds.
+        fast(
+            RelayConfig::default()
+                .batch_size(200)
+                .partition_lease(Duration::from_secs(2))
+                .publish_timeout(Duration::from_secs(1)),
+        ),
         Duration::from_secs(240),
     )
     .await;

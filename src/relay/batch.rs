@@ -32,6 +32,8 @@ pub(super) struct Offered {
     token: String,
     /// Owned partitions: the highest epoch held at the claim (the write-back's fence).
     epoch: Option<i64>,
+    /// Owned partitions: the generation of what was held at the claim (0 for leases).
+    generation: u64,
     lease_end: DateTime<Utc>,
     started: Instant,
     events: Vec<OutboxEvent>,
@@ -57,10 +59,18 @@ pub(super) struct Round {
     pub(super) paused_until: Option<tokio::time::Instant>,
 }
 
+/// Where the batch being written back ends, for the claim made meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct InFlight {
+    key: store::DueKey,
+    generation: u64,
+}
+
 /// What a claim got, either way.
 struct Claimed {
     token: String,
     epoch: Option<i64>,
+    generation: u64,
     lease_end: DateTime<Utc>,
     /// Where its scan started (a cursor), if not at the oldest due row.
     from: Option<store::DueKey>,
@@ -85,10 +95,19 @@ impl Round {
 }
 
 impl Offered {
-    /// The batch's last key in due order: a claim made while it is written back starts after
-    /// it (owned partitions take no lease, so nothing else keeps the claim off its rows).
-    pub(super) fn last_key(&self) -> Option<store::DueKey> {
-        self.events.iter().map(|e| (e.next_attempt_at, e.id)).max()
+    /// The batch's last key in due order, and the generation it was claimed under: a claim
+    /// made while it is written back starts after it (owned partitions take no lease, so
+    /// nothing else keeps the claim off its rows).
+    pub(super) fn last_key(&self) -> Option<InFlight> {
+        let key = self
+            .events
+            .iter()
+            .map(|e| (e.next_attempt_at, e.id))
+            .max()?;
+        Some(InFlight {
+            key,
+            generation: self.generation,
+        })
     }
 }
 
@@ -110,7 +129,7 @@ impl<P: Publisher> Relay<P> {
         &self,
         cancel: &CancellationToken,
         opportunistic: bool,
-        in_flight: Option<store::DueKey>,
+        in_flight: Option<InFlight>,
     ) -> Result<Round> {
         let started = Instant::now();
         let claimed_at = now();
@@ -177,8 +196,14 @@ impl<P: Publisher> Relay<P> {
         } else {
             self.config.ordering
         };
-        self.cursor()
-            .claimed(started, claim.from, cursor_order, &events, limit as usize);
+        self.cursor().claimed(
+            started,
+            claim.generation,
+            claim.from,
+            cursor_order,
+            &events,
+            limit as usize,
+        );
         let mut round = Round {
             limit,
             claimed,
@@ -231,6 +256,7 @@ impl<P: Publisher> Relay<P> {
         round.offered = Some(Offered {
             token: claim.token,
             epoch: claim.epoch,
+            generation: claim.generation,
             lease_end: claim.lease_end,
             started,
             events,
@@ -247,7 +273,7 @@ impl<P: Publisher> Relay<P> {
         claimed_at: DateTime<Utc>,
         started: Instant,
         limit: u32,
-        in_flight: Option<store::DueKey>,
+        in_flight: Option<InFlight>,
     ) -> Result<Option<Claimed>> {
         let (snapshot, token) = {
             let o = lock(&self.ownership);
@@ -256,12 +282,19 @@ impl<P: Publisher> Relay<P> {
         let Some(snapshot) = snapshot else {
             return Ok(None);
         };
-        // Where PostgreSQL's dead index entries make a cursor worth it, or, whatever the
-        // backend, after the batch in flight (no lease keeps this claim off its rows).
-        let from = in_flight.or_else(|| match self.db.get_database_backend() {
-            sea_orm::DbBackend::Postgres => self.cursor().start(started),
-            _ => None,
-        });
+        // After the batch in flight, whatever the backend (no lease keeps this claim off its
+        // rows), or where PostgreSQL's dead index entries make a cursor worth it.
+        let from = match in_flight {
+            Some(f) if f.generation == snapshot.generation => Some(f.key),
+            // Partitions taken since that batch was claimed may have due rows anywhere before
+            // its key, and a scan from the start would read the batch again: claim once it is
+            // written back.
+            Some(_) => return Ok(None),
+            None => match self.db.get_database_backend() {
+                sea_orm::DbBackend::Postgres => self.cursor().start(started, snapshot.generation),
+                _ => None,
+            },
+        };
         let rows = store::partitions::claim(
             &self.db,
             &store::partitions::OwnedClaim {
@@ -279,6 +312,7 @@ impl<P: Publisher> Relay<P> {
         Ok(Some(Claimed {
             token,
             epoch: Some(snapshot.epoch),
+            generation: snapshot.generation,
             lease_end: claimed_at + lease,
             from,
             rows,
@@ -302,7 +336,7 @@ impl<P: Publisher> Relay<P> {
         // Only PostgreSQL leaves published rows' entries in the due index (MySQL purges them,
         // SQLite deletes them at once), so elsewhere every claim is a full scan.
         let from = match self.db.get_database_backend() {
-            sea_orm::DbBackend::Postgres => self.cursor().start(started),
+            sea_orm::DbBackend::Postgres => self.cursor().start(started, 0),
             _ => None,
         };
         let store::Claimed { rows, walked } = store::claim(
@@ -324,6 +358,7 @@ impl<P: Publisher> Relay<P> {
         Ok(Claimed {
             token,
             epoch: None,
+            generation: 0,
             lease_end,
             from,
             rows,
@@ -416,7 +451,14 @@ impl<P: Publisher> Relay<P> {
                 Ok(w) => return Some(w),
                 Err(e) => {
                     let retry_at = now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                    if retry_at >= lease_end {
+                    // Owned partitions: not once another relay may have taken them over, when a
+                    // handed-back row moved under its feet could let a later event overtake.
+                    let owned_lapsed = epoch.is_some()
+                        && !lock(&self.ownership).writable(
+                            tokio::time::Instant::now() + delay,
+                            self.config.publish_timeout,
+                        );
+                    if retry_at >= lease_end || owned_lapsed {
                         tracing::error!(relay = %self.name, error = %e,
                             "outbox write-back failed until the lease ended; the batch will be redelivered");
                         return None;

@@ -35,27 +35,43 @@ pub(crate) struct Cursor {
     after: Option<DueKey>,
     /// When the last claim without a cursor (a full scan) was made.
     swept: Option<Instant>,
+    /// Under owned partitions, the generation of what was held when it was set: partitions
+    /// taken since may hold due rows anywhere behind it.
+    generation: u64,
 }
 
 impl Cursor {
-    /// The key the next claim made at `now` may start at; `None` for a full scan.
-    pub(crate) fn start(&self, now: Instant) -> Option<DueKey> {
+    /// The key the next claim made at `now`, reading what generation `generation` holds, may
+    /// start at; `None` for a full scan.
+    pub(crate) fn start(&self, now: Instant, generation: u64) -> Option<DueKey> {
         let fresh = self
             .swept
             .is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY);
-        self.after.filter(|_| fresh)
+        self.after
+            .filter(|_| fresh && generation == self.generation)
     }
 
-    /// Records a claim made at `at`, from `from` (what [`Self::start`] gave it), that got
-    /// `events` of the `limit` it asked for.
+    /// Records a claim made at `at` on generation `generation`, from `from` (what
+    /// [`Self::start`] gave it), that got `events` of the `limit` it asked for.
     pub(crate) fn claimed(
         &mut self,
         at: Instant,
+        generation: u64,
         from: Option<DueKey>,
         ordering: Ordering,
         events: &[OutboxEvent],
         limit: usize,
     ) {
+        if generation != self.generation {
+            // Its scan started no earlier than the new partitions' oldest rows only if it was
+            // a full one; either way the next claim of the new generation scans from the start.
+            self.generation = generation;
+            self.after = None;
+            self.swept = None;
+            if from.is_some() {
+                return;
+            }
+        }
         if from.is_none() {
             self.swept = Some(at);
         }
@@ -87,19 +103,48 @@ mod tests {
     fn full_batches_move_it_short_ones_and_time_reset_it() {
         let t0 = Instant::now();
         let mut c = Cursor::default();
-        assert_eq!(c.start(t0), None, "the first claim is a full scan");
+        assert_eq!(c.start(t0, 0), None, "the first claim is a full scan");
         let batch = [event(3), event(1), event(2), event(0), event(5)];
-        c.claimed(t0, None, Ordering::Unordered, &batch[..3], 3);
-        assert_eq!(c.start(t0), Some((batch[0].next_attempt_at, batch[0].id)));
-        c.claimed(t0, None, Ordering::PerAggregate, &batch[..3], 3);
-        assert_eq!(c.start(t0), Some((batch[1].next_attempt_at, batch[1].id)));
+        c.claimed(t0, 0, None, Ordering::Unordered, &batch[..3], 3);
+        assert_eq!(
+            c.start(t0, 0),
+            Some((batch[0].next_attempt_at, batch[0].id))
+        );
+        c.claimed(t0, 0, None, Ordering::PerAggregate, &batch[..3], 3);
+        assert_eq!(
+            c.start(t0, 0),
+            Some((batch[1].next_attempt_at, batch[1].id))
+        );
 
-        let from = c.start(t0);
-        c.claimed(t0, from, Ordering::PerAggregate, &batch[3..], 2);
-        assert_eq!(c.start(t0), from, "never moves backwards within a sweep");
+        let from = c.start(t0, 0);
+        c.claimed(t0, 0, from, Ordering::PerAggregate, &batch[3..], 2);
+        assert_eq!(c.start(t0, 0), from, "never moves backwards within a sweep");
 
-        assert_eq!(c.start(t0 + SWEEP_EVERY), None, "a sweep is due");
-        c.claimed(t0, from, Ordering::Unordered, &batch[..2], 3);
-        assert_eq!(c.start(t0), None, "a short claim resets it");
+        assert_eq!(c.start(t0 + SWEEP_EVERY, 0), None, "a sweep is due");
+        c.claimed(t0, 0, from, Ordering::Unordered, &batch[..2], 3);
+        assert_eq!(c.start(t0, 0), None, "a short claim resets it");
+    }
+
+    #[test]
+    fn partitions_taken_since_it_was_set_void_it() {
+        let t0 = Instant::now();
+        let mut c = Cursor::default();
+        let batch = [event(1), event(2), event(3)];
+        c.claimed(t0, 0, None, Ordering::Unordered, &batch, 3);
+        assert!(c.start(t0, 0).is_some());
+        assert_eq!(
+            c.start(t0, 1),
+            None,
+            "a claim after a take scans from the start"
+        );
+        // A claim snapshotted before the take, recorded after it, sets nothing for the new one.
+        let from = c.start(t0, 0);
+        c.claimed(t0, 0, from, Ordering::Unordered, &batch, 3);
+        assert_eq!(c.start(t0, 1), None);
+        c.claimed(t0, 1, None, Ordering::Unordered, &batch, 3);
+        assert!(
+            c.start(t0, 1).is_some(),
+            "a full scan of the new generation sets it"
+        );
     }
 }

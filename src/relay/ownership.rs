@@ -46,6 +46,9 @@ pub(crate) struct Ownership {
     valid_until: Option<Instant>,
     /// Rows without a partition may remain: take nothing until they have one.
     pub(crate) strays_checked: bool,
+    /// Bumped by every take: a claim position found under an earlier generation says nothing
+    /// about the rows of partitions taken since.
+    generation: u64,
 }
 
 /// What a claim may read, taken under the lock.
@@ -55,6 +58,8 @@ pub(crate) struct Snapshot {
     pub(crate) partitions: Option<Vec<u16>>,
     /// The highest epoch held: the write-back's fence.
     pub(crate) epoch: i64,
+    /// What was held when it was taken ([`Ownership`]'s `generation`).
+    pub(crate) generation: u64,
 }
 
 impl Ownership {
@@ -65,6 +70,7 @@ impl Ownership {
             releasing: BTreeSet::new(),
             valid_until: None,
             strays_checked: false,
+            generation: 0,
         }
     }
 
@@ -88,6 +94,13 @@ impl Ownership {
         self.valid_until.is_some_and(|until| now < until)
     }
 
+    /// Whether a write-back may still start at `now`: a publish started while [`Self::valid`]
+    /// ends within `publish_timeout`, and until then no other relay takes its partitions over.
+    pub(crate) fn writable(&self, now: Instant, publish_timeout: Duration) -> bool {
+        self.valid_until
+            .is_some_and(|until| now < until + publish_timeout)
+    }
+
     /// What a claim at `now` may read; `None` when it holds nothing readable or its lease may
     /// have run out.
     pub(crate) fn snapshot(&self, now: Instant) -> Option<Snapshot> {
@@ -105,7 +118,11 @@ impl Ownership {
         }
         let epoch = self.held.values().copied().max().unwrap_or(0);
         let partitions = (readable.len() < usize::from(PARTITIONS)).then_some(readable);
-        Some(Snapshot { partitions, epoch })
+        Some(Snapshot {
+            partitions,
+            epoch,
+            generation: self.generation,
+        })
     }
 
     /// Records a renewal sent at `sent` for `lease` (`margin` short of it): what it still holds.
@@ -128,6 +145,9 @@ impl Ownership {
 
     /// Adds partitions just taken.
     pub(crate) fn took(&mut self, taken: &[Held]) {
+        if !taken.is_empty() {
+            self.generation += 1;
+        }
         self.held.extend(taken.iter().copied());
     }
 
