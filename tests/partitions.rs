@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::TestDb;
 use common::proxy::Proxy;
+use sea_orm::ConnectionTrait;
 use seaorm_outbox::event::partition_of;
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
 use seaorm_outbox::relay::{Relay, RelayConfig};
@@ -40,6 +41,11 @@ on_backends!(
 on_backends!(
     [postgres: Postgres] =>
     a_relay_cut_off_from_its_database_stops_publishing_its_partitions,
+);
+
+on_backends!(
+    [postgres: Postgres, mysql: MySql, sqlite_file: SqliteFile] =>
+    partitions_taken_over_mid_drain_are_read_from_their_oldest_event,
 );
 
 /// A short partition lease, so rebalancing and take-overs happen within a test.
@@ -335,5 +341,114 @@ async fn a_relay_cut_off_from_its_database_stops_publishing_its_partitions(t: &T
         held.calls.lock().expect("calls").len(),
         1,
         "nothing more from the cut-off relay"
+    );
+}
+
+/// Publishes into an [`InMemoryPublisher`], taking `delay` per call; or, with no sink, never
+/// answers (a relay stuck on its broker).
+#[derive(Clone)]
+struct Paced {
+    sink: Option<InMemoryPublisher>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl Publisher for Paced {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        let Some(sink) = &self.sink else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep(self.delay).await;
+        sink.publish(events).await
+    }
+}
+
+/// A relay crashes (its task dropped: nothing released, its heartbeat stops) while another is
+/// half way through draining its own partitions. The survivor takes the dead one's partitions
+/// with its claim position far past their oldest events; it must read them from the start, or
+/// an aggregate's later event overtakes an earlier one.
+async fn partitions_taken_over_mid_drain_are_read_from_their_oldest_event(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(12_000, 300)).await;
+    let config = quick(RelayConfig::default().batch_size(25));
+    let stuck = Paced {
+        sink: None,
+        delay: Duration::ZERO,
+    };
+    let ghost = Relay::builder(t.connect_again().await, stuck)
+        .config(config.clone().name("ghost"))
+        .build()
+        .expect("relay");
+    let (_stop_ghost, ghost) = support::spawn(ghost);
+    wait_until(
+        Duration::from_secs(10),
+        "the ghost owns everything",
+        || async { owned_by(t).await.get("ghost") == Some(&256) },
+    )
+    .await;
+    let sink = InMemoryPublisher::new();
+    let paced = Paced {
+        sink: Some(sink.clone()),
+        delay: Duration::from_millis(10),
+    };
+    let survivor = Relay::builder(t.connect_again().await, paced)
+        .config(config.name("survivor"))
+        .build()
+        .expect("relay");
+    let (stop, survivor) = support::spawn(survivor);
+    wait_until(
+        Duration::from_secs(10),
+        "the two share the partitions",
+        || async {
+            let owned = owned_by(t).await;
+            owned.get("ghost") == Some(&128) && owned.get("survivor") == Some(&128)
+        },
+    )
+    .await;
+    let ghosts: Vec<String> =
+        t.db.query_all_raw(sea_orm::Statement::from_string(
+            t.db.get_database_backend(),
+            "SELECT partition_no FROM outbox_partitions WHERE owner LIKE 'ghost:%'",
+        ))
+        .await
+        .expect("ghost partitions")
+        .iter()
+        .map(|r| {
+            r.try_get_by_index::<i64>(0)
+                .or_else(|_| r.try_get_by_index::<i16>(0).map(i64::from))
+                .expect("partition_no")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ghosts.len(), 128);
+    ghost.abort();
+    let _ = ghost.await;
+    wait_until(
+        Duration::from_secs(10),
+        "the survivor takes the ghost's partitions",
+        || async { owned_by(t).await.get("survivor") == Some(&256) },
+    )
+    .await;
+    let own_left = t
+        .scalar(&format!(
+            "SELECT COUNT(*) FROM outbox_events WHERE status = 'pending' \
+             AND partition_no NOT IN ({})",
+            ghosts.join(",")
+        ))
+        .await;
+    assert!(
+        own_left > 0,
+        "the take-over came mid-drain (else this proves nothing)"
+    );
+    wait_until(Duration::from_secs(60), "the outbox to drain", || async {
+        pending(&t.db).await == 0
+    })
+    .await;
+    stop.cancel();
+    let stats = survivor.await.expect("survivor");
+    assert_in_order(&sink.deliveries(), &ids);
+    println!(
+        "take-over mid-drain ({:?}): {own_left} of the survivor's own events still pending at \
+         the take-over; {} published, in order",
+        t.backend, stats.published
     );
 }
