@@ -7,6 +7,7 @@
 //! seaorm-outbox relay --publisher stdout|kafka|nats|rabbitmq|redis [--http-addr 127.0.0.1:9751]
 //! seaorm-outbox relay --mode log …   (PostgreSQL: read the write-ahead log)
 //! seaorm-outbox log failed list | replay (ID | --all) | discard ID
+//! seaorm-outbox migrate up [-n N] | down [-n N] | status [--json]
 //! ```
 //!
 //! The database comes from `--database-url` or `OUTBOX_DATABASE_URL`. Every failure is one line
@@ -17,6 +18,8 @@ mod dead_letters;
 mod http;
 mod inbox;
 mod log;
+mod logging;
+mod migrate;
 mod relay;
 
 use std::process::ExitCode;
@@ -46,6 +49,19 @@ struct Cli {
     /// PostgreSQL schema holding the outbox table.
     #[arg(long, env = "OUTBOX_DATABASE_SCHEMA", global = true)]
     schema: Option<String>,
+    /// Log filter on stderr: warn, info, debug, or directives like info,seaorm_outbox=debug
+    /// (RUST_LOG wins). Default: info for `relay`, warn otherwise.
+    #[arg(long, env = "OUTBOX_LOG_LEVEL", global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log line format on stderr.
+    #[arg(
+        long,
+        env = "OUTBOX_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value_t
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +94,10 @@ enum Command {
     /// The log relay (PostgreSQL): its dead letters.
     #[command(subcommand)]
     Log(log::LogCommand),
+    /// Create, upgrade or roll back the library's tables (recorded in
+    /// seaorm_outbox_migrations).
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCommand),
 }
 
 /// A failure to report: a message and an exit code.
@@ -148,6 +168,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> CliResult {
+    let runs = matches!(cli.command, Command::Relay(_));
+    logging::init(
+        cli.log_level.as_deref(),
+        cli.log_format,
+        if runs { "info" } else { "warn" },
+    )?;
     let db = || connect(cli.database_url.as_deref(), cli.schema.as_deref());
     match cli.command {
         Command::Status { json } => commands::status(&db().await?, json).await,
@@ -163,6 +189,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Relay(args) => relay::run(db().await?, cli.database_url.clone(), *args).await,
         Command::Inbox(cmd) => inbox::run(&db().await?, cmd).await,
         Command::Log(cmd) => log::run(&db().await?, cmd).await,
+        Command::Migrate(cmd) => migrate::run(&db().await?, cli.schema.as_deref(), cmd).await,
     }
 }
 

@@ -27,6 +27,168 @@ on_backends!(
     inbox_dead_letters_list_show_replay_discard_and_purge,
 );
 
+on_backends!(
+    @each empty [postgres: Postgres, mysql: MySql, sqlite_file: SqliteFile] =>
+    migrate_up_down_and_status_on_an_empty_database,
+    migrate_adopts_a_database_migrated_by_the_host_migrator,
+);
+
+/// The binary on `t`'s database, whatever the backend.
+fn cli_on(t: &TestDb) -> Command {
+    let env = t.child_env();
+    let url = env
+        .iter()
+        .find(|(k, _)| *k == "OUTBOX_CHILD_URL")
+        .map(|(_, v)| v.clone())
+        .expect("url");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_seaorm-outbox"));
+    c.env("OUTBOX_DATABASE_URL", url)
+        .env_remove("OUTBOX_DATABASE_SCHEMA")
+        .env_remove("RUST_LOG")
+        .env_remove("RUST_BACKTRACE");
+    if t.backend == common::Backend::Postgres {
+        c.env("OUTBOX_DATABASE_SCHEMA", &t.name);
+    }
+    c
+}
+
+fn ok_on(t: &TestDb, args: &[&str]) -> String {
+    let o = cli_on(t).args(args).output().expect("run seaorm-outbox");
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout(&o)
+}
+
+/// `migrate status --json`: how many of the library's migrations are applied, of how many.
+fn migrations_applied(t: &TestDb) -> (usize, usize) {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok_on(t, &["migrate", "status", "--json"])).expect("json");
+    let list = v.as_array().expect("array");
+    let applied = list.iter().filter(|m| m["applied"] == true).count();
+    (applied, list.len())
+}
+
+async fn table_exists(t: &TestDb, table: &str) -> bool {
+    let sql = match t.backend {
+        common::Backend::Postgres => format!(
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = '{table}'"
+        ),
+        common::Backend::MySql => format!(
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = '{table}'"
+        ),
+        _ => {
+            format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'")
+        }
+    };
+    t.scalar(&sql).await == 1
+}
+
+async fn migrate_up_down_and_status_on_an_empty_database(t: &TestDb) {
+    let total = seaorm_outbox_migration_count();
+    assert_eq!(migrations_applied(t), (0, total), "nothing applied yet");
+    assert!(!table_exists(t, "outbox_events").await);
+
+    let out = ok_on(t, &["migrate", "up", "-n", "2"]);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("applied ")).count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(migrations_applied(t), (2, total));
+
+    ok_on(t, &["migrate", "up"]);
+    assert_eq!(migrations_applied(t), (total, total));
+    assert!(table_exists(t, "outbox_partitions").await);
+    let out = ok_on(t, &["migrate", "up"]);
+    assert!(out.starts_with("nothing applied"), "{out}");
+    // The tables work: an event in, counted, and given its partition.
+    let id = Outbox::new(&t.db)
+        .add_event(NewEvent::new("order.placed", "order", "42"))
+        .await
+        .expect("add");
+    assert_eq!(
+        Outbox::new(&t.db).count_unpublished().await.expect("count"),
+        1
+    );
+
+    // Down one step: the partitions migration, whose table goes.
+    let out = ok_on(t, &["migrate", "down"]);
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("rolled back "))
+            .count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(migrations_applied(t), (total - 1, total));
+    assert!(!table_exists(t, "outbox_partitions").await);
+    ok_on(t, &["migrate", "up"]);
+    assert_eq!(migrations_applied(t), (total, total));
+    let event = Outbox::new(&t.db).get(id).await.expect("kept");
+    assert_eq!(event.aggregate_id, "42", "down and up again kept the row");
+
+    // All the way down and up again.
+    ok_on(t, &["migrate", "down", "-n", &total.to_string()]);
+    assert_eq!(migrations_applied(t), (0, total));
+    assert!(!table_exists(t, "outbox_events").await);
+    ok_on(t, &["migrate", "up"]);
+    assert_eq!(migrations_applied(t), (total, total));
+
+    // Bad input is refused before anything runs.
+    let o = cli_on(t)
+        .args(["migrate", "down", "-n", "0"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(migrations_applied(t), (total, total));
+}
+
+fn seaorm_outbox_migration_count() -> usize {
+    use sea_orm_migration::MigratorTrait;
+    seaorm_outbox_migration::Migrator::migrations().len()
+}
+
+async fn migrate_adopts_a_database_migrated_by_the_host_migrator(t: &TestDb) {
+    use sea_orm_migration::MigratorTrait;
+    let total = seaorm_outbox_migration_count();
+    // The host app's way: the library's migrations in its own Migrator, in seaql_migrations
+    // beside one of the app's own versions, which must not trouble the binary.
+    struct HostMigrator;
+    impl MigratorTrait for HostMigrator {
+        fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
+            seaorm_outbox_migration::migrations()
+        }
+    }
+    HostMigrator::up(&t.db, None)
+        .await
+        .expect("host migrations");
+    t.db.execute_unprepared(
+        "INSERT INTO seaql_migrations (version, applied_at) VALUES ('m20990101_000001_app', 0)",
+    )
+    .await
+    .expect("an app migration");
+    assert_eq!(
+        migrations_applied(t),
+        (total, total),
+        "read from seaql_migrations"
+    );
+    let out = ok_on(t, &["migrate", "up"]);
+    assert!(out.starts_with("nothing applied"), "{out}");
+    assert!(table_exists(t, "seaorm_outbox_migrations").await);
+    assert_eq!(
+        t.scalar("SELECT COUNT(*) FROM seaorm_outbox_migrations")
+            .await,
+        total as i64,
+        "adopted, under the same versions"
+    );
+    assert_eq!(migrations_applied(t), (total, total));
+}
+
 fn cli(t: &TestDb) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_seaorm-outbox"));
     c.env("OUTBOX_DATABASE_URL", common::postgres_url())
@@ -706,4 +868,95 @@ async fn inbox_dead_letters_list_show_replay_discard_and_purge(t: &TestDb) {
         ok(t, &["inbox", "status", "--consumer", "billing"])
             .contains("processed ids               1")
     );
+}
+
+/// A PostgreSQL restarted under a running relay process: its stderr, as JSON lines, warns of
+/// the outage and then says it is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_process_logs_a_database_restart_and_its_recovery() {
+    let server = common::pg_server::PgServer::start();
+    let t = TestDb::new_postgres_at(&server.url()).await;
+    seed(&t, 10).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("stderr.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seaorm-outbox"))
+        .env("OUTBOX_DATABASE_URL", server.url())
+        .env("OUTBOX_DATABASE_SCHEMA", &t.name)
+        .env_remove("RUST_LOG")
+        .args(["relay", "--publisher", "stdout", "--poll-interval", "100ms"])
+        .args([
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--log-format",
+            "json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn relay");
+    let drained = Instant::now();
+    while Outbox::new(&t.db).count_unpublished().await.ok() != Some(0) {
+        assert!(drained.elapsed() < Duration::from_secs(30), "never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart(Duration::from_secs(3));
+        server
+    })
+    .await
+    .expect("restart");
+    // JSON log lines, in order (the binary's own start line is plain text).
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let is = |l: &serde_json::Value, level: &str, needle: &str| {
+        l["level"] == level && l["message"].as_str().is_some_and(|m| m.contains(needle))
+    };
+    let recovered = Instant::now();
+    let (warned, resumed) = loop {
+        let all = lines();
+        let warned = all.iter().position(|l| {
+            l["level"] == "WARN"
+                && l["target"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("seaorm_outbox"))
+        });
+        // The claim loop, the partitions' renewal or the LISTEN connection: whichever noticed.
+        let resumed = all
+            .iter()
+            .rposition(|l| is(l, "INFO", "succeeded again") || is(l, "INFO", "re-established"));
+        if let (Some(w), Some(r)) = (warned, resumed)
+            && r > w
+        {
+            break (all[w].clone(), all[r].clone());
+        }
+        assert!(
+            recovered.elapsed() < Duration::from_secs(60),
+            "no warning followed by a recovery line: {all:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("outage: {warned}\nrecovery: {resumed}");
+    // It delivers again after the restart.
+    seed(&t, 5).await;
+    let again = Instant::now();
+    while Outbox::new(&t.db).count_unpublished().await.ok() != Some(0) {
+        assert!(
+            again.elapsed() < Duration::from_secs(30),
+            "no delivery after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    drop(server);
 }

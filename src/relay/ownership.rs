@@ -46,6 +46,8 @@ pub(crate) struct Ownership {
     valid_until: Option<Instant>,
     /// Rows without a partition may remain: take nothing until they have one.
     pub(crate) strays_checked: bool,
+    /// Renewals that failed in a row (logged once they succeed again).
+    pub(crate) failed_renewals: u32,
     /// Bumped by every take: a claim position found under an earlier generation says nothing
     /// about the rows of partitions taken since.
     generation: u64,
@@ -70,6 +72,7 @@ impl Ownership {
             releasing: BTreeSet::new(),
             valid_until: None,
             strays_checked: false,
+            failed_renewals: 0,
             generation: 0,
         }
     }

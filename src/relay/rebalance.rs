@@ -51,8 +51,14 @@ impl<P: Publisher> Relay<P> {
         // The heartbeat is the renewal: its send time starts the ownership's validity.
         let sent = Instant::now();
         if !self.beat_now(beat).await {
+            lock(&self.ownership).failed_renewals += 1;
             tracing::warn!(relay = %self.name, "outbox partition renewal (heartbeat) failed");
             return;
+        }
+        let failed = std::mem::take(&mut lock(&self.ownership).failed_renewals);
+        if failed > 0 {
+            tracing::info!(relay = %self.name, failed,
+                "outbox partition renewal (heartbeat) succeeded again");
         }
         let at = now();
         match store::partitions::held_by(&self.db, &token).await {

@@ -145,6 +145,10 @@ impl<P: Publisher> Relay<P> {
             stats += written;
             let next = match round {
                 Ok(mut round) => {
+                    if !db_backoff.is_zero() {
+                        // Said once, so an operator reading the warnings knows it is over.
+                        tracing::info!(relay = %self.name, "outbox relay cycle succeeded again; resuming");
+                    }
                     db_backoff = Duration::ZERO;
                     offered = round.offered.take();
                     self.after(&round, overlapped)

@@ -31,12 +31,18 @@ pub(crate) fn spawn_listener(
     // A mock or proxy connection has no pool to listen on.
     let pool = crate::store::pg_pool(db)?.clone();
     Some(tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
+        const FIRST_RETRY: Duration = Duration::from_millis(100);
+        let mut delay = FIRST_RETRY;
+        let mut failed = false;
         loop {
-            match listen(&pool, &wake, &cancel).await {
+            match listen(&pool, &wake, &cancel, failed).await {
                 Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox LISTEN connection failed; reconnecting")
+                Err(Lost { listened, error }) => {
+                    if listened {
+                        delay = FIRST_RETRY;
+                    }
+                    failed = true;
+                    tracing::warn!(error = %error, "outbox LISTEN connection lost; reconnecting");
                 }
             }
             tokio::select! {
@@ -48,29 +54,58 @@ pub(crate) fn spawn_listener(
     }))
 }
 
+/// Why [`listen`] returned before its cancellation.
+#[cfg(feature = "postgres")]
+struct Lost {
+    /// It was listening before it lost the connection (else it never got that far).
+    listened: bool,
+    error: String,
+}
+
+/// Listens until `cancel`, or until the connection is lost: reconnecting is left to the caller,
+/// so it is seen and logged (sqlx's listener would reconnect silently, and a database restart
+/// would leave no trace in the relay's log).
 #[cfg(feature = "postgres")]
 async fn listen(
     pool: &sea_orm::sqlx::PgPool,
     wake: &Notify,
     cancel: &CancellationToken,
-) -> Result<(), sea_orm::sqlx::Error> {
+    after_failure: bool,
+) -> Result<(), Lost> {
     use sea_orm::sqlx::postgres::PgListener;
 
+    let not_yet = |e: sea_orm::sqlx::Error| Lost {
+        listened: false,
+        error: e.to_string(),
+    };
     // The trigger's payload is the table's schema; only our own schema's inserts concern us.
-    let schema = crate::store::pg_current_schema(pool).await?;
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(NOTIFY_CHANNEL).await?;
-    tracing::debug!(%schema, "outbox relay listening for NOTIFY");
+    let schema = crate::store::pg_current_schema(pool)
+        .await
+        .map_err(not_yet)?;
+    let mut listener = PgListener::connect_with(pool).await.map_err(not_yet)?;
+    listener.listen(NOTIFY_CHANNEL).await.map_err(not_yet)?;
+    if after_failure {
+        // Said once, so an operator reading the warnings knows it is over.
+        tracing::info!(%schema, "outbox LISTEN connection re-established");
+    } else {
+        tracing::debug!(%schema, "outbox relay listening for NOTIFY");
+    }
     wake.notify_one();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            n = listener.try_recv() => match n? {
-                Some(n) if n.payload() == schema => wake.notify_one(),
-                Some(_) => {}
-                // The connection dropped; the next `try_recv` reconnects. Anything sent in
-                // between is lost, so look at the table now.
-                None => wake.notify_one(),
+            n = listener.try_recv() => match n {
+                Ok(Some(n)) if n.payload() == schema => wake.notify_one(),
+                Ok(Some(_)) => {}
+                // Anything sent while it is down is lost, so look at the table now.
+                Ok(None) => {
+                    wake.notify_one();
+                    return Err(Lost { listened: true, error: "connection closed".to_owned() });
+                }
+                Err(e) => {
+                    wake.notify_one();
+                    return Err(Lost { listened: true, error: e.to_string() });
+                }
             },
         }
     }
