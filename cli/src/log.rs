@@ -1,18 +1,34 @@
 //! `log failed …`: the log relay's dead letters (PostgreSQL), listed, replayed through the
-//! log again, or discarded.
+//! log again, or discarded; `log slot drop`: a relay taken out of service.
 
 use clap::{Args, Subcommand};
 use sea_orm::DatabaseConnection;
 use seaorm_outbox::dead_letter::Selection;
 use seaorm_outbox::relay::wal::LogDeadLetters;
 
-use crate::{CliResult, dead_letters, parse_count, parse_id, parse_offset};
+use crate::{CliResult, dead_letters, parse_count, parse_duration, parse_id, parse_offset};
 
 #[derive(Subcommand)]
 pub(crate) enum LogCommand {
     /// The log relay's dead letters (outbox_log_dead_letters).
     #[command(subcommand)]
     Failed(LogFailed),
+    /// The log relay's replication slots.
+    #[command(subcommand)]
+    Slot(LogSlot),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum LogSlot {
+    /// Drop a slot, to take a log relay out of service for good (stop the relay first): until
+    /// then the server keeps WAL for it, and its database cannot be dropped.
+    Drop {
+        /// The slot's name (the relay's --slot).
+        name: String,
+        /// How long to wait for a relay that just stopped to let go of it.
+        #[arg(long, default_value = "30s", value_name = "DURATION")]
+        wait: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -46,7 +62,21 @@ pub(crate) struct LogReplay {
 }
 
 pub(crate) async fn run(db: &DatabaseConnection, cmd: LogCommand) -> CliResult {
-    let LogCommand::Failed(cmd) = cmd;
+    match cmd {
+        LogCommand::Failed(cmd) => failed(db, cmd).await,
+        LogCommand::Slot(LogSlot::Drop { name, wait }) => {
+            let wait = parse_duration("--wait", &wait)?;
+            if seaorm_outbox::relay::wal::drop_slot(db, &name, wait).await? {
+                println!("dropped replication slot {name}");
+            } else {
+                println!("no replication slot {name} in this database: nothing dropped");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn failed(db: &DatabaseConnection, cmd: LogFailed) -> CliResult {
     match cmd {
         LogFailed::List {
             limit,

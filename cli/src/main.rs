@@ -7,6 +7,7 @@
 //! seaorm-outbox relay --publisher stdout|kafka|nats|rabbitmq|redis [--http-addr 127.0.0.1:9751]
 //! seaorm-outbox relay --mode log …   (PostgreSQL: read the write-ahead log)
 //! seaorm-outbox log failed list | replay (ID | --all) | discard ID
+//! seaorm-outbox log slot drop SLOT [--wait 30s]
 //! seaorm-outbox migrate up [-n N] | down [-n N] | status [--json]
 //! ```
 //!
@@ -91,7 +92,7 @@ enum Command {
     /// The consumer side: inbox counts, dead letters and retention.
     #[command(subcommand)]
     Inbox(inbox::InboxCommand),
-    /// The log relay (PostgreSQL): its dead letters.
+    /// The log relay (PostgreSQL): its dead letters and its slots.
     #[command(subcommand)]
     Log(log::LogCommand),
     /// Create, upgrade or roll back the library's tables (recorded in

@@ -1012,3 +1012,61 @@ async fn relay_sigkilled_mid_stream_loses_nothing(transport: Transport) {
     );
     l.finish().await;
 }
+
+/// Taking a log relay out of service: while it reads its slot, `log slot drop` refuses (naming
+/// the reading process) and keeps it; right after the relay stops, the drop succeeds (waiting
+/// out the stream's server process), and a second finds nothing to drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_is_dropped_once_its_relay_stops_and_refused_while_read() {
+    let l = LogDb::new(Transport::Stream).await;
+    let relay = l.relay(InMemoryPublisher::new(), l.config()).await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let slot_rows = |active_only: bool| {
+        format!(
+            "SELECT COUNT(*) AS n FROM pg_replication_slots WHERE slot_name = '{}'{}",
+            l.slot,
+            if active_only { " AND active" } else { "" }
+        )
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the relay reads its slot",
+        || async { l.scalar(&slot_rows(true)).await == 1 },
+    )
+    .await;
+    let drop_slot = |wait: &str| {
+        Command::new(env!("CARGO_BIN_EXE_seaorm-outbox"))
+            .env("OUTBOX_DATABASE_URL", l.server.url())
+            .env("OUTBOX_DATABASE_SCHEMA", &l.t.name)
+            .args(["log", "slot", "drop", &l.slot, "--wait", wait])
+            .output()
+            .expect("log slot drop")
+    };
+    let refused = drop_slot("300ms");
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("still read by server process") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(l.scalar(&slot_rows(false)).await, 1, "kept");
+
+    stop.cancel();
+    task.await.expect("relay");
+    let dropped = drop_slot("30s");
+    assert!(
+        dropped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dropped.stderr)
+    );
+    assert!(String::from_utf8_lossy(&dropped.stdout).starts_with("dropped replication slot"));
+    assert_eq!(l.scalar(&slot_rows(false)).await, 0, "gone");
+    let again = drop_slot("1s");
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing dropped"));
+    l.finish().await;
+}

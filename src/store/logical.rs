@@ -322,6 +322,55 @@ pub(crate) async fn advance(conn: &mut PgConnection, slot: &str, lsn: Lsn) -> Re
     }
 }
 
+/// Drops `slot` if this database has it; `Ok(false)` if not. A slot still held by a stream that
+/// just ended (`object_in_use`, 55006, while its server process exits) is tried again until
+/// `wait` has passed; one still read after that is refused, naming the process.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
+pub(crate) async fn drop_slot(
+    pool: &PgPool,
+    slot: &str,
+    wait: std::time::Duration,
+) -> Result<bool> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let r = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND database = current_database()",
+        )
+        .bind(slot)
+        .fetch_all(pool)
+        .await;
+        match r {
+            Ok(rows) => return Ok(!rows.is_empty()),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55006") => {
+                if tokio::time::Instant::now() >= deadline {
+                    let pid: Option<i32> = sqlx::query_scalar(
+                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                    )
+                    .bind(slot)
+                    .fetch_optional(pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .flatten();
+                    let by = pid
+                        .map(|p| format!(" by server process {p}"))
+                        .unwrap_or_default();
+                    return Err(Error::LogRelay {
+                        slot: slot.to_owned(),
+                        reason: format!(
+                            "still read{by} after {wait:?}: stop the log relay reading it first"
+                        ),
+                        source: Some(sqlx::Error::Database(e).into()),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(sqlx_err(e)),
+        }
+    }
+}
+
 /// A non-transactional message, so that an idle database's slot has a record to move to.
 #[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn heartbeat(conn: &mut PgConnection) -> Result<()> {

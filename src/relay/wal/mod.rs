@@ -178,6 +178,26 @@ pub async fn slots(db: &impl sea_orm::ConnectionTrait) -> Result<Vec<SlotStatus>
     logical::slots(db, None).await
 }
 
+/// Drops the replication slot `slot` of `db`'s database, to take a log relay out of service
+/// for good (a slot nobody reads keeps WAL on the server without bound, and a database with a
+/// slot cannot be dropped). Returns whether there was one.
+///
+/// Stop the relays reading it first. The server process of a stream that just ended holds the
+/// slot for a moment (`pg_drop_replication_slot` fails with 55006 meanwhile): this waits up to
+/// `wait` for it to let go. To start over after a lost slot, drop it and start the relay, whose
+/// [`LogRelay::prepare`] creates a new one at the current position; events committed between
+/// the old slot's loss and the new one are not in its log (table mode: still pending rows,
+/// which a polling [`Relay`](crate::relay::Relay) can deliver).
+///
+/// # Errors
+/// [`Error::LogRelay`] if the slot is still read after `wait`; database errors.
+pub async fn drop_slot(db: &DatabaseConnection, slot: &str, wait: Duration) -> Result<bool> {
+    let pool = crate::store::pg_pool(db).ok_or_else(|| {
+        Error::Config("dropping a replication slot needs a PostgreSQL pool".into())
+    })?;
+    logical::drop_slot(pool, slot, wait).await
+}
+
 #[derive(Default)]
 struct State {
     role: LogRole,
@@ -234,6 +254,15 @@ impl<P: Publisher> LogRelay<P> {
             config: LogRelayConfig::default(),
             name: None,
         }
+    }
+
+    /// Drops this relay's slot ([`drop_slot`]): the relay must be stopped, here and in every
+    /// other process.
+    ///
+    /// # Errors
+    /// As [`drop_slot`].
+    pub async fn drop_slot(&self, wait: Duration) -> Result<bool> {
+        drop_slot(&self.db, &self.config.slot, wait).await
     }
 
     /// The relay's name in logs.
