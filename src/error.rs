@@ -106,6 +106,24 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// A log relay's slot was not confirmed past a position in time
+    /// ([`wait_confirmed`](crate::relay::wal::wait_confirmed)): the relay is stopped, behind,
+    /// or retrying an event that holds the slot.
+    #[error(
+        "log relay slot `{slot}` not confirmed past {position} within {waited:?} (confirmed at \
+         {confirmed})"
+    )]
+    NotConfirmed {
+        /// The replication slot.
+        slot: String,
+        /// The position waited for, as `X/Y`.
+        position: String,
+        /// The slot's confirmed position when the wait ended, as `X/Y`.
+        confirmed: String,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+
     /// The relay or repository was configured with values that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -23,7 +23,10 @@ use sea_orm::{
     ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait,
 };
 use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
-use seaorm_outbox::relay::wal::{LogDeadLetters, LogRelay, LogRelayConfig, LogRole, Transport};
+use seaorm_outbox::relay::wal::{
+    LogDeadLetters, LogRelay, LogRelayConfig, LogRole, Transport, WalPosition, current_position,
+    wait_confirmed,
+};
 use seaorm_outbox::relay::{Backoff, BreakerConfig, OnPublish};
 use seaorm_outbox::{
     Error, HealthStatus, HealthThresholds, InvalidEvent, NewEvent, Outbox, OutboxConfig,
@@ -62,6 +65,7 @@ over_both_transports!(
     a_standby_takes_over_when_the_leader_dies,
     the_slot_advances_on_an_idle_database,
     relay_sigkilled_mid_stream_loses_nothing,
+    waiting_for_a_commit_to_be_confirmed,
 );
 
 /// An isolated outbox on the logical server: a schema, and a slot and publication named after
@@ -1068,5 +1072,63 @@ async fn a_slot_is_dropped_once_its_relay_stops_and_refused_while_read() {
     let again = drop_slot("1s");
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing dropped"));
+    l.finish().await;
+}
+
+/// A commit's position, read after it commits, is confirmed once its events are delivered:
+/// waiting on it replaces a sleep. A stopped relay's slot is not confirmed past a later
+/// commit (a typed timeout), and an unknown slot is refused.
+async fn waiting_for_a_commit_to_be_confirmed(transport: Transport) {
+    let l = LogDb::new(transport).await;
+    let p = InMemoryPublisher::new();
+    let relay = l.relay(p.clone(), l.config()).await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let written = emit_as(l.db(), &l.slot, "a", 3, 4).await;
+    let at = current_position(l.db()).await.expect("position");
+    let confirmed = wait_confirmed(l.db(), &l.slot, at, Duration::from_secs(20))
+        .await
+        .expect("confirmed");
+    assert!(confirmed >= at);
+    let got = ids(&p.deliveries());
+    assert!(
+        written.iter().all(|id| got.contains(id)),
+        "every event of the commit was delivered when its position was confirmed"
+    );
+    stop.cancel();
+    task.await.expect("relay");
+
+    // Stopped: a later commit is not confirmed.
+    emit_as(l.db(), &l.slot, "b", 1, 2).await;
+    let later = current_position(l.db()).await.expect("position");
+    let err = wait_confirmed(l.db(), &l.slot, later, Duration::from_millis(300))
+        .await
+        .expect_err("nothing confirms it");
+    match &err {
+        Error::NotConfirmed {
+            position,
+            confirmed,
+            ..
+        } => {
+            assert_eq!(position.parse::<WalPosition>().expect("X/Y"), later);
+            assert!(confirmed.parse::<WalPosition>().expect("X/Y") < later);
+        }
+        other => panic!("expected NotConfirmed, got {other}"),
+    }
+    assert!(matches!(
+        wait_confirmed(l.db(), "no_such_slot", later, Duration::from_millis(100)).await,
+        Err(Error::LogRelay { .. })
+    ));
+    // `slots` reports the same position, typed.
+    let slot = seaorm_outbox::relay::wal::slots(l.db())
+        .await
+        .expect("slots")
+        .into_iter()
+        .find(|s| s.name == l.slot)
+        .expect("our slot");
+    assert!(slot.confirmed_lsn >= confirmed && slot.confirmed_lsn < later);
     l.finish().await;
 }

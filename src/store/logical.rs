@@ -382,6 +382,83 @@ pub(crate) async fn heartbeat(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
+/// A position in PostgreSQL's write-ahead log (`pg_lsn`): ordered, and written and parsed as
+/// `X/Y` (two hexadecimal numbers), as PostgreSQL shows it.
+///
+/// ```
+/// use seaorm_outbox::relay::wal::WalPosition;
+///
+/// let p: WalPosition = "16/B374D848".parse().unwrap();
+/// assert_eq!(p.to_string(), "16/B374D848");
+/// assert!(p < "17/0".parse().unwrap());
+/// assert!("16".parse::<WalPosition>().is_err());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WalPosition(pub u64);
+
+impl std::fmt::Display for WalPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&lsn_text(self.0))
+    }
+}
+
+/// A text that is not a WAL position (`X/Y`, hexadecimal).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid WAL position `{0}`: expected X/Y, two hexadecimal numbers")]
+pub struct InvalidWalPosition(String);
+
+impl std::str::FromStr for WalPosition {
+    type Err = InvalidWalPosition;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = || InvalidWalPosition(s.to_owned());
+        let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
+        Ok(Self((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+impl serde::Serialize for WalPosition {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The server's current WAL position.
+pub(crate) async fn current_position(db: &impl ConnectionTrait) -> Result<WalPosition> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            PG,
+            "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8 AS p",
+        ))
+        .await?;
+    let p: i64 = match row {
+        Some(r) => r.try_get("", "p")?,
+        None => 0,
+    };
+    Ok(WalPosition(p.max(0) as u64))
+}
+
+/// `slot`'s confirmed position, `None` if this database has no such slot.
+pub(crate) async fn confirmed_position(
+    db: &impl ConnectionTrait,
+    slot: &str,
+) -> Result<Option<WalPosition>> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            PG,
+            "SELECT COALESCE((confirmed_flush_lsn - '0/0'::pg_lsn)::int8, 0) AS p \
+             FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            [slot.into()],
+        ))
+        .await?;
+    match row {
+        Some(r) => Ok(Some(WalPosition(r.try_get::<i64>("", "p")?.max(0) as u64))),
+        None => Ok(None),
+    }
+}
+
 /// A replication slot as `pg_replication_slots` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
@@ -397,8 +474,9 @@ pub struct SlotStatus {
     pub retained_bytes: u64,
     /// `reserved`, `extended`, `unreserved` or `lost` (past `max_slot_wal_keep_size`).
     pub wal_status: String,
-    /// The confirmed position, as `X/Y`.
-    pub confirmed_lsn: String,
+    /// The confirmed position: every transaction that committed before it was delivered or
+    /// dead-lettered. Serialised as `X/Y`.
+    pub confirmed_lsn: WalPosition,
 }
 
 /// The logical pgoutput slots of the current database, or just `only`.
@@ -414,7 +492,7 @@ pub(crate) async fn slots(
              COALESCE((pg_current_wal_lsn() - confirmed_flush_lsn)::int8, 0) AS lag, \
              COALESCE((pg_current_wal_lsn() - restart_lsn)::int8, 0) AS retained, \
              COALESCE(wal_status, '') AS wal_status, \
-             COALESCE(confirmed_flush_lsn::text, '') AS confirmed \
+             COALESCE((confirmed_flush_lsn - '0/0'::pg_lsn)::int8, 0) AS confirmed \
              FROM pg_replication_slots WHERE slot_type = 'logical' AND plugin = 'pgoutput' \
              AND database = current_database() AND ($1::text IS NULL OR slot_name = $1) \
              ORDER BY slot_name",
@@ -429,7 +507,7 @@ pub(crate) async fn slots(
                 lag_bytes: r.try_get::<i64>("", "lag")?.max(0) as u64,
                 retained_bytes: r.try_get::<i64>("", "retained")?.max(0) as u64,
                 wal_status: r.try_get("", "wal_status")?,
-                confirmed_lsn: r.try_get("", "confirmed")?,
+                confirmed_lsn: WalPosition(r.try_get::<i64>("", "confirmed")?.max(0) as u64),
             })
         })
         .collect()

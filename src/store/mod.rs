@@ -59,7 +59,7 @@ pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 #[cfg(feature = "postgres")]
 pub use log_dead_letters::LogDeadLetter;
 #[cfg(feature = "postgres")]
-pub use logical::SlotStatus;
+pub use logical::{InvalidWalPosition, SlotStatus, WalPosition};
 #[cfg(feature = "postgres")]
 pub(crate) use pgoutput::{Lsn, Record, decode as decode_pgoutput};
 pub(crate) use portable::{

@@ -12,11 +12,17 @@
 //!
 //! # How it works
 //!
-//! The relay reads the slot over an ordinary connection with
-//! `pg_logical_slot_peek_binary_changes` (pgoutput, `messages` on), which returns committed
-//! transactions only, in commit order, and consumes nothing. It publishes each read's events,
-//! writes its dead letters, and only then confirms the position with
-//! `pg_replication_slot_advance`.
+//! By default ([`Transport::Stream`]) the relay streams the slot over the replication protocol
+//! (`START_REPLICATION … LOGICAL`, pgoutput with `messages` on) on a connection of its own: the
+//! server decodes each change once and pushes committed transactions, in commit order. The
+//! relay publishes them, writes its dead letters, and only then reports the position as
+//! confirmed, every [`confirm_interval`](LogRelayConfig::confirm_interval) (100 ms), and with
+//! `pg_replication_slot_advance` when the stream ends. [`Transport::Sql`] polls
+//! `pg_logical_slot_peek_binary_changes` and confirms with `pg_replication_slot_advance` over an
+//! ordinary connection instead, for poolers and proxies that pass no replication connection.
+//!
+//! To know a commit's events were delivered, read [`current_position`] after it commits and
+//! [`wait_confirmed`] on it.
 //!
 //! # Guarantees
 //!
@@ -61,7 +67,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::config::{LogRelayConfig, Transport};
 pub use self::dead_letters::LogDeadLetters;
-pub use crate::store::{LogDeadLetter, SlotStatus};
+pub use crate::store::{InvalidWalPosition, LogDeadLetter, SlotStatus, WalPosition};
 
 use super::breaker::{Breaker, BreakerStatus};
 use super::lock;
@@ -198,6 +204,66 @@ pub async fn drop_slot(db: &DatabaseConnection, slot: &str, wait: Duration) -> R
     logical::drop_slot(pool, slot, wait).await
 }
 
+/// The server's current WAL position. Read after a transaction commits, every event it wrote
+/// (message or table mode) lies before it: pass it to [`wait_confirmed`] to know they were
+/// delivered.
+///
+/// # Errors
+/// Database errors.
+pub async fn current_position(db: &impl sea_orm::ConnectionTrait) -> Result<WalPosition> {
+    logical::current_position(db).await
+}
+
+/// Waits until `slot` is confirmed at or past `position`, polling every 20 ms; returns the
+/// confirmed position. The relay confirms a position only once everything that committed
+/// before it was acknowledged by the broker or dead-lettered, and reports it to the server
+/// every [`confirm_interval`](LogRelayConfig::confirm_interval) (100 ms): a test, or a
+/// graceful hand-over, can wait for a commit's events this way rather than sleep.
+///
+/// ```no_run
+/// # async fn f(db: sea_orm::DatabaseConnection) -> seaorm_outbox::Result<()> {
+/// use std::time::Duration;
+/// use seaorm_outbox::relay::wal::{current_position, wait_confirmed};
+///
+/// // … commit a transaction that emits events …
+/// let written = current_position(&db).await?;
+/// wait_confirmed(&db, "seaorm_outbox", written, Duration::from_secs(10)).await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`Error::NotConfirmed`] after `timeout`; [`Error::LogRelay`] if there is no such slot;
+/// database errors.
+pub async fn wait_confirmed(
+    db: &impl sea_orm::ConnectionTrait,
+    slot: &str,
+    position: WalPosition,
+    timeout: Duration,
+) -> Result<WalPosition> {
+    let started = Instant::now();
+    loop {
+        let confirmed = logical::confirmed_position(db, slot)
+            .await?
+            .ok_or_else(|| Error::LogRelay {
+                slot: slot.to_owned(),
+                reason: "no such slot in this database".to_owned(),
+                source: None,
+            })?;
+        if confirmed >= position {
+            return Ok(confirmed);
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::NotConfirmed {
+                slot: slot.to_owned(),
+                position: position.to_string(),
+                confirmed: confirmed.to_string(),
+                waited: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[derive(Default)]
 struct State {
     role: LogRole,
@@ -263,6 +329,18 @@ impl<P: Publisher> LogRelay<P> {
     /// As [`drop_slot`].
     pub async fn drop_slot(&self, wait: Duration) -> Result<bool> {
         drop_slot(&self.db, &self.config.slot, wait).await
+    }
+
+    /// Waits until this relay's slot is confirmed at or past `position` ([`wait_confirmed`]).
+    ///
+    /// # Errors
+    /// As [`wait_confirmed`].
+    pub async fn wait_confirmed(
+        &self,
+        position: WalPosition,
+        timeout: Duration,
+    ) -> Result<WalPosition> {
+        wait_confirmed(&self.db, &self.config.slot, position, timeout).await
     }
 
     /// The relay's name in logs.
