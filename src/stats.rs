@@ -395,7 +395,9 @@ impl Health {
         self.reasons.push(reason);
     }
 
-    fn unhealthy(&mut self, reason: String) {
+    /// Raises the verdict to unhealthy and adds `reason`: for a caller that knows more than the
+    /// table shows (the admin API, seeing a log relay's slot lost).
+    pub fn unhealthy(&mut self, reason: String) {
         self.status = HealthStatus::Unhealthy;
         self.reasons.push(reason);
     }

@@ -83,6 +83,7 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
             ));
         }
     }
+    let log = log_relay(&s, &mut health).await?;
     let inbox = if s.inbox {
         let n = seaorm_outbox::inbox::Inbox::new(&s.db)
             .count_dead_letters(None)
@@ -104,10 +105,42 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
         "health": { "status": health.status, "reasons": health.reasons },
         "relays": relays,
         "inbox": inbox,
+        "log": log,
         "refresh_secs": s.refresh.as_secs_f64(),
         "caller": who,
     }))
     .into_response())
+}
+
+/// The log relay's slots and dead letters for `/api/stats`, `null` when not served; a lost slot
+/// makes `health` unhealthy.
+#[cfg(feature = "log-relay")]
+async fn log_relay(
+    s: &AdminState,
+    health: &mut seaorm_outbox::stats::Health,
+) -> Result<Value, ApiError> {
+    use seaorm_outbox::relay::wal::{LogDeadLetters, slots};
+    if !s.log_relay {
+        return Ok(Value::Null);
+    }
+    let slots = slots(&s.db).await?;
+    for slot in slots.iter().filter(|slot| slot.wal_status == "lost") {
+        health.unhealthy(format!(
+            "log relay slot {} is lost: the server dropped WAL it had not confirmed, so events \
+             written after {} cannot be read from it",
+            slot.name, slot.confirmed_lsn
+        ));
+    }
+    let dead = LogDeadLetters::new(&s.db).count().await?;
+    Ok(json!({ "slots": slots, "dead_letters": dead }))
+}
+
+#[cfg(not(feature = "log-relay"))]
+async fn log_relay(
+    _: &AdminState,
+    _: &mut seaorm_outbox::stats::Health,
+) -> Result<Value, ApiError> {
+    Ok(Value::Null)
 }
 
 #[derive(Debug, Deserialize)]

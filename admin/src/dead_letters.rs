@@ -55,6 +55,21 @@ impl Kind for Inbox {
     const GROUPS: &'static str = "a consumer";
 }
 
+/// The log relay's dead letters (PostgreSQL). A replay writes the event to the log again under
+/// the default message prefix, which the relay must read.
+#[cfg(feature = "log-relay")]
+pub(crate) struct Log;
+
+#[cfg(feature = "log-relay")]
+impl Kind for Log {
+    fn store(db: &DatabaseConnection) -> Box<dyn DeadLetterStore + '_> {
+        Box::new(seaorm_outbox::relay::wal::LogDeadLetters::new(db))
+    }
+    const AUDIT: &'static str = "log ";
+    const REPLAYED: &'static str = "replayed";
+    const GROUPS: &'static str = "one id";
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {

@@ -23,6 +23,11 @@
 //! | `GET /api/inbox/dead-letters?consumer=` | read | the inbox's dead letters |
 //! | `POST /api/inbox/dead-letters/{id}/replay`, `POST /api/inbox/dead-letters/replay` | write | ask the consumer to apply them again |
 //! | `DELETE /api/inbox/dead-letters/{id}` | write | discard |
+//! | `GET /api/log/dead-letters`, `POST /api/log/dead-letters/{id}/replay`, `POST /api/log/dead-letters/replay`, `DELETE /api/log/dead-letters/{id}` | read / write | the log relay's dead letters (feature `log-relay`, PostgreSQL); a replay writes the event to the log again |
+//!
+//! With the `log-relay` feature on PostgreSQL, `/api/stats` also carries `log`: each logical
+//! slot (lag, retained WAL, `wal_status`, whether a relay reads it, confirmed position) and the
+//! log dead letters' count; a lost slot makes the health unhealthy.
 //!
 //! Write actions take `Content-Type: application/json` (so a cross-site form cannot trigger
 //! them with an operator's cookie) and are logged through `tracing` with who, what and how many
@@ -76,6 +81,9 @@ pub(crate) struct AdminState {
     pub(crate) thresholds: HealthThresholds,
     pub(crate) relays_within: Duration,
     pub(crate) inbox: bool,
+    /// Serve the log relay's slots and dead letters (PostgreSQL, feature `log-relay`).
+    #[cfg_attr(not(feature = "log-relay"), allow(dead_code))]
+    pub(crate) log_relay: bool,
     pub(crate) refresh: Duration,
 }
 
@@ -93,6 +101,7 @@ impl Admin {
             thresholds: HealthThresholds::default(),
             relays_within: Duration::from_secs(60),
             inbox: true,
+            log_relay: true,
             refresh: Duration::from_secs(5),
         }
     }
@@ -122,6 +131,7 @@ pub struct AdminBuilder<A> {
     thresholds: HealthThresholds,
     relays_within: Duration,
     inbox: bool,
+    log_relay: bool,
     refresh: Duration,
 }
 
@@ -149,6 +159,14 @@ impl<A> AdminBuilder<A> {
         self
     }
 
+    /// Whether to serve the log relay's slots and dead letters. Default on; it takes effect
+    /// only with the `log-relay` feature on a PostgreSQL database.
+    #[must_use]
+    pub fn log_relay(mut self, on: bool) -> Self {
+        self.log_relay = on;
+        self
+    }
+
     /// How often the dashboard refreshes itself. Default 5 s.
     #[must_use]
     pub fn refresh_interval(mut self, every: Duration) -> Self {
@@ -163,6 +181,7 @@ impl<A> AdminBuilder<A> {
             thresholds: self.thresholds,
             relays_within: self.relays_within,
             inbox: self.inbox,
+            log_relay: self.log_relay,
             refresh: self.refresh,
         }
     }
@@ -203,12 +222,14 @@ fn dead_letter_routes<K: dead_letters::Kind>(
 impl AdminBuilder<WithAuth> {
     /// The router, to [`nest`](Router::nest) under a prefix.
     pub fn build(self) -> Router {
+        let postgres = self.db.get_database_backend() == sea_orm::DbBackend::Postgres;
         let state = Arc::new(AdminState {
             db: self.db,
             gate: self.auth.0,
             thresholds: self.thresholds,
             relays_within: self.relays_within,
             inbox: self.inbox,
+            log_relay: self.log_relay && cfg!(feature = "log-relay") && postgres,
             refresh: self.refresh,
         });
         let mut api = Router::new()
@@ -220,6 +241,10 @@ impl AdminBuilder<WithAuth> {
         api = dead_letter_routes::<dead_letters::Outbox>(api, "/dead-letters");
         if state.inbox {
             api = dead_letter_routes::<dead_letters::Inbox>(api, "/inbox/dead-letters");
+        }
+        #[cfg(feature = "log-relay")]
+        if state.log_relay {
+            api = dead_letter_routes::<dead_letters::Log>(api, "/log/dead-letters");
         }
         let api = api
             .route_layer(axum::middleware::from_fn_with_state(

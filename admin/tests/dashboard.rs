@@ -440,3 +440,178 @@ async fn raw_get(addr: SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.expect("read");
     out
 }
+
+/// The log relay's panel on a PostgreSQL of the test's own with `wal_level=logical` and
+/// `max_slot_wal_keep_size=1MB`: a slot the server gave up on shows as lost (and the health as
+/// unhealthy), a fresh one as reserved; the log dead letters are listed, one replayed (written
+/// to the log again) and an unreadable one discarded, each checked in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_relay_panel_shows_a_lost_slot_and_handles_log_dead_letters() {
+    use common::pg_server::PgServer;
+    use sea_orm::ConnectionTrait;
+
+    let server = PgServer::start_with(&[
+        "wal_level=logical",
+        "max_replication_slots=8",
+        "max_wal_senders=4",
+        "max_slot_wal_keep_size=1MB",
+    ]);
+    let t = TestDb::new_postgres_at(&server.url()).await;
+    let sql = |s: String| {
+        let db = t.db.clone();
+        async move {
+            db.execute_unprepared(&s)
+                .await
+                .unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+    };
+    // A slot left behind while WAL is written past the server's limit: lost.
+    sql("SELECT pg_create_logical_replication_slot('behind_slot', 'pgoutput')".into()).await;
+    sql("CREATE TABLE filler (x int)".into()).await;
+    let started = Instant::now();
+    loop {
+        sql("INSERT INTO filler SELECT generate_series(1, 200000)".into()).await;
+        sql("SELECT pg_switch_wal()".into()).await;
+        sql("CHECKPOINT".into()).await;
+        let lost = t
+            .scalar(
+                "SELECT COUNT(*) FROM pg_replication_slots \
+                 WHERE slot_name = 'behind_slot' AND wal_status = 'lost'",
+            )
+            .await;
+        if lost == 1 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the slot never became lost");
+    }
+    sql("SELECT pg_create_logical_replication_slot('live_slot', 'pgoutput')".into()).await;
+    // pgoutput needs a publication to decode with; the messages need no table in it.
+    sql("CREATE PUBLICATION dash_pub".into()).await;
+    // Two log dead letters: an event the broker refused, and a record nobody could read.
+    let event_id = uuid::Uuid::now_v7();
+    let raw_id = uuid::Uuid::now_v7();
+    sql(format!(
+        "INSERT INTO outbox_log_dead_letters (id, slot, event_type, aggregate_type, aggregate_id, \
+         payload, headers, occurred_at, committed_at, error, attempts, failed_at) VALUES \
+         ('{event_id}', 'live_slot', 'order.placed', 'order', 'o-9', '{{\"total\": 9}}', '{{}}', \
+         now(), now(), 'rejected by the broker', 3, now())"
+    ))
+    .await;
+    sql(format!(
+        "INSERT INTO outbox_log_dead_letters (id, slot, raw, error, attempts, failed_at) VALUES \
+         ('{raw_id}', 'live_slot', 'not an envelope', 'unreadable record', 1, now())"
+    ))
+    .await;
+
+    let (addr, server_stop) = serve(&t).await;
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    c.goto(&format!("http://{addr}/outbox"))
+        .await
+        .expect("open the dashboard");
+    wait_for(
+        &c,
+        "the token prompt",
+        "document.getElementById('login').classList.contains('open')",
+    )
+    .await;
+    c.find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(TOKEN)
+        .await
+        .expect("type");
+    click(&c, "#login-form button").await;
+
+    wait_for(
+        &c,
+        "the lost slot, marked",
+        "document.querySelector('#log-slots tr[data-slot=\"behind_slot\"].lost')",
+    )
+    .await;
+    let lost = text(&c, "#log-slots tr[data-slot=\"behind_slot\"]").await;
+    assert!(lost.contains("LOST: events after"), "{lost}");
+    let live = text(&c, "#log-slots tr[data-slot=\"live_slot\"]").await;
+    assert!(
+        live.contains("reserved") && live.contains("none (idle)"),
+        "{live}"
+    );
+    assert!(text(&c, "#log-summary").await.contains("1 LOST"));
+    assert_eq!(text(&c, "#health").await, "unhealthy");
+    assert!(text(&c, "#reasons").await.contains("behind_slot is lost"));
+    wait_for(
+        &c,
+        "both log dead letters",
+        "document.getElementById('ldl-total').textContent === '(2)'",
+    )
+    .await;
+    assert!(
+        text(&c, &format!("#log-dead-letters tr[data-id=\"{raw_id}\"]"))
+            .await
+            .contains("unreadable record")
+    );
+    assert_eq!(
+        c.execute(
+            "return document.querySelectorAll(arguments[0]).length;",
+            vec![json!(format!("tr[data-id=\"{raw_id}\"] button.replay"))],
+        )
+        .await
+        .expect("script"),
+        json!(0),
+        "an unreadable record has nothing to replay"
+    );
+
+    let png = c.screenshot().await.expect("screenshot");
+    let shot = std::env::var("OUTBOX_SCREENSHOT_LOG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-log.png")
+        });
+    std::fs::write(&shot, &png).expect("save screenshot");
+
+    let dead = |id: uuid::Uuid| {
+        let t = &t;
+        async move {
+            t.scalar(&format!(
+                "SELECT COUNT(*) FROM outbox_log_dead_letters WHERE id = '{id}'"
+            ))
+            .await
+        }
+    };
+    let emitted = || {
+        let t = &t;
+        async move {
+            t.scalar(&format!(
+                "SELECT COUNT(*) FROM pg_logical_slot_peek_binary_changes('live_slot', NULL, \
+                 NULL, 'proto_version', '1', 'publication_names', 'dash_pub', 'messages', 'true') \
+                 WHERE position('{event_id}' in encode(data, 'escape')) > 0"
+            ))
+            .await
+        }
+    };
+    assert_eq!(emitted().await, 0);
+    // Replay the event: it leaves the table and is in the log again, under its id.
+    click(&c, &format!("tr[data-id=\"{event_id}\"] button.replay")).await;
+    wait_for(
+        &c,
+        "the replayed row to go",
+        &format!("!document.querySelector('tr[data-id=\"{event_id}\"]')"),
+    )
+    .await;
+    assert_eq!(dead(event_id).await, 0);
+    assert_eq!(emitted().await, 1, "written to the log again");
+    // Discard the unreadable one, confirmed.
+    click(&c, &format!("tr[data-id=\"{raw_id}\"] button.discard")).await;
+    confirm(&c).await;
+    wait_for(
+        &c,
+        "no log dead letters",
+        "document.getElementById('ldl-total').textContent === '(0)'",
+    )
+    .await;
+    assert_eq!(dead(raw_id).await, 0);
+
+    c.close().await.expect("close the browser");
+    server_stop.cancel();
+    drop(server);
+}

@@ -87,6 +87,7 @@
     $("card-inbox").hidden = !inbox;
     $("inbox-section").hidden = !inbox;
     if (inbox) $("inbox-failed").textContent = s.inbox.dead_letters;
+    renderLogSlots(s.log);
     canWrite = s.caller.role === "write";
     $("caller").textContent = s.caller.name + " (" + s.caller.role + ")";
     document.querySelectorAll(".write").forEach((b) => { b.hidden = !canWrite; });
@@ -184,6 +185,59 @@
     }));
   }
 
+  function bytes(n) {
+    if (n < 1024) return n + " B";
+    if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
+    if (n < 1073741824) return (n / 1048576).toFixed(1) + " MiB";
+    return (n / 1073741824).toFixed(1) + " GiB";
+  }
+
+  function renderLogSlots(log) {
+    $("log-section").hidden = log === null;
+    if (log === null) return;
+    const lost = log.slots.filter((x) => x.wal_status === "lost").length;
+    $("log-summary").textContent = "(" + log.slots.length + " slot" + (log.slots.length === 1 ? "" : "s")
+      + (lost ? ", " + lost + " LOST" : "") + ")";
+    const body = $("log-slots");
+    if (log.slots.length === 0) {
+      const tr = el("tr"); const td = el("td", "No log relay slot in this database.", "empty"); td.colSpan = 6;
+      tr.append(td); body.replaceChildren(tr); return;
+    }
+    body.replaceChildren(...log.slots.map((x) => {
+      const tr = el("tr"); tr.dataset.slot = x.name;
+      if (x.wal_status === "lost") tr.className = "lost";
+      const status = el("td");
+      status.append(el("span", x.wal_status === "lost" ? "LOST: events after " + x.confirmed_lsn + " cannot be read" : x.wal_status,
+        "badge " + (x.wal_status === "lost" ? "unhealthy" : x.wal_status === "reserved" ? "healthy" : "degraded")));
+      tr.append(el("td", x.name, "mono"), el("td", x.active ? "a relay reads it" : "none (idle)"),
+        el("td", bytes(x.lag_bytes), "num"), el("td", bytes(x.retained_bytes), "num"), status,
+        el("td", x.confirmed_lsn, "mono"));
+      return tr;
+    }));
+  }
+
+  function renderLogDeadLetters(d) {
+    $("ldl-total").textContent = "(" + d.total + ")";
+    const body = $("log-dead-letters");
+    if (d.dead_letters.length === 0) {
+      const tr = el("tr"); const td = el("td", "No log dead letters.", "empty"); td.colSpan = 6;
+      tr.append(td); body.replaceChildren(tr); return;
+    }
+    body.replaceChildren(...d.dead_letters.map((r) => {
+      const tr = el("tr"); tr.dataset.id = r.id;
+      const label = r.event ? r.event.event_type + " · " + r.event.aggregate_type + "/" + r.event.aggregate_id
+        : "unreadable record";
+      const payload = r.event ? JSON.stringify(r.event.payload, null, 2) : (r.raw || "");
+      // A record that could not be read has no event to write back: discard only.
+      const actions = buttons(() => call("POST", "/api/log/dead-letters/" + r.id + "/replay"),
+        () => call("DELETE", "/api/log/dead-letters/" + r.id));
+      if (!r.event) actions.querySelectorAll(".replay").forEach((b) => b.remove());
+      tr.append(payloadCell(label, payload), el("td", r.slot, "mono"), el("td", r.attempts),
+        el("td", when(r.failed_at)), el("td", r.error, "err"), actions);
+      return tr;
+    }));
+  }
+
   function renderInbox(d) {
     $("idl-total").textContent = "(" + d.total + ")";
     $("inbox-replay-all").disabled = d.total === 0;
@@ -218,6 +272,7 @@
       if (h) { renderChart(h.minutes); lastChart = Date.now(); }
       renderDeadLetters(d);
       if (s.inbox !== null) renderInbox(await call("GET", "/api/inbox/dead-letters?limit=100"));
+      if (s.log !== null) renderLogDeadLetters(await call("GET", "/api/log/dead-letters?limit=100"));
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();
       document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
       showError("");
