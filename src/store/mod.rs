@@ -41,6 +41,7 @@ mod pgoutput;
 mod portable;
 mod postgres;
 mod rows;
+pub(crate) mod slots;
 mod sql;
 mod sqlite;
 mod write_back;
@@ -59,8 +60,6 @@ pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 #[cfg(feature = "postgres")]
 pub use log_dead_letters::LogDeadLetter;
 #[cfg(feature = "postgres")]
-pub use logical::{InvalidWalPosition, SlotStatus, WalPosition};
-#[cfg(feature = "postgres")]
 pub(crate) use pgoutput::{Lsn, Record, decode as decode_pgoutput};
 pub(crate) use portable::{
     count, count_published_before, discard, failed, get, insert, mark_failed, mark_published,
@@ -69,6 +68,8 @@ pub(crate) use portable::{
 #[cfg(feature = "postgres")]
 pub(crate) use postgres::{current_schema as pg_current_schema, pool as pg_pool};
 pub(crate) use rows::ClaimedRow;
+#[cfg(feature = "postgres")]
+pub use slots::{InvalidWalPosition, SlotStatus, WalPosition};
 pub use write_back::OnPublish;
 pub(crate) use write_back::{Fate, WriteBack};
 

@@ -74,7 +74,7 @@ use super::lock;
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 use crate::stats::{Health, HealthThresholds};
-use crate::store::{self, logical};
+use crate::store::{self, slots};
 
 /// What a log relay does right now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -181,7 +181,7 @@ impl<P: Publisher> LogRelayBuilder<P> {
 /// # Errors
 /// Database errors.
 pub async fn slots(db: &impl sea_orm::ConnectionTrait) -> Result<Vec<SlotStatus>> {
-    logical::slots(db, None).await
+    slots::slots(db, None).await
 }
 
 /// Drops the replication slot `slot` of `db`'s database, to take a log relay out of service
@@ -201,7 +201,7 @@ pub async fn drop_slot(db: &DatabaseConnection, slot: &str, wait: Duration) -> R
     let pool = crate::store::pg_pool(db).ok_or_else(|| {
         Error::Config("dropping a replication slot needs a PostgreSQL pool".into())
     })?;
-    logical::drop_slot(pool, slot, wait).await
+    slots::drop_slot(pool, slot, wait).await
 }
 
 /// The server's current WAL position. Read after a transaction commits, every event it wrote
@@ -211,7 +211,7 @@ pub async fn drop_slot(db: &DatabaseConnection, slot: &str, wait: Duration) -> R
 /// # Errors
 /// Database errors.
 pub async fn current_position(db: &impl sea_orm::ConnectionTrait) -> Result<WalPosition> {
-    logical::current_position(db).await
+    slots::current_position(db).await
 }
 
 /// Waits until `slot` is confirmed at or past `position`, polling every 20 ms; returns the
@@ -242,13 +242,14 @@ pub async fn wait_confirmed(
 ) -> Result<WalPosition> {
     let started = Instant::now();
     loop {
-        let confirmed = logical::confirmed_position(db, slot)
-            .await?
-            .ok_or_else(|| Error::LogRelay {
-                slot: slot.to_owned(),
-                reason: "no such slot in this database".to_owned(),
-                source: None,
-            })?;
+        let confirmed =
+            slots::confirmed_position(db, slot)
+                .await?
+                .ok_or_else(|| Error::LogRelay {
+                    slot: slot.to_owned(),
+                    reason: "no such slot in this database".to_owned(),
+                    source: None,
+                })?;
         if confirmed >= position {
             return Ok(confirmed);
         }
@@ -388,7 +389,7 @@ impl<P: Publisher> LogRelay<P> {
     /// # Errors
     /// Database errors.
     pub async fn slot(&self) -> Result<Option<SlotStatus>> {
-        Ok(logical::slots(&self.db, Some(&self.config.slot))
+        Ok(slots::slots(&self.db, Some(&self.config.slot))
             .await?
             .into_iter()
             .next())
