@@ -41,6 +41,7 @@ mod pgoutput;
 mod portable;
 mod postgres;
 mod rows;
+#[cfg(feature = "postgres")]
 pub(crate) mod slots;
 mod sql;
 mod sqlite;
