@@ -182,6 +182,15 @@ async fn text(c: &Client, css: &str) -> String {
     v.as_str().unwrap_or_else(|| panic!("no {css}")).to_owned()
 }
 
+/// Saves what the page shows to the path in `env`, else to `name` under the target's temp dir.
+async fn save_screenshot(c: &Client, env: &str, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    let shot = std::env::var(env)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name));
+    std::fs::write(&shot, &png).expect("save screenshot");
+}
+
 /// The host app: its own route, and the admin router nested at `/outbox`.
 async fn serve(t: &TestDb) -> (SocketAddr, CancellationToken) {
     let admin = Admin::builder(t.db.clone())
@@ -351,13 +360,7 @@ async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
     )
     .await;
 
-    let png = c.screenshot().await.expect("screenshot");
-    let shot = std::env::var("OUTBOX_SCREENSHOT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png")
-        });
-    std::fs::write(&shot, &png).expect("save screenshot");
+    save_screenshot(&c, "OUTBOX_SCREENSHOT", "dashboard.png").await;
 
     // Replay one: the row leaves the page and the dead letter leaves the database.
     let outbox = Outbox::new(&t.db);
@@ -561,13 +564,7 @@ async fn the_log_relay_panel_shows_a_lost_slot_and_handles_log_dead_letters() {
         "an unreadable record has nothing to replay"
     );
 
-    let png = c.screenshot().await.expect("screenshot");
-    let shot = std::env::var("OUTBOX_SCREENSHOT_LOG")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-log.png")
-        });
-    std::fs::write(&shot, &png).expect("save screenshot");
+    save_screenshot(&c, "OUTBOX_SCREENSHOT_LOG", "dashboard-log.png").await;
 
     let dead = |id: uuid::Uuid| {
         let t = &t;
