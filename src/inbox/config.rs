@@ -45,6 +45,17 @@ pub struct ConsumerConfig {
     /// retries under way. What is left after it stays unacknowledged for the broker to
     /// redeliver. Zero stops at once, as a crash would, but without losing anything.
     pub drain_timeout: Duration,
+    /// Messages applied in one transaction (default 1: a transaction per message). Over 1 is
+    /// batch mode: up to this many ready messages (a key's in its order) share one `BEGIN`,
+    /// one multi-row inbox record and one `COMMIT`, each handler under its own savepoint, and
+    /// are acknowledged together after the commit. At most
+    /// [`MAX_BATCH_SIZE`](Self::MAX_BATCH_SIZE).
+    pub batch_size: usize,
+    /// In batch mode, how long a batch may wait to fill once its first message is ready
+    /// (default 2 ms). A batch starts at once when it is full; while every handler slot is
+    /// busy, batches keep filling, so under load they are full anyway and a trickle is held
+    /// back no longer than this.
+    pub max_batch_delay: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -64,6 +75,8 @@ impl Default for ConsumerConfig {
             purge_batch: 1000,
             replay_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            batch_size: 1,
+            max_batch_delay: Duration::from_millis(2),
         }
     }
 }
@@ -98,7 +111,14 @@ impl ConsumerConfig {
         replay_interval: Duration,
         /// Sets [`drain_timeout`](Self::drain_timeout).
         drain_timeout: Duration,
+        /// Sets [`batch_size`](Self::batch_size).
+        batch_size: usize,
+        /// Sets [`max_batch_delay`](Self::max_batch_delay).
+        max_batch_delay: Duration,
     }
+
+    /// The largest [`batch_size`](Self::batch_size): one multi-row statement's worth.
+    pub const MAX_BATCH_SIZE: usize = crate::store::inbox_batch::MAX_BATCH_ROWS;
 
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::Config(what.to_owned()));
@@ -116,6 +136,12 @@ impl ConsumerConfig {
         }
         if self.purge_interval.is_zero() || self.replay_interval.is_zero() {
             return bad("purge_interval and replay_interval must be positive");
+        }
+        if self.batch_size == 0 || self.batch_size > Self::MAX_BATCH_SIZE {
+            return bad("batch_size must be between 1 and 1000");
+        }
+        if self.batch_size > self.max_in_flight {
+            return bad("batch_size must be at most max_in_flight");
         }
         if self.retention.is_some_and(|r| r < Duration::from_secs(60)) {
             return bad("retention under a minute would forget ids of messages still in flight");

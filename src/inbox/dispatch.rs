@@ -7,10 +7,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio::time::{MissedTickBehavior, interval};
+use tokio::time::{Instant, MissedTickBehavior, interval, sleep_until};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::batch::{self, Leftover};
 use super::handler::Handler;
 use super::message::Incoming;
 use super::process;
@@ -30,19 +31,36 @@ enum Key {
     Unordered(u64),
 }
 
+/// What a task hands back when it ends.
+enum Done {
+    /// A message run alone finished.
+    One(Key),
+    /// A batch ended: its keys, how many of its messages finished, and what left it to run
+    /// alone.
+    Batch(Vec<Key>, usize, Vec<Leftover<Key>>),
+}
+
 struct Dispatcher<H> {
     shared: Arc<Shared<H>>,
     shutdown: CancellationToken,
     /// Keys with a message running; each holds the messages waiting behind it.
     waiting: HashMap<Key, VecDeque<Delivery>>,
-    running: JoinSet<Key>,
+    running: JoinSet<Done>,
     permits: Arc<Semaphore>,
-    /// Messages running or waiting.
+    /// Batch mode: ready messages (no message of their key runs) gathering into a batch, and
+    /// when the first of them became ready.
+    forming: Vec<(Key, Delivery)>,
+    forming_since: Option<Instant>,
+    /// Messages running, waiting or forming.
     held: usize,
     unordered: u64,
 }
 
 impl<H: Handler> Dispatcher<H> {
+    fn batched(&self) -> bool {
+        self.shared.config.batch_size > 1
+    }
+
     fn accept(&mut self, mut d: Delivery) {
         self.held += 1;
         d.message.ordering_key = self.shared.config.ordering.of(&d.message);
@@ -53,36 +71,162 @@ impl<H: Handler> Dispatcher<H> {
                 Key::Unordered(self.unordered)
             }
         };
+        let batched = self.batched();
         match self.waiting.get_mut(&key) {
             Some(queue) => queue.push_back(d),
+            None if batched => self.ready(key, d),
             None => {
                 self.waiting.insert(key.clone(), VecDeque::new());
-                self.start(key, d);
+                self.start(key, d, 0);
             }
         }
     }
 
-    fn start(&mut self, key: Key, d: Delivery) {
+    /// Batch mode: nothing of `d`'s key runs, so it joins the forming batch (behind its key's
+    /// messages already there).
+    fn ready(&mut self, key: Key, d: Delivery) {
+        if self.forming.is_empty() {
+            self.forming_since = Some(Instant::now());
+        }
+        self.forming.push((key, d));
+    }
+
+    fn start(&mut self, key: Key, d: Delivery, failures: u32) {
         let shared = Arc::clone(&self.shared);
         let permits = Arc::clone(&self.permits);
         let shutdown = self.shutdown.clone();
         self.running.spawn(async move {
             // The semaphore is never closed, so this only waits.
             let _permit = permits.acquire_owned().await;
-            process::handle(&shared, d, &shutdown).await;
-            key
+            process::handle(&shared, d, failures, &shutdown).await;
+            Done::One(key)
         });
     }
 
-    /// `key`'s message finished: start the next behind it, if any.
+    /// When the forming batch may start: now if it is full, else once its first message has
+    /// waited `max_batch_delay`. `None` while nothing forms.
+    fn batch_due(&self) -> Option<Instant> {
+        let since = self.forming_since?;
+        if self.forming.len() >= self.shared.config.batch_size {
+            return Some(since);
+        }
+        Some(since + self.shared.config.max_batch_delay)
+    }
+
+    /// Starts batches while one is due and a handler slot is free; what is already received
+    /// tops a batch up first.
+    fn start_batches(&mut self, rx: &mut mpsc::Receiver<Delivery>) {
+        let (size, max) = (
+            self.shared.config.batch_size,
+            self.shared.config.max_in_flight,
+        );
+        while self.batch_due().is_some_and(|at| at <= Instant::now())
+            && !self.shutdown.is_cancelled()
+        {
+            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                return;
+            };
+            while self.forming.len() < size && self.held < max {
+                match rx.try_recv() {
+                    Ok(d) => self.accept(d),
+                    Err(_) => break,
+                }
+            }
+            let all = std::mem::take(&mut self.forming);
+            self.forming_since = None;
+            let (mut batch, mut keys) = (Vec::with_capacity(size), Vec::new());
+            for (key, d) in all {
+                if batch.len() < size {
+                    if !self.waiting.contains_key(&key) {
+                        self.waiting.insert(key.clone(), VecDeque::new());
+                        keys.push(key.clone());
+                    }
+                    batch.push((key, d));
+                } else if let Some(queue) = self.waiting.get_mut(&key) {
+                    // A key cut in two by the batch's end waits behind it.
+                    queue.push_back(d);
+                } else {
+                    self.ready(key, d);
+                }
+            }
+            let shared = Arc::clone(&self.shared);
+            let shutdown = self.shutdown.clone();
+            self.running.spawn(async move {
+                let _permit = permit;
+                let n = batch.len();
+                let leftovers = batch::apply(&shared, batch, &shutdown).await;
+                Done::Batch(keys, n - leftovers.len(), leftovers)
+            });
+        }
+    }
+
+    /// Batch mode: starts what can start, and says when the forming batch is next due (only
+    /// while a handler slot is free; otherwise a task ending wakes the loop).
+    fn due(&mut self, rx: &mut mpsc::Receiver<Delivery>) -> Option<Instant> {
+        if !self.batched() {
+            return None;
+        }
+        self.start_batches(rx);
+        self.batch_due()
+            .filter(|_| self.permits.available_permits() > 0)
+    }
+
+    fn done(&mut self, done: Done) {
+        let (keys, finished, leftovers) = match done {
+            Done::One(key) => return self.finished(key),
+            Done::Batch(keys, finished, leftovers) => (keys, finished, leftovers),
+        };
+        self.held = self.held.saturating_sub(finished);
+        let mut alone: HashMap<Key, VecDeque<Leftover<Key>>> = HashMap::new();
+        for l in leftovers {
+            alone.entry(l.key.clone()).or_default().push_back(l);
+        }
+        for key in keys {
+            let mut mine = alone.remove(&key).unwrap_or_default();
+            let Some(head) = mine.pop_front() else {
+                self.release(&key);
+                continue;
+            };
+            if self.shutdown.is_cancelled() {
+                self.held = self.held.saturating_sub(mine.len() + 1);
+                self.release(&key);
+                continue;
+            }
+            if let Some(queue) = self.waiting.get_mut(&key) {
+                for l in mine.into_iter().rev() {
+                    queue.push_front(l.delivery);
+                }
+            }
+            self.start(key, head.delivery, head.failures);
+        }
+    }
+
+    /// `key`'s message finished: start the next behind it, if any (in batch mode, what waits
+    /// behind it becomes ready).
     fn finished(&mut self, key: Key) {
         self.held = self.held.saturating_sub(1);
+        if self.batched() {
+            return self.release(&key);
+        }
         let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
         match next {
-            Some(d) if !self.shutdown.is_cancelled() => self.start(key, d),
+            Some(d) if !self.shutdown.is_cancelled() => self.start(key, d, 0),
             _ => {
                 self.waiting.remove(&key);
             }
+        }
+    }
+
+    /// Batch mode: nothing of `key` runs any more; what waited behind it is ready (or, once
+    /// stopping, is let go unacknowledged).
+    fn release(&mut self, key: &Key) {
+        let queue = self.waiting.remove(key).unwrap_or_default();
+        if self.shutdown.is_cancelled() {
+            self.held = self.held.saturating_sub(queue.len());
+            return;
+        }
+        for d in queue {
+            self.ready(key.clone(), d);
         }
     }
 
@@ -187,6 +331,8 @@ pub(crate) async fn run<H: Handler, S: Source>(
         shutdown: hard_stop.clone(),
         waiting: HashMap::new(),
         running: JoinSet::new(),
+        forming: Vec::new(),
+        forming_since: None,
         held: 0,
         unordered: 0,
     };
@@ -196,15 +342,17 @@ pub(crate) async fn run<H: Handler, S: Source>(
     purges.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut purging: Option<tokio::task::JoinHandle<()>> = None;
     loop {
+        let due = d.due(&mut rx);
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             Some(done) = d.running.join_next() => {
                 // Tasks catch handler panics and are never aborted, so they always return.
-                if let Ok(key) = done {
-                    d.finished(key);
+                if let Ok(done) = done {
+                    d.done(done);
                 }
             }
+            _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
             next = rx.recv(), if d.held < config.max_in_flight => match next {
                 Some(delivery) => d.accept(delivery),
                 None => break,
@@ -234,6 +382,7 @@ pub(crate) async fn run<H: Handler, S: Source>(
             if (source_done || handed.is_cancelled()) && d.held == 0 && rx.is_empty() {
                 break;
             }
+            let due = d.due(&mut rx);
             tokio::select! {
                 biased;
                 _ = &mut deadline => {
@@ -241,10 +390,11 @@ pub(crate) async fn run<H: Handler, S: Source>(
                     break;
                 }
                 Some(done) = d.running.join_next() => {
-                    if let Ok(key) = done {
-                        d.finished(key);
+                    if let Ok(done) = done {
+                        d.done(done);
                     }
                 }
+                _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
                 next = rx.recv(), if d.held < config.max_in_flight => match next {
                     Some(delivery) => d.accept(delivery),
                     None => source_done = true,
@@ -260,11 +410,7 @@ pub(crate) async fn run<H: Handler, S: Source>(
     // Running messages finish their attempt; whatever waits behind them stays unacknowledged
     // for the broker to redeliver.
     hard_stop.cancel();
-    while let Some(done) = d.running.join_next().await {
-        if let Ok(key) = done {
-            d.waiting.remove(&key);
-        }
-    }
+    while d.running.join_next().await.is_some() {}
     drop(d);
     drop(rx);
     source_flush.cancel();

@@ -36,6 +36,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod config;
 mod consumer;
 mod dispatch;
@@ -51,7 +52,7 @@ use sea_orm::ConnectionTrait;
 
 pub use self::config::ConsumerConfig;
 pub use self::consumer::{Consumer, ConsumerBuilder};
-pub use self::handler::Handler;
+pub use self::handler::{BatchHandler, Handler, WholeBatch};
 pub use self::handler_error::HandlerError;
 pub use self::message::{Incoming, MessageId, MissingId, OrderingKey};
 pub use self::source::{Acknowledge, Delivery, Source, SourceContext};

@@ -35,11 +35,11 @@ enum Failure {
 }
 
 /// The delay after the `n`-th failure: `min(cap, base × 2^(n-1))`, between half and all of it.
-fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
+pub(super) fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
     Backoff::new(base, cap).jitter(Jitter::Equal).delay(n)
 }
 
-fn message_id<H>(s: &Shared<H>, msg: &Incoming) -> Result<String, String> {
+pub(super) fn message_id<H>(s: &Shared<H>, msg: &Incoming) -> Result<String, String> {
     let id = s
         .config
         .message_id
@@ -74,7 +74,7 @@ fn dead_letter_key<H>(s: &Shared<H>, m: &Incoming) -> Uuid {
 /// A redelivery of a message this consumer already finished (applied, or dead-lettered):
 /// one indexed read instead of a transaction, and no handler attempts or dead letter again.
 /// Only redeliveries pay it; an error reads as "not finished", and the normal path decides.
-async fn finished_before<H>(s: &Shared<H>, m: &Incoming) -> bool {
+pub(super) async fn finished_before<H>(s: &Shared<H>, m: &Incoming) -> bool {
     if m.replay_of.is_some() {
         return false;
     }
@@ -92,11 +92,22 @@ async fn finished_before<H>(s: &Shared<H>, m: &Incoming) -> bool {
         .unwrap_or(false)
 }
 
+/// Runs `d` to its end. `failures` counts attempts that already failed (in a batch): the
+/// next attempt waits for its backoff first.
 pub(crate) async fn handle<H: Handler>(
     s: &Shared<H>,
     mut d: Delivery,
+    failures: u32,
     shutdown: &CancellationToken,
 ) {
+    if failures > 0 {
+        d.ack.in_progress().await;
+        let delay = backoff(s.config.retry_backoff, s.config.max_retry_backoff, failures);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
     let missing = match message_id(s, &d.message) {
         Ok(id) => {
             d.message.message_id = id;
@@ -104,7 +115,7 @@ pub(crate) async fn handle<H: Handler>(
         }
         Err(reason) => Some(reason),
     };
-    if d.message.redelivered && finished_before(s, &d.message).await {
+    if failures == 0 && d.message.redelivered && finished_before(s, &d.message).await {
         Counters::bump(&s.counters.duplicates);
         m::inbox_outcome(&s.name, "duplicate");
         return ack(s, d).await;
@@ -112,7 +123,7 @@ pub(crate) async fn handle<H: Handler>(
     if let Some(reason) = missing {
         return dead_letter(s, d, 0, reason, shutdown).await;
     }
-    let mut failures = 0u32;
+    let mut failures = failures;
     let mut outages = 0u32;
     loop {
         d.message.attempt = failures + 1;
@@ -197,7 +208,7 @@ async fn attempt<H: Handler>(s: &Shared<H>, msg: &Incoming) -> Result<Applied, F
     }
 }
 
-async fn ack<H>(s: &Shared<H>, d: Delivery) {
+pub(super) async fn ack<H>(s: &Shared<H>, d: Delivery) {
     if let Err(e) = d.ack.ack().await {
         Counters::bump(&s.counters.ack_failures);
         m::inbox_outcome(&s.name, "ack_failed");
@@ -208,7 +219,7 @@ async fn ack<H>(s: &Shared<H>, d: Delivery) {
 /// Keeps the message in `inbox_dead_letters`, then acknowledges it. A replayed dead letter that
 /// fails again keeps its row (with the new error) and is not acknowledged: its
 /// acknowledgement would delete that row.
-async fn dead_letter<H>(
+pub(super) async fn dead_letter<H>(
     s: &Shared<H>,
     d: Delivery,
     attempts: u32,

@@ -11,7 +11,7 @@ use crate::error::{BoxError, Result};
 /// Acknowledges one delivery to its broker: the ack, `XACK`, or Kafka offset. Called only after
 /// the message's transaction committed (or it was dead-lettered, or found a duplicate).
 #[async_trait]
-pub trait Acknowledge: Send + Sync + 'static {
+pub trait Acknowledge: std::any::Any + Send + Sync {
     /// Acknowledges. A failure is logged and counted; the broker redelivers, and the inbox
     /// sees a duplicate.
     async fn ack(self: Box<Self>) -> std::result::Result<(), BoxError>;
@@ -19,6 +19,19 @@ pub trait Acknowledge: Send + Sync + 'static {
     /// Tells the broker the message is still being worked on (NATS `+WPI`), before each retry
     /// delay. Default: nothing.
     async fn in_progress(&self) {}
+
+    /// Takes `other` into this acknowledgement when one call to the broker can acknowledge
+    /// both (one `XACK` with many ids), so a batch is acknowledged in few calls; gives it back
+    /// when not. Default: never.
+    ///
+    /// # Errors
+    /// `other`, given back, when it can't be merged.
+    fn merge(
+        &mut self,
+        other: Box<dyn Acknowledge>,
+    ) -> std::result::Result<(), Box<dyn Acknowledge>> {
+        Err(other)
+    }
 }
 
 /// A received message and how to acknowledge it.

@@ -21,6 +21,8 @@ pub struct ConsumerStats {
     pub retries: u64,
     /// Acknowledgements the broker refused or lost.
     pub ack_failures: u64,
+    /// Batch transactions committed (batch mode).
+    pub batches: u64,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +32,7 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) ack_failures: AtomicU64,
+    pub(crate) batches: AtomicU64,
 }
 
 impl Counters {
@@ -45,6 +48,7 @@ impl Counters {
             dead_lettered: get(&self.dead_lettered),
             retries: get(&self.retries),
             ack_failures: get(&self.ack_failures),
+            batches: get(&self.batches),
         }
     }
 }

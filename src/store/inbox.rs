@@ -97,7 +97,7 @@ pub(crate) fn check_len(field: &'static str, value: &str) -> Result<()> {
 }
 
 /// Optional metadata is cut to fit rather than refused: it describes, it does not decide.
-fn fit(value: Option<&str>) -> Option<String> {
+pub(super) fn fit(value: Option<&str>) -> Option<String> {
     value.map(|v| {
         v.replace('\0', "")
             .chars()

@@ -30,6 +30,7 @@ mod browse;
 mod claim;
 mod heartbeats;
 pub(crate) mod inbox;
+pub(crate) mod inbox_batch;
 #[cfg(feature = "postgres")]
 pub(crate) mod log_dead_letters;
 #[cfg(feature = "postgres")]

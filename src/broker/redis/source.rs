@@ -183,7 +183,7 @@ impl RedisSource {
             conn: acks.clone(),
             stream: self.stream.clone(),
             group: self.group.clone(),
-            id,
+            ids: vec![id],
         }
     }
 
@@ -220,7 +220,8 @@ struct RedisAck {
     conn: ConnectionManager,
     stream: String,
     group: String,
-    id: String,
+    /// One entry's, or a batch's merged into one `XACK`.
+    ids: Vec<String>,
 }
 
 #[async_trait]
@@ -230,10 +231,31 @@ impl Acknowledge for RedisAck {
         let _: i64 = redis::cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
-            .arg(&self.id)
+            .arg(&self.ids)
             .query_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    fn merge(
+        &mut self,
+        other: Box<dyn Acknowledge>,
+    ) -> std::result::Result<(), Box<dyn Acknowledge>> {
+        let same = (&*other as &dyn std::any::Any)
+            .downcast_ref::<RedisAck>()
+            .is_some_and(|o| o.stream == self.stream && o.group == self.group);
+        if !same {
+            return Err(other);
+        }
+        let other: Box<dyn std::any::Any> = other;
+        match other.downcast::<RedisAck>() {
+            Ok(o) => {
+                self.ids.extend(o.ids);
+                Ok(())
+            }
+            // Checked above; a type that is not a RedisAck can't get here.
+            Err(_) => Ok(()),
+        }
     }
 }
 

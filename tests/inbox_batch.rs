@@ -1,0 +1,258 @@
+//! The consumer in batch mode on every backend: many messages per transaction, each handler
+//! under a savepoint, one multi-row inbox record. A poison message leaves its batch alone,
+//! duplicates inside one batch apply once, a key's order holds through failures, a
+//! `BatchHandler` gets whole batches and its failures are isolated, and a stop acknowledges
+//! only what committed.
+
+mod common;
+#[path = "support/consumer.rs"]
+mod consumer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::TestDb;
+use consumer::{Effects, Harness, Payload, create_effects, effects, fast, insert_effect, message};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use seaorm_outbox::inbox::{
+    BatchHandler, ConsumerConfig, DeadLetters, HandlerError, Inbox, Incoming, WholeBatch,
+};
+
+on_all_backends!(
+    a_poison_message_in_a_batch_of_100_dead_letters_alone,
+    duplicates_inside_one_batch_and_recorded_before_apply_once,
+    a_keys_order_holds_through_failures_in_batches,
+    a_batch_handler_gets_whole_batches_and_a_poison_is_isolated,
+);
+
+on_backends!(
+    [sqlite_file: SqliteFile, postgres: Postgres, mysql: MySql] =>
+    a_stop_in_batch_mode_acknowledges_only_what_committed,
+);
+
+fn batched(size: usize) -> ConsumerConfig {
+    fast()
+        .batch_size(size)
+        .max_in_flight(size.max(256))
+        .max_batch_delay(Duration::from_millis(50))
+}
+
+/// Sends `n` messages `m-0…` over `keys` aggregates, in order.
+async fn send_all(h: &Harness, n: usize, keys: usize) {
+    for i in 0..n {
+        h.send(message(
+            Some(&format!("m-{i}")),
+            &format!("a{}", i % keys),
+            i as i64,
+            i as u64,
+        ))
+        .await;
+    }
+}
+
+fn assert_in_key_order(applied: &[(String, String, i64)]) {
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (_, agg, seq) in applied {
+        let prev = last.insert(agg, *seq);
+        assert!(prev.is_none_or(|p| p < *seq), "{agg}: {prev:?} then {seq}");
+    }
+}
+
+async fn a_poison_message_in_a_batch_of_100_dead_letters_alone(t: &TestDb) {
+    create_effects(t).await;
+    let handler = Effects::default();
+    handler
+        .fail_first
+        .lock()
+        .expect("fail_first")
+        .insert("m-37".into(), u32::MAX);
+    // One handler slot: the 100 messages queue up and go as one batch.
+    let h = Harness::start(
+        t,
+        "poison",
+        handler,
+        batched(100).concurrency(1).max_attempts(3),
+    );
+    send_all(&h, 100, 100).await;
+    h.wait_acks(100).await;
+    let stats = h.stop().await;
+    assert_eq!(stats.applied, 99, "{stats:?}");
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert!(stats.batches <= 3, "the 99 went in few batches: {stats:?}");
+    let applied = effects(t).await;
+    assert_eq!(applied.len(), 99);
+    assert!(applied.iter().all(|(id, _, _)| id != "m-37"));
+    let inbox = Inbox::new(&t.db);
+    let dead = inbox
+        .dead_letters(DeadLetters::Consumer("poison"), 10, 0)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].message_id.as_deref(), Some("m-37"));
+    assert_eq!(dead[0].attempts, 3, "its attempts, alone after the batch");
+    assert!(!inbox.is_processed("poison", "m-37").await.expect("lookup"));
+    assert_eq!(
+        inbox.count_processed(Some("poison")).await.expect("count"),
+        99
+    );
+}
+
+async fn duplicates_inside_one_batch_and_recorded_before_apply_once(t: &TestDb) {
+    create_effects(t).await;
+    // m-3 was applied by an earlier run: on MySQL this takes the row-by-row record.
+    let txn = sea_orm::TransactionTrait::begin(&t.db)
+        .await
+        .expect("begin");
+    Inbox::new(&txn)
+        .record("dups", "m-3")
+        .await
+        .expect("record");
+    txn.commit().await.expect("commit");
+    let h = Harness::start(t, "dups", Effects::default(), batched(50).concurrency(1));
+    for (i, id) in ["m-1", "m-2", "m-1", "m-3", "m-4", "m-2", "m-5"]
+        .iter()
+        .enumerate()
+    {
+        h.send(message(Some(id), &format!("a{i}"), i as i64, i as u64))
+            .await;
+    }
+    h.wait_acks(7).await;
+    let stats = h.stop().await;
+    assert_eq!(stats.applied, 4, "{stats:?}");
+    assert_eq!(stats.duplicates, 3, "{stats:?}");
+    let mut ids: Vec<String> = effects(t).await.into_iter().map(|e| e.0).collect();
+    ids.sort();
+    assert_eq!(ids, ["m-1", "m-2", "m-4", "m-5"]);
+}
+
+async fn a_keys_order_holds_through_failures_in_batches(t: &TestDb) {
+    create_effects(t).await;
+    let handler = Effects::default();
+    {
+        let mut fail = handler.fail_first.lock().expect("fail_first");
+        for i in (0..600).step_by(7) {
+            fail.insert(format!("m-{i}"), 1 + (i % 3) as u32);
+        }
+    }
+    let h = Harness::start(
+        t,
+        "ordered",
+        handler,
+        batched(64).concurrency(4).max_attempts(10),
+    );
+    send_all(&h, 600, 12).await;
+    h.wait_acks(600).await;
+    let stats = h.stop().await;
+    assert_eq!(stats.applied, 600, "{stats:?}");
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert!(stats.retries > 0, "{stats:?}");
+    assert!(
+        stats.batches < 300,
+        "messages shared transactions: {stats:?}"
+    );
+    let applied = effects(t).await;
+    assert_eq!(applied.len(), 600);
+    assert_in_key_order(&applied);
+}
+
+/// Inserts every message's effect at once; fails the whole call if any message is poison.
+#[derive(Default)]
+struct MultiRow {
+    sizes: Arc<Mutex<Vec<usize>>>,
+    ord: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl BatchHandler for MultiRow {
+    async fn handle_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        msgs: &[Incoming],
+    ) -> Result<(), HandlerError> {
+        self.sizes.lock().expect("sizes").push(msgs.len());
+        for m in msgs {
+            if m.message_id == "m-50" {
+                return Err(HandlerError::permanent("poison"));
+            }
+        }
+        for m in msgs {
+            let p: Payload = m.json()?;
+            let ord = self.ord.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            txn.execute_raw(insert_effect(
+                txn.get_database_backend(),
+                &m.message_id,
+                &p.agg,
+                p.seq,
+                ord,
+            ))
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn a_batch_handler_gets_whole_batches_and_a_poison_is_isolated(t: &TestDb) {
+    create_effects(t).await;
+    let handler = MultiRow::default();
+    let sizes = Arc::clone(&handler.sizes);
+    let h = Harness::start(t, "multi", WholeBatch(handler), batched(100).concurrency(1));
+    send_all(&h, 200, 20).await;
+    h.wait_acks(200).await;
+    let stats = h.stop().await;
+    assert_eq!(stats.applied, 199, "{stats:?}");
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    let applied = effects(t).await;
+    assert_eq!(applied.len(), 199);
+    assert_in_key_order(&applied);
+    let sizes = sizes.lock().expect("sizes").clone();
+    assert!(sizes.iter().any(|n| *n > 10), "whole batches: {sizes:?}");
+    assert!(sizes.contains(&1), "the failing batch was split: {sizes:?}");
+    let dead = Inbox::new(&t.db)
+        .dead_letters(DeadLetters::Consumer("multi"), 10, 0)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id.as_deref(), Some("m-50"));
+}
+
+async fn a_stop_in_batch_mode_acknowledges_only_what_committed(t: &TestDb) {
+    create_effects(t).await;
+    let handler = Effects {
+        delay: Duration::from_millis(20),
+        ..Effects::default()
+    };
+    let h = Harness::start(
+        t,
+        "stopping",
+        handler,
+        batched(16).concurrency(2).drain_timeout(Duration::ZERO),
+    );
+    send_all(&h, 200, 8).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acks = Arc::clone(&h.acks);
+    let stats = h.stop().await;
+    let acked = acks.lock().expect("acks").clone();
+    let applied: Vec<String> = effects(t).await.into_iter().map(|e| e.0).collect();
+    assert!(
+        !acked.is_empty() && acked.len() < 200,
+        "stopped mid-stream: {}",
+        acked.len()
+    );
+    // Everything acknowledged committed; a batch cut by the stop committed nothing.
+    for id in &acked {
+        assert!(applied.contains(id), "{id} acknowledged but not applied");
+    }
+    assert_eq!(applied.len() as u64, stats.applied, "{stats:?}");
+    assert!(applied.len() >= acked.len());
+    let inbox = Inbox::new(&t.db);
+    assert_eq!(
+        inbox
+            .count_processed(Some("stopping"))
+            .await
+            .expect("count"),
+        applied.len() as u64,
+        "a record for each effect, no more"
+    );
+}
