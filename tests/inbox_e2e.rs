@@ -208,8 +208,14 @@ async fn e2e_consumer_child() {
     let crash_at = std::env::var("OUTBOX_E2E_CRASH_AT")
         .ok()
         .and_then(|s| s.parse().ok());
+    let batch = std::env::var("OUTBOX_E2E_BATCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let config = ConsumerConfig::default()
         .concurrency(8)
+        .batch_size(batch)
+        .max_in_flight(256)
         .max_attempts(30)
         .retry_backoff(Duration::from_millis(5))
         .max_retry_backoff(Duration::from_millis(50));
@@ -327,12 +333,14 @@ async fn write_events(t: &TestDb) -> Vec<Uuid> {
     ids
 }
 
-async fn end_to_end(broker: Broker) {
+/// `batch`: the consumer's batch size (1: a transaction per message).
+async fn end_to_end(broker: Broker, batch: usize) {
     let t = TestDb::new(Backend::Postgres).await;
     let all = write_events(&t).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("deliveries.log");
     let mut env = t.child_env();
+    env.push(("OUTBOX_E2E_BATCH", batch.to_string()));
     env.push((
         "OUTBOX_E2E_BROKER",
         serde_json::to_string(&broker).expect("json"),
@@ -439,7 +447,7 @@ async fn end_to_end(broker: Broker) {
     let deliveries = read_lines(&log);
     let redelivered = deliveries - EVENTS;
     eprintln!(
-        "e2e figures ({}): {EVENTS} events, relay SIGKILLed {relay_kills}×, consumer aborted \
+        "e2e figures ({}, batches of {batch}): {EVENTS} events, relay SIGKILLed {relay_kills}×, consumer aborted \
          between commit and ack {}×, ~20% handler attempts failed; {deliveries} deliveries \
          reached the consumer ({redelivered} duplicates), {} effects applied, 0 lost, \
          0 order violations, {:.1}s",
@@ -465,28 +473,56 @@ fn read_lines(path: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_nats_jetstream() {
     let (broker, scratch) = Scratch::nats("e2e_").await;
-    end_to_end(broker).await;
+    end_to_end(broker, 1).await;
+    scratch.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_nats_jetstream_in_batch_mode() {
+    let (broker, scratch) = Scratch::nats("e2eb_").await;
+    end_to_end(broker, 32).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_rabbitmq() {
     let (broker, scratch) = Scratch::rabbitmq("e2e_").await;
-    end_to_end(broker).await;
+    end_to_end(broker, 1).await;
+    scratch.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_rabbitmq_in_batch_mode() {
+    let (broker, scratch) = Scratch::rabbitmq("e2eb_").await;
+    end_to_end(broker, 32).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_redis_streams() {
     let (broker, scratch) = Scratch::redis("e2e_");
-    end_to_end(broker).await;
+    end_to_end(broker, 1).await;
+    scratch.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_redis_streams_in_batch_mode() {
+    let (broker, scratch) = Scratch::redis("e2eb_");
+    end_to_end(broker, 32).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_kafka() {
     let (broker, scratch) = Scratch::kafka(3, "e2e-events", 4);
-    end_to_end(broker).await;
+    end_to_end(broker, 1).await;
+    scratch.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_to_end_through_kafka_in_batch_mode() {
+    let (broker, scratch) = Scratch::kafka(3, "e2eb-events", 4);
+    end_to_end(broker, 32).await;
     scratch.remove().await;
 }
 

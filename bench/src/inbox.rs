@@ -16,16 +16,24 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{BenchDb, Kind};
 use crate::report::{Row, Target};
 
+/// Messages per transaction in batch mode: `OUTBOX_BENCH_INBOX_BATCH`, or 100.
+fn batch_size() -> usize {
+    std::env::var("OUTBOX_BENCH_INBOX_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
 /// Handlers in flight, in both modes: the consumer's default, or `OUTBOX_BENCH_INBOX_CONCURRENCY`.
-fn concurrency() -> usize {
+pub(crate) fn concurrency() -> usize {
     std::env::var("OUTBOX_BENCH_INBOX_CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(ConsumerConfig::default().concurrency)
 }
 
-struct WriteRow {
-    kind: Kind,
+pub(crate) struct WriteRow {
+    pub(crate) kind: Kind,
 }
 
 #[async_trait]
@@ -90,7 +98,7 @@ async fn prefill(js: &async_nats::jetstream::Context, stream: &str, n: u64) -> R
 /// Messages per second for one full drain.
 /// Empties the two tables without leaving dead rows behind (a `DELETE` would bloat the inbox's
 /// indexes from run to run, and only the inbox runs would pay for it).
-async fn empty(db: &BenchDb) -> Result<()> {
+pub(crate) async fn empty(db: &BenchDb) -> Result<()> {
     for table in ["bench_effects", "inbox_messages"] {
         match db.kind {
             Kind::Sqlite => db.exec(&format!("DELETE FROM {table}")).await?,
@@ -106,12 +114,14 @@ async fn drain(
     stream: &str,
     n: u64,
     inbox: bool,
+    batch: usize,
 ) -> Result<f64> {
     empty(db).await?;
     let durable = format!("bench{}", uuid::Uuid::now_v7().simple());
     let config = ConsumerConfig::default()
         .concurrency(concurrency())
-        .max_in_flight(concurrency().max(256))
+        .max_in_flight((concurrency() * batch).max(256))
+        .batch_size(batch)
         .deduplicate(inbox);
     let pool = db.pool(concurrency() as u32 + 1).await?;
     let consumer = Arc::new(
@@ -201,20 +211,31 @@ pub(crate) async fn section(
     let stream = format!("BENCH_INBOX_{}_{}", std::process::id(), label);
     prefill(&js, &stream, n).await?;
     // One unmeasured drain first: the first run on a fresh table and stream pays for caches.
-    drain(db, &js, &stream, n, true).await?;
+    drain(db, &js, &stream, n, true, 1).await?;
     let (mut with, mut without) = (Vec::new(), Vec::new());
+    let (mut batched_with, mut batched_without) = (Vec::new(), Vec::new());
+    let size = batch_size();
     for _ in 0..repeat {
-        let plain = drain(db, &js, &stream, n, false).await?;
-        let inboxed = drain(db, &js, &stream, n, true).await?;
+        let plain = drain(db, &js, &stream, n, false, 1).await?;
+        let inboxed = drain(db, &js, &stream, n, true, 1).await?;
+        let batched_plain = drain(db, &js, &stream, n, false, size).await?;
+        let batched = drain(db, &js, &stream, n, true, size).await?;
         eprintln!(
-            "{label} consumer x{}: no inbox {plain:.0}/s, inbox {inboxed:.0}/s ({:.2}x)",
+            "{label} consumer x{}: no inbox {plain:.0}/s, inbox {inboxed:.0}/s ({:.2}x); \
+             batches of {size}: no inbox {batched_plain:.0}/s, inbox {batched:.0}/s \
+             ({:.2}x of the per-message consumer without the inbox)",
             concurrency(),
-            inboxed / plain
+            inboxed / plain,
+            batched / plain,
         );
         without.push(plain);
         with.push(inboxed);
+        batched_without.push(batched_plain);
+        batched_with.push(batched);
     }
     js.delete_stream(&stream).await?;
+    let secs = if n < 5000 { 2 } else { 5 };
+    let ((b50, b99), (p50, p99)) = crate::inbox_latency::measure(db, &js, secs, size).await?;
     let (mut db_with, mut db_without) = (Vec::new(), Vec::new());
     for _ in 0..repeat {
         db_without.push(database_only(db, n, false).await?);
@@ -234,6 +255,47 @@ pub(crate) async fn section(
             crate::median(&mut without),
         )),
         target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(0.8)),
+    });
+    let per_message_plain = crate::median(&mut without);
+    rows.push(Row {
+        section: "inbox",
+        name: format!(
+            "batched consumer with inbox (batches of {size}), NATS → {label}, {n} msgs, \
+             concurrency {}",
+            concurrency()
+        ),
+        value: crate::median(&mut batched_with),
+        unit: "msg/s",
+        baseline: Some((
+            "per-message consumer, no inbox".into(),
+            per_message_plain,
+        )),
+        target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(2.0)),
+    });
+    rows.push(Row {
+        section: "inbox",
+        name: format!(
+            "batched consumer with inbox (batches of {size}), NATS → {label}, {n} msgs, \
+             concurrency {}",
+            concurrency()
+        ),
+        value: crate::median(&mut batched_with),
+        unit: "msg/s",
+        baseline: Some((
+            "batched consumer, no inbox".into(),
+            crate::median(&mut batched_without),
+        )),
+        target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(0.9)),
+    });
+    rows.push(Row {
+        section: "inbox",
+        name: format!(
+            "publish→effect p99 at 1,000 msg/s, batched ({label}; p50 {b50:.2} ms, per-message p50 {p50:.2} ms)"
+        ),
+        value: b99,
+        unit: "ms",
+        baseline: Some(("per-message consumer, p99".into(), p99)),
+        target: Some(Target::RatioAtMost(2.0)),
     });
     rows.push(Row {
         section: "inbox",

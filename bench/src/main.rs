@@ -25,6 +25,7 @@ mod brokers;
 mod cpu;
 mod db;
 mod inbox;
+mod inbox_latency;
 mod latency;
 mod log_relay;
 mod report;

@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -81,8 +82,24 @@ pub(crate) async fn apply<H: Handler, K: Clone + Eq + Hash>(
             d.message.attempt = 1;
         }
         let started = Instant::now();
-        match attempt(s, &work).await {
-            Ok(fates) => {
+        // Handlers run straight in the transaction while batches succeed; one failing rolls
+        // the attempt back, and the next few batches put each handler under a savepoint.
+        let careful = s.careful_batches.load(Ordering::Relaxed) > 0;
+        let result = match attempt(s, &work, careful).await {
+            Ok(None) => {
+                s.careful_batches.store(CAREFUL_BATCHES, Ordering::Relaxed);
+                attempt(s, &work, true).await
+            }
+            other => other,
+        };
+        if careful {
+            let _ = s.careful_batches.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+        match result {
+            // Only an attempt without savepoints comes back without fates; the retry above
+            // had them. Run the batch again rather than guess.
+            Ok(None) => continue,
+            Ok(Some(fates)) => {
                 Counters::bump(&s.counters.batches);
                 m::inbox_handler_time(&s.name, started.elapsed());
                 break fates;
@@ -147,12 +164,17 @@ fn count<H>(s: &Shared<H>, fate: &Fate) {
     m::inbox_outcome(&s.name, outcome);
 }
 
+/// Batches run with a savepoint per handler after one failed: until this many in a row did not.
+const CAREFUL_BATCHES: u32 = 16;
+
 /// One transaction over the batch: each message's fate, or the inbox's own error (the database
-/// is away), after which nothing of the attempt stands.
+/// is away), after which nothing of the attempt stands. Without `savepoints`, `None` when a
+/// handler failed: the transaction was rolled back, run it again with them.
 async fn attempt<H: Handler, K: Eq + Hash>(
     s: &Shared<H>,
     work: &[(K, Delivery)],
-) -> Result<Vec<Fate>> {
+    savepoints: bool,
+) -> Result<Option<Vec<Fate>>> {
     let mut fates = vec![Fate::Applied; work.len()];
     // The same id twice in one batch: only its first delivery is applied.
     let mut first = HashSet::with_capacity(work.len());
@@ -177,7 +199,14 @@ async fn attempt<H: Handler, K: Eq + Hash>(
             }
         }
     }
-    run_handlers(s, &txn, work, &mut fates).await?;
+    if !savepoints {
+        if !run_direct(s, &txn, work, &fates).await {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+    } else {
+        run_handlers(s, &txn, work, &mut fates).await?;
+    }
     if s.config.deduplicate {
         let undo: Vec<&str> = work
             .iter()
@@ -192,7 +221,28 @@ async fn attempt<H: Handler, K: Eq + Hash>(
     // A commit that failed may still have committed: the retry then finds every record and
     // counts duplicates, which is the truth.
     txn.commit().await?;
-    Ok(fates)
+    Ok(Some(fates))
+}
+
+/// Every handler straight in `txn`, the batch handler if there is one; `false` at the first
+/// failure (the transaction must then be rolled back).
+async fn run_direct<H: Handler, K>(
+    s: &Shared<H>,
+    txn: &DatabaseTransaction,
+    work: &[(K, Delivery)],
+    fates: &[Fate],
+) -> bool {
+    let new = work.iter().zip(fates).filter(|(_, f)| **f == Fate::Applied);
+    if let Some(whole) = s.handler.whole_batches() {
+        let msgs: Vec<Incoming> = new.map(|((_, d), _)| d.message.clone()).collect();
+        return msgs.is_empty() || guarded(whole.handle_batch(txn, &msgs)).await.is_ok();
+    }
+    for ((_, d), _) in new {
+        if guarded(s.handler.handle(txn, &d.message)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 fn received<'a, H>(s: &'a Shared<H>, d: &'a Delivery, now: chrono::DateTime<Utc>) -> Received<'a> {

@@ -166,6 +166,7 @@ impl<H: Handler> ConsumerBuilder<H> {
                 handler: self.handler,
                 config: self.config,
                 counters: Counters::default(),
+                careful_batches: Default::default(),
             }),
         })
     }

@@ -60,4 +60,6 @@ pub(crate) struct Shared<H> {
     pub(crate) handler: H,
     pub(crate) config: ConsumerConfig,
     pub(crate) counters: Counters,
+    /// Batch mode: batches left to run with a savepoint per handler since one failed.
+    pub(crate) careful_batches: std::sync::atomic::AtomicU32,
 }
