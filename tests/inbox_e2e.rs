@@ -57,7 +57,7 @@ impl Broker {
                 NatsPublisher::connect(url)
                     .await
                     .expect("nats")
-                    .router(Router::fixed(format!("{stream}.events"))),
+                    .router(Router::prefixed(format!("{stream}."))),
             ),
             Self::RabbitMq { uri, queue } => {
                 Arc::new(RabbitMqPublisher::new(uri.clone()).router(Router::fixed(queue.clone())))
@@ -104,6 +104,38 @@ async fn e2e_relay_child() {
 /// Writes one effect row per message through the consumer's transaction, failing about one
 /// attempt in five.
 struct Effects;
+
+/// The chain's first consumer: [`Effects`], and in the same transaction an `invoice` event
+/// of its own through the outbox, for the chain's second consumer.
+struct EffectsAndEmit;
+
+#[async_trait]
+impl Handler for EffectsAndEmit {
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Incoming) -> Result<(), HandlerError> {
+        Effects.handle(txn, msg).await?;
+        let p: Payload = msg.json()?;
+        let billed = NewEvent::new("invoice.billed", "invoice", p.agg.clone()).payload(&p);
+        Outbox::new(txn).add_event(billed).await?;
+        Ok(())
+    }
+}
+
+/// The chain's second consumer: one `ledger` row per invoice event.
+struct Ledger;
+
+#[async_trait]
+impl Handler for Ledger {
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Incoming) -> Result<(), HandlerError> {
+        let p: Payload = msg.json()?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "INSERT INTO ledger (message_id, agg, seq) VALUES ($1, $2, $3)",
+            [msg.message_id.clone().into(), p.agg.into(), p.seq.into()],
+        ))
+        .await?;
+        Ok(())
+    }
+}
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Payload {
@@ -219,11 +251,32 @@ async fn e2e_consumer_child() {
         .max_attempts(30)
         .retry_backoff(Duration::from_millis(5))
         .max_retry_backoff(Duration::from_millis(50));
+    let chain = std::env::var("OUTBOX_E2E_CHAIN").is_ok();
+    let stop = CancellationToken::new();
+    if chain {
+        let Broker::Nats { url, stream } = broker else {
+            panic!("the chain runs on NATS");
+        };
+        let consumer = Consumer::builder(db, CONSUMER, EffectsAndEmit)
+            .config(config)
+            .build()
+            .expect("consumer");
+        let client = async_nats::connect(url).await.expect("nats");
+        let source = NatsSource::new(async_nats::jetstream::new(client), &stream, CONSUMER)
+            .filter_subject(format!("{stream}.order"))
+            .ack_wait(Duration::from_secs(3));
+        let faulty = Faulty {
+            inner: source,
+            log: log.clone(),
+            crash_at,
+        };
+        consumer.run(faulty, stop).await.expect("consumer ran");
+        return;
+    }
     let consumer = Consumer::builder(db, CONSUMER, Effects)
         .config(config)
         .build()
         .expect("consumer");
-    let stop = CancellationToken::new();
     fn faulty<S>(inner: S, log: &Path, crash_at: Option<usize>) -> Faulty<S> {
         Faulty {
             inner,
@@ -333,14 +386,24 @@ async fn write_events(t: &TestDb) -> Vec<Uuid> {
     ids
 }
 
-/// `batch`: the consumer's batch size (1: a transaction per message).
-async fn end_to_end(broker: Broker, batch: usize) {
+/// `batch`: the consumer's batch size (1: a transaction per message). `chain` (NATS): the
+/// consumer also emits an event per message through the outbox in its transaction, which the
+/// relay publishes and a second consumer (`ledger`, in this process) applies.
+async fn end_to_end(broker: Broker, batch: usize, chain: bool) {
     let t = TestDb::new(Backend::Postgres).await;
     let all = write_events(&t).await;
+    let ledger = if chain {
+        Some(start_ledger(&t, &broker).await)
+    } else {
+        None
+    };
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("deliveries.log");
     let mut env = t.child_env();
     env.push(("OUTBOX_E2E_BATCH", batch.to_string()));
+    if chain {
+        env.push(("OUTBOX_E2E_CHAIN", "1".to_owned()));
+    }
     env.push((
         "OUTBOX_E2E_BROKER",
         serde_json::to_string(&broker).expect("json"),
@@ -396,10 +459,31 @@ async fn end_to_end(broker: Broker, batch: usize) {
             break;
         }
     }
+    if let Some((_, ledger_stop)) = &ledger {
+        // The relay goes on publishing what the consumer emitted, to the ledger.
+        while t
+            .scalar("SELECT COUNT(DISTINCT message_id) FROM ledger")
+            .await
+            < EVENTS as i64
+        {
+            assert!(
+                Instant::now() < limit,
+                "the ledger got {} of {EVENTS}",
+                t.scalar("SELECT COUNT(*) FROM ledger").await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ledger_stop.cancel();
+    }
     // Let stray redeliveries arrive: none may add an effect.
     tokio::time::sleep(Duration::from_secs(2)).await;
     kill(&mut consumer);
     kill(&mut relay);
+    if let Some((run, _)) = ledger {
+        run.await.expect("ledger joined").expect("ledger ran");
+        check_ledger(&t).await;
+    }
     let elapsed = started.elapsed();
 
     let effects =
@@ -464,6 +548,71 @@ async fn end_to_end(broker: Broker, batch: usize) {
     t.cleanup().await;
 }
 
+/// The chain's second consumer, on its own durable over the consumer's emitted events.
+async fn start_ledger(
+    t: &TestDb,
+    broker: &Broker,
+) -> (
+    tokio::task::JoinHandle<seaorm_outbox::Result<seaorm_outbox::inbox::ConsumerStats>>,
+    CancellationToken,
+) {
+    let Broker::Nats { url, stream } = broker else {
+        panic!("the chain runs on NATS");
+    };
+    t.db.execute_unprepared(
+        "CREATE TABLE ledger (ord BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, \
+         agg TEXT NOT NULL, seq BIGINT NOT NULL)",
+    )
+    .await
+    .expect("ledger table");
+    let client = async_nats::connect(url.as_str()).await.expect("nats");
+    let source = NatsSource::new(async_nats::jetstream::new(client), stream, "ledger")
+        .filter_subject(format!("{stream}.invoice"));
+    let consumer = Consumer::builder(t.connect_again().await, "ledger", Ledger)
+        .config(ConsumerConfig::default().batch_size(32))
+        .build()
+        .expect("ledger");
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    (
+        tokio::spawn(async move { consumer.run(source, token).await }),
+        stop,
+    )
+}
+
+/// The consumer emitted one event per message it applied, never one per delivery, and the
+/// ledger applied each once, in each aggregate's order.
+async fn check_ledger(t: &TestDb) {
+    assert_eq!(
+        t.scalar("SELECT COUNT(*) FROM outbox_events WHERE aggregate_type = 'invoice'")
+            .await,
+        EVENTS as i64,
+        "one emitted event per applied message, whatever the redeliveries"
+    );
+    assert_eq!(
+        t.scalar("SELECT COUNT(*) FROM ledger").await,
+        EVENTS as i64,
+        "each emitted event applied once"
+    );
+    let rows =
+        t.db.query_all_raw(Statement::from_string(
+            t.db.get_database_backend(),
+            "SELECT agg, seq FROM ledger ORDER BY ord",
+        ))
+        .await
+        .expect("ledger");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for r in rows {
+        let agg: String = r.try_get("", "agg").expect("agg");
+        let seq: i64 = r.try_get("", "seq").expect("seq");
+        let prev = last.insert(agg.clone(), seq);
+        assert!(
+            prev.is_none_or(|p| p < seq),
+            "ledger {agg}: {prev:?} then {seq}"
+        );
+    }
+}
+
 fn read_lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|s| s.lines().count())
@@ -473,56 +622,56 @@ fn read_lines(path: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_nats_jetstream() {
     let (broker, scratch) = Scratch::nats("e2e_").await;
-    end_to_end(broker, 1).await;
+    end_to_end(broker, 1, false).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn end_to_end_through_nats_jetstream_in_batch_mode() {
+async fn end_to_end_through_nats_jetstream_in_batch_mode_emitting_to_a_second_consumer() {
     let (broker, scratch) = Scratch::nats("e2eb_").await;
-    end_to_end(broker, 32).await;
+    end_to_end(broker, 32, true).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_rabbitmq() {
     let (broker, scratch) = Scratch::rabbitmq("e2e_").await;
-    end_to_end(broker, 1).await;
+    end_to_end(broker, 1, false).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_rabbitmq_in_batch_mode() {
     let (broker, scratch) = Scratch::rabbitmq("e2eb_").await;
-    end_to_end(broker, 32).await;
+    end_to_end(broker, 32, false).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_redis_streams() {
     let (broker, scratch) = Scratch::redis("e2e_");
-    end_to_end(broker, 1).await;
+    end_to_end(broker, 1, false).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_redis_streams_in_batch_mode() {
     let (broker, scratch) = Scratch::redis("e2eb_");
-    end_to_end(broker, 32).await;
+    end_to_end(broker, 32, false).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_kafka() {
     let (broker, scratch) = Scratch::kafka(3, "e2e-events", 4);
-    end_to_end(broker, 1).await;
+    end_to_end(broker, 1, false).await;
     scratch.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn end_to_end_through_kafka_in_batch_mode() {
     let (broker, scratch) = Scratch::kafka(3, "e2eb-events", 4);
-    end_to_end(broker, 32).await;
+    end_to_end(broker, 32, false).await;
     scratch.remove().await;
 }
 

@@ -266,10 +266,7 @@ pub(crate) async fn section(
         ),
         value: crate::median(&mut batched_with),
         unit: "msg/s",
-        baseline: Some((
-            "per-message consumer, no inbox".into(),
-            per_message_plain,
-        )),
+        baseline: Some(("per-message consumer, no inbox".into(), per_message_plain)),
         target: (db.kind == Kind::Postgres).then_some(Target::RatioAtLeast(2.0)),
     });
     rows.push(Row {

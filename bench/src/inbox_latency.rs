@@ -65,7 +65,11 @@ impl Source for Timed {
     async fn run(self, ctx: SourceContext) -> seaorm_outbox::Result<()> {
         let samples = self.samples;
         ctx.run_inner(self.inner, move |d| {
-            let seq: u64 = d.message.header("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+            let seq: u64 = d
+                .message
+                .header("seq")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             let sent = d
                 .message
                 .header("sent-at")
@@ -85,7 +89,12 @@ impl Source for Timed {
 }
 
 /// (p50, p99) in ms for `secs` seconds of `RATE` msg/s after the warm-up.
-async fn run(db: &BenchDb, js: &async_nats::jetstream::Context, secs: u64, batch: usize) -> Result<(f64, f64)> {
+async fn run(
+    db: &BenchDb,
+    js: &async_nats::jetstream::Context,
+    secs: u64,
+    batch: usize,
+) -> Result<(f64, f64)> {
     empty(db).await?;
     let stream = format!("BENCH_INBOX_LAT_{}_{}", std::process::id(), batch);
     js.create_stream(async_nats::jetstream::stream::Config {
@@ -135,7 +144,11 @@ async fn run(db: &BenchDb, js: &async_nats::jetstream::Context, secs: u64, batch
     }
     let limit = Instant::now() + Duration::from_secs(60);
     while consumer.stats().applied < total {
-        anyhow::ensure!(Instant::now() < limit, "latency run stalled: {:?}", consumer.stats());
+        anyhow::ensure!(
+            Instant::now() < limit,
+            "latency run stalled: {:?}",
+            consumer.stats()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.cancel();

@@ -93,7 +93,9 @@ pub(crate) async fn apply<H: Handler, K: Clone + Eq + Hash>(
             other => other,
         };
         if careful {
-            let _ = s.careful_batches.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            let _ = s
+                .careful_batches
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
         match result {
             // Only an attempt without savepoints comes back without fates; the retry above
