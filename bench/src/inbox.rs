@@ -10,7 +10,10 @@ use anyhow::Result;
 use async_trait::async_trait;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
 use seaorm_outbox::broker::nats::NatsSource;
-use seaorm_outbox::inbox::{Consumer, ConsumerConfig, Handler, HandlerError, Incoming};
+use seaorm_outbox::inbox::{
+    Acknowledge, Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Incoming, Source,
+    SourceContext,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{BenchDb, Kind};
@@ -197,6 +200,81 @@ async fn database_only(db: &BenchDb, n: u64, inbox: bool) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Acknowledges nothing: the in-memory source has no broker to tell.
+struct NoAck;
+
+#[async_trait]
+impl Acknowledge for NoAck {
+    async fn ack(self: Box<Self>) -> std::result::Result<(), seaorm_outbox::BoxError> {
+        Ok(())
+    }
+}
+
+/// `n` messages from memory, as fast as the consumer takes them.
+struct MemorySource(u64);
+
+#[async_trait]
+impl Source for MemorySource {
+    fn broker(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn run(self, ctx: SourceContext) -> seaorm_outbox::Result<()> {
+        for i in 0..self.0 {
+            let headers = vec![
+                ("event-id".to_owned(), uuid::Uuid::now_v7().to_string()),
+                ("aggregate-id".to_owned(), format!("order-{}", i % 1000)),
+            ];
+            let message = Incoming::new("memory", headers, b"{}".to_vec());
+            let d = Delivery {
+                message,
+                ack: Box::new(NoAck),
+            };
+            tokio::select! {
+                sent = ctx.deliveries.send(d) => if sent.is_err() { return Ok(()) },
+                _ = ctx.stop.cancelled() => break,
+            }
+        }
+        ctx.handed_over();
+        ctx.shutdown.cancelled().await;
+        Ok(())
+    }
+}
+
+/// The consumer's own rate with no broker: `n` messages from memory, batches of `batch`.
+async fn no_broker(db: &BenchDb, n: u64, inbox: bool, batch: usize) -> Result<f64> {
+    empty(db).await?;
+    let config = ConsumerConfig::default()
+        .concurrency(concurrency())
+        .max_in_flight((concurrency() * batch).max(256))
+        .batch_size(batch)
+        .deduplicate(inbox);
+    let pool = db.pool(concurrency() as u32 + 1).await?;
+    let consumer = Arc::new(
+        Consumer::builder(pool, "bench", WriteRow { kind: db.kind })
+            .config(config)
+            .build()?,
+    );
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let run = {
+        let (c, stop) = (Arc::clone(&consumer), stop.clone());
+        tokio::spawn(async move { c.run(MemorySource(n), stop).await })
+    };
+    while consumer.stats().applied < n {
+        anyhow::ensure!(
+            !run.is_finished(),
+            "consumer stopped: {:?}",
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    stop.cancel();
+    run.await??;
+    Ok(rate)
+}
+
 pub(crate) async fn section(
     db: &BenchDb,
     n: u64,
@@ -236,6 +314,11 @@ pub(crate) async fn section(
     js.delete_stream(&stream).await?;
     let secs = if n < 5000 { 2 } else { 5 };
     let ((b50, b99), (p50, p99)) = crate::inbox_latency::measure(db, &js, secs, size).await?;
+    let (mut mem_with, mut mem_without) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        mem_without.push(no_broker(db, n, false, size).await?);
+        mem_with.push(no_broker(db, n, true, size).await?);
+    }
     let (mut db_with, mut db_without) = (Vec::new(), Vec::new());
     for _ in 0..repeat {
         db_without.push(database_only(db, n, false).await?);
@@ -293,6 +376,19 @@ pub(crate) async fn section(
         unit: "ms",
         baseline: Some(("per-message consumer, p99".into(), p99)),
         target: Some(Target::RatioAtMost(2.0)),
+    });
+    rows.push(Row {
+        section: "inbox",
+        name: format!(
+            "batched consumer with inbox (batches of {size}), no broker (in-memory source) → {label}"
+        ),
+        value: crate::median(&mut mem_with),
+        unit: "msg/s",
+        baseline: Some((
+            "same, no inbox".into(),
+            crate::median(&mut mem_without),
+        )),
+        target: None,
     });
     rows.push(Row {
         section: "inbox",

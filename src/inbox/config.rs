@@ -47,8 +47,9 @@ pub struct ConsumerConfig {
     pub drain_timeout: Duration,
     /// Messages applied in one transaction (default 1: a transaction per message). Over 1 is
     /// batch mode: up to this many ready messages (a key's in its order) share one `BEGIN`,
-    /// one multi-row inbox record and one `COMMIT`, each handler under its own savepoint, and
-    /// are acknowledged together after the commit. At most
+    /// one multi-row inbox record and one `COMMIT`, and are acknowledged together after the
+    /// commit; a handler that fails rolls back only its own message (savepoints), which is
+    /// then retried or dead-lettered alone. At most
     /// [`MAX_BATCH_SIZE`](Self::MAX_BATCH_SIZE).
     pub batch_size: usize,
     /// In batch mode, how long a batch may wait to fill once its first message is ready

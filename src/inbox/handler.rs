@@ -16,8 +16,10 @@ use super::message::Incoming;
 /// deserialise, a business rule that will never pass) dead-letters the message at once.
 ///
 /// In batch mode ([`ConsumerConfig::batch_size`](super::ConsumerConfig::batch_size) over 1),
-/// `txn` is a savepoint inside the batch's transaction: an error rolls back this message's
-/// effect and inbox row only, and the rest of the batch commits.
+/// `txn` is the batch's transaction, or a savepoint inside it once a handler of the batch
+/// failed: an error then rolls back this message's effect and inbox row only, the rest of the
+/// batch commits, and this message is retried alone. A handler may so run twice for one
+/// attempt, which is harmless as long as it writes only through `txn`.
 ///
 /// Don't commit `txn`, and don't write outside it: the consumer commits, then acknowledges.
 #[async_trait]

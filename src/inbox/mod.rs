@@ -15,13 +15,14 @@
 //! |---|---|
 //! | `mod.rs` | [`Inbox`]: the record, dead letters, retention, on any `ConnectionTrait` |
 //! | `message.rs` | [`Incoming`], and where its id ([`MessageId`]) and key ([`OrderingKey`]) come from |
-//! | `handler.rs`, `handler_error.rs` | the [`Handler`] trait; [`HandlerError`] |
+//! | `handler.rs`, `handler_error.rs` | the [`Handler`] and [`BatchHandler`] traits; [`HandlerError`] |
 //! | `source.rs` | the [`Source`] contract brokers implement: [`Delivery`], [`Acknowledge`], [`SourceContext`] |
 //! | `config.rs` | [`ConsumerConfig`] |
 //! | `state.rs` | what a running consumer shares: counters ([`ConsumerStats`]), handler, config |
 //! | `consumer.rs` | [`Consumer`] |
-//! | `dispatch.rs` | per-key queues: one message per key at a time, keys in parallel |
+//! | `dispatch.rs` | per-key queues: one message per key at a time, keys in parallel; batches formed |
 //! | `process.rs` | one message: attempts, backoff, dead letter, acknowledgement |
+//! | `batch.rs` | batch mode: many messages in one transaction, a failing one retried alone |
 //!
 //! ```
 //! use seaorm_outbox::inbox::{Inbox, Recorded};

@@ -14,6 +14,7 @@
 //! | [`write_back`] | a batch's outcomes written back, one statement per kind |
 //! | [`heartbeats`] | each running relay's row in `outbox_relays` |
 //! | [`inbox`] | the consumer side: `inbox_messages` and `inbox_dead_letters` |
+//! | [`inbox_batch`] | a batch's inbox record in one statement, and its undo |
 //! | [`logical`] | message mode's write; the log relay's slot, publication, peek, advance |
 //! | [`log_dead_letters`] | the log relay's dead letters |
 //! | [`pgoutput`] | decoding the records a logical slot returns |
