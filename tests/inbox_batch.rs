@@ -1,8 +1,8 @@
 //! The consumer in batch mode on every backend: many messages per transaction, each handler
 //! under a savepoint, one multi-row inbox record. A poison message leaves its batch alone,
 //! duplicates inside one batch apply once, a key's order holds through failures, a
-//! `BatchHandler` gets whole batches and its failures are isolated, and a stop acknowledges
-//! only what committed.
+//! `BatchHandler` gets whole batches and its failures are isolated, a stop acknowledges only
+//! what committed, and Redis gets each batch's acknowledgements in one `XACK`.
 
 mod common;
 #[path = "support/consumer.rs"]
@@ -19,6 +19,8 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use seaorm_outbox::inbox::{
     BatchHandler, ConsumerConfig, DeadLetters, HandlerError, Inbox, Incoming, WholeBatch,
 };
+#[cfg(feature = "redis")]
+use tokio_util::sync::CancellationToken;
 
 on_all_backends!(
     a_poison_message_in_a_batch_of_100_dead_letters_alone,
@@ -255,4 +257,109 @@ async fn a_stop_in_batch_mode_acknowledges_only_what_committed(t: &TestDb) {
         applied.len() as u64,
         "a record for each effect, no more"
     );
+}
+
+/// A batch's acknowledgements reach Redis merged into one `XACK` with every id: nothing is
+/// left pending once the consumer applied everything.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_acknowledges_each_batch_in_one_xack() {
+    use redis::FromRedisValue;
+    use seaorm_outbox::broker::redis::RedisSource;
+    use seaorm_outbox::inbox::Consumer;
+
+    let t = TestDb::new(common::Backend::SqliteFile).await;
+    create_effects(&t).await;
+    let addr =
+        std::env::var("OUTBOX_TEST_REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".to_owned());
+    let client = redis::Client::open(format!("redis://{addr}")).expect("redis");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let stream = format!("inbox_batch_{}", uuid::Uuid::now_v7().simple());
+    for i in 0..300i64 {
+        let agg = format!("a{}", i % 10);
+        let body = serde_json::to_vec(&Payload {
+            agg: agg.clone(),
+            seq: i,
+        })
+        .expect("json");
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("event-id")
+            .arg(format!("m-{i}"))
+            .arg("aggregate-id")
+            .arg(agg)
+            .arg("payload")
+            .arg(body)
+            .query_async(&mut conn)
+            .await
+            .expect("xadd");
+    }
+    let xacks_before = xack_calls(&mut conn).await;
+    let consumer = Consumer::builder(t.db.clone(), "xack", Effects::default())
+        .config(batched(100))
+        .build()
+        .expect("consumer");
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (stop, source) = (stop.clone(), RedisSource::new(client, &stream, "xack"));
+        async move { consumer.run(source, stop).await }
+    });
+    let limit = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let summary: Vec<redis::Value> = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("xack")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let pending = summary
+            .first()
+            .cloned()
+            .and_then(|v| u64::from_redis_value(v).ok());
+        if effects(&t).await.len() == 300 && pending == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < limit,
+            "{} applied, {pending:?} pending",
+            effects(&t).await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let stats = run.await.expect("join").expect("consumer ran");
+    assert_eq!(stats.applied, 300, "{stats:?}");
+    assert!(stats.batches < 300, "batched: {stats:?}");
+    assert_eq!(stats.ack_failures, 0, "{stats:?}");
+    // No other test of this binary talks to Redis, so the server's count is ours.
+    let xacks = xack_calls(&mut conn).await - xacks_before;
+    assert!(
+        xacks <= stats.batches + 5,
+        "{xacks} XACKs for {} batches: merged",
+        stats.batches
+    );
+    let _: i64 = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+}
+
+/// How many `XACK` calls the server has run (`INFO commandstats`).
+#[cfg(feature = "redis")]
+async fn xack_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xack:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
