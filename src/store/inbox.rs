@@ -28,6 +28,20 @@ pub(crate) struct Received<'a> {
     pub(crate) processed_at: DateTime<Utc>,
 }
 
+impl Received<'_> {
+    /// The row's values, in the column order every record statement lists.
+    pub(super) fn values(&self) -> [Value; 6] {
+        [
+            self.consumer.into(),
+            self.message_id.into(),
+            fit(self.source).into(),
+            fit(self.position).into(),
+            self.received_at.into(),
+            self.processed_at.into(),
+        ]
+    }
+}
+
 /// A message a consumer gave up on, kept with everything needed to apply it later.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -97,7 +111,7 @@ pub(crate) fn check_len(field: &'static str, value: &str) -> Result<()> {
 }
 
 /// Optional metadata is cut to fit rather than refused: it describes, it does not decide.
-pub(super) fn fit(value: Option<&str>) -> Option<String> {
+fn fit(value: Option<&str>) -> Option<String> {
     value.map(|v| {
         v.replace('\0', "")
             .chars()
@@ -123,15 +137,9 @@ pub(crate) async fn record(db: &impl ConnectionTrait, r: &Received<'_>) -> Resul
              processed_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (consumer, message_id) DO NOTHING"
         }
     };
-    let values: Vec<Value> = vec![
-        r.consumer.into(),
-        r.message_id.into(),
-        fit(r.source).into(),
-        fit(r.position).into(),
-        r.received_at.into(),
-        r.processed_at.into(),
-    ];
-    let res = db.execute_raw(stmt(backend, sql, values)).await?;
+    let res = db
+        .execute_raw(stmt(backend, sql, r.values().to_vec()))
+        .await?;
     Ok(res.rows_affected() == 1)
 }
 

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use sea_orm::{ConnectionTrait, DbBackend, Value};
 
-use super::inbox::{Received, check_len, fit};
+use super::inbox::{Received, check_len};
 use super::sql::stmt;
 use crate::error::Result;
 
@@ -38,14 +38,7 @@ pub(crate) async fn record_many(db: &impl ConnectionTrait, rows: &[Received<'_>]
     for r in rows {
         check_len("consumer", r.consumer)?;
         check_len("message_id", r.message_id)?;
-        values.extend([
-            r.consumer.into(),
-            r.message_id.into(),
-            fit(r.source).into(),
-            fit(r.position).into(),
-            r.received_at.into(),
-            r.processed_at.into(),
-        ]);
+        values.extend(r.values());
     }
     let tuples = vec!["(?, ?, ?, ?, ?, ?)"; rows.len()].join(", ");
     let columns =
