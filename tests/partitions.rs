@@ -46,6 +46,12 @@ on_backends!(
 on_backends!(
     [postgres: Postgres, mysql: MySql, sqlite_file: SqliteFile] =>
     partitions_taken_over_mid_drain_are_read_from_their_oldest_event,
+    a_back_dated_event_behind_the_claim_position_keeps_its_aggregates_order,
+);
+
+on_backends!(
+    [postgres: Postgres, mysql: MySql] =>
+    a_transaction_committing_behind_the_claim_position_keeps_its_aggregates_order,
 );
 
 /// A short partition lease, so rebalancing and take-overs happen within a test.
@@ -451,4 +457,125 @@ async fn partitions_taken_over_mid_drain_are_read_from_their_oldest_event(t: &Te
          the take-over; {} published, in order",
         t.backend, stats.published
     );
+}
+
+/// While a relay drains a backlog, an aggregate's first event becomes visible behind the
+/// relay's claim position, and its second event is written after it. The relay's next claims
+/// start past that position (the batch still in flight, or the PostgreSQL cursor): they must
+/// not publish the second event before the first.
+struct Interject {
+    sink: InMemoryPublisher,
+    done: std::sync::atomic::AtomicBool,
+    db: sea_orm::DatabaseConnection,
+    /// The first event's transaction, left open since before the relay started; `None`: the
+    /// first event is written back-dated instead.
+    late: tokio::sync::Mutex<Option<sea_orm::DatabaseTransaction>>,
+}
+
+fn late_event(seq: u64) -> NewEvent {
+    NewEvent::new("test.event", "agg", "late").payload(&serde_json::json!({ "seq": seq }))
+}
+
+#[async_trait]
+impl Publisher for Interject {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        // Once a few batches are out (a batch can take several calls, one per wave of its
+        // aggregates' events), so the claims are well past the first event's place.
+        if self.sink.deliveries().len() >= 100
+            && !self.done.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            match self.late.lock().await.take() {
+                Some(txn) => txn.commit().await.expect("commit the late transaction"),
+                None => {
+                    let back = support::base() - chrono::Duration::hours(1);
+                    Outbox::new(&self.db)
+                        .add_event(late_event(1).occurred_at(back))
+                        .await
+                        .expect("back-dated event");
+                }
+            }
+            Outbox::new(&self.db)
+                .add_event(late_event(2))
+                .await
+                .expect("second event");
+        }
+        self.sink.publish(events).await
+    }
+}
+
+async fn drain_with_an_event_behind_the_claim_position(t: &TestDb, late: bool) {
+    // One sequence of events, so each aggregate's `seq` runs on from the head to the tail.
+    let mut events = scattered_events(2_050, 40);
+    let tail = events.split_off(50);
+    let mut ids = seed(&t.db, events).await;
+    let txn = if late {
+        // Due among the head's events: by the time it commits, the relay is past it.
+        let txn = sea_orm::TransactionTrait::begin(&t.db)
+            .await
+            .expect("begin");
+        let at = support::base() + chrono::Duration::microseconds(25);
+        ids.push(
+            Outbox::new(&txn)
+                .add_event(late_event(1).occurred_at(at))
+                .await
+                .expect("late event"),
+        );
+        Some(txn)
+    } else {
+        None
+    };
+    ids.extend(seed(&t.db, tail).await);
+    // Past the writers' clock allowance, so the relay's claims may start past the backlog's
+    // keys and the scenario is the one under test.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let sink = InMemoryPublisher::new();
+    let publisher = Interject {
+        sink: sink.clone(),
+        done: Default::default(),
+        db: t.connect_again().await,
+        late: tokio::sync::Mutex::new(txn),
+    };
+    let relay = Relay::builder(t.connect_again().await, publisher)
+        .config(quick(RelayConfig::default().batch_size(25)))
+        .build()
+        .expect("relay");
+    let (stop, task) = support::spawn(relay);
+    wait_until(Duration::from_secs(30), "the outbox to drain", || async {
+        pending(&t.db).await == 0 && t.scalar("SELECT COUNT(*) FROM outbox_events").await >= 2_052
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("relay");
+    let delivered = sink.deliveries();
+    let order: Vec<u64> = delivered
+        .iter()
+        .filter(|e| e.aggregate_id == "late")
+        .map(|e| e.payload["seq"].as_u64().expect("seq"))
+        .collect();
+    let at: Vec<usize> = delivered
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.aggregate_id == "late")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        order.get(..2),
+        Some(&[1, 2][..]),
+        "the late aggregate's events came in this order: {order:?}"
+    );
+    assert_in_order(&delivered, &ids);
+    println!(
+        "event behind the claim position ({:?}, {}): {} delivered, the late aggregate's as {order:?} at {at:?}",
+        t.backend,
+        if late { "late commit" } else { "back-dated" },
+        delivered.len()
+    );
+}
+
+async fn a_back_dated_event_behind_the_claim_position_keeps_its_aggregates_order(t: &TestDb) {
+    drain_with_an_event_behind_the_claim_position(t, false).await;
+}
+
+async fn a_transaction_committing_behind_the_claim_position_keeps_its_aggregates_order(t: &TestDb) {
+    drain_with_an_event_behind_the_claim_position(t, true).await;
 }

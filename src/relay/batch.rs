@@ -197,7 +197,7 @@ impl<P: Publisher> Relay<P> {
             self.config.ordering
         };
         self.cursor().claimed(
-            started,
+            (started, claimed_at),
             claim.generation,
             claim.from,
             cursor_order,
@@ -283,23 +283,29 @@ impl<P: Publisher> Relay<P> {
             return Ok(None);
         };
         // After the batch in flight, whatever the backend (no lease keeps this claim off its
-        // rows), or where PostgreSQL's dead index entries make a cursor worth it.
+        // rows), or where PostgreSQL's dead index entries make a cursor worth it; either way
+        // only up to the horizon (the cursor module says why).
+        let horizon = self.cursor().horizon(started, snapshot.generation);
         let from = match in_flight {
-            Some(f) if f.generation == snapshot.generation => Some(f.key),
+            Some(f) if f.generation == snapshot.generation && horizon.is_some() => Some(f.key),
             // Partitions taken since that batch was claimed may have due rows anywhere before
-            // its key, and a scan from the start would read the batch again: claim once it is
-            // written back.
+            // its key, or the last full scan is too old to start past anything; a scan from
+            // the start would read the batch again: claim once it is written back.
             Some(_) => return Ok(None),
             None => match self.db.get_database_backend() {
                 sea_orm::DbBackend::Postgres => self.cursor().start(started, snapshot.generation),
                 _ => None,
             },
         };
-        let rows = store::partitions::claim(
+        let horizon = from.and(horizon);
+        let mut rows = store::partitions::claim(
             &self.db,
             &store::partitions::OwnedClaim {
                 owner: &token,
-                now: claimed_at,
+                // A new event is due no later than it was created, so the scan ends at the
+                // horizon rather than read rows the cut below drops (a retry due since then
+                // waits for the next full scan).
+                now: horizon.map_or(claimed_at, |h| h.min(claimed_at)),
                 limit,
                 partitions: snapshot.partitions.as_deref(),
                 after: from,
@@ -307,6 +313,15 @@ impl<P: Publisher> Relay<P> {
         )
         .instrument(tracing::debug_span!("outbox.claim", relay = %self.name))
         .await?;
+        if let Some(horizon) = horizon {
+            // An unreadable row has no creation time to go by: it waits for a full scan too.
+            let past = rows
+                .iter()
+                .position(|r| !r.as_ref().is_ok_and(|e| e.created_at < horizon));
+            if let Some(past) = past {
+                rows.truncate(past);
+            }
+        }
         let lease = chrono::Duration::from_std(self.config.partition_lease)
             .unwrap_or(chrono::Duration::MAX);
         Ok(Some(Claimed {
