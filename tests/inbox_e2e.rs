@@ -642,13 +642,9 @@ async fn end_to_end_through_nats_jetstream_in_batch_mode() {
     scratch.remove().await;
 }
 
-/// The consumer that publishes, end to end: run by hand
-/// (`cargo test --all-features --test inbox_e2e -- --ignored emitting`). Alone it passes; in
-/// the full e2e run it failed twice in two runs, once on the ledger's per-aggregate order (the
-/// relay, see `check_ledger`) and once with 2 of the 1,500 first-stage events never applied
-/// within the time limit, not yet diagnosed.
+/// The consumer that publishes, end to end: order events → relay → consumer (aborted twice)
+/// → an invoice event per order through its outbox → relay → a second consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky under the full e2e run's load; see the doc comment"]
 async fn end_to_end_through_nats_jetstream_in_batch_mode_emitting_to_a_second_consumer() {
     let (broker, scratch) = Scratch::nats("e2ec_").await;
     end_to_end(broker, 32, true).await;
