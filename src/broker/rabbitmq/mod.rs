@@ -1,5 +1,6 @@
 //! RabbitMQ, through lapin: a publisher with confirms, and a queue consumer with manual acks.
 
+mod acks;
 mod publisher;
 mod source;
 

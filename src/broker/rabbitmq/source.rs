@@ -1,10 +1,12 @@
 //! RabbitMQ source (`rabbitmq` feature): a queue consumed with manual acks, bounded prefetch.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use lapin::Acker;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
@@ -14,6 +16,8 @@ use crate::error::Result;
 use crate::inbox::Incoming;
 use crate::inbox::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext, pause};
 
+use super::acks::ChannelAcks;
+
 /// Consumes an existing queue with manual acknowledgements and at most
 /// [`prefetch`](Self::prefetch) unacknowledged messages, acking each after its transaction
 /// committed. Declare and bind the queue yourself (durable, for an outbox's events).
@@ -22,6 +26,10 @@ use crate::inbox::{Acknowledge, Delivery, RECONNECT_DELAY, Source, SourceContext
 /// old channel, flagged `redelivered`: the consumer checks those against the inbox and the dead
 /// letters with one read each, and applies only what it had not finished. Nothing acknowledged
 /// comes again. A graceful stop cancels the subscription and applies what was already sent.
+///
+/// In batch mode a batch is acknowledged with one `multiple` ack where no other unacknowledged
+/// message of the channel lies below its tags (those of a batch still running or retrying
+/// would be acknowledged with it), and one by one past such a message.
 ///
 /// AMQP gives a message no stable position, so a message with no id that is dead-lettered is
 /// recognised on redelivery by its bytes (source, headers and body).
@@ -64,6 +72,7 @@ impl RabbitMqSource {
                 FieldTable::default(),
             )
             .await?;
+        let acks = Arc::new(ChannelAcks::default());
         let mut lags = tokio::time::interval(LAG_EVERY);
         let mut stopping = false;
         loop {
@@ -113,9 +122,14 @@ impl RabbitMqSource {
             let message = Incoming::new(self.queue.clone(), headers, d.data)
                 .broker_id(broker_id)
                 .redelivered(redelivered);
+            let tag = d.delivery_tag;
+            acks.delivered(tag, d.acker).await;
             let delivery = Delivery {
                 message,
-                ack: Box::new(RabbitAck(d.acker)),
+                ack: Box::new(RabbitAck {
+                    acks: Arc::clone(&acks),
+                    tags: BTreeSet::from([tag]),
+                }),
             };
             if ctx.deliveries.send(delivery).await.is_err() {
                 return Ok(false);
@@ -139,12 +153,34 @@ fn text(v: &AMQPValue) -> Option<String> {
 /// How often the queue's depth is asked for.
 const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-struct RabbitAck(Acker);
+/// Deliveries of one channel to acknowledge together.
+struct RabbitAck {
+    acks: Arc<ChannelAcks>,
+    tags: BTreeSet<u64>,
+}
 
 #[async_trait]
 impl Acknowledge for RabbitAck {
     async fn ack(self: Box<Self>) -> std::result::Result<(), BoxError> {
-        self.0.ack(BasicAckOptions::default()).await?;
+        self.acks.ack(&self.tags).await?;
+        Ok(())
+    }
+
+    fn merge(
+        &mut self,
+        other: Box<dyn Acknowledge>,
+    ) -> std::result::Result<(), Box<dyn Acknowledge>> {
+        // Only deliveries of the same channel: tags are numbered per channel.
+        let same = (&*other as &dyn std::any::Any)
+            .downcast_ref::<RabbitAck>()
+            .is_some_and(|o| Arc::ptr_eq(&o.acks, &self.acks));
+        if !same {
+            return Err(other);
+        }
+        let other: Box<dyn std::any::Any> = other;
+        if let Ok(o) = other.downcast::<RabbitAck>() {
+            self.tags.extend(o.tags);
+        }
         Ok(())
     }
 }
