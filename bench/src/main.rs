@@ -8,7 +8,7 @@
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`, `log`
 //! (issue 18's log relay, on a PostgreSQL of its own with `wal_level=logical`, or
 //! `OUTBOX_BENCH_LOGICAL_URL`).
-//! `--pg-only` skips MariaDB and SQLite in `throughput`; `--relays 1,2,4` picks the relay counts (default 1,2,4; 1 with `--quick`)
+//! `--pg-only` skips MariaDB and SQLite in `throughput`, `--others-only` PostgreSQL; `--relays 1,2,4` picks the relay counts (default 1,2,4; 1 with `--quick`)
 //! (PostgreSQL) and `--ordering unordered|ordered` one ordering; `--vacuum-every-ms N` runs `VACUUM` on the
 //! table every N ms, standing in for autovacuum where the server has it off. `--workload
 //! spread|single` picks one throughput backlog: spread over 1,000 aggregates with ~100-byte
@@ -93,6 +93,7 @@ async fn main() -> Result<()> {
     let wants = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
     let sizes = Sizes::new(quick);
     let pg_only = args.iter().any(|a| a == "--pg-only");
+    let others_only = args.iter().any(|a| a == "--others-only");
     // `--vacuum-every-ms N`: a side task VACUUMs the table, standing in for autovacuum where it
     // is off (as on the machine BENCHMARKS.md was measured on).
     let vacuum_every = args
@@ -169,7 +170,9 @@ async fn main() -> Result<()> {
             workloads: &workloads,
             repeat,
         };
-        throughput_section(&pg, sizes.drain, &plan, &mut rows).await?;
+        if !others_only {
+            throughput_section(&pg, sizes.drain, &plan, &mut rows).await?;
+        }
         for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
             let other = BenchDb::new(kind).await?;
             let plan = Plan {
