@@ -83,7 +83,7 @@ pub mod wire;
 pub use error::{BoxError, Error, InvalidEvent, Result};
 pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
 pub use publisher::{PublishOutcome, Publisher};
-pub use relay::{Relay, RelayConfig, RelayStats};
+pub use relay::{Relay, RelayConfig, RelayStats, RelayWaker};
 pub use repository::{Outbox, OutboxConfig, OutboxRepository, WriteMode};
 pub use seaorm_outbox_entity::OutboxStatus;
 pub use stats::{Health, HealthStatus, HealthThresholds, OutboxStats, RelayHeartbeat};

@@ -38,6 +38,7 @@ on_backends!(
     stale_partition_owner_cannot_overwrite_the_new_owner,
     stale_partition_owner_deleting_cannot_delete_the_new_owners_dead_letters,
     four_relays_deleting_on_publish_deliver_each_event_once_in_order,
+    a_waker_wakes_every_relay_of_the_process_right_after_the_commit,
 );
 
 on_all_backends!(
@@ -1373,4 +1374,107 @@ async fn a_running_relay_keeps_a_heartbeat_row_and_removes_it_on_stop(t: &TestDb
             .expect("relays")
             .is_empty()
     );
+}
+
+/// Without NOTIFY (MySQL, SQLite, or PostgreSQL with it off) a relay idles for its whole poll
+/// interval, here 30 s; a [`RelayWaker`] given to two relays that split the partitions wakes
+/// both, so each event is delivered by whichever owns it within a second.
+async fn a_waker_wakes_every_relay_of_the_process_right_after_the_commit(t: &TestDb) {
+    use seaorm_outbox::RelayWaker;
+    let waker = RelayWaker::new();
+    let (sink, mut rx) = InMemoryPublisher::channel();
+    let config = RelayConfig::default()
+        .idle_poll_interval(Duration::from_secs(30))
+        .listen_notify(false)
+        .partition_lease(Duration::from_secs(2))
+        .publish_timeout(Duration::from_secs(1));
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let relay = Relay::builder(t.connect_again().await, sink.clone())
+            .config(config.clone())
+            .waker(&waker)
+            .build()
+            .expect("relay");
+        relays.push(support::spawn(relay));
+    }
+    assert_eq!(waker.relays(), 2);
+    let owners = "SELECT COUNT(DISTINCT owner) FROM outbox_partitions WHERE owner IS NOT NULL";
+    wait_until(Duration::from_secs(20), "both relays own partitions", || async {
+        t.scalar(owners).await == 2
+    })
+    .await;
+    // A round after the split: releases and takes are done, nothing else wakes the loops.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let recv = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<OutboxEvent>, within| {
+        tokio::time::timeout(within, rx.recv()).await.ok().flatten()
+    };
+    let add = async |txn: &sea_orm::DatabaseTransaction, id: String| {
+        Outbox::new(txn)
+            .add_event(NewEvent::new("t", "agg", id))
+            .await
+            .expect("add");
+    };
+
+    // The control: a plain commit waits for the poll, so the wake-up is what the rest measures.
+    let txn = t.db.begin().await.expect("begin");
+    add(&txn, "plain".into()).await;
+    txn.commit().await.expect("commit");
+    assert!(
+        recv(&mut rx, Duration::from_millis(1500)).await.is_none(),
+        "an idle relay claimed before its poll without a wake-up"
+    );
+    let woken = Instant::now();
+    waker.wake();
+    let got = recv(&mut rx, Duration::from_secs(1)).await;
+    assert_eq!(got.map(|e| e.aggregate_id).as_deref(), Some("plain"));
+    let plain = woken.elapsed();
+
+    // Twenty aggregates over 256 partitions fall to both relays: each must have been woken.
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let txn = t.db.begin().await.expect("begin");
+        add(&txn, format!("agg-{i}")).await;
+        let at = Instant::now();
+        waker.commit(txn).await.expect("commit");
+        let got = recv(&mut rx, Duration::from_secs(2)).await.expect("woken");
+        assert_eq!(got.aggregate_id, format!("agg-{i}"));
+        slowest = slowest.max(at.elapsed());
+    }
+    // The closure form: committed, then woken; a callback that fails commits nothing and the
+    // relays find nothing.
+    waker
+        .transaction(&t.db, |txn| {
+            Box::pin(async move {
+                Outbox::new(txn)
+                    .add_event(NewEvent::new("t", "agg", "closure"))
+                    .await
+            })
+        })
+        .await
+        .expect("transaction");
+    let got = recv(&mut rx, Duration::from_secs(2)).await;
+    assert_eq!(got.map(|e| e.aggregate_id).as_deref(), Some("closure"));
+    let failed = waker
+        .transaction(&t.db, |txn| {
+            Box::pin(async move {
+                Outbox::new(txn)
+                    .add_event(NewEvent::new("t", "agg", "rolled-back"))
+                    .await?;
+                Err::<(), _>(Error::Config("the domain write failed".into()))
+            })
+        })
+        .await;
+    assert!(failed.is_err());
+    assert!(recv(&mut rx, Duration::from_millis(500)).await.is_none());
+    eprintln!("wake → publish {plain:?}; commit → publish, slowest of 20: {slowest:?}");
+
+    for (stop, task) in relays {
+        stop.cancel();
+        task.await.expect("relay");
+    }
+    // The relays are gone: a wake-up reaches nobody and does not fail.
+    waker.wake();
+    assert_eq!(waker.relays(), 0);
+    assert_eq!(sink.len(), 22);
+    assert_eq!(pending(&t.db).await, 0);
 }

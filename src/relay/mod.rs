@@ -53,6 +53,7 @@ mod ownership;
 mod rebalance;
 mod run;
 mod wake;
+mod waker;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering as AtomicOrdering};
@@ -69,6 +70,7 @@ pub use config::{
     Ordering, RelayConfig,
 };
 pub use wake::NOTIFY_CHANNEL;
+pub use waker::RelayWaker;
 
 use crate::error::Result;
 use crate::publisher::Publisher;
@@ -113,9 +115,19 @@ pub struct RelayBuilder<P> {
     db: DatabaseConnection,
     publisher: P,
     config: RelayConfig,
+    waker: Option<RelayWaker>,
 }
 
 impl<P: Publisher> RelayBuilder<P> {
+    /// Lets `waker` wake this relay right after the app's commit ([`RelayWaker`]): on MySQL,
+    /// MariaDB and SQLite, the way to deliver within milliseconds rather than at the next
+    /// [`idle_poll_interval`](RelayConfig::idle_poll_interval).
+    #[must_use]
+    pub fn waker(mut self, waker: &RelayWaker) -> Self {
+        self.waker = Some(waker.clone());
+        self
+    }
+
     /// Sets the configuration.
     #[must_use]
     pub fn config(mut self, config: RelayConfig) -> Self {
@@ -135,7 +147,12 @@ impl<P: Publisher> RelayBuilder<P> {
         // Leave room for `:` and a 32-character batch or run id within 64-character tokens.
         let name: String = name.chars().take(31).collect();
         let owner = ownership::Ownership::new(&name);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        if let Some(waker) = &self.waker {
+            waker.register(&wake);
+        }
         Ok(Relay {
+            wake,
             db: self.db,
             publisher: self.publisher,
             name,
@@ -183,6 +200,8 @@ pub struct Relay<P> {
     config: RelayConfig,
     name: String,
     last_poll: Arc<AtomicI64>,
+    /// Rung by the NOTIFY listener and by [`RelayWaker`]s: claim now.
+    wake: Arc<tokio::sync::Notify>,
     /// The next ordered claim's run per aggregate ([`delivery::next_share`]).
     share: AtomicU32,
     /// Where the next claim's scan of due rows starts ([`cursor`]).
@@ -202,7 +221,16 @@ impl<P: Publisher> Relay<P> {
             db,
             publisher,
             config: RelayConfig::default(),
+            waker: None,
         }
+    }
+
+    /// A [`RelayWaker`] that wakes this relay (for a relay built without
+    /// [`RelayBuilder::waker`]; each call gives a new handle).
+    pub fn waker(&self) -> RelayWaker {
+        let waker = RelayWaker::new();
+        waker.register(&self.wake);
+        waker
     }
 
     /// This relay's name, the prefix of its lease tokens.

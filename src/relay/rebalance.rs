@@ -93,6 +93,9 @@ impl<P: Publisher> Relay<P> {
             self.take(&token, share - have, since).await;
         } else if have > share {
             lock(&self.ownership).trim_to(share);
+            // The loop releases them once its batch is written back: now, not at its next poll,
+            // or the relay that joined waits for an idle relay's poll.
+            self.wake.notify_one();
         }
         self.refresh_holds(lease).await;
     }
@@ -141,6 +144,8 @@ impl<P: Publisher> Relay<P> {
                 lock(&self.holds).learn(blockers);
                 lock(&self.ownership).took(&taken);
                 tracing::info!(relay = %self.name, partitions = parts.len(), "outbox partitions taken");
+                // Their due events wait for no poll.
+                self.wake.notify_one();
             }
             Err(e) => {
                 // Claiming without knowing what is blocked could overtake: give them back.

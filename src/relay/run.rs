@@ -1,7 +1,6 @@
 //! The relay's lifecycle: the polling loop with its pipelining, wake-ups, throttling and
 //! database backoff; `drain`; and the periodic jobs beside it (backlog gauges, retention).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -55,7 +54,7 @@ impl<P: Publisher> Relay<P> {
     /// Database errors never end the loop: it logs them, backs off and carries on, so the relay
     /// survives a database outage.
     pub async fn run(&self, cancel: CancellationToken) -> RelayStats {
-        let wake = Arc::new(Notify::new());
+        let wake = self.wake.clone();
         let listener_stop = cancel.child_token();
         let listener = if self.config.listen_notify {
             wake::spawn_listener(&self.db, wake.clone(), listener_stop.clone())
