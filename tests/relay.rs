@@ -1399,9 +1399,11 @@ async fn a_waker_wakes_every_relay_of_the_process_right_after_the_commit(t: &Tes
     }
     assert_eq!(waker.relays(), 2);
     let owners = "SELECT COUNT(DISTINCT owner) FROM outbox_partitions WHERE owner IS NOT NULL";
-    wait_until(Duration::from_secs(20), "both relays own partitions", || async {
-        t.scalar(owners).await == 2
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "both relays own partitions",
+        || async { t.scalar(owners).await == 2 },
+    )
     .await;
     // A round after the split: releases and takes are done, nothing else wakes the loops.
     tokio::time::sleep(Duration::from_millis(600)).await;

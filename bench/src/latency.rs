@@ -1,5 +1,6 @@
-//! Commit → publish latency at a steady 1,000 events/s, with LISTEN/NOTIFY and with polling,
-//! after a one-second warm-up.
+//! Commit → publish latency at a steady 1,000 events/s after a one-second warm-up: on
+//! PostgreSQL with LISTEN/NOTIFY and with polling; on MariaDB and SQLite with the in-process
+//! [`RelayWaker`] and with the default poll, against PostgreSQL's NOTIFY in the same run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sea_orm::TransactionTrait;
-use seaorm_outbox::relay::{Relay, RelayConfig};
+use seaorm_outbox::relay::{Relay, RelayConfig, RelayWaker};
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
 use tokio_util::sync::CancellationToken;
 
@@ -34,13 +35,15 @@ pub(crate) enum Write {
 /// (p50, p99, max) commit → publish in ms of `RATE` events/s from `PRODUCERS` writers for
 /// `secs`, one event per transaction, after a one-second warm-up that is left out (connections
 /// a relay opens on demand cost ~90 ms each here): the steady state. A relay publishing to
-/// `sink` runs already; `before` events were delivered before this began.
+/// `sink` runs already; `before` events were delivered before this began. With `waker`, each
+/// commit goes through [`RelayWaker::commit`].
 pub(crate) async fn measure(
     db: &BenchDb,
     sink: &Sink,
     secs: u64,
     write: Write,
     before: u64,
+    waker: Option<RelayWaker>,
 ) -> Result<(f64, f64, f64)> {
     let commits: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
     let total = RATE * secs;
@@ -48,7 +51,7 @@ pub(crate) async fn measure(
     let mut producers = Vec::new();
     let conn = db.pool(PRODUCERS as u32 + 1).await?;
     for p in 0..PRODUCERS {
-        let (conn, commits) = (conn.clone(), commits.clone());
+        let (conn, commits, waker) = (conn.clone(), commits.clone(), waker.clone());
         producers.push(tokio::spawn(async move {
             let mut tick =
                 tokio::time::interval(Duration::from_micros(1_000_000 * PRODUCERS / RATE));
@@ -63,7 +66,10 @@ pub(crate) async fn measure(
                     Write::Row => outbox.add_event(event).await?,
                     Write::Message => outbox.emit(event).await?,
                 };
-                txn.commit().await?;
+                match &waker {
+                    Some(w) => w.commit(txn).await?,
+                    None => txn.commit().await?,
+                }
                 if i >= warm {
                     commits
                         .lock()
@@ -110,36 +116,48 @@ pub(crate) async fn measure(
     ))
 }
 
-/// (p50, p99, max) commit → publish in ms through a polling relay.
-async fn run(db: &BenchDb, secs: u64, config: RelayConfig) -> Result<(f64, f64, f64)> {
+/// (p50, p99, max) commit → publish in ms through a relay, woken by `waker` if given.
+async fn run(
+    db: &BenchDb,
+    secs: u64,
+    config: RelayConfig,
+    waker: Option<RelayWaker>,
+) -> Result<(f64, f64, f64)> {
     db.reset().await?;
     let sink = Sink::timed();
-    let relay = Relay::builder(db.pool(4).await?, sink.clone())
-        .config(config)
-        .build()?;
+    let mut relay = Relay::builder(db.pool(4).await?, sink.clone()).config(config);
+    if let Some(w) = &waker {
+        relay = relay.waker(w);
+    }
+    let relay = relay.build()?;
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let stop = stop.clone();
         async move { relay.run(stop).await }
     });
     tokio::time::sleep(Duration::from_millis(500)).await; // first poll and LISTEN
-    let result = measure(db, &sink, secs, Write::Row, 0).await;
+    let result = measure(db, &sink, secs, Write::Row, 0, waker).await;
     stop.cancel();
     task.await?;
     result
 }
 
-pub(crate) async fn section(db: &BenchDb, secs: u64, rows: &mut Vec<Row>) -> Result<()> {
+pub(crate) async fn section(
+    pg: &BenchDb,
+    others: &[&BenchDb],
+    secs: u64,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let push = RelayConfig::default()
         .idle_poll_interval(Duration::from_secs(1))
         .metrics_interval(None);
-    let (p50, p99, max) = run(db, secs, push).await?;
+    let (p50, p99, max) = run(pg, secs, push, None).await?;
     eprintln!("latency NOTIFY: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms");
     let poll = RelayConfig::default()
         .idle_poll_interval(Duration::from_millis(100))
         .listen_notify(false)
         .metrics_interval(None);
-    let (q50, q99, qmax) = run(db, secs, poll).await?;
+    let (q50, q99, qmax) = run(pg, secs, poll, None).await?;
     eprintln!("latency polling 100ms: p50 {q50:.2} ms p99 {q99:.2} ms max {qmax:.2} ms");
     rows.push(Row {
         section: "latency",
@@ -159,5 +177,38 @@ pub(crate) async fn section(db: &BenchDb, secs: u64, rows: &mut Vec<Row>) -> Res
         baseline: None,
         target: None,
     });
+    for db in others {
+        // The defaults: a 1 s idle poll, the waker the only push.
+        let config = RelayConfig::default().metrics_interval(None);
+        let waker = RelayWaker::new();
+        let (w50, w99, wmax) = run(db, secs, config.clone(), Some(waker)).await?;
+        let (n50, n99, nmax) = run(db, secs, config, None).await?;
+        let kind = db.kind.label();
+        eprintln!(
+            "latency {kind}: waker p50 {w50:.2} p99 {w99:.2} max {wmax:.2}; \
+             polling p50 {n50:.2} p99 {n99:.2} max {nmax:.2}"
+        );
+        rows.push(Row {
+            section: "latency",
+            name: format!(
+                "{kind} commit→publish p99, {RATE} ev/s, RelayWaker (p50 {w50:.2}, max {wmax:.1})"
+            ),
+            value: w99,
+            unit: "ms",
+            baseline: Some((
+                format!("default 1 s poll, p99 (p50 {n50:.1}, max {nmax:.1})"),
+                n99,
+            )),
+            target: None,
+        });
+        rows.push(Row {
+            section: "latency",
+            name: format!("{kind} RelayWaker p99 against PostgreSQL's NOTIFY p99 (same run)"),
+            value: w99,
+            unit: "ms",
+            baseline: Some(("PostgreSQL LISTEN/NOTIFY p99".into(), p99)),
+            target: Some(Target::RatioAtMost(2.0)),
+        });
+    }
     Ok(())
 }

@@ -204,7 +204,7 @@ async fn latency(
     while sink.delivered() == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let result = crate::latency::measure(db, &sink, secs, Write::Message, 1).await;
+    let result = crate::latency::measure(db, &sink, secs, Write::Message, 1, None).await;
     stop.cancel();
     task.await?;
     result

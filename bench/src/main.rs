@@ -199,7 +199,15 @@ async fn main() -> Result<()> {
     if wants("latency") {
         // Flush what earlier sections wrote, so a checkpoint does not land mid-measurement.
         pg.exec("CHECKPOINT").await?;
-        latency::section(&pg, sizes.latency_secs, &mut rows).await?;
+        let mut others = Vec::new();
+        for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
+            others.push(BenchDb::new(kind).await?);
+        }
+        let views: Vec<&BenchDb> = others.iter().collect();
+        latency::section(&pg, &views, sizes.latency_secs, &mut rows).await?;
+        for db in others {
+            db.drop().await?;
+        }
     }
     if wants("backlog") {
         pg.exec("CHECKPOINT").await?;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use axum::Router as AxumRouter;
 use loco_rs::app::{AppContext, Initializer};
-use seaorm_outbox::{Publisher, Relay, RelayStats};
+use seaorm_outbox::{Publisher, Relay, RelayStats, RelayWaker};
 use seaorm_outbox_admin::Admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +55,10 @@ pub(crate) struct RunningRelays {
     pub(crate) stop: CancellationToken,
     pub(crate) tasks: Mutex<Vec<JoinHandle<RelayStats>>>,
 }
+
+/// The waker of the initializer's relays, in the app's shared store (a type of our own, so an
+/// app's own `RelayWaker` entry cannot collide with it).
+pub(crate) struct SharedWaker(pub(crate) RelayWaker);
 
 fn loco_error(e: impl std::fmt::Display) -> loco_rs::Error {
     loco_rs::Error::Message(format!("outbox: {e}"))
@@ -127,10 +131,12 @@ async fn start_relays(
     };
     let config = settings.relay_config().map_err(loco_error)?;
     let stop = CancellationToken::new();
+    let waker = RelayWaker::new();
     let mut tasks = Vec::with_capacity(settings.relays);
     for _ in 0..settings.relays {
         let relay = Relay::builder(ctx.db.clone(), publisher.clone())
             .config(config.clone())
+            .waker(&waker)
             .build()
             .map_err(loco_error)?;
         tracing::info!(
@@ -152,6 +158,7 @@ async fn start_relays(
             }
         }
     });
+    ctx.shared_store.insert(SharedWaker(waker));
     ctx.shared_store.insert(RunningRelays {
         stop,
         tasks: Mutex::new(tasks),

@@ -4,6 +4,8 @@
 //!   `cargo loco task`), and mounts the admin API and dashboard behind Loco's JWT auth.
 //! * [`register_tasks`] adds `outbox:status`, `outbox:replay` and `outbox:purge`.
 //! * [`shutdown`], from `Hooks::on_shutdown`, stops the relays after their in-flight batch.
+//! * [`waker`] wakes those relays right after a controller's commit (on MySQL and SQLite the
+//!   only push; PostgreSQL also has NOTIFY).
 //! * [`OutboxSettings`] is the `initializers: outbox:` block of the config.
 //!
 //! ```no_run
@@ -44,12 +46,23 @@ pub use self::tasks::register as register_tasks;
 /// The initializer's name and its config key under `initializers:`.
 pub const NAME: &str = "outbox";
 
+/// The [`RelayWaker`](seaorm_outbox::RelayWaker) of the relays the initializer started, to
+/// commit a controller's transaction with (`waker.commit(txn)`) so they claim its events at once
+/// rather than at their next poll. `None` where no relay runs in this process (`relay: false`,
+/// a task, or after [`shutdown`]).
+pub fn waker(ctx: &AppContext) -> Option<seaorm_outbox::RelayWaker> {
+    ctx.shared_store
+        .get_ref::<initializer::SharedWaker>()
+        .map(|w| w.0.clone())
+}
+
 /// Stops the relays the initializer started and waits for each to finish its in-flight batch
 /// (bounded by its `shutdown_grace`). Call it from `Hooks::on_shutdown`; a no-op when none run.
 pub async fn shutdown(ctx: &AppContext) {
     let Some(running) = ctx.shared_store.remove::<initializer::RunningRelays>() else {
         return;
     };
+    let _ = ctx.shared_store.remove::<initializer::SharedWaker>();
     running.stop.cancel();
     let tasks = std::mem::take(&mut *running.tasks.lock().unwrap_or_else(|p| p.into_inner()));
     for task in tasks {

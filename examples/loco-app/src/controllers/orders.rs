@@ -39,7 +39,11 @@ async fn create(
         .add_event(event)
         .await
         .map_err(|e| loco_rs::Error::BadRequest(e.to_string()))?;
-    txn.commit().await?;
+    // Through the relays' waker, so they claim the event now rather than at their next poll.
+    match seaorm_outbox_loco::waker(&ctx) {
+        Some(waker) => waker.commit(txn).await?,
+        None => txn.commit().await?,
+    }
     Ok((StatusCode::CREATED, Json(order)).into_response())
 }
 
