@@ -41,6 +41,18 @@ pub enum Error {
         operation: &'static str,
     },
 
+    /// The event cannot be cancelled or rescheduled: it was never scheduled, or it is due (or
+    /// about to be) and a relay may already hold it.
+    #[error("outbox event {id} cannot be {operation}: {reason}")]
+    NotScheduled {
+        /// The event.
+        id: Uuid,
+        /// `cancelled` or `rescheduled`.
+        operation: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// A page size above the documented maximum was asked for.
     #[error("limit {requested} exceeds the maximum of {max}")]
     LimitTooLarge {
@@ -175,6 +187,26 @@ pub enum InvalidEvent {
     /// A text field, header or payload string contains U+0000, which PostgreSQL cannot store.
     #[error("text must not contain the NUL character (U+0000)")]
     NulCharacter,
+
+    /// The event was scheduled further ahead than
+    /// [`OutboxConfig::max_delay`](crate::OutboxConfig) allows.
+    #[error("deliver_at {at} is more than {max_delay:?} ahead")]
+    DeliverTooLate {
+        /// The time asked for.
+        at: chrono::DateTime<chrono::Utc>,
+        /// The configured limit.
+        max_delay: std::time::Duration,
+    },
+
+    /// The event would expire before it may be delivered: `expires_at` is not after its
+    /// delivery time (now, or [`deliver_at`](crate::NewEvent::deliver_at)).
+    #[error("expires_at {expires_at} is not after the event's delivery time {deliver_at}")]
+    ExpiresBeforeDelivery {
+        /// The expiry asked for.
+        expires_at: chrono::DateTime<chrono::Utc>,
+        /// The earliest time it may be delivered.
+        deliver_at: chrono::DateTime<chrono::Utc>,
+    },
 
     /// Headers must be a JSON object whose values are all strings.
     #[error("headers must be a map of strings: {reason}")]

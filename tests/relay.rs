@@ -39,6 +39,9 @@ on_backends!(
     stale_partition_owner_deleting_cannot_delete_the_new_owners_dead_letters,
     four_relays_deleting_on_publish_deliver_each_event_once_in_order,
     a_waker_wakes_every_relay_of_the_process_right_after_the_commit,
+    a_scheduled_event_goes_out_at_its_time_ordered_by_it_across_a_take_over,
+    a_scheduled_event_between_two_events_holds_neither,
+    a_scheduled_event_that_holds_later_events_goes_first_across_a_restart,
 );
 
 on_all_backends!(
@@ -57,6 +60,7 @@ on_all_backends!(
     an_event_committed_behind_the_claim_cursor_is_delivered,
     a_running_relay_keeps_a_heartbeat_row_and_removes_it_on_stop,
     delete_on_publish_keeps_dead_letters_retries_and_the_hours_count,
+    an_expired_event_is_dead_lettered_unsent_and_counted,
 );
 
 on_backends!(
@@ -1479,4 +1483,246 @@ async fn a_waker_wakes_every_relay_of_the_process_right_after_the_commit(t: &Tes
     assert_eq!(waker.relays(), 0);
     assert_eq!(sink.len(), 22);
     assert_eq!(pending(&t.db).await, 0);
+}
+
+/// A scheduled event is published no earlier than its time, by whichever relay owns it then,
+/// and is ordered by that time: its aggregate's later events are not held behind it, not even
+/// by a relay that takes its partition over (which learns what holds from the table).
+async fn a_scheduled_event_goes_out_at_its_time_ordered_by_it_across_a_take_over(t: &TestDb) {
+    let (sink, mut rx) = InMemoryPublisher::channel();
+    let outbox = Outbox::new(&t.db);
+    let delay = Duration::from_secs(3);
+    let at = Utc::now() + chrono::Duration::from_std(delay).expect("delay");
+    let reminder = outbox
+        .add_event(NewEvent::new("reminder", "order", "7").deliver_at(at))
+        .await
+        .expect("scheduled");
+    let config = fast(RelayConfig::default().partition_lease(Duration::from_secs(2)))
+        .publish_timeout(Duration::from_secs(1));
+    let start = |sink: InMemoryPublisher| {
+        let config = config.clone();
+        async move {
+            support::spawn(
+                Relay::builder(t.connect_again().await, sink)
+                    .config(config)
+                    .build()
+                    .expect("relay"),
+            )
+        }
+    };
+    // The first relay runs, stops, and a second takes the partitions over.
+    let (stop, task) = start(sink.clone()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    task.await.expect("relay");
+    assert!(sink.is_empty(), "nothing before its time");
+    let (stop, task) = start(sink.clone()).await;
+    let cancelled = outbox
+        .add_event(NewEvent::new("cancelled", "order", "7"))
+        .await
+        .expect("later event");
+    let first = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .expect("the later event is not held behind the scheduled one")
+        .expect("event");
+    assert_eq!(first.id, cancelled);
+    let second = tokio::time::timeout(delay + Duration::from_secs(3), rx.recv())
+        .await
+        .expect("the scheduled event arrives")
+        .expect("event");
+    let arrived = Utc::now();
+    assert_eq!(second.id, reminder);
+    assert!(arrived >= at, "published at {arrived}, scheduled for {at}");
+    stop.cancel();
+    task.await.expect("relay");
+    assert_eq!(sink.len(), 2);
+    assert_eq!(pending(&t.db).await, 0);
+}
+
+/// `first`, a scheduled event, `second`, all of one aggregate: under either claim the two
+/// unscheduled ones go out at once and in order (the scheduled one is neither a head that holds
+/// `second` nor a follower claimed with `first`), the scheduled one at its time.
+async fn a_scheduled_event_between_two_events_holds_neither(t: &TestDb) {
+    for claiming in [Claiming::Leases, Claiming::OwnedPartitions] {
+        let (sink, mut rx) = InMemoryPublisher::channel();
+        let outbox = Outbox::new(&t.db);
+        let key = format!("{claiming:?}");
+        let at = Utc::now() + chrono::Duration::seconds(2);
+        let mut ids = Vec::new();
+        for e in [
+            NewEvent::new("first", "order", &key),
+            NewEvent::new("reminder", "order", &key).deliver_at(at),
+            NewEvent::new("second", "order", &key),
+        ] {
+            ids.push(outbox.add_event(e).await.expect("add"));
+        }
+        let relay = Relay::builder(t.connect_again().await, sink.clone())
+            .config(fast(RelayConfig::default().claiming(claiming)))
+            .build()
+            .expect("relay");
+        let (stop, task) = support::spawn(relay);
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let e = tokio::time::timeout(Duration::from_millis(1500), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{claiming:?}: only {got:?} before the scheduled time"))
+                .expect("event");
+            got.push(e.id);
+        }
+        assert_eq!(got, [ids[0], ids[2]], "{claiming:?}");
+        let e = tokio::time::timeout(Duration::from_secs(4), rx.recv())
+            .await
+            .expect("the scheduled event")
+            .expect("event");
+        assert_eq!(e.id, ids[1]);
+        assert!(Utc::now() >= at, "{claiming:?}: before its time");
+        stop.cancel();
+        task.await.expect("relay");
+        assert_eq!(sink.len(), 3);
+    }
+    assert_eq!(pending(&t.db).await, 0);
+}
+
+/// `holds_later_events`: a reminder keeps its place, so a "cancelled" written after it waits
+/// for it, also for a relay that starts after the first one handed the reminder back (which
+/// learns of it from the table, not from memory). Another aggregate goes on meanwhile.
+async fn a_scheduled_event_that_holds_later_events_goes_first_across_a_restart(t: &TestDb) {
+    let modes = [
+        (Claiming::Leases, Ordering::PerAggregate),
+        (Claiming::OwnedPartitions, Ordering::PerAggregate),
+        (Claiming::Leases, Ordering::Unordered),
+    ];
+    for (claiming, ordering) in modes {
+        let (sink, mut rx) = InMemoryPublisher::channel();
+        let outbox = Outbox::new(&t.db);
+        let key = format!("{claiming:?}{ordering:?}");
+        let at = chrono::SubsecRound::trunc_subsecs(Utc::now() + chrono::Duration::seconds(4), 6);
+        let first = outbox
+            .add_event(NewEvent::new("placed", "order", &key))
+            .await
+            .expect("add");
+        let reminder = outbox
+            .add_event(
+                NewEvent::new("reminder", "order", &key)
+                    .deliver_at(at)
+                    .holds_later_events(),
+            )
+            .await
+            .expect("add");
+        let config = fast(RelayConfig::default().claiming(claiming).ordering(ordering));
+        let start = |config: RelayConfig, sink: InMemoryPublisher| async move {
+            let relay = Relay::builder(t.connect_again().await, sink)
+                .config(config)
+                .build()
+                .expect("relay");
+            support::spawn(relay)
+        };
+        let (stop, task) = start(config.clone(), sink.clone()).await;
+        let e = tokio::time::timeout(Duration::from_millis(1500), rx.recv())
+            .await
+            .expect("the first event")
+            .expect("event");
+        assert_eq!(e.id, first, "{key}");
+        // The relay reads the reminder at once and hands it back until its time.
+        support::wait_until(Duration::from_secs(2), "the reminder handed back", || async {
+            outbox.get(reminder).await.expect("get").next_attempt_at == at
+        })
+        .await;
+        stop.cancel();
+        task.await.expect("relay");
+
+        let cancelled = outbox
+            .add_event(NewEvent::new("cancelled", "order", &key))
+            .await
+            .expect("add");
+        let other = outbox
+            .add_event(NewEvent::new("placed", "order", format!("{key}-other")))
+            .await
+            .expect("add");
+        let (stop, task) = start(config, sink.clone()).await;
+        // Unordered, nothing holds: "cancelled" goes at once too.
+        let (now_ids, later) = match ordering {
+            Ordering::PerAggregate => (vec![other], vec![reminder, cancelled]),
+            _ => (vec![other, cancelled], vec![reminder]),
+        };
+        let mut got = Vec::new();
+        for _ in 0..now_ids.len() {
+            let e = tokio::time::timeout(Duration::from_millis(1500), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{key}: only {got:?} before the reminder's time"))
+                .expect("event");
+            got.push(e.id);
+        }
+        got.sort();
+        let mut sorted = now_ids.clone();
+        sorted.sort();
+        assert_eq!(got, sorted, "{key}");
+        let mut rest = Vec::new();
+        for _ in 0..later.len() {
+            let e = tokio::time::timeout(Duration::from_secs(6), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{key}: only {rest:?}"))
+                .expect("event");
+            assert!(Utc::now() >= at, "{key}: {} before the reminder's time", e.event_type);
+            rest.push(e.id);
+        }
+        assert_eq!(rest, later, "{key}: the reminder first");
+        stop.cancel();
+        task.await.expect("relay");
+        assert_eq!(sink.len(), 4, "{key}");
+    }
+    assert_eq!(pending(&t.db).await, 0);
+}
+
+/// An event refused until after its expiry is dead-lettered as expired, unsent, with its
+/// aggregate's later event going on (policy: continue); counted in the stats; a replay clears
+/// the expiry and sends it. Ordered and unordered.
+async fn an_expired_event_is_dead_lettered_unsent_and_counted(t: &TestDb) {
+    for ordering in [Ordering::PerAggregate, Ordering::Unordered] {
+        let p = poison(false);
+        let outbox = Outbox::new(&t.db);
+        let key = format!("{ordering:?}");
+        let doomed = outbox
+            .add_event(NewEvent::new("t", "agg", &key).deliver_within(Duration::from_millis(600)))
+            .await
+            .expect("add");
+        let next = outbox
+            .add_event(NewEvent::new("t", "agg", &key))
+            .await
+            .expect("add");
+        p.ids.lock().expect("ids").insert(doomed);
+        let backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(50))
+            .jitter(Jitter::None);
+        let relay = Relay::builder(t.db.clone(), p.clone())
+            .config(fast(
+                RelayConfig::default()
+                    .max_attempts(10_000)
+                    .ordering(ordering)
+                    .backoff(backoff),
+            ))
+            .build()
+            .expect("relay");
+        let mut stats = seaorm_outbox::relay::RelayStats::default();
+        let start = Instant::now();
+        while outbox.count_unpublished().await.expect("count") > 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "{key}: never settled");
+            stats += relay.drain().await.expect("drain");
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        let dead = outbox.get(doomed).await.expect("get");
+        assert_eq!(dead.status, OutboxStatus::Failed, "{key}");
+        let error = dead.last_error.unwrap_or_default();
+        assert!(error.starts_with("expired at"), "{key}: {error}");
+        assert!(dead.attempts > 1, "{key}: tried until it expired");
+        assert_eq!((stats.expired, stats.dead_lettered), (1, 1), "{key}: {stats:?}");
+        let delivered: Vec<Uuid> = p.sink.deliveries().iter().map(|e| e.id).collect();
+        assert_eq!(delivered, [next], "{key}: the expired event was never sent");
+
+        // A replay is a decision to send it anyway.
+        p.on.store(false, AtomicOrdering::SeqCst);
+        outbox.replay(doomed).await.expect("replay");
+        assert_eq!(outbox.get(doomed).await.expect("get").expires_at, None);
+        relay.drain().await.expect("drain");
+        assert_eq!(p.sink.len(), 2, "{key}");
+    }
 }

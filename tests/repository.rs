@@ -31,6 +31,7 @@ on_all_backends!(
     eight_concurrent_writers_are_all_counted,
     purge_removes_only_old_published_events,
     migrations_roll_back_and_apply_again,
+    scheduled_events_are_validated_cancelled_and_rescheduled_with_typed_errors,
 );
 
 async fn total_rows(db: &impl ConnectionTrait) -> u64 {
@@ -608,4 +609,238 @@ async fn migrations_roll_back_and_apply_again(t: &TestDb) {
             .expect("outbox_leases.ids exists");
         assert_eq!(row.try_get::<String>("", "s").expect("storage"), "e");
     }
+}
+
+/// The row's `(next_attempt_at, deliver_at)`.
+async fn schedule_of(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Option<(chrono::DateTime<Utc>, Option<chrono::DateTime<Utc>>)> {
+    OutboxEvents::find_by_id(id)
+        .one(db)
+        .await
+        .expect("row")
+        .map(|m| (m.next_attempt_at, m.deliver_at))
+}
+
+async fn scheduled_events_are_validated_cancelled_and_rescheduled_with_typed_errors(t: &TestDb) {
+    let outbox = Outbox::new(&t.db);
+    let event = |id: &str| NewEvent::new("reminder.due", "order", id);
+
+    // Beyond `max_delay`: refused, and one such event in a batch writes none of it.
+    let short = Outbox::with_config(
+        &t.db,
+        OutboxConfig::default().max_delay(std::time::Duration::from_secs(3600)),
+    );
+    let err = short
+        .add_events(vec![
+            event("a"),
+            event("b").deliver_after(std::time::Duration::from_secs(7200)),
+        ])
+        .await
+        .expect_err("two hours is past a one-hour max_delay");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidEvent(InvalidEvent::DeliverTooLate { .. })
+        ),
+        "{err:?}"
+    );
+    let err = outbox
+        .add_event(event("c").deliver_after(std::time::Duration::MAX))
+        .await
+        .expect_err("an overflowing delay");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidEvent(InvalidEvent::DeliverTooLate { .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(total_rows(&t.db).await, 0, "nothing written");
+
+    // A past time means now: due at once, and not a scheduled event.
+    let past = outbox
+        .add_event(event("past").deliver_at(Utc::now() - Duration::hours(1)))
+        .await
+        .expect("past");
+    let (next, deliver_at) = schedule_of(&t.db, past).await.expect("row");
+    assert!(next <= Utc::now());
+    assert_eq!(deliver_at, None);
+    // A future time: due then, and not counted as due before.
+    let at = Utc::now() + Duration::hours(1);
+    let later = outbox
+        .add_event(event("later").deliver_at(at))
+        .await
+        .expect("later");
+    let (next, deliver_at) = schedule_of(&t.db, later).await.expect("row");
+    assert!((next - at).num_milliseconds().abs() < 1, "{next} vs {at}");
+    assert_eq!(deliver_at, Some(next));
+    assert_eq!(outbox.stats().await.expect("stats").pending_due, 1);
+
+    // Reschedule: later, to the past (due now), and beyond max_delay (refused, unchanged).
+    let two_hours = Utc::now() + Duration::hours(2);
+    outbox
+        .reschedule(later, two_hours)
+        .await
+        .expect("reschedule");
+    let (next, _) = schedule_of(&t.db, later).await.expect("row");
+    assert!((next - two_hours).num_milliseconds().abs() < 1);
+    let err = short
+        .reschedule(later, Utc::now() + Duration::days(2))
+        .await
+        .expect_err("past max_delay");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidEvent(InvalidEvent::DeliverTooLate { .. })
+        ),
+        "{err:?}"
+    );
+    let soon = outbox
+        .add_event(event("soon").deliver_after(std::time::Duration::from_secs(3600)))
+        .await
+        .expect("soon");
+    outbox
+        .reschedule(soon, Utc::now() - Duration::minutes(5))
+        .await
+        .expect("to now");
+    let (next, _) = schedule_of(&t.db, soon).await.expect("row");
+    assert!(next <= Utc::now(), "due now");
+    // Now due: too late to take back.
+    let err = outbox.cancel(soon).await.expect_err("due");
+    assert!(
+        matches!(
+            err,
+            Error::NotScheduled {
+                operation: "cancelled",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // Cancel inside a transaction that rolls back: still there; committed: gone, then NotFound.
+    let txn = t.db.begin().await.expect("begin");
+    Outbox::new(&txn).cancel(later).await.expect("cancel");
+    txn.rollback().await.expect("rollback");
+    assert!(
+        schedule_of(&t.db, later).await.is_some(),
+        "a rollback keeps it"
+    );
+    let txn = t.db.begin().await.expect("begin");
+    Outbox::new(&txn).cancel(later).await.expect("cancel");
+    txn.commit().await.expect("commit");
+    assert!(schedule_of(&t.db, later).await.is_none());
+    let err = outbox.cancel(later).await.expect_err("gone");
+    assert!(
+        matches!(err, Error::NotFound { id } if id == later),
+        "{err:?}"
+    );
+
+    // Within the margin of its time: a relay may already hold it.
+    let edge = outbox
+        .add_event(event("edge").deliver_after(std::time::Duration::from_millis(1500)))
+        .await
+        .expect("edge");
+    let err = outbox.cancel(edge).await.expect_err("within the margin");
+    assert!(
+        matches!(err, Error::NotScheduled { reason, .. } if reason.contains("due")),
+        "{err:?}"
+    );
+    // Never scheduled; published; dead-lettered; attempted.
+    let plain = outbox.add_event(event("plain")).await.expect("plain");
+    let err = outbox.cancel(plain).await.expect_err("not scheduled");
+    assert!(
+        matches!(err, Error::NotScheduled { reason, .. } if reason.contains("not scheduled")),
+        "{err:?}"
+    );
+    outbox.mark_published(plain).await.expect("publish");
+    let err = outbox
+        .reschedule(plain, two_hours)
+        .await
+        .expect_err("published");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidState {
+                status: OutboxStatus::Published,
+                operation: "reschedule",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let dead = outbox
+        .add_event(event("dead").deliver_after(std::time::Duration::from_secs(3600)))
+        .await
+        .expect("dead");
+    outbox
+        .mark_failed(dead, "poison")
+        .await
+        .expect("dead-letter");
+    let err = outbox.cancel(dead).await.expect_err("dead letter");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidState {
+                status: OutboxStatus::Failed,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Holding its aggregate: due at once (a relay must read it to hold), still cancellable
+    // and reschedulable while its time is ahead, and never made due later by a reschedule.
+    let holds = |id: &str| event(id).deliver_at(at).holds_later_events();
+    let held = outbox.add_event(holds("held")).await.expect("held");
+    let (next, deliver_at) = schedule_of(&t.db, held).await.expect("row");
+    assert!(next <= Utc::now(), "due at once");
+    assert_eq!(deliver_at.map(|d| (d - at).num_milliseconds().abs() < 1), Some(true));
+    outbox.reschedule(held, two_hours).await.expect("reschedule");
+    let (after, deliver_at) = schedule_of(&t.db, held).await.expect("row");
+    assert_eq!(after, next, "not made due later");
+    assert_eq!(deliver_at.map(|d| (d - two_hours).num_milliseconds().abs() < 1), Some(true));
+    let dropped = outbox.add_event(holds("dropped")).await.expect("held");
+    outbox.cancel(dropped).await.expect("cancel");
+    assert!(schedule_of(&t.db, dropped).await.is_none());
+    // Without a time, or with a past one, it is a plain event.
+    let plain_holds = outbox
+        .add_event(event("plain-holds").holds_later_events())
+        .await
+        .expect("plain");
+    let err = outbox.cancel(plain_holds).await.expect_err("not scheduled");
+    assert!(matches!(err, Error::NotScheduled { .. }), "{err:?}");
+
+    // Expiry: not after the delivery time (now, or its scheduled time) is refused, unwritten.
+    for refused in [
+        event("x").deliver_within(std::time::Duration::ZERO),
+        event("x").expires_at(Utc::now() - Duration::seconds(1)),
+        event("x").deliver_at(at).expires_at(at - Duration::minutes(1)),
+    ] {
+        let err = outbox.add_event(refused).await.expect_err("expires first");
+        assert!(
+            matches!(
+                err,
+                Error::InvalidEvent(InvalidEvent::ExpiresBeforeDelivery { .. })
+            ),
+            "{err:?}"
+        );
+    }
+    // deliver_within counts from the delivery time.
+    let expiring = outbox
+        .add_event(
+            event("expiring")
+                .deliver_at(at)
+                .deliver_within(std::time::Duration::from_secs(60)),
+        )
+        .await
+        .expect("expiring");
+    let got = outbox.get(expiring).await.expect("get");
+    let expires = got.expires_at.expect("expiry");
+    assert!(((expires - at) - Duration::seconds(60)).num_milliseconds().abs() < 2);
+
+    // What is left: past, soon, edge, plain (published), dead (failed), held, plain-holds,
+    // expiring.
+    assert_eq!(total_rows(&t.db).await, 8);
 }

@@ -401,7 +401,18 @@ async fn table_mode(l: &LogDb, on_publish: OnPublish) {
     txn.rollback().await.expect("rollback");
     // Both ways at once: a message between two row transactions.
     let message = emit_as(l.db(), &l.slot, "m", 1, 1).await;
+    // A scheduled row cannot be held by a log relay: never sent early, kept as a dead letter.
+    let scheduled = outbox
+        .add_event(event("s", 0).deliver_after(Duration::from_secs(3600)))
+        .await
+        .expect("add scheduled");
+    // Expired by the time the relay reads it: dead-lettered unsent, counted.
+    let expired = outbox
+        .add_event(event("x", 0).deliver_within(Duration::from_millis(1)))
+        .await
+        .expect("add expiring");
     let last = outbox.add_event(event("t", 5)).await.expect("add");
+    tokio::time::sleep(Duration::from_millis(5)).await;
 
     let stats = relay.drain().await.expect("drain");
     let mut want = first.clone();
@@ -409,8 +420,31 @@ async fn table_mode(l: &LogDb, on_publish: OnPublish) {
     want.push(last);
     assert_eq!(ids(&p.deliveries()), want);
     assert_eq!(stats.published, 7);
+    assert_eq!(stats.unreadable, 1, "{stats:?}");
+    assert_eq!((stats.expired, stats.dead_lettered), (1, 1), "{stats:?}");
+    let dead = LogDeadLetters::new(l.db())
+        .with_prefix(l.slot.clone())
+        .get(expired)
+        .await
+        .expect("get")
+        .expect("the expired row is a dead letter");
+    assert!(dead.error.starts_with("expired at"), "{}", dead.error);
+    let dead = LogDeadLetters::new(l.db())
+        .with_prefix(l.slot.clone())
+        .get(scheduled)
+        .await
+        .expect("get")
+        .expect("the scheduled row is a dead letter");
+    assert!(dead.error.starts_with("scheduled for"), "{}", dead.error);
+    assert_eq!(dead.event.map(|e| e.aggregate_id), Some("s".to_owned()));
+    // Message mode has no row to hold: refused, nothing emitted.
+    let refused = outbox
+        .emit(event("s", 1).deliver_after(Duration::from_secs(3600)))
+        .await;
+    assert!(matches!(refused, Err(Error::Unsupported { .. })), "{refused:?}");
     assert_eq!(p.deliveries()[0].payload, serde_json::json!({ "n": 0 }));
-    assert_eq!(outbox.count_unpublished().await.expect("count"), 0);
+    // The scheduled and expired rows stay in the table, pending, as table mode's dead letters do.
+    assert_eq!(outbox.count_unpublished().await.expect("count"), 2);
     let published = outbox
         .count_published_before(chrono::Utc::now())
         .await

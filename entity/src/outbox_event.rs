@@ -73,6 +73,13 @@ pub struct Model {
     pub locked_by: Option<String>,
     /// When that lease ends; after it, another relay may claim the event.
     pub locked_until: Option<DateTimeUtc>,
+    /// The time it was scheduled for (`NewEvent::deliver_at`), if it was.
+    pub deliver_at: Option<DateTimeUtc>,
+    /// Whether, scheduled, it holds its aggregate's later events until it is delivered
+    /// (`NewEvent::holds_later_events`); otherwise it is ordered by its time.
+    pub holds_aggregate: bool,
+    /// Not sent after this time (`NewEvent::expires_at`): dead-lettered as expired instead.
+    pub expires_at: Option<DateTimeUtc>,
 }
 
 impl ActiveModelBehavior for ActiveModel {}

@@ -72,7 +72,7 @@ const PG_TRIGGER: [&str; 3] = [
 
 /// The count `sql` returns (sea-orm-migration's `has_column` and `has_index` need schema
 /// discovery this crate does not build with).
-async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64, DbErr> {
+pub(crate) async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64, DbErr> {
     let backend = manager.get_database_backend();
     Ok(manager
         .get_connection()

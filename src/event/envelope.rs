@@ -23,6 +23,9 @@ struct Envelope<S, P, H> {
     payload: P,
     headers: H,
     occurred_at: DateTime<Utc>,
+    /// Absent from envelopes written before expiry existed, and from events without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// The envelope version this library writes and reads.
@@ -40,6 +43,7 @@ impl ValidEvent {
             payload: &self.payload,
             headers: &self.headers,
             occurred_at: self.occurred_at,
+            expires_at: self.expires_at,
         };
         serde_json::to_string(&e).map_err(InvalidEvent::Payload)
     }
@@ -57,6 +61,8 @@ impl OutboxEvent {
             payload: &self.payload,
             headers: &self.headers,
             occurred_at: self.occurred_at,
+            // A replay is an operator's decision to send, expired or not.
+            expires_at: None,
         })
     }
 
@@ -87,6 +93,8 @@ impl OutboxEvent {
             published_at: None,
             failed_at: None,
             locked_by: None,
+            deliver_at: None,
+            expires_at: e.expires_at,
         })
     }
 }

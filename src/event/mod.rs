@@ -14,6 +14,7 @@ use crate::error::InvalidEvent;
 
 #[cfg(feature = "postgres")]
 mod envelope;
+mod schedule;
 mod partition;
 
 pub use partition::{PARTITIONS, partition_of};
@@ -87,6 +88,9 @@ pub struct NewEvent {
     pub(crate) payload: std::result::Result<Value, InvalidEvent>,
     pub(crate) headers: std::result::Result<Headers, InvalidEvent>,
     pub(crate) occurred_at: DateTime<Utc>,
+    pub(crate) deliver_at: Option<DateTime<Utc>>,
+    pub(crate) holds_aggregate: bool,
+    pub(crate) expires_at: Option<DateTime<Utc>>,
 }
 
 impl NewEvent {
@@ -104,6 +108,9 @@ impl NewEvent {
             payload: Ok(Value::Null),
             headers: Ok(Headers::new()),
             occurred_at: now(),
+            deliver_at: None,
+            holds_aggregate: false,
+            expires_at: None,
         }
     }
 
@@ -175,6 +182,7 @@ impl NewEvent {
         self.occurred_at = at.trunc_subsecs(6);
         self
     }
+
 
     /// The event id, which is also the broker message id.
     pub fn event_id(&self) -> Uuid {
@@ -254,6 +262,9 @@ impl NewEvent {
                     .collect(),
             ),
             occurred_at: self.occurred_at,
+            deliver_at: self.deliver_at,
+            holds_aggregate: self.holds_aggregate,
+            expires_at: self.expires_at,
         })
     }
 }
@@ -267,6 +278,12 @@ pub(crate) struct ValidEvent {
     pub(crate) payload: Value,
     pub(crate) headers: Value,
     pub(crate) occurred_at: DateTime<Utc>,
+    /// The time it is scheduled for; `None` for at once.
+    pub(crate) deliver_at: Option<DateTime<Utc>>,
+    /// Scheduled, it holds its aggregate's later events ([`NewEvent::holds_later_events`]).
+    pub(crate) holds_aggregate: bool,
+    /// Not sent after this time.
+    pub(crate) expires_at: Option<DateTime<Utc>>,
 }
 
 /// An event as stored in the outbox.
@@ -305,6 +322,10 @@ pub struct OutboxEvent {
     /// publisher; read back from the table it is only set on MySQL and SQLite, which lease
     /// row by row (PostgreSQL keeps one `outbox_leases` row per batch instead).
     pub locked_by: Option<String>,
+    /// The time it was scheduled for ([`NewEvent::deliver_at`]), if it was.
+    pub deliver_at: Option<DateTime<Utc>>,
+    /// Not sent after this time ([`NewEvent::expires_at`]).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl OutboxEvent {
@@ -339,6 +360,8 @@ impl OutboxEvent {
             published_at: None,
             failed_at: None,
             locked_by: None,
+            deliver_at: None,
+            expires_at: None,
         }
     }
 }

@@ -20,6 +20,10 @@ impl<P: Publisher> Relay<P> {
         cancel: &CancellationToken,
     ) -> Vec<Fate> {
         events.sort_by_key(|e| (e.occurred_at, e.id));
+        let start = now();
+        if events.iter().any(|e| held_back(e, start).is_some()) {
+            return self.deliver_due(events, start, cancel).await;
+        }
         let outcomes = self.publish(events, cancel).await;
         let done = now();
         match outcomes {
@@ -30,6 +34,37 @@ impl<P: Publisher> Relay<P> {
                 .collect(),
             _ => vec![Fate::Release { at: done }; events.len()],
         }
+    }
+
+    /// Unordered, with events scheduled for later or expired among them: those are handed back
+    /// until their time or dead-lettered, the rest published in one call.
+    async fn deliver_due(
+        &self,
+        events: &[OutboxEvent],
+        start: DateTime<Utc>,
+        cancel: &CancellationToken,
+    ) -> Vec<Fate> {
+        let mut fates: Vec<Option<Fate>> = events
+            .iter()
+            .map(|e| held_back(e, start))
+            .collect();
+        let due: Vec<usize> = (0..events.len()).filter(|&i| fates[i].is_none()).collect();
+        let subset: Vec<OutboxEvent> = due.iter().map(|&i| events[i].clone()).collect();
+        let outcomes = if subset.is_empty() {
+            None
+        } else {
+            self.publish(&subset, cancel).await
+        };
+        let done = now();
+        if let Some(outcomes) = outcomes.filter(|o| !self.observe(o)) {
+            for (&i, o) in due.iter().zip(outcomes) {
+                fates[i] = Some(self.fate(&events[i], o, done));
+            }
+        }
+        fates
+            .into_iter()
+            .map(|f| f.unwrap_or(Fate::Release { at: done }))
+            .collect()
     }
 
     /// Per-aggregate order: "waves". Wave k holds the k-th event of every aggregate in the batch,
@@ -63,11 +98,29 @@ impl<P: Publisher> Relay<P> {
         // Once a call finds the publisher unavailable, the rest of the batch goes back unsent.
         let mut outage = false;
         for (start, end) in waves.bounds() {
+            // Not sent at all: an event scheduled to hold its aggregate, read before its time
+            // (handed back until then with its chain, no attempt spent), or an expired one.
+            let at_start = now();
+            for i in start..end {
+                let chain = waves.chain_of[i];
+                match held_back(&events[i], at_start).filter(|_| stopped[chain].is_none()) {
+                    Some(Fate::Release { at }) => stopped[chain] = Some(at),
+                    Some(dead) => {
+                        if self.config.dead_letter_policy == DeadLetterPolicy::Hold {
+                            stopped[chain] = Some(at_start);
+                        }
+                        fates[i] = Some(dead);
+                    }
+                    None => {}
+                }
+            }
             let live: Vec<usize> = (start..end)
-                .filter(|&i| stopped[waves.chain_of[i]].is_none())
+                .filter(|&i| stopped[waves.chain_of[i]].is_none() && fates[i].is_none())
                 .collect();
             for i in start..end {
-                if let Some(at) = stopped[waves.chain_of[i]] {
+                if let Some(at) = stopped[waves.chain_of[i]]
+                    && fates[i].is_none()
+                {
                     fates[i] = Some(Fate::Release { at });
                 }
             }
@@ -381,4 +434,19 @@ mod tests {
         ];
         assert_eq!(got, want);
     }
+}
+
+/// The fate of a claimed event that must not be sent by `now`: expired (dead-lettered), or
+/// scheduled for later (handed back until then; [`NewEvent::holds_later_events`] is claimed
+/// at once).
+///
+/// [`NewEvent::holds_later_events`]: crate::NewEvent::holds_later_events
+fn held_back(event: &OutboxEvent, now: DateTime<Utc>) -> Option<Fate> {
+    if let Some(at) = event.expires_at.filter(|at| *at <= now) {
+        return Some(Fate::expired(at));
+    }
+    event
+        .deliver_at
+        .filter(|at| *at > now)
+        .map(|at| Fate::Release { at })
 }

@@ -87,6 +87,10 @@ pub struct RelayStats {
     pub retried: u64,
     /// Events moved to the dead letter.
     pub dead_lettered: u64,
+    /// Of `dead_lettered`, events that expired undelivered ([`NewEvent::expires_at`]).
+    ///
+    /// [`NewEvent::expires_at`]: crate::NewEvent::expires_at
+    pub expired: u64,
     /// Events handed back unattempted (blocked behind a failure, or at shutdown).
     pub released: u64,
     /// Batches claimed (empty polls are not counted).
@@ -102,6 +106,7 @@ impl std::ops::AddAssign for RelayStats {
         self.published += o.published;
         self.retried += o.retried;
         self.dead_lettered += o.dead_lettered;
+        self.expired += o.expired;
         self.released += o.released;
         self.batches += o.batches;
         self.lost_leases += o.lost_leases;

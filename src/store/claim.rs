@@ -52,6 +52,28 @@ impl Claim<'_> {
         }
     }
 
+    /// `a` (an earlier event of `e`'s aggregate) is not a scheduled event nobody has touched yet
+    /// that is due after `e`: unless written to hold its aggregate, such an event is ordered by
+    /// its time and holds nothing.
+    pub(super) fn not_scheduled_after_e(a: &str) -> String {
+        format!(
+            " AND NOT ({a}.status = 'pending' AND {a}.deliver_at IS NOT NULL \
+             AND {a}.attempts = 0 AND {a}.next_attempt_at = {a}.deliver_at \
+             AND NOT {a}.holds_aggregate AND {a}.next_attempt_at > e.next_attempt_at)"
+        )
+    }
+
+    /// Not a scheduled event nobody has touched and not due by now (binds now): a head's
+    /// followers leave it out, as it is ordered by its time. `a` is the row's alias and a dot,
+    /// or nothing.
+    pub(super) fn not_scheduled_yet(a: &str) -> String {
+        format!(
+            " AND NOT ({a}deliver_at IS NOT NULL AND {a}attempts = 0 \
+             AND {a}next_attempt_at = {a}deliver_at AND NOT {a}holds_aggregate \
+             AND {a}next_attempt_at > ?)"
+        )
+    }
+
     /// `NOT EXISTS` an earlier blocking event of `e`'s aggregate: `e` is its aggregate's head.
     /// The row comparison is an index condition on `outbox_events_aggregate_idx`, so the probe
     /// reads one entry, not the aggregate's whole backlog. `fence` is PostgreSQL's probe tail,
@@ -60,9 +82,10 @@ impl Claim<'_> {
         format!(
             "NOT EXISTS (SELECT 1 FROM outbox_events p \
                WHERE p.aggregate_type = e.aggregate_type AND p.aggregate_id = e.aggregate_id \
-               AND p.status IN ({}) \
+               AND p.status IN ({}){} \
                AND (p.occurred_at, p.id) < (e.occurred_at, e.id){fence})",
-            self.blocking()
+            self.blocking(),
+            Self::not_scheduled_after_e("p")
         )
     }
 

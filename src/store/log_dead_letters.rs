@@ -103,6 +103,8 @@ fn read_dead(r: &sea_orm::QueryResult) -> Result<LogDeadLetter> {
                 published_at: None,
                 failed_at: None,
                 locked_by: None,
+                deliver_at: None,
+                expires_at: None,
             })
         }
     };

@@ -417,7 +417,22 @@ pub(crate) fn event_from_row(
         published_at: None,
         failed_at: None,
         locked_by: None,
+        deliver_at: time_or_null(columns, values, "deliver_at"),
+        expires_at: time_or_null(columns, values, "expires_at"),
     })
+}
+
+/// A nullable time column of a decoded outbox row (`None` when NULL, or on a table that
+/// predates the column).
+fn time_or_null(columns: &[String], values: &[Option<String>], name: &str) -> Option<DateTime<Utc>> {
+    let text = columns
+        .iter()
+        .position(|c| c == name)
+        .and_then(|i| values.get(i))
+        .and_then(|v| v.as_deref())?;
+    DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// `name` as a double-quoted SQL identifier.

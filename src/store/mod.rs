@@ -43,6 +43,7 @@ mod pgoutput;
 mod portable;
 mod postgres;
 mod rows;
+pub(crate) mod schedule;
 #[cfg(feature = "postgres")]
 pub(crate) mod slots;
 mod sql;
@@ -71,6 +72,7 @@ pub(crate) use portable::{
 #[cfg(feature = "postgres")]
 pub(crate) use postgres::{current_schema as pg_current_schema, pool as pg_pool};
 pub(crate) use rows::ClaimedRow;
+pub use schedule::SCHEDULE_MARGIN;
 #[cfg(feature = "postgres")]
 pub use slots::{InvalidWalPosition, SlotStatus, WalPosition};
 pub use write_back::OnPublish;

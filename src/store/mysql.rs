@@ -57,7 +57,7 @@ pub(super) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Clai
         if heads.is_empty() {
             Vec::new()
         } else {
-            txn.query_all_raw(followers(&heads, limit)?).await?
+            txn.query_all_raw(followers(&heads, c.now, limit)?).await?
         }
     } else {
         txn.query_all_raw(stmt(
@@ -104,7 +104,11 @@ pub(super) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Clai
 }
 
 /// The pending events of the aggregates `heads` leads, oldest first, at most `limit`.
-fn followers(heads: &[QueryResult], limit: i64) -> Result<sea_orm::Statement> {
+fn followers(
+    heads: &[QueryResult],
+    now: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<sea_orm::Statement> {
     let mut values: Vec<Value> = Vec::with_capacity(heads.len() * 2 + 1);
     let mut keys = Vec::with_capacity(heads.len());
     for h in heads {
@@ -112,13 +116,14 @@ fn followers(heads: &[QueryResult], limit: i64) -> Result<sea_orm::Statement> {
         values.push(h.try_get::<String>("", "aggregate_id")?.into());
         keys.push("(aggregate_type = ? AND aggregate_id = ?)");
     }
-    values.push(limit.into());
+    values.extend([now.into(), limit.into()]);
     Ok(stmt(
         MY,
         &format!(
             "SELECT {CLAIMED_COLUMNS} FROM outbox_events \
-             WHERE status = 'pending' AND ({}) ORDER BY occurred_at, id LIMIT ?",
-            keys.join(" OR ")
+             WHERE status = 'pending' AND ({}){} ORDER BY occurred_at, id LIMIT ?",
+            keys.join(" OR "),
+            Claim::not_scheduled_yet("")
         ),
         values,
     ))

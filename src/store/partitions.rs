@@ -326,7 +326,13 @@ pub(crate) async fn blockers(
     let b = db.get_database_backend();
     let list = partition_list(partitions);
     let mut out = Vec::new();
-    let mut kinds = vec!["status = 'pending' AND next_attempt_at > created_at"];
+    // Displaced rows, as `outbox_events_displaced_idx` lists them: not a scheduled event nobody
+    // has touched, which is ordered by its time and holds nothing, unless written to hold.
+    let mut kinds = vec![
+        "status = 'pending' AND next_attempt_at > created_at \
+         AND (deliver_at IS NULL OR attempts > 0 OR next_attempt_at <> deliver_at \
+         OR holds_aggregate)",
+    ];
     if dead_letters_hold {
         kinds.push("status = 'failed'");
     }

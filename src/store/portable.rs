@@ -18,7 +18,7 @@ use crate::event::{OutboxEvent, ValidEvent, partition_of};
 
 /// Bound values per inserted event, where the library computes the partition (PostgreSQL,
 /// SQLite); MySQL's generated column computes its own, one fewer.
-const INSERT_PARAMS: usize = 10;
+const INSERT_PARAMS: usize = 13;
 
 /// Deletes up to `?` published rows older than `?`, oldest first (MySQL has its own).
 pub(super) const PURGE_PUBLISHED: &str = "DELETE FROM outbox_events WHERE id IN (SELECT id \
@@ -74,8 +74,16 @@ pub(crate) async fn insert(
                 created_at.into(),
                 // Due at its place in its aggregate's order (`occurred_at`), or now if that is
                 // later: owned partitions read due rows in this order, so an aggregate's events
-                // written together or back-dated still come out in `occurred_at` order.
-                e.occurred_at.min(created_at).into(),
+                // written together or back-dated still come out in `occurred_at` order. A
+                // scheduled event is due at its time, which places it in that order; one that
+                // holds its aggregate is due at once, for a relay to learn of it and hold.
+                e.deliver_at
+                    .filter(|_| !e.holds_aggregate)
+                    .unwrap_or_else(|| e.occurred_at.min(created_at))
+                    .into(),
+                e.deliver_at.into(),
+                e.holds_aggregate.into(),
+                e.expires_at.into(),
             ]);
         }
         let sql = insert_sql(backend, n);
@@ -101,7 +109,8 @@ fn insert_sql(backend: DbBackend, rows: usize) -> std::borrow::Cow<'static, str>
         let row = format!("({}, 'pending', 0)", placeholders(params));
         let sql = format!(
             "INSERT INTO outbox_events ({column}id, event_type, aggregate_type, aggregate_id, \
-             payload, headers, occurred_at, created_at, next_attempt_at, status, attempts) \
+             payload, headers, occurred_at, created_at, next_attempt_at, deliver_at, \
+             holds_aggregate, expires_at, status, attempts) \
              VALUES {}",
             vec![row; rows].join(", ")
         );
@@ -271,8 +280,8 @@ pub(crate) async fn mark_failed(
     transition(db, OutboxStatus::Pending, set, Col::Id.eq(id)).await
 }
 
-/// Puts the dead letters `which` picks back to pending, due `now`, attempts reset; the last
-/// error stays for the record. Returns how many.
+/// Puts the dead letters `which` picks back to pending, due `now`, attempts reset, expiry
+/// cleared; the last error stays for the record. Returns how many.
 #[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn requeue(
     db: &impl ConnectionTrait,
@@ -291,6 +300,8 @@ pub(crate) async fn requeue(
         (Col::Attempts, Expr::value(0)),
         (Col::NextAttemptAt, Expr::value(now)),
         (Col::FailedAt, Expr::value(Option::<DateTime<Utc>>::None)),
+        // A replay is an operator's decision to send: an expired event would only expire again.
+        (Col::ExpiresAt, Expr::value(Option::<DateTime<Utc>>::None)),
     ];
     transition(db, OutboxStatus::Failed, set, cond).await
 }

@@ -141,12 +141,13 @@ async fn lease(
                      OVER w AS run_free \
                  FROM (SELECT f.* FROM outbox_events f \
                    WHERE f.aggregate_type = e.aggregate_type \
-                   AND f.aggregate_id = e.aggregate_id AND f.status IN ({}) \
+                   AND f.aggregate_id = e.aggregate_id AND f.status IN ({}){} \
                    ORDER BY f.occurred_at, f.id LIMIT ?) f \
                  WINDOW w AS (ORDER BY f.occurred_at, f.id)) f \
                WHERE f.run_head = e.id AND f.run_free) f \
              LIMIT ?",
-            c.blocking()
+            c.blocking(),
+            Claim::not_scheduled_after_e("f")
         )
     } else {
         let heads = match window {
@@ -170,7 +171,7 @@ async fn lease(
                 c.heads("", PROBE, NOT_LEASED)
             }
         };
-        values.extend([i64::from(c.share.max(1)).into(), limit.into()]);
+        values.extend([c.now.into(), i64::from(c.share.max(1)).into(), limit.into()]);
         // A nested loop pulled through the outer `LIMIT`: each head found, in due order, adds
         // up to `share` of its aggregate's oldest pending events (itself first), and the search
         // for heads stops as soon as the batch is full. So a batch of 500 from aggregates with
@@ -181,9 +182,10 @@ async fn lease(
             "SELECT f.* FROM ({heads}) h CROSS JOIN LATERAL ( \
                SELECT f.* FROM outbox_events f \
                WHERE f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
-               AND f.status = 'pending' AND f.id NOT IN (SELECT id FROM leased) \
+               AND f.status = 'pending' AND f.id NOT IN (SELECT id FROM leased){} \
                ORDER BY f.occurred_at, f.id LIMIT ?) f \
-             LIMIT ?"
+             LIMIT ?",
+            Claim::not_scheduled_yet("f.")
         )
     };
     values.extend([c.token.into(), c.lease_end.into()]);

@@ -15,7 +15,7 @@ pub(crate) type ClaimedRow = std::result::Result<OutboxEvent, (Option<Uuid>, Str
 
 /// The columns a claim returns, in the order [`from_claimed_row`] reads them.
 pub(crate) const CLAIMED_COLUMNS: &str = "id, event_type, aggregate_type, aggregate_id, payload, \
-     headers, occurred_at, created_at, attempts, last_error, next_attempt_at";
+     headers, occurred_at, created_at, attempts, last_error, next_attempt_at, deliver_at, expires_at";
 
 /// An event leased to `$locked_by` from a row of [`CLAIMED_COLUMNS`], given its `id` (column 0)
 /// and `headers` (column 5): `$col!(n)` decodes the column at position `n`, returning early on
@@ -40,6 +40,8 @@ macro_rules! claimed_event {
             published_at: None,
             failed_at: None,
             locked_by: Some($locked_by.to_owned()),
+            deliver_at: $col!(11usize),
+            expires_at: $col!(12usize),
         }
     }};
 }
@@ -104,6 +106,8 @@ impl TryFrom<OutboxEventModel> for OutboxEvent {
             published_at: m.published_at,
             failed_at: m.failed_at,
             locked_by: m.locked_by,
+            deliver_at: m.deliver_at,
+            expires_at: m.expires_at,
         })
     }
 }
@@ -133,14 +137,14 @@ mod decode {
             T::compatible(c.type_info())
         }
         let c = row.columns();
-        c.len() == 11
+        c.len() == 13
             && is::<Uuid>(&c[0])
             && c[1..4].iter().all(is::<String>)
             && c[4..6].iter().all(is::<Value>)
             && c[6..8].iter().all(is::<DateTime<Utc>>)
             && is::<i32>(&c[8])
             && is::<String>(&c[9])
-            && is::<DateTime<Utc>>(&c[10])
+            && c[10..13].iter().all(is::<DateTime<Utc>>)
     }
 
     /// An event leased to `locked_by` from a row whose types [`claimed_types_match`] passed.

@@ -16,13 +16,14 @@ pub(super) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Clai
     let mut values: Vec<Value> = vec![c.token.into(), c.lease_end.into(), c.lease_end.into()];
     let ids = if c.ordered {
         // No LATERAL, so a plain join of the heads' aggregates, oldest first.
-        values.extend([c.now.into(), limit.into(), limit.into()]);
+        values.extend([c.now.into(), limit.into(), c.now.into(), limit.into()]);
         format!(
             "WITH heads AS ({}) \
              SELECT f.id FROM outbox_events f JOIN heads h \
                ON f.aggregate_type = h.aggregate_type AND f.aggregate_id = h.aggregate_id \
-             WHERE f.status = 'pending' ORDER BY f.occurred_at, f.id LIMIT ?",
-            c.heads("", "", "")
+             WHERE f.status = 'pending'{} ORDER BY f.occurred_at, f.id LIMIT ?",
+            c.heads("", "", ""),
+            Claim::not_scheduled_yet("f.")
         )
     } else {
         values.extend([c.now.into(), limit.into()]);

@@ -48,6 +48,23 @@ pub(crate) enum Fate {
     },
 }
 
+/// How the error of an event dead-lettered for its expiry begins.
+const EXPIRED: &str = "expired at ";
+
+impl Fate {
+    /// Dead-lettered, unsent, because the event expired at `at`.
+    pub(crate) fn expired(at: DateTime<Utc>) -> Self {
+        Self::Dead {
+            error: format!("{EXPIRED}{at}"),
+        }
+    }
+
+    /// Whether this is [`expired`](Self::expired).
+    pub(crate) fn is_expiry(&self) -> bool {
+        matches!(self, Self::Dead { error } if error.starts_with(EXPIRED))
+    }
+}
+
 /// How many rows each write-back touched; fewer than asked means the lease was lost.
 #[derive(Debug, Default)]
 pub(crate) struct WriteBack {

@@ -69,6 +69,12 @@ pub(crate) fn record_batch(
                 .increment(applied[kind]);
         }
     }
+    if applied[2] == planned[2] {
+        for (e, _) in events.iter().zip(fates).filter(|(_, f)| f.is_expiry()) {
+            ::metrics::counter!(names::EXPIRED, "publisher" => publisher.clone(), "event_type" => e.event_type.clone())
+                .increment(1);
+        }
+    }
     let lost = w.lost();
     if lost > 0 {
         ::metrics::counter!(names::LOST_LEASES, "publisher" => publisher).increment(lost);
@@ -118,6 +124,7 @@ pub(crate) fn log_settled(publisher: &str, kind: LogKind, events: &[OutboxEvent]
         LogKind::Published => names::PUBLISHED,
         LogKind::Retried => names::RETRIED,
         LogKind::DeadLettered => names::DEAD_LETTERED,
+        LogKind::Expired => names::EXPIRED,
     };
     // A call has few event types: count per type, then one increment each.
     let mut by_type: Vec<(&str, u64)> = Vec::new();
@@ -150,6 +157,7 @@ pub(crate) enum LogKind {
     Published,
     Retried,
     DeadLettered,
+    Expired,
 }
 
 /// Sets a log relay's slot gauges; `retained` only when it was read.

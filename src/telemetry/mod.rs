@@ -7,6 +7,7 @@
 //! | `outbox_events_published_total` | counter | `publisher`, `event_type` | events marked published |
 //! | `outbox_events_retried_total` | counter | `publisher`, `event_type` | failed attempts scheduled for retry |
 //! | `outbox_events_dead_lettered_total` | counter | `publisher`, `event_type` | events moved to the dead letter |
+//! | `outbox_events_expired_total` | counter | `publisher`, `event_type` | events dead-lettered because they expired undelivered (also in `dead_lettered`) |
 //! | `outbox_lost_leases_total` | counter | `publisher` | write-backs refused because the lease had passed to another relay |
 //! | `outbox_backlog` | gauge | | pending events (due, in backoff or leased) |
 //! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest pending event, by `occurred_at` |
@@ -34,6 +35,8 @@ pub mod names {
     pub const RETRIED: &str = "outbox_events_retried_total";
     /// Counter: events dead-lettered.
     pub const DEAD_LETTERED: &str = "outbox_events_dead_lettered_total";
+    /// Counter: events dead-lettered because they expired undelivered.
+    pub const EXPIRED: &str = "outbox_events_expired_total";
     /// Counter: write-backs refused because the lease had passed to another relay.
     pub const LOST_LEASES: &str = "outbox_lost_leases_total";
     /// Gauge: pending events.

@@ -29,6 +29,8 @@ pub(super) struct Delivery {
     pub(super) delivered: Vec<uuid::Uuid>,
     pub(super) dead: Vec<LogDeadLetter>,
     pub(super) retried: u64,
+    /// Of `dead`, events that expired undelivered.
+    pub(super) expired: u64,
     /// The first transaction with an event not settled, when the relay stopped before the end.
     pub(super) unsettled_from: Option<usize>,
 }
@@ -81,10 +83,11 @@ impl<P: Publisher> LogRelay<P> {
                 }
                 continue;
             }
-            let events: Vec<OutboxEvent> = taken
-                .iter()
-                .filter_map(|&i| slots[i].event.take())
-                .collect();
+            let (taken, events) = self.expire(&mut slots, taken, &mut out, &publisher);
+            if events.is_empty() {
+                slots.retain(|s| s.event.is_some());
+                continue;
+            }
             // On shutdown an unfinished call's events stay unsettled: sent again by whoever
             // reads the slot next.
             let outcomes = call_publisher(
@@ -152,6 +155,51 @@ impl<P: Publisher> LogRelay<P> {
         (taken, wake)
     }
 
+    /// Takes the events of `taken` out of their slots; those expired by now are dead-lettered
+    /// unsent, the others returned with their slots for the call.
+    fn expire(
+        &self,
+        slots: &mut [Slot],
+        taken: Vec<usize>,
+        out: &mut Delivery,
+        publisher: &str,
+    ) -> (Vec<usize>, Vec<OutboxEvent>) {
+        let now = now();
+        let (mut live, mut events, mut expired) = (Vec::new(), Vec::new(), Vec::new());
+        for i in taken {
+            let Some(event) = slots[i].event.take() else {
+                continue;
+            };
+            match event.expires_at.filter(|at| *at <= now) {
+                Some(at) => {
+                    out.dead.push(self.give_up(&event, slots[i].attempts, &format!("expired at {at}")));
+                    expired.push(event);
+                }
+                None => {
+                    live.push(i);
+                    events.push(event);
+                }
+            }
+        }
+        out.expired += expired.len() as u64;
+        metrics::log_settled(publisher, LogKind::DeadLettered, &expired);
+        metrics::log_settled(publisher, LogKind::Expired, &expired);
+        (live, events)
+    }
+
+    /// A dead letter for `event` after `attempts`, for `why`.
+    fn give_up(&self, event: &OutboxEvent, attempts: u32, why: &str) -> LogDeadLetter {
+        LogDeadLetter {
+            id: event.id,
+            event: Some(event.clone()),
+            raw: None,
+            slot: self.config.slot.clone(),
+            error: truncate_error(why),
+            attempts,
+            failed_at: now(),
+        }
+    }
+
     /// Applies one call's outcomes to the slots it carried.
     fn apply(
         &self,
@@ -164,14 +212,8 @@ impl<P: Publisher> LogRelay<P> {
     ) {
         let cfg = &self.config;
         let (mut sent, mut dead, mut retried) = (Vec::new(), Vec::new(), Vec::new());
-        let give_up = |event: &OutboxEvent, attempts: u32, why: &str| LogDeadLetter {
-            id: event.id,
-            event: Some(event.clone()),
-            raw: None,
-            slot: cfg.slot.clone(),
-            error: truncate_error(why),
-            attempts,
-            failed_at: now(),
+        let give_up = |event: &OutboxEvent, attempts: u32, why: &str| {
+            self.give_up(event, attempts, why)
         };
         for ((&i, event), outcome) in taken.iter().zip(events).zip(outcomes) {
             let s = &mut slots[i];

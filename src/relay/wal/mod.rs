@@ -98,8 +98,12 @@ pub struct LogRelayStats {
     pub published: u64,
     /// Refused attempts that were retried.
     pub retried: u64,
-    /// Events dead-lettered after a rejection or their last attempt.
+    /// Events dead-lettered after a rejection or their last attempt, or expired.
     pub dead_lettered: u64,
+    /// Of `dead_lettered`, events that expired undelivered ([`NewEvent::expires_at`]).
+    ///
+    /// [`NewEvent::expires_at`]: crate::NewEvent::expires_at
+    pub expired: u64,
     /// Records that could not be read, dead-lettered with the reason.
     pub unreadable: u64,
     /// Committed transactions read.
@@ -117,6 +121,7 @@ impl std::ops::AddAssign for LogRelayStats {
         self.published += o.published;
         self.retried += o.retried;
         self.dead_lettered += o.dead_lettered;
+        self.expired += o.expired;
         self.unreadable += o.unreadable;
         self.transactions += o.transactions;
         self.reads += o.reads;

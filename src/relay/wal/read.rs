@@ -129,7 +129,28 @@ impl Assembler {
                 Some((true, columns)) => {
                     let at = self.open.unwrap_or_else(now);
                     match event_from_row(columns, &values, at) {
-                        Ok(event) => self.open_items.push(event),
+                        // A log relay cannot hold a row for later (the slot would hold the WAL
+                        // until then), and must not send it early: kept as a dead letter that
+                        // an operator can replay when it is due.
+                        Ok(event) => match event.deliver_at {
+                            Some(due) if due > now() => {
+                                let d = self.unreadable(
+                                    lsn,
+                                    raw,
+                                    format!(
+                                        "scheduled for {due}: the table-mode log relay does not \
+                                         deliver scheduled events (use the polling relay)"
+                                    ),
+                                );
+                                self.read.unreadable.push(LogDeadLetter {
+                                    id: event.id,
+                                    event: Some(event),
+                                    raw: None,
+                                    ..d
+                                });
+                            }
+                            _ => self.open_items.push(event),
+                        },
                         Err(reason) => {
                             let d = self.unreadable(
                                 lsn,

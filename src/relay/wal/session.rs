@@ -210,6 +210,7 @@ impl<P: Publisher> LogRelay<P> {
         }
         stats.published += delivery.delivered.len() as u64;
         stats.dead_lettered += delivery.dead.len() as u64;
+        stats.expired += delivery.expired;
         stats.unreadable += read.unreadable.len() as u64;
         stats.retried += delivery.retried;
         if events > 0 {

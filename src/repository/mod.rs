@@ -12,9 +12,14 @@ use crate::error::{Error, Result};
 use crate::event::{DomainEvent, NewEvent, OutboxEvent, now};
 use crate::stats::{Health, HealthThresholds, OutboxStats, RelayHeartbeat};
 use crate::store::{self, Requeue};
-use crate::telemetry;
 
-pub use crate::store::{EventQuery, INSERT_CHUNK, MAX_ERROR_BYTES, MAX_PAGE_SIZE, MinuteStats};
+#[cfg(feature = "postgres")]
+mod message;
+mod schedule;
+
+pub use crate::store::{
+    EventQuery, INSERT_CHUNK, MAX_ERROR_BYTES, MAX_PAGE_SIZE, MinuteStats, SCHEDULE_MARGIN,
+};
 
 /// Repository settings.
 #[derive(Clone, Debug)]
@@ -28,6 +33,8 @@ pub struct OutboxConfig {
     /// The logical-message prefix that message mode writes under and the log relay reads.
     /// Default [`MESSAGE_PREFIX`].
     pub message_prefix: String,
+    /// How far ahead an event may be scheduled ([`NewEvent::deliver_at`]). Default 365 days.
+    pub max_delay: std::time::Duration,
 }
 
 /// The default logical-message prefix of message mode.
@@ -51,6 +58,7 @@ impl Default for OutboxConfig {
             max_payload_bytes: 1024 * 1024,
             write_mode: WriteMode::Table,
             message_prefix: MESSAGE_PREFIX.to_owned(),
+            max_delay: std::time::Duration::from_secs(365 * 24 * 3600),
         }
     }
 }
@@ -61,6 +69,8 @@ impl OutboxConfig {
         max_payload_bytes: usize,
         /// Sets [`write_mode`](Self::write_mode).
         write_mode: WriteMode,
+        /// Sets [`max_delay`](Self::max_delay).
+        max_delay: std::time::Duration,
     }
 
     /// Sets [`message_prefix`](Self::message_prefix).
@@ -138,58 +148,6 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// A repository on `db` with `config`.
     pub fn with_config(db: &'c C, config: OutboxConfig) -> Self {
         Self { db, config }
-    }
-
-    /// Message mode, whatever [`OutboxConfig::write_mode`] says: writes the event to
-    /// PostgreSQL's write-ahead log as a transactional logical message, in the caller's
-    /// transaction, and no table row. The [log relay](crate::relay::wal) delivers it once the
-    /// transaction commits; a rolled-back transaction's message is never seen. Validated exactly
-    /// like [`add_event`](OutboxRepository::add_event). Never commits.
-    ///
-    /// ```no_run
-    /// use sea_orm::{DatabaseConnection, TransactionSession, TransactionTrait};
-    /// use seaorm_outbox::{NewEvent, Outbox};
-    ///
-    /// # async fn f(db: DatabaseConnection) -> Result<(), Box<dyn std::error::Error>> {
-    /// let txn = db.begin().await?;
-    /// // ... your domain writes on &txn ...
-    /// Outbox::new(&txn).emit(NewEvent::new("order.placed", "order", "42")).await?;
-    /// txn.commit().await?;
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::InvalidEvent`] before anything is written; [`Error::Config`] off PostgreSQL;
-    /// database errors.
-    #[cfg(feature = "postgres")]
-    pub async fn emit(&self, event: NewEvent) -> Result<Uuid> {
-        let mut ids = self.emit_events(vec![event]).await?;
-        Ok(ids.pop().unwrap_or_default())
-    }
-
-    /// [`emit`](Self::emit) for many events, in order; all are validated before any is written.
-    ///
-    /// # Errors
-    /// As [`emit`](Self::emit); one invalid event writes none.
-    #[cfg(feature = "postgres")]
-    pub async fn emit_events(&self, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
-        let valid = self.validate(events)?;
-        let mut ids = Vec::with_capacity(valid.len());
-        let mut envelopes = Vec::with_capacity(valid.len());
-        for e in &valid {
-            ids.push(e.id);
-            envelopes.push(e.to_envelope()?);
-        }
-        store::logical::emit(self.db, &self.config.message_prefix, envelopes).await?;
-        Ok(ids)
-    }
-
-    fn validate(&self, events: Vec<NewEvent>) -> Result<Vec<crate::event::ValidEvent>> {
-        let max = self.config.max_payload_bytes;
-        Ok(events
-            .into_iter()
-            .map(|e| e.with_headers(telemetry::trace::capture).validate(max))
-            .collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Stores a typed [`DomainEvent`]. Never commits.
@@ -431,9 +389,10 @@ impl<C: ConnectionTrait> OutboxRepository for Outbox<'_, C> {
                 "WriteMode::Message needs the `postgres` feature".into(),
             ));
         }
-        let valid = self.validate(events)?;
+        let at = now();
+        let valid = self.validate(events, at)?;
         let ids: Vec<Uuid> = valid.iter().map(|e| e.id).collect();
-        store::insert(self.db, valid, now()).await?;
+        store::insert(self.db, valid, at).await?;
         Ok(ids)
     }
 
