@@ -25,8 +25,14 @@ pub struct OutboxStats {
     pub pending_leased: u64,
     /// Dead letters.
     pub failed: u64,
-    /// The `occurred_at` of the oldest pending event.
+    /// When the oldest pending event became due: its `occurred_at`, or its `deliver_at` if it
+    /// was scheduled; events still scheduled for later do not count.
     pub oldest_pending_at: Option<DateTime<Utc>>,
+    /// Pending, scheduled for later ([`NewEvent::deliver_at`](crate::NewEvent::deliver_at)):
+    /// not part of the backlog, the due count or the lag.
+    pub scheduled: u64,
+    /// The earliest `deliver_at` of the scheduled events.
+    pub next_scheduled_at: Option<DateTime<Utc>>,
     /// Events published in the hour before `at`: rows marked published since then, plus, for
     /// relays that delete on publish ([`OnPublish::Delete`](crate::relay::OnPublish)), their
     /// per-minute tally (to the minute).
@@ -34,7 +40,8 @@ pub struct OutboxStats {
 }
 
 impl OutboxStats {
-    /// All pending events: due, in backoff or leased.
+    /// The backlog: pending events due, in backoff or leased; not those
+    /// [`scheduled`](Self::scheduled) for later (`count_unpublished` counts both).
     pub fn pending(&self) -> u64 {
         self.pending_due + self.pending_backoff + self.pending_leased
     }
@@ -57,6 +64,8 @@ impl OutboxStats {
             pending_leased: c.leased,
             failed: c.failed,
             oldest_pending_at: c.oldest_pending_at,
+            scheduled: c.scheduled,
+            next_scheduled_at: c.next_scheduled_at,
             published_last_hour: c.published_since,
         })
     }

@@ -1624,9 +1624,11 @@ async fn a_scheduled_event_that_holds_later_events_goes_first_across_a_restart(t
             .expect("event");
         assert_eq!(e.id, first, "{key}");
         // The relay reads the reminder at once and hands it back until its time.
-        support::wait_until(Duration::from_secs(2), "the reminder handed back", || async {
-            outbox.get(reminder).await.expect("get").next_attempt_at == at
-        })
+        support::wait_until(
+            Duration::from_secs(2),
+            "the reminder handed back",
+            || async { outbox.get(reminder).await.expect("get").next_attempt_at == at },
+        )
         .await;
         stop.cancel();
         task.await.expect("relay");
@@ -1663,7 +1665,11 @@ async fn a_scheduled_event_that_holds_later_events_goes_first_across_a_restart(t
                 .await
                 .unwrap_or_else(|_| panic!("{key}: only {rest:?}"))
                 .expect("event");
-            assert!(Utc::now() >= at, "{key}: {} before the reminder's time", e.event_type);
+            assert!(
+                Utc::now() >= at,
+                "{key}: {} before the reminder's time",
+                e.event_type
+            );
             rest.push(e.id);
         }
         assert_eq!(rest, later, "{key}: the reminder first");
@@ -1691,8 +1697,8 @@ async fn an_expired_event_is_dead_lettered_unsent_and_counted(t: &TestDb) {
             .await
             .expect("add");
         p.ids.lock().expect("ids").insert(doomed);
-        let backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(50))
-            .jitter(Jitter::None);
+        let backoff =
+            Backoff::new(Duration::from_millis(20), Duration::from_millis(50)).jitter(Jitter::None);
         let relay = Relay::builder(t.db.clone(), p.clone())
             .config(fast(
                 RelayConfig::default()
@@ -1705,7 +1711,10 @@ async fn an_expired_event_is_dead_lettered_unsent_and_counted(t: &TestDb) {
         let mut stats = seaorm_outbox::relay::RelayStats::default();
         let start = Instant::now();
         while outbox.count_unpublished().await.expect("count") > 0 {
-            assert!(start.elapsed() < Duration::from_secs(30), "{key}: never settled");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{key}: never settled"
+            );
             stats += relay.drain().await.expect("drain");
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
@@ -1714,7 +1723,11 @@ async fn an_expired_event_is_dead_lettered_unsent_and_counted(t: &TestDb) {
         let error = dead.last_error.unwrap_or_default();
         assert!(error.starts_with("expired at"), "{key}: {error}");
         assert!(dead.attempts > 1, "{key}: tried until it expired");
-        assert_eq!((stats.expired, stats.dead_lettered), (1, 1), "{key}: {stats:?}");
+        assert_eq!(
+            (stats.expired, stats.dead_lettered),
+            (1, 1),
+            "{key}: {stats:?}"
+        );
         let delivered: Vec<Uuid> = p.sink.deliveries().iter().map(|e| e.id).collect();
         assert_eq!(delivered, [next], "{key}: the expired event was never sent");
 

@@ -796,11 +796,20 @@ async fn scheduled_events_are_validated_cancelled_and_rescheduled_with_typed_err
     let held = outbox.add_event(holds("held")).await.expect("held");
     let (next, deliver_at) = schedule_of(&t.db, held).await.expect("row");
     assert!(next <= Utc::now(), "due at once");
-    assert_eq!(deliver_at.map(|d| (d - at).num_milliseconds().abs() < 1), Some(true));
-    outbox.reschedule(held, two_hours).await.expect("reschedule");
+    assert_eq!(
+        deliver_at.map(|d| (d - at).num_milliseconds().abs() < 1),
+        Some(true)
+    );
+    outbox
+        .reschedule(held, two_hours)
+        .await
+        .expect("reschedule");
     let (after, deliver_at) = schedule_of(&t.db, held).await.expect("row");
     assert_eq!(after, next, "not made due later");
-    assert_eq!(deliver_at.map(|d| (d - two_hours).num_milliseconds().abs() < 1), Some(true));
+    assert_eq!(
+        deliver_at.map(|d| (d - two_hours).num_milliseconds().abs() < 1),
+        Some(true)
+    );
     let dropped = outbox.add_event(holds("dropped")).await.expect("held");
     outbox.cancel(dropped).await.expect("cancel");
     assert!(schedule_of(&t.db, dropped).await.is_none());
@@ -816,7 +825,9 @@ async fn scheduled_events_are_validated_cancelled_and_rescheduled_with_typed_err
     for refused in [
         event("x").deliver_within(std::time::Duration::ZERO),
         event("x").expires_at(Utc::now() - Duration::seconds(1)),
-        event("x").deliver_at(at).expires_at(at - Duration::minutes(1)),
+        event("x")
+            .deliver_at(at)
+            .expires_at(at - Duration::minutes(1)),
     ] {
         let err = outbox.add_event(refused).await.expect_err("expires first");
         assert!(
@@ -838,7 +849,12 @@ async fn scheduled_events_are_validated_cancelled_and_rescheduled_with_typed_err
         .expect("expiring");
     let got = outbox.get(expiring).await.expect("get");
     let expires = got.expires_at.expect("expiry");
-    assert!(((expires - at) - Duration::seconds(60)).num_milliseconds().abs() < 2);
+    assert!(
+        ((expires - at) - Duration::seconds(60))
+            .num_milliseconds()
+            .abs()
+            < 2
+    );
 
     // What is left: past, soon, edge, plain (published), dead (failed), held, plain-holds,
     // expiring.

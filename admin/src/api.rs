@@ -98,6 +98,8 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
         "pending_due": stats.pending_due,
         "pending_backoff": stats.pending_backoff,
         "pending_leased": stats.pending_leased,
+        "scheduled": stats.scheduled,
+        "next_scheduled_at": stats.next_scheduled_at,
         "failed": stats.failed,
         "oldest_pending_at": stats.oldest_pending_at,
         "oldest_pending_age_secs": stats.oldest_pending_age().map(|d| d.as_secs_f64()),
@@ -175,6 +177,7 @@ pub(crate) struct EventsParams {
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
     order: Option<String>,
+    scheduled: Option<bool>,
     limit: Option<u64>,
     offset: Option<u64>,
 }
@@ -226,6 +229,7 @@ pub(crate) async fn events(
         .since(p.since)
         .until(p.until)
         .oldest_first(oldest_first)
+        .scheduled(p.scheduled.unwrap_or(false))
         .limit(limit + 1)
         .offset(offset);
     let mut events = Outbox::new(&s.db).events(&query).await?;
@@ -247,6 +251,20 @@ pub(crate) async fn event(
     let Path(id) = id?;
     let e = Outbox::new(&s.db).get(id).await?;
     Ok(Json(e).into_response())
+}
+
+/// `DELETE /api/scheduled/{id}`: cancels a scheduled event ([`Outbox::cancel`]), in its own
+/// transaction. 409 when it can no longer be taken back (due, attempted, held, published or
+/// dead-lettered).
+pub(crate) async fn cancel_scheduled(
+    State(s): State<Arc<AdminState>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id?;
+    Outbox::new(&s.db).cancel(id).await?;
+    audit(&who.name, "cancel", &id.to_string(), 1);
+    Ok(Json(json!({ "cancelled": 1 })).into_response())
 }
 
 #[derive(Debug, Deserialize)]

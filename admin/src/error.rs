@@ -71,7 +71,9 @@ impl From<Error> for ApiError {
         let message = e.to_string();
         match e {
             Error::NotFound { .. } => Self::not_found(message),
-            Error::InvalidState { .. } => Self::new(StatusCode::CONFLICT, "conflict", message),
+            Error::InvalidState { .. } | Error::NotScheduled { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", message)
+            }
             Error::LimitTooLarge { .. }
             | Error::InvalidInboxKey { .. }
             | Error::Unsupported { .. } => Self::bad_request(message),

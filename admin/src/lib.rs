@@ -11,10 +11,12 @@
 //! |---|---|---|
 //! | `GET /` | none | the dashboard: one page, no data in it, everything embedded |
 //! | `GET /health` | none | the outbox's health verdict; 503 when unhealthy |
-//! | `GET /api/stats` | read | backlog split, oldest pending age, dead letters, health, relays and breakers |
+//! | `GET /api/stats` | read | backlog split, scheduled events (count, next due), oldest pending age, dead letters, health, relays and breakers |
 //! | `GET /api/history?minutes=` | read | per minute: published, sampled backlog |
 //! | `GET /api/events?status=&event_type=&aggregate_type=&aggregate_id=&since=&until=&order=&limit=&offset=` | read | events by filter |
+//! | `GET /api/events?scheduled=true&limit=&offset=` | read | events still scheduled for later, soonest first |
 //! | `GET /api/events/{id}` | read | one event in full |
+//! | `DELETE /api/scheduled/{id}` | write | cancel a scheduled event (`Outbox::cancel`); 409 once it can no longer be taken back |
 //! | `GET /api/dead-letters` | read | dead letters, most recent first |
 //! | `POST /api/dead-letters/{id}/replay` | write | back to pending |
 //! | `POST /api/dead-letters/replay` | write | `{"all": true}` or `{"aggregate_type", "aggregate_id"}` |
@@ -237,6 +239,7 @@ impl AdminBuilder<WithAuth> {
             .route("/history", get(api::history))
             .route("/events", get(api::events))
             .route("/events/{id}", get(api::event))
+            .route("/scheduled/{id}", delete(api::cancel_scheduled))
             .route("/purge", post(api::purge));
         api = dead_letter_routes::<dead_letters::Outbox>(api, "/dead-letters");
         if state.inbox {

@@ -14,14 +14,15 @@ use axum::Router;
 use axum::http::StatusCode;
 use common::TestDb;
 use seaorm_outbox::publisher::InMemoryPublisher;
-use seaorm_outbox::{Outbox, OutboxRepository, OutboxStatus, Relay, RelayConfig};
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, OutboxStatus, Relay, RelayConfig};
 use seaorm_outbox_admin::{Admin, BearerTokens, Principal};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 on_all_backends!(
     stats_events_and_history_report_the_outbox,
-    dead_letters_replay_discard_and_purge
+    dead_letters_replay_discard_and_purge,
+    scheduled_events_are_counted_listed_and_cancelled
 );
 
 const WRITE: &str = "write-token";
@@ -170,6 +171,83 @@ async fn stats_events_and_history_report_the_outbox(t: &TestDb) {
         relays.is_empty(),
         "a stopped relay removes its row: {stats}"
     );
+}
+
+async fn scheduled_events_are_counted_listed_and_cancelled(t: &TestDb) {
+    let r = router(t);
+    let outbox = Outbox::new(&t.db);
+    let hour = Duration::from_secs(3600);
+    let due = outbox
+        .add_event(NewEvent::new("order.placed", "order", "1"))
+        .await
+        .expect("add");
+    let later = outbox
+        .add_event(NewEvent::new("cart.reminder", "cart", "1").deliver_after(hour * 2))
+        .await
+        .expect("schedule");
+    let sooner = outbox
+        .add_event(
+            NewEvent::new("cart.reminder", "cart", "2")
+                .deliver_after(hour)
+                .deliver_within(hour),
+        )
+        .await
+        .expect("schedule");
+
+    // Counted apart from the backlog, with the next one's time; the lag ignores them.
+    let (_, stats) = Call::get("/api/stats").token(READ).send(&r).await;
+    assert_eq!(stats["pending"], 1, "{stats}");
+    assert_eq!(stats["pending_due"], 1, "{stats}");
+    assert_eq!(stats["pending_backoff"], 0, "{stats}");
+    assert_eq!(stats["scheduled"], 2, "{stats}");
+    let next: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(stats["next_scheduled_at"].clone()).expect("next");
+    let want = outbox
+        .get(sooner)
+        .await
+        .expect("get")
+        .deliver_at
+        .expect("at");
+    assert_eq!(next, want);
+    assert!(stats["oldest_pending_age_secs"].as_f64().expect("age") < 60.0);
+
+    // Listed soonest first, only the scheduled ones.
+    let (status, v) = Call::get("/api/events?scheduled=true")
+        .token(READ)
+        .send(&r)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        ids(&v, "events"),
+        vec![sooner.to_string(), later.to_string()]
+    );
+    assert!(v["events"][0]["expires_at"].is_string(), "{v}");
+
+    // Cancelling is a write; a reader is refused and nothing changes.
+    let path = format!("/api/scheduled/{later}");
+    let (status, _) = Call::delete(&path).token(READ).send(&r).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, v) = Call::delete(&path).token(WRITE).send(&r).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["cancelled"], 1);
+    let (status, v) = Call::delete(&path).token(WRITE).send(&r).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    // A due event was never scheduled: a conflict, with the reason, and it stays.
+    let (status, v) = Call::delete(&format!("/api/scheduled/{due}"))
+        .token(WRITE)
+        .send(&r)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("message")
+            .contains("not scheduled"),
+        "{v}"
+    );
+    assert_eq!(outbox.count_unpublished().await.expect("count"), 2);
+    let (_, stats) = Call::get("/api/stats").token(READ).send(&r).await;
+    assert_eq!(stats["scheduled"], 1, "{stats}");
 }
 
 /// Runs a relay with its gauges on until it has sampled the backlog.

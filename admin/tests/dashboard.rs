@@ -245,6 +245,17 @@ async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
     let t = TestDb::new(Backend::Postgres).await;
     let s = seed(&t).await;
     seed_history(&t).await;
+    // Two events scheduled for later: counted apart from the backlog, listed, one cancelled.
+    let scheduled: Vec<uuid::Uuid> = {
+        let outbox = Outbox::new(&t.db);
+        let mut ids = Vec::new();
+        for hours in [1, 2] {
+            let e = NewEvent::new("cart.reminder", "cart", format!("c-{hours}"))
+                .deliver_after(Duration::from_secs(3600 * hours));
+            ids.push(outbox.add_event(e).await.expect("schedule"));
+        }
+        ids
+    };
     let published: u64 = (0..60_i64).map(|i| 1 + (i * 7 % 11) as u64).sum::<u64>() + 4;
 
     // A relay whose broker is down: its breaker opens, it samples the backlog each 200 ms.
@@ -360,7 +371,35 @@ async fn the_dashboard_shows_the_outbox_and_replays_from_the_browser() {
     )
     .await;
 
+    assert_eq!(text(&c, "#scheduled").await, "2");
+    wait_for(
+        &c,
+        "2 scheduled rows",
+        "document.querySelectorAll('#scheduled-events tr[data-id]').length === 2",
+    )
+    .await;
+
     save_screenshot(&c, "OUTBOX_SCREENSHOT", "dashboard.png").await;
+
+    // Cancel the later scheduled event, confirmed: gone from the page and the table.
+    click(
+        &c,
+        &format!("tr[data-id=\"{}\"] button.cancel", scheduled[1]),
+    )
+    .await;
+    confirm(&c).await;
+    wait_for(
+        &c,
+        "one scheduled event",
+        "document.getElementById('scheduled').textContent === '1'",
+    )
+    .await;
+    let left = Outbox::new(&t.db).get(scheduled[1]).await;
+    assert!(
+        matches!(left, Err(seaorm_outbox::Error::NotFound { .. })),
+        "{left:?}"
+    );
+    assert!(Outbox::new(&t.db).get(scheduled[0]).await.is_ok());
 
     // Replay one: the row leaves the page and the dead letter leaves the database.
     let outbox = Outbox::new(&t.db);

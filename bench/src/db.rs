@@ -29,7 +29,7 @@ impl Kind {
 /// Time-ordered ids for event `g` at time `t`, as `add_event` writes (UUIDv7): random v4 ids
 /// would scatter the primary key's inserts over the whole index and overstate the cost of a
 /// large table.
-const UUID_V7: &str = "(lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0') \
+pub(crate) const UUID_V7: &str = "(lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0') \
     || '7' || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid";
 
 /// What a drain's backlog looks like.

@@ -5,7 +5,8 @@
 //! cargo run --release -p seaorm-outbox-bench -- [--quick] [--only SECTION,...] [--repeat N]
 //! ```
 //!
-//! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`, `log`
+//! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`,
+//! `scheduled` (issue 29: the due drain with and without 1M scheduled rows), `log`
 //! (issue 18's log relay, on a PostgreSQL of its own with `wal_level=logical`, or
 //! `OUTBOX_BENCH_LOGICAL_URL`).
 //! `--pg-only` skips MariaDB and SQLite in `throughput`, `--others-only` PostgreSQL; `--relays 1,2,4` picks the relay counts (default 1,2,4; 1 with `--quick`)
@@ -29,6 +30,7 @@ mod inbox_latency;
 mod latency;
 mod log_relay;
 mod report;
+mod scheduled;
 mod sink;
 mod throughput;
 mod write_path;
@@ -49,6 +51,7 @@ pub(crate) struct Sizes {
     pub(crate) retained: u64,
     pub(crate) broker: u64,
     pub(crate) inbox: u64,
+    pub(crate) scheduled: u64,
 }
 
 impl Sizes {
@@ -65,6 +68,7 @@ impl Sizes {
                 retained: 10_000,
                 broker: 1_000,
                 inbox: 500,
+                scheduled: 5_000,
             }
         } else {
             Self {
@@ -76,6 +80,7 @@ impl Sizes {
                 retained: 5_000_000,
                 broker: 50_000,
                 inbox: 20_000,
+                scheduled: 1_000_000,
             }
         }
     }
@@ -224,6 +229,21 @@ async fn main() -> Result<()> {
         for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
             let other = BenchDb::new(kind).await?;
             inbox::section(&other, sizes.inbox, repeat, &mut rows).await?;
+            other.drop().await?;
+        }
+    }
+    if wants("scheduled") {
+        scheduled::section(&pg, sizes.drain / 2, sizes.scheduled, repeat, &mut rows).await?;
+        for kind in [Kind::MySql, Kind::Sqlite].into_iter().filter(|_| !pg_only) {
+            let other = BenchDb::new(kind).await?;
+            scheduled::section(
+                &other,
+                sizes.drain_other,
+                sizes.scheduled,
+                repeat,
+                &mut rows,
+            )
+            .await?;
             other.drop().await?;
         }
     }

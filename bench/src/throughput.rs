@@ -254,6 +254,18 @@ pub(crate) async fn drain_with(
     config: RelayConfig,
     n: u64,
 ) -> Result<Duration> {
+    drain_leaving(db, relays, sink, config, n, 0).await
+}
+
+/// [`drain_with`], done when `left` events (scheduled for later) are all that is pending.
+pub(crate) async fn drain_leaving(
+    db: &BenchDb,
+    relays: usize,
+    sink: Sink,
+    config: RelayConfig,
+    n: u64,
+    left: u64,
+) -> Result<Duration> {
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut built = Vec::new();
@@ -272,7 +284,7 @@ pub(crate) async fn drain_with(
     while sink.delivered() < n {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    while db.count_pending().await? > 0 {
+    while db.count_pending().await? > left {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = start.elapsed();

@@ -27,6 +27,7 @@ fn quick_benchmark_runs_and_prints_the_table() {
         "one event per aggregate",
         "delete on publish",
         "tx with the minimal raw_outbox INSERT",
+        "| scheduled delivery |",
         "| log relay |",
         "tx with Outbox::emit (message mode)",
         "message-mode events to the no-op sink",

@@ -84,6 +84,13 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
     println!("  due now          {:>10}", s.pending_due);
     println!("  in backoff       {:>10}", s.pending_backoff);
     println!("  leased           {:>10}", s.pending_leased);
+    println!("scheduled          {:>10}", s.scheduled);
+    if let Some(next) = s.next_scheduled_at {
+        println!(
+            "  next due at      {}",
+            next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+    }
     println!("failed             {:>10}", s.failed);
     println!(
         "oldest pending     {:>10}",

@@ -234,9 +234,16 @@ async fn status_reports_the_backlog(t: &TestDb) {
         .await
         .expect("publish");
     outbox.mark_failed(ids[3], "boom").await.expect("fail");
+    let at = chrono::Utc::now() + chrono::Duration::hours(3);
+    outbox
+        .add_event(NewEvent::new("cart.reminder", "cart", "1").deliver_at(at))
+        .await
+        .expect("schedule");
     let v: serde_json::Value = serde_json::from_str(&ok(t, &["status", "--json"])).expect("json");
     assert_eq!(v["pending"], 6);
     assert_eq!(v["pending_due"], 6);
+    assert_eq!(v["scheduled"], 1);
+    assert!(v["next_scheduled_at"].is_string(), "{v}");
     assert_eq!(v["failed"], 1);
     assert_eq!(v["published_last_hour"], 3);
     assert!(v["oldest_pending_age_seconds"].as_f64().is_some());
@@ -253,6 +260,13 @@ async fn status_reports_the_backlog(t: &TestDb) {
             .any(|l| l.starts_with("failed") && l.trim_end().ends_with(" 1")),
         "{table}"
     );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("scheduled") && l.trim_end().ends_with(" 1")),
+        "{table}"
+    );
+    assert!(table.contains("next due at"), "{table}");
 }
 
 /// A publisher whose broker never answers.

@@ -441,7 +441,10 @@ async fn table_mode(l: &LogDb, on_publish: OnPublish) {
     let refused = outbox
         .emit(event("s", 1).deliver_after(Duration::from_secs(3600)))
         .await;
-    assert!(matches!(refused, Err(Error::Unsupported { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(Error::Unsupported { .. })),
+        "{refused:?}"
+    );
     assert_eq!(p.deliveries()[0].payload, serde_json::json!({ "n": 0 }));
     // The scheduled and expired rows stay in the table, pending, as table mode's dead letters do.
     assert_eq!(outbox.count_unpublished().await.expect("count"), 2);

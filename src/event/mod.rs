@@ -14,8 +14,8 @@ use crate::error::InvalidEvent;
 
 #[cfg(feature = "postgres")]
 mod envelope;
-mod schedule;
 mod partition;
+mod schedule;
 
 pub use partition::{PARTITIONS, partition_of};
 
@@ -182,7 +182,6 @@ impl NewEvent {
         self.occurred_at = at.trunc_subsecs(6);
         self
     }
-
 
     /// The event id, which is also the broker message id.
     pub fn event_id(&self) -> Uuid {
@@ -360,8 +359,8 @@ impl OutboxEvent {
             published_at: None,
             failed_at: None,
             locked_by: None,
-            deliver_at: None,
-            expires_at: None,
+            deliver_at: v.deliver_at,
+            expires_at: v.expires_at,
         }
     }
 }

@@ -426,7 +426,12 @@ impl<P: Publisher> Relay<P> {
             stats.published = w.published;
             stats.retried = w.retried;
             stats.dead_lettered = w.dead;
-            if w.dead == o.fates.iter().filter(|f| matches!(f, Fate::Dead { .. })).count() as u64 {
+            if w.dead
+                == o.fates
+                    .iter()
+                    .filter(|f| matches!(f, Fate::Dead { .. }))
+                    .count() as u64
+            {
                 stats.expired = o.fates.iter().filter(|f| f.is_expiry()).count() as u64;
             }
             stats.released = w.released;

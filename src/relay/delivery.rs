@@ -44,10 +44,7 @@ impl<P: Publisher> Relay<P> {
         start: DateTime<Utc>,
         cancel: &CancellationToken,
     ) -> Vec<Fate> {
-        let mut fates: Vec<Option<Fate>> = events
-            .iter()
-            .map(|e| held_back(e, start))
-            .collect();
+        let mut fates: Vec<Option<Fate>> = events.iter().map(|e| held_back(e, start)).collect();
         let due: Vec<usize> = (0..events.len()).filter(|&i| fates[i].is_none()).collect();
         let subset: Vec<OutboxEvent> = due.iter().map(|&i| events[i].clone()).collect();
         let outcomes = if subset.is_empty() {

@@ -35,6 +35,10 @@ pub struct EventQuery {
     pub until: Option<DateTime<Utc>>,
     /// Oldest first instead of newest first.
     pub oldest_first: bool,
+    /// Only events still scheduled for later (pending, `deliver_at` after now), soonest
+    /// `deliver_at` first (`oldest_first` does not apply). Reads every pending row: a page of
+    /// scheduled events costs about what [`OutboxStats`](crate::OutboxStats) does.
+    pub scheduled: bool,
     /// Page size, at most [`MAX_PAGE_SIZE`](super::MAX_PAGE_SIZE). Default 50.
     pub limit: u64,
     /// Events to skip.
@@ -51,6 +55,7 @@ impl Default for EventQuery {
             since: None,
             until: None,
             oldest_first: false,
+            scheduled: false,
             limit: 50,
             offset: 0,
         }
@@ -73,6 +78,8 @@ impl EventQuery {
         until: Option<DateTime<Utc>>,
         /// Sets [`oldest_first`](Self::oldest_first).
         oldest_first: bool,
+        /// Sets [`scheduled`](Self::scheduled).
+        scheduled: bool,
         /// Sets [`limit`](Self::limit).
         limit: u64,
         /// Sets [`offset`](Self::offset).
@@ -108,9 +115,18 @@ pub(crate) async fn events(db: &impl ConnectionTrait, q: &EventQuery) -> Result<
     } else {
         sea_orm::Order::Desc
     };
+    query = if q.scheduled {
+        query
+            .filter(Col::Status.eq(OutboxStatus::Pending))
+            .filter(Col::DeliverAt.gt(crate::event::now()))
+            .order_by(Col::DeliverAt, sea_orm::Order::Asc)
+            .order_by(Col::Id, sea_orm::Order::Asc)
+    } else {
+        query
+            .order_by(Col::OccurredAt, dir.clone())
+            .order_by(Col::Id, dir)
+    };
     query
-        .order_by(Col::OccurredAt, dir.clone())
-        .order_by(Col::Id, dir)
         .limit(q.limit)
         .offset(q.offset)
         .all(db)

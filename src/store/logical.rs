@@ -424,7 +424,11 @@ pub(crate) fn event_from_row(
 
 /// A nullable time column of a decoded outbox row (`None` when NULL, or on a table that
 /// predates the column).
-fn time_or_null(columns: &[String], values: &[Option<String>], name: &str) -> Option<DateTime<Utc>> {
+fn time_or_null(
+    columns: &[String],
+    values: &[Option<String>],
+    name: &str,
+) -> Option<DateTime<Utc>> {
     let text = columns
         .iter()
         .position(|c| c == name)

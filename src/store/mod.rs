@@ -106,6 +106,8 @@ pub(crate) struct Counts {
     pub(crate) leased: u64,
     pub(crate) failed: u64,
     pub(crate) oldest_pending_at: Option<DateTime<Utc>>,
+    pub(crate) scheduled: u64,
+    pub(crate) next_scheduled_at: Option<DateTime<Utc>>,
     pub(crate) published_since: u64,
 }
 
@@ -191,7 +193,10 @@ pub(crate) async fn counts(
             std::borrow::Cow::Owned(postgres::pending_counts_sql()),
             postgres::PENDING_COUNTS_BINDS,
         ),
-        _ => (std::borrow::Cow::Borrowed(portable::PENDING_COUNTS), 3),
+        _ => (
+            std::borrow::Cow::Borrowed(portable::PENDING_COUNTS),
+            portable::PENDING_COUNTS_BINDS,
+        ),
     };
     let pending = db
         .query_one_raw(sql::stmt(backend, &pending_sql, vec![at.into(); binds]))
@@ -220,17 +225,21 @@ pub(crate) async fn counts(
             None => 0,
         })
     };
-    let oldest_pending_at = match (&pending, backend) {
-        (None, _) => None,
-        (Some(r), DbBackend::Sqlite) => sqlite::oldest(r)?,
-        (Some(r), _) => r.try_get("", "oldest")?,
+    let time = |col: &str| -> Result<Option<DateTime<Utc>>> {
+        Ok(match (&pending, backend) {
+            (None, _) => None,
+            (Some(r), DbBackend::Sqlite) => sqlite::time_column(r, col)?,
+            (Some(r), _) => r.try_get("", col)?,
+        })
     };
     Ok(Counts {
         due: int(&pending, "due")?,
         backoff: int(&pending, "backoff")?,
         leased: int(&pending, "leased")?,
         failed: int(&totals, "failed")?,
-        oldest_pending_at,
+        oldest_pending_at: time("oldest")?,
+        scheduled: int(&pending, "scheduled")?,
+        next_scheduled_at: time("next_scheduled")?,
         published_since: int(&totals, "recent")? + u64::try_from(tallied).unwrap_or(0),
     })
 }

@@ -25,14 +25,23 @@ pub(super) const PURGE_PUBLISHED: &str = "DELETE FROM outbox_events WHERE id IN 
      FROM outbox_events WHERE status = 'published' AND published_at < ? \
      ORDER BY published_at LIMIT ?)";
 
-/// The pending-rows part of the stats snapshot where rows carry their lease (MySQL, SQLite);
-/// binds the snapshot's time three times.
+/// The pending-rows part of the stats snapshot where rows carry their lease (MySQL, SQLite).
+/// An event waiting for its `deliver_at` counts as scheduled, not due nor in backoff, and
+/// its lag (`oldest`) starts at that time.
 pub(super) const PENDING_COUNTS: &str = "SELECT \
-       COUNT(CASE WHEN next_attempt_at <= ? THEN 1 END) AS due, \
-       COUNT(CASE WHEN next_attempt_at > ? AND locked_by IS NULL THEN 1 END) AS backoff, \
+       COUNT(CASE WHEN locked_by IS NULL AND deliver_at > ? THEN 1 END) AS scheduled, \
+       COUNT(CASE WHEN next_attempt_at <= ? \
+         AND (locked_by IS NOT NULL OR deliver_at IS NULL OR deliver_at <= ?) THEN 1 END) AS due, \
+       COUNT(CASE WHEN next_attempt_at > ? AND locked_by IS NULL \
+         AND (deliver_at IS NULL OR deliver_at <= ?) THEN 1 END) AS backoff, \
        COUNT(CASE WHEN next_attempt_at > ? AND locked_by IS NOT NULL THEN 1 END) AS leased, \
-       MIN(occurred_at) AS oldest \
+       MIN(CASE WHEN deliver_at > ? THEN NULL WHEN deliver_at > occurred_at THEN deliver_at \
+         ELSE occurred_at END) AS oldest, \
+       MIN(CASE WHEN deliver_at > ? THEN deliver_at END) AS next_scheduled \
      FROM outbox_events WHERE status = 'pending'";
+
+/// How many times [`PENDING_COUNTS`] binds the snapshot's time.
+pub(super) const PENDING_COUNTS_BINDS: usize = 8;
 
 /// Dead letters and the events published since `?`, both on indexes.
 pub(super) const FAILED_AND_RECENT: &str = "SELECT \

@@ -306,18 +306,21 @@ pub(super) async fn write_back(
 pub(super) fn pending_counts_sql() -> String {
     format!(
         "WITH leased AS (SELECT DISTINCT id FROM ({LIVE_LEASED_IDS}) l), \
-         p AS (SELECT e.next_attempt_at, e.occurred_at, \
-                 (l.id IS NOT NULL OR (e.next_attempt_at > ? AND e.locked_by IS NOT NULL)) AS leased \
+         p AS (SELECT e.next_attempt_at, e.occurred_at, e.deliver_at, \
+                 (l.id IS NOT NULL OR (e.next_attempt_at > ? AND e.locked_by IS NOT NULL)) AS leased, \
+                 COALESCE(e.deliver_at > ?, FALSE) AS later \
                FROM outbox_events e LEFT JOIN leased l ON l.id = e.id \
                WHERE e.status = 'pending') \
          SELECT \
-           COUNT(CASE WHEN NOT leased AND next_attempt_at <= ? THEN 1 END) AS due, \
-           COUNT(CASE WHEN NOT leased AND next_attempt_at > ? THEN 1 END) AS backoff, \
+           COUNT(CASE WHEN NOT leased AND later THEN 1 END) AS scheduled, \
+           COUNT(CASE WHEN NOT leased AND NOT later AND next_attempt_at <= ? THEN 1 END) AS due, \
+           COUNT(CASE WHEN NOT leased AND NOT later AND next_attempt_at > ? THEN 1 END) AS backoff, \
            COUNT(CASE WHEN leased THEN 1 END) AS leased, \
-           MIN(occurred_at) AS oldest \
+           MIN(CASE WHEN later THEN NULL ELSE GREATEST(occurred_at, deliver_at) END) AS oldest, \
+           MIN(CASE WHEN later THEN deliver_at END) AS next_scheduled \
          FROM p"
     )
 }
 
 /// How many times [`pending_counts_sql`] binds the snapshot's time.
-pub(super) const PENDING_COUNTS_BINDS: usize = 4;
+pub(super) const PENDING_COUNTS_BINDS: usize = 5;

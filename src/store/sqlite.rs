@@ -44,9 +44,9 @@ pub(super) async fn claim(db: &DatabaseConnection, c: &Claim<'_>) -> Result<Clai
     })
 }
 
-/// `MIN(occurred_at)` comes back as the stored text.
-pub(super) fn oldest(row: &QueryResult) -> Result<Option<DateTime<Utc>>> {
-    let text: Option<String> = row.try_get("", "oldest")?;
+/// An aggregate of times (`MIN(occurred_at)`) comes back as the stored text.
+pub(super) fn time_column(row: &QueryResult, col: &str) -> Result<Option<DateTime<Utc>>> {
+    let text: Option<String> = row.try_get("", col)?;
     Ok(text.and_then(|t| {
         DateTime::parse_from_rfc3339(&t)
             .ok()

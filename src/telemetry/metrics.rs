@@ -87,6 +87,11 @@ pub(crate) fn record_gauges(stats: &OutboxStats) {
     ::metrics::gauge!(names::DEAD_LETTERS).set(stats.failed as f64);
     ::metrics::gauge!(names::OLDEST_PENDING_AGE)
         .set(stats.oldest_pending_age().map_or(0.0, |d| d.as_secs_f64()));
+    ::metrics::gauge!(names::SCHEDULED).set(stats.scheduled as f64);
+    let next = stats
+        .next_scheduled_at
+        .and_then(|t| (t - stats.at).to_std().ok());
+    ::metrics::gauge!(names::NEXT_SCHEDULED).set(next.map_or(0.0, |d| d.as_secs_f64()));
 }
 
 /// Sets `publisher`'s breaker gauges: its state (0 closed, 1 open, 2 half-open) and how long it

@@ -9,8 +9,10 @@
 //! | `outbox_events_dead_lettered_total` | counter | `publisher`, `event_type` | events moved to the dead letter |
 //! | `outbox_events_expired_total` | counter | `publisher`, `event_type` | events dead-lettered because they expired undelivered (also in `dead_lettered`) |
 //! | `outbox_lost_leases_total` | counter | `publisher` | write-backs refused because the lease had passed to another relay |
-//! | `outbox_backlog` | gauge | | pending events (due, in backoff or leased) |
-//! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest pending event, by `occurred_at` |
+//! | `outbox_backlog` | gauge | | pending events (due, in backoff or leased; not scheduled for later) |
+//! | `outbox_oldest_pending_age_seconds` | gauge | | age of the oldest pending event, since it became due (`occurred_at`, or `deliver_at` if scheduled) |
+//! | `outbox_scheduled` | gauge | | pending events scheduled for later |
+//! | `outbox_next_scheduled_seconds` | gauge | | seconds until the earliest scheduled event is due; 0 when none |
 //! | `outbox_dead_letters` | gauge | | dead-lettered events |
 //! | `outbox_commit_to_ack_seconds` | histogram | `publisher` | broker ack time minus the row's `created_at` |
 //! | `outbox_batch_duration_seconds` | histogram | `publisher` | claim → publish → write-back of one batch |
@@ -39,12 +41,16 @@ pub mod names {
     pub const EXPIRED: &str = "outbox_events_expired_total";
     /// Counter: write-backs refused because the lease had passed to another relay.
     pub const LOST_LEASES: &str = "outbox_lost_leases_total";
-    /// Gauge: pending events.
+    /// Gauge: pending events, not counting those scheduled for later.
     pub const BACKLOG: &str = "outbox_backlog";
     /// Gauge: age of the oldest pending event in seconds.
     pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
     /// Gauge: dead letters.
     pub const DEAD_LETTERS: &str = "outbox_dead_letters";
+    /// Gauge: pending events scheduled for later.
+    pub const SCHEDULED: &str = "outbox_scheduled";
+    /// Gauge: seconds until the earliest scheduled event is due; 0 when none is scheduled.
+    pub const NEXT_SCHEDULED: &str = "outbox_next_scheduled_seconds";
     /// Histogram: broker ack time minus `created_at`, in seconds.
     pub const COMMIT_TO_ACK: &str = "outbox_commit_to_ack_seconds";
     /// Histogram: one batch's claim → publish → write-back, in seconds.

@@ -32,7 +32,14 @@ pub mod header {
     pub const OCCURRED_AT: &str = "occurred-at";
     /// The body's media type.
     pub const CONTENT_TYPE: &str = "content-type";
+    /// When the event expires (`NewEvent::expires_at`), RFC 3339 with microseconds; only on
+    /// events that have one. A consumer may drop a message that arrives after it.
+    pub const EXPIRES_AT: &str = "expires-at";
 }
+
+/// The CloudEvents extension attribute carrying `expires-at` (extension names are lowercase
+/// alphanumerics).
+const CE_EXPIRES_AT: &str = "expiresat";
 
 /// Maps an event to its destination: a topic, subject, routing key or stream key.
 #[derive(Clone)]
@@ -143,6 +150,12 @@ impl Envelope {
                     "datacontenttype".to_owned(),
                     Value::String("application/json".to_owned()),
                 );
+                if let Some(at) = event.expires_at {
+                    ce.insert(
+                        CE_EXPIRES_AT.to_owned(),
+                        Value::String(at.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                    );
+                }
                 ce.insert("data".to_owned(), event.payload.clone());
                 (
                     payload_bytes(&Value::Object(ce)),
@@ -150,6 +163,14 @@ impl Envelope {
                 )
             }
         };
+        if let Some(at) = event.expires_at {
+            let at = at.to_rfc3339_opts(SecondsFormat::Micros, true);
+            let name = match self {
+                Self::CloudEventsBinary { .. } => format!("{ce_prefix}{CE_EXPIRES_AT}"),
+                _ => header::EXPIRES_AT.to_owned(),
+            };
+            headers.push((name, at));
+        }
         headers.push((header::CONTENT_TYPE.to_owned(), content_type.to_owned()));
         for (k, v) in &event.headers {
             if !headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(k)) {
@@ -252,5 +273,36 @@ mod tests {
         assert_eq!(v["id"], e.id.to_string());
         assert_eq!(v["data"]["total"], 5);
         assert_eq!(s.content_type, "application/cloudevents+json");
+    }
+
+    #[test]
+    fn the_expiry_travels_only_when_the_event_has_one() {
+        let at = chrono::DateTime::parse_from_rfc3339("2030-01-02T03:04:05.000006Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        let e =
+            OutboxEvent::pending_for_test(NewEvent::new("code.sent", "user", "7").expires_at(at));
+        let want = Some("2030-01-02T03:04:05.000006Z");
+        assert_eq!(
+            get(&Envelope::Plain.encode(&e, "ce-"), header::EXPIRES_AT),
+            want
+        );
+        let ce = Envelope::CloudEventsBinary {
+            source: "/s".into(),
+        };
+        assert_eq!(get(&ce.encode(&e, "ce_"), "ce_expiresat"), want);
+        let s = Envelope::CloudEventsStructured {
+            source: "/s".into(),
+        }
+        .encode(&e, "ce-");
+        let v: Value = serde_json::from_slice(&s.body).expect("json");
+        assert_eq!(v["expiresat"], "2030-01-02T03:04:05.000006Z");
+        assert_eq!(
+            get(
+                &Envelope::Plain.encode(&sample(), "ce-"),
+                header::EXPIRES_AT
+            ),
+            None
+        );
     }
 }

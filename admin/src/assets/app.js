@@ -79,6 +79,8 @@
     $("pending-split").textContent = s.pending_due + " due · " + s.pending_backoff + " backoff · " + s.pending_leased + " leased";
     $("oldest").textContent = age(s.oldest_pending_age_secs);
     $("oldest-at").textContent = s.oldest_pending_at ? when(s.oldest_pending_at) : "nothing pending";
+    $("scheduled").textContent = s.scheduled;
+    $("next-scheduled").textContent = s.next_scheduled_at ? "next " + when(s.next_scheduled_at) : "none";
     $("failed").textContent = s.failed;
     $("card-failed").className = "card" + (s.failed > 0 ? " alert" : "");
     $("published").textContent = s.published_last_hour;
@@ -185,6 +187,27 @@
     }));
   }
 
+  // The first page of scheduled events, soonest first; cancel takes one back (write role).
+  function renderScheduled(total, d) {
+    $("scheduled-section").hidden = total === 0;
+    if (total === 0) return;
+    $("sch-total").textContent = "(" + total + (d.next_offset !== null ? ", first " + d.events.length + " shown" : "") + ")";
+    $("scheduled-events").replaceChildren(...d.events.map((e) => {
+      const tr = el("tr"); tr.dataset.id = e.id;
+      const actions = el("td");
+      if (canWrite) {
+        const c = el("button", "Cancel", "cancel danger"); c.type = "button";
+        c.onclick = () => confirmThen("Cancel this scheduled event? It will not be sent.",
+          () => call("DELETE", "/api/scheduled/" + e.id));
+        actions.append(c);
+      }
+      tr.append(payloadCell(e.event_type + " · …" + e.id.slice(-12), JSON.stringify(e.payload, null, 2)),
+        el("td", e.aggregate_type + "/" + e.aggregate_id, "mono"), el("td", when(e.deliver_at)),
+        el("td", when(e.expires_at)), actions);
+      return tr;
+    }));
+  }
+
   function bytes(n) {
     if (n < 1024) return n + " B";
     if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
@@ -271,6 +294,7 @@
         call("GET", "/api/dead-letters?limit=100")]);
       if (h) { renderChart(h.minutes); lastChart = Date.now(); }
       renderDeadLetters(d);
+      renderScheduled(s.scheduled, s.scheduled > 0 ? await call("GET", "/api/events?scheduled=true&limit=50") : null);
       if (s.inbox !== null) renderInbox(await call("GET", "/api/inbox/dead-letters?limit=100"));
       if (s.log !== null) renderLogDeadLetters(await call("GET", "/api/log/dead-letters?limit=100"));
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();

@@ -172,7 +172,11 @@ impl<P: Publisher> LogRelay<P> {
             };
             match event.expires_at.filter(|at| *at <= now) {
                 Some(at) => {
-                    out.dead.push(self.give_up(&event, slots[i].attempts, &format!("expired at {at}")));
+                    out.dead.push(self.give_up(
+                        &event,
+                        slots[i].attempts,
+                        &format!("expired at {at}"),
+                    ));
                     expired.push(event);
                 }
                 None => {
@@ -212,9 +216,8 @@ impl<P: Publisher> LogRelay<P> {
     ) {
         let cfg = &self.config;
         let (mut sent, mut dead, mut retried) = (Vec::new(), Vec::new(), Vec::new());
-        let give_up = |event: &OutboxEvent, attempts: u32, why: &str| {
-            self.give_up(event, attempts, why)
-        };
+        let give_up =
+            |event: &OutboxEvent, attempts: u32, why: &str| self.give_up(event, attempts, why);
         for ((&i, event), outcome) in taken.iter().zip(events).zip(outcomes) {
             let s = &mut slots[i];
             match outcome {
