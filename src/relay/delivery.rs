@@ -378,6 +378,21 @@ pub(super) async fn call_publisher<P: Publisher>(
     })
 }
 
+/// The fate of a claimed event that must not be sent by `now`: expired (dead-lettered), or
+/// scheduled for later (handed back until then; [`NewEvent::holds_later_events`] is claimed
+/// at once).
+///
+/// [`NewEvent::holds_later_events`]: crate::NewEvent::holds_later_events
+fn held_back(event: &OutboxEvent, now: DateTime<Utc>) -> Option<Fate> {
+    if let Some(at) = event.expires_at.filter(|at| *at <= now) {
+        return Some(Fate::expired(at));
+    }
+    event
+        .deliver_at
+        .filter(|at| *at > now)
+        .map(|at| Fate::Release { at })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,19 +446,4 @@ mod tests {
         ];
         assert_eq!(got, want);
     }
-}
-
-/// The fate of a claimed event that must not be sent by `now`: expired (dead-lettered), or
-/// scheduled for later (handed back until then; [`NewEvent::holds_later_events`] is claimed
-/// at once).
-///
-/// [`NewEvent::holds_later_events`]: crate::NewEvent::holds_later_events
-fn held_back(event: &OutboxEvent, now: DateTime<Utc>) -> Option<Fate> {
-    if let Some(at) = event.expires_at.filter(|at| *at <= now) {
-        return Some(Fate::expired(at));
-    }
-    event
-        .deliver_at
-        .filter(|at| *at > now)
-        .map(|at| Fate::Release { at })
 }
