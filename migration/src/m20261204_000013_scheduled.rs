@@ -21,9 +21,9 @@
 //! * **MariaDB:** the table is **rebuilt, with writers blocked** for the whole copy. MariaDB
 //!   (10.11 checked) refuses `ALGORITHM=INSTANT` here and refuses `LOCK=NONE` because the
 //!   table has an indexed virtual column (`partition_no`, from the partitions migration), so
-//!   the server falls back to a copy under a shared lock: readers go on, inserts wait. The
-//!   README gives the measured time per million rows; on a large table run it in a
-//!   maintenance window or with an online schema-change tool (pt-online-schema-change,
+//!   the server falls back to a copy under a shared lock: readers go on, inserts wait, for
+//!   as long as copying the whole table takes (not yet measured here). On a large table run
+//!   it in a maintenance window or with an online schema-change tool (pt-online-schema-change,
 //!   gh-ost), then mark the migration applied.
 //! * **MySQL 8.0.12+:** adds the column instantly (metadata only) when the server accepts it,
 //!   otherwise the same rebuild as MariaDB.
