@@ -44,7 +44,7 @@ async fn seed_scheduled(db: &BenchDb, n: u64) -> Result<()> {
              SELECT {id}, 'bench.reminder', 'agg', (g % {AGGREGATES})::text, \
                jsonb_build_object('n', g), '{{}}'::jsonb, t, t, 'pending', 0, d, d \
              FROM (SELECT g, now() - interval '3 hours' + g * interval '1 microsecond' AS t, \
-                          now() + interval '1 hour' + g * {step_us} * interval '1 microsecond' AS d \
+                          now() + interval '1 hour' + (g - 10000000)::float8 * {step_us} * interval '1 microsecond' AS d \
                    FROM generate_series(10000001, {end}) g) s",
             id = crate::db::UUID_V7,
             end = 10_000_000 + n,
