@@ -9,11 +9,11 @@ use crate::event::{NewEvent, now};
 use crate::store;
 
 impl<C: ConnectionTrait> Outbox<'_, C> {
-    /// Message mode, whatever [`OutboxConfig::write_mode`] says: writes the event to
+    /// Message mode, whatever [`OutboxConfig::write_mode`](crate::OutboxConfig::write_mode) says: writes the event to
     /// PostgreSQL's write-ahead log as a transactional logical message, in the caller's
     /// transaction, and no table row. The [log relay](crate::relay::wal) delivers it once the
     /// transaction commits; a rolled-back transaction's message is never seen. Validated exactly
-    /// like [`add_event`](OutboxRepository::add_event). Never commits.
+    /// like [`add_event`](crate::OutboxRepository::add_event). Never commits.
     ///
     /// ```no_run
     /// use sea_orm::{DatabaseConnection, TransactionSession, TransactionTrait};

@@ -57,7 +57,7 @@ impl<C: ConnectionTrait> Outbox<'_, C> {
     }
 
     /// Cancels a scheduled event ([`NewEvent::deliver_at`]) that no relay can have read yet:
-    /// deletes it, inside the caller's transaction like [`add_event`](OutboxRepository::add_event).
+    /// deletes it, inside the caller's transaction like [`add_event`](crate::OutboxRepository::add_event).
     ///
     /// Its time must be more than [`SCHEDULE_MARGIN`](super::SCHEDULE_MARGIN) (2 s) ahead when
     /// the statement runs, since relays read due rows without locking them; and the caller's
@@ -65,8 +65,8 @@ impl<C: ConnectionTrait> Outbox<'_, C> {
     /// and send it.
     ///
     /// # Errors
-    /// [`Error::NotFound`]; [`Error::InvalidState`] for a published event or a dead letter;
-    /// [`Error::NotScheduled`] for an event that was not scheduled, is due (or within the
+    /// [`Error::NotFound`](crate::Error::NotFound); [`Error::InvalidState`](crate::Error::InvalidState) for a published event or a dead letter;
+    /// [`Error::NotScheduled`](crate::Error::NotScheduled) for an event that was not scheduled, is due (or within the
     /// margin), or was already attempted; database errors. Never a silent no-op.
     pub async fn cancel(&self, id: Uuid) -> Result<()> {
         store::schedule::cancel(self.db, id, now()).await
