@@ -88,6 +88,22 @@ async fn table_exists(t: &TestDb, table: &str) -> bool {
     t.scalar(&sql).await == 1
 }
 
+async fn column_exists(t: &TestDb, table: &str, column: &str) -> bool {
+    let sql = match t.backend {
+        common::Backend::Postgres => format!(
+            "SELECT COUNT(*) FROM information_schema.columns WHERE \
+             table_schema = current_schema() AND table_name = '{table}' \
+             AND column_name = '{column}'"
+        ),
+        common::Backend::MySql => format!(
+            "SELECT COUNT(*) FROM information_schema.columns WHERE \
+             table_schema = DATABASE() AND table_name = '{table}' AND column_name = '{column}'"
+        ),
+        _ => format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
+    };
+    t.scalar(&sql).await == 1
+}
+
 async fn migrate_up_down_and_status_on_an_empty_database(t: &TestDb) {
     let total = seaorm_outbox_migration_count();
     assert_eq!(migrations_applied(t), (0, total), "nothing applied yet");
@@ -104,6 +120,7 @@ async fn migrate_up_down_and_status_on_an_empty_database(t: &TestDb) {
     ok_on(t, &["migrate", "up"]);
     assert_eq!(migrations_applied(t), (total, total));
     assert!(table_exists(t, "outbox_partitions").await);
+    assert!(column_exists(t, "outbox_events", "deliver_at").await);
     let out = ok_on(t, &["migrate", "up"]);
     assert!(out.starts_with("nothing applied"), "{out}");
     // The tables work: an event in, counted, and given its partition.
@@ -116,7 +133,7 @@ async fn migrate_up_down_and_status_on_an_empty_database(t: &TestDb) {
         1
     );
 
-    // Down one step: the partitions migration, whose table goes.
+    // Down one step: the scheduled-delivery migration, whose columns go.
     let out = ok_on(t, &["migrate", "down"]);
     assert_eq!(
         out.lines()
@@ -126,7 +143,10 @@ async fn migrate_up_down_and_status_on_an_empty_database(t: &TestDb) {
         "{out}"
     );
     assert_eq!(migrations_applied(t), (total - 1, total));
-    assert!(!table_exists(t, "outbox_partitions").await);
+    for column in ["deliver_at", "holds_aggregate", "expires_at"] {
+        assert!(!column_exists(t, "outbox_events", column).await, "{column}");
+    }
+    assert!(table_exists(t, "outbox_partitions").await, "only one step");
     ok_on(t, &["migrate", "up"]);
     assert_eq!(migrations_applied(t), (total, total));
     let event = Outbox::new(&t.db).get(id).await.expect("kept");

@@ -72,7 +72,7 @@ const PG_TRIGGER: [&str; 3] = [
 
 /// The count `sql` returns (sea-orm-migration's `has_column` and `has_index` need schema
 /// discovery this crate does not build with).
-pub(crate) async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64, DbErr> {
+async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64, DbErr> {
     let backend = manager.get_database_backend();
     Ok(manager
         .get_connection()
@@ -81,6 +81,29 @@ pub(crate) async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64,
         .map(|r| r.try_get_by_index::<i64>(0))
         .transpose()?
         .unwrap_or(0))
+}
+
+/// Whether `table` has `column`, in the connection's own schema (PostgreSQL's
+/// `current_schema()`, so a host app's per-tenant schema is honoured; MySQL's `DATABASE()`).
+/// The names are the migrations' own constants, never input.
+pub(crate) async fn column_exists(
+    manager: &SchemaManager<'_>,
+    table: &str,
+    column: &str,
+) -> Result<bool, DbErr> {
+    let sql = match manager.get_database_backend() {
+        DatabaseBackend::MySql => format!(
+            "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
+             AND table_name = '{table}' AND column_name = '{column}'"
+        ),
+        DatabaseBackend::Postgres => format!(
+            "SELECT COUNT(*) FROM information_schema.columns WHERE \
+             table_schema = current_schema() AND table_name = '{table}' \
+             AND column_name = '{column}'"
+        ),
+        _ => format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"),
+    };
+    Ok(count(manager, &sql).await? > 0)
 }
 
 async fn has_mysql_index(manager: &SchemaManager<'_>, name: &str) -> Result<bool, DbErr> {
@@ -117,10 +140,7 @@ impl MigrationTrait for Migration {
                     .await?;
             }
             DatabaseBackend::MySql => {
-                let column = "SELECT COUNT(*) FROM information_schema.columns \
-                     WHERE table_schema = DATABASE() AND table_name = 'outbox_events' \
-                     AND column_name = 'partition_no'";
-                if count(manager, column).await? == 0 {
+                if !column_exists(manager, "outbox_events", "partition_no").await? {
                     db.execute_unprepared(
                         "ALTER TABLE outbox_events ADD COLUMN partition_no SMALLINT AS \
                          (CONV(SUBSTRING(MD5(CONCAT(aggregate_type, ':', aggregate_id)), 1, 8), \
@@ -143,9 +163,7 @@ impl MigrationTrait for Migration {
                 }
             }
             _ => {
-                let column = "SELECT COUNT(*) FROM pragma_table_info('outbox_events') \
-                     WHERE name = 'partition_no'";
-                if count(manager, column).await? == 0 {
+                if !column_exists(manager, "outbox_events", "partition_no").await? {
                     db.execute_unprepared(
                         "ALTER TABLE outbox_events ADD COLUMN partition_no INTEGER",
                     )
@@ -161,19 +179,7 @@ impl MigrationTrait for Migration {
 
         // Which heartbeats count when relays divide the partitions: not those of relays that
         // claim under leases.
-        let claims = match backend {
-            DatabaseBackend::MySql => {
-                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
-                 AND table_name = 'outbox_relays' AND column_name = 'claims'"
-            }
-            DatabaseBackend::Postgres => {
-                "SELECT COUNT(*) FROM information_schema.columns WHERE \
-                 table_schema = current_schema() AND table_name = 'outbox_relays' \
-                 AND column_name = 'claims'"
-            }
-            _ => "SELECT COUNT(*) FROM pragma_table_info('outbox_relays') WHERE name = 'claims'",
-        };
-        if count(manager, claims).await? == 0 {
+        if !column_exists(manager, "outbox_relays", "claims").await? {
             db.execute_unprepared("ALTER TABLE outbox_relays ADD COLUMN claims VARCHAR(64) NULL")
                 .await?;
         }

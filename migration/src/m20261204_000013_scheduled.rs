@@ -48,19 +48,7 @@ const DISPLACED: &str = "status = 'pending' AND next_attempt_at > created_at \
      OR holds_aggregate)";
 
 async fn has_deliver_at(manager: &SchemaManager<'_>) -> Result<bool, DbErr> {
-    let sql = match manager.get_database_backend() {
-        DatabaseBackend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
-             AND table_name = 'outbox_events' AND column_name = 'deliver_at'"
-        }
-        DatabaseBackend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.columns WHERE \
-             table_schema = current_schema() AND table_name = 'outbox_events' \
-             AND column_name = 'deliver_at'"
-        }
-        _ => "SELECT COUNT(*) FROM pragma_table_info('outbox_events') WHERE name = 'deliver_at'",
-    };
-    Ok(crate::m20261203_000012_partitions::count(manager, sql).await? > 0)
+    crate::m20261203_000012_partitions::column_exists(manager, "outbox_events", "deliver_at").await
 }
 
 #[async_trait::async_trait]
