@@ -68,6 +68,7 @@ macro_rules! setters {
 
 mod backoff;
 pub mod broker;
+mod clock;
 pub mod dead_letter;
 pub mod error;
 pub mod event;
@@ -78,8 +79,11 @@ pub mod repository;
 pub mod stats;
 mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;
 
+pub use clock::Clock;
 pub use error::{BoxError, Error, InvalidEvent, Result};
 pub use event::{DomainEvent, Headers, NewEvent, OutboxEvent};
 pub use publisher::{PublishOutcome, Publisher};

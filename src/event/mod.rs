@@ -337,13 +337,13 @@ impl OutboxEvent {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 impl OutboxEvent {
     /// `new` as a claim would return it: pending, never attempted, due when it occurred.
-    pub(crate) fn pending_for_test(new: NewEvent) -> Self {
-        let v = new.validate(usize::MAX).expect("a valid test event");
-        let headers = headers_from_json(v.headers).expect("string headers");
-        Self {
+    pub(crate) fn pending_from(new: NewEvent) -> Result<Self, InvalidEvent> {
+        let v = new.validate(usize::MAX)?;
+        let headers = headers_from_json(v.headers)?;
+        Ok(Self {
             id: v.id,
             event_type: v.event_type,
             aggregate_type: v.aggregate_type,
@@ -361,7 +361,14 @@ impl OutboxEvent {
             locked_by: None,
             deliver_at: v.deliver_at,
             expires_at: v.expires_at,
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+impl OutboxEvent {
+    pub(crate) fn pending_for_test(new: NewEvent) -> Self {
+        Self::pending_from(new).expect("a valid test event")
     }
 }
 

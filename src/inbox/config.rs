@@ -22,6 +22,11 @@ pub struct ConsumerConfig {
     pub retry_backoff: Duration,
     /// The longest retry delay (default 10 s).
     pub max_retry_backoff: Duration,
+    /// The longest delay a handler's [`retry_after`](super::HandlerError::retry_after) gets
+    /// (default 15 min); a longer one is cut to it. It bounds how long a consumer holds a
+    /// message unacknowledged, which brokers limit (RabbitMQ's `consumer_timeout`, 30 min by
+    /// default, closes the channel).
+    pub max_retry_after: Duration,
     /// Where the dedup id comes from (default: the outbox's event id).
     pub message_id: MessageId,
     /// What to do with a message without an id (default: dead-letter it).
@@ -67,6 +72,7 @@ impl Default for ConsumerConfig {
             max_attempts: 5,
             retry_backoff: Duration::from_millis(200),
             max_retry_backoff: Duration::from_secs(10),
+            max_retry_after: Duration::from_secs(15 * 60),
             message_id: MessageId::default(),
             on_missing_id: MissingId::default(),
             ordering: OrderingKey::default(),
@@ -94,6 +100,8 @@ impl ConsumerConfig {
         retry_backoff: Duration,
         /// Sets [`max_retry_backoff`](Self::max_retry_backoff).
         max_retry_backoff: Duration,
+        /// Sets [`max_retry_after`](Self::max_retry_after).
+        max_retry_after: Duration,
         /// Sets [`message_id`](Self::message_id).
         message_id: MessageId,
         /// Sets [`on_missing_id`](Self::on_missing_id).
@@ -131,6 +139,9 @@ impl ConsumerConfig {
         }
         if self.max_attempts == 0 {
             return bad("max_attempts must be at least 1");
+        }
+        if self.max_retry_after.is_zero() {
+            return bad("max_retry_after must be positive");
         }
         if self.purge_batch == 0 || self.purge_batch > crate::store::MAX_PAGE_SIZE {
             return bad("purge_batch must be between 1 and 10000");

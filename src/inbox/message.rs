@@ -44,6 +44,11 @@ pub struct Incoming {
     /// it finished the message already, so a redelivery never runs the handler or stores a
     /// dead letter again.
     pub redelivered: bool,
+    /// How many times the broker delivered it, this time included, where it counts them (NATS
+    /// JetStream); 0 where it does not. Attempts made before, in earlier deliveries, count
+    /// towards [`max_attempts`](super::ConsumerConfig::max_attempts), so a message handed back
+    /// by [`retry_after`](super::HandlerError::retry_after) is not retried forever.
+    pub deliveries: u32,
 }
 
 impl Incoming {
@@ -67,6 +72,7 @@ impl Incoming {
             received_at: Utc::now(),
             replay_of: None,
             redelivered: false,
+            deliveries: 0,
         }
     }
 
@@ -79,6 +85,8 @@ impl Incoming {
         broker_key: Option<String>,
         /// Sets [`redelivered`](Self::redelivered).
         redelivered: bool,
+        /// Sets [`deliveries`](Self::deliveries).
+        deliveries: u32,
     }
 
     /// The first header named `name`, ignoring ASCII case.

@@ -101,11 +101,9 @@ pub(crate) async fn handle<H: Handler>(
     shutdown: &CancellationToken,
 ) {
     if failures > 0 {
-        d.ack.in_progress().await;
         let delay = backoff(s.config.retry_backoff, s.config.max_retry_backoff, failures);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !hold(&d, delay, shutdown).await {
+            return;
         }
     }
     let missing = match message_id(s, &d.message) {
@@ -123,7 +121,10 @@ pub(crate) async fn handle<H: Handler>(
     if let Some(reason) = missing {
         return dead_letter(s, d, 0, reason, shutdown).await;
     }
-    let mut failures = failures;
+    // Attempts of earlier deliveries count, where the broker counts deliveries; each delivery
+    // still gets one attempt.
+    let before = d.message.deliveries.saturating_sub(1);
+    let mut failures = failures.max(before.min(s.config.max_attempts.saturating_sub(1)));
     let mut outages = 0u32;
     loop {
         d.message.attempt = failures + 1;
@@ -149,7 +150,18 @@ pub(crate) async fn handle<H: Handler>(
                 Counters::bump(&s.counters.retries);
                 m::inbox_outcome(&s.name, "retried");
                 tracing::debug!(consumer = %s.name, id = %d.message.message_id, attempt = failures, error = %e, "inbox: handler failed; retrying");
-                backoff(s.config.retry_backoff, s.config.max_retry_backoff, failures)
+                match e.retry_delay() {
+                    Some(asked) => {
+                        let delay = asked.min(s.config.max_retry_after);
+                        // Handing back a message with a key would let its key's later
+                        // messages overtake it.
+                        if d.message.ordering_key.is_none() && d.ack.can_defer() {
+                            return defer(s, d, delay).await;
+                        }
+                        delay
+                    }
+                    None => backoff(s.config.retry_backoff, s.config.max_retry_backoff, failures),
+                }
             }
             Err(Failure::Inbox(e)) => {
                 outages += 1;
@@ -157,11 +169,46 @@ pub(crate) async fn handle<H: Handler>(
                 backoff(s.config.retry_backoff, s.config.max_retry_backoff, outages)
             }
         };
+        // Unacknowledged on a stop: the broker redelivers it to whoever runs next.
+        if !hold(&d, delay, shutdown).await {
+            return;
+        }
+    }
+}
+
+/// How often a held message tells its broker it is still being worked on: well inside NATS's
+/// `ack_wait` and a Redis source's `claim_idle` (30 s and 60 s by default).
+const IN_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Holds `d` for `delay`, telling the broker it is in progress until then; `false` on a stop.
+async fn hold(d: &Delivery, delay: Duration, shutdown: &CancellationToken) -> bool {
+    let until = tokio::time::Instant::now() + delay;
+    loop {
         d.ack.in_progress().await;
+        let next = until.min(tokio::time::Instant::now() + IN_PROGRESS_EVERY);
         tokio::select! {
-            // Unacknowledged: the broker redelivers it to whoever runs next.
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        if next >= until {
+            return true;
+        }
+    }
+}
+
+/// Hands `d` back to its broker to come again after `delay`.
+async fn defer<H>(s: &Shared<H>, d: Delivery, delay: Duration) {
+    let id = d.message.message_id.clone();
+    match d.ack.defer(delay).await {
+        Ok(()) => {
+            Counters::bump(&s.counters.deferred);
+            m::inbox_outcome(&s.name, "deferred");
+            tracing::debug!(consumer = %s.name, id = %id, ?delay, "inbox: handed back to the broker for later");
+        }
+        Err(e) => {
+            Counters::bump(&s.counters.ack_failures);
+            m::inbox_outcome(&s.name, "ack_failed");
+            tracing::warn!(consumer = %s.name, id = %id, error = %e, "inbox: handing a message back failed; the broker will redeliver it when its acknowledgement times out");
         }
     }
 }

@@ -20,6 +20,29 @@ pub trait Acknowledge: std::any::Any + Send + Sync {
     /// delay. Default: nothing.
     async fn in_progress(&self) {}
 
+    /// Whether [`defer`](Self::defer) hands messages back to the broker. Default: no.
+    fn can_defer(&self) -> bool {
+        false
+    }
+
+    /// Hands the message back unacknowledged, for the broker to deliver again after `delay`:
+    /// what a handler's [`HandlerError::retry_after`](super::HandlerError::retry_after) becomes
+    /// where the broker has a delayed redelivery (NATS JetStream's `NakWithDelay`). Called only
+    /// when [`can_defer`](Self::can_defer), and only for a message without an ordering key: the
+    /// consumer holds one with a key itself, so its key's later messages stay behind it. Held
+    /// messages stay unacknowledged at the broker, which [`in_progress`](Self::in_progress)
+    /// keeps from redelivering them (NATS `+WPI`, a Redis entry's idle time reset).
+    ///
+    /// # Errors
+    /// The broker's; the message is then redelivered when its acknowledgement times out.
+    async fn defer(
+        self: Box<Self>,
+        delay: std::time::Duration,
+    ) -> std::result::Result<(), BoxError> {
+        let _ = delay;
+        Err("this source does not defer messages at the broker".into())
+    }
+
     /// Takes `other` into this acknowledgement when one call to the broker can acknowledge
     /// both (one `XACK` with many ids), so a batch is acknowledged in few calls; gives it back
     /// when not. Default: never.

@@ -17,8 +17,12 @@ pub struct ConsumerStats {
     pub duplicates: u64,
     /// Messages moved to the inbox dead letter.
     pub dead_lettered: u64,
-    /// Handler attempts that failed and were retried.
+    /// Handler attempts that failed and were retried (those that asked to be retried later
+    /// included).
     pub retries: u64,
+    /// Messages handed back to the broker to come again later
+    /// ([`retry_after`](super::HandlerError::retry_after) on a source that defers).
+    pub deferred: u64,
     /// Acknowledgements the broker refused or lost.
     pub ack_failures: u64,
     /// Batch transactions committed (batch mode).
@@ -31,6 +35,7 @@ pub(crate) struct Counters {
     pub(crate) duplicates: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) retries: AtomicU64,
+    pub(crate) deferred: AtomicU64,
     pub(crate) ack_failures: AtomicU64,
     pub(crate) batches: AtomicU64,
 }
@@ -47,6 +52,7 @@ impl Counters {
             duplicates: get(&self.duplicates),
             dead_lettered: get(&self.dead_lettered),
             retries: get(&self.retries),
+            deferred: get(&self.deferred),
             ack_failures: get(&self.ack_failures),
             batches: get(&self.batches),
         }

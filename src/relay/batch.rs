@@ -13,7 +13,7 @@ use super::breaker::Permit;
 use super::config::{DeadLetterPolicy, Ordering};
 use super::{Relay, RelayStats, lock};
 use crate::error::{Error, Result};
-use crate::event::{OutboxEvent, now};
+use crate::event::OutboxEvent;
 use crate::publisher::Publisher;
 use crate::store::{self, Claim, Fate};
 use crate::telemetry;
@@ -132,7 +132,7 @@ impl<P: Publisher> Relay<P> {
         in_flight: Option<InFlight>,
     ) -> Result<Round> {
         let started = Instant::now();
-        let claimed_at = now();
+        let claimed_at = self.config.clock.now();
         // A relay waiting out an outage is still alive: it counts as polling.
         self.last_poll
             .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
@@ -391,7 +391,7 @@ impl<P: Publisher> Relay<P> {
     ) -> (Vec<OutboxEvent>, Vec<Fate>) {
         let recheck = chrono::Duration::from_std(self.config.partition_lease)
             .unwrap_or(chrono::Duration::MAX);
-        let (mut go, held) = lock(&self.holds).split(events, now(), recheck);
+        let (mut go, held) = lock(&self.holds).split(events, self.config.clock.now(), recheck);
         let mut fates = if go.is_empty() {
             Vec::new()
         } else {
@@ -465,15 +465,26 @@ impl<P: Publisher> Relay<P> {
         loop {
             let written = match epoch {
                 Some(epoch) => {
-                    store::partitions::write_back(&self.db, token, epoch, now(), fates, on_publish)
+                    store::partitions::write_back(
+                        &self.db,
+                        token,
+                        epoch,
+                        self.config.clock.now(),
+                        fates,
+                        on_publish,
+                    )
+                    .await
+                }
+                None => {
+                    store::write_back(&self.db, token, self.config.clock.now(), fates, on_publish)
                         .await
                 }
-                None => store::write_back(&self.db, token, now(), fates, on_publish).await,
             };
             match written {
                 Ok(w) => return Some(w),
                 Err(e) => {
-                    let retry_at = now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                    let retry_at = self.config.clock.now()
+                        + chrono::Duration::from_std(delay).unwrap_or_default();
                     // Owned partitions: not once another relay may have taken them over, when a
                     // handed-back row moved under its feet could let a later event overtake.
                     let owned_lapsed = epoch.is_some()

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 pub use crate::backoff::{Backoff, Jitter};
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::MAX_PAGE_SIZE;
 pub use crate::store::OnPublish;
@@ -187,6 +188,9 @@ pub struct RelayConfig {
     /// partitions writes its row every `partition_lease / 10` instead, whatever this says: the
     /// rows are how relays count each other to divide the partitions.
     pub heartbeat_interval: Option<Duration>,
+    /// The time its decisions go by: when an event is due, a backoff over, an event expired.
+    /// Default [`Clock::system`]; a test gives it a [`Clock::adjustable`] to move it forward.
+    pub clock: Clock,
 }
 
 impl Default for RelayConfig {
@@ -213,6 +217,7 @@ impl Default for RelayConfig {
             name: None,
             metrics_interval: Some(Duration::from_secs(15)),
             heartbeat_interval: Some(Duration::from_secs(10)),
+            clock: Clock::system(),
         }
     }
 }
@@ -257,6 +262,8 @@ impl RelayConfig {
         shutdown_grace: Duration,
         /// Sets [`metrics_interval`](Self::metrics_interval).
         metrics_interval: Option<Duration>,
+        /// Sets [`clock`](Self::clock).
+        clock: Clock,
         /// Sets [`heartbeat_interval`](Self::heartbeat_interval).
         heartbeat_interval: Option<Duration>,
     }

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::DeadLetterPolicy;
 use super::{Relay, lock};
-use crate::event::{OutboxEvent, now};
+use crate::event::OutboxEvent;
 use crate::publisher::{PublishOutcome, Publisher};
 use crate::store::{Fate, truncate_error};
 
@@ -20,12 +20,12 @@ impl<P: Publisher> Relay<P> {
         cancel: &CancellationToken,
     ) -> Vec<Fate> {
         events.sort_by_key(|e| (e.occurred_at, e.id));
-        let start = now();
+        let start = self.config.clock.now();
         if events.iter().any(|e| held_back(e, start).is_some()) {
             return self.deliver_due(events, start, cancel).await;
         }
         let outcomes = self.publish(events, cancel).await;
-        let done = now();
+        let done = self.config.clock.now();
         match outcomes {
             Some(outcomes) if !self.observe(&outcomes) => events
                 .iter()
@@ -52,7 +52,7 @@ impl<P: Publisher> Relay<P> {
         } else {
             self.publish(&subset, cancel).await
         };
-        let done = now();
+        let done = self.config.clock.now();
         if let Some(outcomes) = outcomes.filter(|o| !self.observe(o)) {
             for (&i, o) in due.iter().zip(outcomes) {
                 fates[i] = Some(self.fate(&events[i], o, done));
@@ -97,7 +97,7 @@ impl<P: Publisher> Relay<P> {
         for (start, end) in waves.bounds() {
             // Not sent at all: an event scheduled to hold its aggregate, read before its time
             // (handed back until then with its chain, no attempt spent), or an expired one.
-            let at_start = now();
+            let at_start = self.config.clock.now();
             for i in start..end {
                 let chain = waves.chain_of[i];
                 match held_back(&events[i], at_start).filter(|_| stopped[chain].is_none()) {
@@ -132,7 +132,7 @@ impl<P: Publisher> Relay<P> {
                 let subset: Vec<OutboxEvent> = live.iter().map(|&i| events[i].clone()).collect();
                 self.publish(&subset, cancel).await
             };
-            let done = now();
+            let done = self.config.clock.now();
             outage = outage || outcomes.as_ref().is_some_and(|o| self.observe(o));
             let Some(outcomes) = outcomes.filter(|_| !outage) else {
                 for &i in &live {
@@ -158,7 +158,7 @@ impl<P: Publisher> Relay<P> {
                 fates[i] = Some(fate);
             }
         }
-        let done = now();
+        let done = self.config.clock.now();
         fates
             .into_iter()
             .map(|f| f.unwrap_or(Fate::Release { at: done }))

@@ -22,7 +22,7 @@
 //! | `outbox_slot_lag_bytes` | gauge | `slot` | log relay: WAL written since its slot's confirmed position |
 //! | `outbox_slot_lag_seconds` | gauge | `slot` | log relay: age of the oldest committed event not yet confirmed; 0 when caught up |
 //! | `outbox_slot_retained_bytes` | gauge | `slot` | log relay: WAL the server keeps for its slot |
-//! | `outbox_inbox_messages_total` | counter | `consumer`, `outcome` | inbox messages by outcome: `applied`, `duplicate`, `dead_lettered`, `retried`, `ack_failed` |
+//! | `outbox_inbox_messages_total` | counter | `consumer`, `outcome` | inbox messages by outcome: `applied`, `duplicate`, `dead_lettered`, `retried`, `deferred` (handed back to the broker for later), `ack_failed` |
 //! | `outbox_inbox_handler_seconds` | histogram | `consumer` | one attempt: begin → record → handler → commit |
 //! | `outbox_inbox_consumer_lag` | gauge | `consumer` | messages the broker holds for the consumer and has not delivered, where it says |
 

@@ -44,6 +44,10 @@ pub struct TestDb {
     pub name: String,
     url: String,
     _dir: Option<tempfile::TempDir>,
+    /// SQLite in memory: a connection of the pool's own, held idle, so the shared-cache database
+    /// outlives the pool's working connection when sqlx closes it (as it does after a query
+    /// cancelled halfway, e.g. a consumer's background task stopped) and opens another.
+    _keeper: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 fn unique_name() -> String {
@@ -84,20 +88,27 @@ impl TestDb {
         match backend {
             Backend::SqliteMemory => {
                 let url = "sqlite::memory:".to_owned();
-                // One connection: every in-memory connection is a database of its own.
+                // One working connection and a keeper: shared-cache connections lock each
+                // other's tables (SQLITE_LOCKED), so the tests get one, as an app would.
                 let mut opts = ConnectOptions::new(&url);
-                opts.max_connections(1)
-                    .min_connections(1)
+                opts.max_connections(2)
+                    .min_connections(2)
                     .idle_timeout(None::<Duration>)
                     .max_lifetime(None::<Duration>)
                     .sqlx_logging(false);
                 let db = connect("SQLite", opts).await;
+                let keeper = db
+                    .get_sqlite_connection_pool()
+                    .acquire()
+                    .await
+                    .expect("keeper connection");
                 Self {
                     backend,
                     db,
                     name,
                     url,
                     _dir: None,
+                    _keeper: Some(Box::new(keeper)),
                 }
             }
             Backend::SqliteFile => {
@@ -113,6 +124,7 @@ impl TestDb {
                     name,
                     url,
                     _dir: Some(dir),
+                    _keeper: None,
                 }
             }
             Backend::Postgres => Self::empty_postgres_at(&postgres_url()).await,
@@ -157,6 +169,7 @@ impl TestDb {
             name,
             url,
             _dir: None,
+            _keeper: None,
         }
     }
 
@@ -250,8 +263,13 @@ impl TestDb {
     /// Drops the schema or database. Skipped when a test fails, which leaves it for inspection.
     pub async fn cleanup(self) {
         let Self {
-            backend, db, name, ..
+            backend,
+            db,
+            name,
+            _keeper,
+            ..
         } = self;
+        drop(_keeper); // returned to the pool, which close() waits for
         db.close().await.ok();
         match backend {
             Backend::Postgres => {

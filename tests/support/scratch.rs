@@ -3,6 +3,8 @@
 //! run every broker (it needs all four broker features).
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+use std::time::Duration;
+
 use uuid::Uuid;
 
 pub fn env_or(name: &str, default: &str) -> String {
@@ -100,6 +102,9 @@ pub async fn redis_delete(url: &str, key: &str) {
         .expect("del");
 }
 
+/// A message as a broker client sends it: headers and body.
+pub type RawMessage = (Vec<(String, String)>, Vec<u8>);
+
 /// Where a test's messages go; passed to child processes as JSON.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Broker {
@@ -110,6 +115,105 @@ pub enum Broker {
 }
 
 impl Broker {
+    /// Sends each `(headers, body)` as the broker's own client would, in order, each confirmed;
+    /// Kafka's record key is the `aggregate-id` header.
+    pub async fn send_raw(&self, messages: Vec<RawMessage>) {
+        match self {
+            Self::Nats { url, stream } => {
+                let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("nats"));
+                for (headers, body) in messages {
+                    let mut map = async_nats::HeaderMap::new();
+                    for (k, v) in headers {
+                        map.insert(k.as_str(), v.as_str());
+                    }
+                    js.publish_with_headers(format!("{stream}.e"), map, body.into())
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("stored");
+                }
+            }
+            Self::RabbitMq { uri, queue } => {
+                use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+                use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+                let conn = lapin::Connection::connect(uri, Default::default())
+                    .await
+                    .expect("rabbitmq");
+                let ch = conn.create_channel().await.expect("channel");
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .expect("confirms");
+                for (headers, body) in messages {
+                    let mut table = FieldTable::default();
+                    for (k, v) in headers {
+                        table.insert(
+                            ShortString::from(k),
+                            AMQPValue::LongString(LongString::from(v)),
+                        );
+                    }
+                    let props = lapin::BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_headers(table);
+                    ch.basic_publish(
+                        ShortString::from(""),
+                        ShortString::from(queue.clone()),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirmed");
+                }
+            }
+            Self::Redis { url, stream } => {
+                let client = redis::Client::open(url.as_str()).expect("redis");
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis");
+                for (headers, body) in messages {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(stream).arg("*").arg("payload").arg(body);
+                    for (k, v) in headers {
+                        cmd.arg(k).arg(v);
+                    }
+                    let _: String = cmd.query_async(&mut conn).await.expect("xadd");
+                }
+            }
+            Self::Kafka { bootstrap, topic } => {
+                use rdkafka::message::{Header, OwnedHeaders};
+                use rdkafka::producer::{FutureProducer, FutureRecord};
+                let producer: FutureProducer = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .create()
+                    .expect("producer");
+                for (headers, body) in messages {
+                    let key = headers
+                        .iter()
+                        .find(|(k, _)| k == "aggregate-id")
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                    let mut h = OwnedHeaders::new();
+                    for (k, v) in &headers {
+                        h = h.insert(Header {
+                            key: k,
+                            value: Some(v.as_bytes()),
+                        });
+                    }
+                    producer
+                        .send(
+                            FutureRecord::to(topic).key(&key).payload(&body).headers(h),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .expect("produced");
+                }
+            }
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Nats { .. } => "nats",

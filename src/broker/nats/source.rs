@@ -240,16 +240,25 @@ impl Acknowledge for NatsAck {
     async fn in_progress(&self) {
         let _ = self.0.ack_with(AckKind::Progress).await;
     }
+
+    fn can_defer(&self) -> bool {
+        true
+    }
+
+    async fn defer(self: Box<Self>, delay: Duration) -> std::result::Result<(), BoxError> {
+        self.0.ack_with(AckKind::Nak(Some(delay))).await
+    }
 }
 
 fn delivery(msg: jetstream::Message, ctx: &SourceContext, replay_end: u64) -> Delivery {
-    let (sequence, pending, redelivered) = match msg.info() {
+    let (sequence, pending, redelivered, deliveries) = match msg.info() {
         Ok(info) => (
             Some(info.stream_sequence),
             Some(info.pending),
             info.delivered > 1 || info.stream_sequence <= replay_end,
+            u32::try_from(info.delivered).unwrap_or(0),
         ),
-        Err(_) => (None, None, false),
+        Err(_) => (None, None, false, 0),
     };
     if let Some(pending) = pending {
         ctx.report_lag(pending);
@@ -269,7 +278,8 @@ fn delivery(msg: jetstream::Message, ctx: &SourceContext, replay_end: u64) -> De
         message: message
             .position(sequence.map(|s| s.to_string()))
             .broker_id(broker_id)
-            .redelivered(redelivered),
+            .redelivered(redelivered)
+            .deliveries(deliveries),
         ack: Box::new(NatsAck(acker)),
     }
 }

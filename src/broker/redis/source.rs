@@ -183,6 +183,7 @@ impl RedisSource {
             conn: acks.clone(),
             stream: self.stream.clone(),
             group: self.group.clone(),
+            instance: self.instance.clone(),
             ids: vec![id],
         }
     }
@@ -220,6 +221,7 @@ struct RedisAck {
     conn: ConnectionManager,
     stream: String,
     group: String,
+    instance: String,
     /// One entry's, or a batch's merged into one `XACK`.
     ids: Vec<String>,
 }
@@ -235,6 +237,22 @@ impl Acknowledge for RedisAck {
             .query_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Resets the entries' idle time (`XCLAIM` to this instance, `JUSTID`, which leaves the
+    /// delivery count alone), so another instance's `XAUTOCLAIM` does not take a message held
+    /// on purpose for longer than its `claim_idle`.
+    async fn in_progress(&self) {
+        let mut conn = self.conn.clone();
+        let _: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.instance)
+            .arg(0)
+            .arg(&self.ids)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await;
     }
 
     fn merge(
