@@ -13,6 +13,7 @@
 //! error        the one Error type
 //! backoff      exponential backoff with jitter (re-exported as relay::Backoff)
 //! event        what goes in and comes out, and its validation; no SQL, no telemetry
+//! clock        the time a relay goes by (the host's, or one a test moves)
 //! store        every SQL statement, one file per backend, and row decoding
 //! wire         the broker message format: routing, headers, CloudEvents envelope
 //! publisher    the Publisher trait, the in-memory and stdout publishers
@@ -23,6 +24,7 @@
 //! relay        claim → publish → write-back: its lifecycle, delivery, breaker and config;
 //!              relay::wal reads a logical replication slot instead
 //! broker       each broker's publisher and source, side by side (a feature each)
+//! testing      the kit for apps' tests (feature `testing`): TestRelay, MemorySource, …
 //! ```
 //!
 //! * [`event`]: what goes in ([`NewEvent`], [`DomainEvent`]) and what comes out ([`OutboxEvent`]).
@@ -48,6 +50,8 @@
 //! The admin HTTP API and dashboard are the `seaorm-outbox-admin` crate, and the
 //! `seaorm-outbox` binary is the `seaorm-outbox-cli` crate: both use this crate's public API only.
 //! * [`error`]: the one [`Error`] type.
+//! * `testing` (feature `testing`): what an app's own tests need: [`Clock`], a relay into
+//!   memory with waits instead of sleeps, a consumer source fed from memory.
 //!
 //! The table lives in the `seaorm-outbox-entity` crate and is created by the
 //! `seaorm-outbox-migration` crate.

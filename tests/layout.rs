@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
     ("backoff", 0),
     ("event", 1),
+    ("clock", 2),
     ("wire", 2),
     ("store", 3),
     ("publisher", 3),
@@ -21,6 +22,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("broker", 7),
     ("relay", 7),
     ("dead_letter", 8),
+    ("testing", 9),
 ];
 
 const MAX_LINES: usize = 500;

@@ -15,14 +15,16 @@ use sea_orm::{DatabaseTransaction, TransactionTrait};
 use seaorm_outbox::inbox::{
     Consumer, ConsumerConfig, Handler, HandlerError, Incoming, OrderingKey,
 };
+use seaorm_outbox::relay::{DeadLetterPolicy, OnExpiry, RelayConfig};
 use seaorm_outbox::testing::{MemorySource, TestRelay, events_written, stored};
-use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, OutboxStatus};
+use seaorm_outbox::{Error, NewEvent, Outbox, OutboxRepository, OutboxStatus};
 use tokio_util::sync::CancellationToken;
 
 on_all_backends!(
     a_transaction_sees_what_it_wrote_and_a_rollback_leaves_nothing,
     an_hour_ahead_is_delivered_when_the_clock_is_moved_not_before,
     a_consumer_fed_from_memory_holds_keyed_messages_and_hands_back_the_rest,
+    an_expired_event_is_discarded_when_the_relay_is_told_so,
 );
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -193,4 +195,42 @@ async fn a_consumer_fed_from_memory_holds_keyed_messages_and_hands_back_the_rest
         acked.iter().all(|m| m.deliveries == 2 && m.redelivered),
         "came again"
     );
+}
+
+/// `OnExpiry::Discard`: the expired event's row goes, it is counted, and (gone, not a dead
+/// letter) it does not hold its aggregate even under `DeadLetterPolicy::Hold`.
+async fn an_expired_event_is_discarded_when_the_relay_is_told_so(t: &TestDb) {
+    let config = RelayConfig::default()
+        .on_expiry(OnExpiry::Discard)
+        .dead_letter_policy(DeadLetterPolicy::Hold);
+    let relay = TestRelay::start_with(&t.db, config).expect("relay");
+    let outbox = Outbox::new(&t.db);
+    let hour = Duration::from_secs(3600);
+    let quote = outbox
+        .add_event(
+            NewEvent::new("price.quote", "cart", "9")
+                .deliver_after(hour)
+                .deliver_within(Duration::from_secs(600)),
+        )
+        .await
+        .expect("add");
+    let after = outbox
+        .add_event(NewEvent::new("cart.closed", "cart", "9").deliver_after(2 * hour))
+        .await
+        .expect("add");
+    relay.advance(3 * hour);
+    relay
+        .await_delivered(after, WAIT)
+        .await
+        .expect("not held by the discarded one");
+    let stats = relay.stop().await;
+    assert_eq!(
+        (stats.published, stats.expired, stats.dead_lettered),
+        (1, 1, 0)
+    );
+    assert!(matches!(
+        outbox.get(quote).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(outbox.count_failed().await.expect("count"), 0);
 }

@@ -354,6 +354,21 @@ impl BenchDb {
         Ok(Outbox::new(&self.db).count_unpublished().await?)
     }
 
+    /// Pending events due by now: a range of the due index, so it stays cheap beside a
+    /// million rows scheduled for later (which `count_pending` would read each time).
+    pub(crate) async fn count_due(&self) -> Result<u64> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                "SELECT COUNT(*) FROM outbox_events WHERE status = 'pending' \
+                 AND next_attempt_at <= ?",
+                vec![chrono::Utc::now().into()],
+            ))
+            .await?
+            .context("no count row")?;
+        Ok(u64::try_from(row.try_get_by_index::<i64>(0)?).unwrap_or(0))
+    }
+
     pub(crate) async fn drop(self) -> Result<()> {
         self.db.close().await?;
         // For EXPLAIN afterwards: `OUTBOX_BENCH_KEEP=1` leaves the schema or database in place.
@@ -403,10 +418,19 @@ impl BenchDb {
 
 fn sqlite_opts(url: &str, max: u32) -> ConnectOptions {
     let mut o = opts(url, max);
-    o.map_sqlx_sqlite_opts(|s| {
-        s.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+    // `OUTBOX_BENCH_SQLITE_CACHE_MB=N`: each connection's page cache (SQLite's default is 2 MB).
+    let cache_mb: Option<u64> = std::env::var("OUTBOX_BENCH_SQLITE_CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    o.map_sqlx_sqlite_opts(move |s| {
+        let s = s
+            .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
             .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30))
+            .busy_timeout(Duration::from_secs(30));
+        match cache_mb {
+            Some(mb) => s.pragma("cache_size", format!("-{}", mb * 1024)),
+            None => s,
+        }
     });
     o
 }

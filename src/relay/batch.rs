@@ -132,7 +132,7 @@ impl<P: Publisher> Relay<P> {
         in_flight: Option<InFlight>,
     ) -> Result<Round> {
         let started = Instant::now();
-        let claimed_at = self.config.clock.now();
+        let claimed_at = self.now();
         // A relay waiting out an outage is still alive: it counts as polling.
         self.last_poll
             .store(claimed_at.timestamp_millis(), AtomicOrdering::Relaxed);
@@ -391,7 +391,7 @@ impl<P: Publisher> Relay<P> {
     ) -> (Vec<OutboxEvent>, Vec<Fate>) {
         let recheck = chrono::Duration::from_std(self.config.partition_lease)
             .unwrap_or(chrono::Duration::MAX);
-        let (mut go, held) = lock(&self.holds).split(events, self.config.clock.now(), recheck);
+        let (mut go, held) = lock(&self.holds).split(events, self.now(), recheck);
         let mut fates = if go.is_empty() {
             Vec::new()
         } else {
@@ -426,13 +426,13 @@ impl<P: Publisher> Relay<P> {
             stats.published = w.published;
             stats.retried = w.retried;
             stats.dead_lettered = w.dead;
-            if w.dead
-                == o.fates
-                    .iter()
-                    .filter(|f| matches!(f, Fate::Dead { .. }))
-                    .count() as u64
-            {
-                stats.expired = o.fates.iter().filter(|f| f.is_expiry()).count() as u64;
+            let count = |f: fn(&Fate) -> bool| o.fates.iter().filter(|x| f(x)).count() as u64;
+            let gone = (
+                count(|f| matches!(f, Fate::Dead { .. })),
+                count(|f| *f == Fate::Discard),
+            );
+            if (w.dead, w.discarded) == gone {
+                stats.expired = count(Fate::is_expiry);
             }
             stats.released = w.released;
             stats.lost_leases = w.lost();
@@ -463,28 +463,18 @@ impl<P: Publisher> Relay<P> {
         let mut delay = Duration::from_millis(50);
         let on_publish = self.config.on_publish;
         loop {
+            let (db, now) = (&self.db, self.now());
             let written = match epoch {
-                Some(epoch) => {
-                    store::partitions::write_back(
-                        &self.db,
-                        token,
-                        epoch,
-                        self.config.clock.now(),
-                        fates,
-                        on_publish,
-                    )
-                    .await
+                Some(e) => {
+                    store::partitions::write_back(db, token, e, now, fates, on_publish).await
                 }
-                None => {
-                    store::write_back(&self.db, token, self.config.clock.now(), fates, on_publish)
-                        .await
-                }
+                None => store::write_back(db, token, now, fates, on_publish).await,
             };
             match written {
                 Ok(w) => return Some(w),
                 Err(e) => {
-                    let retry_at = self.config.clock.now()
-                        + chrono::Duration::from_std(delay).unwrap_or_default();
+                    let retry_at =
+                        self.now() + chrono::Duration::from_std(delay).unwrap_or_default();
                     // Owned partitions: not once another relay may have taken them over, when a
                     // handed-back row moved under its feet could let a later event overtake.
                     let owned_lapsed = epoch.is_some()

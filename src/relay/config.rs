@@ -55,6 +55,22 @@ pub enum DeadLetterPolicy {
     Hold,
 }
 
+/// What a relay does with an event whose [`expires_at`](crate::NewEvent::expires_at) passed
+/// before it could be sent. Either way it is not sent, and it is counted in
+/// [`RelayStats::expired`](super::RelayStats::expired) and `outbox_events_expired_total`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnExpiry {
+    /// Dead-letter it with the error `expired at …`: it can be listed, replayed (which clears
+    /// the expiry) or discarded like any dead letter.
+    #[default]
+    DeadLetter,
+    /// Delete its row: for events worth nothing late (a price quote, a one-time code), so
+    /// they do not fill the dead letters. It does not hold its aggregate under
+    /// [`DeadLetterPolicy::Hold`].
+    Discard,
+}
+
 /// The circuit breaker (see the relay's docs): how long to stop claiming once the publisher is
 /// unavailable, and how much to send when probing it.
 ///
@@ -150,6 +166,8 @@ pub struct RelayConfig {
     pub partition_lease: Duration,
     /// What follows a dead letter under per-aggregate order. Default continue.
     pub dead_letter_policy: DeadLetterPolicy,
+    /// What becomes of an event that expired unsent. Default [`OnExpiry::DeadLetter`].
+    pub on_expiry: OnExpiry,
     /// Per-aggregate order on PostgreSQL: how many consecutive events of one aggregate a batch
     /// takes while enough aggregates are due to fill it. Each such run is published in as many
     /// waves (one event per aggregate per publisher call). When too few aggregates are due, a
@@ -207,6 +225,7 @@ impl Default for RelayConfig {
             claiming: Claiming::default(),
             partition_lease: Duration::from_secs(20),
             dead_letter_policy: DeadLetterPolicy::default(),
+            on_expiry: OnExpiry::default(),
             events_per_aggregate: 8,
             on_publish: OnPublish::default(),
             retention: None,
@@ -246,6 +265,8 @@ impl RelayConfig {
         partition_lease: Duration,
         /// Sets [`dead_letter_policy`](Self::dead_letter_policy).
         dead_letter_policy: DeadLetterPolicy,
+        /// Sets [`on_expiry`](Self::on_expiry).
+        on_expiry: OnExpiry,
         /// Sets [`events_per_aggregate`](Self::events_per_aggregate).
         events_per_aggregate: u32,
         /// Sets [`on_publish`](Self::on_publish).

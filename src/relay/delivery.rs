@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::config::DeadLetterPolicy;
+use super::config::{DeadLetterPolicy, OnExpiry};
 use super::{Relay, lock};
 use crate::event::OutboxEvent;
 use crate::publisher::{PublishOutcome, Publisher};
@@ -20,12 +20,15 @@ impl<P: Publisher> Relay<P> {
         cancel: &CancellationToken,
     ) -> Vec<Fate> {
         events.sort_by_key(|e| (e.occurred_at, e.id));
-        let start = self.config.clock.now();
-        if events.iter().any(|e| held_back(e, start).is_some()) {
+        let start = self.now();
+        if events
+            .iter()
+            .any(|e| held_back(e, start, self.config.on_expiry).is_some())
+        {
             return self.deliver_due(events, start, cancel).await;
         }
         let outcomes = self.publish(events, cancel).await;
-        let done = self.config.clock.now();
+        let done = self.now();
         match outcomes {
             Some(outcomes) if !self.observe(&outcomes) => events
                 .iter()
@@ -44,7 +47,10 @@ impl<P: Publisher> Relay<P> {
         start: DateTime<Utc>,
         cancel: &CancellationToken,
     ) -> Vec<Fate> {
-        let mut fates: Vec<Option<Fate>> = events.iter().map(|e| held_back(e, start)).collect();
+        let mut fates: Vec<Option<Fate>> = events
+            .iter()
+            .map(|e| held_back(e, start, self.config.on_expiry))
+            .collect();
         let due: Vec<usize> = (0..events.len()).filter(|&i| fates[i].is_none()).collect();
         let subset: Vec<OutboxEvent> = due.iter().map(|&i| events[i].clone()).collect();
         let outcomes = if subset.is_empty() {
@@ -52,7 +58,7 @@ impl<P: Publisher> Relay<P> {
         } else {
             self.publish(&subset, cancel).await
         };
-        let done = self.config.clock.now();
+        let done = self.now();
         if let Some(outcomes) = outcomes.filter(|o| !self.observe(o)) {
             for (&i, o) in due.iter().zip(outcomes) {
                 fates[i] = Some(self.fate(&events[i], o, done));
@@ -97,16 +103,19 @@ impl<P: Publisher> Relay<P> {
         for (start, end) in waves.bounds() {
             // Not sent at all: an event scheduled to hold its aggregate, read before its time
             // (handed back until then with its chain, no attempt spent), or an expired one.
-            let at_start = self.config.clock.now();
+            let at_start = self.now();
             for i in start..end {
                 let chain = waves.chain_of[i];
-                match held_back(&events[i], at_start).filter(|_| stopped[chain].is_none()) {
+                let expiry = self.config.on_expiry;
+                match held_back(&events[i], at_start, expiry).filter(|_| stopped[chain].is_none()) {
                     Some(Fate::Release { at }) => stopped[chain] = Some(at),
-                    Some(dead) => {
-                        if self.config.dead_letter_policy == DeadLetterPolicy::Hold {
+                    Some(gone) => {
+                        // A discarded event is gone: nothing to wait for.
+                        let dead = matches!(gone, Fate::Dead { .. });
+                        if dead && self.config.dead_letter_policy == DeadLetterPolicy::Hold {
                             stopped[chain] = Some(at_start);
                         }
-                        fates[i] = Some(dead);
+                        fates[i] = Some(gone);
                     }
                     None => {}
                 }
@@ -132,7 +141,7 @@ impl<P: Publisher> Relay<P> {
                 let subset: Vec<OutboxEvent> = live.iter().map(|&i| events[i].clone()).collect();
                 self.publish(&subset, cancel).await
             };
-            let done = self.config.clock.now();
+            let done = self.now();
             outage = outage || outcomes.as_ref().is_some_and(|o| self.observe(o));
             let Some(outcomes) = outcomes.filter(|_| !outage) else {
                 for &i in &live {
@@ -158,7 +167,7 @@ impl<P: Publisher> Relay<P> {
                 fates[i] = Some(fate);
             }
         }
-        let done = self.config.clock.now();
+        let done = self.now();
         fates
             .into_iter()
             .map(|f| f.unwrap_or(Fate::Release { at: done }))
@@ -383,9 +392,12 @@ pub(super) async fn call_publisher<P: Publisher>(
 /// at once).
 ///
 /// [`NewEvent::holds_later_events`]: crate::NewEvent::holds_later_events
-fn held_back(event: &OutboxEvent, now: DateTime<Utc>) -> Option<Fate> {
+fn held_back(event: &OutboxEvent, now: DateTime<Utc>, on_expiry: OnExpiry) -> Option<Fate> {
     if let Some(at) = event.expires_at.filter(|at| *at <= now) {
-        return Some(Fate::expired(at));
+        return Some(match on_expiry {
+            OnExpiry::Discard => Fate::Discard,
+            _ => Fate::expired(at),
+        });
     }
     event
         .deliver_at

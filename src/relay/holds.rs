@@ -127,7 +127,9 @@ impl Holds {
                     self.block(aggregate, key_of(e), Some(*at));
                 }
                 Fate::Dead { .. } if dead_letters_hold => self.block(aggregate, key_of(e), None),
-                Fate::Published | Fate::Dead { .. } => self.done(&aggregate, key_of(e)),
+                Fate::Published | Fate::Dead { .. } | Fate::Discard => {
+                    self.done(&aggregate, key_of(e))
+                }
             }
         }
     }

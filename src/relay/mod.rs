@@ -66,8 +66,8 @@ pub use any::{AnyRelay, RelayTotals};
 pub use breaker::BreakerState;
 pub use breaker::BreakerStatus;
 pub use config::{
-    Backoff, BreakerConfig, Claiming, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnPublish,
-    Ordering, RelayConfig,
+    Backoff, BreakerConfig, Claiming, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnExpiry,
+    OnPublish, Ordering, RelayConfig,
 };
 pub use wake::NOTIFY_CHANNEL;
 pub use waker::RelayWaker;
@@ -228,6 +228,12 @@ impl<P: Publisher> Relay<P> {
             config: RelayConfig::default(),
             waker: None,
         }
+    }
+
+    /// Now by the relay's [`clock`](RelayConfig::clock): what its decisions about due,
+    /// backoff and expiry go by.
+    fn now(&self) -> DateTime<Utc> {
+        self.config.clock.now()
     }
 
     /// A [`RelayWaker`] that wakes this relay (for a relay built without

@@ -223,7 +223,7 @@ impl<P: Publisher> Relay<P> {
                 .then(|| Instant::now() + round.claim_cost * 4);
         let until_retry = round
             .next_retry
-            .and_then(|at| (at - self.config.clock.now()).to_std().ok())
+            .and_then(|at| (at - self.now()).to_std().ok())
             .unwrap_or(self.config.idle_poll_interval);
         Next {
             pause: self.config.idle_poll_interval.min(until_retry),

@@ -46,6 +46,8 @@ pub(crate) enum Fate {
     Release {
         at: DateTime<Utc>,
     },
+    /// Expired unsent, and deleted (`OnExpiry::Discard`).
+    Discard,
 }
 
 /// How the error of an event dead-lettered for its expiry begins.
@@ -59,9 +61,13 @@ impl Fate {
         }
     }
 
-    /// Whether this is [`expired`](Self::expired).
+    /// Whether this is [`expired`](Self::expired), or its discard.
     pub(crate) fn is_expiry(&self) -> bool {
-        matches!(self, Self::Dead { error } if error.starts_with(EXPIRED))
+        match self {
+            Self::Dead { error } => error.starts_with(EXPIRED),
+            Self::Discard => true,
+            _ => false,
+        }
     }
 }
 
@@ -72,6 +78,7 @@ pub(crate) struct WriteBack {
     pub(crate) retried: u64,
     pub(crate) dead: u64,
     pub(crate) released: u64,
+    pub(crate) discarded: u64,
     pub(crate) expected: u64,
 }
 
@@ -86,8 +93,9 @@ impl WriteBack {
 
     /// Events whose write-back changed nothing: their lease had passed to another relay.
     pub(crate) fn lost(&self) -> u64 {
-        self.expected
-            .saturating_sub(self.published + self.retried + self.dead + self.released)
+        self.expected.saturating_sub(
+            self.published + self.retried + self.dead + self.released + self.discarded,
+        )
     }
 
     pub(super) fn slot(&mut self, kind: Kind) -> &mut u64 {
@@ -96,6 +104,7 @@ impl WriteBack {
             Kind::Retried => &mut self.retried,
             Kind::Dead => &mut self.dead,
             Kind::Released => &mut self.released,
+            Kind::Discarded => &mut self.discarded,
         }
     }
 }
@@ -107,6 +116,7 @@ pub(super) enum Kind {
     Retried,
     Dead,
     Released,
+    Discarded,
 }
 
 /// Fates grouped by kind, each group one statement.
@@ -116,6 +126,7 @@ pub(super) struct Sorted<'a> {
     retried: Vec<(Uuid, &'a String, DateTime<Utc>)>,
     dead: Vec<(Uuid, &'a String)>,
     released: Vec<(Uuid, DateTime<Utc>)>,
+    discarded: Vec<Uuid>,
 }
 
 pub(super) fn sort_fates<'a>(fates: impl IntoIterator<Item = &'a (Uuid, Fate)>) -> Sorted<'a> {
@@ -126,6 +137,7 @@ pub(super) fn sort_fates<'a>(fates: impl IntoIterator<Item = &'a (Uuid, Fate)>) 
             Fate::Retry { error, at } => s.retried.push((*id, error, *at)),
             Fate::Dead { error } => s.dead.push((*id, error)),
             Fate::Release { at } => s.released.push((*id, *at)),
+            Fate::Discard => s.discarded.push(*id),
         }
     }
     s
@@ -209,6 +221,7 @@ pub(super) fn statements(
         retried,
         dead,
         released,
+        discarded,
     } = sorted;
     let mut out = Vec::new();
     // `… WHERE <lease> AND id IN (…)`, the guard's values and the ids appended to `values`.
@@ -315,6 +328,13 @@ pub(super) fn statements(
                 values,
                 dead.iter().map(|(id, _)| *id).collect(),
             ),
+        ));
+    }
+    if !discarded.is_empty() {
+        let sql = "DELETE FROM outbox_events".to_owned();
+        out.push((
+            Kind::Discarded,
+            finish(sql, false, Vec::new(), discarded.to_vec()),
         ));
     }
     if !released.is_empty() {

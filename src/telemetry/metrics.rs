@@ -43,7 +43,7 @@ pub(crate) fn record_batch(
             }
             Fate::Retry { .. } => 1,
             Fate::Dead { .. } => 2,
-            Fate::Release { .. } => continue,
+            Fate::Release { .. } | Fate::Discard => continue,
         };
         planned[kind] += 1;
         match by_type.iter_mut().find(|(t, _)| *t == e.event_type) {
@@ -69,7 +69,8 @@ pub(crate) fn record_batch(
                 .increment(applied[kind]);
         }
     }
-    if applied[2] == planned[2] {
+    let discards = fates.iter().filter(|f| **f == Fate::Discard).count() as u64;
+    if applied[2] == planned[2] && w.discarded == discards {
         for (e, _) in events.iter().zip(fates).filter(|(_, f)| f.is_expiry()) {
             ::metrics::counter!(names::EXPIRED, "publisher" => publisher.clone(), "event_type" => e.event_type.clone())
                 .increment(1);
