@@ -281,9 +281,15 @@ pub(crate) async fn drain_leaving(
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move { relay.run(stop).await }));
     }
+    let mut first = None;
     while sink.delivered() < n {
+        if first.is_none() && sink.delivered() > 0 {
+            first = Some(start.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let delivered = start.elapsed();
+    let first = first.unwrap_or(delivered);
     // Until the last write-back landed. With rows left scheduled, count only the due ones:
     // counting a million pending rows per look would time the bench, not the relay.
     loop {
@@ -298,6 +304,14 @@ pub(crate) async fn drain_leaving(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = start.elapsed();
+    if left > 0 || std::env::var_os("OUTBOX_BENCH_SPLIT").is_some() {
+        eprintln!(
+            "  first delivery at {:.2}s, all delivered at {:.2}s, written back by {:.2}s",
+            first.as_secs_f64(),
+            delivered.as_secs_f64(),
+            elapsed.as_secs_f64()
+        );
+    }
     stop.cancel();
     for t in tasks {
         t.await?;
