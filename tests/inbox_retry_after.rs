@@ -170,6 +170,29 @@ fn consumer(t: &TestDb, h: &Later, config: ConsumerConfig) -> Arc<Consumer<Later
     )
 }
 
+/// Starts `c` on `broker` as instance "one": its stop token and its task.
+fn start(
+    c: &Arc<Consumer<Later>>,
+    broker: &Broker,
+) -> (CancellationToken, tokio::task::JoinHandle<ConsumerStats>) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(
+        Arc::clone(c),
+        broker.clone(),
+        "one",
+        Duration::from_secs(60),
+        stop.clone(),
+    ));
+    (stop, task)
+}
+
+/// Batch mode, its batches given time to fill so the messages meet in one.
+fn batched() -> ConsumerConfig {
+    ConsumerConfig::default()
+        .batch_size(16)
+        .max_batch_delay(Duration::from_millis(50))
+}
+
 async fn wait_for(h: &Later, applied: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while h.applied().len() < applied {
@@ -180,18 +203,15 @@ async fn wait_for(h: &Later, applied: usize) {
 
 /// `later-1` asks for `DELAY` on its first call; `next-2` of the same key must wait behind it;
 /// `other` of another key must not.
-async fn a_keyed_message_is_held_with_its_key_behind_it(broker: Broker, scratch: Scratch) {
+async fn a_keyed_message_is_held_with_its_key_behind_it(
+    broker: Broker,
+    scratch: Scratch,
+    config: ConsumerConfig,
+) {
     let t = setup().await;
     let h = Later::new(DELAY);
-    let c = consumer(&t, &h, ConsumerConfig::default());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run(
-        Arc::clone(&c),
-        broker.clone(),
-        "one",
-        Duration::from_secs(60),
-        stop.clone(),
-    ));
+    let c = consumer(&t, &h, config);
+    let (stop, task) = start(&c, &broker);
     broker
         .send_raw(vec![
             message("later-1", Some("a")),
@@ -228,47 +248,55 @@ async fn a_keyed_message_is_held_with_its_key_behind_it(broker: Broker, scratch:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_holds_a_keyed_message_on_nats() {
     let (broker, scratch) = Scratch::nats("later").await;
-    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch).await;
+    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch, ConsumerConfig::default())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_holds_a_keyed_message_on_rabbitmq() {
     let (broker, scratch) = Scratch::rabbitmq("later").await;
-    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch).await;
+    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch, ConsumerConfig::default())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_holds_a_keyed_message_on_redis() {
     let (broker, scratch) = Scratch::redis("later");
-    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch).await;
+    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch, ConsumerConfig::default())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_holds_a_keyed_message_on_kafka() {
     let (broker, scratch) = Scratch::kafka(1, &unique("later"), 1);
-    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch).await;
+    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch, ConsumerConfig::default())
+        .await;
+}
+
+/// In batch mode the refused message leaves the batch and waits the delay asked, not the
+/// backoff; the rest of the batch is applied at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_after_holds_a_keyed_message_in_batch_mode_on_nats() {
+    let (broker, scratch) = Scratch::nats("later").await;
+    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch, batched()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_after_holds_a_keyed_message_in_batch_mode_on_redis() {
+    let (broker, scratch) = Scratch::redis("later");
+    a_keyed_message_is_held_with_its_key_behind_it(broker, scratch, batched()).await;
 }
 
 /// Without an ordering key NATS gets the message back with the delay: it comes again as a
 /// second delivery. One that always asks is dead-lettered after `max_attempts` calls in all,
 /// one per delivery.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn retry_after_without_a_key_hands_the_message_back_to_nats() {
+async fn an_unkeyed_message_is_handed_back_to_nats(config: ConsumerConfig) {
     let (broker, scratch) = Scratch::nats("later").await;
     let t = setup().await;
     let h = Later::new(DELAY);
-    let config = ConsumerConfig::default()
-        .ordering(OrderingKey::none())
-        .max_attempts(3);
+    let config = config.ordering(OrderingKey::none()).max_attempts(3);
     let c = consumer(&t, &h, config);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run(
-        Arc::clone(&c),
-        broker.clone(),
-        "one",
-        Duration::from_secs(60),
-        stop.clone(),
-    ));
+    let (stop, task) = start(&c, &broker);
     broker
         .send_raw(vec![message("later-x", None), message("always", None)])
         .await;
@@ -305,6 +333,18 @@ async fn retry_after_without_a_key_hands_the_message_back_to_nats() {
     assert_eq!(t.scalar("SELECT COUNT(*) FROM effects").await, 1);
     scratch.remove().await;
     t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_after_without_a_key_hands_the_message_back_to_nats() {
+    an_unkeyed_message_is_handed_back_to_nats(ConsumerConfig::default()).await;
+}
+
+/// The same from a batch: the delivery count decides the attempt, so the last delivery's
+/// refusal is the dead letter, and each earlier one is handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_after_without_a_key_hands_the_message_back_to_nats_in_batch_mode() {
+    an_unkeyed_message_is_handed_back_to_nats(batched()).await;
 }
 
 /// A Redis entry held for longer than another instance's `claim_idle` stays with its holder:

@@ -106,7 +106,10 @@ pub(crate) async fn column_exists(
     Ok(count(manager, &sql).await? > 0)
 }
 
-async fn has_mysql_index(manager: &SchemaManager<'_>, name: &str) -> Result<bool, DbErr> {
+pub(crate) async fn has_mysql_index(
+    manager: &SchemaManager<'_>,
+    name: &str,
+) -> Result<bool, DbErr> {
     let sql = format!(
         "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
          AND table_name = 'outbox_events' AND index_name = '{name}'"

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::FutureExt;
@@ -37,16 +37,23 @@ enum Fate {
     Applied,
     /// In the inbox already, or the same id earlier in this batch.
     Duplicate,
-    Failed(String, bool),
+    /// The handler refused it: `last` when it goes to the dead letters now (permanent, or its
+    /// attempts are spent), `after` the delay it asked for before the next attempt.
+    Failed {
+        error: String,
+        last: bool,
+        after: Option<Duration>,
+    },
     /// Behind a failed message of its key: not tried.
     Skipped,
 }
 
-/// A message that leaves the batch to run alone, with the attempts it already failed.
+/// A message that leaves the batch to run alone, with the attempts it already failed and the
+/// delay its handler asked for before the next.
 pub(crate) struct Leftover<K> {
     pub(crate) key: K,
     pub(crate) delivery: Delivery,
-    pub(crate) failures: u32,
+    pub(crate) earlier: process::Earlier,
 }
 
 /// Applies `batch` (arrival order; `K` is the dispatcher's ordering key) and acknowledges what
@@ -78,17 +85,19 @@ pub(crate) async fn apply<H: Handler, K: Clone + Eq + Hash>(
     }
     let mut outages = 0u32;
     let fates = loop {
+        // Attempts of earlier deliveries count, where the broker counts deliveries.
         for (_, d) in &mut work {
-            d.message.attempt = 1;
+            d.message.attempt = process::failed_before(s, &d.message) + 1;
         }
         let started = Instant::now();
         // Handlers run straight in the transaction while batches succeed; one failing rolls
-        // the attempt back, and the next few batches put each handler under a savepoint.
+        // the attempt back, and the next few batches put each handler under a savepoint. The
+        // handler that refused is not called again in the rerun: that was its attempt.
         let careful = s.careful_batches.load(Ordering::Relaxed) > 0;
-        let result = match attempt(s, &work, careful).await {
-            Ok(None) => {
+        let result = match attempt(s, &work, careful, None).await {
+            Ok(Attempted::Refused(refusal)) => {
                 s.careful_batches.store(CAREFUL_BATCHES, Ordering::Relaxed);
-                attempt(s, &work, true).await
+                attempt(s, &work, true, Some(refusal)).await
             }
             other => other,
         };
@@ -98,10 +107,10 @@ pub(crate) async fn apply<H: Handler, K: Clone + Eq + Hash>(
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
         match result {
-            // Only an attempt without savepoints comes back without fates; the retry above
-            // had them. Run the batch again rather than guess.
-            Ok(None) => continue,
-            Ok(Some(fates)) => {
+            // Only an attempt without savepoints comes back refused; the retry above had
+            // them. Run the batch again rather than guess.
+            Ok(Attempted::Refused(_)) => continue,
+            Ok(Attempted::Done(fates)) => {
                 Counters::bump(&s.counters.batches);
                 m::inbox_handler_time(&s.name, started.elapsed());
                 break fates;
@@ -128,28 +137,32 @@ pub(crate) async fn apply<H: Handler, K: Clone + Eq + Hash>(
         count(s, &fate);
         match fate {
             Fate::Applied | Fate::Duplicate => acks.push(d.ack),
-            Fate::Failed(error, permanent) if permanent || s.config.max_attempts <= 1 => {
-                dead.push((d, error));
+            Fate::Failed {
+                error, last: true, ..
+            } => {
+                let attempts = d.message.attempt;
+                dead.push((d, attempts, error));
             }
-            Fate::Failed(error, _) => {
+            Fate::Failed { error, after, .. } => {
                 tracing::debug!(consumer = %s.name, id = %d.message.message_id, error = %error, "inbox: handler failed in a batch; retrying it alone");
+                let failures = d.message.attempt;
                 leftovers.push(Leftover {
                     key,
                     delivery: d,
-                    failures: 1,
+                    earlier: process::Earlier { failures, after },
                 });
             }
             Fate::Skipped => leftovers.push(Leftover {
                 key,
                 delivery: d,
-                failures: 0,
+                earlier: process::Earlier::default(),
             }),
         }
     }
     acknowledge(s, acks).await;
     // Dead letters go before the messages of their key behind them run.
-    for (d, error) in dead {
-        process::dead_letter(s, d, 1, error, shutdown).await;
+    for (d, attempts, error) in dead {
+        process::dead_letter(s, d, attempts, error, shutdown).await;
     }
     leftovers
 }
@@ -158,8 +171,8 @@ fn count<H>(s: &Shared<H>, fate: &Fate) {
     let (counter, outcome) = match fate {
         Fate::Applied => (&s.counters.applied, "applied"),
         Fate::Duplicate => (&s.counters.duplicates, "duplicate"),
-        Fate::Failed(_, permanent) if *permanent || s.config.max_attempts <= 1 => return,
-        Fate::Failed(..) => (&s.counters.retries, "retried"),
+        Fate::Failed { last: true, .. } => return,
+        Fate::Failed { .. } => (&s.counters.retries, "retried"),
         Fate::Skipped => return,
     };
     Counters::bump(counter);
@@ -169,14 +182,38 @@ fn count<H>(s: &Shared<H>, fate: &Fate) {
 /// Batches run with a savepoint per handler after one failed: until this many in a row did not.
 const CAREFUL_BATCHES: u32 = 16;
 
+/// A handler's refusal in a run without savepoints: which message (`None` for a batch
+/// handler) and why.
+struct Refusal {
+    index: Option<usize>,
+    error: HandlerError,
+}
+
+enum Attempted {
+    Done(Vec<Fate>),
+    /// A run without savepoints met a refusal: the transaction was rolled back.
+    Refused(Refusal),
+}
+
+/// The fate of `d` when its handler returned `e`.
+fn refused<H>(s: &Shared<H>, d: &Delivery, e: &HandlerError) -> Fate {
+    Fate::Failed {
+        error: e.to_string(),
+        last: e.is_permanent() || d.message.attempt >= s.config.max_attempts,
+        after: e.retry_delay(),
+    }
+}
+
 /// One transaction over the batch: each message's fate, or the inbox's own error (the database
-/// is away), after which nothing of the attempt stands. Without `savepoints`, `None` when a
-/// handler failed: the transaction was rolled back, run it again with them.
+/// is away), after which nothing of the attempt stands. Without `savepoints`, `Refused` when a
+/// handler failed: run it again with them, passing the refusal, which stands for that
+/// message's attempt (its handler is not called again).
 async fn attempt<H: Handler, K: Eq + Hash>(
     s: &Shared<H>,
     work: &[(K, Delivery)],
     savepoints: bool,
-) -> Result<Option<Vec<Fate>>> {
+    refusal: Option<Refusal>,
+) -> Result<Attempted> {
     let mut fates = vec![Fate::Applied; work.len()];
     // The same id twice in one batch: only its first delivery is applied.
     let mut first = HashSet::with_capacity(work.len());
@@ -202,18 +239,27 @@ async fn attempt<H: Handler, K: Eq + Hash>(
         }
     }
     if !savepoints {
-        if !run_direct(s, &txn, work, &fates).await {
+        if let Err(refusal) = run_direct(s, &txn, work, &fates).await {
             txn.rollback().await?;
-            return Ok(None);
+            return Ok(Attempted::Refused(refusal));
         }
     } else {
+        // Unless the message was found a duplicate meanwhile (another consumer applied it).
+        if let Some(Refusal {
+            index: Some(i),
+            error,
+        }) = &refusal
+            && fates[*i] == Fate::Applied
+        {
+            fates[*i] = refused(s, &work[*i].1, error);
+        }
         run_handlers(s, &txn, work, &mut fates).await?;
     }
     if s.config.deduplicate {
         let undo: Vec<&str> = work
             .iter()
             .zip(&fates)
-            .filter(|(_, f)| matches!(f, Fate::Failed(..) | Fate::Skipped))
+            .filter(|(_, f)| matches!(f, Fate::Failed { .. } | Fate::Skipped))
             .map(|((_, d), _)| d.message.message_id.as_str())
             .collect();
         if !undo.is_empty() {
@@ -223,28 +269,39 @@ async fn attempt<H: Handler, K: Eq + Hash>(
     // A commit that failed may still have committed: the retry then finds every record and
     // counts duplicates, which is the truth.
     txn.commit().await?;
-    Ok(Some(fates))
+    Ok(Attempted::Done(fates))
 }
 
-/// Every handler straight in `txn`, the batch handler if there is one; `false` at the first
-/// failure (the transaction must then be rolled back).
+/// Every handler straight in `txn`, the batch handler if there is one; the first refusal (the
+/// transaction must then be rolled back).
 async fn run_direct<H: Handler, K>(
     s: &Shared<H>,
     txn: &DatabaseTransaction,
     work: &[(K, Delivery)],
     fates: &[Fate],
-) -> bool {
-    let new = work.iter().zip(fates).filter(|(_, f)| **f == Fate::Applied);
+) -> std::result::Result<(), Refusal> {
+    let new = work
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| fates[*i] == Fate::Applied);
     if let Some(whole) = s.handler.whole_batches() {
-        let msgs: Vec<Incoming> = new.map(|((_, d), _)| d.message.clone()).collect();
-        return msgs.is_empty() || guarded(whole.handle_batch(txn, &msgs)).await.is_ok();
+        let msgs: Vec<Incoming> = new.map(|(_, (_, d))| d.message.clone()).collect();
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        return guarded(whole.handle_batch(txn, &msgs))
+            .await
+            .map_err(|error| Refusal { index: None, error });
     }
-    for ((_, d), _) in new {
-        if guarded(s.handler.handle(txn, &d.message)).await.is_err() {
-            return false;
+    for (i, (_, d)) in new {
+        if let Err(error) = guarded(s.handler.handle(txn, &d.message)).await {
+            return Err(Refusal {
+                index: Some(i),
+                error,
+            });
         }
     }
-    true
+    Ok(())
 }
 
 fn received<'a, H>(s: &'a Shared<H>, d: &'a Delivery, now: chrono::DateTime<Utc>) -> Received<'a> {
@@ -325,6 +382,11 @@ async fn run_handlers<H: Handler, K: Eq + Hash>(
     }
     let mut failed_keys: HashMap<&K, ()> = HashMap::new();
     for (i, (key, d)) in work.iter().enumerate() {
+        if matches!(fates[i], Fate::Failed { .. }) {
+            // Refused in the run without savepoints.
+            failed_keys.insert(key, ());
+            continue;
+        }
         if fates[i] != Fate::Applied {
             continue;
         }
@@ -337,7 +399,7 @@ async fn run_handlers<H: Handler, K: Eq + Hash>(
             Ok(()) => sp.commit().await?,
             Err(e) => {
                 sp.rollback().await?;
-                fates[i] = Fate::Failed(e.to_string(), e.is_permanent());
+                fates[i] = refused(s, d, &e);
                 failed_keys.insert(key, ());
             }
         }

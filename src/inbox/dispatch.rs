@@ -77,7 +77,7 @@ impl<H: Handler> Dispatcher<H> {
             None if batched => self.ready(key, d),
             None => {
                 self.waiting.insert(key.clone(), VecDeque::new());
-                self.start(key, d, 0);
+                self.start(key, d, process::Earlier::default());
             }
         }
     }
@@ -91,14 +91,14 @@ impl<H: Handler> Dispatcher<H> {
         self.forming.push((key, d));
     }
 
-    fn start(&mut self, key: Key, d: Delivery, failures: u32) {
+    fn start(&mut self, key: Key, d: Delivery, earlier: process::Earlier) {
         let shared = Arc::clone(&self.shared);
         let permits = Arc::clone(&self.permits);
         let shutdown = self.shutdown.clone();
         self.running.spawn(async move {
             // The semaphore is never closed, so this only waits.
             let _permit = permits.acquire_owned().await;
-            process::handle(&shared, d, failures, &shutdown).await;
+            process::handle(&shared, d, earlier, &shutdown).await;
             Done::One(key)
         });
     }
@@ -197,7 +197,7 @@ impl<H: Handler> Dispatcher<H> {
                     queue.push_front(l.delivery);
                 }
             }
-            self.start(key, head.delivery, head.failures);
+            self.start(key, head.delivery, head.earlier);
         }
     }
 
@@ -210,7 +210,9 @@ impl<H: Handler> Dispatcher<H> {
         }
         let next = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
         match next {
-            Some(d) if !self.shutdown.is_cancelled() => self.start(key, d, 0),
+            Some(d) if !self.shutdown.is_cancelled() => {
+                self.start(key, d, process::Earlier::default())
+            }
             _ => {
                 self.waiting.remove(&key);
             }

@@ -92,18 +92,62 @@ pub(super) async fn finished_before<H>(s: &Shared<H>, m: &Incoming) -> bool {
         .unwrap_or(false)
 }
 
-/// Runs `d` to its end. `failures` counts attempts that already failed (in a batch): the
-/// next attempt waits for its backoff first.
+/// What earlier attempts of a message (in a batch) left: how many failed, and the delay the
+/// last one's handler asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Earlier {
+    pub(crate) failures: u32,
+    pub(crate) after: Option<Duration>,
+}
+
+/// Attempts of earlier deliveries, where the broker counts deliveries; each delivery still
+/// gets one attempt.
+pub(super) fn failed_before<H>(s: &Shared<H>, m: &Incoming) -> u32 {
+    m.deliveries
+        .saturating_sub(1)
+        .min(s.config.max_attempts.saturating_sub(1))
+}
+
+/// How a retry waits.
+enum Wait {
+    /// Here, telling the broker the message is in progress.
+    Hold(Duration),
+    /// At the broker, the message handed back.
+    Defer(Duration),
+}
+
+/// The wait before the attempt after `failures` failed ones, the last asking for `asked`.
+fn wait<H>(s: &Shared<H>, d: &Delivery, failures: u32, asked: Option<Duration>) -> Wait {
+    match asked {
+        // Handing back a message with a key would let its key's later messages overtake it.
+        Some(asked) if d.message.ordering_key.is_none() && d.ack.can_defer() => {
+            Wait::Defer(asked.min(s.config.max_retry_after))
+        }
+        Some(asked) => Wait::Hold(asked.min(s.config.max_retry_after)),
+        None => Wait::Hold(backoff(
+            s.config.retry_backoff,
+            s.config.max_retry_backoff,
+            failures,
+        )),
+    }
+}
+
+/// Runs `d` to its end. `earlier` says what attempts in a batch left: the next attempt waits
+/// first.
 pub(crate) async fn handle<H: Handler>(
     s: &Shared<H>,
     mut d: Delivery,
-    failures: u32,
+    earlier: Earlier,
     shutdown: &CancellationToken,
 ) {
-    if failures > 0 {
-        let delay = backoff(s.config.retry_backoff, s.config.max_retry_backoff, failures);
-        if !hold(&d, delay, shutdown).await {
-            return;
+    if earlier.failures > 0 {
+        match wait(s, &d, earlier.failures, earlier.after) {
+            Wait::Defer(delay) => return defer(s, d, delay).await,
+            Wait::Hold(delay) => {
+                if !hold(&d, delay, shutdown).await {
+                    return;
+                }
+            }
         }
     }
     let missing = match message_id(s, &d.message) {
@@ -113,7 +157,7 @@ pub(crate) async fn handle<H: Handler>(
         }
         Err(reason) => Some(reason),
     };
-    if failures == 0 && d.message.redelivered && finished_before(s, &d.message).await {
+    if earlier.failures == 0 && d.message.redelivered && finished_before(s, &d.message).await {
         Counters::bump(&s.counters.duplicates);
         m::inbox_outcome(&s.name, "duplicate");
         return ack(s, d).await;
@@ -121,10 +165,7 @@ pub(crate) async fn handle<H: Handler>(
     if let Some(reason) = missing {
         return dead_letter(s, d, 0, reason, shutdown).await;
     }
-    // Attempts of earlier deliveries count, where the broker counts deliveries; each delivery
-    // still gets one attempt.
-    let before = d.message.deliveries.saturating_sub(1);
-    let mut failures = failures.max(before.min(s.config.max_attempts.saturating_sub(1)));
+    let mut failures = earlier.failures.max(failed_before(s, &d.message));
     let mut outages = 0u32;
     loop {
         d.message.attempt = failures + 1;
@@ -150,17 +191,9 @@ pub(crate) async fn handle<H: Handler>(
                 Counters::bump(&s.counters.retries);
                 m::inbox_outcome(&s.name, "retried");
                 tracing::debug!(consumer = %s.name, id = %d.message.message_id, attempt = failures, error = %e, "inbox: handler failed; retrying");
-                match e.retry_delay() {
-                    Some(asked) => {
-                        let delay = asked.min(s.config.max_retry_after);
-                        // Handing back a message with a key would let its key's later
-                        // messages overtake it.
-                        if d.message.ordering_key.is_none() && d.ack.can_defer() {
-                            return defer(s, d, delay).await;
-                        }
-                        delay
-                    }
-                    None => backoff(s.config.retry_backoff, s.config.max_retry_backoff, failures),
+                match wait(s, &d, failures, e.retry_delay()) {
+                    Wait::Defer(delay) => return defer(s, d, delay).await,
+                    Wait::Hold(delay) => delay,
                 }
             }
             Err(Failure::Inbox(e)) => {

@@ -328,13 +328,19 @@ pub(crate) async fn blockers(
     let mut out = Vec::new();
     // Displaced rows, as `outbox_events_displaced_idx` lists them: not a scheduled event nobody
     // has touched, which is ordered by its time and holds nothing, unless written to hold.
-    let mut kinds = vec![
-        "status = 'pending' AND next_attempt_at > created_at \
-         AND (deliver_at IS NULL OR attempts > 0 OR next_attempt_at <> deliver_at \
-         OR holds_aggregate)",
-    ];
+    // MySQL has no partial index: its indexed virtual column says the same.
+    let displaced = if b == DbBackend::MySql {
+        format!("displaced_partition {list}")
+    } else {
+        format!(
+            "status = 'pending' AND next_attempt_at > created_at \
+             AND (deliver_at IS NULL OR attempts > 0 OR next_attempt_at <> deliver_at \
+             OR holds_aggregate) AND partition_no {list}"
+        )
+    };
+    let mut kinds = vec![displaced];
     if dead_letters_hold {
-        kinds.push("status = 'failed'");
+        kinds.push(format!("status = 'failed' AND partition_no {list}"));
     }
     for kind in kinds {
         let rows = db
@@ -342,7 +348,7 @@ pub(crate) async fn blockers(
                 b,
                 &format!(
                     "SELECT aggregate_type, aggregate_id, occurred_at, id, next_attempt_at, \
-                     status FROM outbox_events WHERE {kind} AND partition_no {list}"
+                     status FROM outbox_events WHERE {kind}"
                 ),
                 Vec::new(),
             ))
