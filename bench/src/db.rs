@@ -123,7 +123,20 @@ impl BenchDb {
 
     /// A fresh outbox; on PostgreSQL, on the server at `pg`.
     pub(crate) async fn new_at(kind: Kind, pg: String) -> Result<Self> {
-        let name = format!("outbox_bench_{}", std::process::id());
+        Self::create(kind, pg, format!("outbox_bench_{}", std::process::id())).await
+    }
+
+    /// A second fresh outbox of `kind`, beside the one [`new`](Self::new) makes.
+    pub(crate) async fn new_second(kind: Kind) -> Result<Self> {
+        Self::create(
+            kind,
+            pg_url(),
+            format!("outbox_bench_{}_2", std::process::id()),
+        )
+        .await
+    }
+
+    async fn create(kind: Kind, pg: String, name: String) -> Result<Self> {
         let (db, url, dir) = match kind {
             Kind::Postgres => {
                 let admin = Database::connect(opts(&pg, 1))

@@ -71,6 +71,8 @@ async fn seed_scheduled(db: &BenchDb, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// Alternates drains on `db` (nothing scheduled) and on a second database of its kind holding
+/// `scheduled` rows, so both sides see the same machine.
 pub(crate) async fn section(
     db: &BenchDb,
     n: u64,
@@ -80,29 +82,27 @@ pub(crate) async fn section(
 ) -> Result<()> {
     let label = db.kind.label();
     db.reset().await?;
-    let mut without = Vec::new();
-    for _ in 0..repeat {
-        let rate = drain(db, n, 0).await?;
-        eprintln!("{label} drain of {n} due, nothing scheduled: {rate:.0}/s");
-        without.push(rate);
-    }
-    db.reset().await?;
+    let beside = BenchDb::new_second(db.kind).await?;
     let started = std::time::Instant::now();
-    seed_scheduled(db, scheduled).await?;
+    seed_scheduled(&beside, scheduled).await?;
     eprintln!(
         "{label} seeded {scheduled} scheduled in {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    let mut with = Vec::new();
+    let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..repeat {
-        let rate = drain(db, n, scheduled).await?;
+        let rate = drain(db, n, 0).await?;
+        eprintln!("{label} drain of {n} due, nothing scheduled: {rate:.0}/s");
+        without.push(rate);
+        let rate = drain(&beside, n, scheduled).await?;
         eprintln!("{label} drain of {n} due, {scheduled} scheduled: {rate:.0}/s");
         with.push(rate);
     }
     anyhow::ensure!(
-        db.count_pending().await? == scheduled,
+        beside.count_pending().await? == scheduled,
         "a scheduled event was delivered early"
     );
+    beside.drop().await?;
     rows.push(Row {
         section: "scheduled delivery",
         name: format!("{label} drain of {n} due events, {scheduled} scheduled over the next week"),

@@ -40,7 +40,7 @@ mod m20261202_000010_log_dead_letters;
 mod m20261202_000011_backlog_samples;
 mod m20261203_000012_partitions;
 mod m20261204_000013_scheduled;
-mod m20261204_000014_displaced_partition;
+mod m20261204_000014_scheduled_scale;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -55,7 +55,7 @@ pub use m20261202_000010_log_dead_letters::Migration as LogDeadLetters;
 pub use m20261202_000011_backlog_samples::Migration as BacklogSamples;
 pub use m20261203_000012_partitions::Migration as Partitions;
 pub use m20261204_000013_scheduled::Migration as Scheduled;
-pub use m20261204_000014_displaced_partition::Migration as DisplacedPartition;
+pub use m20261204_000014_scheduled_scale::Migration as ScheduledScale;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -90,7 +90,7 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(BacklogSamples),
         Box::new(Partitions),
         Box::new(Scheduled),
-        Box::new(DisplacedPartition),
+        Box::new(ScheduledScale),
     ]
 }
 

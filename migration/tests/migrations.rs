@@ -19,6 +19,7 @@ on_all_backends!(
     host_migrator_runs_our_migrations_under_fixed_names,
     standalone_migrator_coexists_with_the_host_bookkeeping,
     a_consumer_only_host_gets_the_inbox_tables_alone_and_the_outbox_later,
+    the_scheduled_scale_migration_indexes_what_the_relay_reads,
 );
 
 /// Names of the tables in the test's database or schema.
@@ -269,4 +270,95 @@ async fn a_consumer_only_host_gets_the_inbox_tables_alone_and_the_outbox_later(t
             .any(|n| n.starts_with("inbox_") || n.starts_with("outbox_")),
         "{names:?}"
     );
+}
+
+/// The columns of SQLite's `outbox_events_aggregate_idx`, in key order.
+async fn sqlite_aggregate_index(t: &TestDb) -> Vec<String> {
+    let rows =
+        t.db.query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT name FROM pragma_index_info('outbox_events_aggregate_idx') ORDER BY seqno",
+        ))
+        .await
+        .expect("index info");
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "name").expect("name"))
+        .collect()
+}
+
+/// Migration 14: on MySQL an indexed virtual column that is the partition of exactly the rows
+/// that hold their aggregates (a retried row, not an untouched scheduled one); on SQLite the
+/// aggregate index without `status`; down puts each back.
+async fn the_scheduled_scale_migration_indexes_what_the_relay_reads(t: &TestDb) {
+    Migrator::up(&t.db, None).await.expect("up");
+    match t.db.get_database_backend() {
+        DbBackend::MySql => {
+            let row = |id: u8, next: &str, deliver: &str, attempts: u8| {
+                format!(
+                    "(UNHEX('{id:032x}'), 'e', 'order', '{id}', '{{}}', '{{}}', \
+                     '2026-01-01 00:00:00', '2026-01-01 00:00:00', 'pending', {attempts}, \
+                     '{next}', {deliver})"
+                )
+            };
+            t.db.execute_unprepared(&format!(
+                "INSERT INTO outbox_events (id, event_type, aggregate_type, aggregate_id, \
+                 payload, headers, occurred_at, created_at, status, attempts, \
+                 next_attempt_at, deliver_at) VALUES {}, {}, {}",
+                row(1, "2026-01-01 00:00:00", "NULL", 0),
+                row(2, "2026-01-01 00:05:00", "NULL", 1),
+                row(3, "2026-02-01 00:00:00", "'2026-02-01 00:00:00'", 0),
+            ))
+            .await
+            .expect("rows");
+            let displaced = t
+                .scalar(
+                    "SELECT COUNT(*) FROM outbox_events \
+                     FORCE INDEX (outbox_events_displaced_partition_idx) \
+                     WHERE displaced_partition = partition_no",
+                )
+                .await;
+            assert_eq!(displaced, 1, "only the retried row holds its aggregate");
+            assert_eq!(
+                t.scalar(
+                    "SELECT COUNT(*) FROM outbox_events WHERE displaced_partition IS NOT NULL \
+                     AND aggregate_id = '2'"
+                )
+                .await,
+                1
+            );
+            t.db.execute_unprepared("DELETE FROM outbox_events")
+                .await
+                .expect("empty");
+        }
+        DbBackend::Sqlite => {
+            assert_eq!(
+                sqlite_aggregate_index(t).await,
+                ["aggregate_type", "aggregate_id", "occurred_at", "id"]
+            );
+        }
+        _ => {}
+    }
+    Migrator::down(&t.db, Some(1)).await.expect("down one");
+    match t.db.get_database_backend() {
+        DbBackend::MySql => assert_eq!(
+            t.scalar(&format!(
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = '{}' \
+                 AND table_name = 'outbox_events' AND column_name = 'displaced_partition'",
+                t.name
+            ))
+            .await,
+            0
+        ),
+        DbBackend::Sqlite => assert_eq!(
+            sqlite_aggregate_index(t).await,
+            [
+                "aggregate_type",
+                "aggregate_id",
+                "status",
+                "occurred_at",
+                "id"
+            ]
+        ),
+        _ => {}
+    }
 }

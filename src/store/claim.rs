@@ -76,7 +76,9 @@ impl Claim<'_> {
 
     /// `NOT EXISTS` an earlier blocking event of `e`'s aggregate: `e` is its aggregate's head.
     /// The row comparison is an index condition on `outbox_events_aggregate_idx`, so the probe
-    /// reads one entry, not the aggregate's whole backlog. `fence` is PostgreSQL's probe tail,
+    /// reads one entry, not the aggregate's whole backlog (on SQLite, whose index leaves
+    /// `status` out to keep write-backs cheap, it steps over the aggregate's retained published
+    /// rows too). `fence` is PostgreSQL's probe tail,
     /// which keeps the probe a plain index scan rather than a hash anti-join.
     pub(crate) fn is_head(&self, fence: &str) -> String {
         format!(

@@ -328,7 +328,9 @@ pub(crate) async fn blockers(
     let mut out = Vec::new();
     // Displaced rows, as `outbox_events_displaced_idx` lists them: not a scheduled event nobody
     // has touched, which is ordered by its time and holds nothing, unless written to hold.
-    // MySQL has no partial index: its indexed virtual column says the same.
+    // MySQL has no partial index: its indexed virtual column says the same. Forced, as past
+    // 200 values MariaDB estimates an `IN` list from statistics that count the NULLs, and reads
+    // the whole table instead.
     let displaced = if b == DbBackend::MySql {
         format!("displaced_partition {list}")
     } else {
@@ -338,17 +340,22 @@ pub(crate) async fn blockers(
              OR holds_aggregate) AND partition_no {list}"
         )
     };
-    let mut kinds = vec![displaced];
+    let forced = if b == DbBackend::MySql {
+        " FORCE INDEX (outbox_events_displaced_partition_idx)"
+    } else {
+        ""
+    };
+    let mut kinds = vec![(displaced, forced)];
     if dead_letters_hold {
-        kinds.push(format!("status = 'failed' AND partition_no {list}"));
+        kinds.push((format!("status = 'failed' AND partition_no {list}"), ""));
     }
-    for kind in kinds {
+    for (kind, hint) in kinds {
         let rows = db
             .query_all_raw(stmt(
                 b,
                 &format!(
                     "SELECT aggregate_type, aggregate_id, occurred_at, id, next_attempt_at, \
-                     status FROM outbox_events WHERE {kind}"
+                     status FROM outbox_events{hint} WHERE {kind}"
                 ),
                 Vec::new(),
             ))
