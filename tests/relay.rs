@@ -1472,6 +1472,31 @@ async fn a_waker_wakes_every_relay_of_the_process_right_after_the_commit(t: &Tes
         .await;
     assert!(failed.is_err());
     assert!(recv(&mut rx, Duration::from_millis(500)).await.is_none());
+    // `begin`: the event goes once committed; one dropped uncommitted writes nothing.
+    let txn = waker.begin(&t.db).await.expect("begin");
+    add(&txn, "begun".into()).await;
+    txn.commit().await.expect("commit");
+    let got = recv(&mut rx, Duration::from_secs(2)).await;
+    assert_eq!(got.map(|e| e.aggregate_id).as_deref(), Some("begun"));
+    let txn = waker.begin(&t.db).await.expect("begin");
+    add(&txn, "dropped".into()).await;
+    drop(txn);
+    // One held open (SQLite: holding the writers' turn) does not stall the relays: a
+    // write-back waits for the turn at most a second, then goes on.
+    let open = waker.begin(&t.db).await.expect("begin");
+    let txn = t.db.begin().await.expect("begin");
+    add(&txn, "beside-open".into()).await;
+    waker.commit(txn).await.expect("commit");
+    let got = recv(&mut rx, Duration::from_secs(2)).await;
+    assert_eq!(got.map(|e| e.aggregate_id).as_deref(), Some("beside-open"));
+    wait_until(
+        Duration::from_secs(5),
+        "written back beside the open transaction",
+        || async { pending(&t.db).await == 0 },
+    )
+    .await;
+    open.rollback().await.expect("rollback");
+    assert!(recv(&mut rx, Duration::from_millis(300)).await.is_none());
     eprintln!("wake → publish {plain:?}; commit → publish, slowest of 20: {slowest:?}");
 
     for (stop, task) in relays {
@@ -1481,7 +1506,7 @@ async fn a_waker_wakes_every_relay_of_the_process_right_after_the_commit(t: &Tes
     // The relays are gone: a wake-up reaches nobody and does not fail.
     waker.wake();
     assert_eq!(waker.relays(), 0);
-    assert_eq!(sink.len(), 22);
+    assert_eq!(sink.len(), 24);
     assert_eq!(pending(&t.db).await, 0);
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use sea_orm::TransactionTrait;
+use sea_orm::{DatabaseTransaction, TransactionTrait};
 use seaorm_outbox::relay::{Relay, RelayConfig, RelayWaker};
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
 use tokio_util::sync::CancellationToken;
@@ -32,11 +32,25 @@ pub(crate) enum Write {
     Message,
 }
 
+/// Writes `event` in `txn` as `write` says.
+async fn write_event(
+    txn: &DatabaseTransaction,
+    write: Write,
+    event: NewEvent,
+) -> Result<uuid::Uuid> {
+    let outbox = Outbox::new(txn);
+    Ok(match write {
+        Write::Row => outbox.add_event(event).await?,
+        Write::Message => outbox.emit(event).await?,
+    })
+}
+
 /// (p50, p99, max) commit → publish in ms of `RATE` events/s from `PRODUCERS` writers for
 /// `secs`, one event per transaction, after a one-second warm-up that is left out (connections
 /// a relay opens on demand cost ~90 ms each here): the steady state. A relay publishing to
 /// `sink` runs already; `before` events were delivered before this began. With `waker`, each
-/// commit goes through [`RelayWaker::commit`].
+/// transaction goes through [`RelayWaker::begin`] (on SQLite, queued with the relay's
+/// write-backs).
 pub(crate) async fn measure(
     db: &BenchDb,
     sink: &Sink,
@@ -58,18 +72,22 @@ pub(crate) async fn measure(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for i in 0..warm + total / PRODUCERS {
                 tick.tick().await;
-                let txn = conn.begin().await?;
                 let event = NewEvent::new("order.placed", "order", format!("{p}-{i}"))
                     .json_payload(serde_json::json!({ "i": i }));
-                let outbox = Outbox::new(&txn);
-                let id = match write {
-                    Write::Row => outbox.add_event(event).await?,
-                    Write::Message => outbox.emit(event).await?,
+                let id = match &waker {
+                    Some(w) => {
+                        let txn = w.begin(&conn).await?;
+                        let id = write_event(&txn, write, event).await?;
+                        txn.commit().await?;
+                        id
+                    }
+                    None => {
+                        let txn = conn.begin().await?;
+                        let id = write_event(&txn, write, event).await?;
+                        txn.commit().await?;
+                        id
+                    }
                 };
-                match &waker {
-                    Some(w) => w.commit(txn).await?,
-                    None => txn.commit().await?,
-                }
                 if i >= warm {
                     commits
                         .lock()

@@ -464,12 +464,14 @@ impl<P: Publisher> Relay<P> {
         let on_publish = self.config.on_publish;
         loop {
             let (db, now) = (&self.db, self.now());
+            let turn = self.writers.turn(db).await;
             let written = match epoch {
                 Some(e) => {
                     store::partitions::write_back(db, token, e, now, fates, on_publish).await
                 }
                 None => store::write_back(db, token, now, fates, on_publish).await,
             };
+            drop(turn);
             match written {
                 Ok(w) => return Some(w),
                 Err(e) => {

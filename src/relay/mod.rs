@@ -70,7 +70,7 @@ pub use config::{
     OnPublish, Ordering, RelayConfig,
 };
 pub use wake::NOTIFY_CHANNEL;
-pub use waker::RelayWaker;
+pub use waker::{RelayWaker, WakingTransaction};
 
 use crate::error::Result;
 use crate::publisher::Publisher;
@@ -156,6 +156,11 @@ impl<P: Publisher> RelayBuilder<P> {
         if let Some(waker) = &self.waker {
             waker.register(&wake);
         }
+        let writers = self
+            .waker
+            .as_ref()
+            .map(|w| w.writers().clone())
+            .unwrap_or_default();
         Ok(Relay {
             wake,
             db: self.db,
@@ -168,6 +173,7 @@ impl<P: Publisher> RelayBuilder<P> {
             breaker: std::sync::Mutex::default(),
             config: self.config,
             last_poll: Arc::new(AtomicI64::new(0)),
+            writers,
         })
     }
 }
@@ -217,6 +223,8 @@ pub struct Relay<P> {
     ownership: std::sync::Mutex<ownership::Ownership>,
     /// Owned partitions: the aggregates held back ([`holds`]).
     holds: std::sync::Mutex<holds::Holds>,
+    /// SQLite: the queue its write-backs share with its wakers' transactions.
+    writers: waker::Writers,
 }
 
 impl<P: Publisher> Relay<P> {
@@ -239,7 +247,7 @@ impl<P: Publisher> Relay<P> {
     /// A [`RelayWaker`] that wakes this relay (for a relay built without
     /// [`RelayBuilder::waker`]; each call gives a new handle).
     pub fn waker(&self) -> RelayWaker {
-        let waker = RelayWaker::new();
+        let waker = RelayWaker::sharing(&self.writers);
         waker.register(&self.wake);
         waker
     }

@@ -5,11 +5,20 @@
 //!
 //! Polling stays underneath: a wake-up that is never sent (a commit made without the helper,
 //! another process's writes) costs latency, never an event.
+//!
+//! On SQLite, one writer at a time, the waker also queues the app's write transactions
+//! ([`RelayWaker::begin`], [`RelayWaker::transaction`]) and its relays' write-backs behind one
+//! async lock: the next in line starts the moment the last commits, where SQLite's busy handler
+//! would sleep 1, 2, 5, 10 ms between tries.
 
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionError, TransactionTrait};
-use tokio::sync::Notify;
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, TransactionError,
+    TransactionTrait,
+};
+use tokio::sync::{Notify, OwnedMutexGuard};
 
 use super::lock;
 
@@ -48,12 +57,97 @@ use super::lock;
 #[derive(Clone, Default)]
 pub struct RelayWaker {
     relays: Arc<Mutex<Vec<Weak<Notify>>>>,
+    writers: Writers,
+}
+
+/// SQLite's writers of this process, queued in turn: the app's transactions begun through a
+/// [`RelayWaker`] and the write-backs of its relays.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Writers(Arc<tokio::sync::Mutex<()>>);
+
+impl Writers {
+    /// How long a turn is waited for before going on without it: SQLite's own locking then
+    /// decides, as without the queue (a transaction held open for long must not stall a relay).
+    const PATIENCE: Duration = Duration::from_secs(1);
+
+    /// Waits for this writer's turn on SQLite; `None` elsewhere (and past [`Self::PATIENCE`]).
+    pub(crate) async fn turn(&self, db: &impl ConnectionTrait) -> Option<OwnedMutexGuard<()>> {
+        if db.get_database_backend() != DbBackend::Sqlite {
+            return None;
+        }
+        tokio::time::timeout(Self::PATIENCE, Arc::clone(&self.0).lock_owned())
+            .await
+            .ok()
+    }
+}
+
+/// A transaction begun by [`RelayWaker::begin`]: use it as the [`DatabaseTransaction`] it
+/// derefs to (`Outbox::new(&*txn)`), then [`commit`](Self::commit) it, which wakes the relays.
+/// Dropped without a commit, it rolls back.
+pub struct WakingTransaction {
+    txn: DatabaseTransaction,
+    turn: Option<OwnedMutexGuard<()>>,
+    waker: RelayWaker,
+}
+
+impl WakingTransaction {
+    /// Commits, then wakes the relays.
+    ///
+    /// # Errors
+    /// The commit's own error, in which case no relay is woken.
+    pub async fn commit(self) -> Result<(), DbErr> {
+        let Self { txn, turn, waker } = self;
+        txn.commit().await?;
+        drop(turn);
+        waker.wake();
+        Ok(())
+    }
+
+    /// Rolls back; no relay is woken.
+    ///
+    /// # Errors
+    /// The rollback's own error.
+    pub async fn rollback(self) -> Result<(), DbErr> {
+        self.txn.rollback().await
+    }
+}
+
+impl std::ops::Deref for WakingTransaction {
+    type Target = DatabaseTransaction;
+
+    fn deref(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+}
+
+impl std::fmt::Debug for WakingTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakingTransaction")
+            .field("queued", &self.turn.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RelayWaker {
     /// A waker with no relay yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Begins a transaction on `db` whose [`commit`](WakingTransaction::commit) wakes the
+    /// relays. On SQLite it first waits its turn behind the process's other write transactions
+    /// begun this way and the relays' write-backs, so neither side sleeps in SQLite's busy
+    /// handler; don't wait for a relay to deliver while you hold it.
+    ///
+    /// # Errors
+    /// The connection's error beginning the transaction.
+    pub async fn begin(&self, db: &DatabaseConnection) -> Result<WakingTransaction, DbErr> {
+        let turn = self.writers.turn(db).await;
+        Ok(WakingTransaction {
+            txn: db.begin().await?,
+            turn,
+            waker: self.clone(),
+        })
     }
 
     /// Wakes every live relay given this waker. Call it after the commit: a wake-up before it
@@ -82,7 +176,8 @@ impl RelayWaker {
     }
 
     /// Runs `callback` in a transaction on `db`, as
-    /// [`TransactionTrait::transaction`] does, and wakes the relays once it has committed.
+    /// [`TransactionTrait::transaction`] does, and wakes the relays once it has committed. On
+    /// SQLite the transaction waits its turn as [`begin`](Self::begin)'s does.
     ///
     /// # Errors
     /// As [`TransactionTrait::transaction`]: the callback's error (rolled back) or the
@@ -101,7 +196,9 @@ impl RelayWaker {
         T: Send,
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
+        let turn = self.writers.turn(db).await;
         let out = db.transaction(callback).await?;
+        drop(turn);
         self.wake();
         Ok(out)
     }
@@ -112,6 +209,19 @@ impl RelayWaker {
             .iter()
             .filter(|r| r.strong_count() > 0)
             .count()
+    }
+
+    /// The writer queue this waker's transactions and its relays' write-backs share.
+    pub(super) fn writers(&self) -> &Writers {
+        &self.writers
+    }
+
+    /// A waker with no relay yet, sharing `writers`.
+    pub(super) fn sharing(writers: &Writers) -> Self {
+        Self {
+            relays: Arc::default(),
+            writers: writers.clone(),
+        }
     }
 
     /// Adds a relay's wake-up.
