@@ -140,6 +140,11 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// A listing's [`after`](crate::repository::EventQuery::after) is not a position in its
+    /// order.
+    #[error(transparent)]
+    InvalidCursor(#[from] crate::repository::InvalidEventCursor),
+
     /// An operation this kind of thing does not offer, e.g. discarding the inbox's dead letters
     /// by aggregate.
     #[error("not supported: {what}")]

@@ -19,7 +19,7 @@ use super::AdminState;
 use super::auth::Caller;
 use super::error::ApiError;
 use seaorm_outbox::OutboxStatus;
-use seaorm_outbox::repository::{EventQuery, Outbox};
+use seaorm_outbox::repository::{EventCursor, EventOrder, EventQuery, Outbox};
 use seaorm_outbox::stats::BreakerState;
 
 /// The largest page the API serves: a dashboard never needs more, and a bigger one is a
@@ -177,9 +177,11 @@ pub(crate) struct EventsParams {
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
     order: Option<String>,
+    sort: Option<String>,
     scheduled: Option<bool>,
     limit: Option<u64>,
     offset: Option<u64>,
+    after: Option<String>,
 }
 
 /// A form's empty field means "any".
@@ -198,7 +200,9 @@ pub(crate) fn parse_status(s: &str) -> Result<OutboxStatus, ApiError> {
     }
 }
 
-/// `GET /api/events`: a page of events by status, type, aggregate and `occurred_at` range.
+/// `GET /api/events`: a page of events by status, type, aggregate and `occurred_at` range,
+/// newest written first by default. `next` is the cursor of the next page (`after=`): keyset
+/// paging, as fast deep in a 10M-row table as on its first page. `offset` still works, capped.
 pub(crate) async fn events(
     State(s): State<Arc<AdminState>>,
     params: Result<Query<EventsParams>, QueryRejection>,
@@ -215,12 +219,27 @@ pub(crate) async fn events(
             )));
         }
     };
+    let order = match given(p.sort).as_deref() {
+        None | Some("written") => EventOrder::Written,
+        Some("occurred") => EventOrder::Occurred,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown sort {other:?}: expected written or occurred"
+            )));
+        }
+    };
+    let after = given(p.after)
+        .map(|c| c.parse::<EventCursor>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if after.is_some() && offset > 0 {
+        return Err(ApiError::bad_request("give after or offset, not both"));
+    }
     if let (Some(a), Some(b)) = (p.since, p.until)
         && a > b
     {
         return Err(ApiError::bad_request("since is after until"));
     }
-    // One more than the page says whether there is a next page, without a COUNT.
     let query = EventQuery::default()
         .status(status)
         .event_type(given(p.event_type))
@@ -229,16 +248,18 @@ pub(crate) async fn events(
         .since(p.since)
         .until(p.until)
         .oldest_first(oldest_first)
+        .order(order)
         .scheduled(p.scheduled.unwrap_or(false))
-        .limit(limit + 1)
-        .offset(offset);
-    let mut events = Outbox::new(&s.db).events(&query).await?;
-    let more = events.len() as u64 > limit;
-    events.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        .limit(limit)
+        .offset(offset)
+        .after(after);
+    let page = Outbox::new(&s.db).events_page(&query).await?;
+    let more = page.next.is_some();
     Ok(Json(json!({
-        "events": events,
+        "events": page.events,
         "offset": offset,
-        "next_offset": more.then_some(offset + limit),
+        "next": page.next,
+        "next_offset": (more && after.is_none()).then_some(offset + limit),
     }))
     .into_response())
 }

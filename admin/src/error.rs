@@ -76,6 +76,7 @@ impl From<Error> for ApiError {
             }
             Error::LimitTooLarge { .. }
             | Error::InvalidInboxKey { .. }
+            | Error::InvalidCursor(_)
             | Error::Unsupported { .. } => Self::bad_request(message),
             Error::CorruptRow { .. } => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "corrupt_row", message)

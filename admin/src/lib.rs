@@ -13,8 +13,8 @@
 //! | `GET /health` | none | the outbox's health verdict; 503 when unhealthy |
 //! | `GET /api/stats` | read | backlog split, scheduled events (count, next due), oldest pending age, dead letters, health, relays and breakers |
 //! | `GET /api/history?minutes=` | read | per minute: published, sampled backlog |
-//! | `GET /api/events?status=&event_type=&aggregate_type=&aggregate_id=&since=&until=&order=&limit=&offset=` | read | events by filter |
-//! | `GET /api/events?scheduled=true&limit=&offset=` | read | events still scheduled for later, soonest first |
+//! | `GET /api/events?status=&event_type=&aggregate_type=&aggregate_id=&since=&until=&order=newest\|oldest&sort=written\|occurred&limit=&after=` | read | events by filter, a page and the `next` cursor (keyset; `offset=` still works, capped) |
+//! | `GET /api/events?scheduled=true&limit=&after=` | read | events still scheduled for later, soonest first |
 //! | `GET /api/events/{id}` | read | one event in full |
 //! | `DELETE /api/scheduled/{id}` | write | cancel a scheduled event (`Outbox::cancel`); 409 once it can no longer be taken back |
 //! | `GET /api/dead-letters` | read | dead letters, most recent first |

@@ -18,7 +18,8 @@ mod message;
 mod schedule;
 
 pub use crate::store::{
-    EventQuery, INSERT_CHUNK, MAX_ERROR_BYTES, MAX_PAGE_SIZE, MinuteStats, SCHEDULE_MARGIN,
+    EventCursor, EventOrder, EventPage, EventQuery, INSERT_CHUNK, InvalidEventCursor,
+    MAX_ERROR_BYTES, MAX_PAGE_SIZE, MinuteStats, SCHEDULE_MARGIN,
 };
 
 /// Repository settings.
@@ -205,6 +206,37 @@ impl<'c, C: ConnectionTrait> Outbox<'c, C> {
     /// [`Error::LimitTooLarge`]; database errors.
     pub async fn events(&self, query: &EventQuery) -> Result<Vec<OutboxEvent>> {
         store::events(self.db, query).await
+    }
+
+    /// A page of the events `query` picks, and the cursor of the next page: keyset paging, so
+    /// a deep page costs what the first does. Pass [`EventPage::next`] back as
+    /// [`EventQuery::after`].
+    ///
+    /// ```
+    /// # async fn f(db: &sea_orm::DatabaseConnection) -> seaorm_outbox::Result<()> {
+    /// use seaorm_outbox::repository::{EventQuery, Outbox};
+    /// use seaorm_outbox::OutboxStatus;
+    ///
+    /// let outbox = Outbox::new(db);
+    /// let mut query = EventQuery::default().status(Some(OutboxStatus::Failed)).limit(100);
+    /// loop {
+    ///     let page = outbox.events_page(&query).await?;
+    ///     for event in &page.events {
+    ///         println!("{} {}", event.id, event.last_error.as_deref().unwrap_or(""));
+    ///     }
+    ///     match page.next {
+    ///         Some(next) => query = query.after(Some(next)),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::LimitTooLarge`]; [`Error::InvalidCursor`] for a cursor of another order;
+    /// database errors.
+    pub async fn events_page(&self, query: &EventQuery) -> Result<EventPage> {
+        store::events_page(self.db, query).await
     }
 
     /// The last `minutes` minutes (at most a day), oldest first: events published each minute,

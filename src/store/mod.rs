@@ -56,8 +56,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
-pub use browse::{EventQuery, MinuteStats};
-pub(crate) use browse::{events, history, record_sample};
+pub use browse::{EventCursor, EventOrder, EventPage, EventQuery, InvalidEventCursor, MinuteStats};
+pub(crate) use browse::{events, events_page, history, record_sample};
 pub(crate) use claim::{Claim, Claimed, DueKey};
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since, partition_relays_since};
 pub use inbox::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};

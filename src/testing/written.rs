@@ -4,7 +4,7 @@ use sea_orm::ConnectionTrait;
 
 use crate::error::Result;
 use crate::event::OutboxEvent;
-use crate::repository::{EventQuery, Outbox};
+use crate::repository::{EventOrder, EventQuery, Outbox};
 use crate::store::MAX_PAGE_SIZE;
 
 /// Every event in the outbox (any status), oldest first by `occurred_at`. On the transaction that
@@ -44,6 +44,7 @@ pub async fn events_written<C: ConnectionTrait>(db: &C) -> Result<Vec<OutboxEven
         let page = outbox
             .events(
                 &EventQuery::default()
+                    .order(EventOrder::Occurred)
                     .oldest_first(true)
                     .limit(MAX_PAGE_SIZE)
                     .offset(all.len() as u64),
