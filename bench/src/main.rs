@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`,
-//! `scheduled` (issue 29: the due drain with and without 1M scheduled rows), `log`
+//! `scheduled` (issue 29: the due drain with and without 1M scheduled rows), `admin` (issue
+//! 31: each admin endpoint's median on a 10M-row PostgreSQL table), `log`
 //! (issue 18's log relay, on a PostgreSQL of its own with `wal_level=logical`, or
 //! `OUTBOX_BENCH_LOGICAL_URL`).
 //! `--pg-only` skips MariaDB and SQLite in `throughput`, `--others-only` PostgreSQL; `--relays 1,2,4` picks the relay counts (default 1,2,4; 1 with `--quick`)
@@ -21,6 +22,7 @@
 //! two other claim designs beside the raw loop. `--quick` shrinks every size so the whole run takes well under two minutes; its figures are
 //! only a smoke test.
 
+mod admin;
 mod backlog;
 mod brokers;
 mod cpu;
@@ -52,6 +54,7 @@ pub(crate) struct Sizes {
     pub(crate) broker: u64,
     pub(crate) inbox: u64,
     pub(crate) scheduled: u64,
+    pub(crate) admin: u64,
 }
 
 impl Sizes {
@@ -69,6 +72,7 @@ impl Sizes {
                 broker: 1_000,
                 inbox: 500,
                 scheduled: 5_000,
+                admin: 20_000,
             }
         } else {
             Self {
@@ -81,6 +85,7 @@ impl Sizes {
                 broker: 50_000,
                 inbox: 20_000,
                 scheduled: 1_000_000,
+                admin: 10_000_000,
             }
         }
     }
@@ -246,6 +251,9 @@ async fn main() -> Result<()> {
             .await?;
             other.drop().await?;
         }
+    }
+    if wants("admin") {
+        admin::section(&pg, sizes.admin, &mut rows).await?;
     }
     if wants("log") {
         log_relay::section(&sizes, repeat, &mut rows).await?;
