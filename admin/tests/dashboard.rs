@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "dashboard-test-token";
+const READER: &str = "dashboard-reader-token";
 
 /// Generous: Chromium on a loaded 2-core machine can take many seconds per step.
 const WAIT: Duration = Duration::from_secs(60);
@@ -191,10 +192,57 @@ async fn save_screenshot(c: &Client, env: &str, name: &str) {
     std::fs::write(&shot, &png).expect("save screenshot");
 }
 
+/// Opens the page at `url` and gives it `token` at its prompt.
+async fn sign_in(c: &Client, url: &str, token: &str) {
+    c.goto(url).await.expect("open the dashboard");
+    wait_for(
+        c,
+        "the token prompt",
+        "document.getElementById('login').classList.contains('open')",
+    )
+    .await;
+    c.find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(token)
+        .await
+        .expect("type");
+    click(c, "#login-form button").await;
+}
+
+/// The ids the event browser lists now.
+async fn found(c: &Client) -> Vec<String> {
+    let v = c
+        .execute(
+            "return Array.from(document.querySelectorAll('#found tr[data-id]')).map((tr) => tr.dataset.id);",
+            vec![],
+        )
+        .await
+        .expect("script");
+    serde_json::from_value(v).expect("ids")
+}
+
+/// Sets the browser's filter fields (id: value; absent fields emptied) and submits.
+async fn find(c: &Client, fields: &[(&str, &str)]) {
+    c.execute(
+        "for (const id of ['f-id','f-aggregate-type','f-aggregate-id','f-type','f-status','f-since','f-until']) \
+           document.getElementById(id).value = ''; \
+         for (const [id, v] of arguments[0]) document.getElementById(id).value = v;",
+        vec![json!(fields)],
+    )
+    .await
+    .expect("fill the filter");
+    click(c, "#find button[type=submit]").await;
+}
+
 /// The host app: its own route, and the admin router nested at `/outbox`.
 async fn serve(t: &TestDb) -> (SocketAddr, CancellationToken) {
     let admin = Admin::builder(t.db.clone())
-        .authorizer(BearerTokens::new().writer("ops", TOKEN))
+        .authorizer(
+            BearerTokens::new()
+                .writer("ops", TOKEN)
+                .reader("viewer", READER),
+        )
         .refresh_interval(Duration::from_secs(1))
         .build();
     let app = Router::new()
@@ -548,22 +596,7 @@ async fn the_log_relay_panel_shows_a_lost_slot_and_handles_log_dead_letters() {
     let (addr, server_stop) = serve(&t).await;
     let driver = start_driver().await;
     let c = browser(&driver).await;
-    c.goto(&format!("http://{addr}/outbox"))
-        .await
-        .expect("open the dashboard");
-    wait_for(
-        &c,
-        "the token prompt",
-        "document.getElementById('login').classList.contains('open')",
-    )
-    .await;
-    c.find(Locator::Css("#token"))
-        .await
-        .expect("token field")
-        .send_keys(TOKEN)
-        .await
-        .expect("type");
-    click(&c, "#login-form button").await;
+    sign_in(&c, &format!("http://{addr}/outbox"), TOKEN).await;
 
     wait_for(
         &c,
@@ -650,4 +683,222 @@ async fn the_log_relay_panel_shows_a_lost_slot_and_handles_log_dead_letters() {
     c.close().await.expect("close the browser");
     server_stop.cancel();
     drop(server);
+}
+
+/// The event browser over PostgreSQL: the first page shows on load; a type filter pages
+/// through 120 events by cursor, forwards and back, each exactly once and in the database's
+/// order; an aggregate and status filter finds its dead letters; an event opens in full (its
+/// numbers checked against the table), is replayed from there (checked in the table), and
+/// one found by id is discarded after a confirmation. A reader sees no action, and the API
+/// refuses the reader's replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_event_browser_finds_pages_opens_and_acts_on_events() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let s = seed(&t).await;
+    let outbox = Outbox::new(&t.db);
+    let mut bulk = Vec::new();
+    for i in 0..120 {
+        let e = NewEvent::new("bulk.event", "bulk", format!("b-{i}"))
+            .payload(&json!({ "n": i }))
+            .header("trace", format!("t-{i}"));
+        bulk.push(outbox.add_event(e).await.expect("add"));
+    }
+    outbox.mark_published_many(&bulk).await.expect("publish");
+
+    let (addr, server_stop) = serve(&t).await;
+    let url = format!("http://{addr}/outbox");
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    sign_in(&c, &url, TOKEN).await;
+
+    // The first page on load: the 50 newest written.
+    wait_for(
+        &c,
+        "the first page",
+        "document.querySelectorAll('#found tr[data-id]').length === 50",
+    )
+    .await;
+    let newest: Vec<String> = bulk
+        .iter()
+        .rev()
+        .take(50)
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(found(&c).await, newest);
+
+    // Paging through one type: 50, 50, 20, newest first, each once.
+    find(&c, &[("f-type", "bulk.event")]).await;
+    let mut pages = Vec::new();
+    for (n, want) in [(1, 50), (2, 50), (3, 20)] {
+        wait_for(
+            &c,
+            &format!("page {n}"),
+            &format!(
+                "document.getElementById('page-no').textContent === 'page {n}' && \
+                 document.querySelectorAll('#found tr[data-id]').length === {want}"
+            ),
+        )
+        .await;
+        pages.push(found(&c).await);
+        let last = n == 3;
+        assert_eq!(
+            c.execute(
+                "return document.getElementById('next-page').disabled;",
+                vec![]
+            )
+            .await
+            .expect("script"),
+            json!(last),
+            "page {n}: Older is enabled until the last page"
+        );
+        if !last {
+            click(&c, "#next-page").await;
+        }
+    }
+    let walked: Vec<String> = pages.concat();
+    let all: Vec<String> = bulk.iter().rev().map(ToString::to_string).collect();
+    assert_eq!(walked, all, "each event once, newest written first");
+    click(&c, "#prev-page").await;
+    wait_for(
+        &c,
+        "back to page 2",
+        "document.getElementById('page-no').textContent === 'page 2'",
+    )
+    .await;
+    assert_eq!(found(&c).await, pages[1]);
+
+    // One aggregate's dead letters.
+    find(&c, &[("f-aggregate-id", "o-1"), ("f-status", "failed")]).await;
+    let want = vec![s.failed[1].to_string(), s.failed[0].to_string()];
+    wait_for(
+        &c,
+        "o-1's two dead letters",
+        &format!(
+            "document.querySelector('#found tr[data-id=\"{}\"]') && \
+             document.querySelectorAll('#found tr[data-id]').length === 2",
+            s.failed[0]
+        ),
+    )
+    .await;
+    assert_eq!(found(&c).await, want);
+
+    // Opened in full: what the table holds.
+    click(&c, &format!("#found tr[data-id=\"{}\"]", s.failed[0])).await;
+    wait_for(
+        &c,
+        "the event opened",
+        &format!(
+            "document.getElementById('event-detail').dataset.id === '{}' && \
+             !document.getElementById('event-detail').hidden",
+            s.failed[0]
+        ),
+    )
+    .await;
+    let stored = outbox.get(s.failed[0]).await.expect("get");
+    assert_eq!(
+        text(&c, "#d-fields dd[data-field=Attempts]").await,
+        stored.attempts.to_string()
+    );
+    assert_eq!(
+        text(&c, "#d-fields dd[data-field='Last error']").await,
+        stored.last_error.clone().expect("an error")
+    );
+    assert_eq!(
+        text(&c, "#d-fields dd[data-field=Status]").await,
+        "dead letter"
+    );
+    let shown: Value = serde_json::from_str(&text(&c, "#d-payload").await).expect("payload");
+    assert_eq!(shown, stored.payload);
+
+    // Replayed from there: pending again in the table, and on the page.
+    click(&c, "#d-actions button.replay").await;
+    wait_for(
+        &c,
+        "the replayed event, pending",
+        "document.getElementById('event-detail').dataset.status === 'pending'",
+    )
+    .await;
+    assert_eq!(
+        outbox.get(s.failed[0]).await.expect("get").status,
+        OutboxStatus::Pending
+    );
+
+    // Found by id, then discarded after the confirmation.
+    find(&c, &[("f-id", &s.failed[1].to_string())]).await;
+    wait_for(
+        &c,
+        "the event found by id",
+        &format!(
+            "document.getElementById('event-detail').dataset.id === '{}'",
+            s.failed[1]
+        ),
+    )
+    .await;
+    assert_eq!(found(&c).await, vec![s.failed[1].to_string()]);
+    save_screenshot(&c, "OUTBOX_SCREENSHOT_EVENTS", "dashboard-events.png").await;
+    click(&c, "#d-actions button.discard").await;
+    confirm(&c).await;
+    wait_for(
+        &c,
+        "the detail closed",
+        "document.getElementById('event-detail').hidden",
+    )
+    .await;
+    let gone = outbox.get(s.failed[1]).await;
+    assert!(
+        matches!(gone, Err(seaorm_outbox::Error::NotFound { .. })),
+        "{gone:?}"
+    );
+
+    // A reader: the same dead letter opens with no action, and the API refuses a replay.
+    c.execute("sessionStorage.clear();", vec![])
+        .await
+        .expect("sign out");
+    sign_in(&c, &url, READER).await;
+    wait_for(
+        &c,
+        "signed in as a reader",
+        "document.getElementById('caller').textContent === 'viewer (read)'",
+    )
+    .await;
+    find(&c, &[("f-id", &s.failed[2].to_string())]).await;
+    wait_for(
+        &c,
+        "the dead letter opened for the reader",
+        &format!(
+            "document.getElementById('event-detail').dataset.id === '{}'",
+            s.failed[2]
+        ),
+    )
+    .await;
+    assert_eq!(
+        c.execute(
+            "return document.querySelectorAll('#d-actions button').length;",
+            vec![]
+        )
+        .await
+        .expect("script"),
+        json!(0)
+    );
+    let status = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1]; \
+             fetch(arguments[0], { method: 'POST', headers: { 'Authorization': 'Bearer ' + arguments[1], \
+               'Content-Type': 'application/json' }, body: '{}' }).then((r) => done(r.status));",
+            vec![
+                json!(format!("{url}/api/dead-letters/{}/replay", s.failed[2])),
+                json!(READER),
+            ],
+        )
+        .await
+        .expect("fetch");
+    assert_eq!(status, json!(403));
+    assert_eq!(
+        outbox.get(s.failed[2]).await.expect("get").status,
+        OutboxStatus::Failed
+    );
+
+    c.close().await.expect("close the browser");
+    server_stop.cancel();
+    t.cleanup().await;
 }

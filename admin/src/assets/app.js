@@ -283,6 +283,124 @@
     }));
   }
 
+  // The event browser: driven by the operator, never by the refresh timer, so a 10M-row table
+  // is read only when asked. It pages by the API's keyset cursor; `pages` keeps each page's
+  // cursor, so going back to newer events needs no OFFSET either.
+  const browse = { filter: "limit=50", pages: [null], at: 0, open: null };
+  const STATUS = { pending: "pending", published: "published", failed: "dead letter" };
+
+  function filterQuery() {
+    const q = new URLSearchParams();
+    const put = (k, id) => { const v = $(id).value.trim(); if (v) q.set(k, v); };
+    put("aggregate_type", "f-aggregate-type");
+    put("aggregate_id", "f-aggregate-id");
+    put("event_type", "f-type");
+    put("status", "f-status");
+    // The inputs are in the browser's time zone; the API takes instants.
+    for (const [k, id] of [["since", "f-since"], ["until", "f-until"]]) {
+      const v = $(id).value;
+      if (v) q.set(k, new Date(v).toISOString());
+    }
+    q.set("limit", "50");
+    return q.toString();
+  }
+
+  function renderFound(events) {
+    const body = $("found");
+    if (events.length === 0) {
+      const tr = el("tr"); const td = el("td", "No event matches.", "empty"); td.colSpan = 6;
+      tr.append(td); body.replaceChildren(tr); return;
+    }
+    body.replaceChildren(...events.map((e) => {
+      const tr = el("tr"); tr.dataset.id = e.id; tr.dataset.status = e.status;
+      if (browse.open === e.id) tr.className = "open";
+      tr.append(el("td", e.event_type + " · …" + e.id.slice(-12), "mono"),
+        el("td", e.aggregate_type + "/" + e.aggregate_id, "mono"), el("td", STATUS[e.status] || e.status),
+        el("td", when(e.occurred_at)), el("td", e.attempts, "num"), el("td", e.last_error || "", "err"));
+      tr.onclick = () => act(() => openEvent(e.id));
+      return tr;
+    }));
+  }
+
+  async function showPage() {
+    const q = new URLSearchParams(browse.filter);
+    const after = browse.pages[browse.at];
+    if (after) q.set("after", after);
+    const d = await call("GET", "/api/events?" + q.toString());
+    browse.pages.length = browse.at + 1;
+    if (d.next) browse.pages.push(d.next);
+    renderFound(d.events);
+    $("page-no").textContent = "page " + (browse.at + 1);
+    $("prev-page").disabled = browse.at === 0;
+    $("next-page").disabled = !d.next;
+    $("found-summary").textContent = "(" + d.events.length + (d.next ? "+" : "") + " shown)";
+  }
+
+  function closeEvent() {
+    browse.open = null;
+    $("event-detail").hidden = true;
+    document.querySelectorAll("#found tr.open").forEach((tr) => tr.classList.remove("open"));
+  }
+
+  async function openEvent(id) {
+    const e = await call("GET", "/api/events/" + encodeURIComponent(id));
+    browse.open = e.id;
+    const box = $("event-detail");
+    box.hidden = false;
+    box.dataset.id = e.id;
+    box.dataset.status = e.status;
+    $("d-id").textContent = e.id;
+    const fields = [["Type", e.event_type], ["Aggregate", e.aggregate_type + "/" + e.aggregate_id],
+      ["Status", STATUS[e.status] || e.status], ["Attempts", e.attempts], ["Occurred", when(e.occurred_at)],
+      ["Written", when(e.created_at)], ["Deliver at", when(e.deliver_at)], ["Expires", when(e.expires_at)],
+      ["Published", when(e.published_at)], ["Dead-lettered", when(e.failed_at)], ["Last error", e.last_error]];
+    $("d-fields").replaceChildren(...fields.filter(([, v]) => v !== null && v !== undefined && v !== "")
+      .flatMap(([k, v]) => { const dd = el("dd", v); dd.dataset.field = k; return [el("dt", k), dd]; }));
+    $("d-headers").textContent = JSON.stringify(e.headers, null, 2);
+    $("d-payload").textContent = JSON.stringify(e.payload, null, 2);
+    const actions = $("d-actions");
+    actions.replaceChildren();
+    // Only a dead letter can be replayed or discarded, and only by a writer.
+    if (e.status === "failed" && canWrite) {
+      const r = el("button", "Replay", "replay"); r.type = "button";
+      r.onclick = () => act(async () => {
+        await call("POST", "/api/dead-letters/" + e.id + "/replay");
+        await openEvent(e.id); await showPage();
+      });
+      const d = el("button", "Discard", "discard danger"); d.type = "button";
+      d.onclick = () => confirmThen("Discard this dead letter for good?", async () => {
+        await call("DELETE", "/api/dead-letters/" + e.id);
+        closeEvent(); await showPage();
+      });
+      actions.append(r, " ", d);
+    }
+    document.querySelectorAll("#found tr[data-id]").forEach((tr) => tr.classList.toggle("open", tr.dataset.id === e.id));
+  }
+
+  $("find").onsubmit = (ev) => {
+    ev.preventDefault();
+    const id = $("f-id").value.trim();
+    act(async () => {
+      closeEvent();
+      if (id) {
+        // An id names one event: show it alone, opened.
+        const e = await call("GET", "/api/events/" + encodeURIComponent(id));
+        renderFound([e]);
+        $("prev-page").disabled = true; $("next-page").disabled = true;
+        $("page-no").textContent = ""; $("found-summary").textContent = "(by id)";
+        await openEvent(e.id);
+        return;
+      }
+      browse.filter = filterQuery();
+      browse.pages = [null];
+      browse.at = 0;
+      await showPage();
+    });
+  };
+  $("next-page").onclick = () => { browse.at += 1; act(showPage); };
+  $("prev-page").onclick = () => { browse.at = Math.max(0, browse.at - 1); act(showPage); };
+  $("d-close").onclick = closeEvent;
+
   async function refresh() {
     clearTimeout(timer);
     try {
@@ -297,6 +415,8 @@
       renderScheduled(s.scheduled, s.scheduled > 0 ? await call("GET", "/api/events?scheduled=true&limit=50") : null);
       if (s.inbox !== null) renderInbox(await call("GET", "/api/inbox/dead-letters?limit=100"));
       if (s.log !== null) renderLogDeadLetters(await call("GET", "/api/log/dead-letters?limit=100"));
+      // The browser's first page once, on the first refresh that gets through; then on demand.
+      if (!browse.loaded) { browse.loaded = true; await showPage(); }
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();
       document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
       showError("");
