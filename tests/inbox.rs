@@ -29,6 +29,7 @@ on_all_backends!(
     messages_without_an_id_or_with_a_bad_payload_dead_letter_at_once,
     parallel_copies_of_one_message_apply_once,
     a_running_consumer_purges_ids_past_its_retention,
+    consumer_processes_report_themselves_in_inbox_consumers,
 );
 
 // Not on in-memory SQLite: shutdown cancels a handler mid-transaction, and sqlx may then close
@@ -425,4 +426,151 @@ async fn a_running_consumer_purges_ids_past_its_retention(t: &TestDb) {
         .build()
         .expect_err("refused");
     assert!(matches!(err, Error::Config(_)), "{err}");
+}
+
+// ---- heartbeats ----
+
+/// Polls `inbox_consumers` until `ok` holds for what it lists.
+async fn consumers_until(
+    t: &TestDb,
+    what: &str,
+    ok: impl Fn(&[seaorm_outbox::inbox::ConsumerHeartbeat]) -> bool,
+) -> Vec<seaorm_outbox::inbox::ConsumerHeartbeat> {
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = Inbox::new(&t.db)
+            .consumers(Duration::from_secs(60))
+            .await
+            .expect("consumers");
+        if ok(&rows) {
+            return rows;
+        }
+        assert!(std::time::Instant::now() < limit, "{what}: {rows:#?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Three consumer processes (two of `billing`, one of `ledger`) write their rows: each
+/// process's counts as its own stats say, the held messages and the lag of a process whose
+/// key queue backs up, a rate per minute; a graceful stop removes its row, a crashed process's
+/// row stops moving and drops out of a short window.
+async fn consumer_processes_report_themselves_in_inbox_consumers(t: &TestDb) {
+    create_effects(t).await;
+    let beat = fast().heartbeat_interval(Some(Duration::from_millis(100)));
+    // A: slow handler, 80 messages of one key: they queue behind each other for 2.4 s.
+    let slow = Effects {
+        delay: Duration::from_millis(30),
+        ..Effects::default()
+    };
+    let a = Harness::start(t, "billing", slow, beat.clone());
+    // B: 10 messages, 3 of them twice.
+    let b = Harness::start(t, "billing", Effects::default(), beat.clone());
+    // C: one message that always fails, dead-lettered after 2 attempts.
+    let failing = Effects::default();
+    failing
+        .fail_first
+        .lock()
+        .expect("fail_first")
+        .insert("bad-1".into(), u32::MAX);
+    let c = Harness::start(t, "ledger", failing, beat.clone().max_attempts(2));
+
+    for i in 0..80 {
+        a.send(message(Some(&format!("a-{i}")), "hot", i, i as u64))
+            .await;
+    }
+    for i in 0..13_i64 {
+        let n = if i < 10 { i } else { i - 10 };
+        b.send(message(
+            Some(&format!("b-{n}")),
+            &format!("k{n}"),
+            n,
+            i as u64,
+        ))
+        .await;
+    }
+    c.send(message(Some("bad-1"), "x", 0, 0)).await;
+
+    // While A works through its queue, its row shows messages held and waiting.
+    // (B's 13 finish at once; A's 80 take seconds.)
+    consumers_until(t, "A holding a backed-up key", |rows| {
+        rows.iter().any(|r| {
+            r.consumer == "billing"
+                && r.held > 15
+                && r.lag_secs.is_some_and(|l| l > 0.1)
+                && r.applied_per_min > 0.0
+        })
+    })
+    .await;
+
+    b.wait_acks(13).await;
+    c.wait_acks(1).await;
+    a.wait_acks(80).await;
+    // Every process's final counts reach its row.
+    let rows = consumers_until(t, "final counts", |rows| {
+        rows.len() == 3
+            && rows
+                .iter()
+                .filter(|r| r.consumer == "billing")
+                .any(|r| r.applied == 80 && r.held == 0)
+            && rows
+                .iter()
+                .any(|r| r.consumer == "billing" && r.applied == 10 && r.duplicates == 3)
+            && rows
+                .iter()
+                .any(|r| r.consumer == "ledger" && r.dead_lettered == 1 && r.retries >= 1)
+    })
+    .await;
+    let a_instance = rows
+        .iter()
+        .find(|r| r.consumer == "billing" && r.applied == 80)
+        .map(|r| r.instance.clone())
+        .expect("A's row");
+    let mut instances: Vec<&str> = rows.iter().map(|r| r.instance.as_str()).collect();
+    instances.sort_unstable();
+    instances.dedup();
+    assert_eq!(
+        instances.len(),
+        3,
+        "each process its own instance: {rows:#?}"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.broker == "test" && r.started_at <= r.heartbeat_at)
+    );
+    assert!(
+        rows.iter().all(|r| r.lag_secs.is_none()),
+        "nothing waits once all is applied: {rows:#?}"
+    );
+
+    // A graceful stop removes A's row and only A's.
+    let stats = a.stop().await;
+    assert_eq!(stats.applied, 80);
+    let rows = consumers_until(t, "A's row removed", |rows| rows.len() == 2).await;
+    assert!(rows.iter().all(|r| r.instance != a_instance), "{rows:#?}");
+
+    // A crash: C's row stays but stops moving, so a short window leaves it out.
+    c.run.abort();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let recent = Inbox::new(&t.db)
+        .consumers(Duration::from_millis(500))
+        .await
+        .expect("consumers");
+    assert_eq!(
+        recent
+            .iter()
+            .map(|r| r.consumer.as_str())
+            .collect::<Vec<_>>(),
+        vec!["billing"],
+        "{recent:#?}"
+    );
+    let all = Inbox::new(&t.db)
+        .consumers(Duration::from_secs(60))
+        .await
+        .expect("consumers");
+    assert_eq!(
+        all.len(),
+        2,
+        "the crashed process's row ages out later: {all:#?}"
+    );
+    b.stop().await;
 }

@@ -60,7 +60,7 @@ pub(crate) async fn health(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 /// `GET /api/stats`: the backlog, dead letters, health with its reasons, the relays and their
-/// breakers, and the inbox's dead letters.
+/// breakers, and the inbox's dead letters and consumer processes.
 pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller) -> ApiResult {
     let outbox = Outbox::new(&s.db);
     let mut health = outbox.health(&s.thresholds).await;
@@ -85,10 +85,10 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
     }
     let log = log_relay(&s, &mut health).await?;
     let inbox = if s.inbox {
-        let n = seaorm_outbox::inbox::Inbox::new(&s.db)
-            .count_dead_letters(None)
-            .await?;
-        json!({ "dead_letters": n })
+        let inbox = seaorm_outbox::inbox::Inbox::new(&s.db);
+        let n = inbox.count_dead_letters(None).await?;
+        let consumers = inbox.consumers(s.relays_within).await?;
+        json!({ "dead_letters": n, "consumers": consumers })
     } else {
         Value::Null
     };

@@ -41,6 +41,7 @@ mod m20261202_000011_backlog_samples;
 mod m20261203_000012_partitions;
 mod m20261204_000013_scheduled;
 mod m20261204_000014_scheduled_scale;
+mod m20261205_000015_inbox_consumers;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -56,6 +57,7 @@ pub use m20261202_000011_backlog_samples::Migration as BacklogSamples;
 pub use m20261203_000012_partitions::Migration as Partitions;
 pub use m20261204_000013_scheduled::Migration as Scheduled;
 pub use m20261204_000014_scheduled_scale::Migration as ScheduledScale;
+pub use m20261205_000015_inbox_consumers::Migration as InboxConsumers;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -94,9 +96,10 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
     ]
 }
 
-/// The consumer inbox's migrations only (`inbox_messages`, `inbox_dead_letters`), oldest first.
+/// The consumer inbox's migrations only (`inbox_messages`, `inbox_dead_letters`,
+/// `inbox_consumers`), oldest first.
 pub fn inbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(Inbox)]
+    vec![Box::new(Inbox), Box::new(InboxConsumers)]
 }
 
 /// A standalone migrator with its own bookkeeping table ([`MIGRATION_TABLE`]).

@@ -62,6 +62,11 @@ pub struct ConsumerConfig {
     /// busy, batches keep filling, so under load they are full anyway and a trickle is held
     /// back no longer than this.
     pub max_batch_delay: Duration,
+    /// How often the consumer writes its row in `inbox_consumers` (default 5 s): its counts,
+    /// per-minute rates, what it holds and its oldest waiting message's age, for the admin
+    /// dashboard and [`Inbox::consumers`](super::Inbox::consumers). A graceful stop removes
+    /// the row; a crashed process's row ages out. `None` writes nothing.
+    pub heartbeat_interval: Option<Duration>,
 }
 
 impl Default for ConsumerConfig {
@@ -84,6 +89,7 @@ impl Default for ConsumerConfig {
             drain_timeout: Duration::from_secs(10),
             batch_size: 1,
             max_batch_delay: Duration::from_millis(2),
+            heartbeat_interval: Some(Duration::from_secs(5)),
         }
     }
 }
@@ -124,6 +130,8 @@ impl ConsumerConfig {
         batch_size: usize,
         /// Sets [`max_batch_delay`](Self::max_batch_delay).
         max_batch_delay: Duration,
+        /// Sets [`heartbeat_interval`](Self::heartbeat_interval).
+        heartbeat_interval: Option<Duration>,
     }
 
     /// The largest [`batch_size`](Self::batch_size): one multi-row statement's worth.
@@ -154,6 +162,9 @@ impl ConsumerConfig {
         }
         if self.batch_size > self.max_in_flight {
             return bad("batch_size must be at most max_in_flight");
+        }
+        if self.heartbeat_interval.is_some_and(|d| d.is_zero()) {
+            return bad("heartbeat_interval must be positive");
         }
         if self.retention.is_some_and(|r| r < Duration::from_secs(60)) {
             return bad("retention under a minute would forget ids of messages still in flight");

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc};
@@ -13,6 +14,7 @@ use uuid::Uuid;
 
 use super::batch::{self, Leftover};
 use super::handler::Handler;
+use super::heartbeat::{Figures, Heartbeat};
 use super::message::Incoming;
 use super::process;
 use super::source::{Acknowledge, Delivery, Source, SourceContext};
@@ -57,6 +59,18 @@ struct Dispatcher<H> {
 }
 
 impl<H: Handler> Dispatcher<H> {
+    /// What a heartbeat reports: the counts, what is held, and when the oldest message
+    /// waiting for a handler (queued behind its key, or forming a batch) arrived.
+    fn figures(&self) -> Figures {
+        let queued = self.waiting.values().filter_map(|q| q.front());
+        let forming = self.forming.iter().map(|(_, d)| d);
+        Figures {
+            stats: self.shared.counters.snapshot(),
+            held: self.held,
+            oldest_waiting: queued.chain(forming).map(|d| d.message.received_at).min(),
+        }
+    }
+
     fn batched(&self) -> bool {
         self.shared.config.batch_size > 1
     }
@@ -343,6 +357,15 @@ pub(crate) async fn run<H: Handler, S: Source>(
     let mut purges = interval(config.purge_interval);
     purges.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut purging: Option<tokio::task::JoinHandle<()>> = None;
+    let mut heartbeat = config
+        .heartbeat_interval
+        .map(|every| Heartbeat::new(d.shared.db.clone(), &d.shared.name, broker, every));
+    let mut beats = interval(
+        config
+            .heartbeat_interval
+            .unwrap_or(Duration::from_secs(3600)),
+    );
+    beats.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let due = d.due(&mut rx);
         tokio::select! {
@@ -360,6 +383,11 @@ pub(crate) async fn run<H: Handler, S: Source>(
                 None => break,
             },
             _ = replays.tick() => d.take_replays().await,
+            _ = beats.tick(), if heartbeat.is_some() => {
+                if let Some(h) = heartbeat.as_mut() {
+                    h.beat(d.figures());
+                }
+            }
             _ = purges.tick(), if config.retention.is_some() => {
                 if purging.as_ref().is_none_or(|p| p.is_finished()) {
                     purging = Some(tokio::spawn(purge(
@@ -413,6 +441,9 @@ pub(crate) async fn run<H: Handler, S: Source>(
     // for the broker to redeliver.
     hard_stop.cancel();
     while d.running.join_next().await.is_some() {}
+    if let Some(h) = heartbeat {
+        h.stop().await;
+    }
     drop(d);
     drop(rx);
     source_flush.cancel();

@@ -22,6 +22,7 @@
 //! | `consumer.rs` | [`Consumer`] |
 //! | `dispatch.rs` | per-key queues: one message per key at a time, keys in parallel; batches formed |
 //! | `process.rs` | one message: attempts, backoff, dead letter, acknowledgement |
+//! | `heartbeat.rs` | the process's row in `inbox_consumers` ([`ConsumerHeartbeat`]) |
 //! | `batch.rs` | batch mode: many messages in one transaction, a failing one retried alone |
 //!
 //! ```
@@ -43,6 +44,7 @@ mod consumer;
 mod dispatch;
 mod handler;
 mod handler_error;
+mod heartbeat;
 mod message;
 mod process;
 mod source;
@@ -74,6 +76,7 @@ pub use crate::broker::rabbitmq::RabbitMqSource;
 #[cfg(feature = "redis")]
 #[doc(hidden)]
 pub use crate::broker::redis::RedisSource;
+pub use crate::store::consumers::ConsumerHeartbeat;
 pub use crate::store::{DeadLetters, InboxDeadLetter, MAX_INBOX_KEY_CHARS};
 
 use crate::error::Result;
@@ -199,6 +202,21 @@ impl<'a, C: ConnectionTrait> Inbox<'a, C> {
     /// Database errors.
     pub async fn count_dead_letters(&self, consumer: Option<&str>) -> Result<u64> {
         store::count_dead_letters(self.db, consumer).await
+    }
+
+    /// Every consumer process heard from within `within`, by consumer name then instance:
+    /// counts, per-minute rates, what each holds and its lag, as each last wrote them (every
+    /// [`ConsumerConfig::heartbeat_interval`]). A stopped process removes its row; a crashed
+    /// one's ages out.
+    ///
+    /// # Errors
+    /// Database errors (a missing table when migration `inbox_consumers` is not applied).
+    pub async fn consumers(&self, within: std::time::Duration) -> Result<Vec<ConsumerHeartbeat>> {
+        let since = chrono::Duration::from_std(within)
+            .ok()
+            .and_then(|d| crate::event::now().checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        crate::store::consumers::heard_since(self.db, since).await
     }
 
     /// Asks the running consumer to apply these dead letters again; returns how many. The

@@ -15,6 +15,7 @@
 //! | [`heartbeats`] | each running relay's row in `outbox_relays` |
 //! | [`inbox`] | the consumer side: `inbox_messages` and `inbox_dead_letters` |
 //! | [`inbox_batch`] | a batch's inbox record in one statement, and its undo |
+//! | [`consumers`] | each running consumer process's row in `inbox_consumers` |
 //! | [`logical`] | message mode's write; the log relay's slot, publication, peek, advance |
 //! | [`log_dead_letters`] | the log relay's dead letters |
 //! | [`pgoutput`] | decoding the records a logical slot returns |
@@ -29,6 +30,7 @@
 
 mod browse;
 mod claim;
+pub(crate) mod consumers;
 mod heartbeats;
 pub(crate) mod inbox;
 pub(crate) mod inbox_batch;

@@ -88,7 +88,10 @@
     const inbox = s.inbox !== null;
     $("card-inbox").hidden = !inbox;
     $("inbox-section").hidden = !inbox;
-    if (inbox) $("inbox-failed").textContent = s.inbox.dead_letters;
+    if (inbox) {
+      $("inbox-failed").textContent = s.inbox.dead_letters;
+      renderConsumers(s.inbox.consumers);
+    }
     renderLogSlots(s.log);
     canWrite = s.caller.role === "write";
     $("caller").textContent = s.caller.name + " (" + s.caller.role + ")";
@@ -257,6 +260,29 @@
       if (!r.event) actions.querySelectorAll(".replay").forEach((b) => b.remove());
       tr.append(payloadCell(label, payload), el("td", r.slot, "mono"), el("td", r.attempts),
         el("td", when(r.failed_at)), el("td", r.error, "err"), actions);
+      return tr;
+    }));
+  }
+
+  // Every consumer process that wrote its heartbeat recently, whichever process serves this
+  // page. A process with messages waiting longer than a minute is marked.
+  function renderConsumers(rows) {
+    const names = new Set(rows.map((c) => c.consumer));
+    $("consumers-summary").textContent = "(" + names.size + " consumer" + (names.size === 1 ? "" : "s") + ", "
+      + rows.length + " process" + (rows.length === 1 ? "" : "es") + ")";
+    const body = $("consumers");
+    if (rows.length === 0) {
+      const tr = el("tr"); const td = el("td", "No consumer has sent a heartbeat recently.", "empty"); td.colSpan = 9;
+      tr.append(td); body.replaceChildren(tr); return;
+    }
+    const rate = (n) => n >= 10 ? Math.round(n) : n.toFixed(1);
+    body.replaceChildren(...rows.map((c) => {
+      const tr = el("tr"); tr.dataset.consumer = c.consumer; tr.dataset.instance = c.instance;
+      if (c.lag_secs !== null && c.lag_secs > 60) tr.className = "behind";
+      tr.append(el("td", c.consumer, "mono"), el("td", c.instance, "mono"), el("td", c.broker),
+        el("td", rate(c.applied_per_min), "num applied"), el("td", rate(c.duplicates_per_min), "num duplicates"),
+        el("td", rate(c.dead_lettered_per_min), "num dead"), el("td", c.held, "num held"),
+        el("td", c.lag_secs === null ? "none waiting" : age(c.lag_secs), "lag"), el("td", when(c.heartbeat_at)));
       return tr;
     }));
   }
