@@ -10,6 +10,8 @@
 mod admin_http;
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "../../tests/support/consumer.rs"]
+mod consumer;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -897,6 +899,159 @@ async fn the_event_browser_finds_pages_opens_and_acts_on_events() {
         outbox.get(s.failed[2]).await.expect("get").status,
         OutboxStatus::Failed
     );
+
+    c.close().await.expect("close the browser");
+    server_stop.cancel();
+    t.cleanup().await;
+}
+
+/// The inbox consumers' panel over PostgreSQL: a consumer process running here and one that
+/// reported from another host are both listed, the other's figures exactly as its row holds
+/// them and marked as behind (its oldest message waited 150 s); the live one's row is the one
+/// its process wrote, and leaves the page when the process stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_inbox_consumers_panel_lists_every_consumer_process() {
+    use consumer::{Effects, Harness, create_effects, fast, message};
+    use seaorm_outbox::inbox::Inbox;
+
+    let t = TestDb::new(Backend::Postgres).await;
+    create_effects(&t).await;
+    // A process elsewhere, as its heartbeat left its row.
+    t.exec(
+        "a consumer row",
+        "INSERT INTO inbox_consumers (consumer, instance, broker, started_at, heartbeat_at, \
+         applied, duplicates, dead_lettered, retries, applied_per_min, duplicates_per_min, \
+         dead_lettered_per_min, held, lag_secs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        vec![
+            "ledger".into(),
+            "other-host:202:bbbbbb".into(),
+            "kafka".into(),
+            (Utc::now() - chrono::Duration::hours(1)).into(),
+            // Ahead, so it stays "recent" however slow the browser is.
+            (Utc::now() + chrono::Duration::minutes(10)).into(),
+            5000_i64.into(),
+            12_i64.into(),
+            1_i64.into(),
+            3_i64.into(),
+            1234.5_f64.into(),
+            12.0_f64.into(),
+            0.5_f64.into(),
+            7_i64.into(),
+            150.0_f64.into(),
+        ],
+    )
+    .await;
+    let live = Harness::start(
+        &t,
+        "billing",
+        Effects::default(),
+        fast().heartbeat_interval(Some(Duration::from_millis(200))),
+    );
+    for i in 0..20 {
+        live.send(message(
+            Some(&format!("m-{i}")),
+            &format!("k{i}"),
+            i,
+            i as u64,
+        ))
+        .await;
+    }
+    live.wait_acks(20).await;
+    // Its row, once its counts are in.
+    let inbox = Inbox::new(&t.db);
+    let started = Instant::now();
+    let mine = loop {
+        let rows = inbox
+            .consumers(Duration::from_secs(60))
+            .await
+            .expect("rows");
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.consumer == "billing" && r.applied == 20)
+        {
+            break r.clone();
+        }
+        assert!(started.elapsed() < WAIT, "no heartbeat row: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let (addr, server_stop) = serve(&t).await;
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    sign_in(&c, &format!("http://{addr}/outbox"), TOKEN).await;
+    wait_for(
+        &c,
+        "both consumer processes",
+        "document.querySelectorAll('#consumers tr[data-instance]').length === 2",
+    )
+    .await;
+    assert_eq!(
+        text(&c, "#consumers-summary").await,
+        "(2 consumers, 2 processes)"
+    );
+    let other = "#consumers tr[data-instance=\"other-host:202:bbbbbb\"]";
+    for (cell, want) in [
+        ("td.applied", "1235"),
+        ("td.duplicates", "12"),
+        ("td.dead", "0.5"),
+        ("td.held", "7"),
+        ("td.lag", "3m"),
+    ] {
+        assert_eq!(text(&c, &format!("{other} {cell}")).await, want, "{cell}");
+    }
+    assert_eq!(
+        c.execute(
+            "return document.querySelector(arguments[0]).className;",
+            vec![json!(other)]
+        )
+        .await
+        .expect("script"),
+        json!("behind")
+    );
+    let row = text(&c, other).await;
+    assert!(row.contains("ledger") && row.contains("kafka"), "{row}");
+    let live_row = format!("#consumers tr[data-instance=\"{}\"]", mine.instance);
+    let shown = text(&c, &live_row).await;
+    assert!(
+        shown.contains("billing") && shown.contains("test"),
+        "{shown}"
+    );
+    wait_for(
+        &c,
+        "the live process idle",
+        &format!(
+            "document.querySelector('{} td.held') && \
+             document.querySelector('{} td.held').textContent === '0' && \
+             document.querySelector('{} td.lag').textContent === 'none waiting'",
+            live_row.replace('\'', "\\'"),
+            live_row.replace('\'', "\\'"),
+            live_row.replace('\'', "\\'")
+        ),
+    )
+    .await;
+    c.execute(
+        "document.getElementById('inbox-section').scrollIntoView();",
+        vec![],
+    )
+    .await
+    .expect("scroll");
+    save_screenshot(&c, "OUTBOX_SCREENSHOT_CONSUMERS", "dashboard-consumers.png").await;
+
+    // A graceful stop removes its row: gone from the table and the page.
+    let stats = live.stop().await;
+    assert_eq!(stats.applied, 20);
+    wait_for(
+        &c,
+        "the stopped process gone",
+        "document.querySelectorAll('#consumers tr[data-instance]').length === 1",
+    )
+    .await;
+    let rows = inbox
+        .consumers(Duration::from_secs(60))
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].instance, "other-host:202:bbbbbb");
 
     c.close().await.expect("close the browser");
     server_stop.cancel();
