@@ -769,6 +769,41 @@ async fn the_event_browser_finds_pages_opens_and_acts_on_events() {
     .await;
     assert_eq!(found(&c).await, pages[1]);
 
+    // A time range, in the browser's own time zone: minutes 1.5 to 5.5 of the seed hold p-2
+    // and s-0, newest first.
+    let local = |minutes: f64| {
+        let at = Utc::now() - chrono::Duration::minutes(30)
+            + chrono::Duration::milliseconds((minutes * 60_000.0) as i64);
+        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let (since, until): (Value, Value) = (json!(local(1.5)), json!(local(5.5)));
+    c.execute(
+        "const toLocal = (iso) => { const d = new Date(iso); \
+           return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19); }; \
+         for (const id of ['f-id','f-aggregate-type','f-aggregate-id','f-type','f-status']) \
+           document.getElementById(id).value = ''; \
+         document.getElementById('f-since').value = toLocal(arguments[0]); \
+         document.getElementById('f-until').value = toLocal(arguments[1]);",
+        vec![since, until],
+    )
+    .await
+    .expect("fill the range");
+    click(&c, "#find button[type=submit]").await;
+    wait_for(
+        &c,
+        "the events in the range",
+        &format!(
+            "document.querySelector('#found tr[data-id=\"{}\"]') && \
+             document.querySelectorAll('#found tr[data-id]').length === 2",
+            s.pending[2]
+        ),
+    )
+    .await;
+    assert_eq!(
+        found(&c).await,
+        vec![s.published[0].to_string(), s.pending[2].to_string()]
+    );
+
     // One aggregate's dead letters.
     find(&c, &[("f-aggregate-id", "o-1"), ("f-status", "failed")]).await;
     let want = vec![s.failed[1].to_string(), s.failed[0].to_string()];

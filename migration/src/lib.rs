@@ -42,6 +42,7 @@ mod m20261203_000012_partitions;
 mod m20261204_000013_scheduled;
 mod m20261204_000014_scheduled_scale;
 mod m20261205_000015_inbox_consumers;
+mod m20261205_000016_browse_by_time;
 
 pub use m20261127_000001_create_outbox_events::Migration as CreateOutboxEvents;
 pub use m20261127_000002_relay_lease_and_notify::Migration as RelayLeaseAndNotify;
@@ -58,6 +59,7 @@ pub use m20261203_000012_partitions::Migration as Partitions;
 pub use m20261204_000013_scheduled::Migration as Scheduled;
 pub use m20261204_000014_scheduled_scale::Migration as ScheduledScale;
 pub use m20261205_000015_inbox_consumers::Migration as InboxConsumers;
+pub use m20261205_000016_browse_by_time::Migration as BrowseByTime;
 
 /// The bookkeeping table of the standalone [`Migrator`].
 pub const MIGRATION_TABLE: &str = "seaorm_outbox_migrations";
@@ -93,6 +95,7 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(Partitions),
         Box::new(Scheduled),
         Box::new(ScheduledScale),
+        Box::new(BrowseByTime),
     ]
 }
 

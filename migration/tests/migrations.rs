@@ -20,6 +20,7 @@ on_all_backends!(
     standalone_migrator_coexists_with_the_host_bookkeeping,
     a_consumer_only_host_gets_the_inbox_tables_alone_and_the_outbox_later,
     the_scheduled_scale_migration_indexes_what_the_relay_reads,
+    the_browse_migration_indexes_occurred_at_with_brin_on_postgres,
 );
 
 /// Names of the tables in the test's database or schema.
@@ -343,8 +344,8 @@ async fn the_scheduled_scale_migration_indexes_what_the_relay_reads(t: &TestDb) 
         }
         _ => {}
     }
-    // Down through migration 15 (inbox_consumers) and this one.
-    Migrator::down(&t.db, Some(2)).await.expect("down two");
+    // Down through migrations 16 (browse_by_time), 15 (inbox_consumers) and this one.
+    Migrator::down(&t.db, Some(3)).await.expect("down three");
     match t.db.get_database_backend() {
         DbBackend::MySql => assert_eq!(
             t.scalar(&format!(
@@ -367,4 +368,31 @@ async fn the_scheduled_scale_migration_indexes_what_the_relay_reads(t: &TestDb) 
         ),
         _ => {}
     }
+}
+
+/// Migration 16: a BRIN index on `occurred_at` on PostgreSQL, gone after down; nothing on the
+/// other backends.
+async fn the_browse_migration_indexes_occurred_at_with_brin_on_postgres(t: &TestDb) {
+    Migrator::up(&t.db, None).await.expect("up");
+    let sql = match t.db.get_database_backend() {
+        DbBackend::Postgres => format!(
+            "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = '{}' \
+                 AND indexname = 'outbox_events_occurred_brin' AND indexdef LIKE '%USING brin (occurred_at)%'",
+            t.name
+        ),
+        DbBackend::MySql => format!(
+            "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = '{}' \
+                 AND index_name = 'outbox_events_occurred_brin'",
+            t.name
+        ),
+        _ => "SELECT COUNT(*) FROM sqlite_master WHERE name = 'outbox_events_occurred_brin'"
+            .to_owned(),
+    };
+    let brin = || t.scalar(&sql);
+    let want = i64::from(t.db.get_database_backend() == DbBackend::Postgres);
+    assert_eq!(brin().await, want);
+    Migrator::down(&t.db, Some(1)).await.expect("down one");
+    assert_eq!(brin().await, 0);
+    Migrator::up(&t.db, None).await.expect("up again");
+    assert_eq!(brin().await, want);
 }

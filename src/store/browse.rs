@@ -29,9 +29,12 @@ pub enum EventOrder {
     /// ([`NewEvent::id`](crate::NewEvent::id)) sort by that id.
     #[default]
     Written,
-    /// By `occurred_at`. Without a status filter this sorts every matching row (there is no
-    /// index on `occurred_at` over all rows: it would cost every insert and every publish), so
-    /// on a large retained table prefer [`Written`](Self::Written).
+    /// By `occurred_at`: the order for a time range ([`since`](EventQuery::since) /
+    /// [`until`](EventQuery::until)), which on PostgreSQL reads only that range's blocks
+    /// through the BRIN index of migration 16, and for the backlog (status pending, through
+    /// its partial index). Otherwise it sorts every matching row (no B-tree covers
+    /// `occurred_at` over all rows: it would cost every insert and every publish), so on a
+    /// large retained table prefer [`Written`](Self::Written) there.
     Occurred,
 }
 

@@ -327,6 +327,9 @@
       const v = $(id).value;
       if (v) q.set(k, new Date(v).toISOString());
     }
+    // A time range or the backlog reads in occurrence order: that is what their indexes hold
+    // (the time BRIN, the pending index); anything else pages by id over the primary key.
+    if (q.has("since") || q.has("until") || q.get("status") === "pending") q.set("sort", "occurred");
     q.set("limit", "50");
     return q.toString();
   }
