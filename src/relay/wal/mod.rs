@@ -114,6 +114,11 @@ pub struct LogRelayStats {
     pub heartbeats: u64,
     /// Times this relay took the lead.
     pub took_lead: u64,
+    /// Stream sessions whose last position had not reached the slot when they ended, so the
+    /// stop wrote it with `pg_replication_slot_advance`, which decodes the slot again from
+    /// its restart position (on a busy slot, seconds and hundreds of megabytes). A graceful
+    /// stop waits up to `confirm_interval` + 1 s for the stream to report it instead.
+    pub stop_advances: u64,
 }
 
 impl std::ops::AddAssign for LogRelayStats {
@@ -127,6 +132,7 @@ impl std::ops::AddAssign for LogRelayStats {
         self.reads += o.reads;
         self.heartbeats += o.heartbeats;
         self.took_lead += o.took_lead;
+        self.stop_advances += o.stop_advances;
     }
 }
 

@@ -2,12 +2,16 @@
 //! protocol by pgwire-replication, on a connection of its own.
 //!
 //! Changes arrive as the server decodes them, once. Whole transactions that have arrived are
-//! delivered together; the settled position is reported back (every `confirm_interval`), and
-//! written to the slot with `pg_replication_slot_advance` when the stream ends, so a graceful
-//! stop or hand-over sends nothing twice.
+//! delivered together; the settled position is reported back (every `confirm_interval`). A
+//! stop waits for the last report to reach the slot, so a graceful stop or hand-over sends
+//! nothing twice; only when it does not arrive is the position written with
+//! `pg_replication_slot_advance`, which decodes the slot again from its restart position
+//! ([`LogRelayStats::stop_advances`](super::LogRelayStats::stop_advances)).
 
 use futures_util::FutureExt;
-use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{
+    FeedbackObserver, Lsn as WireLsn, ReplicationClient, ReplicationConfig, ReplicationEvent,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +20,9 @@ use super::{LogRelay, LogRelayStats};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 use crate::store::{self, Lsn, Record, logical};
+
+/// How long past `confirm_interval` a stop waits for its last position to reach the slot.
+const STOP_REPORT_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// PostgreSQL's timestamps: microseconds since 2000-01-01 UTC.
 fn pg_time(micros: i64) -> chrono::DateTime<chrono::Utc> {
@@ -99,7 +106,10 @@ impl<P: Publisher> LogRelay<P> {
         .with_start_lsn(WireLsn::ZERO)
         .with_status_interval(c.confirm_interval)
         .with_wakeup_interval(c.heartbeat_interval)
-        .with_application_name(self.name.clone());
+        .with_application_name(self.name.clone())
+        // Only so that the client tracks whether its last position reached the server
+        // (`feedback_pending_since`), which a stop waits for.
+        .with_feedback_observer(FeedbackObserver::new(|_| {}));
         Ok(cfg)
     }
 
@@ -115,13 +125,30 @@ impl<P: Publisher> LogRelay<P> {
             .await
             .map_err(|e| self.stream_error("could not connect", e))?;
         let result = self.pump(&mut client, s, cancel, stats, until).await;
+        // Let the stream report the last position itself (within `confirm_interval`): an
+        // advance by SQL afterwards decodes the slot again from its restart position, which
+        // on a busy slot is hundreds of megabytes.
+        let reported_by = Instant::now() + self.config.confirm_interval + STOP_REPORT_MARGIN;
+        while result.is_ok()
+            && client.is_running()
+            && client.feedback_pending_since().is_some()
+            && Instant::now() < reported_by
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         client.stop();
         let _ = client.shutdown().await;
-        // The stream's last report may not have reached the server: write the position to
-        // the slot itself, now that the stream no longer holds it.
-        let stored = logical::confirmed_lsn(&mut s.conn, &self.config.slot).await?;
+        // The server applies the report when its process reads it, a moment after the client
+        // wrote it; only a position it never got is written to the slot here.
+        let mut stored = logical::confirmed_lsn(&mut s.conn, &self.config.slot).await?;
+        let applied_by = Instant::now() + STOP_REPORT_MARGIN;
+        while s.confirmed > stored && Instant::now() < applied_by {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            stored = logical::confirmed_lsn(&mut s.conn, &self.config.slot).await?;
+        }
         if s.confirmed > stored {
             logical::advance(&mut s.conn, &self.config.slot, s.confirmed).await?;
+            stats.stop_advances += 1;
         }
         result
     }
