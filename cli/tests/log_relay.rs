@@ -66,6 +66,7 @@ over_both_transports!(
     the_slot_advances_on_an_idle_database,
     relay_sigkilled_mid_stream_loses_nothing,
     waiting_for_a_commit_to_be_confirmed,
+    graceful_stops_leave_no_fatal_in_the_server_log,
 );
 
 /// An isolated outbox on the logical server: a schema, and a slot and publication named after
@@ -1169,5 +1170,49 @@ async fn waiting_for_a_commit_to_be_confirmed(transport: Transport) {
         .find(|s| s.name == l.slot)
         .expect("our slot");
     assert!(slot.confirmed_lsn >= confirmed && slot.confirmed_lsn < later);
+    l.finish().await;
+}
+
+/// Three graceful stops (drains) and a hand-over on a server of the test's own: its log holds
+/// no `FATAL` line for them (log-based alerting keys on those), each stop confirmed its last
+/// position through the stream, and nothing was sent twice.
+async fn graceful_stops_leave_no_fatal_in_the_server_log(transport: Transport) {
+    let server = Arc::new(PgServer::start_logical());
+    let l = LogDb::on(Arc::clone(&server), transport).await;
+    let p = InMemoryPublisher::new();
+    let mut sent = Vec::new();
+    for round in 0..3_u64 {
+        // (Its prepare creates the slot: events must come after it.)
+        let relay = l.relay(p.clone(), l.config()).await;
+        sent.extend(emit_as(l.db(), &l.slot, "agg", 20, 1).await);
+        let stats = relay.drain().await.expect("drain");
+        assert_eq!(stats.stop_advances, 0, "round {round}: {stats:?}");
+    }
+    // A running relay stopped by its token, as a process stop does.
+    let relay = l.relay(p.clone(), l.config()).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    sent.extend(emit_as(l.db(), &l.slot, "agg", 1, 1).await);
+    let started = std::time::Instant::now();
+    while p.len() < sent.len() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} of {} delivered",
+            p.len(),
+            sent.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    run.await.expect("join");
+    assert_eq!(ids(&p.deliveries()), sent, "each once, in order");
+    // The server process of the last stream exits a moment after the stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = server.log();
+    let fatal: Vec<&str> = log.lines().filter(|l| l.contains("FATAL")).collect();
+    assert!(fatal.is_empty(), "{}", fatal.join("\n"));
     l.finish().await;
 }

@@ -136,7 +136,11 @@ impl<P: Publisher> LogRelay<P> {
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        client.stop();
+        // Ended without `CopyDone`: pgwire-replication 0.5 closes its socket right after one,
+        // without reading the server's reply, and the server then logs `FATAL: connection to
+        // client lost`. A closed socket after the last report is an EOF to the server: a LOG
+        // line, and the report before it still applies.
+        client.abort();
         let _ = client.shutdown().await;
         // The server applies the report when its process reads it, a moment after the client
         // wrote it; only a position it never got is written to the slot here.
