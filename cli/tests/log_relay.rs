@@ -1206,11 +1206,36 @@ async fn graceful_stops_leave_no_fatal_in_the_server_log(transport: Transport) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A stream shows as read by the relay, under its name.
+    let ours = || async {
+        seaorm_outbox::relay::wal::slots(l.db())
+            .await
+            .expect("slots")
+            .into_iter()
+            .find(|s| s.name == l.slot)
+            .expect("our slot")
+    };
+    if transport == Transport::Stream {
+        let slot = ours().await;
+        assert!(slot.active, "{slot:?}");
+        assert!(
+            slot.reader
+                .as_deref()
+                .is_some_and(|r| r.starts_with("log-")),
+            "{slot:?}"
+        );
+    }
     stop.cancel();
     run.await.expect("join");
     assert_eq!(ids(&p.deliveries()), sent, "each once, in order");
     // The server process of the last stream exits a moment after the stop.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let slot = ours().await;
+    assert_eq!(
+        (slot.active, slot.reader.as_deref()),
+        (false, None),
+        "{slot:?}"
+    );
     let log = server.log();
     let fatal: Vec<&str> = log.lines().filter(|l| l.contains("FATAL")).collect();
     assert!(fatal.is_empty(), "{}", fatal.join("\n"));

@@ -88,13 +88,21 @@ pub(crate) async fn confirmed_position(
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct SlotStatus {
     /// The slot's name.
     pub name: String,
     /// Whether a session is reading it right now.
     pub active: bool,
+    /// The `application_name` of the session reading it: a streaming log relay's name
+    /// ([`LogRelayBuilder::name`](crate::relay::wal::LogRelayBuilder::name)); `None` when none
+    /// reads it.
+    pub reader: Option<String>,
+    /// Seconds between the server flushing WAL and the reading relay confirming it
+    /// (`pg_stat_replication.flush_lag`), while a stream reads the slot and the server has
+    /// measured it recently; `None` otherwise (no stream, or caught up and idle).
+    pub lag_seconds: Option<f64>,
     /// Bytes of WAL written since the slot's confirmed position: what a relay has still to
     /// read.
     pub lag_bytes: u64,
@@ -116,14 +124,19 @@ pub(crate) async fn slots(
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             PG,
-            "SELECT slot_name::text AS name, active, \
-             COALESCE((pg_current_wal_lsn() - confirmed_flush_lsn)::int8, 0) AS lag, \
-             COALESCE((pg_current_wal_lsn() - restart_lsn)::int8, 0) AS retained, \
-             COALESCE(wal_status, '') AS wal_status, \
-             COALESCE((confirmed_flush_lsn - '0/0'::pg_lsn)::int8, 0) AS confirmed \
-             FROM pg_replication_slots WHERE slot_type = 'logical' AND plugin = 'pgoutput' \
-             AND database = current_database() AND ($1::text IS NULL OR slot_name = $1) \
-             ORDER BY slot_name",
+            "SELECT s.slot_name::text AS name, s.active, \
+             NULLIF(a.application_name, '')::text AS reader, \
+             EXTRACT(EPOCH FROM r.flush_lag)::float8 AS lag_seconds, \
+             COALESCE((pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8, 0) AS lag, \
+             COALESCE((pg_current_wal_lsn() - s.restart_lsn)::int8, 0) AS retained, \
+             COALESCE(s.wal_status, '') AS wal_status, \
+             COALESCE((s.confirmed_flush_lsn - '0/0'::pg_lsn)::int8, 0) AS confirmed \
+             FROM pg_replication_slots s \
+             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_type = 'logical' AND s.plugin = 'pgoutput' \
+             AND s.database = current_database() AND ($1::text IS NULL OR s.slot_name = $1) \
+             ORDER BY s.slot_name",
             [only.map(str::to_owned).into()],
         ))
         .await?;
@@ -132,6 +145,8 @@ pub(crate) async fn slots(
             Ok(SlotStatus {
                 name: r.try_get("", "name")?,
                 active: r.try_get("", "active")?,
+                reader: r.try_get("", "reader")?,
+                lag_seconds: r.try_get("", "lag_seconds")?,
                 lag_bytes: r.try_get::<i64>("", "lag")?.max(0) as u64,
                 retained_bytes: r.try_get::<i64>("", "retained")?.max(0) as u64,
                 wal_status: r.try_get("", "wal_status")?,

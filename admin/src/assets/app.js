@@ -235,8 +235,10 @@
       const status = el("td");
       status.append(el("span", x.wal_status === "lost" ? "LOST: events after " + x.confirmed_lsn + " cannot be read" : x.wal_status,
         "badge " + (x.wal_status === "lost" ? "unhealthy" : x.wal_status === "reserved" ? "healthy" : "degraded")));
-      tr.append(el("td", x.name, "mono"), el("td", x.active ? "a relay reads it" : "none (idle)"),
-        el("td", bytes(x.lag_bytes), "num"), el("td", bytes(x.retained_bytes), "num"), status,
+      const reader = x.active ? (x.reader || "a session (unnamed)") : "none (idle)";
+      const lag = bytes(x.lag_bytes) + (x.lag_seconds !== null ? " · " + x.lag_seconds.toFixed(1) + " s" : "");
+      tr.append(el("td", x.name, "mono"), el("td", reader, "reader"),
+        el("td", lag, "num lag"), el("td", bytes(x.retained_bytes), "num"), status,
         el("td", x.confirmed_lsn, "mono"));
       return tr;
     }));
