@@ -98,7 +98,6 @@ impl Heartbeat {
         let at = now();
         let (since, before) = self
             .last
-            .clone()
             .unwrap_or((self.row.started_at, ConsumerStats::default()));
         let secs = (at - since).num_milliseconds() as f64 / 1000.0;
         let s = &f.stats;
