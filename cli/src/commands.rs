@@ -77,30 +77,30 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
         v["relays"] = serde_json::to_value(&relays)?;
         v["slots"] = serde_json::to_value(&slots)?;
         v["log_dead_letters"] = log_dead.into();
-        println!("{v}");
+        out!("{v}");
         return Ok(());
     }
-    println!("pending            {:>10}", s.pending());
-    println!("  due now          {:>10}", s.pending_due);
-    println!("  in backoff       {:>10}", s.pending_backoff);
-    println!("  leased           {:>10}", s.pending_leased);
-    println!("scheduled          {:>10}", s.scheduled);
+    out!("pending            {:>10}", s.pending());
+    out!("  due now          {:>10}", s.pending_due);
+    out!("  in backoff       {:>10}", s.pending_backoff);
+    out!("  leased           {:>10}", s.pending_leased);
+    out!("scheduled          {:>10}", s.scheduled);
     if let Some(next) = s.next_scheduled_at {
-        println!(
+        out!(
             "  next due at      {}",
             next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
     }
-    println!("failed             {:>10}", s.failed);
-    println!(
+    out!("failed             {:>10}", s.failed);
+    out!(
         "oldest pending     {:>10}",
         s.oldest_pending_age().map_or_else(|| "-".to_owned(), secs)
     );
-    println!("published last 1h  {:>10}", s.published_last_hour);
+    out!("published last 1h  {:>10}", s.published_last_hour);
     if let Some(slots) = &slots {
-        println!("log slots          {:>10}", slots.len());
+        out!("log slots          {:>10}", slots.len());
         for slot in slots {
-            println!(
+            out!(
                 "  {}  {}  lag {} B  retains {} B  wal {}  confirmed {}",
                 slot.name,
                 if slot.active { "in use" } else { "idle" },
@@ -112,20 +112,20 @@ pub(crate) async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
         }
     }
     if let Some(n) = log_dead {
-        println!("log dead letters   {n:>10}");
+        out!("log dead letters   {n:>10}");
     }
     match relays {
         None => {
-            println!("relays                      ? (outbox_relays missing: run the migrations)")
+            out!("relays                      ? (outbox_relays missing: run the migrations)")
         }
         Some(relays) => {
-            println!("relays (last 1m)   {:>10}", relays.len());
+            out!("relays (last 1m)   {:>10}", relays.len());
             for r in relays {
                 let owns = match r.partitions {
                     0 => String::new(),
                     n => format!("  owns {n}/256 partitions"),
                 };
-                println!("  {}  {}  {}{owns}", r.name, r.publisher, breaker(&r, s.at));
+                out!("  {}  {}  {}{owns}", r.name, r.publisher, breaker(&r, s.at));
             }
         }
     }
@@ -206,7 +206,7 @@ pub(crate) async fn purge(db: &DatabaseConnection, age: Duration, batch: u64) ->
         }
     }
     bar.finish_and_clear();
-    println!(
+    out!(
         "purged {deleted} published event{} older than {}",
         if deleted == 1 { "" } else { "s" },
         humantime::format_duration(age)

@@ -42,13 +42,13 @@ pub(crate) async fn list(
     let page = store.list(which, limit, offset).await?;
     if json {
         let all: Vec<_> = page.into_iter().map(|d| d.detail).collect();
-        println!("{}", serde_json::Value::Array(all));
+        out!("{}", serde_json::Value::Array(all));
         return Ok(());
     }
     for d in &page {
-        println!("{}", row(d));
+        out!("{}", row(d));
     }
-    println!(
+    out!(
         "{} {}s shown of {}",
         page.len(),
         store.kind().noun(),
@@ -64,9 +64,9 @@ pub(crate) async fn show(store: &dyn DeadLetterStore, id: Uuid, compact: bool) -
         .await?
         .ok_or_else(|| Failure::from(format!("{} {id} not found", store.kind().noun())))?;
     if compact {
-        println!("{}", serde_json::to_string(&d.detail)?);
+        out!("{}", serde_json::to_string(&d.detail)?);
     } else {
-        println!("{}", serde_json::to_string_pretty(&d.detail)?);
+        out!("{}", serde_json::to_string_pretty(&d.detail)?);
     }
     Ok(())
 }
@@ -76,14 +76,14 @@ pub(crate) async fn replay(store: &dyn DeadLetterStore, which: Selection<'_>) ->
     let noun = store.kind().noun();
     match store.kind() {
         // The consumer applies them when it next looks (its replay_interval).
-        DeadLetterKind::Inbox => println!("replay requested for {n} {noun}{}", plural(n)),
-        _ => println!("replayed {n} {noun}{}", plural(n)),
+        DeadLetterKind::Inbox => out!("replay requested for {n} {noun}{}", plural(n)),
+        _ => out!("replayed {n} {noun}{}", plural(n)),
     }
     Ok(())
 }
 
 pub(crate) async fn discard(store: &dyn DeadLetterStore, which: Selection<'_>) -> CliResult {
     let n = store.discard(which).await?;
-    println!("discarded {n} {}{}", store.kind().noun(), plural(n));
+    out!("discarded {n} {}{}", store.kind().noun(), plural(n));
     Ok(())
 }

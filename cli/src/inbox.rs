@@ -89,8 +89,8 @@ pub(crate) async fn run(db: &DatabaseConnection, cmd: InboxCommand) -> CliResult
     match cmd {
         InboxCommand::Status { consumer } => {
             let c = consumer.as_deref();
-            println!("processed ids      {:>10}", inbox.count_processed(c).await?);
-            println!(
+            out!("processed ids      {:>10}", inbox.count_processed(c).await?);
+            out!(
                 "dead letters       {:>10}",
                 inbox.count_dead_letters(c).await?
             );
@@ -133,7 +133,7 @@ pub(crate) async fn run(db: &DatabaseConnection, cmd: InboxCommand) -> CliResult
                     break;
                 }
             }
-            println!(
+            out!(
                 "purged {deleted} processed id{} older than {}",
                 plural(deleted),
                 humantime::format_duration(age)

@@ -67,9 +67,9 @@ pub(crate) async fn run(db: &DatabaseConnection, cmd: LogCommand) -> CliResult {
         LogCommand::Slot(LogSlot::Drop { name, wait }) => {
             let wait = parse_duration("--wait", &wait)?;
             if seaorm_outbox::relay::wal::drop_slot(db, &name, wait).await? {
-                println!("dropped replication slot {name}");
+                out!("dropped replication slot {name}");
             } else {
-                println!("no replication slot {name} in this database: nothing dropped");
+                out!("no replication slot {name} in this database: nothing dropped");
             }
             Ok(())
         }

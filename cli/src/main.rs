@@ -14,6 +14,17 @@
 //! The database comes from `--database-url` or `OUTBOX_DATABASE_URL`. Every failure is one line
 //! on stderr and a non-zero exit: 1 for a runtime failure, 2 for bad input.
 
+/// `println!` for what a command prints: when its reader has gone (`seaorm-outbox … | head`)
+/// the command ends quietly with success, as Unix tools do, instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(&e);
+        }
+    }};
+}
+
 mod commands;
 mod dead_letters;
 mod http;
@@ -128,13 +139,26 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 pub(crate) type CliResult<T = ()> = Result<T, Failure>;
 
+/// Standard output failed: a closed pipe ends the process with success, anything else with a
+/// one-line error.
+pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
+                use std::io::Write as _;
+                if let Err(w) = write!(std::io::stdout(), "{e}") {
+                    stdout_failed(&w);
+                }
                 return ExitCode::SUCCESS;
             }
             // clap's own message, folded onto one line (its usage hint follows a blank line).

@@ -87,12 +87,12 @@ async fn report(db: &DatabaseConnection, before: &[String], verb: &str) -> CliRe
         .chain(before.iter().filter(|v| !after.contains(v)))
         .collect();
     if changed.is_empty() {
-        println!("nothing {verb}: {} of {} applied", after.len(), total());
+        out!("nothing {verb}: {} of {} applied", after.len(), total());
     } else {
         for v in &changed {
-            println!("{verb} {v}");
+            out!("{verb} {v}");
         }
-        println!("{} of {} applied", after.len(), total());
+        out!("{} of {} applied", after.len(), total());
     }
     Ok(())
 }
@@ -116,10 +116,10 @@ async fn status(db: &DatabaseConnection, json: bool) -> CliResult {
             .iter()
             .map(|(v, done)| serde_json::json!({ "version": v, "applied": done }))
             .collect();
-        println!("{}", serde_json::Value::Array(list));
+        out!("{}", serde_json::Value::Array(list));
     } else {
         for (v, done) in &rows {
-            println!("{v}  {}", if *done { "applied" } else { "pending" });
+            out!("{v}  {}", if *done { "applied" } else { "pending" });
         }
     }
     Ok(())

@@ -1014,3 +1014,30 @@ async fn relay_process_logs_a_database_restart_and_its_recovery() {
     child.wait().expect("reap");
     drop(server);
 }
+
+/// A reader that goes away (`seaorm-outbox … | head`) ends the command quietly with success:
+/// no panic, no error line. Standard output here is a pipe whose read end is already closed,
+/// so the first write fails.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let db = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}?mode=rwc", db.path().join("o.db").display());
+    for args in [
+        vec!["--help"],
+        vec!["migrate", "up"],
+        vec!["migrate", "status"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_seaorm-outbox"))
+            .args(&args)
+            .env("OUTBOX_DATABASE_URL", &url)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
