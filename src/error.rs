@@ -143,7 +143,7 @@ pub enum Error {
     /// A listing's [`after`](crate::repository::EventQuery::after) is not a position in its
     /// order.
     #[error(transparent)]
-    InvalidCursor(#[from] crate::repository::InvalidEventCursor),
+    InvalidCursor(#[from] InvalidEventCursor),
 
     /// An operation this kind of thing does not offer, e.g. discarding the inbox's dead letters
     /// by aggregate.
@@ -152,6 +152,15 @@ pub enum Error {
         /// What was asked.
         what: String,
     },
+}
+
+/// A text that is not an [`EventCursor`](crate::repository::EventCursor), or a cursor of
+/// another listing's order.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid event cursor `{text}`: {reason}")]
+pub struct InvalidEventCursor {
+    pub(crate) text: String,
+    pub(crate) reason: &'static str,
 }
 
 /// Why an event was rejected. Nothing is written when any of these is returned.

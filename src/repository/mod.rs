@@ -17,9 +17,10 @@ use crate::store::{self, Requeue};
 mod message;
 mod schedule;
 
+pub use crate::error::InvalidEventCursor;
 pub use crate::store::{
-    EventCursor, EventOrder, EventPage, EventQuery, INSERT_CHUNK, InvalidEventCursor,
-    MAX_ERROR_BYTES, MAX_PAGE_SIZE, MinuteStats, SCHEDULE_MARGIN,
+    EventCursor, EventOrder, EventPage, EventQuery, INSERT_CHUNK, MAX_ERROR_BYTES, MAX_PAGE_SIZE,
+    MinuteStats, SCHEDULE_MARGIN,
 };
 
 /// Repository settings.

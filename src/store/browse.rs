@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::mysql;
 use super::sql::stmt;
 use super::write_back::minute;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidEventCursor, Result};
 use crate::event::OutboxEvent;
 
 /// What a listing is sorted by (then by id, so the order is total).
@@ -188,14 +188,6 @@ impl std::fmt::Display for EventCursor {
             None => write!(f, "{}.{}", self.key.tag(), self.id),
         }
     }
-}
-
-/// A text that is not an [`EventCursor`], or a cursor of another listing's order.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid event cursor `{text}`: {reason}")]
-pub struct InvalidEventCursor {
-    text: String,
-    reason: &'static str,
 }
 
 impl std::str::FromStr for EventCursor {

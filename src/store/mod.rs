@@ -58,7 +58,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
-pub use browse::{EventCursor, EventOrder, EventPage, EventQuery, InvalidEventCursor, MinuteStats};
+pub use browse::{EventCursor, EventOrder, EventPage, EventQuery, MinuteStats};
 pub(crate) use browse::{events, events_page, history, record_sample};
 pub(crate) use claim::{Claim, Claimed, DueKey};
 pub(crate) use heartbeats::{Heartbeat, beat, forget, heard_since, partition_relays_since};
