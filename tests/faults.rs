@@ -1,6 +1,7 @@
 //! Fault injection against real databases: the connection cut between publish and write-back,
-//! the database server restarted under four relay processes, and relay processes SIGKILLed in
-//! a loop while a writer process keeps adding events. Each test prints its figures.
+//! the database server restarted under four relay processes, relay processes SIGKILLed in a
+//! loop while a writer process keeps adding events, and a relay paused (SIGSTOP) past its
+//! partition lease. Each test prints its figures.
 
 mod common;
 mod support;
@@ -33,6 +34,7 @@ on_backends!(
 on_backends!(
     [postgres: Postgres] =>
     relay_processes_sigkilled_in_a_loop_lose_nothing,
+    a_relay_paused_past_its_lease_loses_nothing_and_keeps_order,
 );
 
 /// The batch size of every relay here; duplicates are bounded by batches in flight.
@@ -185,6 +187,34 @@ fn relay_children(t: &TestDb, log: &std::path::Path, n: usize) -> Vec<Child> {
     (0..n).map(|_| child("fault_relay_child", &env)).collect()
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to `child` with `kill(1)`: the workspace forbids `unsafe`.
+fn signal(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill(1)")
+        .success();
+    assert!(ok, "kill -{signal}");
+}
+
+/// How many partitions each relay owns, by owner token.
+async fn owners(db: &DatabaseConnection) -> Vec<(String, i64)> {
+    use sea_orm::ConnectionTrait;
+    db.query_all_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT owner, COUNT(*) AS n FROM outbox_partitions WHERE owner IS NOT NULL \
+         GROUP BY owner ORDER BY owner",
+    ))
+    .await
+    .map(|rows| {
+        rows.iter()
+            .filter_map(|r| Some((r.try_get("", "owner").ok()?, r.try_get("", "n").ok()?)))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 fn kill(c: &mut Child) {
     c.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
     c.wait().expect("reap");
@@ -297,6 +327,80 @@ async fn relay_processes_sigkilled_in_a_loop_lose_nothing(t: &TestDb) {
         delivered.len(),
         dups / kills.max(1),
         started.elapsed().as_secs_f64()
+    );
+    assert_eq!(violations, 0, "per-aggregate order on first deliveries");
+}
+
+/// Two relay processes drain 30,000 events; one is paused with SIGSTOP past its partition
+/// lease (as a stop-the-world pause or a frozen VM would pause it, possibly mid-publish), so
+/// the other takes its partitions over and keeps delivering; then it is resumed. Nothing is
+/// lost, duplicates stay within what the paused relay had in flight (its write-back is
+/// refused once its partitions moved), first deliveries keep per-aggregate order, and the
+/// resumed relay takes a share again.
+async fn a_relay_paused_past_its_lease_loses_nothing_and_keeps_order(t: &TestDb) {
+    let ids = seed(&t.db, scattered_events(30_000, 200)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("deliveries.log");
+    let mut relays = relay_children(t, &log, 2);
+    wait_until(
+        Duration::from_secs(60),
+        "both relays to own a share",
+        || async { owners(&t.db).await.len() == 2 },
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "the drain under way", || async {
+        read_log(&log).len() >= 1_000
+    })
+    .await;
+    signal(&relays[0], "STOP");
+    let at_pause = read_log(&log).len();
+    // The partition lease is 2 s: the running relay takes all 256 over.
+    wait_until(Duration::from_secs(30), "the take-over", || async {
+        let o = owners(&t.db).await;
+        o.len() == 1 && o[0].1 == 256
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_resume = read_log(&log).len();
+    assert!(
+        before_resume > at_pause,
+        "the other relay delivered while one was paused ({at_pause} then {before_resume})"
+    );
+    signal(&relays[0], "CONT");
+    wait_until(
+        Duration::from_secs(30),
+        "the resumed relay to take a share",
+        || async { owners(&t.db).await.len() == 2 },
+    )
+    .await;
+    wait_until(Duration::from_secs(120), "the drain to finish", || async {
+        pending_now(&t.db).await == Some(0)
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "no lease left", || async {
+        locked_rows(&t.db).await == 0
+    })
+    .await;
+    for r in &mut relays {
+        assert!(
+            r.try_wait().expect("status").is_none(),
+            "both relays kept running"
+        );
+        kill(r);
+    }
+    let delivered = read_log(&log);
+    // The paused relay's batch being published and the one being written back.
+    let bound = 2 * BATCH as usize;
+    let dups = assert_crash_bounds(&delivered, &ids, bound);
+    let stored = all_rows(&t.db).await;
+    let violations = order_violations(&delivered, &stored);
+    eprintln!(
+        "fault figures (SIGSTOP past the lease): {} events, paused after {at_pause} deliveries, \
+         {} more while paused, {} delivered, {dups} duplicates (bound {bound}), lost 0, order \
+         violations {violations}",
+        ids.len(),
+        before_resume - at_pause,
+        delivered.len()
     );
     assert_eq!(violations, 0, "per-aggregate order on first deliveries");
 }
