@@ -6,6 +6,7 @@
 mod common;
 mod support;
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
@@ -20,8 +21,8 @@ use seaorm_outbox::publisher::{BoxError, InMemoryPublisher};
 use seaorm_outbox::relay::{Relay, RelayConfig};
 use seaorm_outbox::{NewEvent, Outbox, OutboxEvent, OutboxRepository, PublishOutcome, Publisher};
 use support::{
-    all_rows, assert_crash_bounds, fast, locked_rows, order_violations, read_log, scattered_events,
-    seed, wait_until,
+    all_rows, assert_crash_bounds, fast, locked_rows, order_violations, read_log, read_receipts,
+    scattered_events, seed, wait_until,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -215,6 +216,98 @@ async fn owners(db: &DatabaseConnection) -> Vec<(String, i64)> {
     .unwrap_or_default()
 }
 
+/// Each partition's owner as the table says now.
+async fn partition_owners(db: &DatabaseConnection) -> HashMap<i64, Option<String>> {
+    use sea_orm::ConnectionTrait;
+    db.query_all_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT partition_no, owner FROM outbox_partitions",
+    ))
+    .await
+    .map(|rows| {
+        rows.iter()
+            .filter_map(|r| {
+                let p: i16 = r.try_get("", "partition_no").ok()?;
+                Some((i64::from(p), r.try_get("", "owner").ok()?))
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Counts, per partition, the owner changes it sees by reading `outbox_partitions` every
+/// 20 ms until `stop`. Ownership leases last seconds, so no change goes unseen.
+fn watch_owner_changes(
+    db: DatabaseConnection,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<HashMap<i64, usize>> {
+    tokio::spawn(async move {
+        let mut last = partition_owners(&db).await;
+        let mut changes: HashMap<i64, usize> = HashMap::new();
+        while !stop.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = partition_owners(&db).await;
+            for (p, owner) in &now {
+                if last.get(p).is_some_and(|o| o != owner) {
+                    *changes.entry(*p).or_default() += 1;
+                }
+            }
+            if !now.is_empty() {
+                last = now;
+            }
+        }
+        changes
+    })
+}
+
+/// From the broker's side: per partition, how often the publishing process changed in the
+/// order the broker received its events. Two relays publishing one partition at once would
+/// interleave and change more often than its owner did.
+async fn publisher_switches(db: &DatabaseConnection, log: &std::path::Path) -> HashMap<i64, usize> {
+    use sea_orm::ConnectionTrait;
+    let partition: HashMap<uuid::Uuid, i64> = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT id, partition_no FROM outbox_events",
+        ))
+        .await
+        .expect("partitions")
+        .iter()
+        .map(|r| {
+            let id: uuid::Uuid = r.try_get("", "id").expect("id");
+            let p: i16 = r.try_get("", "partition_no").expect("partition");
+            (id, i64::from(p))
+        })
+        .collect();
+    let mut last: HashMap<i64, u32> = HashMap::new();
+    let mut switches: HashMap<i64, usize> = HashMap::new();
+    for (id, pid) in read_receipts(log) {
+        let p = partition[&id];
+        if last.insert(p, pid).is_some_and(|before| before != pid) {
+            *switches.entry(p).or_default() += 1;
+        }
+    }
+    switches
+}
+
+/// No partition published by two relays at once: from the broker's side, each partition's
+/// publishing process changed no more often than its owner did. Returns the changes.
+async fn assert_one_publisher_at_a_time(
+    db: &DatabaseConnection,
+    log: &std::path::Path,
+    owner_changes: &HashMap<i64, usize>,
+) -> usize {
+    let switches = publisher_switches(db, log).await;
+    for (p, n) in &switches {
+        let owned = owner_changes.get(p).copied().unwrap_or(0);
+        assert!(
+            *n <= owned,
+            "partition {p}: the publishing relay changed {n} times, its owner {owned} times"
+        );
+    }
+    switches.values().sum()
+}
+
 fn kill(c: &mut Child) {
     c.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix.
     c.wait().expect("reap");
@@ -278,13 +371,16 @@ async fn database_restarted_under_four_relay_processes() {
 
 /// Four relay processes and a writer process on PostgreSQL for about a minute, one relay
 /// SIGKILLed and restarted every few seconds. Nothing is lost, duplicates stay within what the
-/// killed relays had in flight, and first deliveries keep per-aggregate order.
+/// killed relays had in flight, first deliveries keep per-aggregate order, and no partition is
+/// published by two relays at once (checked from the broker's side).
 async fn relay_processes_sigkilled_in_a_loop_lose_nothing(t: &TestDb) {
     const WRITE_SECS: u64 = 40;
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("deliveries.log");
     let mut writer_env = t.child_env();
     writer_env.push(("OUTBOX_WRITER_SECS", WRITE_SECS.to_string()));
+    let watching = CancellationToken::new();
+    let watcher = watch_owner_changes(t.db.clone(), watching.clone());
     let mut writer = child("fault_writer_child", &writer_env);
     let mut relays = relay_children(t, &log, 4);
     let started = Instant::now();
@@ -311,6 +407,9 @@ async fn relay_processes_sigkilled_in_a_loop_lose_nothing(t: &TestDb) {
     for r in &mut relays {
         kill(r);
     }
+    watching.cancel();
+    let changes = watcher.await.expect("watcher");
+    assert_one_publisher_at_a_time(&t.db, &log, &changes).await;
     let stored = all_rows(&t.db).await;
     let ids: Vec<_> = stored.iter().map(|e| e.id).collect();
     assert!(ids.len() > 3_000, "the writer wrote {} events", ids.len());
@@ -335,12 +434,15 @@ async fn relay_processes_sigkilled_in_a_loop_lose_nothing(t: &TestDb) {
 /// lease (as a stop-the-world pause or a frozen VM would pause it, possibly mid-publish), so
 /// the other takes its partitions over and keeps delivering; then it is resumed. Nothing is
 /// lost, duplicates stay within what the paused relay had in flight (its write-back is
-/// refused once its partitions moved), first deliveries keep per-aggregate order, and the
-/// resumed relay takes a share again.
+/// refused once its partitions moved), first deliveries keep per-aggregate order, no partition
+/// is published by two relays at once (checked from the broker's side), and the resumed relay
+/// takes a share again.
 async fn a_relay_paused_past_its_lease_loses_nothing_and_keeps_order(t: &TestDb) {
     let ids = seed(&t.db, scattered_events(30_000, 200)).await;
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("deliveries.log");
+    let watching = CancellationToken::new();
+    let watcher = watch_owner_changes(t.db.clone(), watching.clone());
     let mut relays = relay_children(t, &log, 2);
     wait_until(
         Duration::from_secs(60),
@@ -388,6 +490,9 @@ async fn a_relay_paused_past_its_lease_loses_nothing_and_keeps_order(t: &TestDb)
         );
         kill(r);
     }
+    watching.cancel();
+    let changes = watcher.await.expect("watcher");
+    let moved = assert_one_publisher_at_a_time(&t.db, &log, &changes).await;
     let delivered = read_log(&log);
     // The paused relay's batch being published and the one being written back.
     let bound = 2 * BATCH as usize;
@@ -397,10 +502,11 @@ async fn a_relay_paused_past_its_lease_loses_nothing_and_keeps_order(t: &TestDb)
     eprintln!(
         "fault figures (SIGSTOP past the lease): {} events, paused after {at_pause} deliveries, \
          {} more while paused, {} delivered, {dups} duplicates (bound {bound}), lost 0, order \
-         violations {violations}",
+         violations {violations}, publisher changes {moved} (owner changes {})",
         ids.len(),
         before_resume - at_pause,
-        delivered.len()
+        delivered.len(),
+        changes.values().sum::<usize>()
     );
     assert_eq!(violations, 0, "per-aggregate order on first deliveries");
 }

@@ -156,9 +156,16 @@ impl Publisher for FileRecorder {
         events: &[seaorm_outbox::OutboxEvent],
     ) -> Result<Vec<seaorm_outbox::PublishOutcome>, seaorm_outbox::BoxError> {
         use std::io::Write;
+        // One line per event: its id, this process, and when the "broker" got it, so a test
+        // can tell which relay published what, in order.
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or_default();
+        let pid = std::process::id();
         let mut lines = String::new();
         for e in events {
-            lines.push_str(&format!("{}\n", e.id));
+            lines.push_str(&format!("{} {pid} {at}\n", e.id));
         }
         (&self.0).write_all(lines.as_bytes())?;
         self.0.sync_data()?;
@@ -169,10 +176,20 @@ impl Publisher for FileRecorder {
 
 /// The ids a [`FileRecorder`] wrote, in order.
 pub fn read_log(path: &std::path::Path) -> Vec<Uuid> {
+    read_receipts(path).into_iter().map(|(id, _)| id).collect()
+}
+
+/// What a [`FileRecorder`] wrote, in order: each id with the process that published it.
+pub fn read_receipts(path: &std::path::Path) -> Vec<(Uuid, u32)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.parse().ok())
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let id = parts.next()?.parse().ok()?;
+            let pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            Some((id, pid))
+        })
         .collect()
 }
 
