@@ -172,6 +172,13 @@ async fn cursors_are_checked_against_their_listing(t: &TestDb) {
         assert!(parsed.is_err(), "{bad:?} parsed as {parsed:?}");
     }
 
+    // A page of nothing is empty and has no next.
+    let none = outbox
+        .events_page(&EventQuery::default().limit(0))
+        .await
+        .expect("empty page");
+    assert!(none.events.is_empty() && none.next.is_none(), "{none:?}");
+
     // Too large a page is refused before reading.
     let err = outbox
         .events_page(&EventQuery::default().limit(seaorm_outbox::repository::MAX_PAGE_SIZE + 1))

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 on_all_backends!(
     stats_events_and_history_report_the_outbox,
     dead_letters_replay_discard_and_purge,
-    scheduled_events_are_counted_listed_and_cancelled
+    scheduled_events_are_counted_listed_and_cancelled,
+    stats_serve_a_database_without_the_consumers_table,
 );
 
 const WRITE: &str = "write-token";
@@ -706,4 +707,16 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
         event.record(&mut fields);
         self.0.lock().expect("lines").push(fields.0);
     }
+}
+
+/// A database an app has not migrated to `inbox_consumers` yet (migration 15) still gets its
+/// statistics: the consumers are `null`, everything else as before.
+async fn stats_serve_a_database_without_the_consumers_table(t: &TestDb) {
+    let r = router(t);
+    t.exec("drop the table", "DROP TABLE inbox_consumers", vec![])
+        .await;
+    let (status, stats) = Call::get("/api/stats").token(READ).send(&r).await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_eq!(stats["inbox"]["consumers"], Value::Null, "{stats}");
+    assert_eq!(stats["inbox"]["dead_letters"], 0, "{stats}");
 }

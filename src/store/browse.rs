@@ -332,7 +332,13 @@ async fn fetch(db: &impl ConnectionTrait, q: &EventQuery, limit: u64) -> Result<
 #[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
 pub(crate) async fn events_page(db: &impl ConnectionTrait, q: &EventQuery) -> Result<EventPage> {
     super::check_page(q.limit)?;
-    let limit = q.limit.max(1);
+    let limit = q.limit;
+    if limit == 0 {
+        return Ok(EventPage {
+            events: Vec::new(),
+            next: None,
+        });
+    }
     let mut events = fetch(db, q, limit + 1).await?;
     let more = events.len() as u64 > limit;
     events.truncate(usize::try_from(limit).unwrap_or(usize::MAX));

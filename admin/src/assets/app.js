@@ -90,7 +90,7 @@
     $("inbox-section").hidden = !inbox;
     if (inbox) {
       $("inbox-failed").textContent = s.inbox.dead_letters;
-      renderConsumers(s.inbox.consumers);
+      renderConsumers(s.inbox.consumers || []);
     }
     renderLogSlots(s.log);
     canWrite = s.caller.role === "write";
