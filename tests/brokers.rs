@@ -687,6 +687,7 @@ mod rabbitmq {
         relay_drains_5000_events_to_a_queue,
         outage_then_recovery,
         unroutable_message_is_dead_lettered_alone,
+        interleaved_unroutable_messages_are_each_dead_lettered,
     );
 
     fn addr() -> String {
@@ -825,6 +826,74 @@ mod rabbitmq {
             },
         )));
         only_the_bad_event_is_dead_lettered(t, p, big_event(10)).await;
+        delete(&ch, &q).await;
+    }
+
+    /// The broker acks a run of messages at once (`multiple`) and sends the returns first: each
+    /// return must be matched to its own event, not to whichever of the run lapin resolves
+    /// first. Every 7th of 600 events, in batches of 200, goes nowhere; exactly those are
+    /// dead-lettered, and exactly the others reach the queue.
+    async fn interleaved_unroutable_messages_are_each_dead_lettered(t: &TestDb) {
+        let ch = channel().await;
+        let q = queue(&ch).await;
+        let nowhere = unique("no_such_queue_");
+        let qq = q.clone();
+        let p = std::sync::Arc::new(RabbitMqPublisher::new(uri(&addr())).router(Router::new(
+            move |e| {
+                if e.aggregate_id.starts_with("lost") {
+                    nowhere.clone()
+                } else {
+                    qq.clone()
+                }
+            },
+        )));
+        let events = (0..600)
+            .map(|i| {
+                let agg = if i % 7 == 3 {
+                    format!("lost-{i}")
+                } else {
+                    format!("kept-{i}")
+                };
+                NewEvent::new("test.event", "agg", agg).payload(&serde_json::json!({ "i": i }))
+            })
+            .collect();
+        let ids = seed(&t.db, events).await;
+        let lost: std::collections::HashSet<String> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 == 3)
+            .map(|(_, id)| id.to_string())
+            .collect();
+        let relay = seaorm_outbox::Relay::builder(t.db.clone(), p)
+            .config(fast(
+                RelayConfig::default()
+                    .ordering(Ordering::Unordered)
+                    .batch_size(200),
+            ))
+            .build()
+            .expect("relay");
+        let stats = relay.drain().await.expect("drain");
+        assert_eq!(stats.dead_lettered as usize, lost.len(), "{stats:?}");
+        assert_eq!(stats.published as usize, 600 - lost.len(), "{stats:?}");
+        let failed: std::collections::HashSet<String> = Outbox::new(&t.db)
+            .list_failed(1000, 0)
+            .await
+            .expect("dead letters")
+            .into_iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        let wrong: Vec<_> = failed.symmetric_difference(&lost).collect();
+        assert!(
+            wrong.is_empty(),
+            "exactly the unroutable events are dead letters; these are not: {wrong:?}"
+        );
+        let got: std::collections::HashSet<String> = read_all(&ch, &q, 600 - lost.len())
+            .await
+            .into_iter()
+            .map(|g| g.headers["event-id"].clone())
+            .collect();
+        assert!(got.is_disjoint(&lost));
+        assert_eq!(got.len(), 600 - lost.len());
         delete(&ch, &q).await;
     }
 }

@@ -9,6 +9,7 @@ mod consumer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use common::TestDb;
@@ -457,12 +458,14 @@ async fn consumers_until(
 async fn consumer_processes_report_themselves_in_inbox_consumers(t: &TestDb) {
     create_effects(t).await;
     let beat = fast().heartbeat_interval(Some(Duration::from_millis(100)));
-    // A: slow handler, 80 messages of one key: they queue behind each other for 2.4 s.
-    let slow = Effects {
-        delay: Duration::from_millis(30),
+    // A: 80 messages of one key, the first retried until the test lets it go, while a message
+    // of another key reaches A every 40 ms or so: A applies steadily with a key backed up.
+    let hot = Arc::new(AtomicBool::new(true));
+    let held = Effects {
+        hold: Some(("hot".into(), Arc::clone(&hot))),
         ..Effects::default()
     };
-    let a = Harness::start(t, "billing", slow, beat.clone());
+    let a = Harness::start(t, "billing", held, beat.clone().max_attempts(u32::MAX));
     // B: 10 messages, 3 of them twice.
     let b = Harness::start(t, "billing", Effects::default(), beat.clone());
     // C: one message that always fails, dead-lettered after 2 attempts.
@@ -490,28 +493,49 @@ async fn consumer_processes_report_themselves_in_inbox_consumers(t: &TestDb) {
     }
     c.send(message(Some("bad-1"), "x", 0, 0)).await;
 
-    // While A works through its queue, its row shows messages held and waiting.
-    // (B's 13 finish at once; A's 80 take seconds.)
-    consumers_until(t, "A holding a backed-up key", |rows| {
-        rows.iter().any(|r| {
+    // A's row shows its held messages, how long the oldest has waited, and a rate.
+    let mut steady = 0_i64;
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        a.send(message(
+            Some(&format!("s-{steady}")),
+            &format!("s{steady}"),
+            0,
+            100 + steady as u64,
+        ))
+        .await;
+        steady += 1;
+        let rows = Inbox::new(&t.db)
+            .consumers(Duration::from_secs(60))
+            .await
+            .expect("consumers");
+        if rows.iter().any(|r| {
             r.consumer == "billing"
-                && r.held > 15
+                && r.held >= 80
                 && r.lag_secs.is_some_and(|l| l > 0.1)
                 && r.applied_per_min > 0.0
-        })
-    })
-    .await;
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < limit,
+            "A holding a backed-up key: {rows:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    hot.store(false, std::sync::atomic::Ordering::SeqCst);
+    let a_total = 80 + steady as u64;
 
     b.wait_acks(13).await;
     c.wait_acks(1).await;
-    a.wait_acks(80).await;
+    a.wait_acks(a_total as usize).await;
     // Every process's final counts reach its row.
     let rows = consumers_until(t, "final counts", |rows| {
         rows.len() == 3
             && rows
                 .iter()
                 .filter(|r| r.consumer == "billing")
-                .any(|r| r.applied == 80 && r.held == 0)
+                .any(|r| r.applied == a_total && r.held == 0)
             && rows
                 .iter()
                 .any(|r| r.consumer == "billing" && r.applied == 10 && r.duplicates == 3)
@@ -522,7 +546,7 @@ async fn consumer_processes_report_themselves_in_inbox_consumers(t: &TestDb) {
     .await;
     let a_instance = rows
         .iter()
-        .find(|r| r.consumer == "billing" && r.applied == 80)
+        .find(|r| r.consumer == "billing" && r.applied == a_total)
         .map(|r| r.instance.clone())
         .expect("A's row");
     let mut instances: Vec<&str> = rows.iter().map(|r| r.instance.as_str()).collect();
@@ -544,7 +568,7 @@ async fn consumer_processes_report_themselves_in_inbox_consumers(t: &TestDb) {
 
     // A graceful stop removes A's row and only A's.
     let stats = a.stop().await;
-    assert_eq!(stats.applied, 80);
+    assert_eq!(stats.applied, a_total);
     let rows = consumers_until(t, "A's row removed", |rows| rows.len() == 2).await;
     assert!(rows.iter().all(|r| r.instance != a_instance), "{rows:#?}");
 

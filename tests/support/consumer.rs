@@ -3,7 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,6 +74,10 @@ pub struct Effects {
     /// Fail while `attempt <= fail_first[message_id]`; shared so a test can "fix the bug".
     pub fail_first: Arc<Mutex<HashMap<String, u32>>>,
     pub delay: Duration,
+    /// Messages of this aggregate fail (a retry) while the flag is set: a key that backs up for
+    /// as long as a test needs, however slow the machine, without holding a transaction open
+    /// (on SQLite that would hold the one write lock).
+    pub hold: Option<(String, Arc<AtomicBool>)>,
 }
 
 #[async_trait]
@@ -94,6 +98,12 @@ impl Handler for Effects {
             }
             if !self.delay.is_zero() {
                 tokio::time::sleep(self.delay).await;
+            }
+            if let Some((agg, held)) = &self.hold
+                && p.agg == *agg
+                && held.load(Ordering::SeqCst)
+            {
+                return Err(HandlerError::retry("held by the test"));
             }
             let ord = self.ord.fetch_add(1, Ordering::SeqCst);
             txn.execute_raw(insert_effect(

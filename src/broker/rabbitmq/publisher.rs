@@ -170,22 +170,59 @@ impl Publisher for RabbitMqPublisher {
                 .map(|(i, c)| async move { (i, c.await) }),
         )
         .await;
+        // lapin hands a returned message to whichever confirm of the same (multiple) ack it
+        // resolves first, not necessarily the returned message's own, so a return is matched
+        // to its event by `message_id` (the event id). The broker sends a message's return
+        // before its ack, so every return of this batch comes with one of its confirms.
+        let mut returned = std::collections::HashMap::new();
+        let mut acked = Vec::with_capacity(results.len());
         for (i, result) in results {
-            outcomes[i] = match result {
-                Ok(Confirmation::Ack(None)) => PublishOutcome::Delivered,
-                Ok(Confirmation::Ack(Some(returned))) => PublishOutcome::Reject(format!(
-                    "unroutable: returned by the broker ({} {})",
-                    returned.reply_code, returned.reply_text
-                )),
-                Ok(Confirmation::Nack(_)) => PublishOutcome::Retry("nacked by the broker".into()),
+            match result {
+                Ok(Confirmation::Ack(r)) => {
+                    acked.push(i);
+                    if let Some(r) = r {
+                        returned.insert(r.delivery.properties.message_id().clone(), r);
+                    }
+                }
+                Ok(Confirmation::Nack(r)) => {
+                    if let Some(r) = r {
+                        returned.insert(r.delivery.properties.message_id().clone(), r);
+                    }
+                    outcomes[i] = PublishOutcome::Retry("nacked by the broker".into());
+                }
                 Ok(Confirmation::NotRequested) => {
-                    PublishOutcome::Retry("confirms were not enabled".into())
+                    outcomes[i] = PublishOutcome::Retry("confirms were not enabled".into());
                 }
                 Err(e) => {
                     broken = true;
-                    PublishOutcome::Unavailable(e.to_string())
+                    outcomes[i] = PublishOutcome::Unavailable(e.to_string());
                 }
+            }
+        }
+        for i in acked {
+            let id = Some(ShortString::from(events[i].id.to_string()));
+            outcomes[i] = match returned.remove(&id) {
+                Some(r) => PublishOutcome::Reject(format!(
+                    "unroutable: returned by the broker ({} {})",
+                    r.reply_code, r.reply_text
+                )),
+                None => PublishOutcome::Delivered,
             };
+        }
+        // What is left was nacked too (retried anyway), or is not of this batch.
+        let strays = returned
+            .keys()
+            .filter(|id| {
+                !events
+                    .iter()
+                    .any(|e| Some(ShortString::from(e.id.to_string())) == **id)
+            })
+            .count();
+        if strays > 0 {
+            tracing::warn!(
+                count = strays,
+                "rabbitmq: returned messages matched no event of the batch"
+            );
         }
         if broken {
             // Reconnect on the next batch.
