@@ -28,7 +28,7 @@ use super::source::{Acknowledge, Delivery};
 use super::state::{Counters, Shared};
 use crate::error::Result;
 use crate::store::inbox::{self as store, Received};
-use crate::store::inbox_batch::{self, Batch};
+use crate::store::inbox_batch::{self, Batch, Check};
 use crate::telemetry::metrics as m;
 
 /// What became of one message in an attempt.
@@ -224,7 +224,15 @@ async fn attempt<H: Handler, K: Eq + Hash>(
     }
     let mut txn = s.db.begin().await?;
     if s.config.deduplicate {
-        let new = match record(s, &txn, work, &fates).await? {
+        let check = check(s);
+        let mut found = record(s, &txn, work, &fates, check).await?;
+        if found.is_none() && check == Check::Optimistic {
+            met_duplicate(s);
+            txn.rollback().await?;
+            txn = s.db.begin().await?;
+            found = record(s, &txn, work, &fates, Check::Exact).await?;
+        }
+        let new = match found {
             Some(new) => new,
             None => {
                 txn.rollback().await?;
@@ -315,12 +323,35 @@ fn received<'a, H>(s: &'a Shared<H>, d: &'a Delivery, now: chrono::DateTime<Utc>
     }
 }
 
+/// After a plain record met an id recorded before, batches check each id for this long:
+/// redeliveries come in runs (a restart, lost acks), and each plain record that meets one is
+/// a rolled-back attempt and an `ERROR` line in PostgreSQL's log.
+const EXACT_AFTER_DUPLICATE: Duration = Duration::from_secs(60);
+
+/// On PostgreSQL, a plain record while no duplicate was met lately.
+fn check<H>(s: &Shared<H>) -> Check {
+    if s.db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Check::Exact;
+    }
+    let met = *s.duplicate_met.lock().unwrap_or_else(|e| e.into_inner());
+    if met.is_some_and(|at| at.elapsed() < EXACT_AFTER_DUPLICATE) {
+        Check::Exact
+    } else {
+        Check::Optimistic
+    }
+}
+
+fn met_duplicate<H>(s: &Shared<H>) {
+    *s.duplicate_met.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+}
+
 /// The ids the batch's multi-row record found new, or `None` where the backend can't say.
 async fn record<H, K>(
     s: &Shared<H>,
     txn: &DatabaseTransaction,
     work: &[(K, Delivery)],
     fates: &[Fate],
+    check: Check,
 ) -> Result<Option<HashSet<String>>> {
     let now = Utc::now();
     let rows: Vec<Received<'_>> = work
@@ -329,7 +360,7 @@ async fn record<H, K>(
         .filter(|(_, f)| **f == Fate::Applied)
         .map(|((_, d), _)| received(s, d, now))
         .collect();
-    Ok(match inbox_batch::record_many(txn, &rows).await? {
+    Ok(match inbox_batch::record_many(txn, &rows, check).await? {
         Batch::New(new) => Some(new),
         Batch::Unknown => None,
     })

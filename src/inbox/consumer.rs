@@ -167,6 +167,7 @@ impl<H: Handler> ConsumerBuilder<H> {
                 config: self.config,
                 counters: Counters::default(),
                 careful_batches: Default::default(),
+                duplicate_met: Default::default(),
             }),
         })
     }

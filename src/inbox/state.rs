@@ -68,4 +68,7 @@ pub(crate) struct Shared<H> {
     pub(crate) counters: Counters,
     /// Batch mode: batches left to run with a savepoint per handler since one failed.
     pub(crate) careful_batches: std::sync::atomic::AtomicU32,
+    /// Batch mode, PostgreSQL: when a batch's plain inbox record last met an id recorded
+    /// before.
+    pub(crate) duplicate_met: std::sync::Mutex<Option<std::time::Instant>>,
 }
