@@ -83,7 +83,7 @@ impl Sizes {
                 backlog: 1_000_000,
                 retained: 5_000_000,
                 broker: 50_000,
-                inbox: 20_000,
+                inbox: 100_000,
                 scheduled: 1_000_000,
                 admin: 10_000_000,
             }

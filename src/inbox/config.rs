@@ -58,9 +58,10 @@ pub struct ConsumerConfig {
     /// [`MAX_BATCH_SIZE`](Self::MAX_BATCH_SIZE).
     pub batch_size: usize,
     /// In batch mode, how long a batch may wait to fill once its first message is ready
-    /// (default 2 ms). A batch starts at once when it is full; while every handler slot is
-    /// busy, batches keep filling, so under load they are full anyway and a trickle is held
-    /// back no longer than this.
+    /// (default 2 ms), once half the handler slots or more are busy. A batch starts at once
+    /// when it is full, or while fewer than half the slots are busy (a light load waits for
+    /// nothing); while every slot is busy, batches keep filling, so under load they are full
+    /// anyway and a trickle is held back no longer than this.
     pub max_batch_delay: Duration,
     /// How often the consumer writes its row in `inbox_consumers` (default 5 s): its counts,
     /// per-minute rates, what it holds and its oldest waiting message's age, for the admin

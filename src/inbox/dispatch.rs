@@ -117,14 +117,21 @@ impl<H: Handler> Dispatcher<H> {
         });
     }
 
-    /// When the forming batch may start: now if it is full, else once its first message has
-    /// waited `max_batch_delay`. `None` while nothing forms.
+    /// When the forming batch may start: now if it is full or fewer than half the handler
+    /// slots are busy, else once its first message has waited `max_batch_delay`. `None` while
+    /// nothing forms. With slots to spare, waiting to fill would only add latency; it pays
+    /// once transactions queue for slots (PostgreSQL's `commit_delay` waits only while
+    /// `commit_siblings` transactions are active, for the same reason).
     fn batch_due(&self) -> Option<Instant> {
         let since = self.forming_since?;
-        if self.forming.len() >= self.shared.config.batch_size {
+        let config = &self.shared.config;
+        let busy = config
+            .concurrency
+            .saturating_sub(self.permits.available_permits());
+        if self.forming.len() >= config.batch_size || busy < config.concurrency / 2 {
             return Some(since);
         }
-        Some(since + self.shared.config.max_batch_delay)
+        Some(since + config.max_batch_delay)
     }
 
     /// Starts batches while one is due and a handler slot is free; what is already received
