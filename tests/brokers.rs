@@ -811,20 +811,26 @@ mod rabbitmq {
         delete(&ch, &q).await;
     }
 
+    /// A publisher routing to `q`, except the events whose aggregate id is `lost`: to a queue
+    /// that does not exist.
+    fn sending_nowhere(q: &str, lost: fn(&str) -> bool) -> std::sync::Arc<RabbitMqPublisher> {
+        let nowhere = unique("no_such_queue_");
+        let q = q.to_owned();
+        std::sync::Arc::new(
+            RabbitMqPublisher::new(uri(&addr())).router(Router::new(move |e| {
+                if lost(&e.aggregate_id) {
+                    nowhere.clone()
+                } else {
+                    q.clone()
+                }
+            })),
+        )
+    }
+
     async fn unroutable_message_is_dead_lettered_alone(t: &TestDb) {
         let ch = channel().await;
         let q = queue(&ch).await;
-        let nowhere = unique("no_such_queue_");
-        let qq = q.clone();
-        let p = std::sync::Arc::new(RabbitMqPublisher::new(uri(&addr())).router(Router::new(
-            move |e| {
-                if e.aggregate_id == "big" {
-                    nowhere.clone()
-                } else {
-                    qq.clone()
-                }
-            },
-        )));
+        let p = sending_nowhere(&q, |agg| agg == "big");
         only_the_bad_event_is_dead_lettered(t, p, big_event(10)).await;
         delete(&ch, &q).await;
     }
@@ -836,17 +842,7 @@ mod rabbitmq {
     async fn interleaved_unroutable_messages_are_each_dead_lettered(t: &TestDb) {
         let ch = channel().await;
         let q = queue(&ch).await;
-        let nowhere = unique("no_such_queue_");
-        let qq = q.clone();
-        let p = std::sync::Arc::new(RabbitMqPublisher::new(uri(&addr())).router(Router::new(
-            move |e| {
-                if e.aggregate_id.starts_with("lost") {
-                    nowhere.clone()
-                } else {
-                    qq.clone()
-                }
-            },
-        )));
+        let p = sending_nowhere(&q, |agg| agg.starts_with("lost"));
         let events = (0..600)
             .map(|i| {
                 let agg = if i % 7 == 3 {
