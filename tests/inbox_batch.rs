@@ -27,6 +27,7 @@ on_all_backends!(
     a_poison_message_in_a_batch_of_100_dead_letters_alone,
     duplicates_inside_one_batch_and_recorded_before_apply_once,
     a_keys_order_holds_through_failures_in_batches,
+    a_light_load_does_not_wait_for_max_batch_delay,
     a_batch_handler_gets_whole_batches_and_a_poison_is_isolated,
 );
 
@@ -135,6 +136,25 @@ async fn duplicates_inside_one_batch_and_recorded_before_apply_once(t: &TestDb) 
     let mut ids: Vec<String> = effects(t).await.into_iter().map(|e| e.0).collect();
     ids.sort();
     assert_eq!(ids, ["m-1", "m-2", "m-4", "m-5", "m-6", "m-7"]);
+}
+
+/// With slots to spare a batch does not wait to fill: a lone message under a 30 s
+/// `max_batch_delay` is applied at once.
+async fn a_light_load_does_not_wait_for_max_batch_delay(t: &TestDb) {
+    create_effects(t).await;
+    let config = batched(100)
+        .concurrency(4)
+        .max_batch_delay(Duration::from_secs(30));
+    let h = Harness::start(t, "light", Effects::default(), config);
+    let started = std::time::Instant::now();
+    h.send(message(Some("only"), "a", 1, 1)).await;
+    h.wait_acks(1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(h.stop().await.applied, 1);
 }
 
 async fn a_keys_order_holds_through_failures_in_batches(t: &TestDb) {
