@@ -1,9 +1,9 @@
 //! What a consumer's restarts replay, on each real broker, with the consumer in a child process:
 //! - **a graceful stop** (SIGTERM) replays nothing: no message it acknowledged comes again;
-//! - **a crash** (SIGKILL, six times, twice right after a dead letter) replays at most what was
-//!   in flight (NATS: one batch, the channel and the consumer's held messages; RabbitMQ and
-//!   Redis: nothing acknowledged at all; Kafka: what finished since the last offset commit), and
-//!   a replayed message never runs the handler again;
+//! - **a crash** (SIGKILL, six times, twice right after a dead letter) replays only what was
+//!   in flight (NATS: the messages from the oldest one the killed run left unacknowledged on;
+//!   RabbitMQ and Redis: nothing acknowledged at all; Kafka: what finished since the last
+//!   offset commit), and a replayed message never runs the handler again;
 //! - two bad messages (one without an `event-id`, one whose body is not JSON) leave exactly one
 //!   dead letter each, beside exactly one effect per good message, in per-aggregate order.
 //!
@@ -87,15 +87,13 @@ impl Broker {
         good
     }
 
-    /// The most a crash may replay of what the consumer had acknowledged, where the source
-    /// bounds it by a window (Kafka is bounded by time instead: see `assert_crash`).
+    /// The most a crash may replay of what the consumer had acknowledged, where that is a
+    /// count (NATS is bounded by stream position and Kafka by time instead: see `redelivery`).
     fn crash_bound(&self) -> Option<usize> {
         match self {
-            // Recreated from the ack floor: the batch in hand, the channel, the held messages.
-            Self::Nats { .. } => Some(PREFETCH + CONCURRENCY + MAX_IN_FLIGHT),
             // Only unacknowledged messages come again.
             Self::RabbitMq { .. } | Self::Redis { .. } => Some(0),
-            Self::Kafka { .. } => None,
+            Self::Nats { .. } | Self::Kafka { .. } => None,
         }
     }
 }
@@ -134,7 +132,7 @@ impl Handler for Effects {
 }
 
 /// A line per event: `D` delivered to the consumer, `H` handler called, `A` acknowledged, with
-/// milliseconds since the epoch.
+/// milliseconds since the epoch (and, on `D`, the broker's position when it gives one).
 #[derive(Clone)]
 struct Log(std::sync::Arc<std::sync::Mutex<std::fs::File>>);
 
@@ -149,9 +147,17 @@ impl Log {
     }
 
     fn line(&self, kind: char, id: &str) {
+        self.line_at(kind, id, None);
+    }
+
+    fn line_at(&self, kind: char, id: &str, position: Option<&str>) {
         let ms = chrono::Utc::now().timestamp_millis();
         let mut f = self.0.lock().expect("log lock");
-        writeln!(f, "{kind} {id} {ms}").expect("log line");
+        match position {
+            Some(p) => writeln!(f, "{kind} {id} {ms} {p}"),
+            None => writeln!(f, "{kind} {id} {ms}"),
+        }
+        .expect("log line");
     }
 }
 
@@ -196,7 +202,7 @@ mod logged {
             let log = self.log;
             ctx.run_inner(self.inner, move |d| {
                 let id = d.message.header("event-id").unwrap_or("-").to_owned();
-                log.line('D', &id);
+                log.line_at('D', &id, d.message.position.as_deref());
                 let ack = Box::new(LoggedAck {
                     inner: d.ack,
                     log: log.clone(),
@@ -290,6 +296,8 @@ struct Run {
 #[derive(Default)]
 struct Seen {
     delivered: Vec<String>,
+    /// Each delivered message's broker position (NATS: its stream sequence), first delivery.
+    positions: HashMap<String, u64>,
     handled: HashSet<String>,
     acked: HashMap<String, i64>,
 }
@@ -303,7 +311,12 @@ fn read_run(path: &Path) -> Seen {
         };
         let ms: i64 = ms.parse().unwrap_or(0);
         match kind {
-            "D" => seen.delivered.push(id.to_owned()),
+            "D" => {
+                seen.delivered.push(id.to_owned());
+                if let Some(p) = parts.next().and_then(|p| p.parse().ok()) {
+                    seen.positions.entry(id.to_owned()).or_insert(p);
+                }
+            }
             "H" => {
                 seen.handled.insert(id.to_owned());
             }
@@ -509,6 +522,7 @@ async fn redelivery(broker: Broker) {
     let seen: Vec<Seen> = h.runs.iter().map(|r| read_run(&r.log)).collect();
     let mut acked_before: HashMap<String, i64> = HashMap::new();
     let mut figures = Vec::new();
+    let mut nats_from = 0;
     for (k, run) in seen.iter().enumerate() {
         if k > 0 {
             let prev = &h.runs[k - 1];
@@ -544,6 +558,30 @@ async fn redelivery(broker: Broker) {
                     "{name}: run {k} replayed {} acknowledged messages after a crash (bound {bound})",
                     replayed.len()
                 );
+            } else if matches!(h.broker, Broker::Nats { .. }) {
+                // Recreated from the ack floor: nothing before the oldest message the killed
+                // run left unacknowledged (or, if it left none, before all it was given).
+                let killed = &seen[k - 1];
+                let unacked = killed
+                    .positions
+                    .iter()
+                    .filter(|(id, _)| id.as_str() != "-" && !killed.acked.contains_key(*id))
+                    .map(|(_, p)| *p)
+                    .min();
+                nats_from = unacked
+                    .or_else(|| killed.positions.values().max().map(|p| p + 1))
+                    .unwrap_or(nats_from);
+                for id in &replayed {
+                    let at = run
+                        .positions
+                        .get(*id)
+                        .copied()
+                        .expect("NATS gives positions");
+                    assert!(
+                        at >= nats_from,
+                        "{name}: run {k} replayed {id} at stream sequence {at}, before {nats_from}, the oldest the killed run left unacknowledged"
+                    );
+                }
             } else {
                 // Kafka: only what finished after the last commit before the kill.
                 for id in &replayed {
