@@ -152,6 +152,16 @@ pub enum Error {
         /// What was asked.
         what: String,
     },
+
+    /// A [`RelayGroup`](crate::relay::RelayGroup) has no tenant by this id, or already has one
+    /// (`exists`).
+    #[error("relay group tenant `{tenant}` {}", if *.exists { "already exists" } else { "not found" })]
+    Tenant {
+        /// The tenant id given.
+        tenant: String,
+        /// It was being added and is already there.
+        exists: bool,
+    },
 }
 
 /// A text that is not an [`EventCursor`](crate::repository::EventCursor), or a cursor of

@@ -24,6 +24,10 @@ pub(super) struct Cycle {
     pub(super) claimed: usize,
     /// The claim started at a cursor, so an empty one does not mean nothing is due.
     pub(super) partial: bool,
+    /// How many events the claim asked for (a full claim suggests there is more).
+    pub(super) limit: u32,
+    /// The earliest retry among the batch's failures.
+    pub(super) next_retry: Option<DateTime<Utc>>,
 }
 
 /// A batch that was claimed and offered to the publisher, awaiting its write-back.
@@ -119,6 +123,8 @@ impl<P: Publisher> Relay<P> {
             stats: self.finish(round.offered).await,
             claimed: round.claimed,
             partial: round.partial,
+            limit: round.limit,
+            next_retry: round.next_retry,
         })
     }
 

@@ -63,6 +63,14 @@ impl Breaker {
         self.status.clone()
     }
 
+    /// While open: when the next probe may go.
+    pub(super) fn reopen_at(&self) -> Option<Instant> {
+        match self.status.state {
+            BreakerState::Closed => None,
+            _ => self.reopen_at,
+        }
+    }
+
     fn record(&self, publisher: &str) {
         let down = self.status.unavailable_for(crate::event::now());
         metrics::record_breaker(publisher, self.status.state.gauge(), down);

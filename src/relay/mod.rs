@@ -34,6 +34,7 @@ mod breaker;
 mod config;
 mod cursor;
 mod delivery;
+mod group;
 mod holds;
 #[cfg(feature = "postgres")]
 pub mod wal;
@@ -69,6 +70,7 @@ pub use config::{
     Backoff, BreakerConfig, Claiming, DeadLetterPolicy, Jitter, MAX_BATCH_SIZE, OnExpiry,
     OnPublish, Ordering, RelayConfig,
 };
+pub use group::{GroupConfig, GroupHealth, RelayGroup, RelayGroupBuilder};
 pub use wake::NOTIFY_CHANNEL;
 pub use waker::{RelayWaker, WakingTransaction};
 
@@ -121,9 +123,17 @@ pub struct RelayBuilder<P> {
     publisher: P,
     config: RelayConfig,
     waker: Option<RelayWaker>,
+    breaker: Option<Arc<std::sync::Mutex<breaker::Breaker>>>,
 }
 
 impl<P: Publisher> RelayBuilder<P> {
+    /// Shares `breaker` with other relays of one publisher (a [`RelayGroup`]'s tenants): a
+    /// broker outage is one outage, seen by all of them at once.
+    fn shared_breaker(mut self, breaker: Arc<std::sync::Mutex<breaker::Breaker>>) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
     /// Lets `waker` wake this relay right after the app's commit ([`RelayWaker`]): on MySQL,
     /// MariaDB and SQLite, the way to deliver within milliseconds rather than at the next
     /// [`idle_poll_interval`](RelayConfig::idle_poll_interval).
@@ -170,7 +180,7 @@ impl<P: Publisher> RelayBuilder<P> {
             ownership: std::sync::Mutex::new(owner),
             holds: std::sync::Mutex::default(),
             cursor: std::sync::Mutex::default(),
-            breaker: std::sync::Mutex::default(),
+            breaker: self.breaker.unwrap_or_default(),
             config: self.config,
             last_poll: Arc::new(AtomicI64::new(0)),
             writers,
@@ -217,8 +227,8 @@ pub struct Relay<P> {
     share: AtomicU32,
     /// Where the next claim's scan of due rows starts ([`cursor`]).
     cursor: std::sync::Mutex<cursor::Cursor>,
-    /// Whether the publisher answers ([`breaker`]).
-    breaker: std::sync::Mutex<breaker::Breaker>,
+    /// Whether the publisher answers ([`breaker`]); shared by a group's tenants.
+    breaker: Arc<std::sync::Mutex<breaker::Breaker>>,
     /// Owned partitions: what this relay holds ([`ownership`]).
     ownership: std::sync::Mutex<ownership::Ownership>,
     /// Owned partitions: the aggregates held back ([`holds`]).
@@ -235,6 +245,7 @@ impl<P: Publisher> Relay<P> {
             publisher,
             config: RelayConfig::default(),
             waker: None,
+            breaker: None,
         }
     }
 

@@ -36,6 +36,11 @@ struct Next {
 }
 
 impl Beat {
+    /// A heartbeat row was written, so there is one to remove at the end.
+    pub(super) fn wrote(&self) -> bool {
+        self.wrote
+    }
+
     pub(super) fn new() -> Self {
         Self {
             started_at: now(),
@@ -346,7 +351,7 @@ impl<P: Publisher> Relay<P> {
         }
     }
 
-    async fn purge(&self) -> u64 {
+    pub(super) async fn purge(&self) -> u64 {
         let Some(retention) = self.config.retention else {
             return 0;
         };

@@ -15,11 +15,33 @@ use tokio_util::sync::CancellationToken;
 /// The channel the migration's trigger notifies on (`seaorm_outbox_migration::NOTIFY_CHANNEL`).
 pub const NOTIFY_CHANNEL: &str = "seaorm_outbox";
 
-/// Starts the listener if `db` is PostgreSQL and the `postgres` feature is on.
-#[cfg(feature = "postgres")]
+/// Starts a listener that wakes `wake` for inserts into `db`'s own outbox table, if `db` is
+/// PostgreSQL and the `postgres` feature is on.
 pub(crate) fn spawn_listener(
     db: &DatabaseConnection,
     wake: Arc<Notify>,
+    cancel: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    // The trigger's payload is the table's schema; only our own schema's inserts concern us.
+    let route: Route = Arc::new(move |heard: Option<&str>, own: &str| {
+        if heard.is_none_or(|schema| schema == own) {
+            wake.notify_one();
+        }
+    });
+    spawn_router(db, route, cancel)
+}
+
+/// What a listener does with what it hears: `(Some(schema), own)` for a notification from
+/// `schema`'s outbox table, `(None, own)` after a (re)connect, when anything may have been
+/// missed; `own` is the listening connection's own schema.
+pub(crate) type Route = Arc<dyn Fn(Option<&str>, &str) + Send + Sync>;
+
+/// Starts a listener that hands what it hears to `route`, if `db` is PostgreSQL and the
+/// `postgres` feature is on.
+#[cfg(feature = "postgres")]
+pub(crate) fn spawn_router(
+    db: &DatabaseConnection,
+    route: Route,
     cancel: CancellationToken,
 ) -> Option<JoinHandle<()>> {
     use sea_orm::DbBackend;
@@ -35,7 +57,7 @@ pub(crate) fn spawn_listener(
         let mut delay = FIRST_RETRY;
         let mut failed = false;
         loop {
-            match listen(&pool, &wake, &cancel, failed).await {
+            match listen(&pool, route.as_ref(), &cancel, failed).await {
                 Ok(()) => return,
                 Err(Lost { listened, error }) => {
                     if listened {
@@ -68,7 +90,7 @@ struct Lost {
 #[cfg(feature = "postgres")]
 async fn listen(
     pool: &sea_orm::sqlx::PgPool,
-    wake: &Notify,
+    route: &(dyn Fn(Option<&str>, &str) + Send + Sync),
     cancel: &CancellationToken,
     after_failure: bool,
 ) -> Result<(), Lost> {
@@ -78,7 +100,6 @@ async fn listen(
         listened: false,
         error: e.to_string(),
     };
-    // The trigger's payload is the table's schema; only our own schema's inserts concern us.
     let schema = crate::store::pg_current_schema(pool)
         .await
         .map_err(not_yet)?;
@@ -90,20 +111,19 @@ async fn listen(
     } else {
         tracing::debug!(%schema, "outbox relay listening for NOTIFY");
     }
-    wake.notify_one();
+    route(None, &schema);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             n = listener.try_recv() => match n {
-                Ok(Some(n)) if n.payload() == schema => wake.notify_one(),
-                Ok(Some(_)) => {}
+                Ok(Some(n)) => route(Some(n.payload()), &schema),
                 // Anything sent while it is down is lost, so look at the table now.
                 Ok(None) => {
-                    wake.notify_one();
+                    route(None, &schema);
                     return Err(Lost { listened: true, error: "connection closed".to_owned() });
                 }
                 Err(e) => {
-                    wake.notify_one();
+                    route(None, &schema);
                     return Err(Lost { listened: true, error: e.to_string() });
                 }
             },
@@ -113,9 +133,9 @@ async fn listen(
 
 /// Without the `postgres` feature there is nothing to listen with: polling only.
 #[cfg(not(feature = "postgres"))]
-pub(crate) fn spawn_listener(
+pub(crate) fn spawn_router(
     _db: &DatabaseConnection,
-    _wake: Arc<Notify>,
+    _route: Route,
     _cancel: CancellationToken,
 ) -> Option<JoinHandle<()>> {
     None

@@ -144,6 +144,11 @@ impl PgServer {
         self.dir.path().join("data").display().to_string()
     }
 
+    /// Starts a stopped server again on the same port.
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
     fn pg_ctl_start(&self) {
         let opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200{}",
@@ -169,7 +174,8 @@ impl PgServer {
         self.pg_ctl_start();
     }
 
-    fn stop(&self) {
+    /// Stops the server at once (`immediate`, like a crash) and leaves it down.
+    pub fn stop(&self) {
         run(
             as_postgres(
                 &self.bin.join("pg_ctl"),

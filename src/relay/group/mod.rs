@@ -1,0 +1,517 @@
+//! [`RelayGroup`]: one process serving the outboxes of many tenants (a database, or a
+//! PostgreSQL schema, each), with a bounded number of batches in flight.
+
+mod run;
+mod schedule;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use sea_orm::DatabaseConnection;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::breaker::Breaker;
+use super::run::Beat;
+use super::{BreakerStatus, Claiming, Relay, RelayConfig, RelayStats, RelayWaker, lock};
+use crate::error::{Error, Result};
+use crate::publisher::Publisher;
+use crate::stats::{Health, HealthStatus, HealthThresholds};
+
+/// How a [`RelayGroup`] shares its process among tenants.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct GroupConfig {
+    /// How many tenants may have a batch in flight at once (one batch per tenant at most).
+    /// This, not the number of tenants, bounds the group's busy tasks and the connections it
+    /// uses at a time. Default 4.
+    pub workers: usize,
+    /// The longest an idle tenant goes between polls: after each empty poll its interval
+    /// doubles from the relay's `idle_poll_interval` up to this. A wake-up (NOTIFY, a
+    /// [`RelayWaker`]) polls it at once. Default 5 s.
+    pub idle_poll_max: Duration,
+    /// How long after its database failed a tenant is checked again (a ping outside the
+    /// workers); doubles with each failed check up to `failure_backoff_max`. Default 100 ms.
+    pub failure_backoff: Duration,
+    /// The longest wait between checks of a failing tenant's database. Default 30 s.
+    pub failure_backoff_max: Duration,
+    /// How long a check of a failing tenant's database may take. Default 5 s.
+    pub probe_timeout: Duration,
+    /// Tenants whose health is read at once by [`RelayGroup::health`]. Default 8.
+    pub health_concurrency: usize,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            idle_poll_max: Duration::from_secs(5),
+            failure_backoff: Duration::from_millis(100),
+            failure_backoff_max: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(5),
+            health_concurrency: 8,
+        }
+    }
+}
+
+impl GroupConfig {
+    setters! {
+        /// Sets [`workers`](Self::workers).
+        workers: usize,
+        /// Sets [`idle_poll_max`](Self::idle_poll_max).
+        idle_poll_max: Duration,
+        /// Sets [`failure_backoff`](Self::failure_backoff).
+        failure_backoff: Duration,
+        /// Sets [`failure_backoff_max`](Self::failure_backoff_max).
+        failure_backoff_max: Duration,
+        /// Sets [`probe_timeout`](Self::probe_timeout).
+        probe_timeout: Duration,
+        /// Sets [`health_concurrency`](Self::health_concurrency).
+        health_concurrency: usize,
+    }
+
+    fn validate(&self, relay: &RelayConfig) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(format!("relay group: {m}")));
+        if self.workers == 0 || self.health_concurrency == 0 {
+            return bad("workers and health_concurrency must be at least 1");
+        }
+        if self.idle_poll_max < relay.idle_poll_interval {
+            return bad("idle_poll_max must be at least the relay's idle_poll_interval");
+        }
+        if self.failure_backoff.is_zero() || self.failure_backoff > self.failure_backoff_max {
+            return bad("failure_backoff must be positive and not exceed failure_backoff_max");
+        }
+        if self.probe_timeout.is_zero() {
+            return bad("probe_timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`RelayGroup`].
+#[derive(Debug)]
+pub struct RelayGroupBuilder<P> {
+    publisher: P,
+    relay: RelayConfig,
+    config: GroupConfig,
+    listen: Vec<DatabaseConnection>,
+}
+
+impl<P: Publisher + 'static> RelayGroupBuilder<P> {
+    /// The configuration every tenant's relay runs with (its `name`, if set, prefixes the
+    /// tenants' relay names). Tenants claim under leases ([`Claiming::Leases`]) whatever it
+    /// says, and do not LISTEN each on their own: see [`RelayGroup`].
+    #[must_use]
+    pub fn relay_config(mut self, config: RelayConfig) -> Self {
+        self.relay = config;
+        self
+    }
+
+    /// Sets how the group shares its process among tenants.
+    #[must_use]
+    pub fn config(mut self, config: GroupConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// PostgreSQL: LISTEN on `db`'s database (one connection of its pool, for the whole
+    /// group), waking every tenant whose schema the insert trigger's notification names. Give
+    /// one connection per database that holds tenants; tenants in databases nobody listens on
+    /// are polled.
+    #[must_use]
+    pub fn listen(mut self, db: DatabaseConnection) -> Self {
+        self.listen.push(db);
+        self
+    }
+
+    /// Validates the configuration and builds the group, with no tenants yet.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a configuration that cannot work.
+    pub fn build(self) -> Result<RelayGroup<P>> {
+        let mut relay = self.relay;
+        relay.claiming = Claiming::Leases;
+        relay.listen_notify = false;
+        relay.validate()?;
+        self.config.validate(&relay)?;
+        let base = relay.name.clone().unwrap_or_else(|| {
+            format!("group-{}-{:04x}", std::process::id(), rand::random::<u16>())
+        });
+        Ok(RelayGroup {
+            shared: Arc::new(Shared {
+                publisher: Arc::new(self.publisher),
+                relay,
+                config: self.config,
+                base,
+                breaker: Arc::default(),
+                tenants: Mutex::default(),
+                changes: Mutex::default(),
+                changed: Notify::new(),
+                listen: self.listen,
+            }),
+        })
+    }
+}
+
+/// The outboxes of many tenants, relayed by one process through one publisher.
+///
+/// Each tenant is a [`DatabaseConnection`]: its own database (any backend), or a PostgreSQL
+/// schema reached through a connection whose `search_path` names it. Each has its own relay
+/// state (leases, claim cursor, backoff, heartbeat row named `<group>/<tenant>`); the
+/// publisher and its circuit breaker are shared, so a broker outage is one outage. A batch
+/// never mixes tenants: each is claimed from, published for, and written back to one tenant.
+///
+/// * **Bounded.** At most [`workers`](GroupConfig::workers) batches are in flight at once, one
+///   per tenant at most; idle tenants hold no task that polls and no connection. Their polls
+///   space out up to [`idle_poll_max`](GroupConfig::idle_poll_max), and a wake-up ([`listen`],
+///   [`RelayWaker`]) brings one at once.
+/// * **Fair.** Tenants with work take turns, one batch each: a tenant with a million events
+///   waits its turn like one with ten, so a small tenant waits at most one batch of each busy
+///   tenant, divided among the workers.
+/// * **Isolated.** A tenant whose database fails is taken out of turn: it is checked with a
+///   ping outside the workers, with backoff, and rejoins when it answers. Its failure costs the
+///   others one worker for one failed batch at most.
+///
+/// Tenants claim under leases ([`Claiming::Leases`]), which need no rounds beside the claims:
+/// owned partitions would write every tenant's heartbeat every two seconds, idle or not.
+/// Per-aggregate order holds as for any leased relay. Events that fall due later (retries,
+/// scheduled events) wait up to `idle_poll_max` past their time in an idle tenant.
+///
+/// [`listen`]: RelayGroupBuilder::listen
+///
+/// ```no_run
+/// use sea_orm::Database;
+/// use seaorm_outbox::publisher::StdoutPublisher;
+/// use seaorm_outbox::relay::{GroupConfig, RelayGroup};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let group = RelayGroup::builder(StdoutPublisher::stdout())
+///     .config(GroupConfig::default().workers(8))
+///     .build()?;
+/// for tenant in ["acme", "globex"] {
+///     let db = Database::connect(format!("sqlite://{tenant}.db?mode=rwc")).await?;
+///     group.add_tenant(tenant, db).await?;
+/// }
+/// let stop = CancellationToken::new();
+/// let running = tokio::spawn({
+///     let (group, stop) = (group.clone(), stop.clone());
+///     async move { group.run(stop).await }
+/// });
+/// // Tenants come and go while it runs:
+/// let stats = group.remove_tenant("globex").await?;
+/// println!("globex: {} published", stats.published);
+/// stop.cancel();
+/// running.await?;
+/// # Ok(()) }
+/// ```
+pub struct RelayGroup<P> {
+    shared: Arc<Shared<P>>,
+}
+
+impl<P> Clone for RelayGroup<P> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<P> std::fmt::Debug for RelayGroup<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayGroup")
+            .field("name", &self.shared.base)
+            .field("tenants", &lock(&self.shared.tenants).len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) struct Shared<P> {
+    publisher: Arc<P>,
+    relay: RelayConfig,
+    config: GroupConfig,
+    base: String,
+    breaker: Arc<Mutex<Breaker>>,
+    tenants: Mutex<BTreeMap<String, Arc<Tenant<P>>>>,
+    /// Tenants woken or removed since the loop last looked.
+    changes: Mutex<Vec<Change>>,
+    changed: Notify,
+    listen: Vec<DatabaseConnection>,
+}
+
+pub(super) enum Change {
+    Wake(String),
+    Removed(String),
+}
+
+impl<P> Shared<P> {
+    fn tell(&self, change: Change) {
+        lock(&self.changes).push(change);
+        self.changed.notify_one();
+    }
+
+    fn tenant(&self, id: &str) -> Option<Arc<Tenant<P>>> {
+        lock(&self.tenants).get(id).cloned()
+    }
+}
+
+/// One tenant: its relay, and what the group knows of it.
+pub(super) struct Tenant<P> {
+    id: String,
+    relay: Relay<Arc<P>>,
+    /// PostgreSQL: the schema its NOTIFYs name.
+    schema: Option<String>,
+    /// Cancelled when it is removed.
+    stop: CancellationToken,
+    /// Held while its batch is in flight, so a removal waits for the write-back.
+    running: tokio::sync::Mutex<TenantRun>,
+    stats: Mutex<RelayStats>,
+    /// Since when, and why, its database has been failing.
+    failing: Mutex<Option<(DateTime<Utc>, String)>>,
+    forward: JoinHandle<()>,
+}
+
+impl<P> Drop for Tenant<P> {
+    fn drop(&mut self) {
+        self.forward.abort();
+    }
+}
+
+/// What a tenant's batches carry from one to the next.
+pub(super) struct TenantRun {
+    beat: Beat,
+    /// Empty polls in a row.
+    idle: u32,
+    /// The wait before the next check of its failing database.
+    backoff: Duration,
+    next_purge: tokio::time::Instant,
+}
+
+/// A group's health: each tenant's, and the worst of them.
+#[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
+pub struct GroupHealth {
+    /// The worst tenant's verdict (healthy with no tenants).
+    pub status: HealthStatus,
+    /// Each tenant's, by id.
+    pub tenants: BTreeMap<String, Health>,
+}
+
+impl GroupHealth {
+    /// The HTTP status to serve: 503 when any tenant is unhealthy.
+    pub fn http_status(&self) -> u16 {
+        match self.status {
+            HealthStatus::Unhealthy => 503,
+            _ => 200,
+        }
+    }
+}
+
+fn rank(s: HealthStatus) -> u8 {
+    match s {
+        HealthStatus::Healthy => 0,
+        HealthStatus::Degraded => 1,
+        HealthStatus::Unhealthy => 2,
+    }
+}
+
+impl<P: Publisher + 'static> RelayGroup<P> {
+    /// Starts building a group that publishes every tenant's events through `publisher`.
+    pub fn builder(publisher: P) -> RelayGroupBuilder<P> {
+        RelayGroupBuilder {
+            publisher,
+            relay: RelayConfig::default(),
+            config: GroupConfig::default(),
+            listen: Vec::new(),
+        }
+    }
+
+    /// Adds a tenant, polled at once if the group is running. Returns a [`RelayWaker`] that
+    /// wakes this tenant after the app commits its events.
+    ///
+    /// # Errors
+    /// [`Error::Tenant`] if the id is taken; [`Error::Config`] for an empty id.
+    pub async fn add_tenant(
+        &self,
+        id: impl Into<String>,
+        db: DatabaseConnection,
+    ) -> Result<RelayWaker> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(Error::Config(
+                "relay group: a tenant id cannot be empty".into(),
+            ));
+        }
+        if lock(&self.shared.tenants).contains_key(&id) {
+            return Err(Error::Tenant {
+                tenant: id,
+                exists: true,
+            });
+        }
+        let schema = pg_schema(&db, self.shared.config.probe_timeout).await;
+        let config = RelayConfig {
+            name: Some(format!("{}/{id}", self.shared.base)),
+            ..self.shared.relay.clone()
+        };
+        let relay = Relay::builder(db, self.shared.publisher.clone())
+            .config(config)
+            .shared_breaker(self.shared.breaker.clone())
+            .build()?;
+        let forward = forward_wakes(&relay, &id, Arc::downgrade(&self.shared));
+        let waker = relay.waker();
+        let tenant = Arc::new(Tenant {
+            id: id.clone(),
+            relay,
+            schema,
+            stop: CancellationToken::new(),
+            running: tokio::sync::Mutex::new(TenantRun {
+                beat: Beat::new(),
+                idle: 0,
+                backoff: Duration::ZERO,
+                next_purge: tokio::time::Instant::now(),
+            }),
+            stats: Mutex::default(),
+            failing: Mutex::default(),
+            forward,
+        });
+        {
+            let mut tenants = lock(&self.shared.tenants);
+            if tenants.contains_key(&id) {
+                return Err(Error::Tenant {
+                    tenant: id,
+                    exists: true,
+                });
+            }
+            tenants.insert(id.clone(), tenant);
+        }
+        self.shared.tell(Change::Wake(id));
+        Ok(waker)
+    }
+
+    /// Removes a tenant gracefully: its batch in flight finishes (within the relay's
+    /// `shutdown_grace`) and is written back, its heartbeat row goes, and nothing of it is
+    /// claimed again. Returns what its relay did in this group.
+    ///
+    /// # Errors
+    /// [`Error::Tenant`] if there is no such tenant.
+    pub async fn remove_tenant(&self, id: &str) -> Result<RelayStats> {
+        let tenant = lock(&self.shared.tenants)
+            .remove(id)
+            .ok_or_else(|| Error::Tenant {
+                tenant: id.to_owned(),
+                exists: false,
+            })?;
+        tenant.stop.cancel();
+        self.shared.tell(Change::Removed(id.to_owned()));
+        let run = tenant.running.lock().await;
+        forget(&tenant, &run).await;
+        Ok(*lock(&tenant.stats))
+    }
+
+    /// The tenants' ids, in order.
+    pub fn tenants(&self) -> Vec<String> {
+        lock(&self.shared.tenants).keys().cloned().collect()
+    }
+
+    /// A new [`RelayWaker`] for a tenant, if it is in the group.
+    pub fn waker(&self, id: &str) -> Option<RelayWaker> {
+        self.shared.tenant(id).map(|t| t.relay.waker())
+    }
+
+    /// What each tenant's relay has done in this group, by id.
+    pub fn stats(&self) -> BTreeMap<String, RelayStats> {
+        lock(&self.shared.tenants)
+            .iter()
+            .map(|(id, t)| (id.clone(), *lock(&t.stats)))
+            .collect()
+    }
+
+    /// The shared publisher's circuit breaker.
+    pub fn breaker(&self) -> BreakerStatus {
+        lock(&self.shared.breaker).status()
+    }
+
+    /// Each tenant's health against `thresholds` (its backlog, lag and dead letters, its
+    /// polling, the shared publisher's state; unhealthy while its database fails), and the
+    /// worst of them. Reads [`health_concurrency`](GroupConfig::health_concurrency) tenants at
+    /// a time.
+    pub async fn health(&self, thresholds: &HealthThresholds) -> GroupHealth {
+        let tenants: Vec<_> = lock(&self.shared.tenants).values().cloned().collect();
+        let tenants: BTreeMap<String, Health> = futures_util::stream::iter(tenants)
+            .map(|t| async move {
+                let mut h = t.relay.health(thresholds).await;
+                if let Some((since, error)) = lock(&t.failing).clone() {
+                    h.status = HealthStatus::Unhealthy;
+                    h.reasons
+                        .push(format!("tenant database failing since {since}: {error}"));
+                }
+                (t.id.clone(), h)
+            })
+            .buffer_unordered(self.shared.config.health_concurrency)
+            .collect()
+            .await;
+        let status = tenants
+            .values()
+            .map(|h| h.status)
+            .max_by_key(|s| rank(*s))
+            .unwrap_or(HealthStatus::Healthy);
+        GroupHealth { status, tenants }
+    }
+}
+
+/// Removes the tenant's heartbeat row, if its relay wrote one.
+async fn forget<P: Publisher>(tenant: &Tenant<P>, run: &TenantRun) {
+    if run.beat.wrote()
+        && let Err(e) = crate::store::forget(&tenant.relay.db, &tenant.relay.name).await
+    {
+        tracing::debug!(tenant = %tenant.id, error = %e, "outbox relay row not removed");
+    }
+}
+
+/// Passes the tenant relay's wake-ups (its [`RelayWaker`]s) on to the group's loop.
+fn forward_wakes<P: Publisher + 'static>(
+    relay: &Relay<Arc<P>>,
+    id: &str,
+    shared: Weak<Shared<P>>,
+) -> JoinHandle<()> {
+    let wake = relay.wake.clone();
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        loop {
+            wake.notified().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.tell(Change::Wake(id.clone()));
+        }
+    })
+}
+
+/// A PostgreSQL connection's schema, for routing NOTIFYs; `None` elsewhere or if unreadable.
+async fn pg_schema(db: &DatabaseConnection, within: Duration) -> Option<String> {
+    #[cfg(feature = "postgres")]
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let pool = crate::store::pg_pool(db)?;
+        let read = tokio::time::timeout(within, crate::store::pg_current_schema(pool)).await;
+        return match read {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "relay group: tenant schema unreadable; it is polled, not woken by NOTIFY");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "relay group: tenant schema unreadable in time; it is polled, not woken by NOTIFY"
+                );
+                None
+            }
+        };
+    }
+    let _ = (db, within);
+    None
+}

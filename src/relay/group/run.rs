@@ -1,0 +1,258 @@
+//! The group's loop: tenants' batches on a bounded set of workers, in turns, with failing
+//! tenants checked outside them and every start held while the shared breaker is open.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::schedule::{Schedule, Timer};
+use super::{Change, RelayGroup, Shared, Tenant, forget};
+use crate::publisher::Publisher;
+use crate::relay::{BreakerState, RelayStats, lock, wake};
+
+/// What a tenant's batch leaves the schedule to do.
+type Next = Option<(Instant, Timer)>;
+
+impl<P: Publisher + 'static> RelayGroup<P> {
+    /// Relays every tenant's events until `cancel` is cancelled, then lets the batches in
+    /// flight finish (within the relay's `shutdown_grace`) and be written back, removes the
+    /// tenants' heartbeat rows, and returns what all of them did. Tenants may be added and
+    /// removed while it runs. Database errors never end it: a failing tenant is checked again
+    /// with backoff until it answers.
+    pub async fn run(&self, cancel: CancellationToken) -> RelayStats {
+        let sh = &self.shared;
+        let mut schedule = Schedule::default();
+        for id in lock(&sh.tenants).keys() {
+            schedule.wake(id);
+        }
+        let listeners = CancellationToken::new();
+        let routers: Vec<_> = sh
+            .listen
+            .iter()
+            .filter_map(|db| wake::spawn_router(db, router(Arc::downgrade(sh)), listeners.clone()))
+            .collect();
+        let mut batches: JoinSet<(String, Next)> = JoinSet::new();
+        let mut probes: JoinSet<(String, bool)> = JoinSet::new();
+        let mut totals = RelayStats::default();
+        loop {
+            for change in std::mem::take(&mut *lock(&sh.changes)) {
+                match change {
+                    Change::Wake(id) if sh.tenant(&id).is_some() => schedule.wake(&id),
+                    Change::Wake(_) => {}
+                    Change::Removed(id) => schedule.remove(&id),
+                }
+            }
+            for (id, _) in schedule.due(Instant::now()) {
+                if let Some(t) = sh.tenant(&id) {
+                    probes.spawn(probe(t, sh.config.probe_timeout));
+                }
+            }
+            let gate = self.gate();
+            if gate.is_none() && !cancel.is_cancelled() {
+                self.start(&mut schedule, &mut batches, &cancel);
+            }
+            if cancel.is_cancelled() && batches.is_empty() {
+                break;
+            }
+            let wake_at = match (schedule.next_timer(), gate) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                () = cancel.cancelled(), if !cancel.is_cancelled() => {}
+                Some(done) = batches.join_next(), if !batches.is_empty() => {
+                    if let Ok((id, next)) = done {
+                        schedule.done(&id, next);
+                    }
+                }
+                Some(done) = probes.join_next(), if !probes.is_empty() => {
+                    if let Ok((id, answered)) = done {
+                        self.probed(&mut schedule, &id, answered).await;
+                    }
+                }
+                () = sh.changed.notified() => {}
+                () = sleep_until(wake_at) => {}
+            }
+        }
+        probes.shutdown().await;
+        listeners.cancel();
+        for r in routers {
+            let _ = r.await;
+        }
+        let tenants: Vec<_> = lock(&sh.tenants).values().cloned().collect();
+        for t in tenants {
+            let run = t.running.lock().await;
+            forget(&t, &run).await;
+            totals += *lock(&t.stats);
+        }
+        totals
+    }
+
+    /// While the shared breaker is open: when the next probe may go (nothing starts before).
+    /// Half-open, one batch at a time probes the broker.
+    fn gate(&self) -> Option<Instant> {
+        let b = lock(&self.shared.breaker);
+        b.reopen_at().filter(|at| *at > Instant::now())
+    }
+
+    /// Starts batches of ready tenants while workers are free.
+    fn start(
+        &self,
+        schedule: &mut Schedule,
+        batches: &mut JoinSet<(String, Next)>,
+        cancel: &CancellationToken,
+    ) {
+        let sh = &self.shared;
+        while batches.len() < sh.config.workers {
+            let probing = lock(&sh.breaker).status().state != BreakerState::Closed;
+            if probing && !batches.is_empty() {
+                return;
+            }
+            let Some(id) = schedule.next_ready() else {
+                return;
+            };
+            let Some(t) = sh.tenant(&id) else {
+                schedule.remove(&id);
+                continue;
+            };
+            batches.spawn(batch(t, sh.clone(), cancel.clone()));
+        }
+    }
+
+    /// A failing tenant's check came back.
+    async fn probed(&self, schedule: &mut Schedule, id: &str, answered: bool) {
+        let Some(t) = self.shared.tenant(id) else {
+            return;
+        };
+        if answered {
+            if let Some((since, _)) = lock(&t.failing).take() {
+                tracing::info!(tenant = %id, failing_since = %since, "relay group: tenant database answers again");
+            }
+            t.running.lock().await.backoff = Duration::ZERO;
+            schedule.wake(id);
+            return;
+        }
+        let mut run = t.running.lock().await;
+        run.backoff = (run.backoff * 2).clamp(
+            self.shared.config.failure_backoff,
+            self.shared.config.failure_backoff_max,
+        );
+        schedule.set_timer(id, Instant::now() + run.backoff, Timer::Probe);
+    }
+}
+
+/// One batch of one tenant: claim, publish, write back; then what comes next for it.
+async fn batch<P: Publisher + 'static>(
+    t: Arc<Tenant<P>>,
+    sh: Arc<Shared<P>>,
+    group_stop: CancellationToken,
+) -> (String, Next) {
+    let mut run = t.running.lock().await;
+    if t.stop.is_cancelled() {
+        return (t.id.clone(), None);
+    }
+    let relay = &t.relay;
+    // Stopping the group or removing the tenant stops the batch the same way.
+    let stop = CancellationToken::new();
+    let cycle = relay.cycle(&stop);
+    tokio::pin!(cycle);
+    let result = loop {
+        tokio::select! {
+            r = &mut cycle => break r,
+            () = group_stop.cancelled(), if !stop.is_cancelled() => stop.cancel(),
+            () = t.stop.cancelled(), if !stop.is_cancelled() => stop.cancel(),
+        }
+    };
+    let now = Instant::now();
+    let next = match result {
+        Ok(c) => {
+            *lock(&t.stats) += c.stats;
+            if let Some(every) = relay.config.heartbeat_interval {
+                relay.heartbeat(&mut run.beat, Some(every)).await;
+            }
+            if relay.config.retention.is_some() && now >= run.next_purge {
+                lock(&t.stats).purged += relay.purge().await;
+                run.next_purge = now + relay.config.purge_interval;
+            }
+            let open = lock(&sh.breaker).reopen_at().is_some_and(|at| at > now);
+            if open {
+                // The broker is down: its turn comes when the breaker lets batches go.
+                None
+            } else if c.claimed >= c.limit as usize || c.partial {
+                run.idle = 0;
+                None
+            } else {
+                let idle = if c.claimed == 0 {
+                    run.idle = run.idle.saturating_add(1);
+                    let doubled = relay
+                        .config
+                        .idle_poll_interval
+                        .saturating_mul(1 << run.idle.min(16).saturating_sub(1));
+                    doubled.min(sh.config.idle_poll_max)
+                } else {
+                    run.idle = 0;
+                    relay.config.idle_poll_interval
+                };
+                let until_retry = c
+                    .next_retry
+                    .and_then(|at| (at - relay.now()).to_std().ok())
+                    .unwrap_or(idle);
+                Some((now + idle.min(until_retry), Timer::Poll))
+            }
+        }
+        Err(e) => {
+            let mut failing = lock(&t.failing);
+            if failing.is_none() {
+                tracing::warn!(tenant = %t.id, error = %e, "relay group: tenant database failed; taken out of turn and checked with backoff");
+                *failing = Some((crate::event::now(), e.to_string()));
+            }
+            run.backoff = run
+                .backoff
+                .max(sh.config.failure_backoff)
+                .min(sh.config.failure_backoff_max);
+            Some((now + run.backoff, Timer::Probe))
+        }
+    };
+    (t.id.clone(), next)
+}
+
+/// Checks a failing tenant's database, outside the workers.
+async fn probe<P: Publisher>(t: Arc<Tenant<P>>, within: Duration) -> (String, bool) {
+    let error = match tokio::time::timeout(within, t.relay.db.ping()).await {
+        Ok(Ok(())) => return (t.id.clone(), true),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer to a ping within {within:?}"),
+    };
+    if let Some((_, last)) = lock(&t.failing).as_mut() {
+        *last = error;
+    }
+    (t.id.clone(), false)
+}
+
+/// Routes a group listener's NOTIFYs to the tenants of the schema named; after a reconnect,
+/// to every tenant it could concern.
+fn router<P: Publisher + 'static>(shared: std::sync::Weak<Shared<P>>) -> wake::Route {
+    Arc::new(move |heard: Option<&str>, _own: &str| {
+        let Some(sh) = shared.upgrade() else {
+            return;
+        };
+        let woken: Vec<String> = lock(&sh.tenants)
+            .values()
+            .filter(|t| heard.is_none_or(|s| t.schema.as_deref() == Some(s)))
+            .map(|t| t.id.clone())
+            .collect();
+        for id in woken {
+            sh.tell(super::Change::Wake(id));
+        }
+    })
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,540 @@
+//! A [`RelayGroup`] serving many tenants from one process, on real databases: each tenant a
+//! PostgreSQL schema, a MariaDB database, a SQLite file, or a private PostgreSQL server the
+//! test stops. What a user relies on:
+//! - no publisher call ever mixes tenants, and every event is delivered, in per-aggregate order;
+//! - a tenant whose database is down does not slow the others, and drains with nothing lost
+//!   once it is back, through a second outage during its recovery too;
+//! - a small tenant is not starved by a big backlog (its commit → publish latency is printed);
+//! - removing a tenant mid-drain writes its batch in flight back and leaves nothing leased;
+//! - a broker outage is one outage: the shared breaker sends probes, not one per tenant;
+//! - one LISTEN connection wakes the tenant whose schema the NOTIFY names.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::pg_server::PgServer;
+use common::{Backend, TestDb};
+use sea_orm::{DatabaseConnection, TransactionTrait};
+use seaorm_outbox::publisher::{BoxError, Publisher};
+use seaorm_outbox::relay::{BreakerConfig, GroupConfig, RelayConfig, RelayGroup};
+use seaorm_outbox::{
+    Error, HealthStatus, HealthThresholds, NewEvent, Outbox, OutboxEvent, OutboxRepository,
+    PublishOutcome,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Records every call: the tenants its events came from (their `aggregate_type`), and when
+/// each event arrived. `down` makes every call find the broker unavailable; `slow` delays the
+/// calls for one tenant.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<Seen>>,
+    down: Arc<AtomicBool>,
+    slow: Option<(String, Duration)>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Calls whose events came from more than one tenant.
+    mixed: usize,
+    /// Calls made while down.
+    refused: usize,
+    /// Every delivery: the event and when it arrived.
+    delivered: Vec<(OutboxEvent, Instant)>,
+}
+
+#[async_trait]
+impl Publisher for Recorder {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<PublishOutcome>, BoxError> {
+        let tenants: HashSet<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
+        if let Some((tenant, delay)) = &self.slow
+            && tenants.contains(tenant.as_str())
+        {
+            tokio::time::sleep(*delay).await;
+        }
+        let mut seen = self.seen.lock().expect("seen");
+        if tenants.len() > 1 {
+            seen.mixed += 1;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            seen.refused += 1;
+            return Ok(vec![
+                PublishOutcome::Unavailable("down".into());
+                events.len()
+            ]);
+        }
+        let at = Instant::now();
+        seen.delivered
+            .extend(events.iter().map(|e| (e.clone(), at)));
+        Ok(vec![PublishOutcome::Delivered; events.len()])
+    }
+}
+
+impl Recorder {
+    /// Distinct events delivered for `tenant`.
+    fn delivered(&self, tenant: &str) -> usize {
+        let seen = self.seen.lock().expect("seen");
+        seen.delivered
+            .iter()
+            .filter(|(e, _)| e.aggregate_type == tenant)
+            .map(|(e, _)| e.id)
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// Panics if a call mixed tenants, or an aggregate's first deliveries came out of order.
+    fn check(&self) {
+        let seen = self.seen.lock().expect("seen");
+        assert_eq!(seen.mixed, 0, "a publisher call mixed tenants");
+        let mut first = HashSet::new();
+        let mut last: HashMap<(String, String), i64> = HashMap::new();
+        for (e, _) in &seen.delivered {
+            if !first.insert(e.id) {
+                continue;
+            }
+            let seq = e.payload["seq"].as_i64().expect("seq");
+            let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
+            if let Some(prev) = last.insert(key.clone(), seq) {
+                assert!(prev < seq, "{key:?}: {seq} delivered after {prev}");
+            }
+        }
+    }
+}
+
+/// Writes `n` events for `tenant` (its `aggregate_type`) over 10 aggregates, in one
+/// transaction per 1,000.
+async fn seed(db: &DatabaseConnection, tenant: &str, from: usize, n: usize) {
+    for chunk in (from..from + n).collect::<Vec<_>>().chunks(1000) {
+        let txn = db.begin().await.expect("begin");
+        let events = chunk
+            .iter()
+            .map(|i| {
+                NewEvent::new("t", tenant, (i % 10).to_string())
+                    .payload(&serde_json::json!({ "seq": i }))
+            })
+            .collect();
+        Outbox::new(&txn).add_events(events).await.expect("add");
+        txn.commit().await.expect("commit");
+    }
+}
+
+async fn count(t: &TestDb, status: &str) -> i64 {
+    t.scalar(&format!(
+        "SELECT COUNT(*) FROM outbox_events WHERE status = '{status}'"
+    ))
+    .await
+}
+
+fn relay_config() -> RelayConfig {
+    RelayConfig::default()
+        .batch_size(100)
+        .idle_poll_interval(Duration::from_millis(50))
+        .breaker(
+            BreakerConfig::default()
+                .base(Duration::from_millis(100))
+                .cap(Duration::from_millis(400)),
+        )
+}
+
+fn group(publisher: Recorder, config: GroupConfig) -> RelayGroup<Recorder> {
+    RelayGroup::builder(publisher)
+        .relay_config(relay_config())
+        .config(config.idle_poll_max(Duration::from_millis(200)))
+        .build()
+        .expect("group")
+}
+
+fn start(g: &RelayGroup<Recorder>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (g, stop) = (g.clone(), stop.clone());
+        async move {
+            g.run(stop).await;
+        }
+    });
+    (stop, task)
+}
+
+async fn wait_until(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_on_every_backend_drain_in_their_own_batches_in_order() {
+    let tenants = [
+        ("pg", TestDb::new(Backend::Postgres).await),
+        ("maria", TestDb::new(Backend::MySql).await),
+        ("sqlite", TestDb::new(Backend::SqliteFile).await),
+    ];
+    let rec = Recorder::default();
+    let g = group(rec.clone(), GroupConfig::default());
+    for (id, t) in &tenants {
+        seed(&t.db, id, 0, 1500).await;
+        g.add_tenant(*id, t.db.clone()).await.expect("add");
+    }
+    let (stop, task) = start(&g);
+    wait_until("all drained", Duration::from_secs(60), async || {
+        tenants.iter().all(|(id, _)| rec.delivered(id) == 1500)
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    for (id, t) in &tenants {
+        assert_eq!(count(t, "published").await, 1500, "{id}");
+        assert_eq!(g.stats()[*id].published, 1500, "{id}");
+    }
+    // A stopped group leaves no heartbeat rows behind.
+    for (id, t) in &tenants {
+        assert_eq!(
+            t.scalar("SELECT COUNT(*) FROM outbox_relays").await,
+            0,
+            "{id}"
+        );
+    }
+    for (_, t) in tenants {
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_database_is_down_slows_no_one_and_loses_nothing() {
+    const HEALTHY: [&str; 3] = ["a", "b", "c"];
+    const EACH: usize = 3000;
+    let healthy: Vec<TestDb> =
+        futures_util::future::join_all(HEALTHY.iter().map(|_| TestDb::new(Backend::Postgres)))
+            .await;
+    let server = PgServer::start();
+    let down = TestDb::new_postgres_at(&server.url()).await;
+    seed(&down.db, "down", 0, 2000).await;
+
+    // Baseline: the healthy tenants alone.
+    let drain = async |g: &RelayGroup<Recorder>, rec: &Recorder, round: usize| {
+        for (id, t) in HEALTHY.iter().zip(&healthy) {
+            seed(&t.db, id, round * EACH, EACH).await;
+        }
+        let began = Instant::now();
+        let (stop, task) = start(g);
+        wait_until(
+            "healthy tenants drained",
+            Duration::from_secs(120),
+            async || {
+                HEALTHY
+                    .iter()
+                    .all(|id| rec.delivered(id) == (round + 1) * EACH)
+            },
+        )
+        .await;
+        (began.elapsed(), stop, task)
+    };
+    let rec = Recorder {
+        slow: Some(("down".into(), Duration::from_millis(20))),
+        ..Recorder::default()
+    };
+    let g = group(rec.clone(), GroupConfig::default());
+    for (id, t) in HEALTHY.iter().zip(&healthy) {
+        g.add_tenant(*id, t.db.clone()).await.expect("add");
+    }
+    let (alone, stop, task) = drain(&g, &rec, 0).await;
+    stop.cancel();
+    task.await.expect("group");
+
+    // The same again, with a tenant whose server is stopped.
+    let down_db = down.connect_again().await;
+    server.stop();
+    g.add_tenant("down", down_db)
+        .await
+        .expect("add a tenant whose database is down");
+    let (beside, stop, task) = drain(&g, &rec, 1).await;
+    let health = g.health(&HealthThresholds::default()).await;
+    assert_eq!(
+        health.tenants["down"].status,
+        HealthStatus::Unhealthy,
+        "{:?}",
+        health.tenants["down"]
+    );
+    for id in HEALTHY {
+        assert_ne!(
+            health.tenants[id].status,
+            HealthStatus::Unhealthy,
+            "{id}: {:?}",
+            health.tenants[id]
+        );
+    }
+    assert_eq!(health.http_status(), 503);
+    println!(
+        "healthy tenants drained {} events in {alone:?} alone, {beside:?} beside a stopped one",
+        HEALTHY.len() * EACH
+    );
+    assert!(
+        beside < alone * 2 + Duration::from_secs(1),
+        "a stopped tenant slowed the others: {beside:?} against {alone:?}"
+    );
+
+    // Back, then down again part way through its recovery, then back for good.
+    server.start_again();
+    wait_until("the tenant recovers", Duration::from_secs(60), async || {
+        rec.delivered("down") >= 200
+    })
+    .await;
+    assert!(
+        rec.delivered("down") < 2000,
+        "recovered before the second outage"
+    );
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.start_again();
+    wait_until("the tenant drains", Duration::from_secs(90), async || {
+        rec.delivered("down") == 2000
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    assert_eq!(count(&down, "published").await, 2000);
+    assert_eq!(count(&down, "pending").await, 0);
+    assert_eq!(
+        count(&down, "failed").await,
+        0,
+        "an outage is no dead letter"
+    );
+    for (id, t) in HEALTHY.iter().zip(&healthy) {
+        assert_eq!(count(t, "published").await, 2 * EACH as i64, "{id}");
+    }
+    for t in healthy {
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_tenant_is_served_while_a_big_backlog_drains() {
+    const BIG: usize = 20_000;
+    let big = TestDb::new(Backend::Postgres).await;
+    let small = TestDb::new(Backend::Postgres).await;
+    seed(&big.db, "big", 0, BIG).await;
+    let rec = Recorder::default();
+    // One worker: the turns alone keep the small tenant going.
+    let g = group(rec.clone(), GroupConfig::default().workers(1));
+    g.add_tenant("big", big.db.clone()).await.expect("add");
+    let waker = g.add_tenant("small", small.db.clone()).await.expect("add");
+    let (stop, task) = start(&g);
+    wait_until(
+        "the big drain is under way",
+        Duration::from_secs(30),
+        async || rec.delivered("big") >= 1000,
+    )
+    .await;
+    let mut committed = HashMap::new();
+    for i in 0..20 {
+        let txn = small.db.begin().await.expect("begin");
+        let id = Outbox::new(&txn)
+            .add_event(NewEvent::new("t", "small", "s").payload(&serde_json::json!({ "seq": i })))
+            .await
+            .expect("add");
+        txn.commit().await.expect("commit");
+        waker.wake();
+        committed.insert(id, Instant::now());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait_until(
+        "the small tenant's events",
+        Duration::from_secs(30),
+        async || rec.delivered("small") == 20,
+    )
+    .await;
+    let big_then = rec.delivered("big");
+    let mut latency: Vec<Duration> = rec
+        .seen
+        .lock()
+        .expect("seen")
+        .delivered
+        .iter()
+        .filter_map(|(e, at)| committed.get(&e.id).map(|c| at.duration_since(*c)))
+        .collect();
+    latency.sort();
+    let worst = latency[latency.len() - 1];
+    println!(
+        "small tenant commit→publish beside a {BIG}-event drain, one worker: median {:?}, max {worst:?}; big had {big_then} delivered",
+        latency[latency.len() / 2]
+    );
+    assert!(
+        big_then < BIG,
+        "the big tenant finished first: nothing was measured"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "the small tenant waited {worst:?}"
+    );
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    big.cleanup().await;
+    small.cleanup().await;
+}
+
+async fn leased(t: &TestDb) -> i64 {
+    match t.backend {
+        Backend::Postgres => t.scalar("SELECT COUNT(*) FROM outbox_leases").await,
+        _ => {
+            t.scalar(
+                "SELECT COUNT(*) FROM outbox_events WHERE status = 'pending' AND locked_by IS NOT NULL",
+            )
+            .await
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_tenant_mid_drain_writes_its_batch_back_and_leaves_nothing_leased() {
+    for backend in [Backend::Postgres, Backend::SqliteFile] {
+        let t = TestDb::new(backend).await;
+        seed(&t.db, "slow", 0, 1000).await;
+        let rec = Recorder {
+            slow: Some(("slow".into(), Duration::from_millis(100))),
+            ..Recorder::default()
+        };
+        let g = group(rec.clone(), GroupConfig::default());
+        g.add_tenant("slow", t.db.clone()).await.expect("add");
+        assert!(matches!(
+            g.add_tenant("slow", t.db.clone()).await,
+            Err(Error::Tenant { exists: true, .. })
+        ));
+        let (stop, task) = start(&g);
+        wait_until("two batches out", Duration::from_secs(30), async || {
+            rec.delivered("slow") >= 200
+        })
+        .await;
+        let stats = g.remove_tenant("slow").await.expect("remove");
+        let published = count(&t, "published").await;
+        assert_eq!(stats.published as i64, published, "{backend:?}");
+        assert_eq!(
+            rec.delivered("slow") as i64,
+            published,
+            "{backend:?}: a delivered event left unmarked"
+        );
+        assert!(published < 1000, "{backend:?}: drained before the removal");
+        assert_eq!(leased(&t).await, 0, "{backend:?}: a lease left behind");
+        assert!(matches!(
+            g.remove_tenant("slow").await,
+            Err(Error::Tenant { exists: false, .. })
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            count(&t, "published").await,
+            published,
+            "{backend:?}: a removed tenant was relayed"
+        );
+        // Added again while the group runs, it drains the rest, each event once.
+        g.add_tenant("slow", t.db.clone()).await.expect("add again");
+        wait_until("the rest", Duration::from_secs(60), async || {
+            rec.delivered("slow") == 1000
+        })
+        .await;
+        stop.cancel();
+        task.await.expect("group");
+        rec.check();
+        assert_eq!(
+            rec.seen.lock().expect("seen").delivered.len(),
+            1000,
+            "{backend:?}: a duplicate"
+        );
+        assert_eq!(count(&t, "published").await, 1000);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_is_one_outage_for_all_tenants() {
+    const TENANTS: usize = 6;
+    let dbs: Vec<TestDb> =
+        futures_util::future::join_all((0..TENANTS).map(|_| TestDb::new(Backend::SqliteMemory)))
+            .await;
+    let rec = Recorder::default();
+    rec.down.store(true, Ordering::SeqCst);
+    let g = group(rec.clone(), GroupConfig::default());
+    for (i, t) in dbs.iter().enumerate() {
+        let id = format!("t{i}");
+        seed(&t.db, &id, 0, 200).await;
+        g.add_tenant(id, t.db.clone()).await.expect("add");
+    }
+    let (stop, task) = start(&g);
+    let outage = Duration::from_secs(3);
+    tokio::time::sleep(outage).await;
+    let refused = rec.seen.lock().expect("seen").refused;
+    assert!(
+        g.breaker().unavailable_since.is_some(),
+        "the breaker is open"
+    );
+    // One outage: the first batches (one per worker), then one probe per reopening (at least
+    // 50 ms apart, doubling to 400 ms). Six breakers would probe six times as often.
+    let bound = 4 + (outage.as_millis() / 50) as usize / 4 + 2;
+    println!("{TENANTS} tenants, {outage:?} outage: {refused} publisher calls (bound {bound})");
+    assert!(refused <= bound, "{refused} calls during the outage");
+    rec.down.store(false, Ordering::SeqCst);
+    wait_until(
+        "all drained after the outage",
+        Duration::from_secs(30),
+        async || (0..TENANTS).all(|i| rec.delivered(&format!("t{i}")) == 200),
+    )
+    .await;
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    for t in &dbs {
+        assert_eq!(count(t, "published").await, 200);
+        assert_eq!(
+            t.scalar("SELECT COUNT(*) FROM outbox_events WHERE attempts > 0")
+                .await,
+            0,
+            "the outage spent attempts"
+        );
+    }
+    for t in dbs {
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listen_connection_wakes_the_tenant_its_notify_names() {
+    let a = TestDb::new(Backend::Postgres).await;
+    let b = TestDb::new(Backend::Postgres).await;
+    let listener = common::open(Backend::Postgres, &common::postgres_url(), "public").await;
+    let rec = Recorder::default();
+    // Polls 10 s apart: only a wake-up delivers within the test's second.
+    let g = RelayGroup::builder(rec.clone())
+        .relay_config(relay_config().idle_poll_interval(Duration::from_secs(10)))
+        .config(GroupConfig::default().idle_poll_max(Duration::from_secs(10)))
+        .listen(listener)
+        .build()
+        .expect("group");
+    g.add_tenant("a", a.db.clone()).await.expect("add");
+    g.add_tenant("b", b.db.clone()).await.expect("add");
+    let (stop, task) = start(&g);
+    // Let the first polls and the LISTEN settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (id, t) in [("b", &b), ("a", &a)] {
+        let began = Instant::now();
+        seed(&t.db, id, 0, 1).await;
+        wait_until(
+            &format!("{id} woken by NOTIFY"),
+            Duration::from_secs(2),
+            async || rec.delivered(id) == 1,
+        )
+        .await;
+        println!("{id}: delivered {:?} after its commit", began.elapsed());
+    }
+    stop.cancel();
+    task.await.expect("group");
+    a.cleanup().await;
+    b.cleanup().await;
+}
