@@ -317,6 +317,72 @@ async fn a_tenant_whose_database_is_down_slows_no_one_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_whose_databases_hang_free_their_workers() {
+    const HUNG: [&str; 2] = ["a-hung", "b-hung"];
+    const HEALTHY: [&str; 2] = ["c", "d"];
+    let all: Vec<TestDb> =
+        futures_util::future::join_all((0..4).map(|_| TestDb::new(Backend::Postgres))).await;
+    let (hung, healthy) = all.split_at(2);
+    let rec = Recorder::default();
+    // Two workers, and the hung tenants come first in turn: without freeing their workers,
+    // nothing else would run.
+    let g = group(
+        rec.clone(),
+        GroupConfig::default()
+            .workers(2)
+            .stall_after(Duration::from_millis(300)),
+    );
+    let mut proxies = Vec::new();
+    for (id, t) in HUNG.iter().zip(hung) {
+        seed(&t.db, id, 0, 300).await;
+        let proxy = common::proxy::Proxy::start(&t.server_addr()).await;
+        g.add_tenant(*id, t.connect_via(proxy.addr).await)
+            .await
+            .expect("add");
+        proxies.push(proxy);
+    }
+    for (id, t) in HEALTHY.iter().zip(healthy) {
+        seed(&t.db, id, 0, 2000).await;
+        g.add_tenant(*id, t.db.clone()).await.expect("add");
+    }
+    for p in &proxies {
+        p.hang();
+    }
+    let began = Instant::now();
+    let (stop, task) = start(&g);
+    wait_until(
+        "the healthy tenants drain",
+        Duration::from_secs(30),
+        async || HEALTHY.iter().all(|id| rec.delivered(id) == 2000),
+    )
+    .await;
+    let took = began.elapsed();
+    println!("two healthy tenants drained beside two hung ones in {took:?}");
+    // A hung batch would otherwise hold its worker until the connection gives up.
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(HUNG.iter().map(|id| rec.delivered(id)).sum::<usize>(), 0);
+    for p in &proxies {
+        p.restore();
+    }
+    wait_until(
+        "the hung tenants drain once answered",
+        Duration::from_secs(60),
+        async || HUNG.iter().all(|id| rec.delivered(id) == 300),
+    )
+    .await;
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    for t in &all {
+        assert_eq!(count(t, "pending").await, 0);
+        assert_eq!(count(t, "failed").await, 0);
+    }
+    for t in all {
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_tenant_is_served_while_a_big_backlog_drains() {
     const BIG: usize = 20_000;
     let big = TestDb::new(Backend::Postgres).await;

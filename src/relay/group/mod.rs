@@ -35,6 +35,10 @@ pub struct GroupConfig {
     /// doubles from the relay's `idle_poll_interval` up to this. A wake-up (NOTIFY, a
     /// [`RelayWaker`]) polls it at once. Default 5 s.
     pub idle_poll_max: Duration,
+    /// A batch in flight longer than this (a tenant whose database hangs, a slow publish)
+    /// stops counting against `workers`, so another tenant's batch can start; at most
+    /// `workers` such batches run besides. Default 2 s.
+    pub stall_after: Duration,
     /// How long after its database failed a tenant is checked again (a ping outside the
     /// workers); doubles with each failed check up to `failure_backoff_max`. Default 100 ms.
     pub failure_backoff: Duration,
@@ -51,6 +55,7 @@ impl Default for GroupConfig {
         Self {
             workers: 4,
             idle_poll_max: Duration::from_secs(5),
+            stall_after: Duration::from_secs(2),
             failure_backoff: Duration::from_millis(100),
             failure_backoff_max: Duration::from_secs(30),
             probe_timeout: Duration::from_secs(5),
@@ -65,6 +70,8 @@ impl GroupConfig {
         workers: usize,
         /// Sets [`idle_poll_max`](Self::idle_poll_max).
         idle_poll_max: Duration,
+        /// Sets [`stall_after`](Self::stall_after).
+        stall_after: Duration,
         /// Sets [`failure_backoff`](Self::failure_backoff).
         failure_backoff: Duration,
         /// Sets [`failure_backoff_max`](Self::failure_backoff_max).
@@ -86,8 +93,8 @@ impl GroupConfig {
         if self.failure_backoff.is_zero() || self.failure_backoff > self.failure_backoff_max {
             return bad("failure_backoff must be positive and not exceed failure_backoff_max");
         }
-        if self.probe_timeout.is_zero() {
-            return bad("probe_timeout must be positive");
+        if self.probe_timeout.is_zero() || self.stall_after.is_zero() {
+            return bad("probe_timeout and stall_after must be positive");
         }
         Ok(())
     }
@@ -174,8 +181,9 @@ impl<P: Publisher + 'static> RelayGroupBuilder<P> {
 ///   waits its turn like one with ten, so a small tenant waits at most one batch of each busy
 ///   tenant, divided among the workers.
 /// * **Isolated.** A tenant whose database fails is taken out of turn: it is checked with a
-///   ping outside the workers, with backoff, and rejoins when it answers. Its failure costs the
-///   others one worker for one failed batch at most.
+///   ping outside the workers, with backoff, and rejoins when it answers. A batch that hangs
+///   (a database that stops answering) frees its worker after
+///   [`stall_after`](GroupConfig::stall_after).
 ///
 /// Tenants claim under leases ([`Claiming::Leases`]), which need no rounds beside the claims:
 /// owned partitions would write every tenant's heartbeat every two seconds, idle or not.

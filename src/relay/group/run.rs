@@ -1,6 +1,7 @@
 //! The group's loop: tenants' batches on a bounded set of workers, in turns, with failing
 //! tenants checked outside them and every start held while the shared breaker is open.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,8 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             .filter_map(|db| wake::spawn_router(db, router(Arc::downgrade(sh)), listeners.clone()))
             .collect();
         let mut batches: JoinSet<(String, Next)> = JoinSet::new();
+        // When each batch in flight started, by tenant.
+        let mut started: HashMap<String, Instant> = HashMap::new();
         let mut probes: JoinSet<(String, bool)> = JoinSet::new();
         let mut totals = RelayStats::default();
         loop {
@@ -52,19 +55,26 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             }
             let gate = self.gate();
             if gate.is_none() && !cancel.is_cancelled() {
-                self.start(&mut schedule, &mut batches, &cancel);
+                self.start(&mut schedule, &mut batches, &mut started, &cancel);
             }
             if cancel.is_cancelled() && batches.is_empty() {
                 break;
             }
-            let wake_at = match (schedule.next_timer(), gate) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // A batch about to stall frees its worker then.
+            let stall = started
+                .values()
+                .map(|s| *s + sh.config.stall_after)
+                .filter(|at| *at > Instant::now())
+                .min();
+            let wake_at = [schedule.next_timer(), gate, stall]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 () = cancel.cancelled(), if !cancel.is_cancelled() => {}
                 Some(done) = batches.join_next(), if !batches.is_empty() => {
                     if let Ok((id, next)) = done {
+                        started.remove(&id);
                         schedule.done(&id, next);
                     }
                 }
@@ -98,15 +108,26 @@ impl<P: Publisher + 'static> RelayGroup<P> {
         b.reopen_at().filter(|at| *at > Instant::now())
     }
 
-    /// Starts batches of ready tenants while workers are free.
+    /// Starts batches of ready tenants while workers are free. A batch in flight longer than
+    /// `stall_after` (a tenant whose database hangs) frees its worker, up to `workers` such
+    /// batches besides the others.
     fn start(
         &self,
         schedule: &mut Schedule,
         batches: &mut JoinSet<(String, Next)>,
+        started: &mut HashMap<String, Instant>,
         cancel: &CancellationToken,
     ) {
         let sh = &self.shared;
-        while batches.len() < sh.config.workers {
+        let workers = sh.config.workers;
+        loop {
+            let stalled = started
+                .values()
+                .filter(|s| s.elapsed() >= sh.config.stall_after)
+                .count();
+            if batches.len() - stalled.min(workers) >= workers {
+                return;
+            }
             let probing = lock(&sh.breaker).status().state != BreakerState::Closed;
             if probing && !batches.is_empty() {
                 return;
@@ -118,6 +139,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
                 schedule.remove(&id);
                 continue;
             };
+            started.insert(id, Instant::now());
             batches.spawn(batch(t, sh.clone(), cancel.clone()));
         }
     }
