@@ -604,3 +604,106 @@ async fn one_listen_connection_wakes_the_tenant_its_notify_names() {
     a.cleanup().await;
     b.cleanup().await;
 }
+
+/// Connections the schema tenants' pools hold now (their `application_name` is
+/// `outbox/<schema>`).
+async fn tenant_connections(admin: &TestDb, schemas: &[String]) -> i64 {
+    let names = schemas
+        .iter()
+        .map(|s| format!("'outbox/{s}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    admin
+        .scalar(&format!(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name IN ({names})"
+        ))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_tenants_share_one_scan_and_hold_no_connection_while_idle() {
+    const SCHEMAS: usize = 12;
+    let all: Vec<TestDb> =
+        futures_util::future::join_all((0..SCHEMAS).map(|_| TestDb::new(Backend::Postgres))).await;
+    let names: Vec<String> = all.iter().map(|t| t.name.clone()).collect();
+    // A tenant whose schema has no outbox table (its migrations never ran).
+    let broken = TestDb::empty(Backend::Postgres).await;
+    let rec = Recorder::default();
+    let g = RelayGroup::builder(rec.clone())
+        .relay_config(relay_config())
+        .config(
+            GroupConfig::default()
+                .scan_interval(Duration::from_millis(200))
+                .schema_idle_timeout(Duration::from_millis(300)),
+        )
+        .schemas(common::open(Backend::Postgres, &common::postgres_url(), "public").await)
+        .build()
+        .expect("group");
+    for (i, t) in all.iter().enumerate() {
+        seed(&t.db, &format!("s{i}"), 0, 150).await;
+        g.add_schema(format!("s{i}"), &t.name).await.expect("add");
+    }
+    g.add_schema("broken", &broken.name).await.expect("add");
+    assert!(matches!(
+        g.add_schema("s0", "elsewhere").await,
+        Err(Error::Tenant { exists: true, .. })
+    ));
+    let (stop, task) = start(&g);
+    wait_until(
+        "every schema drained",
+        Duration::from_secs(60),
+        async || (0..SCHEMAS).all(|i| rec.delivered(&format!("s{i}")) == 150),
+    )
+    .await;
+
+    // Idle: the pools let their connections go.
+    wait_until("idle pools closed", Duration::from_secs(10), async || {
+        tenant_connections(&all[0], &names).await == 0
+    })
+    .await;
+
+    // A commit in an idle schema is delivered at once, through the one LISTEN.
+    let began = Instant::now();
+    seed(&all[7].db, "s7", 150, 1).await;
+    wait_until("woken by NOTIFY", Duration::from_secs(2), async || {
+        rec.delivered("s7") == 151
+    })
+    .await;
+    println!("s7: delivered {:?} after its commit", began.elapsed());
+
+    // A scheduled event: the NOTIFY at its commit finds it not yet due; only the scan
+    // delivers it once it is.
+    let t = &all[3];
+    let txn = t.db.begin().await.expect("begin");
+    Outbox::new(&txn)
+        .add_event(
+            NewEvent::new("t", "s3", "later")
+                .payload(&serde_json::json!({ "seq": 1 }))
+                .deliver_after(Duration::from_millis(1000)),
+        )
+        .await
+        .expect("add");
+    txn.commit().await.expect("commit");
+    let committed = Instant::now();
+    wait_until("the scheduled event", Duration::from_secs(5), async || {
+        rec.delivered("s3") == 151
+    })
+    .await;
+    let after = committed.elapsed();
+    println!("scheduled 1 s ahead, delivered after {after:?}");
+    assert!(
+        after >= Duration::from_millis(1000) && after < Duration::from_millis(1800),
+        "{after:?}"
+    );
+
+    let health = g.health(&HealthThresholds::default()).await;
+    assert_eq!(health.tenants["broken"].status, HealthStatus::Unhealthy);
+    assert_ne!(health.tenants["s0"].status, HealthStatus::Unhealthy);
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    for t in all {
+        t.cleanup().await;
+    }
+    broken.cleanup().await;
+}

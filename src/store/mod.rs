@@ -47,6 +47,8 @@ mod postgres;
 mod rows;
 pub(crate) mod schedule;
 #[cfg(feature = "postgres")]
+pub(crate) mod schemas;
+#[cfg(feature = "postgres")]
 pub(crate) mod slots;
 mod sql;
 mod sqlite;

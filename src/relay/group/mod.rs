@@ -48,6 +48,13 @@ pub struct GroupConfig {
     pub probe_timeout: Duration,
     /// Tenants whose health is read at once by [`RelayGroup::health`]. Default 8.
     pub health_concurrency: usize,
+    /// Schema tenants ([`RelayGroup::add_schema`]): how often one scan of all their schemas
+    /// looks for events due. Default 1 s.
+    pub scan_interval: Duration,
+    /// Schema tenants: the most connections each tenant's pool opens. Default 2.
+    pub schema_pool_size: u32,
+    /// Schema tenants: how long a tenant's pool keeps an unused connection. Default 10 s.
+    pub schema_idle_timeout: Duration,
 }
 
 impl Default for GroupConfig {
@@ -60,6 +67,9 @@ impl Default for GroupConfig {
             failure_backoff_max: Duration::from_secs(30),
             probe_timeout: Duration::from_secs(5),
             health_concurrency: 8,
+            scan_interval: Duration::from_secs(1),
+            schema_pool_size: 2,
+            schema_idle_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -80,6 +90,12 @@ impl GroupConfig {
         probe_timeout: Duration,
         /// Sets [`health_concurrency`](Self::health_concurrency).
         health_concurrency: usize,
+        /// Sets [`scan_interval`](Self::scan_interval).
+        scan_interval: Duration,
+        /// Sets [`schema_pool_size`](Self::schema_pool_size).
+        schema_pool_size: u32,
+        /// Sets [`schema_idle_timeout`](Self::schema_idle_timeout).
+        schema_idle_timeout: Duration,
     }
 
     fn validate(&self, relay: &RelayConfig) -> Result<()> {
@@ -93,8 +109,14 @@ impl GroupConfig {
         if self.failure_backoff.is_zero() || self.failure_backoff > self.failure_backoff_max {
             return bad("failure_backoff must be positive and not exceed failure_backoff_max");
         }
-        if self.probe_timeout.is_zero() || self.stall_after.is_zero() {
-            return bad("probe_timeout and stall_after must be positive");
+        if [self.probe_timeout, self.stall_after, self.scan_interval]
+            .iter()
+            .any(Duration::is_zero)
+        {
+            return bad("probe_timeout, stall_after and scan_interval must be positive");
+        }
+        if self.schema_pool_size == 0 {
+            return bad("schema_pool_size must be at least 1");
         }
         Ok(())
     }
@@ -107,9 +129,23 @@ pub struct RelayGroupBuilder<P> {
     relay: RelayConfig,
     config: GroupConfig,
     listen: Vec<DatabaseConnection>,
+    schemas: Option<DatabaseConnection>,
 }
 
 impl<P: Publisher + 'static> RelayGroupBuilder<P> {
+    /// PostgreSQL schema per tenant: `db` reaches the database that holds the tenants'
+    /// schemas (its own `search_path` does not matter). Tenants added with
+    /// [`RelayGroup::add_schema`] get small pools of their own made from its settings, which
+    /// open no connection while the tenant is idle; one scan on `db` every
+    /// [`scan_interval`](GroupConfig::scan_interval) finds which schemas have events due, and
+    /// one LISTEN on it wakes a schema's tenant when it commits.
+    #[must_use]
+    pub fn schemas(mut self, db: DatabaseConnection) -> Self {
+        self.listen.push(db.clone());
+        self.schemas = Some(db);
+        self
+    }
+
     /// The configuration every tenant's relay runs with (its `name`, if set, prefixes the
     /// tenants' relay names). Tenants claim under leases ([`Claiming::Leases`]) whatever it
     /// says, and do not LISTEN each on their own: see [`RelayGroup`].
@@ -160,6 +196,7 @@ impl<P: Publisher + 'static> RelayGroupBuilder<P> {
                 changes: Mutex::default(),
                 changed: Notify::new(),
                 listen: self.listen,
+                schemas: self.schemas,
             }),
         })
     }
@@ -250,6 +287,7 @@ pub(super) struct Shared<P> {
     changes: Mutex<Vec<Change>>,
     changed: Notify,
     listen: Vec<DatabaseConnection>,
+    schemas: Option<DatabaseConnection>,
 }
 
 pub(super) enum Change {
@@ -274,6 +312,8 @@ pub(super) struct Tenant<P> {
     relay: Relay<Arc<P>>,
     /// PostgreSQL: the schema its NOTIFYs name.
     schema: Option<String>,
+    /// Added by [`RelayGroup::add_schema`]: found by the group's scan, not polled.
+    scanned: bool,
     /// Cancelled when it is removed.
     stop: CancellationToken,
     /// Held while its batch is in flight, so a removal waits for the write-back.
@@ -336,6 +376,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             relay: RelayConfig::default(),
             config: GroupConfig::default(),
             listen: Vec::new(),
+            schemas: None,
         }
     }
 
@@ -349,7 +390,60 @@ impl<P: Publisher + 'static> RelayGroup<P> {
         id: impl Into<String>,
         db: DatabaseConnection,
     ) -> Result<RelayWaker> {
-        let id = id.into();
+        let id = self.free_id(id.into())?;
+        let schema = pg_schema(&db, self.shared.config.probe_timeout).await;
+        self.insert(id, db, schema, false)
+    }
+
+    /// Adds a tenant whose outbox is the PostgreSQL schema `schema` of the database given to
+    /// [`RelayGroupBuilder::schemas`], on a pool of its own that opens no connection until
+    /// used; its migrations must have run. It is found by the group's scan, not polled.
+    ///
+    /// # Errors
+    /// [`Error::Tenant`] if the id is taken; [`Error::Config`] for an empty id or schema, or a
+    /// group built without [`schemas`](RelayGroupBuilder::schemas) (or without the `postgres`
+    /// feature).
+    pub async fn add_schema(&self, id: impl Into<String>, schema: &str) -> Result<RelayWaker> {
+        let id = self.free_id(id.into())?;
+        if schema.is_empty() {
+            return Err(Error::Config(
+                "relay group: a schema name cannot be empty".into(),
+            ));
+        }
+        let db = self.schema_pool(schema)?;
+        self.insert(id, db, Some(schema.to_owned()), true)
+    }
+
+    #[cfg(feature = "postgres")]
+    fn schema_pool(&self, schema: &str) -> Result<DatabaseConnection> {
+        let base = self
+            .shared
+            .schemas
+            .as_ref()
+            .and_then(crate::store::pg_pool)
+            .ok_or_else(|| {
+                Error::Config(
+                    "relay group: add_schema needs a PostgreSQL connection given to schemas()"
+                        .into(),
+                )
+            })?;
+        let c = &self.shared.config;
+        Ok(crate::store::schemas::schema_pool(
+            base,
+            schema,
+            c.schema_pool_size,
+            c.schema_idle_timeout,
+        ))
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    fn schema_pool(&self, _schema: &str) -> Result<DatabaseConnection> {
+        Err(Error::Config(
+            "relay group: add_schema needs the `postgres` feature".into(),
+        ))
+    }
+
+    fn free_id(&self, id: String) -> Result<String> {
         if id.is_empty() {
             return Err(Error::Config(
                 "relay group: a tenant id cannot be empty".into(),
@@ -361,7 +455,16 @@ impl<P: Publisher + 'static> RelayGroup<P> {
                 exists: true,
             });
         }
-        let schema = pg_schema(&db, self.shared.config.probe_timeout).await;
+        Ok(id)
+    }
+
+    fn insert(
+        &self,
+        id: String,
+        db: DatabaseConnection,
+        schema: Option<String>,
+        scanned: bool,
+    ) -> Result<RelayWaker> {
         let config = RelayConfig {
             name: Some(format!("{}/{id}", self.shared.base)),
             ..self.shared.relay.clone()
@@ -376,6 +479,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             id: id.clone(),
             relay,
             schema,
+            scanned,
             stop: CancellationToken::new(),
             running: tokio::sync::Mutex::new(TenantRun {
                 beat: Beat::new(),

@@ -9,13 +9,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::schedule::{Schedule, Timer};
+use super::schedule::{After, Schedule, Timer};
 use super::{Change, RelayGroup, Shared, Tenant, forget};
 use crate::publisher::Publisher;
 use crate::relay::{BreakerState, RelayStats, lock, wake};
-
-/// What a tenant's batch leaves the schedule to do.
-type Next = Option<(Instant, Timer)>;
 
 impl<P: Publisher + 'static> RelayGroup<P> {
     /// Relays every tenant's events until `cancel` is cancelled, then lets the batches in
@@ -35,7 +32,8 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             .iter()
             .filter_map(|db| wake::spawn_router(db, router(Arc::downgrade(sh)), listeners.clone()))
             .collect();
-        let mut batches: JoinSet<(String, Next)> = JoinSet::new();
+        let scan = spawn_scan(sh, listeners.clone());
+        let mut batches: JoinSet<(String, After)> = JoinSet::new();
         // When each batch in flight started, by tenant.
         let mut started: HashMap<String, Instant> = HashMap::new();
         let mut probes: JoinSet<(String, bool)> = JoinSet::new();
@@ -89,7 +87,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
         }
         probes.shutdown().await;
         listeners.cancel();
-        for r in routers {
+        for r in routers.into_iter().chain(scan) {
             let _ = r.await;
         }
         let tenants: Vec<_> = lock(&sh.tenants).values().cloned().collect();
@@ -114,7 +112,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
     fn start(
         &self,
         schedule: &mut Schedule,
-        batches: &mut JoinSet<(String, Next)>,
+        batches: &mut JoinSet<(String, After)>,
         started: &mut HashMap<String, Instant>,
         cancel: &CancellationToken,
     ) {
@@ -144,16 +142,13 @@ impl<P: Publisher + 'static> RelayGroup<P> {
         }
     }
 
-    /// A failing tenant's check came back.
+    /// A failing tenant's check came back: answered, it gets a batch (which clears its
+    /// failure if it succeeds); not, it is checked again after a longer wait.
     async fn probed(&self, schedule: &mut Schedule, id: &str, answered: bool) {
         let Some(t) = self.shared.tenant(id) else {
             return;
         };
         if answered {
-            if let Some((since, _)) = lock(&t.failing).take() {
-                tracing::info!(tenant = %id, failing_since = %since, "relay group: tenant database answers again");
-            }
-            t.running.lock().await.backoff = Duration::ZERO;
             schedule.wake(id);
             return;
         }
@@ -171,10 +166,10 @@ async fn batch<P: Publisher + 'static>(
     t: Arc<Tenant<P>>,
     sh: Arc<Shared<P>>,
     group_stop: CancellationToken,
-) -> (String, Next) {
+) -> (String, After) {
     let mut run = t.running.lock().await;
     if t.stop.is_cancelled() {
-        return (t.id.clone(), None);
+        return (t.id.clone(), After::Park);
     }
     let relay = &t.relay;
     // Stopping the group or removing the tenant stops the batch the same way.
@@ -192,6 +187,10 @@ async fn batch<P: Publisher + 'static>(
     let next = match result {
         Ok(c) => {
             *lock(&t.stats) += c.stats;
+            if let Some((since, _)) = lock(&t.failing).take() {
+                tracing::info!(tenant = %t.id, failing_since = %since, "relay group: tenant database answers again");
+            }
+            run.backoff = Duration::ZERO;
             if let Some(every) = relay.config.heartbeat_interval {
                 relay.heartbeat(&mut run.beat, Some(every)).await;
             }
@@ -202,10 +201,14 @@ async fn batch<P: Publisher + 'static>(
             let open = lock(&sh.breaker).reopen_at().is_some_and(|at| at > now);
             if open {
                 // The broker is down: its turn comes when the breaker lets batches go.
-                None
+                After::Again
             } else if c.claimed >= c.limit as usize || c.partial {
                 run.idle = 0;
-                None
+                After::Again
+            } else if t.scanned && c.next_retry.is_none() {
+                // The group's scan of the schemas finds when it has work again.
+                run.idle = 0;
+                After::Park
             } else {
                 let idle = if c.claimed == 0 {
                     run.idle = run.idle.saturating_add(1);
@@ -222,7 +225,7 @@ async fn batch<P: Publisher + 'static>(
                     .next_retry
                     .and_then(|at| (at - relay.now()).to_std().ok())
                     .unwrap_or(idle);
-                Some((now + idle.min(until_retry), Timer::Poll))
+                After::At(now + idle.min(until_retry), Timer::Poll)
             }
         }
         Err(e) => {
@@ -231,11 +234,11 @@ async fn batch<P: Publisher + 'static>(
                 tracing::warn!(tenant = %t.id, error = %e, "relay group: tenant database failed; taken out of turn and checked with backoff");
                 *failing = Some((crate::event::now(), e.to_string()));
             }
-            run.backoff = run
-                .backoff
-                .max(sh.config.failure_backoff)
-                .min(sh.config.failure_backoff_max);
-            Some((now + run.backoff, Timer::Probe))
+            // Doubles when a probe answered but the batch failed again (say, a schema whose
+            // migrations were not run), so a tenant that pings but cannot work waits longer.
+            run.backoff =
+                (run.backoff * 2).clamp(sh.config.failure_backoff, sh.config.failure_backoff_max);
+            After::At(now + run.backoff, Timer::Probe)
         }
     };
     (t.id.clone(), next)
@@ -277,4 +280,63 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Schema tenants: every `scan_interval`, one scan of their schemas wakes those with events
+/// due. Failing tenants are left to their probes.
+#[cfg(feature = "postgres")]
+fn spawn_scan<P: Publisher + 'static>(
+    sh: &Arc<Shared<P>>,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let pool = sh.schemas.as_ref().and_then(crate::store::pg_pool)?.clone();
+    let shared = Arc::downgrade(sh);
+    let every = sh.config.scan_interval;
+    Some(tokio::spawn(async move {
+        let mut failed = false;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let Some(sh) = shared.upgrade() else {
+                return;
+            };
+            let (ids, schemas): (Vec<String>, Vec<String>) = lock(&sh.tenants)
+                .values()
+                .filter(|t| t.scanned && lock(&t.failing).is_none())
+                .filter_map(|t| Some((t.id.clone(), t.schema.clone()?)))
+                .unzip();
+            if ids.is_empty() {
+                continue;
+            }
+            match crate::store::schemas::due(&pool, &schemas, sh.relay.clock.now()).await {
+                Ok(due) => {
+                    if std::mem::take(&mut failed) {
+                        tracing::info!("relay group: the schema scan works again");
+                    }
+                    for i in due {
+                        sh.tell(Change::Wake(ids[i].clone()));
+                    }
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut failed, true) {
+                        tracing::warn!(error = %e, "relay group: the schema scan failed; every schema tenant gets a batch instead");
+                    }
+                    // A batch each finds the failing ones and takes them out of the scan.
+                    for id in ids {
+                        sh.tell(Change::Wake(id));
+                    }
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn spawn_scan<P: Publisher + 'static>(
+    _sh: &Arc<Shared<P>>,
+    _stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    None
 }

@@ -10,6 +10,17 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 
 use tokio::time::Instant;
 
+/// What comes after a tenant's batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum After {
+    /// Another batch, after the other tenants' turns.
+    Again,
+    /// A timer.
+    At(Instant, Timer),
+    /// Nothing until a wake-up (a schema tenant: the group's scan finds when it has work).
+    Park,
+}
+
 /// What a timer does when it fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Timer {
@@ -61,14 +72,15 @@ impl Schedule {
         Some(id)
     }
 
-    /// `id`'s batch is done: run it again after the others (`None`), or at a time.
-    pub(super) fn done(&mut self, id: &str, next: Option<(Instant, Timer)>) {
+    /// `id`'s batch is done: what comes next for it.
+    pub(super) fn done(&mut self, id: &str, next: After) {
         self.busy.remove(id);
         let rewoken = self.rewoken.remove(id);
         match next {
-            Some((_, Timer::Poll)) if rewoken => self.enqueue(id),
-            Some((at, timer)) => self.set_timer(id, at, timer),
-            None => self.enqueue(id),
+            After::At(_, Timer::Poll) | After::Park if rewoken => self.enqueue(id),
+            After::At(at, timer) => self.set_timer(id, at, timer),
+            After::Park => {}
+            After::Again => self.enqueue(id),
         }
     }
 
@@ -150,8 +162,11 @@ mod tests {
             let id = s.next_ready().expect("ready");
             order.push(id.clone());
             // `big` always has more; the others finish after one batch.
-            let next =
-                (id != "big").then(|| (Instant::now() + Duration::from_secs(60), Timer::Poll));
+            let next = if id == "big" {
+                After::Again
+            } else {
+                After::At(Instant::now() + Duration::from_secs(60), Timer::Poll)
+            };
             s.done(&id, next);
         }
         assert_eq!(order, ["big", "small", "other", "big", "big", "big"]);
@@ -166,8 +181,15 @@ mod tests {
         assert!(!s.has_ready(), "never two batches of one tenant at once");
         s.done(
             "a",
-            Some((Instant::now() + Duration::from_secs(60), Timer::Poll)),
+            After::At(Instant::now() + Duration::from_secs(60), Timer::Poll),
         );
+        assert_eq!(s.next_ready().as_deref(), Some("a"));
+        s.wake("a");
+        s.done("a", After::Park);
+        assert_eq!(s.next_ready().as_deref(), Some("a"), "woken while busy");
+        s.done("a", After::Park);
+        assert!(!s.has_ready() && s.next_timer().is_none(), "parked");
+        s.wake("a");
         assert_eq!(s.next_ready().as_deref(), Some("a"));
     }
 
@@ -179,7 +201,7 @@ mod tests {
         s.next_ready();
         s.done(
             "down",
-            Some((now + Duration::from_millis(100), Timer::Probe)),
+            After::At(now + Duration::from_millis(100), Timer::Probe),
         );
         s.wake("down");
         assert!(!s.has_ready());
@@ -198,7 +220,7 @@ mod tests {
         s.set_timer("a", now + Duration::from_secs(1), Timer::Poll);
         s.wake("a");
         assert_eq!(s.next_ready().as_deref(), Some("a"));
-        s.done("a", Some((now + Duration::from_secs(5), Timer::Poll)));
+        s.done("a", After::At(now + Duration::from_secs(5), Timer::Poll));
         s.due(now + Duration::from_secs(2));
         assert!(!s.has_ready(), "the first timer was replaced");
         s.remove("a");
