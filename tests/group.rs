@@ -707,3 +707,58 @@ async fn schema_tenants_share_one_scan_and_hold_no_connection_while_idle() {
     }
     broken.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_the_tenant_up_to_the_cap_then_other() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+        std::sync::OnceLock::new();
+    let snapshotter = SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let s = recorder.snapshotter();
+        recorder.install().expect("the test binary's only recorder");
+        s
+    });
+    let dbs: Vec<TestDb> =
+        futures_util::future::join_all((0..3).map(|_| TestDb::new(Backend::SqliteMemory))).await;
+    let rec = Recorder::default();
+    let g = group(rec.clone(), GroupConfig::default().tenant_labels(2));
+    let ids = ["label-a", "label-b", "label-c"];
+    for (id, t) in ids.iter().zip(&dbs) {
+        seed(&t.db, id, 0, 10).await;
+        g.add_tenant(*id, t.db.clone()).await.expect("add");
+    }
+    let (stop, task) = start(&g);
+    wait_until("drained", Duration::from_secs(30), async || {
+        ids.iter().all(|id| rec.delivered(id) == 10)
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("group");
+    let mut published: HashMap<String, u64> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if key.key().name() != seaorm_outbox::telemetry::names::PUBLISHED {
+            continue;
+        }
+        let tenant = key
+            .key()
+            .labels()
+            .find(|l| l.key() == "tenant")
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default();
+        if let DebugValue::Counter(n) = value {
+            *published.entry(tenant).or_default() += n;
+        }
+    }
+    // Other tests of this binary publish too: only these tenants' labels are checked.
+    assert_eq!(published.get("label-a"), Some(&10), "{published:?}");
+    assert_eq!(published.get("label-b"), Some(&10), "{published:?}");
+    assert!(
+        published.get("other").is_some_and(|n| *n >= 10),
+        "{published:?}"
+    );
+    assert_eq!(published.get("label-c"), None, "beyond the cap");
+    for t in dbs {
+        t.cleanup().await;
+    }
+}

@@ -97,7 +97,7 @@ pub(crate) struct BenchDb {
     _dir: Option<tempfile::TempDir>,
 }
 
-fn pg_url() -> String {
+pub(crate) fn pg_url() -> String {
     std::env::var("OUTBOX_BENCH_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
@@ -107,7 +107,7 @@ fn mysql_url() -> String {
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
-fn opts(url: &str, max: u32) -> ConnectOptions {
+pub(crate) fn opts(url: &str, max: u32) -> ConnectOptions {
     let mut o = ConnectOptions::new(url);
     o.max_connections(max)
         .min_connections(1)

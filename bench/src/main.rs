@@ -7,7 +7,8 @@
 //!
 //! Sections: `throughput`, `write`, `latency`, `backlog`, `retained`, `brokers`, `inbox`,
 //! `scheduled` (issue 29: the due drain with and without 1M scheduled rows), `admin` (issue
-//! 31: each admin endpoint's median on a 10M-row PostgreSQL table), `log`
+//! 31: each admin endpoint's median on a 10M-row PostgreSQL table), `group` (issue 30: a
+//! `RelayGroup`'s memory, idle CPU and connections over 10, 100 and 1,000 idle schemas), `log`
 //! (issue 18's log relay, on a PostgreSQL of its own with `wal_level=logical`, or
 //! `OUTBOX_BENCH_LOGICAL_URL`).
 //! `--pg-only` skips MariaDB and SQLite in `throughput`, `--others-only` PostgreSQL; `--relays 1,2,4` picks the relay counts (default 1,2,4; 1 with `--quick`)
@@ -27,6 +28,7 @@ mod backlog;
 mod brokers;
 mod cpu;
 mod db;
+mod group;
 mod inbox;
 mod inbox_latency;
 mod latency;
@@ -236,6 +238,9 @@ async fn main() -> Result<()> {
             inbox::section(&other, sizes.inbox, repeat, &mut rows).await?;
             other.drop().await?;
         }
+    }
+    if wants("group") {
+        group::section(quick, &mut rows).await?;
     }
     if wants("scheduled") {
         scheduled::section(&pg, sizes.drain / 2, sizes.scheduled, repeat, &mut rows).await?;

@@ -449,6 +449,7 @@ impl<P: Publisher> Relay<P> {
         }
         telemetry::metrics::record_batch(
             self.publisher.name(),
+            self.tenant.as_deref(),
             &o.events,
             &o.fates,
             written.as_ref(),

@@ -124,11 +124,18 @@ pub struct RelayBuilder<P> {
     config: RelayConfig,
     waker: Option<RelayWaker>,
     breaker: Option<Arc<std::sync::Mutex<breaker::Breaker>>>,
+    tenant: Option<String>,
 }
 
 impl<P: Publisher> RelayBuilder<P> {
     /// Shares `breaker` with other relays of one publisher (a [`RelayGroup`]'s tenants): a
     /// broker outage is one outage, seen by all of them at once.
+    /// A [`RelayGroup`] tenant's id, for its metrics' `tenant` label.
+    fn tenant_label(mut self, tenant: Option<String>) -> Self {
+        self.tenant = tenant;
+        self
+    }
+
     fn shared_breaker(mut self, breaker: Arc<std::sync::Mutex<breaker::Breaker>>) -> Self {
         self.breaker = Some(breaker);
         self
@@ -181,6 +188,7 @@ impl<P: Publisher> RelayBuilder<P> {
             holds: std::sync::Mutex::default(),
             cursor: std::sync::Mutex::default(),
             breaker: self.breaker.unwrap_or_default(),
+            tenant: self.tenant,
             config: self.config,
             last_poll: Arc::new(AtomicI64::new(0)),
             writers,
@@ -235,6 +243,8 @@ pub struct Relay<P> {
     holds: std::sync::Mutex<holds::Holds>,
     /// SQLite: the queue its write-backs share with its wakers' transactions.
     writers: waker::Writers,
+    /// A group tenant's metrics label.
+    tenant: Option<String>,
 }
 
 impl<P: Publisher> Relay<P> {
@@ -246,6 +256,7 @@ impl<P: Publisher> Relay<P> {
             config: RelayConfig::default(),
             waker: None,
             breaker: None,
+            tenant: None,
         }
     }
 

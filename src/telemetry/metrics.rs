@@ -13,25 +13,33 @@ use crate::store::{Fate, WriteBack};
 
 const KINDS: [&str; 3] = [names::PUBLISHED, names::RETRIED, names::DEAD_LETTERED];
 
-/// Records one batch's counters and histograms.
+/// Records one batch's counters and histograms, labelled with `publisher` and, for a relay
+/// group's tenant, `tenant`.
 pub(crate) fn record_batch(
     publisher: &str,
+    tenant: Option<&str>,
     events: &[OutboxEvent],
     fates: &[Fate],
     written: Option<&WriteBack>,
     elapsed: Duration,
 ) {
-    let publisher = publisher.to_owned();
-    ::metrics::histogram!(names::BATCH_DURATION, "publisher" => publisher.clone())
-        .record(elapsed.as_secs_f64());
-    ::metrics::histogram!(names::BATCH_SIZE, "publisher" => publisher.clone())
-        .record(events.len() as f64);
+    let mut base = vec![::metrics::Label::new("publisher", publisher.to_owned())];
+    if let Some(t) = tenant {
+        base.push(::metrics::Label::new("tenant", t.to_owned()));
+    }
+    let by_type = |event_type: &str| {
+        let mut l = base.clone();
+        l.push(::metrics::Label::new("event_type", event_type.to_owned()));
+        l
+    };
+    ::metrics::histogram!(names::BATCH_DURATION, base.clone()).record(elapsed.as_secs_f64());
+    ::metrics::histogram!(names::BATCH_SIZE, base.clone()).record(events.len() as f64);
     let Some(w) = written else { return };
 
     // Per event type and kind, counted from the fates; a batch has few event types.
-    let mut by_type: Vec<(&str, [u64; 3])> = Vec::new();
+    let mut types: Vec<(&str, [u64; 3])> = Vec::new();
     let mut planned = [0u64; 3];
-    let ack_latency = ::metrics::histogram!(names::COMMIT_TO_ACK, "publisher" => publisher.clone());
+    let ack_latency = ::metrics::histogram!(names::COMMIT_TO_ACK, base.clone());
     let now = chrono::Utc::now();
     for (e, fate) in events.iter().zip(fates) {
         let kind = match fate {
@@ -46,39 +54,36 @@ pub(crate) fn record_batch(
             Fate::Release { .. } | Fate::Discard => continue,
         };
         planned[kind] += 1;
-        match by_type.iter_mut().find(|(t, _)| *t == e.event_type) {
+        match types.iter_mut().find(|(t, _)| *t == e.event_type) {
             Some((_, counts)) => counts[kind] += 1,
             None => {
                 let mut counts = [0; 3];
                 counts[kind] = 1;
-                by_type.push((&e.event_type, counts));
+                types.push((&e.event_type, counts));
             }
         }
     }
     let applied = [w.published, w.retried, w.dead];
     for kind in 0..3 {
         if applied[kind] == planned[kind] {
-            for (event_type, counts) in &by_type {
+            for (event_type, counts) in &types {
                 if counts[kind] > 0 {
-                    ::metrics::counter!(KINDS[kind], "publisher" => publisher.clone(), "event_type" => (*event_type).to_owned())
-                        .increment(counts[kind]);
+                    ::metrics::counter!(KINDS[kind], by_type(event_type)).increment(counts[kind]);
                 }
             }
         } else if applied[kind] > 0 {
-            ::metrics::counter!(KINDS[kind], "publisher" => publisher.clone(), "event_type" => "unknown")
-                .increment(applied[kind]);
+            ::metrics::counter!(KINDS[kind], by_type("unknown")).increment(applied[kind]);
         }
     }
     let discards = fates.iter().filter(|f| **f == Fate::Discard).count() as u64;
     if applied[2] == planned[2] && w.discarded == discards {
         for (e, _) in events.iter().zip(fates).filter(|(_, f)| f.is_expiry()) {
-            ::metrics::counter!(names::EXPIRED, "publisher" => publisher.clone(), "event_type" => e.event_type.clone())
-                .increment(1);
+            ::metrics::counter!(names::EXPIRED, by_type(&e.event_type)).increment(1);
         }
     }
     let lost = w.lost();
     if lost > 0 {
-        ::metrics::counter!(names::LOST_LEASES, "publisher" => publisher).increment(lost);
+        ::metrics::counter!(names::LOST_LEASES, base).increment(lost);
     }
 }
 

@@ -5,6 +5,7 @@ mod run;
 mod schedule;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -55,6 +56,10 @@ pub struct GroupConfig {
     pub schema_pool_size: u32,
     /// Schema tenants: how long a tenant's pool keeps an unused connection. Default 10 s.
     pub schema_idle_timeout: Duration,
+    /// How many tenants' ids the relay metrics carry as their `tenant` label; tenants added
+    /// beyond that are labelled `other`, so a group of thousands does not make thousands of
+    /// series per metric. `0` leaves the label off. Default 100.
+    pub tenant_labels: usize,
 }
 
 impl Default for GroupConfig {
@@ -70,6 +75,7 @@ impl Default for GroupConfig {
             scan_interval: Duration::from_secs(1),
             schema_pool_size: 2,
             schema_idle_timeout: Duration::from_secs(10),
+            tenant_labels: 100,
         }
     }
 }
@@ -96,6 +102,8 @@ impl GroupConfig {
         schema_pool_size: u32,
         /// Sets [`schema_idle_timeout`](Self::schema_idle_timeout).
         schema_idle_timeout: Duration,
+        /// Sets [`tenant_labels`](Self::tenant_labels).
+        tenant_labels: usize,
     }
 
     fn validate(&self, relay: &RelayConfig) -> Result<()> {
@@ -197,6 +205,7 @@ impl<P: Publisher + 'static> RelayGroupBuilder<P> {
                 changed: Notify::new(),
                 listen: self.listen,
                 schemas: self.schemas,
+                labelled: AtomicUsize::new(0),
             }),
         })
     }
@@ -288,6 +297,8 @@ pub(super) struct Shared<P> {
     changed: Notify,
     listen: Vec<DatabaseConnection>,
     schemas: Option<DatabaseConnection>,
+    /// Tenants given their own `tenant` label so far.
+    labelled: AtomicUsize,
 }
 
 pub(super) enum Change {
@@ -469,9 +480,17 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             name: Some(format!("{}/{id}", self.shared.base)),
             ..self.shared.relay.clone()
         };
+        let label = match self.shared.config.tenant_labels {
+            0 => None,
+            cap if self.shared.labelled.fetch_add(1, AtomicOrdering::Relaxed) < cap => {
+                Some(id.clone())
+            }
+            _ => Some("other".to_owned()),
+        };
         let relay = Relay::builder(db, self.shared.publisher.clone())
             .config(config)
             .shared_breaker(self.shared.breaker.clone())
+            .tenant_label(label)
             .build()?;
         let forward = forward_wakes(&relay, &id, Arc::downgrade(&self.shared));
         let waker = relay.waker();

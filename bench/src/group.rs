@@ -1,0 +1,234 @@
+//! Issue 30's resources: one `RelayGroup` over 10, 100 and 1,000 idle PostgreSQL schemas —
+//! the process's memory, its idle CPU and the server's, the connections it holds, and the
+//! commit → publish latency of one event in an idle schema — beside the plumbing a user
+//! writes today (one `Relay` per schema at its defaults) where the server's 100 connections
+//! allow it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};
+use sea_orm_migration::MigratorTrait;
+use seaorm_outbox::publisher::InMemoryPublisher;
+use seaorm_outbox::relay::{GroupConfig, Relay, RelayGroup};
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
+use tokio_util::sync::CancellationToken;
+
+use crate::cpu::CpuMeter;
+use crate::db::{opts, pg_url};
+use crate::report::Row;
+
+/// How long each setup idles while measured.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// Resident memory of this process, in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `n` migrated schemas named `<prefix>_<i>`.
+async fn schemas(admin: &DatabaseConnection, prefix: &str, n: usize) -> Result<Vec<String>> {
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}_{i}")).collect();
+    let made: Vec<Result<()>> = futures_util::stream::iter(names.clone())
+        .map(|name| async move {
+            admin
+                .execute_unprepared(&format!(
+                    "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+                ))
+                .await?;
+            let mut o = opts(&pg_url(), 1);
+            o.set_schema_search_path(name.clone());
+            let db = Database::connect(o).await?;
+            seaorm_outbox_migration::Migrator::up(&db, None).await?;
+            db.close().await?;
+            Ok(())
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    made.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(names)
+}
+
+async fn drop_schemas(admin: &DatabaseConnection, names: &[String]) -> Result<()> {
+    for chunk in names.chunks(50) {
+        admin
+            .execute_unprepared(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                chunk.join(", ")
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Connections to the server other than `admin`'s own.
+async fn connections(admin: &DatabaseConnection) -> Result<i64> {
+    let row = admin
+        .query_one_raw(sea_orm::Statement::from_string(
+            admin.get_database_backend(),
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND pid <> pg_backend_pid()",
+        ))
+        .await?
+        .context("a count")?;
+    Ok(row.try_get_by_index::<i64>(0)?)
+}
+
+/// What one setup costs while idle.
+struct Idle {
+    rss: f64,
+    client_cpu: f64,
+    server_cpu: f64,
+    connections: i64,
+    latency: Duration,
+}
+
+/// Idles for [`IDLE`] after a warm-up, then commits one event in `schema` and times its
+/// delivery through `publisher`.
+async fn measure(
+    admin: &DatabaseConnection,
+    rss_before: f64,
+    conns_before: i64,
+    schema: &str,
+    publisher: &InMemoryPublisher,
+) -> Result<Idle> {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = CpuMeter::start().context("/proc")?;
+    tokio::time::sleep(IDLE).await;
+    let used = cpu.per_event(1).context("/proc")?;
+    let share = |us: f64| us / 1e6 / IDLE.as_secs_f64() * 100.0;
+    let connections = connections(admin).await? - conns_before;
+    let rss = rss_mib() - rss_before;
+    let mut o = opts(&pg_url(), 1);
+    o.set_schema_search_path(schema.to_owned());
+    let db = Database::connect(o).await?;
+    let before = publisher.len();
+    let txn = db.begin().await?;
+    Outbox::new(&txn)
+        .add_event(NewEvent::new("bench.idle", "tenant", "1"))
+        .await?;
+    txn.commit().await?;
+    let began = Instant::now();
+    while publisher.len() == before {
+        anyhow::ensure!(
+            began.elapsed() < Duration::from_secs(30),
+            "the event was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let latency = began.elapsed();
+    db.close().await?;
+    Ok(Idle {
+        rss,
+        client_cpu: share(used.client_us),
+        server_cpu: share(used.server_us),
+        connections,
+        latency,
+    })
+}
+
+fn report(label: &str, n: usize, idle: &Idle, rows: &mut Vec<Row>) {
+    println!(
+        "group: {label} over {n} idle schemas: +{:.1} MiB, CPU {:.2}% client / {:.2}% server, +{} connections, commit→publish {:.0} ms",
+        idle.rss,
+        idle.client_cpu,
+        idle.server_cpu,
+        idle.connections,
+        idle.latency.as_secs_f64() * 1000.0
+    );
+    let row = |name: String, value: f64, unit| Row {
+        section: "group",
+        name,
+        value,
+        unit,
+        baseline: None,
+        target: None,
+    };
+    rows.push(row(
+        format!("{label}, {n} idle schemas: memory"),
+        idle.rss,
+        "MiB",
+    ));
+    rows.push(row(
+        format!("{label}, {n} idle schemas: client CPU"),
+        idle.client_cpu,
+        "% core",
+    ));
+    rows.push(row(
+        format!("{label}, {n} idle schemas: server CPU"),
+        idle.server_cpu,
+        "% core",
+    ));
+    rows.push(row(
+        format!("{label}, {n} idle schemas: connections"),
+        idle.connections as f64,
+        "conns",
+    ));
+}
+
+/// The section: each size with a group, and with one relay per schema where it fits.
+pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
+    let admin = Database::connect(opts(&pg_url(), 1)).await?;
+    let sizes: &[usize] = if quick { &[10] } else { &[10, 100, 1000] };
+    let prefix = format!("obg{}", std::process::id());
+    for &n in sizes {
+        let names = schemas(&admin, &prefix, n).await?;
+        let (rss0, conns0) = (rss_mib(), connections(&admin).await?);
+        let publisher = InMemoryPublisher::new();
+        let group = RelayGroup::builder(publisher.clone())
+            .config(GroupConfig::default())
+            .schemas(Database::connect(opts(&pg_url(), 2)).await?)
+            .build()?;
+        for s in &names {
+            group.add_schema(s.clone(), s).await?;
+        }
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (g, stop) = (group.clone(), stop.clone());
+            async move { g.run(stop).await }
+        });
+        let idle = measure(&admin, rss0, conns0, &names[n / 2], &publisher).await?;
+        report("RelayGroup", n, &idle, rows);
+        stop.cancel();
+        task.await?;
+        drop(group);
+
+        // One relay per schema, as written by hand today: a pool and a LISTEN each.
+        if n <= 40 {
+            let (rss0, conns0) = (rss_mib(), connections(&admin).await?);
+            let publisher = InMemoryPublisher::new();
+            let stop = CancellationToken::new();
+            let mut tasks = Vec::new();
+            for s in &names {
+                let mut o = opts(&pg_url(), 2);
+                o.set_schema_search_path(s.clone());
+                let relay =
+                    Relay::builder(Database::connect(o).await?, publisher.clone()).build()?;
+                let stop = stop.clone();
+                tasks.push(tokio::spawn(async move { relay.run(stop).await }));
+            }
+            let idle = measure(&admin, rss0, conns0, &names[n / 2], &publisher).await?;
+            report("one Relay per schema", n, &idle, rows);
+            stop.cancel();
+            for t in tasks {
+                t.await?;
+            }
+        } else {
+            println!(
+                "group: one Relay per schema over {n} schemas not run: a pool and a LISTEN each need {} connections, the server allows 100",
+                2 * n
+            );
+        }
+        drop_schemas(&admin, &names).await?;
+    }
+    Ok(())
+}
