@@ -62,19 +62,27 @@ async fn admin(db: DatabaseConnection, thresholds: seaorm_outbox::HealthThreshol
     }
 }
 
-/// Serves `/metrics`, `/healthz` (from `health`) and `/admin` on `listener` until `stop` is
-/// cancelled.
+/// A `/healthz` answer: the HTTP status and the JSON body.
+pub(crate) type Verdict = (u16, serde_json::Value);
+
+/// One relay's health as a `/healthz` answer.
+pub(crate) fn verdict(h: &Health) -> Verdict {
+    (h.http_status(), serde_json::to_value(h).unwrap_or_default())
+}
+
+/// Serves `/metrics`, `/healthz` (from `health`) and, given a database, `/admin` on
+/// `listener` until `stop` is cancelled.
 pub(crate) async fn serve<F, Fut>(
     listener: tokio::net::TcpListener,
     stop: CancellationToken,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
-    db: DatabaseConnection,
+    admin_db: Option<DatabaseConnection>,
     thresholds: seaorm_outbox::HealthThresholds,
     health: F,
 ) -> tokio::task::JoinHandle<()>
 where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Health> + Send,
+    Fut: Future<Output = Verdict> + Send,
 {
     let metrics = Arc::new(metrics);
     let app = Router::new()
@@ -95,14 +103,17 @@ where
             get(move || {
                 let health = health.clone();
                 async move {
-                    let h = health().await;
-                    let status = StatusCode::from_u16(h.http_status()).unwrap_or(StatusCode::OK);
-                    (status, axum::Json(h)).into_response()
+                    let (code, body) = health().await;
+                    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+                    (status, axum::Json(body)).into_response()
                 }
             }),
-        )
-        .nest("/admin", admin(db, thresholds).await)
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
+        );
+    let app = match admin_db {
+        Some(db) => app.nest("/admin", admin(db, thresholds).await),
+        None => app,
+    }
+    .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") });
     tokio::spawn(accept(listener, stop, app))
 }
 

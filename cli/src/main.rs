@@ -11,7 +11,9 @@
 //! seaorm-outbox migrate up [-n N] | down [-n N] | status [--json]
 //! ```
 //!
-//! The database comes from `--database-url` or `OUTBOX_DATABASE_URL`. Every failure is one line
+//! The database comes from `--database-url` or `OUTBOX_DATABASE_URL` (and `--schema`); with
+//! `--tenants FILE`, `status`, `failed`, `purge` and `relay` act on many tenants, each a URL or a
+//! schema (see `tenants`), `--tenant ID` picking one. Every failure is one line
 //! on stderr and a non-zero exit: 1 for a runtime failure, 2 for bad input.
 
 /// `println!` for what a command prints: when its reader has gone (`seaorm-outbox … | head`)
@@ -33,6 +35,7 @@ mod log;
 mod logging;
 mod migrate;
 mod relay;
+mod tenants;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -61,6 +64,19 @@ struct Cli {
     /// PostgreSQL schema holding the outbox table.
     #[arg(long, env = "OUTBOX_DATABASE_SCHEMA", global = true)]
     schema: Option<String>,
+    /// Many tenants: a file with one `[ID] URL-or-SCHEMA` per line (a schema is of the
+    /// database --database-url names). For status, failed, purge and relay.
+    #[arg(
+        long,
+        env = "OUTBOX_TENANTS_FILE",
+        global = true,
+        value_name = "FILE",
+        conflicts_with = "schema"
+    )]
+    tenants: Option<String>,
+    /// With --tenants: act on this tenant only.
+    #[arg(long, global = true, value_name = "ID", requires = "tenants")]
+    tenant: Option<String>,
     /// Log filter on stderr: warn, info, debug, or directives like info,seaorm_outbox=debug
     /// (RUST_LOG wins). Default: info for `relay`, warn otherwise.
     #[arg(long, env = "OUTBOX_LOG_LEVEL", global = true, value_name = "FILTER")]
@@ -199,6 +215,29 @@ async fn run(cli: Cli) -> CliResult {
         cli.log_format,
         if runs { "info" } else { "warn" },
     )?;
+    let base = cli.database_url.as_deref();
+    if let Some(file) = &cli.tenants {
+        let tenants = tenants::read(file, cli.tenant.as_deref())?;
+        return match cli.command {
+            Command::Status { json } => tenants::status(tenants, base, json).await,
+            Command::Failed(cmd) => {
+                let db = tenants::one(tenants)?.connect(base).await?;
+                commands::failed(&db, cmd).await
+            }
+            Command::Purge {
+                published_older_than,
+                batch_size,
+            } => {
+                let age = parse_duration("--published-older-than", &published_older_than)?;
+                let batch = parse_count("--batch-size", &batch_size)?;
+                tenants::purge(tenants, base, age, batch).await
+            }
+            Command::Relay(args) => tenants::relay(tenants, base, *args).await,
+            Command::Inbox(_) | Command::Log(_) | Command::Migrate(_) => Err(Failure::input(
+                "--tenants applies to status, failed, purge and relay",
+            )),
+        };
+    }
     let db = || connect(cli.database_url.as_deref(), cli.schema.as_deref());
     match cli.command {
         Command::Status { json } => commands::status(&db().await?, json).await,
@@ -222,6 +261,25 @@ async fn connect(url: Option<&str>, schema: Option<&str>) -> CliResult<DatabaseC
     let url = url.ok_or_else(|| {
         Failure::input("no database: pass --database-url or set OUTBOX_DATABASE_URL")
     })?;
+    let mut opts = options(url)?;
+    if let Some(schema) = schema {
+        opts.set_schema_search_path(schema);
+    }
+    Database::connect(opts)
+        .await
+        .map_err(|e| Failure::from(format!("cannot connect to {}: {e}", redact(url))))
+}
+
+/// A pool that connects on first use, so a database that is down at start is no failure.
+async fn connect_lazy(url: &str) -> CliResult<DatabaseConnection> {
+    let mut opts = options(url)?;
+    opts.connect_lazy(true);
+    Database::connect(opts)
+        .await
+        .map_err(|e| Failure::from(format!("cannot connect to {}: {e}", redact(url))))
+}
+
+fn options(url: &str) -> CliResult<ConnectOptions> {
     let scheme = url.split("://").next().unwrap_or_default();
     if !url.contains(':')
         || !["postgres", "postgresql", "mysql", "mariadb", "sqlite"].contains(&scheme)
@@ -235,12 +293,7 @@ async fn connect(url: Option<&str>, schema: Option<&str>) -> CliResult<DatabaseC
     opts.connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false);
-    if let Some(schema) = schema {
-        opts.set_schema_search_path(schema);
-    }
-    Database::connect(opts)
-        .await
-        .map_err(|e| Failure::from(format!("cannot connect to {}: {e}", redact(url))))
+    Ok(opts)
 }
 
 /// The URL without its password.

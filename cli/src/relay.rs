@@ -42,7 +42,7 @@ pub(crate) enum TransportKind {
 pub(crate) struct RelayArgs {
     /// How events are found: polled from the table, or read from PostgreSQL's WAL.
     #[arg(long, value_enum, default_value = "poll")]
-    mode: Mode,
+    pub(crate) mode: Mode,
     /// --mode log: the replication slot (created when missing).
     #[arg(long, default_value = "seaorm_outbox")]
     slot: String,
@@ -81,7 +81,7 @@ pub(crate) struct RelayArgs {
     exchange: String,
     /// Where /metrics, /healthz and the admin dashboard (/admin) are served.
     #[arg(long, env = "OUTBOX_HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
-    http_addr: String,
+    pub(crate) http_addr: String,
     #[arg(long, default_value = "100")]
     batch_size: String,
     #[arg(long, default_value = "10")]
@@ -119,7 +119,7 @@ pub(crate) struct RelayArgs {
     health_max_broker_outage: String,
 }
 
-async fn publisher(args: &RelayArgs) -> CliResult<Arc<dyn Publisher>> {
+pub(crate) async fn publisher(args: &RelayArgs) -> CliResult<Arc<dyn Publisher>> {
     let kind = match args.publisher {
         PublisherKind::Stdout => BrokerKind::Stdout,
         PublisherKind::Kafka => BrokerKind::Kafka,
@@ -146,7 +146,7 @@ async fn publisher(args: &RelayArgs) -> CliResult<Arc<dyn Publisher>> {
     })
 }
 
-fn thresholds(args: &RelayArgs) -> CliResult<HealthThresholds> {
+pub(crate) fn thresholds(args: &RelayArgs) -> CliResult<HealthThresholds> {
     Ok(HealthThresholds::default()
         .max_backlog(parse_count(
             "--health-max-backlog",
@@ -173,7 +173,7 @@ fn count_u32(flag: &str, value: &str) -> CliResult<u32> {
     Ok(u32::try_from(parse_count(flag, value)?).unwrap_or(u32::MAX))
 }
 
-fn poll_config(args: &RelayArgs) -> CliResult<RelayConfig> {
+pub(crate) fn poll_config(args: &RelayArgs) -> CliResult<RelayConfig> {
     let mut config = RelayConfig::default()
         .batch_size(count_u32("--batch-size", &args.batch_size)?)
         .max_attempts(count_u32("--max-attempts", &args.max_attempts)?)
@@ -242,17 +242,7 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
         Mode::Poll => (Some(poll_config(&args)?), None),
         Mode::Log => (None, Some(log_config(&args, url)?)),
     };
-    let listener = tokio::net::TcpListener::bind(&args.http_addr)
-        .await
-        .map_err(|e| {
-            Failure::input(format!(
-                "cannot listen on --http-addr {}: {e}",
-                args.http_addr
-            ))
-        })?;
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let (listener, metrics) = http_setup(&args).await?;
     let publisher = publisher(&args).await?;
     let stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
@@ -280,13 +270,13 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
         listener,
         http_stop.clone(),
         metrics,
-        admin_db,
+        Some(admin_db),
         (*thresholds).clone(),
         {
             let relay = relay.clone();
             move || {
                 let (relay, thresholds) = (relay.clone(), thresholds.clone());
-                async move { relay.health(&thresholds).await }
+                async move { http::verdict(&relay.health(&thresholds).await) }
             }
         },
     )
@@ -318,7 +308,28 @@ pub(crate) async fn run(db: DatabaseConnection, url: Option<String>, args: Relay
     Ok(())
 }
 
-async fn shutdown_on_signal(stop: CancellationToken) {
+/// The HTTP listener on `--http-addr` and the Prometheus recorder.
+pub(crate) async fn http_setup(
+    args: &RelayArgs,
+) -> CliResult<(
+    tokio::net::TcpListener,
+    metrics_exporter_prometheus::PrometheusHandle,
+)> {
+    let listener = tokio::net::TcpListener::bind(&args.http_addr)
+        .await
+        .map_err(|e| {
+            Failure::input(format!(
+                "cannot listen on --http-addr {}: {e}",
+                args.http_addr
+            ))
+        })?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    Ok((listener, metrics))
+}
+
+pub(crate) async fn shutdown_on_signal(stop: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
