@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::AdminState;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::tenants::Db;
 use seaorm_outbox::OutboxStatus;
 use seaorm_outbox::repository::{EventCursor, EventOrder, EventQuery, Outbox};
 use seaorm_outbox::stats::BreakerState;
@@ -49,8 +50,8 @@ pub(crate) fn page(limit: Option<u64>, offset: Option<u64>) -> Result<(u64, u64)
 }
 
 /// `GET /health`, outside auth: the outbox's verdict, 503 when unhealthy.
-pub(crate) async fn health(State(s): State<Arc<AdminState>>) -> Response {
-    let h = Outbox::new(&s.db).health(&s.thresholds).await;
+pub(crate) async fn health(State(s): State<Arc<AdminState>>, db: Db) -> Response {
+    let h = Outbox::new(&db.db).health(&s.thresholds).await;
     let status = StatusCode::from_u16(h.http_status()).unwrap_or(StatusCode::OK);
     (
         status,
@@ -61,8 +62,12 @@ pub(crate) async fn health(State(s): State<Arc<AdminState>>) -> Response {
 
 /// `GET /api/stats`: the backlog, dead letters, health with its reasons, the relays and their
 /// breakers, and the inbox's dead letters and consumer processes.
-pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller) -> ApiResult {
-    let outbox = Outbox::new(&s.db);
+pub(crate) async fn stats(
+    State(s): State<Arc<AdminState>>,
+    db: Db,
+    Caller(who): Caller,
+) -> ApiResult {
+    let outbox = Outbox::new(&db.db);
     let mut health = outbox.health(&s.thresholds).await;
     let Some(stats) = health.stats.take() else {
         return Err(ApiError::from(seaorm_outbox::Error::Database(
@@ -83,9 +88,9 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
             ));
         }
     }
-    let log = log_relay(&s, &mut health).await?;
+    let log = log_relay(&s, &db.db, &mut health).await?;
     let inbox = if s.inbox {
-        let inbox = seaorm_outbox::inbox::Inbox::new(&s.db);
+        let inbox = seaorm_outbox::inbox::Inbox::new(&db.db);
         let n = inbox.count_dead_letters(None).await?;
         // A database not yet migrated to `inbox_consumers` (migration 15) still gets its
         // page: the panel just lists nobody.
@@ -127,13 +132,14 @@ pub(crate) async fn stats(State(s): State<Arc<AdminState>>, Caller(who): Caller)
 #[cfg(feature = "log-relay")]
 async fn log_relay(
     s: &AdminState,
+    db: &sea_orm::DatabaseConnection,
     health: &mut seaorm_outbox::stats::Health,
 ) -> Result<Value, ApiError> {
     use seaorm_outbox::relay::wal::{LogDeadLetters, slots};
     if !s.log_relay {
         return Ok(Value::Null);
     }
-    let slots = slots(&s.db).await?;
+    let slots = slots(db).await?;
     for slot in slots.iter().filter(|slot| slot.wal_status == "lost") {
         health.unhealthy(format!(
             "log relay slot {} is lost: the server dropped WAL it had not confirmed, so events \
@@ -141,13 +147,14 @@ async fn log_relay(
             slot.name, slot.confirmed_lsn
         ));
     }
-    let dead = LogDeadLetters::new(&s.db).count().await?;
+    let dead = LogDeadLetters::new(db).count().await?;
     Ok(json!({ "slots": slots, "dead_letters": dead }))
 }
 
 #[cfg(not(feature = "log-relay"))]
 async fn log_relay(
     _: &AdminState,
+    _: &sea_orm::DatabaseConnection,
     _: &mut seaorm_outbox::stats::Health,
 ) -> Result<Value, ApiError> {
     Ok(Value::Null)
@@ -161,7 +168,7 @@ pub(crate) struct HistoryParams {
 
 /// `GET /api/history?minutes=60`: per minute, events published and the sampled backlog.
 pub(crate) async fn history(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     params: Result<Query<HistoryParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(p) = params?;
@@ -171,7 +178,7 @@ pub(crate) async fn history(
             "minutes must be between 1 and 1440, not {minutes}"
         )));
     }
-    let series = Outbox::new(&s.db).history(minutes).await?;
+    let series = Outbox::new(&db.db).history(minutes).await?;
     Ok(Json(json!({ "minutes": series })).into_response())
 }
 
@@ -212,7 +219,7 @@ pub(crate) fn parse_status(s: &str) -> Result<OutboxStatus, ApiError> {
 /// newest written first by default. `next` is the cursor of the next page (`after=`): keyset
 /// paging, as fast deep in a 10M-row table as on its first page. `offset` still works, capped.
 pub(crate) async fn events(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     params: Result<Query<EventsParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(p) = params?;
@@ -261,7 +268,7 @@ pub(crate) async fn events(
         .limit(limit)
         .offset(offset)
         .after(after);
-    let page = Outbox::new(&s.db).events_page(&query).await?;
+    let page = Outbox::new(&db.db).events_page(&query).await?;
     let more = page.next.is_some();
     Ok(Json(json!({
         "events": page.events,
@@ -273,12 +280,9 @@ pub(crate) async fn events(
 }
 
 /// `GET /api/events/{id}`: one event in full.
-pub(crate) async fn event(
-    State(s): State<Arc<AdminState>>,
-    id: Result<Path<Uuid>, PathRejection>,
-) -> ApiResult {
+pub(crate) async fn event(db: Db, id: Result<Path<Uuid>, PathRejection>) -> ApiResult {
     let Path(id) = id?;
-    let e = Outbox::new(&s.db).get(id).await?;
+    let e = Outbox::new(&db.db).get(id).await?;
     Ok(Json(e).into_response())
 }
 
@@ -286,13 +290,13 @@ pub(crate) async fn event(
 /// transaction. 409 when it can no longer be taken back (due, attempted, held, published or
 /// dead-lettered).
 pub(crate) async fn cancel_scheduled(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     Caller(who): Caller,
     id: Result<Path<Uuid>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    Outbox::new(&s.db).cancel(id).await?;
-    audit(&who.name, "cancel", &id.to_string(), 1);
+    Outbox::new(&db.db).cancel(id).await?;
+    audit(&who.name, "cancel", &db.audited(&id.to_string()), 1);
     Ok(Json(json!({ "cancelled": 1 })).into_response())
 }
 
@@ -305,7 +309,7 @@ pub(crate) struct Purge {
 /// `POST /api/purge` with `{"older_than_secs": N}`: deletes published events older than that,
 /// in batches that each commit.
 pub(crate) async fn purge(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     Caller(who): Caller,
     body: Result<Json<Purge>, JsonRejection>,
 ) -> ApiResult {
@@ -317,11 +321,11 @@ pub(crate) async fn purge(
     let cutoff = chrono::Utc::now()
         .checked_sub_signed(age)
         .ok_or_else(|| ApiError::bad_request("older_than_secs is too large"))?;
-    let n = Outbox::new(&s.db).purge_published(cutoff, 1000).await?;
+    let n = Outbox::new(&db.db).purge_published(cutoff, 1000).await?;
     audit(
         &who.name,
         "purge",
-        &format!("published before {}", cutoff.to_rfc3339()),
+        &db.audited(&format!("published before {}", cutoff.to_rfc3339())),
         n,
     );
     Ok(Json(json!({ "purged": n })).into_response())

@@ -2,21 +2,19 @@
 //! Each route names its kind ([`Outbox`], [`Inbox`]); the work is the core's
 //! [`DeadLetterStore`], so a new kind is a marker type and four routes.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::response::IntoResponse;
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::AdminState;
 use super::api::{ApiResult, audit, page};
 use super::auth::Caller;
 use super::error::ApiError;
+use super::tenants::Db;
 use seaorm_outbox::dead_letter::{DeadLetterStore, InboxDeadLetters, OutboxDeadLetters, Selection};
 
 /// A kind of dead letter the API serves.
@@ -80,7 +78,7 @@ pub(crate) struct ListParams {
 
 /// `GET …/dead-letters[?consumer=]`: a page, with the total and the next offset.
 pub(crate) async fn list<K: Kind>(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(p) = params?;
@@ -89,7 +87,7 @@ pub(crate) async fn list<K: Kind>(
     let which = consumer
         .as_deref()
         .map_or(Selection::All, Selection::Consumer);
-    let store = K::store(&s.db);
+    let store = K::store(&db.db);
     let total = store.count(which).await?;
     let rows: Vec<_> = store
         .list(which, limit, offset)
@@ -103,17 +101,17 @@ pub(crate) async fn list<K: Kind>(
 
 /// `POST …/dead-letters/{id}/replay`.
 pub(crate) async fn replay_one<K: Kind>(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     Caller(who): Caller,
     id: Result<Path<Uuid>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let n = K::store(&s.db).replay(Selection::One(id)).await?;
+    let n = K::store(&db.db).replay(Selection::One(id)).await?;
     found::<K>(n, id)?;
     audit(
         &who.name,
         &format!("{}replay", K::AUDIT),
-        &id.to_string(),
+        &db.audited(&id.to_string()),
         n,
     );
     Ok(Json(json!({ K::REPLAYED: n })).into_response())
@@ -136,7 +134,7 @@ fn given(v: Option<String>) -> Option<String> {
 /// `POST …/dead-letters/replay` with `{"all": true}` or a group: the outbox's
 /// `{"aggregate_type", "aggregate_id"}`, the inbox's `{"consumer"}`.
 pub(crate) async fn replay_many<K: Kind>(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     Caller(who): Caller,
     body: Result<Json<ReplayMany>, JsonRejection>,
 ) -> ApiResult {
@@ -159,24 +157,29 @@ pub(crate) async fn replay_many<K: Kind>(
             )));
         }
     };
-    let n = K::store(&s.db).replay(which).await?;
-    audit(&who.name, &format!("{}replay", K::AUDIT), &what, n);
+    let n = K::store(&db.db).replay(which).await?;
+    audit(
+        &who.name,
+        &format!("{}replay", K::AUDIT),
+        &db.audited(&what),
+        n,
+    );
     Ok(Json(json!({ K::REPLAYED: n })).into_response())
 }
 
 /// `DELETE …/dead-letters/{id}`: gone without being delivered or applied.
 pub(crate) async fn discard<K: Kind>(
-    State(s): State<Arc<AdminState>>,
+    db: Db,
     Caller(who): Caller,
     id: Result<Path<Uuid>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let n = K::store(&s.db).discard(Selection::One(id)).await?;
+    let n = K::store(&db.db).discard(Selection::One(id)).await?;
     found::<K>(n, id)?;
     audit(
         &who.name,
         &format!("{}discard", K::AUDIT),
-        &id.to_string(),
+        &db.audited(&id.to_string()),
         n,
     );
     Ok(Json(json!({ "discarded": n })).into_response())

@@ -22,6 +22,7 @@
 //! | `POST /api/dead-letters/replay` | write | `{"all": true}` or `{"aggregate_type", "aggregate_id"}` |
 //! | `DELETE /api/dead-letters/{id}` | write | discard |
 //! | `POST /api/purge` | write | `{"older_than_secs": N}`: delete published events older than that |
+//! | `GET /api/tenants` | read | the tenants [`AdminBuilder::tenant`] added: every route takes `?tenant=ID` |
 //! | `GET /api/inbox/dead-letters?consumer=` | read | the inbox's dead letters |
 //! | `POST /api/inbox/dead-letters/{id}/replay`, `POST /api/inbox/dead-letters/replay` | write | ask the consumer to apply them again |
 //! | `DELETE /api/inbox/dead-letters/{id}` | write | discard |
@@ -59,6 +60,7 @@ mod auth;
 mod dashboard;
 mod dead_letters;
 mod error;
+mod tenants;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +89,8 @@ pub(crate) struct AdminState {
     #[cfg_attr(not(feature = "log-relay"), allow(dead_code))]
     pub(crate) log_relay: bool,
     pub(crate) refresh: Duration,
+    /// Other databases, picked by `?tenant=ID`.
+    pub(crate) tenants: std::collections::BTreeMap<String, DatabaseConnection>,
 }
 
 /// The admin router's entry point: [`Admin::builder`].
@@ -105,6 +109,7 @@ impl Admin {
             inbox: true,
             log_relay: true,
             refresh: Duration::from_secs(5),
+            tenants: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -135,9 +140,19 @@ pub struct AdminBuilder<A> {
     inbox: bool,
     log_relay: bool,
     refresh: Duration,
+    tenants: std::collections::BTreeMap<String, DatabaseConnection>,
 }
 
 impl<A> AdminBuilder<A> {
+    /// Serves `db` too, as tenant `id`: every route takes `?tenant=ID` to act on that
+    /// database instead of the one the router was built with (a relay group's tenants, one
+    /// dashboard). `GET /api/tenants` lists the ids; the dashboard shows a selector.
+    #[must_use]
+    pub fn tenant(mut self, id: impl Into<String>, db: DatabaseConnection) -> Self {
+        self.tenants.insert(id.into(), db);
+        self
+    }
+
     /// The thresholds behind the health colour and `/health`. Default
     /// [`HealthThresholds::default`].
     #[must_use]
@@ -185,6 +200,7 @@ impl<A> AdminBuilder<A> {
             inbox: self.inbox,
             log_relay: self.log_relay,
             refresh: self.refresh,
+            tenants: self.tenants,
         }
     }
 }
@@ -233,6 +249,7 @@ impl AdminBuilder<WithAuth> {
             inbox: self.inbox,
             log_relay: self.log_relay && cfg!(feature = "log-relay") && postgres,
             refresh: self.refresh,
+            tenants: self.tenants,
         });
         let mut api = Router::new()
             .route("/stats", get(api::stats))
@@ -240,7 +257,8 @@ impl AdminBuilder<WithAuth> {
             .route("/events", get(api::events))
             .route("/events/{id}", get(api::event))
             .route("/scheduled/{id}", delete(api::cancel_scheduled))
-            .route("/purge", post(api::purge));
+            .route("/purge", post(api::purge))
+            .route("/tenants", get(tenants::list));
         api = dead_letter_routes::<dead_letters::Outbox>(api, "/dead-letters");
         if state.inbox {
             api = dead_letter_routes::<dead_letters::Inbox>(api, "/inbox/dead-letters");
@@ -249,7 +267,12 @@ impl AdminBuilder<WithAuth> {
         if state.log_relay {
             api = dead_letter_routes::<dead_letters::Log>(api, "/log/dead-letters");
         }
+        // Layers run last-added first: the caller is authorized before the tenant is looked up.
         let api = api
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                tenants::select,
+            ))
             .route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 auth::authorize,

@@ -239,7 +239,13 @@ async fn find(c: &Client, fields: &[(&str, &str)]) {
 
 /// The host app: its own route, and the admin router nested at `/outbox`.
 async fn serve(t: &TestDb) -> (SocketAddr, CancellationToken) {
-    let admin = Admin::builder(t.db.clone())
+    serve_admin(Admin::builder(t.db.clone())).await
+}
+
+async fn serve_admin(
+    admin: seaorm_outbox_admin::AdminBuilder<seaorm_outbox_admin::NoAuth>,
+) -> (SocketAddr, CancellationToken) {
+    let admin = admin
         .authorizer(
             BearerTokens::new()
                 .writer("ops", TOKEN)
@@ -1091,4 +1097,126 @@ async fn the_inbox_consumers_panel_lists_every_consumer_process() {
     c.close().await.expect("close the browser");
     server_stop.cancel();
     t.cleanup().await;
+}
+
+/// One dashboard over two tenants: the selector switches every number to the tenant chosen,
+/// keeps it in the URL across a reload, and a replay from the page changes that tenant's
+/// database and not the default one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_tenant_selector_switches_the_page_and_acts_on_that_tenant() {
+    let default = TestDb::new(Backend::Postgres).await;
+    let acme = TestDb::new(Backend::Postgres).await;
+    let add = |t: &TestDb, n: usize| {
+        let db = t.db.clone();
+        async move {
+            Outbox::new(&db)
+                .add_events(
+                    (0..n)
+                        .map(|i| NewEvent::new("order.placed", "order", i.to_string()))
+                        .collect(),
+                )
+                .await
+                .expect("seed")
+        }
+    };
+    let d_ids = add(&default, 2).await;
+    let a_ids = add(&acme, 5).await;
+    Outbox::new(&default.db)
+        .mark_failed(d_ids[0], "no route")
+        .await
+        .expect("fail");
+    Outbox::new(&acme.db)
+        .mark_failed(a_ids[0], "no route")
+        .await
+        .expect("fail");
+    let (addr, stop) =
+        serve_admin(Admin::builder(default.db.clone()).tenant("acme", acme.db.clone())).await;
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    let url = format!("http://{addr}/outbox");
+    sign_in(&c, &url, TOKEN).await;
+    wait_for(
+        &c,
+        "the selector",
+        "!document.getElementById('tenant').hidden && document.getElementById('tenant').options.length === 2",
+    )
+    .await;
+    wait_for(
+        &c,
+        "the default tenant's backlog",
+        "document.getElementById('pending').textContent === '1'",
+    )
+    .await;
+
+    c.execute(
+        "const s = document.getElementById('tenant'); s.value = 'acme'; s.dispatchEvent(new Event('change'));",
+        vec![],
+    )
+    .await
+    .expect("select acme");
+    wait_for(
+        &c,
+        "acme's backlog",
+        "document.getElementById('pending').textContent === '4'",
+    )
+    .await;
+    assert!(
+        c.current_url()
+            .await
+            .expect("url")
+            .as_str()
+            .contains("tenant=acme")
+    );
+    wait_for(
+        &c,
+        "acme's dead letter",
+        &format!(
+            "document.querySelector('#dead-letters tr[data-id=\"{}\"]')",
+            a_ids[0]
+        ),
+    )
+    .await;
+    click(
+        &c,
+        &format!("#dead-letters tr[data-id=\"{}\"] button.replay", a_ids[0]),
+    )
+    .await;
+    wait_for(
+        &c,
+        "the replayed row to go",
+        &format!(
+            "!document.querySelector('#dead-letters tr[data-id=\"{}\"]')",
+            a_ids[0]
+        ),
+    )
+    .await;
+    assert_eq!(
+        Outbox::new(&acme.db)
+            .get(a_ids[0])
+            .await
+            .expect("get")
+            .status,
+        OutboxStatus::Pending
+    );
+    assert_eq!(
+        Outbox::new(&default.db)
+            .get(d_ids[0])
+            .await
+            .expect("get")
+            .status,
+        OutboxStatus::Failed,
+        "a replay for acme touched the default tenant"
+    );
+    // A reload keeps the tenant.
+    c.refresh().await.expect("reload");
+    wait_for(
+        &c,
+        "acme again after a reload",
+        "document.getElementById('tenant').value === 'acme' && document.getElementById('pending').textContent === '5'",
+    )
+    .await;
+    c.close().await.expect("close");
+    stop.cancel();
+    default.cleanup().await;
+    acme.cleanup().await;
 }

@@ -10,11 +10,16 @@
   let refreshMs = 5000;
   let canWrite = false;
   let lastChart = 0;
+  // The tenant every call acts on ("" is the router's own database); from the URL, so a
+  // link or a reload keeps it.
+  let tenant = new URLSearchParams(location.search).get("tenant") || "";
+  let tenantsLoaded = false;
 
   async function call(method, path, body) {
     const headers = { "Accept": "application/json" };
     if (token) headers["Authorization"] = "Bearer " + token;
     if (method !== "GET") headers["Content-Type"] = "application/json";
+    if (tenant) path += (path.includes("?") ? "&" : "?") + "tenant=" + encodeURIComponent(tenant);
     const res = await fetch(base + path, {
       method, headers, credentials: "same-origin",
       body: method === "GET" ? undefined : JSON.stringify(body || {}),
@@ -432,9 +437,43 @@
   $("prev-page").onclick = () => { browse.at = Math.max(0, browse.at - 1); act(showPage); };
   $("d-close").onclick = closeEvent;
 
+  // The tenant selector, shown when the router serves tenants.
+  async function loadTenants() {
+    const t = await call("GET", "/api/tenants");
+    tenantsLoaded = true;
+    const sel = $("tenant");
+    if (!t.tenants.length) return;
+    sel.replaceChildren();
+    const own = el("option", "(default)");
+    own.value = "";
+    sel.appendChild(own);
+    for (const id of t.tenants) {
+      const o = el("option", id);
+      o.value = id;
+      sel.appendChild(o);
+    }
+    sel.value = tenant;
+    sel.hidden = false;
+  }
+
+  $("tenant").onchange = () => {
+    tenant = $("tenant").value;
+    const u = new URL(location.href);
+    if (tenant) u.searchParams.set("tenant", tenant); else u.searchParams.delete("tenant");
+    history.replaceState(null, "", u);
+    // Another database: its own event pages, chart and open event.
+    browse.pages = [null];
+    browse.at = 0;
+    browse.loaded = false;
+    lastChart = 0;
+    closeEvent();
+    refresh();
+  };
+
   async function refresh() {
     clearTimeout(timer);
     try {
+      if (!tenantsLoaded) await loadTenants();
       const s = await call("GET", "/api/stats");
       renderStats(s);
       // The chart moves by the minute: its history is read at most every 15 s.
