@@ -21,6 +21,9 @@ use crate::report::Row;
 
 /// How long each setup idles while measured.
 const IDLE: Duration = Duration::from_secs(10);
+/// Before measuring: past the first polls and the schema pools' idle timeout (10 s), so what
+/// is measured is the steady idle state.
+const WARM_UP: Duration = Duration::from_secs(12);
 
 /// Resident memory of this process, in MiB.
 fn rss_mib() -> f64 {
@@ -83,6 +86,15 @@ async fn connections(admin: &DatabaseConnection) -> Result<i64> {
     Ok(row.try_get_by_index::<i64>(0)?)
 }
 
+/// The machine's own idle CPU (the brokers and databases on it), % of one core: taken off the
+/// server's share below.
+fn background() -> Result<f64> {
+    let cpu = CpuMeter::start().context("/proc")?;
+    std::thread::sleep(IDLE);
+    let used = cpu.per_event(1).context("/proc")?;
+    Ok(used.server_us / 1e6 / IDLE.as_secs_f64() * 100.0)
+}
+
 /// What one setup costs while idle.
 struct Idle {
     rss: f64,
@@ -96,12 +108,11 @@ struct Idle {
 /// delivery through `publisher`.
 async fn measure(
     admin: &DatabaseConnection,
-    rss_before: f64,
-    conns_before: i64,
+    (rss_before, conns_before, background): (f64, i64, f64),
     schema: &str,
     publisher: &InMemoryPublisher,
 ) -> Result<Idle> {
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(WARM_UP).await;
     let cpu = CpuMeter::start().context("/proc")?;
     tokio::time::sleep(IDLE).await;
     let used = cpu.per_event(1).context("/proc")?;
@@ -130,7 +141,7 @@ async fn measure(
     Ok(Idle {
         rss,
         client_cpu: share(used.client_us),
-        server_cpu: share(used.server_us),
+        server_cpu: (share(used.server_us) - background).max(0.0),
         connections,
         latency,
     })
@@ -179,10 +190,14 @@ fn report(label: &str, n: usize, idle: &Idle, rows: &mut Vec<Row>) {
 pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     let admin = Database::connect(opts(&pg_url(), 1)).await?;
     let sizes: &[usize] = if quick { &[10] } else { &[10, 100, 1000] };
+    let background = tokio::task::spawn_blocking(background).await??;
+    println!(
+        "group: the machine's own idle CPU (brokers, databases): {background:.2}% of a core, taken off the server figures"
+    );
     let prefix = format!("obg{}", std::process::id());
     for &n in sizes {
         let names = schemas(&admin, &prefix, n).await?;
-        let (rss0, conns0) = (rss_mib(), connections(&admin).await?);
+        let before = (rss_mib(), connections(&admin).await?, background);
         let publisher = InMemoryPublisher::new();
         let group = RelayGroup::builder(publisher.clone())
             .config(GroupConfig::default())
@@ -196,7 +211,7 @@ pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
             let (g, stop) = (group.clone(), stop.clone());
             async move { g.run(stop).await }
         });
-        let idle = measure(&admin, rss0, conns0, &names[n / 2], &publisher).await?;
+        let idle = measure(&admin, before, &names[n / 2], &publisher).await?;
         report("RelayGroup", n, &idle, rows);
         stop.cancel();
         task.await?;
@@ -204,7 +219,7 @@ pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
 
         // One relay per schema, as written by hand today: a pool and a LISTEN each.
         if n <= 40 {
-            let (rss0, conns0) = (rss_mib(), connections(&admin).await?);
+            let before = (rss_mib(), connections(&admin).await?, background);
             let publisher = InMemoryPublisher::new();
             let stop = CancellationToken::new();
             let mut tasks = Vec::new();
@@ -216,7 +231,7 @@ pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
                 let stop = stop.clone();
                 tasks.push(tokio::spawn(async move { relay.run(stop).await }));
             }
-            let idle = measure(&admin, rss0, conns0, &names[n / 2], &publisher).await?;
+            let idle = measure(&admin, before, &names[n / 2], &publisher).await?;
             report("one Relay per schema", n, &idle, rows);
             stop.cancel();
             for t in tasks {

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use axum::Router as AxumRouter;
 use loco_rs::app::{AppContext, Initializer};
+use seaorm_outbox::relay::{GroupConfig, RelayGroup};
 use seaorm_outbox::{Publisher, Relay, RelayStats, RelayWaker};
 use seaorm_outbox_admin::Admin;
 use tokio::task::JoinHandle;
@@ -56,6 +57,9 @@ pub(crate) struct RunningRelays {
     pub(crate) tasks: Mutex<Vec<JoinHandle<RelayStats>>>,
 }
 
+/// The initializer's relay group, in the app's shared store.
+pub(crate) struct SharedGroup(pub(crate) RelayGroup<Arc<dyn Publisher>>);
+
 /// The waker of the initializer's relays, in the app's shared store (a type of our own, so an
 /// app's own `RelayWaker` entry cannot collide with it).
 pub(crate) struct SharedWaker(pub(crate) RelayWaker);
@@ -76,15 +80,26 @@ impl Initializer for OutboxInitializer {
         ctx: &AppContext,
     ) -> loco_rs::Result<AxumRouter> {
         let settings = OutboxSettings::from_config(&ctx.config).map_err(loco_error)?;
-        if settings.relay {
-            start_relays(&self.publisher, &settings, ctx).await?;
-        }
+        let group = match (&settings.tenants, settings.relay) {
+            (Some(_), true) => Some(start_group(&self.publisher, &settings, ctx).await?),
+            (None, true) => {
+                start_relays(&self.publisher, &settings, ctx).await?;
+                None
+            }
+            (_, false) => None,
+        };
         let Some(admin) = &settings.admin else {
             return Ok(router);
         };
-        let api = Admin::builder(ctx.db.clone())
-            .authorizer(LocoJwt::new(ctx.clone(), admin))
-            .build();
+        let mut api = Admin::builder(ctx.db.clone());
+        if let Some(group) = &group {
+            for id in group.tenants() {
+                if let Some(db) = group.database(&id) {
+                    api = api.tenant(id, db);
+                }
+            }
+        }
+        let api = api.authorizer(LocoJwt::new(ctx.clone(), admin)).build();
         tracing::info!(path = %admin.path, "outbox admin mounted behind Loco's JWT auth");
         Ok(router.nest(&admin.path, api))
     }
@@ -164,4 +179,71 @@ async fn start_relays(
         tasks: Mutex::new(tasks),
     });
     Ok(())
+}
+
+/// `tenants:`: one relay group over the schemas and databases named, started like the relays.
+async fn start_group(
+    publisher: &Option<Arc<dyn Publisher>>,
+    settings: &OutboxSettings,
+    ctx: &AppContext,
+) -> loco_rs::Result<RelayGroup<Arc<dyn Publisher>>> {
+    if ctx.shared_store.contains::<RunningRelays>() {
+        return Err(loco_error("the relays are already running in this app"));
+    }
+    let Some(tenants) = &settings.tenants else {
+        return Err(loco_error("no tenants: block"));
+    };
+    let publisher = match publisher {
+        Some(p) => p.clone(),
+        None => crate::publisher::connect(settings)
+            .await
+            .map_err(loco_error)?,
+    };
+    let mut config = GroupConfig::default();
+    if let Some(w) = tenants.workers {
+        config = config.workers(w);
+    }
+    let mut builder = RelayGroup::builder(publisher)
+        .relay_config(settings.relay_config().map_err(loco_error)?)
+        .config(config);
+    if !tenants.schemas.is_empty() {
+        builder = builder.schemas(ctx.db.clone());
+    }
+    let group = builder.build().map_err(loco_error)?;
+    for schema in &tenants.schemas {
+        group.add_schema(schema, schema).await.map_err(loco_error)?;
+    }
+    for (id, url) in &tenants.databases {
+        // Connected on first use: a tenant whose database is down does not fail the boot.
+        let mut opts = sea_orm::ConnectOptions::new(url);
+        opts.connect_lazy(true).sqlx_logging(false);
+        let db = sea_orm::Database::connect(opts)
+            .await
+            .map_err(|e| loco_error(format!("tenant {id}: {e}")))?;
+        group.add_tenant(id, db).await.map_err(loco_error)?;
+    }
+    tracing::info!(
+        tenants = group.tenants().len(),
+        "outbox relay group started"
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (group, stop) = (group.clone(), stop.clone());
+        async move { group.run(stop).await }
+    });
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = loco_rs::boot::shutdown_signal() => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        }
+    });
+    ctx.shared_store.insert(SharedGroup(group.clone()));
+    ctx.shared_store.insert(RunningRelays {
+        stop,
+        tasks: Mutex::new(vec![task]),
+    });
+    Ok(group)
 }

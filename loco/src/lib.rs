@@ -56,6 +56,16 @@ pub fn waker(ctx: &AppContext) -> Option<seaorm_outbox::RelayWaker> {
         .map(|w| w.0.clone())
 }
 
+/// The relay group the initializer started from `tenants:`, to add and remove tenants while
+/// the app runs; `None` without that block or before the server started it.
+pub fn group(
+    ctx: &AppContext,
+) -> Option<seaorm_outbox::relay::RelayGroup<std::sync::Arc<dyn seaorm_outbox::Publisher>>> {
+    ctx.shared_store
+        .get_ref::<initializer::SharedGroup>()
+        .map(|g| g.0.clone())
+}
+
 /// Stops the relays the initializer started and waits for each to finish its in-flight batch
 /// (bounded by its `shutdown_grace`). Call it from `Hooks::on_shutdown`; a no-op when none run.
 pub async fn shutdown(ctx: &AppContext) {
@@ -63,6 +73,7 @@ pub async fn shutdown(ctx: &AppContext) {
         return;
     };
     let _ = ctx.shared_store.remove::<initializer::SharedWaker>();
+    let _ = ctx.shared_store.remove::<initializer::SharedGroup>();
     running.stop.cancel();
     let tasks = std::mem::take(&mut *running.tasks.lock().unwrap_or_else(|p| p.into_inner()));
     for task in tasks {

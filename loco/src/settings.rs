@@ -20,6 +20,11 @@ use serde::Deserialize;
 ///     admin:
 ///       path: /outbox                # the dashboard and API, behind Loco's JWT auth
 ///       writers: ["<user pid>"]      # may replay, discard, purge; others only read
+///     tenants:                       # many tenants: one relay group instead of `relays`
+///       workers: 4                   # batches in flight at once, across tenants
+///       schemas: [acme, globex]      # PostgreSQL schemas of the app's database
+///       databases:                   # and/or a database per tenant
+///         initech: postgres://app@db/initech
 /// ```
 ///
 /// Unknown keys are an error, so a typo fails the boot instead of running on defaults.
@@ -62,6 +67,24 @@ pub struct OutboxSettings {
     pub on_publish: OnPublishSetting,
     /// The admin API and dashboard; absent: not mounted.
     pub admin: Option<AdminSettings>,
+    /// Many tenants, relayed by one [`RelayGroup`](seaorm_outbox::relay::RelayGroup) in place
+    /// of `relays`; absent: the app's own database only.
+    pub tenants: Option<TenantSettings>,
+}
+
+/// `tenants:` in the settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TenantSettings {
+    /// Batches in flight at once, across tenants. Default the group's (4).
+    pub workers: Option<usize>,
+    /// PostgreSQL schemas of the app's database, one tenant each, named by its schema.
+    #[serde(default)]
+    pub schemas: Vec<String>,
+    /// A database per tenant: its id and its URL.
+    #[serde(default)]
+    pub databases: std::collections::BTreeMap<String, String>,
 }
 
 /// `publisher:` in the settings: the core's kinds (`stdout`, `nats`, `kafka`, `rabbitmq`,
@@ -163,6 +186,20 @@ impl OutboxSettings {
             && !admin.path.starts_with('/')
         {
             return Err(invalid("admin.path", "must start with /"));
+        }
+        if let Some(t) = &settings.tenants {
+            if t.schemas.is_empty() && t.databases.is_empty() {
+                return Err(invalid("tenants", "names no schema and no database"));
+            }
+            if t.workers == Some(0) {
+                return Err(invalid("tenants.workers", "must be at least 1"));
+            }
+            if let Some(s) = t.schemas.iter().find(|s| t.databases.contains_key(*s)) {
+                return Err(invalid(
+                    "tenants",
+                    format!("`{s}` is both a schema and a database"),
+                ));
+            }
         }
         Ok(settings)
     }

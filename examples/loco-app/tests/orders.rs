@@ -329,3 +329,128 @@ async fn malformed_settings_fail_the_boot() {
         .expect("a typo is refused");
     assert!(err.to_string().contains("batch_sise"), "{err}");
 }
+
+/// `tenants:`: the server runs one relay group over two tenant databases (SQLite files here),
+/// each tenant's events reach NATS, the app can reach the group, and the dashboard's API
+/// answers for the tenant named, behind Loco's auth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_block_relays_every_tenant_through_one_group() {
+    use sea_orm_migration::MigratorTrait;
+    use seaorm_outbox::{NewEvent, OutboxRepository};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let prefix = format!("loco_tenants_{tag}.");
+    let js = jetstream::new(async_nats::connect(nats_url()).await.expect("NATS"));
+    let stream_name = format!("LOCO_TENANTS_{tag}");
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![format!("{prefix}>")],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    let mut databases = serde_json::Map::new();
+    for (id, n) in [("acme", 2), ("globex", 3)] {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join(format!("{id}.sqlite")).display()
+        );
+        let db = sea_orm::Database::connect(&url).await.expect("tenant db");
+        seaorm_outbox_migration::Migrator::up(&db, None)
+            .await
+            .expect("migrate");
+        Outbox::new(&db)
+            .add_events(
+                (0..n)
+                    .map(|i| NewEvent::new("order.placed", id, i.to_string()))
+                    .collect(),
+            )
+            .await
+            .expect("seed");
+        db.close().await.expect("close");
+        databases.insert(id.to_owned(), json!(url));
+    }
+    let mut config = config(&dir, &prefix).await;
+    config
+        .initializers
+        .as_mut()
+        .and_then(|i| i.get_mut("outbox"))
+        .expect("outbox")["tenants"] = json!({ "workers": 2, "databases": databases });
+    let boot = App::boot(StartMode::ServerOnly, &Environment::Test, config)
+        .await
+        .expect("boot the app");
+    let app = TestApp {
+        router: boot.router.expect("a server has routes"),
+        ctx: boot.app_context,
+        stream,
+        js,
+        stream_name,
+        _dir: dir,
+    };
+    let group = seaorm_outbox_loco::group(&app.ctx).expect("the initializer's group");
+    assert_eq!(group.tenants(), ["acme", "globex"]);
+    let started = Instant::now();
+    loop {
+        let info = app
+            .stream
+            .clone()
+            .info()
+            .await
+            .expect("stream info")
+            .clone();
+        if info.state.messages == 5 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of 5 events on NATS",
+            info.state.messages
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut subjects = Vec::new();
+    for seq in 1..=5 {
+        let m = app.stream.get_raw_message(seq).await.expect("message");
+        subjects.push(m.subject.to_string());
+    }
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            format!("{prefix}acme"),
+            format!("{prefix}acme"),
+            format!("{prefix}globex"),
+            format!("{prefix}globex"),
+            format!("{prefix}globex"),
+        ]
+    );
+    let token = app.token("ops");
+    let (status, v) = app
+        .call(
+            "GET",
+            "/outbox/api/stats?tenant=globex",
+            Some(&token),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["pending"].clone(), v["published_last_hour"].clone()),
+        (json!(0), json!(3))
+    );
+    let (status, v) = app
+        .call("GET", "/outbox/api/tenants", Some(&token), Value::Null)
+        .await;
+    assert_eq!(
+        (status, v),
+        (StatusCode::OK, json!({ "tenants": ["acme", "globex"] }))
+    );
+    let ctx = app.ctx.clone();
+    app.finish().await;
+    assert!(
+        seaorm_outbox_loco::group(&ctx).is_none(),
+        "shutdown stops and forgets the group"
+    );
+}

@@ -33,8 +33,8 @@ pub struct GroupConfig {
     /// uses at a time. Default 4.
     pub workers: usize,
     /// The longest an idle tenant goes between polls: after each empty poll its interval
-    /// doubles from the relay's `idle_poll_interval` up to this. A wake-up (NOTIFY, a
-    /// [`RelayWaker`]) polls it at once. Default 5 s.
+    /// doubles from the relay's `idle_poll_interval` up to this (or to `idle_poll_interval`,
+    /// if that is longer). A wake-up (NOTIFY, a [`RelayWaker`]) polls it at once. Default 5 s.
     pub idle_poll_max: Duration,
     /// A batch in flight longer than this (a tenant whose database hangs, a slow publish)
     /// stops counting against `workers`, so another tenant's batch can start; at most
@@ -106,13 +106,10 @@ impl GroupConfig {
         tenant_labels: usize,
     }
 
-    fn validate(&self, relay: &RelayConfig) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(format!("relay group: {m}")));
         if self.workers == 0 || self.health_concurrency == 0 {
             return bad("workers and health_concurrency must be at least 1");
-        }
-        if self.idle_poll_max < relay.idle_poll_interval {
-            return bad("idle_poll_max must be at least the relay's idle_poll_interval");
         }
         if self.failure_backoff.is_zero() || self.failure_backoff > self.failure_backoff_max {
             return bad("failure_backoff must be positive and not exceed failure_backoff_max");
@@ -189,7 +186,7 @@ impl<P: Publisher + 'static> RelayGroupBuilder<P> {
         relay.claiming = Claiming::Leases;
         relay.listen_notify = false;
         relay.validate()?;
-        self.config.validate(&relay)?;
+        self.config.validate()?;
         let base = relay.name.clone().unwrap_or_else(|| {
             format!("group-{}-{:04x}", std::process::id(), rand::random::<u16>())
         });
@@ -296,6 +293,7 @@ pub(super) struct Shared<P> {
     changes: Mutex<Vec<Change>>,
     changed: Notify,
     listen: Vec<DatabaseConnection>,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     schemas: Option<DatabaseConnection>,
     /// Tenants given their own `tenant` label so far.
     labelled: AtomicUsize,
@@ -547,6 +545,12 @@ impl<P: Publisher + 'static> RelayGroup<P> {
     /// The tenants' ids, in order.
     pub fn tenants(&self) -> Vec<String> {
         lock(&self.shared.tenants).keys().cloned().collect()
+    }
+
+    /// A tenant's database connection (for its `Outbox`, or an admin router's
+    /// [`tenant`](https://docs.rs/seaorm-outbox-admin)), if it is in the group.
+    pub fn database(&self, id: &str) -> Option<DatabaseConnection> {
+        self.shared.tenant(id).map(|t| t.relay.db.clone())
     }
 
     /// A new [`RelayWaker`] for a tenant, if it is in the group.

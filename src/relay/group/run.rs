@@ -216,7 +216,7 @@ async fn batch<P: Publisher + 'static>(
                         .config
                         .idle_poll_interval
                         .saturating_mul(1 << run.idle.min(16).saturating_sub(1));
-                    doubled.min(sh.config.idle_poll_max)
+                    doubled.min(sh.config.idle_poll_max.max(relay.config.idle_poll_interval))
                 } else {
                     run.idle = 0;
                     relay.config.idle_poll_interval
