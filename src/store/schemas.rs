@@ -1,6 +1,8 @@
 //! PostgreSQL schema-per-tenant: a tenant's pool made from the group's, and the scan that tells
 //! which of many schemas have events due, in a few statements rather than a claim each.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -15,13 +17,15 @@ fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A pool on `base`'s database whose connections write to `schema`: opened lazily, holding no
-/// connection while idle for `idle`, at most `max` at once.
+/// A pool on `base`'s database whose connections write to `schema`: opened lazily, at most
+/// `max` at once, an unused one closed after `idle`, and every one closed as it comes back
+/// while `parked` is set (see [`release_idle`]).
 pub(crate) fn schema_pool(
     base: &PgPool,
     schema: &str,
     max: u32,
     idle: Duration,
+    parked: Arc<AtomicBool>,
 ) -> DatabaseConnection {
     // The connection's name says whose it is, in `pg_stat_activity`.
     let name: String = format!("outbox/{schema}").chars().take(63).collect();
@@ -34,8 +38,29 @@ pub(crate) fn schema_pool(
         .min_connections(0)
         .idle_timeout(idle)
         .acquire_timeout(base.options().get_acquire_timeout())
+        // A connection comes back to the pool after its statement, in a task of its own: one
+        // that comes back once the tenant has parked is closed then.
+        .after_release(move |_, _| {
+            let keep = !parked.load(Ordering::Relaxed);
+            Box::pin(std::future::ready(Ok(keep)))
+        })
         .connect_lazy_with(options);
     SqlxPostgresConnector::from_sqlx_postgres_pool(pool)
+}
+
+/// Closes the idle connections of a schema tenant's pool (one [`schema_pool`] made), its
+/// `parked` flag set so those still coming back are closed too: a tenant with nothing to do
+/// holds none, so connections stay bounded by the tenants at work, not by the tenants the last
+/// few seconds touched.
+pub(crate) fn release_idle(db: &DatabaseConnection) {
+    if let Some(pool) = super::pg_pool(db) {
+        for _ in 0..pool.num_idle() {
+            match pool.try_acquire() {
+                Some(mut conn) => conn.close_on_drop(),
+                None => break,
+            }
+        }
+    }
 }
 
 /// Which of `schemas` hold a pending event due by `now` (indexes into `schemas`). Each test is

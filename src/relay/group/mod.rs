@@ -5,7 +5,7 @@ mod run;
 mod schedule;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -323,6 +323,8 @@ pub(super) struct Tenant<P> {
     schema: Option<String>,
     /// Added by [`RelayGroup::add_schema`]: found by the group's scan, not polled.
     scanned: bool,
+    /// A schema tenant's pool closes its connections while this is set (it has parked).
+    parked: Option<Arc<AtomicBool>>,
     /// Cancelled when it is removed.
     stop: CancellationToken,
     /// Held while its batch is in flight, so a removal waits for the write-back.
@@ -401,7 +403,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
     ) -> Result<RelayWaker> {
         let id = self.free_id(id.into())?;
         let schema = pg_schema(&db, self.shared.config.probe_timeout).await;
-        self.insert(id, db, schema, false)
+        self.insert(id, db, schema, None)
     }
 
     /// Adds a tenant whose outbox is the PostgreSQL schema `schema` of the database given to
@@ -419,12 +421,13 @@ impl<P: Publisher + 'static> RelayGroup<P> {
                 "relay group: a schema name cannot be empty".into(),
             ));
         }
-        let db = self.schema_pool(schema)?;
-        self.insert(id, db, Some(schema.to_owned()), true)
+        let parked = Arc::new(AtomicBool::new(false));
+        let db = self.schema_pool(schema, parked.clone())?;
+        self.insert(id, db, Some(schema.to_owned()), Some(parked))
     }
 
     #[cfg(feature = "postgres")]
-    fn schema_pool(&self, schema: &str) -> Result<DatabaseConnection> {
+    fn schema_pool(&self, schema: &str, parked: Arc<AtomicBool>) -> Result<DatabaseConnection> {
         let base = self
             .shared
             .schemas
@@ -442,11 +445,12 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             schema,
             c.schema_pool_size,
             c.schema_idle_timeout,
+            parked,
         ))
     }
 
     #[cfg(not(feature = "postgres"))]
-    fn schema_pool(&self, _schema: &str) -> Result<DatabaseConnection> {
+    fn schema_pool(&self, _schema: &str, _parked: Arc<AtomicBool>) -> Result<DatabaseConnection> {
         Err(Error::Config(
             "relay group: add_schema needs the `postgres` feature".into(),
         ))
@@ -472,7 +476,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
         id: String,
         db: DatabaseConnection,
         schema: Option<String>,
-        scanned: bool,
+        parked: Option<Arc<AtomicBool>>,
     ) -> Result<RelayWaker> {
         let config = RelayConfig {
             name: Some(format!("{}/{id}", self.shared.base)),
@@ -496,7 +500,8 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             id: id.clone(),
             relay,
             schema,
-            scanned,
+            scanned: parked.is_some(),
+            parked,
             stop: CancellationToken::new(),
             running: tokio::sync::Mutex::new(TenantRun {
                 beat: Beat::new(),

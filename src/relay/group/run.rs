@@ -172,6 +172,9 @@ async fn batch<P: Publisher + 'static>(
         return (t.id.clone(), After::Park);
     }
     let relay = &t.relay;
+    if let Some(parked) = &t.parked {
+        parked.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
     // Stopping the group or removing the tenant stops the batch the same way.
     let stop = CancellationToken::new();
     let cycle = relay.cycle(&stop);
@@ -206,8 +209,14 @@ async fn batch<P: Publisher + 'static>(
                 run.idle = 0;
                 After::Again
             } else if t.scanned && c.next_retry.is_none() {
-                // The group's scan of the schemas finds when it has work again.
+                // The group's scan of the schemas finds when it has work again; until then it
+                // holds no connection.
                 run.idle = 0;
+                if let Some(parked) = &t.parked {
+                    parked.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                #[cfg(feature = "postgres")]
+                crate::store::schemas::release_idle(&relay.db);
                 After::Park
             } else {
                 let idle = if c.claimed == 0 {
