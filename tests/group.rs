@@ -37,6 +37,8 @@ struct Recorder {
     seen: Arc<Mutex<Seen>>,
     down: Arc<AtomicBool>,
     slow: Option<(String, Duration)>,
+    /// Every event of this tenant is refused: retried, then dead-lettered.
+    poison: Option<String>,
 }
 
 #[derive(Default)]
@@ -68,6 +70,11 @@ impl Publisher for Recorder {
                 PublishOutcome::Unavailable("down".into());
                 events.len()
             ]);
+        }
+        if let Some(p) = &self.poison
+            && tenants.contains(p.as_str())
+        {
+            return Ok(vec![PublishOutcome::Retry("poison".into()); events.len()]);
         }
         let at = Instant::now();
         seen.delivered
@@ -759,6 +766,71 @@ async fn metrics_carry_the_tenant_up_to_the_cap_then_other() {
     );
     assert_eq!(published.get("label-c"), None, "beyond the cap");
     for t in dbs {
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_full_of_poison_events_slows_no_one() {
+    let poison = TestDb::new(Backend::Postgres).await;
+    let others: Vec<TestDb> =
+        futures_util::future::join_all((0..2).map(|_| TestDb::new(Backend::Postgres))).await;
+    let rec = Recorder {
+        poison: Some("poison".into()),
+        ..Recorder::default()
+    };
+    let g =
+        RelayGroup::builder(rec.clone())
+            .relay_config(relay_config().max_attempts(3).backoff(
+                seaorm_outbox::relay::Backoff::new(
+                    Duration::from_millis(20),
+                    Duration::from_millis(50),
+                ),
+            ))
+            .config(GroupConfig::default().workers(2))
+            .build()
+            .expect("group");
+    seed(&poison.db, "poison", 0, 500).await;
+    g.add_tenant("poison", poison.db.clone())
+        .await
+        .expect("add");
+    for (i, t) in others.iter().enumerate() {
+        seed(&t.db, &format!("o{i}"), 0, 3000).await;
+        g.add_tenant(format!("o{i}"), t.db.clone())
+            .await
+            .expect("add");
+    }
+    let began = Instant::now();
+    let (stop, task) = start(&g);
+    wait_until("the others drain", Duration::from_secs(60), async || {
+        (0..2).all(|i| rec.delivered(&format!("o{i}")) == 3000)
+    })
+    .await;
+    println!(
+        "two tenants drained 6,000 events in {:?} beside one whose every event fails",
+        began.elapsed()
+    );
+    wait_until(
+        "the poison dead-lettered",
+        Duration::from_secs(60),
+        async || count(&poison, "failed").await == 500,
+    )
+    .await;
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    assert_eq!(rec.delivered("poison"), 0);
+    assert_eq!(count(&poison, "pending").await, 0);
+    assert!(
+        g.breaker().unavailable_since.is_none(),
+        "a refused event is no outage"
+    );
+    for t in &others {
+        assert_eq!(count(t, "published").await, 3000);
+        assert_eq!(count(t, "failed").await, 0);
+    }
+    poison.cleanup().await;
+    for t in others {
         t.cleanup().await;
     }
 }

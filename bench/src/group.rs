@@ -19,11 +19,16 @@ use crate::cpu::CpuMeter;
 use crate::db::{opts, pg_url};
 use crate::report::Row;
 
-/// How long each setup idles while measured.
-const IDLE: Duration = Duration::from_secs(10);
-/// Before measuring: past the first polls and the schema pools' idle timeout (10 s), so what
-/// is measured is the steady idle state.
-const WARM_UP: Duration = Duration::from_secs(12);
+/// How long each setup idles while measured, and first settles: past the first polls and the
+/// schema pools' idle timeout (10 s), so what is measured is the steady idle state. `--quick`
+/// only checks that it runs.
+fn spans(quick: bool) -> (Duration, Duration) {
+    if quick {
+        (Duration::from_secs(1), Duration::from_secs(1))
+    } else {
+        (Duration::from_secs(10), Duration::from_secs(12))
+    }
+}
 
 /// Resident memory of this process, in MiB.
 fn rss_mib() -> f64 {
@@ -73,6 +78,32 @@ async fn drop_schemas(admin: &DatabaseConnection, names: &[String]) -> Result<()
     Ok(())
 }
 
+/// One scan of `names` as the group makes it (chunks of 250 schemas, one due-index probe
+/// each), timed: the median of five, in ms.
+async fn scan_ms(admin: &DatabaseConnection, names: &[String]) -> Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let began = Instant::now();
+        for chunk in names.chunks(250) {
+            let sql = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    format!(
+                        "SELECT {i} WHERE EXISTS (SELECT 1 FROM \"{s}\".outbox_events \
+                         WHERE status = 'pending' AND next_attempt_at <= now())"
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            admin.execute_unprepared(&sql).await?;
+        }
+        times.push(began.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
+}
+
 /// Connections to the server other than `admin`'s own.
 async fn connections(admin: &DatabaseConnection) -> Result<i64> {
     let row = admin
@@ -88,11 +119,11 @@ async fn connections(admin: &DatabaseConnection) -> Result<i64> {
 
 /// The machine's own idle CPU (the brokers and databases on it), % of one core: taken off the
 /// server's share below.
-fn background() -> Result<f64> {
+fn background(idle: Duration) -> Result<f64> {
     let cpu = CpuMeter::start().context("/proc")?;
-    std::thread::sleep(IDLE);
+    std::thread::sleep(idle);
     let used = cpu.per_event(1).context("/proc")?;
-    Ok(used.server_us / 1e6 / IDLE.as_secs_f64() * 100.0)
+    Ok(used.server_us / 1e6 / idle.as_secs_f64() * 100.0)
 }
 
 /// What one setup costs while idle.
@@ -104,19 +135,20 @@ struct Idle {
     latency: Duration,
 }
 
-/// Idles for [`IDLE`] after a warm-up, then commits one event in `schema` and times its
+/// Idles for `idle` after `warm_up`, then commits one event in `schema` and times its
 /// delivery through `publisher`.
 async fn measure(
     admin: &DatabaseConnection,
     (rss_before, conns_before, background): (f64, i64, f64),
+    (idle, warm_up): (Duration, Duration),
     schema: &str,
     publisher: &InMemoryPublisher,
 ) -> Result<Idle> {
-    tokio::time::sleep(WARM_UP).await;
+    tokio::time::sleep(warm_up).await;
     let cpu = CpuMeter::start().context("/proc")?;
-    tokio::time::sleep(IDLE).await;
+    tokio::time::sleep(idle).await;
     let used = cpu.per_event(1).context("/proc")?;
-    let share = |us: f64| us / 1e6 / IDLE.as_secs_f64() * 100.0;
+    let share = |us: f64| us / 1e6 / idle.as_secs_f64() * 100.0;
     let connections = connections(admin).await? - conns_before;
     let rss = rss_mib() - rss_before;
     let mut o = opts(&pg_url(), 1);
@@ -190,7 +222,8 @@ fn report(label: &str, n: usize, idle: &Idle, rows: &mut Vec<Row>) {
 pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     let admin = Database::connect(opts(&pg_url(), 1)).await?;
     let sizes: &[usize] = if quick { &[10] } else { &[10, 100, 1000] };
-    let background = tokio::task::spawn_blocking(background).await??;
+    let spans = spans(quick);
+    let background = tokio::task::spawn_blocking(move || background(spans.0)).await??;
     println!(
         "group: the machine's own idle CPU (brokers, databases): {background:.2}% of a core, taken off the server figures"
     );
@@ -211,8 +244,18 @@ pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
             let (g, stop) = (group.clone(), stop.clone());
             async move { g.run(stop).await }
         });
-        let idle = measure(&admin, before, &names[n / 2], &publisher).await?;
+        let idle = measure(&admin, before, spans, &names[n / 2], &publisher).await?;
         report("RelayGroup", n, &idle, rows);
+        let scan = scan_ms(&admin, &names).await?;
+        println!("group: one scan of {n} schemas takes {scan:.1} ms (median of 5)");
+        rows.push(Row {
+            section: "group",
+            name: format!("RelayGroup, {n} idle schemas: one scan"),
+            value: scan,
+            unit: "ms",
+            baseline: None,
+            target: None,
+        });
         stop.cancel();
         task.await?;
         drop(group);
@@ -231,7 +274,7 @@ pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
                 let stop = stop.clone();
                 tasks.push(tokio::spawn(async move { relay.run(stop).await }));
             }
-            let idle = measure(&admin, before, &names[n / 2], &publisher).await?;
+            let idle = measure(&admin, before, spans, &names[n / 2], &publisher).await?;
             report("one Relay per schema", n, &idle, rows);
             stop.cancel();
             for t in tasks {

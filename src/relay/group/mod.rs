@@ -496,11 +496,12 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             .build()?;
         let forward = forward_wakes(&relay, &id, Arc::downgrade(&self.shared));
         let waker = relay.waker();
+        let scanned = parked.is_some();
         let tenant = Arc::new(Tenant {
             id: id.clone(),
             relay,
             schema,
-            scanned: parked.is_some(),
+            scanned,
             parked,
             stop: CancellationToken::new(),
             running: tokio::sync::Mutex::new(TenantRun {
@@ -523,7 +524,10 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             }
             tenants.insert(id.clone(), tenant);
         }
-        self.shared.tell(Change::Wake(id));
+        if !scanned {
+            // A schema tenant is found by the next scan instead.
+            self.shared.tell(Change::Wake(id));
+        }
         Ok(waker)
     }
 

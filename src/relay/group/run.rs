@@ -23,8 +23,12 @@ impl<P: Publisher + 'static> RelayGroup<P> {
     pub async fn run(&self, cancel: CancellationToken) -> RelayStats {
         let sh = &self.shared;
         let mut schedule = Schedule::default();
-        for id in lock(&sh.tenants).keys() {
-            schedule.wake(id);
+        // Schema tenants wait for the scan: a first batch each would open a connection per
+        // schema at start (a thousand schemas, a thousand cold connections).
+        for (id, t) in lock(&sh.tenants).iter() {
+            if !t.scanned {
+                schedule.wake(id);
+            }
         }
         let listeners = CancellationToken::new();
         let routers: Vec<_> = sh
@@ -303,10 +307,13 @@ fn spawn_scan<P: Publisher + 'static>(
     let every = sh.config.scan_interval;
     Some(tokio::spawn(async move {
         let mut failed = false;
+        let mut first = true;
         loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
             }
             let Some(sh) = shared.upgrade() else {
                 return;
