@@ -221,15 +221,24 @@ fn report(label: &str, n: usize, idle: &Idle, rows: &mut Vec<Row>) {
 /// The section: each size with a group, and with one relay per schema where it fits.
 pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
     let admin = Database::connect(opts(&pg_url(), 1)).await?;
-    let sizes: &[usize] = if quick { &[10] } else { &[10, 100, 1000] };
+    // `OUTBOX_BENCH_GROUP_SIZES=1000`: some sizes only.
+    let sizes: Vec<usize> = match std::env::var("OUTBOX_BENCH_GROUP_SIZES") {
+        Ok(v) => v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+        Err(_) if quick => vec![10],
+        Err(_) => vec![10, 100, 1000],
+    };
     let spans = spans(quick);
-    let background = tokio::task::spawn_blocking(move || background(spans.0)).await??;
-    println!(
-        "group: the machine's own idle CPU (brokers, databases): {background:.2}% of a core, taken off the server figures"
-    );
     let prefix = format!("obg{}", std::process::id());
-    for &n in sizes {
+    for n in sizes {
         let names = schemas(&admin, &prefix, n).await?;
+        // The schemas' creation leaves dirty pages the checkpointer would write while the
+        // group is measured: write them now, then take the machine's own idle CPU (brokers,
+        // databases) as it is with the schemas in place.
+        admin.execute_unprepared("CHECKPOINT").await?;
+        let background = tokio::task::spawn_blocking(move || background(spans.0)).await??;
+        println!(
+            "group: {n} schemas in place, nothing running: the machine's own idle CPU {background:.2}% of a core, taken off the server figures"
+        );
         let before = (rss_mib(), connections(&admin).await?, background);
         let publisher = InMemoryPublisher::new();
         let group = RelayGroup::builder(publisher.clone())

@@ -1,131 +1,30 @@
 //! [`RelayGroup`]: one process serving the outboxes of many tenants (a database, or a
 //! PostgreSQL schema, each), with a bounded number of batches in flight.
 
+mod config;
 mod run;
 mod schedule;
+mod tenant;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use sea_orm::DatabaseConnection;
 use serde::Serialize;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use config::GroupConfig;
+use tenant::{Beat, Tenant, TenantRun, forget, forward_wakes, pg_schema};
+
 use super::breaker::Breaker;
-use super::run::Beat;
 use super::{BreakerStatus, Claiming, Relay, RelayConfig, RelayStats, RelayWaker, lock};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 use crate::stats::{Health, HealthStatus, HealthThresholds};
-
-/// How a [`RelayGroup`] shares its process among tenants.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct GroupConfig {
-    /// How many tenants may have a batch in flight at once (one batch per tenant at most).
-    /// This, not the number of tenants, bounds the group's busy tasks and the connections it
-    /// uses at a time. Default 4.
-    pub workers: usize,
-    /// The longest an idle tenant goes between polls: after each empty poll its interval
-    /// doubles from the relay's `idle_poll_interval` up to this (or to `idle_poll_interval`,
-    /// if that is longer). A wake-up (NOTIFY, a [`RelayWaker`]) polls it at once. Default 5 s.
-    pub idle_poll_max: Duration,
-    /// A batch in flight longer than this (a tenant whose database hangs, a slow publish)
-    /// stops counting against `workers`, so another tenant's batch can start; at most
-    /// `workers` such batches run besides. Default 2 s.
-    pub stall_after: Duration,
-    /// How long after its database failed a tenant is checked again (a ping outside the
-    /// workers); doubles with each failed check up to `failure_backoff_max`. Default 100 ms.
-    pub failure_backoff: Duration,
-    /// The longest wait between checks of a failing tenant's database. Default 30 s.
-    pub failure_backoff_max: Duration,
-    /// How long a check of a failing tenant's database may take. Default 5 s.
-    pub probe_timeout: Duration,
-    /// Tenants whose health is read at once by [`RelayGroup::health`]. Default 8.
-    pub health_concurrency: usize,
-    /// Schema tenants ([`RelayGroup::add_schema`]): how often one scan of all their schemas
-    /// looks for events due. Default 1 s.
-    pub scan_interval: Duration,
-    /// Schema tenants: the most connections each tenant's pool opens. Default 2.
-    pub schema_pool_size: u32,
-    /// Schema tenants: how long a tenant's pool keeps an unused connection. Default 10 s.
-    pub schema_idle_timeout: Duration,
-    /// How many tenants' ids the relay metrics carry as their `tenant` label; tenants added
-    /// beyond that are labelled `other`, so a group of thousands does not make thousands of
-    /// series per metric. `0` leaves the label off. Default 100.
-    pub tenant_labels: usize,
-}
-
-impl Default for GroupConfig {
-    fn default() -> Self {
-        Self {
-            workers: 4,
-            idle_poll_max: Duration::from_secs(5),
-            stall_after: Duration::from_secs(2),
-            failure_backoff: Duration::from_millis(100),
-            failure_backoff_max: Duration::from_secs(30),
-            probe_timeout: Duration::from_secs(5),
-            health_concurrency: 8,
-            scan_interval: Duration::from_secs(1),
-            schema_pool_size: 2,
-            schema_idle_timeout: Duration::from_secs(10),
-            tenant_labels: 100,
-        }
-    }
-}
-
-impl GroupConfig {
-    setters! {
-        /// Sets [`workers`](Self::workers).
-        workers: usize,
-        /// Sets [`idle_poll_max`](Self::idle_poll_max).
-        idle_poll_max: Duration,
-        /// Sets [`stall_after`](Self::stall_after).
-        stall_after: Duration,
-        /// Sets [`failure_backoff`](Self::failure_backoff).
-        failure_backoff: Duration,
-        /// Sets [`failure_backoff_max`](Self::failure_backoff_max).
-        failure_backoff_max: Duration,
-        /// Sets [`probe_timeout`](Self::probe_timeout).
-        probe_timeout: Duration,
-        /// Sets [`health_concurrency`](Self::health_concurrency).
-        health_concurrency: usize,
-        /// Sets [`scan_interval`](Self::scan_interval).
-        scan_interval: Duration,
-        /// Sets [`schema_pool_size`](Self::schema_pool_size).
-        schema_pool_size: u32,
-        /// Sets [`schema_idle_timeout`](Self::schema_idle_timeout).
-        schema_idle_timeout: Duration,
-        /// Sets [`tenant_labels`](Self::tenant_labels).
-        tenant_labels: usize,
-    }
-
-    fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Config(format!("relay group: {m}")));
-        if self.workers == 0 || self.health_concurrency == 0 {
-            return bad("workers and health_concurrency must be at least 1");
-        }
-        if self.failure_backoff.is_zero() || self.failure_backoff > self.failure_backoff_max {
-            return bad("failure_backoff must be positive and not exceed failure_backoff_max");
-        }
-        if [self.probe_timeout, self.stall_after, self.scan_interval]
-            .iter()
-            .any(Duration::is_zero)
-        {
-            return bad("probe_timeout, stall_after and scan_interval must be positive");
-        }
-        if self.schema_pool_size == 0 {
-            return bad("schema_pool_size must be at least 1");
-        }
-        Ok(())
-    }
-}
 
 /// Builds a [`RelayGroup`].
 #[derive(Debug)]
@@ -203,6 +102,7 @@ impl<P: Publisher + 'static> RelayGroupBuilder<P> {
                 listen: self.listen,
                 schemas: self.schemas,
                 labelled: AtomicUsize::new(0),
+                warm: Mutex::default(),
             }),
         })
     }
@@ -297,6 +197,8 @@ pub(super) struct Shared<P> {
     schemas: Option<DatabaseConnection>,
     /// Tenants given their own `tenant` label so far.
     labelled: AtomicUsize,
+    /// Schema tenants that parked most recently, newest first: they keep their connections.
+    warm: Mutex<std::collections::VecDeque<String>>,
 }
 
 pub(super) enum Change {
@@ -313,42 +215,6 @@ impl<P> Shared<P> {
     fn tenant(&self, id: &str) -> Option<Arc<Tenant<P>>> {
         lock(&self.tenants).get(id).cloned()
     }
-}
-
-/// One tenant: its relay, and what the group knows of it.
-pub(super) struct Tenant<P> {
-    id: String,
-    relay: Relay<Arc<P>>,
-    /// PostgreSQL: the schema its NOTIFYs name.
-    schema: Option<String>,
-    /// Added by [`RelayGroup::add_schema`]: found by the group's scan, not polled.
-    scanned: bool,
-    /// A schema tenant's pool closes its connections while this is set (it has parked).
-    parked: Option<Arc<AtomicBool>>,
-    /// Cancelled when it is removed.
-    stop: CancellationToken,
-    /// Held while its batch is in flight, so a removal waits for the write-back.
-    running: tokio::sync::Mutex<TenantRun>,
-    stats: Mutex<RelayStats>,
-    /// Since when, and why, its database has been failing.
-    failing: Mutex<Option<(DateTime<Utc>, String)>>,
-    forward: JoinHandle<()>,
-}
-
-impl<P> Drop for Tenant<P> {
-    fn drop(&mut self) {
-        self.forward.abort();
-    }
-}
-
-/// What a tenant's batches carry from one to the next.
-pub(super) struct TenantRun {
-    beat: Beat,
-    /// Empty polls in a row.
-    idle: u32,
-    /// The wait before the next check of its failing database.
-    backoff: Duration,
-    next_purge: tokio::time::Instant,
 }
 
 /// A group's health: each tenant's, and the worst of them.
@@ -606,56 +472,4 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             .unwrap_or(HealthStatus::Healthy);
         GroupHealth { status, tenants }
     }
-}
-
-/// Removes the tenant's heartbeat row, if its relay wrote one.
-async fn forget<P: Publisher>(tenant: &Tenant<P>, run: &TenantRun) {
-    if run.beat.wrote()
-        && let Err(e) = crate::store::forget(&tenant.relay.db, &tenant.relay.name).await
-    {
-        tracing::debug!(tenant = %tenant.id, error = %e, "outbox relay row not removed");
-    }
-}
-
-/// Passes the tenant relay's wake-ups (its [`RelayWaker`]s) on to the group's loop.
-fn forward_wakes<P: Publisher + 'static>(
-    relay: &Relay<Arc<P>>,
-    id: &str,
-    shared: Weak<Shared<P>>,
-) -> JoinHandle<()> {
-    let wake = relay.wake.clone();
-    let id = id.to_owned();
-    tokio::spawn(async move {
-        loop {
-            wake.notified().await;
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            shared.tell(Change::Wake(id.clone()));
-        }
-    })
-}
-
-/// A PostgreSQL connection's schema, for routing NOTIFYs; `None` elsewhere or if unreadable.
-async fn pg_schema(db: &DatabaseConnection, within: Duration) -> Option<String> {
-    #[cfg(feature = "postgres")]
-    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        let pool = crate::store::pg_pool(db)?;
-        let read = tokio::time::timeout(within, crate::store::pg_current_schema(pool)).await;
-        return match read {
-            Ok(Ok(s)) => Some(s),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "relay group: tenant schema unreadable; it is polled, not woken by NOTIFY");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "relay group: tenant schema unreadable in time; it is polled, not woken by NOTIFY"
-                );
-                None
-            }
-        };
-    }
-    let _ = (db, within);
-    None
 }

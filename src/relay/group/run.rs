@@ -213,14 +213,9 @@ async fn batch<P: Publisher + 'static>(
                 run.idle = 0;
                 After::Again
             } else if t.scanned && c.next_retry.is_none() {
-                // The group's scan of the schemas finds when it has work again; until then it
-                // holds no connection.
+                // The group's scan of the schemas finds when it has work again.
                 run.idle = 0;
-                if let Some(parked) = &t.parked {
-                    parked.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                #[cfg(feature = "postgres")]
-                crate::store::schemas::release_idle(&relay.db);
+                park(&sh, &t);
                 After::Park
             } else {
                 let idle = if c.claimed == 0 {
@@ -255,6 +250,41 @@ async fn batch<P: Publisher + 'static>(
         }
     };
     (t.id.clone(), next)
+}
+
+/// A schema tenant with nothing to do: it joins the most recently parked, which keep their
+/// connections (until the pool's idle timeout) so a tenant that writes again soon pays no new
+/// connection; the one that falls off that list lets its connections go.
+fn park<P>(sh: &Shared<P>, t: &Tenant<P>) {
+    let cooled = {
+        let mut warm = lock(&sh.warm);
+        warm.retain(|id| *id != t.id);
+        warm.push_front(t.id.clone());
+        if warm.len() > sh.config.warm_schemas {
+            warm.pop_back()
+        } else {
+            None
+        }
+    };
+    let Some(id) = cooled else {
+        return;
+    };
+    let Some(cold) = (if id == t.id { None } else { sh.tenant(&id) }) else {
+        return cool(t);
+    };
+    // One at work keeps its connections: it parks again when done.
+    if cold.running.try_lock().is_ok() {
+        cool(&cold);
+    }
+}
+
+/// Closes a parked schema tenant's connections, and those still coming back.
+fn cool<P>(t: &Tenant<P>) {
+    if let Some(parked) = &t.parked {
+        parked.store(true, std::sync::atomic::Ordering::Relaxed);
+        #[cfg(feature = "postgres")]
+        crate::store::schemas::release_idle(&t.relay.db);
+    }
 }
 
 /// Checks a failing tenant's database, outside the workers.
