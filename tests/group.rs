@@ -837,3 +837,35 @@ async fn a_tenant_full_of_poison_events_slows_no_one() {
         t.cleanup().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_schema_tenants_open_no_connection_at_start() {
+    let all: Vec<TestDb> =
+        futures_util::future::join_all((0..6).map(|_| TestDb::new(Backend::Postgres))).await;
+    let names: Vec<String> = all.iter().map(|t| t.name.clone()).collect();
+    let rec = Recorder::default();
+    let g = RelayGroup::builder(rec.clone())
+        .relay_config(relay_config())
+        .config(GroupConfig::default().scan_interval(Duration::from_millis(200)))
+        .schemas(common::open(Backend::Postgres, &common::postgres_url(), "public").await)
+        .build()
+        .expect("group");
+    for (i, t) in all.iter().enumerate() {
+        g.add_schema(format!("e{i}"), &t.name).await.expect("add");
+    }
+    let (stop, task) = start(&g);
+    // The scan, and the LISTEN's first connect, find nothing to do: no tenant pool connects.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(tenant_connections(&all[0], &names).await, 0);
+    seed(&all[4].db, "e4", 0, 3).await;
+    wait_until("e4's events", Duration::from_secs(5), async || {
+        rec.delivered("e4") == 3
+    })
+    .await;
+    assert!(tenant_connections(&all[0], &names).await <= 2);
+    stop.cancel();
+    task.await.expect("group");
+    for t in all {
+        t.cleanup().await;
+    }
+}

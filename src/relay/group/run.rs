@@ -301,15 +301,21 @@ async fn probe<P: Publisher>(t: Arc<Tenant<P>>, within: Duration) -> (String, bo
 }
 
 /// Routes a group listener's NOTIFYs to the tenants of the schema named; after a reconnect,
-/// to every tenant it could concern.
+/// to every polled tenant.
 fn router<P: Publisher + 'static>(shared: std::sync::Weak<Shared<P>>) -> wake::Route {
     Arc::new(move |heard: Option<&str>, _own: &str| {
         let Some(sh) = shared.upgrade() else {
             return;
         };
+        // After a (re)connect, whatever was missed: the polled tenants look now; the schema
+        // scan covers its own tenants within `scan_interval` (waking a thousand schemas would
+        // open a thousand connections).
         let woken: Vec<String> = lock(&sh.tenants)
             .values()
-            .filter(|t| heard.is_none_or(|s| t.schema.as_deref() == Some(s)))
+            .filter(|t| match heard {
+                Some(s) => t.schema.as_deref() == Some(s),
+                None => !t.scanned,
+            })
             .map(|t| t.id.clone())
             .collect();
         for id in woken {
