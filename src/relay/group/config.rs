@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+#[cfg(doc)]
+use crate::relay::{RelayGroup, RelayWaker};
 
 /// How a [`RelayGroup`] shares its process among tenants.
 #[derive(Clone, Debug)]
