@@ -18,18 +18,6 @@ use crate::publisher::Publisher;
 use crate::store::{self, Claim, Fate};
 use crate::telemetry;
 
-/// The result of one claim-publish-write-back cycle.
-pub(super) struct Cycle {
-    pub(super) stats: RelayStats,
-    pub(super) claimed: usize,
-    /// The claim started at a cursor, so an empty one does not mean nothing is due.
-    pub(super) partial: bool,
-    /// How many events the claim asked for (a full claim suggests there is more).
-    pub(super) limit: u32,
-    /// The earliest retry among the batch's failures.
-    pub(super) next_retry: Option<DateTime<Utc>>,
-}
-
 /// A batch that was claimed and offered to the publisher, awaiting its write-back.
 pub(super) struct Offered {
     /// The lease token, or under owned partitions the owner token.
@@ -116,18 +104,6 @@ impl Offered {
 }
 
 impl<P: Publisher> Relay<P> {
-    /// One claim → publish → write-back round.
-    pub(super) async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
-        let round = self.claim_and_publish(cancel, false, None).await?;
-        Ok(Cycle {
-            stats: self.finish(round.offered).await,
-            claimed: round.claimed,
-            partial: round.partial,
-            limit: round.limit,
-            next_retry: round.next_retry,
-        })
-    }
-
     /// Claims a batch and offers it to the publisher; the write-back is left to [`Self::finish`],
     /// so [`Self::run`] can overlap it with the next claim, whose scan then starts after
     /// `in_flight`, the batch still being written back.

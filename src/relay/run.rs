@@ -25,6 +25,18 @@ pub(super) struct Beat {
     wrote: bool,
 }
 
+/// The result of one claim-publish-write-back cycle.
+pub(super) struct Cycle {
+    pub(super) stats: RelayStats,
+    pub(super) claimed: usize,
+    /// The claim started at a cursor, so an empty one does not mean nothing is due.
+    pub(super) partial: bool,
+    /// How many events the claim asked for (a full claim suggests there is more).
+    pub(super) limit: u32,
+    /// The earliest retry among the batch's failures.
+    pub(super) next_retry: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// What the loop does after a round.
 struct Next {
     /// How long to wait for a wake-up before claiming again.
@@ -52,6 +64,18 @@ impl Beat {
 }
 
 impl<P: Publisher> Relay<P> {
+    /// One claim → publish → write-back round.
+    pub(super) async fn cycle(&self, cancel: &CancellationToken) -> Result<Cycle> {
+        let round = self.claim_and_publish(cancel, false, None).await?;
+        Ok(Cycle {
+            stats: self.finish(round.offered).await,
+            claimed: round.claimed,
+            partial: round.partial,
+            limit: round.limit,
+            next_retry: round.next_retry,
+        })
+    }
+
     /// Runs until `cancel` is cancelled, then finishes (within
     /// [`shutdown_grace`](super::RelayConfig::shutdown_grace)) or releases its in-flight batch
     /// and returns what it did.
