@@ -194,6 +194,41 @@ async fn tenants_on_every_backend_drain_in_their_own_batches_in_order() {
         tenants.iter().all(|(id, _)| rec.delivered(id) == 1500)
     })
     .await;
+    // Health per tenant, read from each tenant's own database: one added now with a dead
+    // letter is degraded, the others healthy, the group as bad as its worst.
+    let late = TestDb::new(Backend::SqliteFile).await;
+    let dead = Outbox::new(&late.db)
+        .add_event(NewEvent::new("t", "late", "x").payload(&serde_json::json!({ "seq": 0 })))
+        .await
+        .expect("add");
+    Outbox::new(&late.db)
+        .mark_failed(dead, "bad")
+        .await
+        .expect("fail");
+    g.add_tenant("late", late.db.clone()).await.expect("add");
+    let health = loop {
+        let h = g.health(&HealthThresholds::default()).await;
+        if h.tenants.get("late").is_some_and(|l| l.last_poll.is_some()) {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(health.tenants.len(), 4);
+    assert_eq!(
+        health.tenants["late"].status,
+        HealthStatus::Degraded,
+        "{health:?}"
+    );
+    for (id, _) in &tenants {
+        assert_eq!(
+            health.tenants[*id].status,
+            HealthStatus::Healthy,
+            "{id}: {health:?}"
+        );
+    }
+    assert_eq!(health.status, HealthStatus::Degraded);
+    g.remove_tenant("late").await.expect("remove");
+    late.cleanup().await;
     stop.cancel();
     task.await.expect("group");
     rec.check();
@@ -201,6 +236,7 @@ async fn tenants_on_every_backend_drain_in_their_own_batches_in_order() {
         assert_eq!(count(t, "published").await, 1500, "{id}");
         assert_eq!(g.stats()[*id].published, 1500, "{id}");
     }
+
     // A stopped group leaves no heartbeat rows behind.
     for (id, t) in &tenants {
         assert_eq!(
@@ -469,7 +505,7 @@ async fn leased(t: &TestDb) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_tenant_mid_drain_writes_its_batch_back_and_leaves_nothing_leased() {
-    for backend in [Backend::Postgres, Backend::SqliteFile] {
+    for backend in [Backend::Postgres, Backend::MySql, Backend::SqliteFile] {
         let t = TestDb::new(backend).await;
         seed(&t.db, "slow", 0, 1000).await;
         let rec = Recorder {
@@ -709,6 +745,13 @@ async fn schema_tenants_share_one_scan_and_only_the_warm_ones_hold_connections()
     let health = g.health(&HealthThresholds::default()).await;
     assert_eq!(health.tenants["broken"].status, HealthStatus::Unhealthy);
     assert_ne!(health.tenants["s0"].status, HealthStatus::Unhealthy);
+    // A parked tenant is polled by the scan: its health says so (no stale poll).
+    let polled = health.tenants["s0"].last_poll.expect("polled");
+    let age = chrono::Utc::now() - polled;
+    assert!(
+        age < chrono::Duration::milliseconds(800),
+        "s0 last polled {age} ago"
+    );
     stop.cancel();
     task.await.expect("group");
     rec.check();
@@ -729,8 +772,10 @@ async fn metrics_carry_the_tenant_up_to_the_cap_then_other() {
         recorder.install().expect("the test binary's only recorder");
         s
     });
-    let dbs: Vec<TestDb> =
-        futures_util::future::join_all((0..3).map(|_| TestDb::new(Backend::SqliteMemory))).await;
+    let dbs: Vec<TestDb> = futures_util::future::join_all(
+        [Backend::Postgres, Backend::MySql, Backend::SqliteFile].map(TestDb::new),
+    )
+    .await;
     let rec = Recorder::default();
     let g = group(rec.clone(), GroupConfig::default().tenant_labels(2));
     let ids = ["label-a", "label-b", "label-c"];

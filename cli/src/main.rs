@@ -12,7 +12,7 @@
 //! ```
 //!
 //! The database comes from `--database-url` or `OUTBOX_DATABASE_URL` (and `--schema`); with
-//! `--tenants FILE`, `status`, `failed`, `purge` and `relay` act on many tenants, each a URL or a
+//! `--tenants FILE`, `status`, `failed`, `purge`, `relay` and `migrate` act on many tenants, each a URL or a
 //! schema (see `tenants`), `--tenant ID` picking one. Every failure is one line
 //! on stderr and a non-zero exit: 1 for a runtime failure, 2 for bad input.
 
@@ -65,7 +65,7 @@ struct Cli {
     #[arg(long, env = "OUTBOX_DATABASE_SCHEMA", global = true)]
     schema: Option<String>,
     /// Many tenants: a file with one `[ID] URL-or-SCHEMA` per line (a schema is of the
-    /// database --database-url names). For status, failed, purge and relay.
+    /// database --database-url names). For status, failed, purge, relay and migrate.
     #[arg(
         long,
         env = "OUTBOX_TENANTS_FILE",
@@ -233,8 +233,9 @@ async fn run(cli: Cli) -> CliResult {
                 tenants::purge(tenants, base, age, batch).await
             }
             Command::Relay(args) => tenants::relay(tenants, base, *args).await,
-            Command::Inbox(_) | Command::Log(_) | Command::Migrate(_) => Err(Failure::input(
-                "--tenants applies to status, failed, purge and relay",
+            Command::Migrate(cmd) => tenants::migrate(tenants, base, cmd).await,
+            Command::Inbox(_) | Command::Log(_) => Err(Failure::input(
+                "--tenants applies to status, failed, purge, relay and migrate",
             )),
         };
     }

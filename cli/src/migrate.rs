@@ -17,7 +17,7 @@ use crate::{CliResult, Failure, parse_count};
 /// Where a host app's `Migrator` and `sea-orm-cli` record theirs.
 const SHARED_TABLE: &str = "seaql_migrations";
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub(crate) enum MigrateCommand {
     /// Apply the pending migrations (all, or the next N).
     Up {

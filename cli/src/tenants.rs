@@ -95,6 +95,14 @@ pub(crate) fn one(tenants: Vec<Tenant>) -> CliResult<Tenant> {
 }
 
 impl Tenant {
+    /// Its PostgreSQL schema, for a schema tenant.
+    fn schema(&self) -> Option<&str> {
+        match &self.target {
+            Target::Schema(s) => Some(s),
+            Target::Url(_) => None,
+        }
+    }
+
     /// Its connection: its own URL, or `base` with its schema.
     pub(crate) async fn connect(&self, base: Option<&str>) -> CliResult<DatabaseConnection> {
         match &self.target {
@@ -229,6 +237,40 @@ pub(crate) async fn purge(
     match failed {
         0 => Ok(()),
         n => Err(Failure::from(format!("{n} tenants could not be purged"))),
+    }
+}
+
+/// `migrate … --tenants`: each tenant in turn, its report under its id (a schema is created
+/// if missing); exit 1 if any failed. Running it again applies nothing twice.
+pub(crate) async fn migrate(
+    tenants: Vec<Tenant>,
+    base: Option<&str>,
+    cmd: crate::migrate::MigrateCommand,
+) -> CliResult {
+    if matches!(cmd, crate::migrate::MigrateCommand::Status { json: true }) && tenants.len() > 1 {
+        return Err(Failure::input(
+            "migrate status --json reads one tenant: pick it with --tenant ID",
+        ));
+    }
+    let mut failed = 0;
+    for t in &tenants {
+        out!("tenant {}:", t.id);
+        let result = async {
+            let db = t.connect(base).await?;
+            crate::migrate::run(&db, t.schema(), cmd.clone()).await
+        }
+        .await;
+        if let Err(f) = result {
+            failed += 1;
+            out!("  error: {}", f.message.replace('\n', " "));
+        }
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(Failure::from(format!(
+            "{n} of {} tenants could not be migrated",
+            tenants.len()
+        ))),
     }
 }
 

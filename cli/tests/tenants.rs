@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Backend, TestDb};
+use sea_orm_migration::MigratorTrait;
 use seaorm_outbox::{NewEvent, Outbox, OutboxRepository, OutboxStatus};
 
 fn cli(file: &std::path::Path) -> Command {
@@ -232,4 +233,81 @@ async fn status_failed_purge_and_relay_over_a_tenants_file() {
     acme.cleanup().await;
     globex.cleanup().await;
     file_db.cleanup().await;
+}
+
+/// `migrate --tenants`: every tenant migrated, each reported under its id, a schema created
+/// where missing; a second run applies nothing; a tenant that cannot be reached is reported
+/// and the exit code says so, the others migrated all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_every_tenant_of_a_tenants_file() {
+    let maria = TestDb::empty(Backend::MySql).await;
+    let maria_url = maria
+        .child_env()
+        .into_iter()
+        .find(|(k, _)| *k == "OUTBOX_CHILD_URL")
+        .map(|(_, v)| v)
+        .expect("url");
+    let maria_url = format!(
+        "{}/{}",
+        &maria_url[..maria_url.rfind('/').expect("/")],
+        maria.name
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let schema = format!("outbox_t_{}", uuid::Uuid::now_v7().simple());
+    let file = dir.path().join("tenants");
+    std::fs::write(
+        &file,
+        format!("pg {schema}\nmaria {maria_url}\nlite {sqlite}\n"),
+    )
+    .expect("write");
+    let o = run(&file, &["migrate", "up"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let text = out(&o);
+    for id in ["pg", "maria", "lite"] {
+        assert!(text.contains(&format!("tenant {id}:")), "{text}");
+    }
+    assert_eq!(
+        text.matches("\napplied seaorm_outbox_m2026").count(),
+        3 * seaorm_outbox_migration::Migrator::migrations().len(),
+        "{text}"
+    );
+    let o = run(&file, &["migrate", "up"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o).matches("nothing applied").count(), 3, "{}", out(&o));
+    // Each tenant's outbox works.
+    for target in [None, Some(maria_url.as_str()), Some(sqlite.as_str())] {
+        let db = match target {
+            None => common::open(Backend::Postgres, &common::postgres_url(), &schema).await,
+            Some(url) => sea_orm::Database::connect(url).await.expect("connect"),
+        };
+        Outbox::new(&db)
+            .add_event(NewEvent::new("t", "a", "1"))
+            .await
+            .expect("an outbox to write to");
+    }
+    let o = run(&file, &["migrate", "status", "--json"]);
+    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    let broken = dir.path().join("broken");
+    std::fs::write(
+        &broken,
+        format!("gone postgres://postgres@127.0.0.1:1/none\nlite {sqlite}\n"),
+    )
+    .expect("write");
+    let o = run(&broken, &["migrate", "up"]);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(out(&o).contains("tenant gone:\n  error:"), "{}", out(&o));
+    assert!(
+        out(&o).contains("tenant lite:\nnothing applied"),
+        "{}",
+        out(&o)
+    );
+    let admin = common::open(Backend::Postgres, &common::postgres_url(), "public").await;
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &admin,
+        &format!("DROP SCHEMA \"{schema}\" CASCADE"),
+    )
+    .await
+    .expect("drop");
+    maria.cleanup().await;
 }

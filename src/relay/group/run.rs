@@ -354,18 +354,27 @@ fn spawn_scan<P: Publisher + 'static>(
             let Some(sh) = shared.upgrade() else {
                 return;
             };
-            let (ids, schemas): (Vec<String>, Vec<String>) = lock(&sh.tenants)
+            let scanned: Vec<Arc<Tenant<P>>> = lock(&sh.tenants)
                 .values()
-                .filter(|t| t.scanned && lock(&t.failing).is_none())
-                .filter_map(|t| Some((t.id.clone(), t.schema.clone()?)))
-                .unzip();
-            if ids.is_empty() {
+                .filter(|t| t.scanned && t.schema.is_some() && lock(&t.failing).is_none())
+                .cloned()
+                .collect();
+            if scanned.is_empty() {
                 continue;
             }
-            match crate::store::schemas::due(&pool, &schemas, sh.relay.clock.now()).await {
+            let ids: Vec<String> = scanned.iter().map(|t| t.id.clone()).collect();
+            let schemas: Vec<String> = scanned.iter().filter_map(|t| t.schema.clone()).collect();
+            let at = sh.relay.clock.now();
+            match crate::store::schemas::due(&pool, &schemas, at).await {
                 Ok(due) => {
                     if std::mem::take(&mut failed) {
                         tracing::info!("relay group: the schema scan works again");
+                    }
+                    // The scan is a parked tenant's poll: its health counts it as one.
+                    for t in &scanned {
+                        t.relay
+                            .last_poll
+                            .store(at.timestamp_millis(), std::sync::atomic::Ordering::Relaxed);
                     }
                     for i in due {
                         sh.tell(Change::Wake(ids[i].clone()));
