@@ -914,3 +914,82 @@ async fn idle_schema_tenants_open_no_connection_at_start() {
         t.cleanup().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_whose_tables_are_locked_slow_no_one_on_mariadb_and_sqlite() {
+    use sea_orm::ConnectionTrait;
+    // Locked: a MariaDB tenant under `LOCK TABLES … WRITE` from another session, a SQLite
+    // tenant whose file another writer holds. They come first in turn, and there are two
+    // workers: without freeing stalled workers nothing else would run.
+    let locked = [
+        ("a-maria", TestDb::new(Backend::MySql).await),
+        ("a-lite", TestDb::new(Backend::SqliteFile).await),
+    ];
+    let healthy = [
+        ("maria", TestDb::new(Backend::MySql).await),
+        ("lite", TestDb::new(Backend::SqliteFile).await),
+    ];
+    let rec = Recorder::default();
+    let g = group(
+        rec.clone(),
+        GroupConfig::default()
+            .workers(2)
+            .stall_after(Duration::from_millis(300)),
+    );
+    for (id, t) in &locked {
+        seed(&t.db, id, 0, 300).await;
+        g.add_tenant(*id, t.db.clone()).await.expect("add");
+    }
+    for (id, t) in &healthy {
+        seed(&t.db, id, 0, 2000).await;
+        g.add_tenant(*id, t.db.clone()).await.expect("add");
+    }
+    let maria_lock = locked[0].1.connect_again().await;
+    let maria_txn = maria_lock.begin().await.expect("begin");
+    maria_txn
+        .execute_unprepared("LOCK TABLES outbox_events WRITE")
+        .await
+        .expect("lock");
+    let lite_lock = locked[1].1.connect_again().await;
+    let lite_txn = lite_lock.begin().await.expect("begin");
+    lite_txn
+        .execute_unprepared("UPDATE outbox_events SET attempts = attempts")
+        .await
+        .expect("hold the writer lock");
+
+    let began = Instant::now();
+    let (stop, task) = start(&g);
+    wait_until(
+        "the healthy tenants drain",
+        Duration::from_secs(30),
+        async || healthy.iter().all(|(id, _)| rec.delivered(id) == 2000),
+    )
+    .await;
+    let took = began.elapsed();
+    println!("MariaDB and SQLite tenants drained 4,000 events beside two locked ones in {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(rec.delivered("a-maria") + rec.delivered("a-lite"), 0);
+
+    maria_txn
+        .execute_unprepared("UNLOCK TABLES")
+        .await
+        .expect("unlock");
+    maria_txn.commit().await.expect("commit");
+    lite_txn.rollback().await.expect("rollback");
+    wait_until(
+        "the locked tenants drain once free",
+        Duration::from_secs(90),
+        async || locked.iter().all(|(id, _)| rec.delivered(id) == 300),
+    )
+    .await;
+    stop.cancel();
+    task.await.expect("group");
+    rec.check();
+    for (id, t) in locked.iter().chain(&healthy) {
+        assert_eq!(count(t, "pending").await, 0, "{id}");
+        assert_eq!(count(t, "failed").await, 0, "{id}");
+    }
+    for (_, t) in locked.into_iter().chain(healthy) {
+        t.cleanup().await;
+    }
+}
