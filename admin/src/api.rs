@@ -136,7 +136,8 @@ async fn log_relay(
     health: &mut seaorm_outbox::stats::Health,
 ) -> Result<Value, ApiError> {
     use seaorm_outbox::relay::wal::{LogDeadLetters, slots};
-    if !s.log_relay {
+    // A tenant's database may be another backend than the router's own.
+    if !s.log_relay || db.get_database_backend() != sea_orm::DbBackend::Postgres {
         return Ok(Value::Null);
     }
     let slots = slots(db).await?;

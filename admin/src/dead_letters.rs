@@ -27,6 +27,21 @@ pub(crate) trait Kind: Send + Sync + 'static {
     const REPLAYED: &'static str;
     /// What a many-replay body may name besides `all`.
     const GROUPS: &'static str;
+    /// Whether this database has them (a tenant's may be another backend than the router's).
+    fn serves(_db: &DatabaseConnection) -> bool {
+        true
+    }
+}
+
+/// `K`'s store on `db`, or a 404 where that database has none.
+fn store<K: Kind>(db: &DatabaseConnection) -> Result<Box<dyn DeadLetterStore + '_>, ApiError> {
+    if K::serves(db) {
+        Ok(K::store(db))
+    } else {
+        Err(ApiError::not_found(
+            "no such dead letters on this database (the log relay's are on PostgreSQL only)",
+        ))
+    }
 }
 
 /// The outbox's failed events.
@@ -66,6 +81,9 @@ impl Kind for Log {
     const AUDIT: &'static str = "log ";
     const REPLAYED: &'static str = "replayed";
     const GROUPS: &'static str = "one id";
+    fn serves(db: &DatabaseConnection) -> bool {
+        db.get_database_backend() == sea_orm::DbBackend::Postgres
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,7 +105,7 @@ pub(crate) async fn list<K: Kind>(
     let which = consumer
         .as_deref()
         .map_or(Selection::All, Selection::Consumer);
-    let store = K::store(&db.db);
+    let store = store::<K>(&db.db)?;
     let total = store.count(which).await?;
     let rows: Vec<_> = store
         .list(which, limit, offset)
@@ -106,7 +124,7 @@ pub(crate) async fn replay_one<K: Kind>(
     id: Result<Path<Uuid>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let n = K::store(&db.db).replay(Selection::One(id)).await?;
+    let n = store::<K>(&db.db)?.replay(Selection::One(id)).await?;
     found::<K>(n, id)?;
     audit(
         &who.name,
@@ -157,7 +175,7 @@ pub(crate) async fn replay_many<K: Kind>(
             )));
         }
     };
-    let n = K::store(&db.db).replay(which).await?;
+    let n = store::<K>(&db.db)?.replay(which).await?;
     audit(
         &who.name,
         &format!("{}replay", K::AUDIT),
@@ -174,7 +192,7 @@ pub(crate) async fn discard<K: Kind>(
     id: Result<Path<Uuid>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let n = K::store(&db.db).discard(Selection::One(id)).await?;
+    let n = store::<K>(&db.db)?.discard(Selection::One(id)).await?;
     found::<K>(n, id)?;
     audit(
         &who.name,

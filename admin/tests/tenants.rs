@@ -45,10 +45,12 @@ async fn each_action_acts_on_the_tenant_named_and_no_other() {
     let default = TestDb::new(Backend::Postgres).await;
     let acme = TestDb::new(Backend::Postgres).await;
     let file = TestDb::new(Backend::SqliteFile).await;
-    let (d_dead, a_dead, f_dead) = (
+    let maria = TestDb::new(Backend::MySql).await;
+    let (d_dead, a_dead, f_dead, m_dead) = (
         seed(&default, "default").await,
         seed(&acme, "acme").await,
         seed(&file, "file").await,
+        seed(&maria, "maria").await,
     );
     Outbox::new(&acme.db)
         .add_event(NewEvent::new("order.placed", "acme", "extra"))
@@ -57,6 +59,7 @@ async fn each_action_acts_on_the_tenant_named_and_no_other() {
     let r = Admin::builder(default.db.clone())
         .tenant("acme", acme.db.clone())
         .tenant("file", file.db.clone())
+        .tenant("maria", maria.db.clone())
         // Acme's backlog (4 by the end) crosses it, the default database's (2) does not.
         .thresholds(HealthThresholds::default().max_backlog(3))
         .authorizer(
@@ -69,7 +72,10 @@ async fn each_action_acts_on_the_tenant_named_and_no_other() {
     let (s, v) = Call::get("/api/tenants").token(READ).send(&r).await;
     assert_eq!(
         (s, v),
-        (StatusCode::OK, json!({ "tenants": ["acme", "file"] }))
+        (
+            StatusCode::OK,
+            json!({ "tenants": ["acme", "file", "maria"] })
+        )
     );
 
     // Reads: each tenant's own numbers; strict parameters still refused.
@@ -185,12 +191,78 @@ async fn each_action_acts_on_the_tenant_named_and_no_other() {
         4
     );
 
+    // The MariaDB tenant: its dead letter replayed, discarded elsewhere not at all.
+    let (s, _) = Call::delete(&format!("/api/dead-letters/{m_dead}?tenant=acme"))
+        .token(WRITE)
+        .send(&r)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = Call::post(
+        &format!("/api/dead-letters/{m_dead}/replay?tenant=maria"),
+        json!({}),
+    )
+    .token(WRITE)
+    .send(&r)
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(status(&maria, m_dead).await, OutboxStatus::Pending);
+    let (s, v) = Call::get("/api/stats?tenant=maria")
+        .token(READ)
+        .send(&r)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["pending"].clone(), v["failed"].clone()),
+        (json!(3), json!(0))
+    );
+
+    // The log relay's dead letters are PostgreSQL's: a MariaDB tenant has none to serve.
+    if cfg!(feature = "log-relay") {
+        let (s, _) = Call::get("/api/log/dead-letters?tenant=maria")
+            .token(READ)
+            .send(&r)
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _) = Call::get("/api/log/dead-letters?tenant=acme")
+            .token(READ)
+            .send(&r)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+
     // Purge and health take the tenant too.
     let (s, v) = Call::post("/api/purge?tenant=acme", json!({ "older_than_secs": 0 }))
         .token(WRITE)
         .send(&r)
         .await;
     assert_eq!((s, v), (StatusCode::OK, json!({ "purged": 0 })));
+    // A purge for maria deletes maria's published events only.
+    let published = Outbox::new(&maria.db)
+        .add_event(NewEvent::new("order.placed", "maria", "p"))
+        .await
+        .expect("add");
+    Outbox::new(&maria.db)
+        .mark_published(published)
+        .await
+        .expect("publish");
+    let kept = Outbox::new(&default.db)
+        .add_event(NewEvent::new("order.placed", "default", "p"))
+        .await
+        .expect("add");
+    Outbox::new(&default.db)
+        .mark_published(kept)
+        .await
+        .expect("publish");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (s, v) = Call::post("/api/purge?tenant=maria", json!({ "older_than_secs": 1 }))
+        .token(WRITE)
+        .send(&r)
+        .await;
+    assert_eq!((s, v), (StatusCode::OK, json!({ "purged": 1 })));
+    assert!(
+        Outbox::new(&default.db).get(kept).await.is_ok(),
+        "the default tenant's row stays"
+    );
     let (s, v) = Call::get("/health?tenant=acme").send(&r).await;
     assert_eq!(
         (s, v["status"].clone()),
@@ -205,4 +277,5 @@ async fn each_action_acts_on_the_tenant_named_and_no_other() {
     default.cleanup().await;
     acme.cleanup().await;
     file.cleanup().await;
+    maria.cleanup().await;
 }
