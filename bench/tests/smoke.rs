@@ -31,6 +31,7 @@ fn quick_benchmark_runs_and_prints_the_table() {
         "| log relay |",
         "tx with Outbox::emit (message mode)",
         "message-mode events to the no-op sink",
+        "| group |",
     ] {
         assert!(stdout.contains(section), "no {section} rows in:\n{stdout}");
     }
