@@ -12,18 +12,6 @@ use crate::report::{Row, Target};
 use crate::sink::Sink;
 use crate::throughput::{drain_with, relay_config};
 
-/// Resident set size of this process in MiB.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 pub(crate) async fn section(db: &BenchDb, n: u64, rows: &mut Vec<Row>) -> Result<()> {
     db.reset().await?;
     db.seed_pending(n, 1000).await?;
@@ -42,7 +30,7 @@ pub(crate) async fn section(db: &BenchDb, n: u64, rows: &mut Vec<Row>) -> Result
     let (mut rss_at_10, mut rss_peak) = (0.0f64, 0.0f64);
     loop {
         let done = sink.delivered();
-        let rss = rss_mib();
+        let rss = crate::cpu::rss_mib();
         if t10.is_none() && done >= tenth {
             t10 = Some(start.elapsed());
             rss_at_10 = rss;

@@ -30,18 +30,6 @@ fn spans(quick: bool) -> (Duration, Duration) {
     }
 }
 
-/// Resident memory of this process, in MiB.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// `n` migrated schemas named `<prefix>_<i>`.
 async fn schemas(admin: &DatabaseConnection, prefix: &str, n: usize) -> Result<Vec<String>> {
     let names: Vec<String> = (0..n).map(|i| format!("{prefix}_{i}")).collect();
@@ -150,7 +138,7 @@ async fn measure(
     let used = cpu.per_event(1).context("/proc")?;
     let share = |us: f64| us / 1e6 / idle.as_secs_f64() * 100.0;
     let connections = connections(admin).await? - conns_before;
-    let rss = rss_mib() - rss_before;
+    let rss = crate::cpu::rss_mib() - rss_before;
     let mut o = opts(&pg_url(), 1);
     o.set_schema_search_path(schema.to_owned());
     let db = Database::connect(o).await?;
@@ -239,7 +227,11 @@ pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
         println!(
             "group: {n} schemas in place, nothing running: the machine's own idle CPU {background:.2}% of a core, taken off the server figures"
         );
-        let before = (rss_mib(), connections(&admin).await?, background);
+        let before = (
+            crate::cpu::rss_mib(),
+            connections(&admin).await?,
+            background,
+        );
         let publisher = InMemoryPublisher::new();
         let group = RelayGroup::builder(publisher.clone())
             .config(GroupConfig::default())
@@ -271,7 +263,11 @@ pub(crate) async fn section(quick: bool, rows: &mut Vec<Row>) -> Result<()> {
 
         // One relay per schema, as written by hand today: a pool and a LISTEN each.
         if n <= 40 {
-            let before = (rss_mib(), connections(&admin).await?, background);
+            let before = (
+                crate::cpu::rss_mib(),
+                connections(&admin).await?,
+                background,
+            );
             let publisher = InMemoryPublisher::new();
             let stop = CancellationToken::new();
             let mut tasks = Vec::new();

@@ -85,18 +85,6 @@ async fn retained(db: &DatabaseConnection, slot: &str) -> Result<u64> {
     Ok(row.try_get::<i64>("", "n")?.max(0) as u64)
 }
 
-/// The process's resident set, in MiB.
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 struct Drain {
     rate: f64,
     retained_stopped: u64,
@@ -114,14 +102,14 @@ async fn drain(db: &BenchDb, slot: &str, n: u64, transport: Transport) -> Result
     relay.drain().await?; // start from an empty slot
     seed(db, n).await?;
     let retained_stopped = retained(&db.db, slot).await?;
-    let peak = Arc::new(Mutex::new((rss_mib(), rss_mib())));
+    let peak = Arc::new(Mutex::new((crate::cpu::rss_mib(), crate::cpu::rss_mib())));
     let stop = CancellationToken::new();
     let sampler = tokio::spawn({
         let (peak, stop) = (peak.clone(), stop.clone());
         async move {
             while !stop.is_cancelled() {
                 if let Ok(mut p) = peak.lock() {
-                    p.1 = p.1.max(rss_mib());
+                    p.1 = p.1.max(crate::cpu::rss_mib());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -144,7 +132,7 @@ async fn drain(db: &BenchDb, slot: &str, n: u64, transport: Transport) -> Result
         rate: n as f64 / elapsed.as_secs_f64(),
         retained_stopped,
         retained_after,
-        rss: (start_rss, peak_rss, rss_mib()),
+        rss: (start_rss, peak_rss, crate::cpu::rss_mib()),
     })
 }
 

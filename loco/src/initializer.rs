@@ -130,20 +130,42 @@ impl Initializer for OutboxInitializer {
     }
 }
 
+/// The publisher to start relays with: the initializer's own, or the one `publisher:` names;
+/// refused when this app already runs them.
+async fn publisher_for(
+    publisher: &Option<Arc<dyn Publisher>>,
+    settings: &OutboxSettings,
+    ctx: &AppContext,
+) -> loco_rs::Result<Arc<dyn Publisher>> {
+    if ctx.shared_store.contains::<RunningRelays>() {
+        return Err(loco_error("the relays are already running in this app"));
+    }
+    match publisher {
+        Some(p) => Ok(p.clone()),
+        None => crate::publisher::connect(settings)
+            .await
+            .map_err(loco_error),
+    }
+}
+
+/// The relays stop with the server even where `on_shutdown` does not call `shutdown`; that
+/// call is what waits for their in-flight batch.
+fn stop_with_server(stop: &CancellationToken) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = loco_rs::boot::shutdown_signal() => stop.cancel(),
+            () = stop.cancelled() => {}
+        }
+    });
+}
+
 async fn start_relays(
     publisher: &Option<Arc<dyn Publisher>>,
     settings: &OutboxSettings,
     ctx: &AppContext,
 ) -> loco_rs::Result<()> {
-    if ctx.shared_store.contains::<RunningRelays>() {
-        return Err(loco_error("the relays are already running in this app"));
-    }
-    let publisher = match publisher {
-        Some(p) => p.clone(),
-        None => crate::publisher::connect(settings)
-            .await
-            .map_err(loco_error)?,
-    };
+    let publisher = publisher_for(publisher, settings, ctx).await?;
     let config = settings.relay_config().map_err(loco_error)?;
     let stop = CancellationToken::new();
     let waker = RelayWaker::new();
@@ -162,17 +184,7 @@ async fn start_relays(
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move { relay.run(stop).await }));
     }
-    // The relays stop with the server even where `on_shutdown` does not call `shutdown`; that
-    // call is what waits for their in-flight batch.
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            tokio::select! {
-                () = loco_rs::boot::shutdown_signal() => stop.cancel(),
-                () = stop.cancelled() => {}
-            }
-        }
-    });
+    stop_with_server(&stop);
     ctx.shared_store.insert(SharedWaker(waker));
     ctx.shared_store.insert(RunningRelays {
         stop,
@@ -187,18 +199,10 @@ async fn start_group(
     settings: &OutboxSettings,
     ctx: &AppContext,
 ) -> loco_rs::Result<RelayGroup<Arc<dyn Publisher>>> {
-    if ctx.shared_store.contains::<RunningRelays>() {
-        return Err(loco_error("the relays are already running in this app"));
-    }
     let Some(tenants) = &settings.tenants else {
         return Err(loco_error("no tenants: block"));
     };
-    let publisher = match publisher {
-        Some(p) => p.clone(),
-        None => crate::publisher::connect(settings)
-            .await
-            .map_err(loco_error)?,
-    };
+    let publisher = publisher_for(publisher, settings, ctx).await?;
     let mut config = GroupConfig::default();
     if let Some(w) = tenants.workers {
         config = config.workers(w);
@@ -231,15 +235,7 @@ async fn start_group(
         let (group, stop) = (group.clone(), stop.clone());
         async move { group.run(stop).await }
     });
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            tokio::select! {
-                () = loco_rs::boot::shutdown_signal() => stop.cancel(),
-                () = stop.cancelled() => {}
-            }
-        }
-    });
+    stop_with_server(&stop);
     ctx.shared_store.insert(SharedGroup(group.clone()));
     ctx.shared_store.insert(RunningRelays {
         stop,

@@ -367,7 +367,6 @@ impl<P: Publisher + 'static> RelayGroup<P> {
             id: id.clone(),
             relay,
             schema,
-            scanned,
             parked,
             stop: CancellationToken::new(),
             running: tokio::sync::Mutex::new(TenantRun {

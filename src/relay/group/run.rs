@@ -26,7 +26,7 @@ impl<P: Publisher + 'static> RelayGroup<P> {
         // Schema tenants wait for the scan: a first batch each would open a connection per
         // schema at start (a thousand schemas, a thousand cold connections).
         for (id, t) in lock(&sh.tenants).iter() {
-            if !t.scanned {
+            if !t.scanned() {
                 schedule.wake(id);
             }
         }
@@ -212,7 +212,7 @@ async fn batch<P: Publisher + 'static>(
             } else if c.claimed >= c.limit as usize || c.partial {
                 run.idle = 0;
                 After::Again
-            } else if t.scanned && c.next_retry.is_none() {
+            } else if t.scanned() && c.next_retry.is_none() {
                 // The group's scan of the schemas finds when it has work again.
                 run.idle = 0;
                 park(&sh, &t);
@@ -314,7 +314,7 @@ fn router<P: Publisher + 'static>(shared: std::sync::Weak<Shared<P>>) -> wake::R
             .values()
             .filter(|t| match heard {
                 Some(s) => t.schema.as_deref() == Some(s),
-                None => !t.scanned,
+                None => !t.scanned(),
             })
             .map(|t| t.id.clone())
             .collect();
@@ -356,7 +356,7 @@ fn spawn_scan<P: Publisher + 'static>(
             };
             let scanned: Vec<Arc<Tenant<P>>> = lock(&sh.tenants)
                 .values()
-                .filter(|t| t.scanned && t.schema.is_some() && lock(&t.failing).is_none())
+                .filter(|t| t.scanned() && t.schema.is_some() && lock(&t.failing).is_none())
                 .cloned()
                 .collect();
             if scanned.is_empty() {

@@ -20,8 +20,6 @@ pub(super) struct Tenant<P> {
     pub(super) relay: Relay<Arc<P>>,
     /// PostgreSQL: the schema its NOTIFYs name.
     pub(super) schema: Option<String>,
-    /// Added by [`RelayGroup::add_schema`]: found by the group's scan, not polled.
-    pub(super) scanned: bool,
     /// A schema tenant's pool closes its connections while this is set (it has parked).
     pub(super) parked: Option<Arc<AtomicBool>>,
     /// Cancelled when it is removed.
@@ -32,6 +30,14 @@ pub(super) struct Tenant<P> {
     /// Since when, and why, its database has been failing.
     pub(super) failing: Mutex<Option<(DateTime<Utc>, String)>>,
     pub(super) forward: JoinHandle<()>,
+}
+
+impl<P> Tenant<P> {
+    /// Added by [`RelayGroup::add_schema`](super::RelayGroup::add_schema): found by the
+    /// group's scan, not polled.
+    pub(super) fn scanned(&self) -> bool {
+        self.parked.is_some()
+    }
 }
 
 impl<P> Drop for Tenant<P> {
