@@ -1,5 +1,5 @@
-//! One batch's life: claimed under a lease, offered to the publisher, its fates written back
-//! while the lease still holds, and accounted for in stats and metrics.
+//! One batch's life up to its write-back: claimed (under a lease, or from owned partitions)
+//! and offered to the publisher; [`write_back`](super::write_back) does the rest.
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::{Duration, Instant};
@@ -11,27 +11,28 @@ use uuid::Uuid;
 
 use super::breaker::Permit;
 use super::config::{DeadLetterPolicy, Ordering};
-use super::{Relay, RelayStats, lock};
+use super::{Relay, lock};
 use crate::error::{Error, Result};
 use crate::event::OutboxEvent;
 use crate::publisher::Publisher;
 use crate::store::{self, Claim, Fate};
-use crate::telemetry;
 
 /// A batch that was claimed and offered to the publisher, awaiting its write-back.
 pub(super) struct Offered {
     /// The lease token, or under owned partitions the owner token.
-    token: String,
+    pub(super) token: String,
     /// Owned partitions: the highest epoch held at the claim (the write-back's fence).
-    epoch: Option<i64>,
+    pub(super) epoch: Option<i64>,
     /// Owned partitions: the generation of what was held at the claim (0 for leases).
-    generation: u64,
-    lease_end: DateTime<Utc>,
-    started: Instant,
-    events: Vec<OutboxEvent>,
-    fates: Vec<Fate>,
+    pub(super) generation: u64,
+    pub(super) lease_end: DateTime<Utc>,
+    pub(super) started: Instant,
+    pub(super) events: Vec<OutboxEvent>,
+    pub(super) fates: Vec<Fate>,
     /// Every claimed id with its fate, unreadable rows included.
-    by_id: Vec<(Uuid, Fate)>,
+    pub(super) by_id: Vec<(Uuid, Fate)>,
+    /// The claim loop's batches count from 1, in claim order; 0 for a lane's.
+    pub(super) seq: u64,
 }
 
 /// What the claim-and-publish stage produced.
@@ -87,6 +88,34 @@ impl Round {
 }
 
 impl Offered {
+    /// A lane's batch ([`lanes`](super::lanes)), under owned partitions.
+    pub(super) fn new(
+        token: String,
+        epoch: i64,
+        generation: u64,
+        lease_end: DateTime<Utc>,
+        started: Instant,
+        events: Vec<OutboxEvent>,
+        fates: Vec<Fate>,
+    ) -> Self {
+        let by_id = events
+            .iter()
+            .map(|e| e.id)
+            .zip(fates.iter().cloned())
+            .collect();
+        Self {
+            token,
+            epoch: Some(epoch),
+            generation,
+            lease_end,
+            started,
+            events,
+            fates,
+            by_id,
+            seq: 0,
+        }
+    }
+
     /// The batch's last key in due order, and the generation it was claimed under: a claim
     /// made while it is written back starts after it (owned partitions take no lease, so
     /// nothing else keeps the claim off its rows).
@@ -199,6 +228,7 @@ impl<P: Publisher> Relay<P> {
         if claimed == 0 {
             return Ok(round);
         }
+        let seq = self.batch_seq.fetch_add(1, AtomicOrdering::AcqRel) + 1;
         let publish_span =
             tracing::debug_span!("outbox.publish", relay = %self.name, events = events.len());
         let (events, fates) = match self.config.ordering {
@@ -210,7 +240,7 @@ impl<P: Publisher> Relay<P> {
                 (events, fates)
             }
             Ordering::PerAggregate if owned => {
-                self.deliver_owned(events, share, cancel)
+                self.deliver_owned(events, share, seq, cancel)
                     .instrument(publish_span)
                     .await
             }
@@ -244,6 +274,7 @@ impl<P: Publisher> Relay<P> {
             events,
             fates,
             by_id,
+            seq,
         });
         Ok(round)
     }
@@ -280,6 +311,7 @@ impl<P: Publisher> Relay<P> {
             },
         };
         let horizon = from.and(horizon);
+        let skip = lock(&self.lanes).skipped();
         let mut rows = store::partitions::claim(
             &self.db,
             &store::partitions::OwnedClaim {
@@ -290,6 +322,7 @@ impl<P: Publisher> Relay<P> {
                 now: horizon.map_or(claimed_at, |h| h.min(claimed_at)),
                 limit,
                 partitions: snapshot.partitions.as_deref(),
+                skip: &skip,
                 after: from,
             },
         )
@@ -367,12 +400,15 @@ impl<P: Publisher> Relay<P> {
     /// the rest in per-aggregate waves, and learns from the fates which aggregates now wait.
     async fn deliver_owned(
         &self,
-        events: Vec<OutboxEvent>,
+        mut events: Vec<OutboxEvent>,
         share: u32,
+        seq: u64,
         cancel: &CancellationToken,
     ) -> (Vec<OutboxEvent>, Vec<Fate>) {
         let recheck = chrono::Duration::from_std(self.config.partition_lease)
             .unwrap_or(chrono::Duration::MAX);
+        // A hot aggregate's chain goes to a lane of its own rather than hold the batch.
+        self.open_lanes(&mut events, seq);
         let (mut go, held) = lock(&self.holds).split(events, self.now(), recheck);
         let mut fates = if go.is_empty() {
             Vec::new()
@@ -387,96 +423,5 @@ impl<P: Publisher> Relay<P> {
         let hold_dead = self.config.dead_letter_policy == DeadLetterPolicy::Hold;
         lock(&self.holds).record(&go, &fates, hold_dead);
         (go, fates)
-    }
-
-    /// Writes an offered batch's fates back and accounts for them; nothing without a batch.
-    pub(super) async fn finish(&self, offered: Option<Offered>) -> RelayStats {
-        let Some(o) = offered else {
-            return RelayStats::default();
-        };
-        let mut stats = RelayStats {
-            batches: 1,
-            ..RelayStats::default()
-        };
-        let written = self
-            .write_back(&o.token, o.epoch, &o.by_id, o.lease_end)
-            .instrument(
-                tracing::debug_span!("outbox.write_back", relay = %self.name, events = o.by_id.len()),
-            )
-            .await;
-        if let Some(w) = &written {
-            stats.published = w.published;
-            stats.retried = w.retried;
-            stats.dead_lettered = w.dead;
-            let count = |f: fn(&Fate) -> bool| o.fates.iter().filter(|x| f(x)).count() as u64;
-            let gone = (
-                count(|f| matches!(f, Fate::Dead { .. })),
-                count(|f| *f == Fate::Discard),
-            );
-            if (w.dead, w.discarded) == gone {
-                stats.expired = count(Fate::is_expiry);
-            }
-            stats.released = w.released;
-            stats.lost_leases = w.lost();
-            if stats.lost_leases > 0 {
-                tracing::warn!(relay = %self.name, lost = stats.lost_leases,
-                    "outbox lease expired before write-back; another relay owns those events");
-            }
-        }
-        telemetry::metrics::record_batch(
-            self.publisher.name(),
-            self.tenant.as_deref(),
-            &o.events,
-            &o.fates,
-            written.as_ref(),
-            o.started.elapsed(),
-        );
-        stats
-    }
-
-    /// Writes the batch's fates back, retrying database errors while the lease lasts. Giving up
-    /// is safe: the events stay leased and are retried after the lease ends.
-    async fn write_back(
-        &self,
-        token: &str,
-        epoch: Option<i64>,
-        fates: &[(Uuid, Fate)],
-        lease_end: DateTime<Utc>,
-    ) -> Option<store::WriteBack> {
-        let mut delay = Duration::from_millis(50);
-        let on_publish = self.config.on_publish;
-        loop {
-            let (db, now) = (&self.db, self.now());
-            let turn = self.writers.turn(db).await;
-            let written = match epoch {
-                Some(e) => {
-                    store::partitions::write_back(db, token, e, now, fates, on_publish).await
-                }
-                None => store::write_back(db, token, now, fates, on_publish).await,
-            };
-            drop(turn);
-            match written {
-                Ok(w) => return Some(w),
-                Err(e) => {
-                    let retry_at =
-                        self.now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                    // Owned partitions: not once another relay may have taken them over, when a
-                    // handed-back row moved under its feet could let a later event overtake.
-                    let owned_lapsed = epoch.is_some()
-                        && !lock(&self.ownership).writable(
-                            tokio::time::Instant::now() + delay,
-                            self.config.publish_timeout,
-                        );
-                    if retry_at >= lease_end || owned_lapsed {
-                        tracing::error!(relay = %self.name, error = %e,
-                            "outbox write-back failed until the lease ended; the batch will be redelivered");
-                        return None;
-                    }
-                    tracing::warn!(relay = %self.name, error = %e, "outbox write-back failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
     }
 }

@@ -94,7 +94,27 @@ impl<P: Publisher> Relay<P> {
             waves.longest,
         );
         self.share.store(share, AtomicOrdering::Relaxed);
+        self.deliver_waves(events, &waves, cancel).await
+    }
 
+    /// One aggregate's events, one call each, in order, stopping at the first not published
+    /// (a lane's step, [`lanes`](super::lanes)). Reorders `events`; the fates align.
+    pub(super) async fn deliver_chain(
+        &self,
+        events: &mut Vec<OutboxEvent>,
+        cancel: &CancellationToken,
+    ) -> Vec<Fate> {
+        let waves = Waves::sort(events);
+        self.deliver_waves(events, &waves, cancel).await
+    }
+
+    /// Sends `events`, sorted into `waves`, wave by wave.
+    async fn deliver_waves(
+        &self,
+        events: &[OutboxEvent],
+        waves: &Waves,
+        cancel: &CancellationToken,
+    ) -> Vec<Fate> {
         let mut fates: Vec<Option<Fate>> = vec![None; events.len()];
         // Per chain: None while going; Some(at) once stopped, with when its rest may go again.
         let mut stopped: Vec<Option<DateTime<Utc>>> = vec![None; waves.chains];

@@ -49,6 +49,26 @@ impl Holds {
         self.by_aggregate.len()
     }
 
+    /// Whether a lane may take the aggregate, and from when: at once when nothing of it is
+    /// held, once every held event of it is due again, never while a dead letter holds it.
+    pub(crate) fn lane_from(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Option<Option<DateTime<Utc>>> {
+        match self
+            .by_aggregate
+            .get(&(aggregate_type.to_owned(), aggregate_id.to_owned()))
+        {
+            None => Some(None),
+            Some(held) => held
+                .values()
+                .copied()
+                .collect::<Option<Vec<_>>>()
+                .map(|due| due.into_iter().max()),
+        }
+    }
+
     /// Adds blockers read from the table.
     pub(crate) fn learn(&mut self, blockers: Vec<Blocker>) {
         for b in blockers {

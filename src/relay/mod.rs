@@ -36,6 +36,7 @@ mod cursor;
 mod delivery;
 mod group;
 mod holds;
+mod lanes;
 #[cfg(feature = "postgres")]
 pub mod wal;
 
@@ -55,9 +56,10 @@ mod rebalance;
 mod run;
 mod wake;
 mod waker;
+mod write_back;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering as AtomicOrdering};
 
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
@@ -186,6 +188,11 @@ impl<P: Publisher> RelayBuilder<P> {
             share: AtomicU32::new(self.config.events_per_aggregate),
             ownership: std::sync::Mutex::new(owner),
             holds: std::sync::Mutex::default(),
+            lanes: std::sync::Mutex::default(),
+            lane_gate: tokio::sync::RwLock::new(()),
+            lane_wake: tokio::sync::Notify::new(),
+            batch_seq: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             cursor: std::sync::Mutex::default(),
             breaker: self.breaker.unwrap_or_default(),
             tenant: self.tenant,
@@ -241,6 +248,15 @@ pub struct Relay<P> {
     ownership: std::sync::Mutex<ownership::Ownership>,
     /// Owned partitions: the aggregates held back ([`holds`]).
     holds: std::sync::Mutex<holds::Holds>,
+    /// Owned partitions: hot aggregates read beside the claim loop ([`lanes`]).
+    lanes: std::sync::Mutex<lanes::Lanes>,
+    /// Held shared by a lane's step; taken to release partitions once no step is under way.
+    lane_gate: tokio::sync::RwLock<()>,
+    /// Rung when a lane opens.
+    lane_wake: tokio::sync::Notify,
+    /// The claim loop's last batch number, and the last one written back (lanes wait on it).
+    batch_seq: AtomicU64,
+    written: AtomicU64,
     /// SQLite: the queue its write-backs share with its wakers' transactions.
     writers: waker::Writers,
     /// A group tenant's metrics label.

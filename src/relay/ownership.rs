@@ -146,6 +146,12 @@ impl Ownership {
         lost
     }
 
+    /// Starts a new generation without a take: rows the claims skipped (a closed lane's
+    /// aggregate) may lie behind any claim position.
+    pub(crate) fn rescan(&mut self) {
+        self.generation += 1;
+    }
+
     /// Adds partitions just taken.
     pub(crate) fn took(&mut self, taken: &[Held]) {
         if !taken.is_empty() {

@@ -181,6 +181,7 @@ impl<P: Publisher> Relay<P> {
         if releasing.is_empty() {
             return;
         }
+        self.close_lanes_in(&releasing).await;
         match store::partitions::release(&self.db, &token, Some(&releasing)).await {
             Ok(()) => {
                 lock(&self.ownership).released(&releasing);

@@ -109,7 +109,15 @@ impl<P: Publisher> Relay<P> {
             side_stop.cancel();
             stats
         };
-        let (stats, ()) = tokio::join!(main, side);
+        let lanes = async {
+            if owned {
+                self.run_lanes(&cancel).await
+            } else {
+                RelayStats::default()
+            }
+        };
+        let (mut stats, (), in_lanes) = tokio::join!(main, side, lanes);
+        stats += in_lanes;
         if owned {
             self.release_all().await;
         }

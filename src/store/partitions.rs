@@ -35,6 +35,8 @@ pub(crate) struct OwnedClaim<'a> {
     pub(crate) limit: u32,
     /// The partitions to read; `None` when the owner holds every one.
     pub(crate) partitions: Option<&'a [u16]>,
+    /// Aggregates not to read: each one's lane reads it ([`crate::relay`]'s `lanes`).
+    pub(crate) skip: &'a [(String, String)],
     /// Read only rows after this key in due order (its own batch still being written back lies
     /// at or before it).
     pub(crate) after: Option<DueKey>,
@@ -286,15 +288,62 @@ pub(crate) async fn claim(db: &DatabaseConnection, c: &OwnedClaim<'_>) -> Result
         Some(p) => partition_list(p),
         None => "IS NOT NULL".to_owned(),
     };
+    let mut skip = String::new();
+    for (kind, id) in c.skip {
+        skip.push_str(" AND NOT (aggregate_type = ? AND aggregate_id = ?)");
+        values.extend([kind.as_str().into(), id.as_str().into()]);
+    }
     values.push(i64::from(c.limit).into());
     // The due index ends in `partition_no`, so the partition test is made on index entries.
     let sql = format!(
         "SELECT {CLAIMED_COLUMNS} FROM outbox_events \
-         WHERE status = 'pending' AND next_attempt_at <= ?{after} AND partition_no {partitions} \
-         ORDER BY next_attempt_at, id LIMIT ?"
+         WHERE status = 'pending' AND next_attempt_at <= ?{after} AND partition_no {partitions}\
+         {skip} ORDER BY next_attempt_at, id LIMIT ?"
     );
     let rows = db.query_all_raw(stmt(b, &sql, values)).await?;
     Ok(read_claimed(&rows, c.owner))
+}
+
+/// Reads one aggregate's due events in its order, after `after` (its last published key), for
+/// its lane; `partition` is the aggregate's, so a row moved to another owner is not read.
+#[tracing::instrument(level = "debug", skip_all, err(level = "debug"))]
+pub(crate) async fn claim_aggregate(
+    db: &DatabaseConnection,
+    owner: &str,
+    (kind, id): (&str, &str),
+    partition: u16,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<ClaimedRow>> {
+    let b = db.get_database_backend();
+    let mut values: Vec<Value> = vec![
+        kind.into(),
+        id.into(),
+        now.into(),
+        column_value(partition).into(),
+    ];
+    let after = match after {
+        None => String::new(),
+        Some((at, id)) if b == DbBackend::MySql => {
+            values.extend([at.into(), at.into(), id.into()]);
+            " AND (occurred_at > ? OR (occurred_at = ? AND id > ?))".to_owned()
+        }
+        Some((at, id)) => {
+            values.extend([at.into(), id.into()]);
+            " AND (occurred_at, id) > (?, ?)".to_owned()
+        }
+    };
+    values.push(i64::from(limit).into());
+    // The aggregate index, `(aggregate_type, aggregate_id, status, occurred_at, id)` (SQLite's
+    // without `status`), gives the rows in this order.
+    let sql = format!(
+        "SELECT {CLAIMED_COLUMNS} FROM outbox_events \
+         WHERE aggregate_type = ? AND aggregate_id = ? AND status = 'pending' \
+         AND next_attempt_at <= ? AND partition_no = ?{after} ORDER BY occurred_at, id LIMIT ?"
+    );
+    let rows = db.query_all_raw(stmt(b, &sql, values)).await?;
+    Ok(read_claimed(&rows, owner))
 }
 
 /// Writes a batch's fates back, each statement conditional on `owner` still holding the row's
