@@ -1118,6 +1118,17 @@ async fn without_listen_an_idle_relay_waits_for_its_poll(t: &TestDb) {
         .build()
         .expect("relay");
     let (stop, task) = support::spawn(relay);
+    // Settled: it owns every partition (a take wakes its loop, which on a loaded machine could
+    // come after the commit below and pass for a wake-up), and its first poll is behind it.
+    support::wait_until(
+        Duration::from_secs(10),
+        "the relay to own everything",
+        || async {
+            let relays = Outbox::new(&t.db).relays(Duration::from_secs(60)).await;
+            relays.is_ok_and(|r| r.iter().map(|r| r.partitions).sum::<u64>() == 256)
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let committed = Instant::now();
     Outbox::new(&t.db)

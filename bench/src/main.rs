@@ -317,13 +317,13 @@ async fn throughput_section(
             let mut minimal = Vec::new();
             let mut raws = Vec::new();
             let mut raw_ids = Vec::new();
-            // Per-aggregate order retained is also run the way it claimed before owned
-            // partitions (leases and a head probe per event), in the same run, for comparison.
+            // Retained, each ordering is also run the way it claimed before owned partitions
+            // (leases, and a head probe per event when ordered), in the same run, to compare.
             let variants: Vec<(Ordering, OnPublish, Claiming)> = on_publish
                 .iter()
                 .flat_map(|&p| orderings.iter().map(move |&o| (o, p)))
                 .flat_map(|(o, p)| {
-                    let old = o == Ordering::PerAggregate && p == OnPublish::Retain;
+                    let old = p == OnPublish::Retain;
                     std::iter::once((o, p, Claiming::OwnedPartitions)).chain(old.then_some((
                         o,
                         p,
@@ -451,7 +451,7 @@ fn variant_label(ordering: Ordering, publish: OnPublish, claiming: Claiming) -> 
         _ => ordering_label(ordering).to_owned(),
     };
     match (ordering, claiming) {
-        (Ordering::PerAggregate, Claiming::Leases) => format!("{label}, leases (0.1's claim)"),
+        (_, Claiming::Leases) => format!("{label}, leases (0.1's claim)"),
         _ => label,
     }
 }

@@ -25,7 +25,7 @@ pub enum Ordering {
     Unordered,
 }
 
-/// How relays under per-aggregate order divide the events between them.
+/// How relays divide the events between them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Claiming {
@@ -39,7 +39,7 @@ pub enum Claiming {
     OwnedPartitions,
     /// Every relay claims from the whole table under a lease, proving per claimed event that it
     /// is its aggregate's head (the design before 0.2): any relay can take any event, at the
-    /// cost of an index probe per event. Unordered relays always claim this way.
+    /// cost of an index probe per event (none when unordered).
     Leases,
 }
 
@@ -157,8 +157,8 @@ pub struct RelayConfig {
     pub breaker: BreakerConfig,
     /// Per-aggregate order (default) or none.
     pub ordering: Ordering,
-    /// Under per-aggregate order: owned partitions (default) or leases. Every relay on one
-    /// table must claim the same way.
+    /// Owned partitions (default) or leases, ordered or not. Every relay on one table must
+    /// claim the same way.
     pub claiming: Claiming,
     /// Owned partitions: how long a relay's hold on its partitions lasts without renewal,
     /// which is how long a dead relay's partitions wait before others take them over. Renewed
@@ -298,7 +298,7 @@ impl RelayConfig {
 
     /// Whether this relay claims through owned partitions.
     pub(crate) fn owns_partitions(&self) -> bool {
-        self.ordering == Ordering::PerAggregate && self.claiming == Claiming::OwnedPartitions
+        self.claiming == Claiming::OwnedPartitions
     }
 
     /// Owned partitions: how long after a renewal is sent the relay may still start a publish

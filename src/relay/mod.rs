@@ -9,11 +9,11 @@
 //!   leased; after the lease it is claimed and sent again. Duplicates are bounded by what was in
 //!   flight, at most two batches per relay (one published while the previous is written back);
 //!   consumers deduplicate on the event id, which publishers send as the message id.
-//! * **No double publish without a crash or a pause.** Under per-aggregate order each of the
-//!   256 hash partitions has one owner at a time ([`Claiming::OwnedPartitions`]): a relay reads
-//!   only its own partitions, publishes only while its ownership is valid by its own clock, and
-//!   every write-back is fenced on the ownership's epoch. Unordered relays (and
-//!   [`Claiming::Leases`]) claim with `FOR UPDATE SKIP LOCKED` (PostgreSQL, MySQL 8, MariaDB
+//! * **No double publish without a crash or a pause.** Each of the 256 hash partitions has one
+//!   owner at a time ([`Claiming::OwnedPartitions`], the default, ordered or not): a relay
+//!   reads only its own partitions, publishes only while its ownership is valid by its own
+//!   clock, and every write-back is fenced on the ownership's epoch. Relays under
+//!   [`Claiming::Leases`] claim with `FOR UPDATE SKIP LOCKED` (PostgreSQL, MySQL 8, MariaDB
 //!   10.6+) or SQLite's single writer, and every write-back is conditional on still holding the
 //!   lease. Either way a relay that lost its claim cannot overwrite the new owner's outcome.
 //! * **Per-aggregate order** ([`Ordering::PerAggregate`], the default): see [`Ordering`].
