@@ -161,13 +161,22 @@ impl<P: Publisher> Relay<P> {
         let mut stats = RelayStats::default();
         while !stop.is_cancelled() {
             let written = self.written.load(std::sync::atomic::Ordering::Acquire);
-            let ready = lock(&self.lanes).ready(written, self.now());
+            let (ready, open) = {
+                let lanes = lock(&self.lanes);
+                (lanes.ready(written, self.now()), !lanes.open.is_empty())
+            };
             if ready.is_empty() {
+                // A lane waiting on a write-back or a retry is woken by nothing else; with none
+                // open, only an opening wakes this.
+                let tick = if open {
+                    std::time::Duration::from_millis(5)
+                } else {
+                    std::time::Duration::from_secs(3600)
+                };
                 tokio::select! {
                     () = stop.cancelled() => {}
                     () = self.lane_wake.notified() => {}
-                    // A lane waiting on a write-back is woken by nothing else.
-                    () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
+                    () = tokio::time::sleep(tick) => {}
                 }
                 continue;
             }
