@@ -2,7 +2,8 @@
 //! into a temporary directory, a free port, fsync on; or `OUTBOX_BENCH_LOGICAL_URL`): the
 //! write path, a drain against the minimal claim-and-mark loop on the same server, commit →
 //! publish latency at 1,000 ev/s, the relay's RSS over a long drain, and the WAL a stopped
-//! relay's slot retains.
+//! relay's slot retains; then table mode's drain. `OUTBOX_BENCH_TABLE_ONLY=1` runs only that
+//! last part.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 use seaorm_outbox::relay::wal::{LogRelay, LogRelayConfig, Transport};
-use seaorm_outbox::{NewEvent, Outbox};
+use seaorm_outbox::{NewEvent, Outbox, OutboxRepository};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{BenchDb, Kind, Workload};
@@ -44,8 +45,9 @@ fn event(g: u64) -> NewEvent {
     }))
 }
 
-/// Writes `n` message-mode events, `SEED_TXN` per transaction, from 4 writers.
-async fn seed(db: &BenchDb, n: u64) -> Result<()> {
+/// Writes `n` events, `SEED_TXN` per transaction, from 4 writers: as messages (`emit_events`),
+/// or in table mode as `outbox_events` rows (`add_events`).
+async fn seed(db: &BenchDb, n: u64, table: bool) -> Result<()> {
     let conn = db.pool(5).await?;
     let mut tasks = Vec::new();
     for w in 0..4u64 {
@@ -55,9 +57,12 @@ async fn seed(db: &BenchDb, n: u64) -> Result<()> {
             while g < n {
                 let txn = conn.begin().await?;
                 let end = (g + SEED_TXN).min(n);
-                Outbox::new(&txn)
-                    .emit_events((g..end).map(event).collect())
-                    .await?;
+                let events = (g..end).map(event).collect();
+                if table {
+                    Outbox::new(&txn).add_events(events).await?;
+                } else {
+                    Outbox::new(&txn).emit_events(events).await?;
+                }
                 txn.commit().await?;
                 g += 4 * SEED_TXN;
             }
@@ -94,14 +99,33 @@ struct Drain {
 
 /// Seeds `n` events with the relay stopped, then drains them to the no-op sink.
 async fn drain(db: &BenchDb, slot: &str, n: u64, transport: Transport) -> Result<Drain> {
+    drain_with(db, n, config(slot, transport)).await
+}
+
+/// Table mode: `n` rows inserted by `add_events`, drained from the slot and marked published.
+async fn table_drain(db: &BenchDb, slot: &str, n: u64) -> Result<f64> {
+    db.reset().await?;
+    let table_slot = format!("{slot}_t");
+    let cfg = config(&table_slot, Transport::Stream).table(true);
+    let d = drain_with(db, n, cfg).await?;
+    db.exec(&format!("SELECT pg_drop_replication_slot('{table_slot}')"))
+        .await?;
+    let left = db.count_pending().await?;
+    anyhow::ensure!(left == 0, "table mode left {left} rows pending");
+    db.reset().await?;
+    Ok(d.rate)
+}
+
+async fn drain_with(db: &BenchDb, n: u64, cfg: LogRelayConfig) -> Result<Drain> {
+    let (table, slot) = (cfg.table, cfg.slot.clone());
     let sink = Sink::default();
     let relay = LogRelay::builder(db.pool(2).await?, sink.clone())
-        .config(config(slot, transport))
+        .config(cfg)
         .build()?;
     relay.prepare().await?;
     relay.drain().await?; // start from an empty slot
-    seed(db, n).await?;
-    let retained_stopped = retained(&db.db, slot).await?;
+    seed(db, n, table).await?;
+    let retained_stopped = retained(&db.db, &slot).await?;
     let peak = Arc::new(Mutex::new((crate::cpu::rss_mib(), crate::cpu::rss_mib())));
     let stop = CancellationToken::new();
     let sampler = tokio::spawn({
@@ -126,7 +150,7 @@ async fn drain(db: &BenchDb, slot: &str, n: u64, transport: Transport) -> Result
         "the log relay delivered {} of {n}",
         sink.delivered() - before
     );
-    let retained_after = retained(&db.db, slot).await?;
+    let retained_after = retained(&db.db, &slot).await?;
     let (start_rss, peak_rss) = *peak.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     Ok(Drain {
         rate: n as f64 / elapsed.as_secs_f64(),
@@ -148,10 +172,10 @@ async fn released(db: &BenchDb, slot: &str, limit: Duration) -> Result<(f64, u64
         async move { relay.run(stop).await }
     });
     let start = Instant::now();
-    let mut now = retained(&db.db, slot).await?;
+    let mut now = retained(&db.db, &slot).await?;
     while now >= 16 << 20 && start.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        now = retained(&db.db, slot).await?;
+        now = retained(&db.db, &slot).await?;
     }
     stop.cancel();
     task.await?;
@@ -215,87 +239,89 @@ pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -
     let db = BenchDb::new_at(Kind::Postgres, url).await?;
     let slot = format!("bench_{}", std::process::id());
 
-    crate::write_path::log_section(&db, sizes.write_secs, rows).await?;
+    let table_only = std::env::var("OUTBOX_BENCH_TABLE_ONLY").is_ok();
+    if !table_only {
+        crate::write_path::log_section(&db, sizes.write_secs, rows).await?;
 
-    let n = sizes.drain;
-    let (mut log, mut sql, mut minimal) = (Vec::new(), Vec::new(), Vec::new());
-    let mut last = None;
-    for _ in 0..repeat {
-        let d = drain(&db, &slot, n, Transport::Stream).await?;
+        let n = sizes.drain;
+        let (mut log, mut sql, mut minimal) = (Vec::new(), Vec::new(), Vec::new());
+        let mut last = None;
+        for _ in 0..repeat {
+            let d = drain(&db, &slot, n, Transport::Stream).await?;
+            eprintln!(
+                "log relay (stream) drain of {n}: {:.0} ev/s; WAL retained while stopped {} B, after {} B",
+                d.rate, d.retained_stopped, d.retained_after
+            );
+            log.push(d.rate);
+            last = Some(d);
+            let q = drain(&db, &slot, n, Transport::Sql).await?;
+            eprintln!("log relay (sql) drain of {n}: {:.0} ev/s", q.rate);
+            sql.push(q.rate);
+            let m = throughput::minimal(&db, 1, n, Workload::PerEvent).await?;
+            eprintln!("minimal loop drain of {n}: {:.0} ev/s", m.rate);
+            minimal.push(m.rate);
+        }
+        let (log, sql, minimal) = (median(log), median(sql), median(minimal));
+        let (secs, left) = released(
+            &db,
+            &slot,
+            Duration::from_secs(if n > 50_000 { 45 } else { 5 }),
+        )
+        .await?;
+        eprintln!("log relay resumed: retained WAL {left} B after {secs:.1} s");
+        rows.push(Row {
+            section: "log relay",
+            name: format!("drain {n} message-mode events to the no-op sink (one relay, stream)"),
+            value: log,
+            unit: "ev/s",
+            baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
+            target: Some(Target::RatioAtLeast(1.5)),
+        });
+        rows.push(Row {
+            section: "log relay",
+            name: format!("drain {n} message-mode events, Transport::Sql (peek + advance)"),
+            value: sql,
+            unit: "ev/s",
+            baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
+            target: None,
+        });
+        if let Some(d) = last {
+            rows.push(Row {
+                section: "log relay",
+                name: format!("WAL the slot retains with the relay stopped for {n} events"),
+                value: d.retained_stopped as f64 / 1_048_576.0,
+                unit: "MiB",
+                baseline: None,
+                target: None,
+            });
+            rows.push(Row {
+                section: "log relay",
+                name: "WAL the slot retains right after the drain".into(),
+                value: d.retained_after as f64 / 1_048_576.0,
+                unit: "MiB",
+                baseline: None,
+                target: None,
+            });
+            rows.push(Row {
+                section: "log relay",
+                name: format!(
+                    "WAL the slot retains {secs:.1} s after the relay resumed (heartbeat 1 s)"
+                ),
+                value: left as f64 / 1_048_576.0,
+                unit: "MiB",
+                baseline: None,
+                target: None,
+            });
+        }
+
+        let big = sizes.backlog;
+        let d = drain(&db, &slot, big, Transport::Stream).await?;
+        let (start, peak, end) = d.rss;
         eprintln!(
-            "log relay (stream) drain of {n}: {:.0} ev/s; WAL retained while stopped {} B, after {} B",
-            d.rate, d.retained_stopped, d.retained_after
+            "log relay drain of {big}: {:.0} ev/s; RSS {start:.0} → peak {peak:.0} → {end:.0} MiB",
+            d.rate
         );
-        log.push(d.rate);
-        last = Some(d);
-        let q = drain(&db, &slot, n, Transport::Sql).await?;
-        eprintln!("log relay (sql) drain of {n}: {:.0} ev/s", q.rate);
-        sql.push(q.rate);
-        let m = throughput::minimal(&db, 1, n, Workload::PerEvent).await?;
-        eprintln!("minimal loop drain of {n}: {:.0} ev/s", m.rate);
-        minimal.push(m.rate);
-    }
-    let (log, sql, minimal) = (median(log), median(sql), median(minimal));
-    let (secs, left) = released(
-        &db,
-        &slot,
-        Duration::from_secs(if n > 50_000 { 45 } else { 5 }),
-    )
-    .await?;
-    eprintln!("log relay resumed: retained WAL {left} B after {secs:.1} s");
-    rows.push(Row {
-        section: "log relay",
-        name: format!("drain {n} message-mode events to the no-op sink (one relay, stream)"),
-        value: log,
-        unit: "ev/s",
-        baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
-        target: Some(Target::RatioAtLeast(1.5)),
-    });
-    rows.push(Row {
-        section: "log relay",
-        name: format!("drain {n} message-mode events, Transport::Sql (peek + advance)"),
-        value: sql,
-        unit: "ev/s",
-        baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
-        target: None,
-    });
-    if let Some(d) = last {
         rows.push(Row {
-            section: "log relay",
-            name: format!("WAL the slot retains with the relay stopped for {n} events"),
-            value: d.retained_stopped as f64 / 1_048_576.0,
-            unit: "MiB",
-            baseline: None,
-            target: None,
-        });
-        rows.push(Row {
-            section: "log relay",
-            name: "WAL the slot retains right after the drain".into(),
-            value: d.retained_after as f64 / 1_048_576.0,
-            unit: "MiB",
-            baseline: None,
-            target: None,
-        });
-        rows.push(Row {
-            section: "log relay",
-            name: format!(
-                "WAL the slot retains {secs:.1} s after the relay resumed (heartbeat 1 s)"
-            ),
-            value: left as f64 / 1_048_576.0,
-            unit: "MiB",
-            baseline: None,
-            target: None,
-        });
-    }
-
-    let big = sizes.backlog;
-    let d = drain(&db, &slot, big, Transport::Stream).await?;
-    let (start, peak, end) = d.rss;
-    eprintln!(
-        "log relay drain of {big}: {:.0} ev/s; RSS {start:.0} → peak {peak:.0} → {end:.0} MiB",
-        d.rate
-    );
-    rows.push(Row {
         section: "log relay",
         name: format!(
             "bench process RSS draining {big} at {:.0} ev/s (start {start:.0} MiB, end {end:.0} MiB)",
@@ -307,22 +333,46 @@ pub(crate) async fn section(sizes: &Sizes, repeat: usize, rows: &mut Vec<Row>) -
         target: None,
     });
 
-    let (p50, p99, max) = latency(&db, &slot, sizes.latency_secs, Transport::Stream).await?;
-    eprintln!("log relay (stream) latency: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms");
-    let (q50, q99, qmax) = latency(&db, &slot, sizes.latency_secs, Transport::Sql).await?;
-    eprintln!("log relay (sql) latency: p50 {q50:.2} ms p99 {q99:.2} ms max {qmax:.2} ms");
-    rows.push(Row {
-        section: "log relay",
-        name: format!("commit→publish p99 at 1,000 ev/s, stream (p50 {p50:.2}, max {max:.1})"),
-        value: p99,
-        unit: "ms",
-        baseline: Some((format!("Transport::Sql p99 (p50 {q50:.1})"), q99)),
-        target: Some(Target::AtMost(5.0)),
-    });
-    db.exec(&format!(
+        let (p50, p99, max) = latency(&db, &slot, sizes.latency_secs, Transport::Stream).await?;
+        eprintln!("log relay (stream) latency: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms");
+        let (q50, q99, qmax) = latency(&db, &slot, sizes.latency_secs, Transport::Sql).await?;
+        eprintln!("log relay (sql) latency: p50 {q50:.2} ms p99 {q99:.2} ms max {qmax:.2} ms");
+        rows.push(Row {
+            section: "log relay",
+            name: format!("commit→publish p99 at 1,000 ev/s, stream (p50 {p50:.2}, max {max:.1})"),
+            value: p99,
+            unit: "ms",
+            baseline: Some((format!("Transport::Sql p99 (p50 {q50:.1})"), q99)),
+            target: Some(Target::AtMost(5.0)),
+        });
+        db.exec(&format!(
         "SELECT pg_drop_replication_slot('{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}'"
     ))
     .await?;
+    }
+    let n = sizes.drain;
+
+    // Table mode last, once message mode's slot is gone: a slot that exists while these rows
+    // are written decodes them all again on its next start.
+    let (mut table, mut minimal) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let t = table_drain(&db, &slot, n).await?;
+        eprintln!("log relay (table mode) drain of {n}: {t:.0} ev/s");
+        table.push(t);
+        let m = throughput::minimal(&db, 1, n, Workload::PerEvent).await?;
+        eprintln!("minimal loop drain of {n}: {:.0} ev/s", m.rate);
+        minimal.push(m.rate);
+    }
+    let (table, minimal) = (median(table), median(minimal));
+    rows.push(Row {
+        section: "log relay",
+        name: format!("table mode: drain {n} rows written by add_event, marked published (stream)"),
+        value: table,
+        unit: "ev/s",
+        baseline: Some(("minimal claim-and-mark loop, same server".into(), minimal)),
+        target: Some(Target::RatioAtLeast(1.0)),
+    });
+
     db.drop().await?;
     drop(server);
     Ok(())

@@ -469,6 +469,9 @@ async fn table_mode(l: &LogDb, on_publish: OnPublish) {
             );
         }
     }
+    // Deleted or kept, the statistics count them as published.
+    let stats = outbox.stats().await.expect("stats");
+    assert_eq!(stats.published_last_hour, 6, "{stats:?}");
     // The relay's own write-back is not read back as events.
     relay.drain().await.expect("drain");
     assert_eq!(p.len(), 7);
@@ -483,6 +486,34 @@ async fn table_mode_reads_inserts_and_marks_them_published(transport: Transport)
 async fn table_mode_can_delete_what_it_delivered(transport: Transport) {
     let l = LogDb::new(transport).await;
     table_mode(&l, OnPublish::Delete).await;
+    l.finish().await;
+}
+
+/// A bulk import: one transaction of more rows than PostgreSQL takes bind parameters in one
+/// statement (65,535). Its read is one transaction, so its write-back is one statement; it
+/// used to fail on every attempt, and the slot never moved past the import.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn table_mode_settles_a_transaction_past_the_bind_parameter_limit() {
+    const N: u64 = 70_000;
+    let l = LogDb::new(Transport::Stream).await;
+    let p = InMemoryPublisher::new();
+    let relay = l.relay(p.clone(), l.config().table(true)).await;
+    let txn = l.db().begin().await.expect("begin");
+    for chunk in 0..N / 5_000 {
+        let events = (0..5_000)
+            .map(|i| event("bulk", chunk * 5_000 + i))
+            .collect();
+        Outbox::new(&txn).add_events(events).await.expect("add");
+    }
+    txn.commit().await.expect("commit");
+    let stats = relay.drain().await.expect("drain");
+    assert_eq!((stats.published, p.len() as u64), (N, N), "{stats:?}");
+    let outbox = Outbox::new(l.db());
+    assert_eq!(outbox.count_unpublished().await.expect("count"), 0);
+    assert_eq!(outbox.count_failed().await.expect("count"), 0);
+    // Settled, so the slot moved past it: a second drain reads nothing.
+    let again = relay.drain().await.expect("drain");
+    assert_eq!((again.published, p.len() as u64), (0, N), "{again:?}");
     l.finish().await;
 }
 

@@ -365,16 +365,55 @@ pub(crate) async fn settle_rows(
     Ok(settled)
 }
 
+/// One statement whatever the number of rows: the ids go as one `uuid[]` literal, so the
+/// text is the same every time (one prepared statement) and a transaction of more events than
+/// PostgreSQL's 65,535 bind parameters still settles. `IN (SELECT unnest(…))`, not `= ANY(…)`:
+/// with stale statistics (a table just truncated and refilled) the planner scanned the table
+/// testing every row against the whole array, 12.7 s for 2,800 ids of 200,000 rows.
 async fn settle_once(db: &impl ConnectionTrait, ids: &[Uuid], delete: bool) -> Result<u64> {
-    if !delete {
-        return super::portable::mark_published(db, ids, crate::event::now()).await;
+    let mut list = String::with_capacity(ids.len() * 37 + 2);
+    list.push('{');
+    let mut buf = Uuid::encode_buffer();
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(id.hyphenated().encode_lower(&mut buf));
     }
-    let list: Vec<Value> = ids.iter().map(|id| (*id).into()).collect();
-    let sql = format!(
-        "DELETE FROM outbox_events WHERE status = 'pending' AND id IN ({})",
-        super::sql::placeholders(ids.len())
+    list.push('}');
+    if delete {
+        // Delete and tally in one statement, as the polling relay's delete does: the
+        // statistics count these among the last hour's published events.
+        let row = db
+            .query_one_raw(stmt(
+                PG,
+                "WITH gone AS (DELETE FROM outbox_events \
+                   WHERE status = 'pending' AND id IN (SELECT unnest(?::uuid[])) RETURNING 1), \
+                 n AS (SELECT COUNT(*) AS n FROM gone), \
+                 tally AS (INSERT INTO outbox_published_tally (minute, events) \
+                   SELECT ?, n FROM n WHERE n > 0 \
+                   ON CONFLICT (minute) DO UPDATE \
+                   SET events = outbox_published_tally.events + excluded.events) \
+                 SELECT n FROM n",
+                vec![
+                    list.into(),
+                    super::write_back::minute(crate::event::now()).into(),
+                ],
+            ))
+            .await?;
+        let n: i64 = match row {
+            Some(r) => r.try_get_by_index(0)?,
+            None => 0,
+        };
+        return Ok(u64::try_from(n).unwrap_or(0));
+    }
+    let update = stmt(
+        PG,
+        "UPDATE outbox_events SET status = 'published', published_at = ?, \
+         locked_by = NULL, locked_until = NULL WHERE status = 'pending' AND id IN (SELECT unnest(?::uuid[]))",
+        vec![crate::event::now().into(), list.into()],
     );
-    Ok(db.execute_raw(stmt(PG, &sql, list)).await?.rows_affected())
+    Ok(db.execute_raw(update).await?.rows_affected())
 }
 
 /// The columns of an inserted `outbox_events` row, as an event; the reason if they are not.

@@ -37,6 +37,37 @@ impl Session {
     }
 }
 
+/// What a delivered read leaves to write before the slot may move past it: its dead letters
+/// and, in table mode, its delivered rows to mark published or delete.
+#[derive(Default)]
+pub(super) struct Keep {
+    dead: Vec<store::LogDeadLetter>,
+    rows: Vec<uuid::Uuid>,
+    delete: bool,
+}
+
+impl Keep {
+    /// Adds a later read's write-back to this one.
+    pub(super) fn absorb(&mut self, later: Keep) {
+        self.dead.extend(later.dead);
+        self.rows.extend(later.rows);
+        self.delete = later.delete;
+    }
+
+    /// Rows and dead letters to write.
+    pub(super) fn len(&self) -> usize {
+        self.rows.len() + self.dead.len()
+    }
+
+    pub(super) async fn run(self, db: &sea_orm::DatabaseConnection) -> Result<()> {
+        for d in &self.dead {
+            store::log_dead_letters::dead_letter(db, d).await?;
+        }
+        logical::settle_rows(db, &self.rows, self.delete).await?;
+        Ok(())
+    }
+}
+
 /// What became of one read.
 pub(super) struct Settled {
     pub(super) events: usize,
@@ -191,6 +222,23 @@ impl<P: Publisher> LogRelay<P> {
         stats: &mut LogRelayStats,
         stop_when_unavailable: bool,
     ) -> Result<Settled> {
+        let (keep, settled) = self
+            .deliver_read(s, read, cancel, stats, stop_when_unavailable)
+            .await;
+        keep.run(&self.db).await?;
+        Ok(settled)
+    }
+
+    /// Delivers a read; what must be kept before the slot may move past it is returned, for
+    /// the caller to [`Keep::run`] first.
+    pub(super) async fn deliver_read(
+        &self,
+        s: &mut Session,
+        read: Read,
+        cancel: &CancellationToken,
+        stats: &mut LogRelayStats,
+        stop_when_unavailable: bool,
+    ) -> (Keep, Settled) {
         let c = &self.config;
         stats.reads += 1;
         stats.transactions += read.ends.len() as u64;
@@ -201,13 +249,6 @@ impl<P: Publisher> LogRelay<P> {
         let delivery = self
             .deliver(read.items, cancel, stop_when_unavailable)
             .await;
-        for d in read.unreadable.iter().chain(&delivery.dead) {
-            store::log_dead_letters::dead_letter(&self.db, d).await?;
-        }
-        if c.table {
-            let delete = c.on_publish == crate::relay::OnPublish::Delete;
-            logical::settle_rows(&self.db, &delivery.delivered, delete).await?;
-        }
         stats.published += delivery.delivered.len() as u64;
         stats.dead_lettered += delivery.dead.len() as u64;
         stats.expired += delivery.expired;
@@ -223,11 +264,23 @@ impl<P: Publisher> LogRelay<P> {
         if delivery.unsettled_from.is_none() {
             lock(&self.state).behind_since = None;
         }
-        Ok(Settled {
+        let mut dead = read.unreadable;
+        dead.extend(delivery.dead);
+        let keep = Keep {
+            dead,
+            rows: if c.table {
+                delivery.delivered
+            } else {
+                Vec::new()
+            },
+            delete: c.on_publish == crate::relay::OnPublish::Delete,
+        };
+        let settled = Settled {
             events,
             target,
             stopped: delivery.unsettled_from.is_some(),
-        })
+        };
+        (keep, settled)
     }
 
     /// On an idle database: a heartbeat message once `heartbeat_interval` has passed without an

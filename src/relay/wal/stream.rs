@@ -15,7 +15,7 @@ use pgwire_replication::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::session::Session;
+use super::session::{Keep, Session};
 use super::{LogRelay, LogRelayStats};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
@@ -168,16 +168,30 @@ impl<P: Publisher> LogRelay<P> {
         let c = &self.config;
         // The server's position as of its last keepalive: everything before it was sent.
         let mut sent_upto: Lsn = 0;
+        // Write-backs go one at a time, in read order; the reads delivered while one runs
+        // are queued and written together when it ends (a group commit: at any read size,
+        // one commit per write-back, not per read).
+        let mut keeping: Option<Keeping> = None;
+        let mut queued: Option<Keeping> = None;
         loop {
             self.touch();
             if let Some(until) = until
                 && s.confirmed >= until
+                && keeping.is_none()
+                && queued.is_none()
             {
                 return Ok(());
             }
             let beat_at = s.last_event + c.heartbeat_interval;
             let first = tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
+                () = cancel.cancelled() => {
+                    return self.keep_all(client, s, &mut keeping, &mut queued).await;
+                }
+                kept = wait(&mut keeping) => {
+                    self.confirm(client, s, keeping.take(), kept)?;
+                    keeping = queued.take().map(|q| self.start(q));
+                    continue;
+                }
                 ev = client.recv() => ev,
                 () = tokio::time::sleep_until(beat_at) => {
                     self.beat(s, stats).await?;
@@ -199,19 +213,30 @@ impl<P: Publisher> LogRelay<P> {
             }
             if !s.asm.is_empty() {
                 let read = s.asm.take();
-                let settled = self.settle(s, read, cancel, stats, until.is_some()).await?;
-                if let Some(t) = settled.target
-                    && t > s.confirmed
-                {
-                    client.update_applied_lsn(WireLsn::from_u64(t));
-                    s.confirmed = t;
+                let (keep, settled) = self
+                    .deliver_read(s, read, cancel, stats, until.is_some())
+                    .await;
+                let q = queued.get_or_insert_with(Keeping::queued);
+                q.keep.absorb(keep);
+                q.target = q.target.max(settled.target);
+                if keeping.is_none() {
+                    keeping = queued.take().map(|q| self.start(q));
+                } else if q.keep.len() >= c.max_changes as usize {
+                    // What a crash can send again stays within two reads' worth.
+                    self.kept(client, s, keeping.take()).await?;
+                    keeping = queued.take().map(|q| self.start(q));
                 }
                 if settled.stopped {
-                    return Ok(());
+                    return self.keep_all(client, s, &mut keeping, &mut queued).await;
                 }
             }
-            // Caught up between transactions: everything the server sent is settled.
-            if !s.asm.in_transaction() && sent_upto > s.confirmed {
+            // Caught up between transactions, with nothing left to keep: everything the
+            // server sent is settled.
+            if keeping.is_none()
+                && queued.is_none()
+                && !s.asm.in_transaction()
+                && sent_upto > s.confirmed
+            {
                 client.update_applied_lsn(WireLsn::from_u64(sent_upto));
                 s.confirmed = sent_upto;
             }
@@ -219,6 +244,60 @@ impl<P: Publisher> LogRelay<P> {
                 self.record_lag(s, sent_upto.max(s.confirmed)).await;
             }
         }
+    }
+
+    /// Starts a queued write-back.
+    fn start(&self, mut q: Keeping) -> Keeping {
+        let (db, keep) = (self.db.clone(), std::mem::take(&mut q.keep));
+        q.task = Some(tokio::spawn(async move { keep.run(&db).await }));
+        q
+    }
+
+    /// Finishes the write-back in flight and then the queued one, reporting their positions.
+    async fn keep_all(
+        &self,
+        client: &mut ReplicationClient,
+        s: &mut Session,
+        keeping: &mut Option<Keeping>,
+        queued: &mut Option<Keeping>,
+    ) -> Result<()> {
+        self.kept(client, s, keeping.take()).await?;
+        let q = queued.take().map(|q| self.start(q));
+        self.kept(client, s, q).await
+    }
+
+    /// Waits for `keeping` to finish, then reports its position.
+    async fn kept(
+        &self,
+        client: &mut ReplicationClient,
+        s: &mut Session,
+        mut keeping: Option<Keeping>,
+    ) -> Result<()> {
+        if keeping.is_none() {
+            return Ok(());
+        }
+        let kept = wait(&mut keeping).await;
+        self.confirm(client, s, keeping, kept)
+    }
+
+    /// Reports a finished write-back's position; a failed one ends the stream unreported, so
+    /// its read is delivered again.
+    fn confirm(
+        &self,
+        client: &mut ReplicationClient,
+        s: &mut Session,
+        keeping: Option<Keeping>,
+        kept: std::result::Result<Result<()>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let Some(k) = keeping else { return Ok(()) };
+        kept.map_err(|e| self.stream_error("write-back task failed", e))??;
+        if let Some(t) = k.target
+            && t > s.confirmed
+        {
+            client.update_applied_lsn(WireLsn::from_u64(t));
+            s.confirmed = t;
+        }
+        Ok(())
     }
 
     fn record(&self, s: &mut Session, ev: ReplicationEvent, sent_upto: &mut Lsn) {
@@ -261,5 +340,33 @@ impl<P: Publisher> LogRelay<P> {
             }
             _ => {}
         }
+    }
+}
+
+/// Reads' write-back: queued (no task yet), or in flight; and how far the slot may move once
+/// it is done.
+struct Keeping {
+    keep: Keep,
+    task: Option<tokio::task::JoinHandle<Result<()>>>,
+    target: Option<Lsn>,
+}
+
+impl Keeping {
+    fn queued() -> Self {
+        Self {
+            keep: Keep::default(),
+            task: None,
+            target: None,
+        }
+    }
+}
+
+/// The write-back's result; never ready when none is in flight.
+async fn wait(
+    keeping: &mut Option<Keeping>,
+) -> std::result::Result<Result<()>, tokio::task::JoinError> {
+    match keeping.as_mut().and_then(|k| k.task.as_mut()) {
+        Some(task) => task.await,
+        None => std::future::pending().await,
     }
 }
