@@ -172,10 +172,10 @@ async fn released(db: &BenchDb, slot: &str, limit: Duration) -> Result<(f64, u64
         async move { relay.run(stop).await }
     });
     let start = Instant::now();
-    let mut now = retained(&db.db, &slot).await?;
+    let mut now = retained(&db.db, slot).await?;
     while now >= 16 << 20 && start.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        now = retained(&db.db, &slot).await?;
+        now = retained(&db.db, slot).await?;
     }
     stop.cancel();
     task.await?;
