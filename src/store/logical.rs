@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::pgoutput::{Lsn, lsn_text};
 use super::sql::stmt;
 use crate::error::{Error, Result};
-use crate::event::{OutboxEvent, headers_from_json};
+use crate::event::{OutboxEvent, headers_from_json, now};
 
 const PG: DbBackend = DbBackend::Postgres;
 
@@ -382,36 +382,16 @@ async fn settle_once(db: &impl ConnectionTrait, ids: &[Uuid], delete: bool) -> R
     }
     list.push('}');
     if delete {
-        // Delete and tally in one statement, as the polling relay's delete does: the
-        // statistics count these among the last hour's published events.
-        let row = db
-            .query_one_raw(stmt(
-                PG,
-                "WITH gone AS (DELETE FROM outbox_events \
-                   WHERE status = 'pending' AND id IN (SELECT unnest(?::uuid[])) RETURNING 1), \
-                 n AS (SELECT COUNT(*) AS n FROM gone), \
-                 tally AS (INSERT INTO outbox_published_tally (minute, events) \
-                   SELECT ?, n FROM n WHERE n > 0 \
-                   ON CONFLICT (minute) DO UPDATE \
-                   SET events = outbox_published_tally.events + excluded.events) \
-                 SELECT n FROM n",
-                vec![
-                    list.into(),
-                    super::write_back::minute(crate::event::now()).into(),
-                ],
-            ))
-            .await?;
-        let n: i64 = match row {
-            Some(r) => r.try_get_by_index(0)?,
-            None => 0,
-        };
-        return Ok(u64::try_from(n).unwrap_or(0));
+        // Tallied, as the polling relay's delete is: the statistics count these among the
+        // last hour's published events.
+        let test = "IN (SELECT unnest(?::uuid[]))";
+        return super::postgres::delete_tallied(db, "", test, vec![list.into()], now()).await;
     }
     let update = stmt(
         PG,
         "UPDATE outbox_events SET status = 'published', published_at = ?, \
          locked_by = NULL, locked_until = NULL WHERE status = 'pending' AND id IN (SELECT unnest(?::uuid[]))",
-        vec![crate::event::now().into(), list.into()],
+        vec![now().into(), list.into()],
     );
     Ok(db.execute_raw(update).await?.rows_affected())
 }

@@ -220,6 +220,35 @@ async fn any_head(db: &DatabaseConnection, c: &Claim<'_>) -> Result<bool> {
     Ok(!rows.is_empty())
 }
 
+/// Deletes the pending rows whose id passes `id_test` (`= ANY(…)`, `IN (…)`) and adds them to
+/// `now`'s minute in `outbox_published_tally`, in one statement; returns how many it deleted.
+/// `with` holds common table expressions the test reads, each followed by `, `; `values` are
+/// theirs and the test's, in order.
+pub(super) async fn delete_tallied(
+    db: &impl ConnectionTrait,
+    with: &str,
+    id_test: &str,
+    mut values: Vec<Value>,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    values.push(write_back::minute(now).into());
+    let sql = format!(
+        "WITH {with}gone AS (DELETE FROM outbox_events \
+           WHERE id {id_test} AND status = 'pending' RETURNING 1), \
+         n AS (SELECT COUNT(*) AS n FROM gone), \
+         tally AS (INSERT INTO outbox_published_tally (minute, events) \
+           SELECT ?, n FROM n WHERE n > 0 \
+           ON CONFLICT (minute) DO UPDATE \
+           SET events = outbox_published_tally.events + excluded.events) \
+         SELECT n FROM n"
+    );
+    let n: i64 = match db.query_one_raw(stmt(PG, &sql, values)).await? {
+        Some(r) => r.try_get_by_index(0)?,
+        None => 0,
+    };
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// Writes a batch back under its lease row: deleting the row first, in the same transaction,
 /// makes every statement conditional on still holding the lease.
 pub(super) async fn write_back(
@@ -232,28 +261,15 @@ pub(super) async fn write_back(
     let mut out = WriteBack::expecting(fates);
     let all_published = fates.iter().all(|(_, f)| *f == Fate::Published);
     if all_published && on_publish == OnPublish::Delete {
-        // Lease, delete and tally in one statement; it returns how many rows it deleted.
-        let row = db
-            .query_one_raw(stmt(
-                PG,
-                "WITH lease AS (DELETE FROM outbox_leases WHERE token = ? RETURNING ids), \
-                 gone AS (DELETE FROM outbox_events \
-                   WHERE id = ANY((SELECT ids FROM lease)::uuid[]) AND status = 'pending' \
-                   RETURNING 1), \
-                 n AS (SELECT COUNT(*) AS n FROM gone), \
-                 tally AS (INSERT INTO outbox_published_tally (minute, events) \
-                   SELECT ?, n FROM n WHERE n > 0 \
-                   ON CONFLICT (minute) DO UPDATE \
-                   SET events = outbox_published_tally.events + excluded.events) \
-                 SELECT n FROM n",
-                vec![token.into(), write_back::minute(now).into()],
-            ))
-            .await?;
-        let n: i64 = match row {
-            Some(r) => r.try_get_by_index(0)?,
-            None => 0,
-        };
-        out.published = u64::try_from(n).unwrap_or(0);
+        // Lease, delete and tally in one statement.
+        out.published = delete_tallied(
+            db,
+            "lease AS (DELETE FROM outbox_leases WHERE token = ? RETURNING ids), ",
+            "= ANY((SELECT ids FROM lease)::uuid[])",
+            vec![token.into()],
+            now,
+        )
+        .await?;
         return Ok(out);
     }
     if all_published {

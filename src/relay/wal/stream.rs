@@ -222,7 +222,8 @@ impl<P: Publisher> LogRelay<P> {
                 if keeping.is_none() {
                     keeping = queued.take().map(|q| self.start(q));
                 } else if q.keep.len() >= c.max_changes as usize {
-                    // What a crash can send again stays within two reads' worth.
+                    // Delivered but unwritten (what a crash sends again) stays bounded: the
+                    // queue waits for the write-back in flight.
                     self.kept(client, s, keeping.take()).await?;
                     keeping = queued.take().map(|q| self.start(q));
                 }
